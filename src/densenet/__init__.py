@@ -1,0 +1,53 @@
+"""densenet: Dense Convolutional Networks (Huang et al., CVPR 2017) for PyTorch.
+
+Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any configuration),
+the official ImageNet weights, the PyTorch Hub preprocessing and a classifier.
+"""
+
+from .labels import imagenet_classes
+from .model import DenseNet
+from .predict import Classifier, ImageError
+from .registry import (
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    densenet264,
+    densenet_40_k12,
+    densenet_100_k12,
+    densenet_100_k24,
+    densenet_bc_100_k12,
+    densenet_bc_190_k40,
+    densenet_bc_250_k24,
+    get_model,
+    list_models,
+)
+from .transforms import eval_transform
+from .weights import Weights, WeightsError, get_weights, list_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Classifier",
+    "DenseNet",
+    "ImageError",
+    "Weights",
+    "WeightsError",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_40_k12",
+    "densenet_100_k12",
+    "densenet_100_k24",
+    "densenet_bc_100_k12",
+    "densenet_bc_190_k40",
+    "densenet_bc_250_k24",
+    "eval_transform",
+    "get_model",
+    "get_weights",
+    "imagenet_classes",
+    "list_models",
+    "list_weights",
+]

@@ -1,0 +1,7 @@
+"""``python -m densenet``: the command line (also what ``torchrun -m densenet`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

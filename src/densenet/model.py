@@ -1,0 +1,263 @@
+"""The DenseNet module and its parts (Huang et al., CVPR 2017).
+
+Module names follow torchvision's DenseNet, so the ImageNet models' state_dict is key-for-key and
+shape-for-shape torchvision's: ``features.conv0/norm0/relu0/pool0``,
+``features.denseblockN.denselayerM.norm1/relu1/conv1/norm2/relu2/conv2``,
+``features.transitionN.norm/relu/conv/pool``, ``features.norm5``, ``classifier``.
+
+This is the reference form, used for training and as the source of the faster forms built on it
+(``densenet.optimize`` for inference, the memory-efficient block for training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STEMS = ("imagenet", "cifar")
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 (to ``bn_size * growth_rate``) then BN-ReLU-Conv3x3 (to ``growth_rate``).
+
+    Without a bottleneck (``bn_size=0``) the layer is a single BN-ReLU-Conv3x3, stored as
+    ``norm1/relu1/conv1``. Dropout (the paper's, after each convolution) is applied only in training.
+
+    Input (N, C_in, H, W); output (N, growth_rate, H, W): the layer's new features.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
+        super().__init__()
+        width = bn_size * growth_rate if bn_size else growth_rate
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bn_size:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(width)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False)
+            self.norm2 = self.relu2 = self.conv2 = None
+        self.drop_rate = float(drop_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(self.relu1(self.norm1(x)))
+        out = F.dropout(out, self.drop_rate, self.training)
+        if self.conv2 is not None and self.norm2 is not None and self.relu2 is not None:
+            out = self.conv2(self.relu2(self.norm2(out)))
+            out = F.dropout(out, self.drop_rate, self.training)
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers, each fed the concatenation of the block input and all earlier
+    layers' outputs. Input (N, C, H, W); output (N, C + num_layers * growth_rate, H, W).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+        self.memory_efficient = memory_efficient
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_memory_efficient(x)
+        features = [x]
+        for layer in self.values():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+    @torch.jit.unused
+    def _forward_memory_efficient(self, x: Tensor) -> Tensor:
+        from .memory import memory_efficient_block
+
+        return memory_efficient_block(self, x)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 (to ``out_channels``) then 2x2 average pooling, stride 2; dropout after the
+    convolution in training. Input (N, C_in, H, W); output (N, out_channels, H // 2, W // 2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        if drop_rate > 0:
+            self.drop = nn.Dropout(drop_rate)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNet(nn.Module):
+    """A Dense Convolutional Network.
+
+    Args:
+        growth_rate: k, the channels each dense layer adds.
+        block_config: the number of dense layers in each dense block.
+        num_init_features: channels out of the stem convolution.
+        bn_size: bottleneck width as a multiple of k (the paper's 4); 0 for no bottleneck.
+        compression: a transition keeps ``floor(compression * C)`` of its C input channels.
+        drop_rate: dropout probability after each convolution but the stem's, in training.
+        num_classes: classifier outputs; 0 for no classifier (``forward`` returns pooled features).
+        in_channels: image channels.
+        stem: ``"imagenet"`` (7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2; input /4) or
+            ``"cifar"`` (3x3 conv stride 1).
+        memory_efficient: train with activation memory linear in depth (see ``densenet.memory``).
+
+    Input (N, in_channels, H, W) float; output (N, num_classes) logits.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_config(
+            growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
+            num_classes, in_channels, stem,
+        )  # fmt: skip
+        self.config: dict[str, Any] = {
+            "growth_rate": growth_rate,
+            "block_config": tuple(block_config),
+            "num_init_features": num_init_features,
+            "bn_size": bn_size,
+            "compression": compression,
+            "drop_rate": drop_rate,
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "stem": stem,
+        }
+        self.features = nn.Sequential(_stem(stem, in_channels, num_init_features))
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(
+                num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out_channels = math.floor(channels * compression)
+                self.features.add_module(
+                    f"transition{i + 1}", Transition(channels, out_channels, drop_rate)
+                )
+                channels = out_channels
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.num_features = channels
+        self.num_classes = num_classes
+        self.classifier: nn.Module = _classifier(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def set_memory_efficient(self, enabled: bool = True) -> None:
+        """Switch every dense block to (or from) the memory-efficient training form."""
+        for block in self.modules():
+            if isinstance(block, DenseBlock):
+                block.memory_efficient = enabled
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) -> (N, num_features, h, w) after the final BN-ReLU."""
+        return F.relu(self.features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(N, num_features, h, w) -> global average pool -> (N, num_features), then logits
+        (N, num_classes) unless ``pre_logits``."""
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` outputs."""
+        self.classifier = _classifier(self.num_features, num_classes)
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+
+
+def _stem(stem: str, in_channels: int, num_init_features: int) -> OrderedDict[str, nn.Module]:
+    if stem == "cifar":
+        conv = nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False)
+        return OrderedDict(conv0=conv)
+    return OrderedDict(
+        conv0=nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False),
+        norm0=nn.BatchNorm2d(num_init_features),
+        relu0=nn.ReLU(inplace=True),
+        pool0=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
+
+
+def _classifier(num_features: int, num_classes: int) -> nn.Module:
+    if num_classes == 0:
+        return nn.Identity()
+    linear = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _check_config(
+    growth_rate: int,
+    block_config: Sequence[int],
+    num_init_features: int,
+    bn_size: int,
+    compression: float,
+    drop_rate: float,
+    num_classes: int,
+    in_channels: int,
+    stem: str,
+) -> None:
+    positive = {"growth_rate": growth_rate, "num_init_features": num_init_features}
+    positive["in_channels"] = in_channels
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
+        raise ValueError(f"block_config must be positive layer counts, got {block_config!r}")
+    if not isinstance(bn_size, int) or bn_size < 0:
+        raise ValueError(f"bn_size must be an integer >= 0 (0: no bottleneck), got {bn_size!r}")
+    if not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")

@@ -1,0 +1,335 @@
+"""Pretrained weights: the registry of published files with their metadata, and the download,
+cache, verification and loading of checkpoints (official, legacy-format, local or safetensors).
+
+Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
+torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .labels import imagenet_classes
+from .transforms import eval_transform
+
+__all__ = [
+    "WEIGHTS",
+    "Weights",
+    "WeightsError",
+    "cache_dir",
+    "convert_legacy_keys",
+    "download",
+    "get_weights",
+    "list_weights",
+    "load_checkpoint",
+    "load_weights",
+    "resolve_weights",
+    "verify_file",
+]
+
+DEFAULT_BASE_URL = "https://download.pytorch.org/models/"
+BASE_URL_ENV = "DENSENET_WEIGHTS_URL"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+class WeightsError(RuntimeError):
+    """A weights file or name that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A published weights file and what is known about it.
+
+    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``.
+    """
+
+    arch: str
+    name: str
+    file_name: str
+    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single 224 crop
+    acc5: float
+    num_params: int
+    gflops: float  # per 224x224 image (2 x multiply-accumulates)
+    file_size_mb: float
+    min_size: tuple[int, int] = (29, 29)
+    resize_size: int = 256
+    crop_size: int = 224
+    recipe: str = "ported from the original Torch models (Huang et al.)"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return os.environ.get(BASE_URL_ENV, DEFAULT_BASE_URL).rstrip("/") + "/" + self.file_name
+
+    @property
+    def sha256_prefix(self) -> str:
+        return _hash_prefix(self.file_name)
+
+    @cached_property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(imagenet_classes())
+
+    @property
+    def cache_path(self) -> Path:
+        return cache_dir() / self.file_name
+
+    def transforms(self):
+        """The evaluation transform these weights were measured with (PIL image -> tensor)."""
+        return eval_transform(resize_size=self.resize_size, crop_size=self.crop_size)
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-ready metadata."""
+        return {
+            "arch": self.arch,
+            "name": self.name,
+            "url": self.url,
+            "sha256_prefix": self.sha256_prefix,
+            "acc1": self.acc1,
+            "acc5": self.acc5,
+            "num_params": self.num_params,
+            "gflops": self.gflops,
+            "file_size_mb": self.file_size_mb,
+            "min_size": list(self.min_size),
+            "resize_size": self.resize_size,
+            "crop_size": self.crop_size,
+            "num_classes": len(self.categories),
+            "recipe": self.recipe,
+        }
+
+
+def _imagenet1k_v1(arch: str, file_name: str, acc1, acc5, params, gflops, size_mb) -> Weights:
+    return Weights(arch, "IMAGENET1K_V1", file_name, acc1, acc5, params, gflops, size_mb)
+
+
+# Published top-1/top-5 accuracies and file sizes are torchvision's for the same files.
+WEIGHTS: dict[str, dict[str, Weights]] = {
+    w.arch: {w.name: w, "DEFAULT": w}
+    for w in (
+        _imagenet1k_v1("densenet121", "densenet121-a639ec97.pth", 74.434, 91.972, 7_978_856, 5.668, 30.845),
+        _imagenet1k_v1("densenet161", "densenet161-8d451a50.pth", 77.138, 93.560, 28_681_000, 15.456, 110.369),
+        _imagenet1k_v1("densenet169", "densenet169-b2777c0a.pth", 75.600, 92.806, 14_149_480, 6.720, 54.708),
+        _imagenet1k_v1("densenet201", "densenet201-c1103571.pth", 76.896, 93.370, 20_013_928, 8.583, 77.373),
+    )
+}  # fmt: skip
+
+
+def list_weights(arch: str) -> list[str]:
+    """Names of the published weights for ``arch`` (empty if none)."""
+    return [n for n in WEIGHTS.get(arch, {}) if n != "DEFAULT"]
+
+
+def get_weights(arch: str, name: str = "DEFAULT") -> Weights:
+    """The weights entry ``name`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``...) of architecture ``arch``."""
+    available = WEIGHTS.get(arch, {})
+    if name not in available:
+        valid = ", ".join(["DEFAULT", *list_weights(arch)]) if available else "none are published"
+        raise WeightsError(f"no weights {name!r} for {arch}; valid names: {valid}")
+    return available[name]
+
+
+def resolve_weights(arch: str, weights: Any) -> Weights | None:
+    """The registry entry that ``weights`` names, or None for no weights or a local file."""
+    if weights is None or isinstance(weights, os.PathLike):
+        return None
+    if isinstance(weights, Weights):
+        if weights.arch != arch:
+            raise WeightsError(f"weights {weights.file_name} are for {weights.arch}, not {arch}")
+        return weights
+    if isinstance(weights, str):
+        if weights.endswith(CHECKPOINT_SUFFIXES) or os.sep in weights or os.path.isfile(weights):
+            return None
+        return get_weights(arch, weights)
+    raise WeightsError(f"weights must be None, a name, a Weights entry or a path, got {weights!r}")
+
+
+def cache_dir() -> Path:
+    """torch.hub's checkpoint folder, shared with torchvision."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def download(url: str, path: Path, sha256_prefix: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` to ``path`` through a temporary file that is renamed only once complete
+    and, if ``sha256_prefix`` is given, verified: an interrupted or corrupt download leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _copy_url(url, out, progress)
+        if sha256_prefix and not digest.startswith(sha256_prefix):
+            raise WeightsError(
+                f"download of {url} is corrupt: SHA-256 {digest[:8]}... does not start with "
+                f"{sha256_prefix}; nothing was cached, retry"
+            )
+        os.replace(tmp_name, path)
+    except urllib.error.URLError as error:
+        raise WeightsError(
+            f"cannot download {url} ({getattr(error, 'reason', error)}); "
+            f"to use the weights offline, put the file at {path}"
+        ) from None
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def _copy_url(url: str, out, progress: bool) -> str:
+    """Stream ``url`` into the open file ``out``; returns the SHA-256 hex digest."""
+    sha256 = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": "densenet"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+            desc=os.path.basename(url),
+        ) as bar:  # fmt: skip
+            received = 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                sha256.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise WeightsError(
+                f"download of {url} is truncated ({received} of {total} bytes); "
+                "nothing was cached, retry"
+            )
+    return sha256.hexdigest()
+
+
+def fetch(entry: Weights, progress: bool = True) -> Path:
+    """The cached file of ``entry``, downloaded first if it is not in the cache."""
+    if entry.cache_path.is_file():
+        return entry.cache_path
+    return download(entry.url, entry.cache_path, entry.sha256_prefix, progress)
+
+
+def _hash_prefix(file_name: str) -> str | None:
+    match = re.search(r"-([0-9a-f]{8,64})\.", os.path.basename(file_name))
+    return match.group(1) if match else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            sha256.update(chunk)
+    return sha256.hexdigest()
+
+
+def verify_file(path: str | os.PathLike, sha256_prefix: str | None = None) -> str:
+    """Check ``path``'s SHA-256 against ``sha256_prefix`` (default: the hex part of its name);
+    returns the full digest, raises ``WeightsError`` on a mismatch."""
+    digest = sha256_file(path)
+    expected = sha256_prefix or _hash_prefix(str(path))
+    if expected and not digest.startswith(expected):
+        raise WeightsError(
+            f"{path} is corrupt: SHA-256 {digest[:8]}... does not start with {expected}; "
+            "delete it and download again"
+        )
+    return digest
+
+
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the original files' ``denselayerM.norm.1.weight`` to ``denselayerM.norm1.weight``
+    (and likewise ``relu.2``, ``conv.2``...); current keys pass unchanged."""
+    return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state_dict stored in ``path`` (.pth/.pt through ``torch.load(weights_only=True)``,
+    or .safetensors), in current key names. A training checkpoint's ``"model"`` entry is taken."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightsError(
+            f"weights file {path} needs arbitrary code execution to load (pickled objects "
+            f"beyond tensors: {first_line[:160]}); refused. Re-save it as a plain state_dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(
+            f"weights file {path} is truncated or not a checkpoint ({reason[:160]}); "
+            "delete it and download or save it again"
+        ) from None
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} holds no state_dict of tensors")
+    return convert_legacy_keys(state)
+
+
+def load_weights(
+    model: nn.Module, weights: Weights | str | os.PathLike, progress: bool = True
+) -> nn.Module:
+    """Load a registry entry or a local checkpoint into ``model`` strictly.
+
+    When only the classifier's shape differs (another number of classes), the backbone is loaded
+    and the classifier keeps its fresh initialisation, with a warning: the fine-tuning case.
+    """
+    path = fetch(weights, progress) if isinstance(weights, Weights) else Path(weights)
+    state = load_checkpoint(path)
+    expected = model.state_dict()
+    mismatched = {
+        k: (tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    }
+    if mismatched and all(k.startswith("classifier.") for k in mismatched):
+        warnings.warn(
+            f"{path.name}: classifier shape {mismatched.get('classifier.weight', '?')[0]} differs "
+            "from the model's; loaded the backbone, the classifier is freshly initialised",
+            stacklevel=2,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        state.update({k: v for k, v in expected.items() if k.startswith("classifier.")})
+        mismatched = {}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        if mismatched:
+            first = list(mismatched.items())[:3]
+            shapes = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in first)
+            problems.append(f"{len(mismatched)} shapes differ ({shapes})")
+        raise WeightsError(
+            f"weights file {path} does not fit this model; it is probably for another "
+            f"architecture: {'; '.join(problems)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
