@@ -24,7 +24,9 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def _add_model_args(parser: argparse.ArgumentParser, weights_default: str | None = "DEFAULT") -> None:
+def _add_model_args(
+    parser: argparse.ArgumentParser, weights_default: str | None = "DEFAULT"
+) -> None:
     parser.add_argument("--model", default="densenet121", help="architecture (see `densenet info`)")
     parser.add_argument(
         "--weights",
@@ -118,7 +120,9 @@ def _weights_parser(sub) -> None:
     c = actions.add_parser("convert", help="convert a checkpoint to safetensors, current keys")
     c.add_argument("source", help="a .pth/.pt/.safetensors file (old or new key names)")
     c.add_argument("dest", help="output .safetensors file")
-    c.add_argument("--model", help="architecture to check the file against (default: from its name)")
+    c.add_argument(
+        "--model", help="architecture to check the file against (default: from its name)"
+    )
     for q in (d, v, c):
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_weights)

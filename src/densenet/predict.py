@@ -26,7 +26,8 @@ from .transforms import eval_transform
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, Tensor]  # noqa: UP007
 
 MAX_PIXELS = 100_000_000  # decoded images larger than this are refused (decompression bombs)
-MAX_ASPECT_RATIO = 100  # longer side / shorter side: beyond this, resizing the shorter side explodes
+# Longer side / shorter side: beyond this, resizing the shorter side to 256 explodes in memory.
+MAX_ASPECT_RATIO = 100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -64,7 +65,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise RuntimeError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
+        )
     return device
 
 
@@ -169,7 +172,11 @@ class Classifier:
         """One image -> (3, H, W) model input. A float tensor is taken as already preprocessed;
         a uint8 tensor (C, H, W) as a decoded image."""
         if isinstance(image, Tensor) and image.is_floating_point():
-            if image.dim() != 3 or image.shape[-2] < self.min_size[0] or image.shape[-1] < self.min_size[1]:
+            if (
+                image.dim() != 3
+                or image.shape[-2] < self.min_size[0]
+                or image.shape[-1] < self.min_size[1]
+            ):
                 raise ImageError(
                     f"{name}: tensor of shape {tuple(image.shape)} is not a (C, H, W) input of at "
                     f"least {self.min_size[0]}x{self.min_size[1]}"
@@ -195,7 +202,9 @@ class Classifier:
         """(N, 3, H, W) preprocessed images -> (N, num_classes) float32 logits."""
         return self.model(batch.to(self.device, non_blocking=True)).float()
 
-    def classify(self, images: ImageInput | Sequence[ImageInput], topk: int = 5) -> list[Prediction]:
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], topk: int = 5
+    ) -> list[Prediction]:
         """Top-k of each image, in order; a bad image gets a ``Prediction`` with its ``error``."""
         if isinstance(images, Tensor) and images.dim() == 4:
             images = list(images)
@@ -207,7 +216,11 @@ class Classifier:
             inputs = list(self._inputs(images[start : start + self.batch_size]))
             chunk = [Prediction(name, [], [], [], error=item) for name, item in inputs]
             for shape in {item.shape for _, item in inputs if isinstance(item, Tensor)}:
-                slots = [i for i, (_, t) in enumerate(inputs) if isinstance(t, Tensor) and t.shape == shape]
+                slots = [
+                    i
+                    for i, (_, t) in enumerate(inputs)
+                    if isinstance(t, Tensor) and t.shape == shape
+                ]
                 probs = self.logits(torch.stack([inputs[i][1] for i in slots])).softmax(dim=1)
                 top_p, top_i = probs.topk(topk, dim=1)
                 for slot, p, i in zip(slots, top_p.tolist(), top_i.tolist()):

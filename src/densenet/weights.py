@@ -272,10 +272,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is None:
+            raise WeightsError(
+                f"weights file {path} is truncated or not a checkpoint (unreadable pickle data); "
+                "delete it and download or save it again"
+            ) from None
         raise WeightsError(
-            f"weights file {path} needs arbitrary code execution to load (pickled objects "
-            f"beyond tensors: {first_line[:160]}); refused. Re-save it as a plain state_dict"
+            f"weights file {path} needs code execution to load (it pickles {found.group(1)}, "
+            "not only tensors); refused. Re-save it as a plain state_dict"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -322,7 +327,9 @@ def load_weights(
         if missing:
             problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+            problems.append(
+                f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})"
+            )
         if mismatched:
             first = list(mismatched.items())[:3]
             shapes = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in first)

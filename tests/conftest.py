@@ -1,0 +1,71 @@
+"""Shared fixtures: small models, an isolated torch.hub cache, a local HTTP file server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from densenet import DenseNet
+
+TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
+
+
+def tiny_model(**kwargs) -> DenseNet:
+    """A two-block ImageNet-stem DenseNet-BC with a few thousand parameters."""
+    return DenseNet(**{**TINY, **kwargs})
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=generator, dtype=m.weight.dtype) + 0.5
+            m.bias.data = torch.randn(n, generator=generator, dtype=m.bias.dtype) * 0.1
+            m.running_mean.data = (
+                torch.randn(n, generator=generator, dtype=m.running_mean.dtype) * 0.1
+            )
+            m.running_var.data = torch.rand(n, generator=generator, dtype=m.running_var.dtype) + 0.5
+    return model
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache; returns its checkpoint folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    truncate = False  # announce the full length, send half
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def copyfile(self, source, outputfile) -> None:
+        data = source.read()
+        outputfile.write(data[: len(data) // 2] if self.truncate else data)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """Serve a folder on 127.0.0.1; yields (folder, base_url, server). ``server.truncate = True``
+    makes it cut every body in half."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = type("Handler", (_Handler,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=root))
+    server.handler = handler
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/", server
+    server.shutdown()
+    server.server_close()

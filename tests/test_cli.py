@@ -1,0 +1,80 @@
+"""`densenet info` and `densenet weights`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+from test_weights import SMALL, legacy, save_published_like
+
+import densenet
+from densenet.cli import main
+from densenet.weights import WEIGHTS
+
+
+def test_info_table_and_json(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["model", "params", "GFLOPs"]
+    row = next(line for line in lines if line.startswith("densenet121 "))
+    assert row.split() == [
+        "densenet121",
+        "7.98M",
+        "5.67",
+        "224",
+        "1000",
+        "IMAGENET1K_V1",
+        "74.434",
+        "91.972",
+    ]
+    assert len(lines) == 1 + len(densenet.list_models())
+    assert main(["info", "densenet_bc_100_k12", "--json"]) == 0
+    (info,) = json.loads(capsys.readouterr().out)
+    assert info["params"] == 769_162 and info["weights"] == []
+
+
+def test_weights_download_into_the_cache(torch_home, file_server, monkeypatch, capsys):
+    root, base_url, _ = file_server
+    served = save_published_like(root, "densenet121", densenet.densenet121().state_dict())
+    entry = dataclasses.replace(densenet.get_weights("densenet121"), file_name=served.name)
+    monkeypatch.setitem(WEIGHTS, "densenet121", {"DEFAULT": entry, "IMAGENET1K_V1": entry})
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", base_url)
+    assert main(["weights", "download", "densenet121", "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(torch_home / served.name)
+    assert (torch_home / served.name).read_bytes() == served.read_bytes()
+    wrong = dataclasses.replace(entry, file_name="densenet121-00000000.pth")
+    served.rename(root / wrong.file_name)
+    monkeypatch.setitem(WEIGHTS, "densenet121", {"DEFAULT": wrong})
+    assert main(["weights", "download", "densenet121"]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert [p.name for p in torch_home.iterdir()] == [served.name]
+
+
+def test_weights_verify_and_convert(tmp_path, capsys):
+    model = densenet.get_model(SMALL)
+    path = save_published_like(tmp_path, SMALL, model.state_dict())
+    assert main(["weights", "verify", str(path), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["loads_into"] == SMALL and path.stem.endswith(report["sha256"][:8])
+    out = tmp_path / "converted.safetensors"
+    assert main(["weights", "convert", str(path), str(out)]) == 0
+    converted = load_file(out)
+    assert set(converted) == set(model.state_dict())
+    assert torch.equal(converted["features.conv0.weight"], model.features.conv0.weight)
+    other = tmp_path / "densenet121-00000000.pth"
+    torch.save(legacy(model.state_dict()), other)
+    assert main(["weights", "verify", str(other)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "densenet", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("predict", "info", "weights"):
+        assert command in result.stdout

@@ -1,0 +1,164 @@
+"""Classifier and `densenet predict`: the Hub page's top-5, batching, bad images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from conftest import randomize_batchnorm, tiny_model
+from PIL import Image
+from test_transforms import HUB_PAGE
+
+import densenet
+from densenet.cli import main
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A randomly initialised densenet121 (non-trivial BatchNorm) saved as a local file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
+    torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.jpg")
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
+    Image.fromarray(skimage.data.camera()).save(folder / "camera.png")  # grayscale
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(weights_file):
+    """The top-5 by the Hub page's recipe: torchvision transform, eager model, softmax."""
+    model = densenet.densenet121(weights=weights_file).eval()
+    return lambda path: reference_top5(model, path)
+
+
+def reference_top5(model, path):
+    with torch.no_grad():
+        probs = model(HUB_PAGE(Image.open(path).convert("RGB"))[None]).softmax(1)[0]
+    p, i = probs.topk(5)
+    return [densenet.imagenet_classes()[k] for k in i], p.tolist()
+
+
+def test_predict_matches_the_hub_page_recipe(weights_file, images, reference):
+    classifier = densenet.Classifier("densenet121", weights=weights_file, device="cpu")
+    paths = sorted(str(p) for p in images.iterdir())
+    results = classifier.predict(paths, topk=5)
+    assert len(results) == 3
+    for path, top in zip(paths, results):
+        labels, probabilities = reference(path)
+        assert [label for label, _ in top] == labels
+        assert np.allclose([p for _, p in top], probabilities, rtol=1e-4)
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_inputs_of_every_kind_agree(images):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=1000))
+    classifier = densenet.Classifier(model, device="cpu", batch_size=2)
+    path = images / "chelsea.jpg"
+    pil = Image.open(path)
+    as_uint8 = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+    preprocessed = HUB_PAGE(pil.convert("RGB"))
+    results = classifier.predict([str(path), path, path.read_bytes(), pil, as_uint8, preprocessed])
+    for other in results[1:]:
+        assert [label for label, _ in other] == [label for label, _ in results[0]]
+        assert np.allclose([p for _, p in other], [p for _, p in results[0]], rtol=1e-5)
+    assert (
+        classifier.predict(preprocessed[None].repeat(3, 1, 1, 1), topk=2)[2][0][0]
+        == results[0][0][0]
+    )
+
+
+def bad_images(folder):
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    buffer = folder / "full.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(buffer)
+    (folder / "truncated.jpg").write_bytes(buffer.read_bytes()[:2000])
+    buffer.unlink()
+    Image.new("RGB", (10, 10)).save(folder / "small.png")
+    Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
+    return {
+        "empty.jpg": "empty",
+        "notes.jpg": "not an image",
+        "truncated.jpg": "truncated",
+        "small.png": "smaller than the model's minimum 29x29",
+        "bomb.png": "pixels",
+    }
+
+
+def test_bad_images_report_their_own_error(tmp_path, images):
+    expected = bad_images(tmp_path / "bad")
+    classifier = densenet.Classifier(tiny_model(num_classes=1000), device="cpu")
+    sources = [str(images / "chelsea.jpg")] + [str(tmp_path / "bad" / n) for n in expected]
+    results = classifier.classify(sources)
+    assert results[0].error is None and len(results[0].labels) == 5
+    for result, (name, message) in zip(results[1:], expected.items()):
+        assert result.error is not None and name in result.error and message in result.error
+    with pytest.raises(densenet.ImageError, match="empty"):
+        classifier.predict(sources)
+
+
+def test_cli_predict_text_and_json(weights_file, images, reference, capsys):
+    args = [str(images), "--weights", str(weights_file), "--device", "cpu", "--topk", "3"]
+    assert main(["predict", *args]) == 0
+    text = capsys.readouterr().out
+    labels, probabilities = reference(images / "chelsea.jpg")
+    assert f"{probabilities[0]:7.2%}  {labels[0]}" in text
+    assert main(["predict", *args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["source"] for d in data] == sorted(str(p) for p in images.iterdir())
+    chelsea = next(d for d in data if d["source"].endswith("chelsea.jpg"))
+    assert [t["label"] for t in chelsea["top"]] == labels[:3]
+    assert chelsea["top"][0]["index"] == densenet.imagenet_classes().index(labels[0])
+
+
+def test_cli_predict_bad_images_among_good(weights_file, images, tmp_path, capsys):
+    expected = bad_images(tmp_path / "bad")
+    args = [str(images / "coffee.png"), str(tmp_path / "bad"), "--weights", str(weights_file)]
+    assert main(["predict", *args, "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "coffee.png" in captured.out
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == len(expected)
+    assert all(line.startswith("error: ") for line in errors)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "densenet999"], "unknown model 'densenet999'; choose one of: densenet121"),
+        (["--weights", "IMAGENET1K_V9"], "valid names: DEFAULT, IMAGENET1K_V1"),
+        (["--weights", "/nonexistent/model.pth"], "does not exist"),
+        (["--device", "tpu"], "device"),
+    ],
+)
+def test_cli_errors_are_one_line(images, args, message, capsys):
+    assert main(["predict", str(images / "coffee.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cli_cuda_without_a_gpu(images, capsys):
+    assert main(["predict", str(images / "coffee.png"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is available; use --device cpu" in capsys.readouterr().err
+
+
+def test_cli_no_weights_offline_names_url_and_path(images, torch_home, monkeypatch, capsys):
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", "http://127.0.0.1:9/")
+    assert main(["predict", str(images / "coffee.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9/densenet121-a639ec97.pth" in err
+    assert str(torch_home / "densenet121-a639ec97.pth") in err

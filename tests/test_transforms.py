@@ -1,0 +1,64 @@
+"""Preprocessing: identical to the PyTorch Hub page's torchvision pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import densenet
+
+# The pipeline printed on the PyTorch Hub DenseNet page, applied to an RGB image.
+HUB_PAGE = transforms.Compose(
+    [
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ]
+)
+
+
+def photographs() -> dict[str, Image.Image]:
+    return {
+        n: Image.fromarray(getattr(skimage.data, n)())
+        for n in ("astronaut", "coffee", "chelsea", "camera")
+    }
+
+
+def odd_images() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    return {
+        "grayscale": Image.fromarray(rgb[..., 0]),
+        "rgba": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+        "palette": Image.fromarray(rgb).convert("P"),
+        "tiny": Image.fromarray(rgb[:5, :7]),
+        "very wide": Image.fromarray(rgb[:30, :]).resize((3000, 30)),
+        "very tall": Image.fromarray(rgb[:, :20]),
+        "exact 224": Image.fromarray(rgb[:224, :224]),
+    }
+
+
+@pytest.mark.parametrize("name, image", {**photographs(), **odd_images()}.items())
+def test_identical_to_the_hub_page(name, image):
+    ours = densenet.eval_transform()(image)
+    assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
+    assert torch.equal(ours, HUB_PAGE(image.convert("RGB")))
+
+
+def test_weights_carry_the_same_transform():
+    image = photographs()["coffee"]
+    entry = densenet.get_weights("densenet121")
+    assert torch.equal(entry.transforms()(image), HUB_PAGE(image))
+
+
+def test_imagenet_classes():
+    names = densenet.imagenet_classes()
+    assert len(names) == 1000 and len(set(names)) >= 998
+    assert (
+        names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"
+    )

@@ -1,0 +1,224 @@
+"""Weights: the registry, legacy keys, local files, the download path and its failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import randomize_batchnorm
+from safetensors.torch import save_file
+
+import densenet
+from densenet.registry import model_info
+from densenet.weights import (
+    WeightsError,
+    convert_legacy_keys,
+    get_weights,
+    load_checkpoint,
+    verify_file,
+)
+
+SMALL = "densenet_bc_100_k12"  # a small architecture to stand in for a published one
+
+
+def legacy(state: dict) -> dict:
+    """The original files' key spelling: denselayerM.norm.1.weight instead of norm1.weight."""
+    return {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in state.items()
+    }
+
+
+def save_published_like(directory: Path, arch: str, state: dict) -> Path:
+    """Save ``state`` in the old key format under a name carrying its SHA-256 prefix."""
+    tmp = directory / "tmp.pth"
+    torch.save(legacy(state), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = directory / f"{arch}-{digest[:8]}.pth"
+    tmp.rename(path)
+    return path
+
+
+def small_entry(file_name: str) -> densenet.Weights:
+    return dataclasses.replace(get_weights("densenet121"), arch=SMALL, file_name=file_name)
+
+
+def test_registry_metadata_is_consistent():
+    for arch in ("densenet121", "densenet161", "densenet169", "densenet201"):
+        entry = get_weights(arch)
+        assert entry is get_weights(arch, "IMAGENET1K_V1")
+        info = model_info(arch)
+        assert entry.num_params == info["params"]
+        assert abs(entry.gflops - info["gflops"]) < 0.01
+        assert entry.url == f"https://download.pytorch.org/models/{entry.file_name}"
+        assert len(entry.sha256_prefix) == 8 and entry.file_name.startswith(arch)
+        assert len(entry.categories) == 1000 and entry.categories[0] == "tench"
+        assert entry.min_size == (29, 29) and 70 < entry.acc1 < 80
+    assert densenet.list_weights("densenet_40_k12") == []
+
+
+def test_unknown_weights_name_lists_the_valid_ones():
+    with pytest.raises(WeightsError, match="DEFAULT, IMAGENET1K_V1"):
+        densenet.densenet121(weights="IMAGENET1K_V9")
+    with pytest.raises(WeightsError, match="none are published"):
+        densenet.densenet_40_k12(weights="DEFAULT")
+
+
+def test_legacy_keys_are_renamed_and_current_keys_kept():
+    state = torchvision.models.densenet121().state_dict()
+    old = legacy(state)
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    assert list(convert_legacy_keys(old)) == list(state)
+    assert list(convert_legacy_keys(state)) == list(state)
+
+
+@pytest.mark.parametrize("fmt", ["legacy-pth", "current-pt", "safetensors"])
+def test_local_checkpoint_loads_with_torchvision_parity(tmp_path, fmt):
+    torch.manual_seed(0)
+    reference = randomize_batchnorm(torchvision.models.densenet121()).eval()
+    state = reference.state_dict()
+    if fmt == "legacy-pth":
+        path = tmp_path / "model.pth"
+        torch.save(legacy(state), path)
+    elif fmt == "current-pt":
+        path = tmp_path / "model.pt"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    model = densenet.densenet121(weights=str(path)).eval().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        error = (model(x) - reference.double()(x)).norm() / reference(x).norm()
+    assert error < 1e-10
+
+
+def test_other_num_classes_keeps_the_backbone(tmp_path):
+    source = densenet.get_model(SMALL, num_classes=1000)
+    path = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.warns(UserWarning, match="classifier"):
+        model = densenet.get_model(SMALL, weights=path, num_classes=5)
+    assert model.classifier.out_features == 5
+    assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)
+
+
+def test_file_for_another_architecture_names_the_keys(tmp_path):
+    path = tmp_path / "d169.pth"
+    torch.save(torchvision.models.densenet169().state_dict(), path)
+    with pytest.raises(
+        WeightsError, match=r"unexpected keys \(first: features\.denseblock3\.denselayer25"
+    ):
+        densenet.densenet121(weights=path)
+    path = tmp_path / "d161.pth"
+    torch.save(torchvision.models.densenet161().state_dict(), path)
+    with pytest.raises(
+        WeightsError,
+        match=r"shapes differ \(features\.conv0\.weight: file \(96, 3, 7, 7\) vs model \(64, 3, 7, 7\)",
+    ):
+        densenet.densenet121(weights=path)
+
+
+class Foreign:
+    """Not a tensor: loading it would need pickle code execution."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": densenet.get_model(SMALL).state_dict(), "payload": Foreign()}, path)
+    with pytest.raises(WeightsError, match="code execution.*refused"):
+        load_checkpoint(path)
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(densenet.get_model(SMALL).state_dict(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=f"{truncated}.*truncated or not a checkpoint"):
+        load_checkpoint(truncated)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="truncated or not a checkpoint"):
+        load_checkpoint(text)
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(WeightsError, match="no state_dict"):
+        load_checkpoint(tensor)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_verify_file_checks_the_name_hash(tmp_path):
+    path = save_published_like(tmp_path, SMALL, densenet.get_model(SMALL).state_dict())
+    assert verify_file(path).startswith(path.stem.split("-")[-1])
+    with open(path, "ab") as file:
+        file.write(b"x")
+    with pytest.raises(WeightsError, match="corrupt"):
+        verify_file(path)
+
+
+def test_download_verify_cache_then_offline(torch_home, file_server, monkeypatch):
+    root, base_url, server = file_server
+    source = densenet.get_model(SMALL, num_classes=1000)
+    path = save_published_like(root, SMALL, source.state_dict())
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", base_url)
+    entry = small_entry(path.name)
+    assert entry.url == base_url + path.name
+    model = densenet.get_model(SMALL, weights=entry, progress=False)
+    cached = torch_home / path.name
+    assert cached.read_bytes() == path.read_bytes()
+    assert [p.name for p in torch_home.iterdir()] == [path.name]  # no temporary file left
+    assert torch.equal(model.classifier.weight, source.classifier.weight)
+    server.shutdown()  # the second load must not touch the network
+    again = densenet.get_model(SMALL, weights=entry, progress=False)
+    assert torch.equal(again.features.conv0.weight, source.features.conv0.weight)
+
+
+def test_corrupt_download_leaves_nothing(torch_home, file_server, monkeypatch):
+    root, base_url, _ = file_server
+    path = save_published_like(
+        root, SMALL, densenet.get_model(SMALL, num_classes=1000).state_dict()
+    )
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", base_url)
+    wrong = path.with_name(f"{SMALL}-00000000.pth")
+    path.rename(wrong)
+    with pytest.raises(WeightsError, match="corrupt.*nothing was cached"):
+        densenet.get_model(SMALL, weights=small_entry(wrong.name), progress=False)
+    assert list(torch_home.iterdir()) == []
+
+
+def test_truncated_download_leaves_nothing(torch_home, file_server, monkeypatch):
+    root, base_url, server = file_server
+    path = save_published_like(
+        root, SMALL, densenet.get_model(SMALL, num_classes=1000).state_dict()
+    )
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", base_url)
+    server.handler.truncate = True
+    with pytest.raises(WeightsError, match="truncated"):
+        densenet.get_model(SMALL, weights=small_entry(path.name), progress=False)
+    assert list(torch_home.iterdir()) == []
+
+
+def test_no_network_names_the_url_and_the_cache_path(torch_home, monkeypatch):
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", "http://127.0.0.1:9/models/")
+    with pytest.raises(WeightsError) as raised:
+        densenet.densenet121(weights="DEFAULT", progress=False)
+    message = str(raised.value)
+    assert "http://127.0.0.1:9/models/densenet121-a639ec97.pth" in message
+    assert str(torch_home / "densenet121-a639ec97.pth") in message
+    assert list(torch_home.iterdir()) == []
+
+
+def test_pretrained_true_uses_the_torchvision_cache(torch_home):
+    torch.manual_seed(0)
+    reference = torchvision.models.densenet121()
+    torch.save(legacy(reference.state_dict()), torch_home / "densenet121-a639ec97.pth")
+    model = densenet.densenet121(pretrained=True)
+    assert model.weights_entry is get_weights("densenet121")
+    assert torch.equal(model.classifier.weight, reference.classifier.weight)
