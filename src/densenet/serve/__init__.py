@@ -1,0 +1,63 @@
+"""The HTTP prediction service and its web page (``densenet serve``).
+
+``create_app(classifier, config)`` builds the FastAPI application; ``serve(...)`` runs it on
+uvicorn. Needs the ``serve`` extra: ``pip install "densenet[serve]"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..predict import Classifier
+from ..weights import sha256_file
+from .app import ServeConfig, create_app
+from .batcher import Batcher, BatchResult, QueueFull
+
+__all__ = [
+    "BatchResult",
+    "Batcher",
+    "QueueFull",
+    "ServeConfig",
+    "create_app",
+    "serve",
+    "weights_metadata",
+]
+
+GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM/SIGINT, the longest wait for requests in flight
+
+
+def serve(
+    classifier: Classifier,
+    config: ServeConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    weights: dict[str, Any] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``classifier`` on ``host:port`` until SIGTERM or SIGINT, which stop new connections,
+    finish the requests in flight (up to 30 s), then return."""
+    import uvicorn
+
+    app = create_app(classifier, config, model_name=model_name, weights=weights)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+
+
+def weights_metadata(classifier: Classifier, weights: Any) -> dict[str, Any] | None:
+    """What ``GET /v1/models`` says about the weights: a published entry's metadata, a local
+    file's name and SHA-256, or None for random weights."""
+    entry = getattr(classifier.model, "weights_entry", None)
+    if entry is not None:
+        return entry.meta()
+    if isinstance(weights, (str, os.PathLike)) and Path(weights).is_file():
+        return {"file": Path(weights).name, "sha256": sha256_file(weights)}
+    return None

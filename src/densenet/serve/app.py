@@ -1,0 +1,508 @@
+"""The HTTP prediction service: a FastAPI application around a ``Classifier`` and a ``Batcher``.
+
+Endpoints: ``POST /v1/predict`` (images in, top-k out), ``GET /v1/models``, ``GET /healthz``,
+``GET /readyz``, ``GET /metrics`` (Prometheus) and ``GET /`` (the web page). Images are decoded
+and preprocessed in a thread pool with the same code as ``densenet predict``; the model runs in the
+batcher's worker thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from torch import Tensor
+
+from .. import __version__
+from ..predict import Classifier, ImageError, Prediction
+from .batcher import Batcher, QueueFull
+from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
+
+log = logging.getLogger(__name__)
+
+IMAGE_FIELD = "file"
+RETRY_AFTER_S = 1
+ENDPOINTS = ("/", "/v1/predict", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits of the service.
+
+    Args:
+        max_batch: most images per forward pass.
+        max_wait_ms: longest wait for a batch to fill after its first image arrived, ms.
+        max_upload_mb: largest request body, MiB (413 beyond).
+        max_queue: most images waiting for the model (503 with Retry-After beyond).
+        max_images: most images in one request.
+        preprocess_workers: threads decoding and preprocessing images (0: one per CPU, up to 8).
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_upload_mb: float = 10.0
+    max_queue: int = 256
+    max_images: int = 32
+    preprocess_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.max_upload_mb <= 0 or self.preprocess_workers < 0:
+            raise ValueError(
+                f"max_wait_ms ({self.max_wait_ms}) and preprocess_workers "
+                f"({self.preprocess_workers}) must be >= 0, max_upload_mb ({self.max_upload_mb}) > 0"
+            )
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+# ---- response schemas (OpenAPI) ---------------------------------------------------------------
+
+
+class TopEntry(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ImageResult(BaseModel):
+    source: str
+    top: list[TopEntry] | None = None
+    batch_size: int | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+class Timing(BaseModel):
+    total_ms: float
+    preprocess_ms: float
+    queue_ms: float
+    inference_ms: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[ImageResult]
+    timing: Timing
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "corrupt, truncated, empty or too many pixels",
+        413: "request body over --max-upload-mb",
+        415: "not an image",
+        422: "unknown field or parameter, no image, or bad topk",
+        503: "not ready yet, or the queue is full (see Retry-After)",
+    }.items()
+}
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        IMAGE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or several images",
+                        }
+                    },
+                    "required": [IMAGE_FIELD],
+                    "additionalProperties": False,
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+class UploadTooLarge(Exception):
+    """The request body grew past the upload limit while it was read."""
+
+
+# ---- the service state ---------------------------------------------------------------------
+
+
+class _Metrics:
+    def __init__(self, queue_depth) -> None:
+        self.registry = Registry()
+        add = self.registry.add
+        self.requests = add(
+            Counter(
+                "densenet_requests_total",
+                "HTTP requests by endpoint and status code",
+                ("endpoint", "status"),
+            )
+        )
+        self.latency = add(
+            Histogram(
+                "densenet_request_duration_seconds",
+                "HTTP request latency, seconds",
+                (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                ("endpoint",),
+            )
+        )
+        self.in_flight = add(
+            Gauge(
+                "densenet_requests_in_flight", "HTTP requests being answered (excluding /metrics)"
+            )
+        )
+        self.images = add(
+            Counter("densenet_images_total", "images received by outcome", ("outcome",))
+        )
+        self.batch_size = add(
+            Histogram(
+                "densenet_batch_size", "images per forward pass", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+            )
+        )
+        self.inference = add(
+            Histogram(
+                "densenet_inference_seconds",
+                "forward pass time per batch, seconds",
+                (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            )
+        )
+        self.queue_depth = add(
+            Gauge("densenet_queue_depth", "images waiting for a batch", queue_depth)
+        )
+        self.ready = add(Gauge("densenet_ready", "1 once the model is loaded and warmed up"))
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+
+class _Service:
+    """What the endpoints share: the classifier, the batcher, the pools, the metrics."""
+
+    def __init__(self, classifier: Classifier, config: ServeConfig, model_name: str, weights: Any):
+        self.classifier = classifier
+        self.config = config
+        self.model_name = model_name
+        self.weights = weights
+        self.ready = False
+        self.batcher = Batcher(
+            self._probabilities,
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+        )
+        self.metrics = _Metrics(lambda: self.batcher.depth)
+        self.batcher.on_batch = self.metrics.on_batch
+        workers = config.preprocess_workers or min(8, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="densenet-decode")
+
+    def _probabilities(self, batch: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, num_classes) softmax probabilities on the CPU, as ``classify``."""
+        return self.classifier.logits(batch).softmax(dim=1).cpu()
+
+    def preprocess(self, data: bytes, name: str) -> Tensor | ImageError:
+        try:
+            return self.classifier.preprocess(data, name)
+        except ImageError as error:
+            return error
+
+    async def warm_up(self) -> None:
+        """One batch through the model, then ready."""
+        try:
+            gray = Image.new("RGB", (256, 256), (128, 128, 128))
+            x = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.classifier.preprocess, gray, "warm-up image"
+            )
+            await self.batcher.run_once(x.unsqueeze(0))
+        except Exception:
+            log.exception("warm-up failed; the service stays not ready")
+            return
+        self.ready = True
+        self.metrics.ready.inc()
+        log.info("model %s is warmed up and ready", self.model_name)
+
+
+def _status_of(error: ImageError) -> int:
+    """415 for data that is no image format at all, 400 for a broken or refused image."""
+    return 415 if "not an image" in str(error) else 400
+
+
+def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+# ---- middleware: request metrics and the upload limit ----------------------------------------
+
+
+class _RequestMiddleware:
+    """Counts requests by endpoint and status, times them, and refuses bodies over the limit
+    (413): at once from Content-Length, or while reading a body sent without one."""
+
+    def __init__(self, app, service: _Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.service.metrics
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        counted = endpoint != "/metrics"
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        limit = self.service.config.max_upload_bytes
+        received = 0
+
+        async def receive_wrapper():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise UploadTooLarge
+            return message
+
+        if counted:
+            metrics.in_flight.inc()
+        try:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                await _too_large(limit)(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if counted:
+                metrics.in_flight.dec()
+            metrics.requests.inc(endpoint=endpoint, status=str(status))
+            metrics.latency.observe(time.perf_counter() - start, endpoint=endpoint)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body is over the limit of {limit / 1024 / 1024:g} MiB")
+
+
+# ---- the application ---------------------------------------------------------------------------
+
+
+def create_app(
+    classifier: Classifier,
+    config: ServeConfig | None = None,
+    *,
+    model_name: str | None = None,
+    weights: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The service for ``classifier``; it is ready (``/readyz``) after a warm-up batch.
+
+    Args:
+        classifier: the model, its preprocessing and class names.
+        config: limits (batch size, wait, upload size, queue).
+        model_name: shown in responses; default the model's architecture name.
+        weights: JSON-ready metadata of the weights, shown by ``GET /v1/models``.
+    """
+    config = config or ServeConfig()
+    name = model_name or getattr(classifier.model, "arch", None) or type(classifier.model).__name__
+    service = _Service(classifier, config, name, weights)
+    page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        warm_up = asyncio.create_task(service.warm_up())
+        try:
+            yield
+        finally:
+            service.ready = False
+            warm_up.cancel()
+            await service.batcher.close()
+            service.pool.shutdown(wait=True)
+
+    app = FastAPI(
+        title="densenet",
+        summary="DenseNet image classification: top-k ImageNet labels",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # the interactive docs load scripts from a CDN; the service works offline
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.add_middleware(_RequestMiddleware, service=service)
+
+    @app.exception_handler(UploadTooLarge)
+    async def _upload_too_large(request: Request, error: UploadTooLarge) -> JSONResponse:
+        return _too_large(config.max_upload_bytes)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/healthz", summary="liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz", summary="readiness: weights loaded and a warm-up batch ran", responses={503: {}}
+    )
+    async def readyz() -> JSONResponse:
+        if service.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(service.metrics.registry.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", summary="the loaded model and its weights")
+    async def models() -> dict[str, Any]:
+        c = service.classifier
+        return {
+            "models": [
+                {
+                    "name": service.model_name,
+                    "weights": service.weights,
+                    "num_classes": len(c.categories),
+                    "parameters": sum(p.numel() for p in c.model.parameters()),
+                    "device": str(c.device),
+                    "min_size": list(c.min_size),
+                    "max_batch": config.max_batch,
+                    "max_wait_ms": config.max_wait_ms,
+                    "max_upload_mb": config.max_upload_mb,
+                    "max_images": config.max_images,
+                    "ready": service.ready,
+                }
+            ]
+        }
+
+    @app.post(
+        "/v1/predict",
+        summary="top-k labels of one or several images",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict(
+        request: Request,
+        topk: int = Query(5, ge=1, description="labels per image"),
+    ) -> JSONResponse:
+        start = time.perf_counter()
+        unknown = sorted(set(request.query_params) - {"topk"})
+        if unknown:
+            return _error(422, f"unknown query parameter {unknown[0]!r}; the only one is 'topk'")
+        if topk > len(service.classifier.categories):
+            return _error(
+                422, f"topk {topk} is more than the {len(service.classifier.categories)} classes"
+            )
+        if not service.ready:
+            return _error(503, "the model is loading; retry shortly")
+        if service.batcher.depth >= config.max_queue:
+            return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
+        images = await _read_images(request, config)
+        if isinstance(images, JSONResponse):
+            return images
+        loop = asyncio.get_running_loop()
+        inputs = await asyncio.gather(
+            *(
+                loop.run_in_executor(service.pool, service.preprocess, data, src)
+                for src, data in images
+            )
+        )
+        preprocessed = time.perf_counter()
+        good = [x for x in inputs if isinstance(x, Tensor)]
+        service.metrics.images.inc(len(good), outcome="ok")
+        service.metrics.images.inc(len(inputs) - len(good), outcome="error")
+        try:
+            results = iter(await asyncio.gather(*service.batcher.submit(good)))
+        except QueueFull as error:
+            return _error(503, str(error))
+        predictions, queue_s, inference_s = [], 0.0, 0.0
+        categories = service.classifier.categories
+        for (source, _), x in zip(images, inputs):
+            if isinstance(x, ImageError):
+                entry = Prediction(source, [], [], [], error=str(x)).to_dict()
+                predictions.append({**entry, "status": _status_of(x)})
+                continue
+            result = next(results)
+            top_p, top_i = result.output.topk(topk)
+            indices = top_i.tolist()
+            prediction = Prediction(
+                source, [categories[i] for i in indices], indices, top_p.tolist()
+            )
+            predictions.append({**prediction.to_dict(), "batch_size": result.batch_size})
+            queue_s, inference_s = (
+                max(queue_s, result.queue_s),
+                max(inference_s, result.inference_s),
+            )
+        body = {
+            "model": service.model_name,
+            "predictions": predictions,
+            "timing": {
+                "total_ms": (time.perf_counter() - start) * 1000,
+                "preprocess_ms": (preprocessed - start) * 1000,
+                "queue_ms": queue_s * 1000,
+                "inference_ms": inference_s * 1000,
+            },
+        }
+        if good:
+            return JSONResponse(body)
+        first = next(p for p in predictions if "error" in p)
+        return JSONResponse({"detail": first["error"], **body}, status_code=first["status"])
+
+    return app
+
+
+async def _read_images(
+    request: Request, config: ServeConfig
+) -> list[tuple[str, bytes]] | JSONResponse:
+    """(name, bytes) of each image: the ``file`` parts of a multipart body, or the raw body."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        return [("body", await request.body())]
+    try:
+        form = await request.form(max_files=config.max_images, max_fields=config.max_images)
+    except HTTPException as error:  # malformed multipart, too many parts
+        return _error(error.status_code, f"multipart body: {error.detail}")
+    try:
+        images = []
+        for key, value in form.multi_items():
+            if key != IMAGE_FIELD:
+                return _error(422, f"unknown field {key[:64]!r}; send images in the field 'file'")
+            if not isinstance(value, UploadFile):
+                return _error(422, "field 'file' must be a file part (with a filename), not text")
+            name = (value.filename or f"image {len(images)}")[:200]
+            images.append((name, await value.read()))
+    finally:
+        await form.close()
+    if not images:
+        return _error(422, "no image: send one or more files in the multipart field 'file'")
+    return images
