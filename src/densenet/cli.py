@@ -39,7 +39,12 @@ def _add_model_args(
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="classify images: top-k labels with probabilities")
+    p = sub.add_parser(
+        "predict",
+        help="classify images: top-k labels with probabilities",
+        description="Classify images. --model also takes an exported .onnx file, run with ONNX "
+        "Runtime (class names and preprocessing from the file).",
+    )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     _add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
@@ -224,9 +229,78 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model as ONNX, TorchScript or a torch.export program (.pt2)",
+        description="Export for deployment. Input (N, 3, H, W) normalised images, output "
+        "(N, classes) logits; class names and preprocessing are stored in the file. Batch, height "
+        "and width are dynamic unless --batch-size / --image-size fix them. `--weights none` "
+        "exports random weights.",
+    )
+    _add_model_args(p)
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported"])
+    p.add_argument("--out", help="output file (.onnx, .pt, .pt2); optional with --triton-repo")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, help="fix the batch size (default: dynamic)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default)")
+    p.add_argument("--image-size", type=int, help="fix height and width (default: any size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
+    p.add_argument("--opset", type=int, help="ONNX operator set, 18 or newer (default 18)")
+    p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
+    p.add_argument("--triton-max-batch", type=int, default=64, help="Triton max_batch_size (64)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .export import DEFAULT_OPSET, export, write_triton_repo
+    from .registry import get_model
+
+    onnx_only = {"--opset": args.opset is not None, "--triton-repo": args.triton_repo is not None}
+    for flag, given in onnx_only.items():
+        if given and args.format != "onnx":
+            raise ValueError(f"{flag} applies to --format onnx only")
+    if args.out is None and args.triton_repo is None:
+        raise ValueError("give the output file with --out FILE")
+    options = {"batch_size": args.batch_size, "image_size": args.image_size}
+    options.update(dtype=args.dtype, fold=args.fold)
+    if args.format == "onnx":
+        options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    model = get_model(args.model, weights=weights)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or os.path.join(scratch, "model.onnx")
+        path = export(model, out, args.format, **options)
+        report = {"format": args.format, "model": args.model, "weights": weights, **options}
+        report["size_mb"] = round(path.stat().st_size / 1e6, 3)
+        if args.out is not None:
+            report["path"] = str(path)
+        if args.triton_repo is not None:
+            folder = write_triton_repo(path, args.triton_repo, max_batch_size=args.triton_max_batch)
+            report["triton_model"] = str(folder)
+    if args.json:
+        _print_json(report)
+    else:
+        print("  ".join(f"{k}: {v}" for k, v in report.items() if v is not None))
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------
 
-PARSERS: list[Callable] = [_predict_parser, _info_parser, _weights_parser, _serve_parser]
+PARSERS: list[Callable] = [
+    _predict_parser,
+    _info_parser,
+    _weights_parser,
+    _serve_parser,
+    _export_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,9 +137,11 @@ class Classifier:
     """An image classifier with the PyTorch Hub page's preprocessing and softmax top-k.
 
     Args:
-        model: an architecture name (``densenet.list_models()``) or a built ``nn.Module``.
+        model: an architecture name (``densenet.list_models()``), a built ``nn.Module``, or an
+            exported ``.onnx`` file (run with ONNX Runtime; class names and preprocessing from its
+            metadata).
         weights: as for the builders (``"DEFAULT"``, a name, an entry or a local file); ignored
-            when ``model`` is a module.
+            when ``model`` is a module or an ONNX file.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         categories: class names; default the weights' (ImageNet for 1000 classes).
         batch_size: images per forward pass.
@@ -156,7 +158,11 @@ class Classifier:
         progress: bool = True,
     ) -> None:
         self.device = resolve_device(device)
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+            from .export import OnnxModel
+
+            model = OnnxModel(model, self.device)
+        elif isinstance(model, str):
             model = get_model(model, weights=weights, progress=progress)
         entry = getattr(model, "weights_entry", None)
         self.model = model.eval().to(self.device)
