@@ -150,28 +150,38 @@ class Batcher:
 
     async def _execute(self, items: list[_Item]) -> None:
         """Run the items, one forward pass per input shape, and resolve their futures."""
-        loop = asyncio.get_running_loop()
         groups: dict[tuple[int, ...], list[_Item]] = {}
         for item in items:
             groups.setdefault(tuple(item.input.shape), []).append(item)
         for group in groups.values():
-            start = time.perf_counter()
-            try:
-                inputs = [item.input for item in group]
-                outputs = await loop.run_in_executor(self._executor, self._forward, inputs)
-            except Exception as error:  # the model failed: every request in the batch learns why
-                log.exception("inference failed on a batch of %d", len(group))
+            await self._execute_group(group)
+
+    async def _execute_group(self, group: list[_Item]) -> None:
+        """One forward pass. If it fails, each input is retried alone, so only the inputs that
+        fail by themselves get the error and the rest of the batch is answered."""
+        start = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._forward, [item.input for item in group]
+            )
+        except Exception as error:
+            if len(group) > 1:
+                log.warning(
+                    "inference failed on a batch of %d (%s); retrying one by one", len(group), error
+                )
                 for item in group:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            elapsed = time.perf_counter() - start
-            for item, row in zip(group, outputs):
-                if not item.future.done():
-                    result = BatchResult(row, len(group), start - item.enqueued, elapsed)
-                    item.future.set_result(result)
-            if self.on_batch is not None:
-                self.on_batch(len(group), elapsed)
+                    await self._execute_group([item])
+                return
+            log.exception("inference failed")
+            if not group[0].future.done():
+                group[0].future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - start
+        for item, row in zip(group, outputs):
+            if not item.future.done():
+                item.future.set_result(BatchResult(row, len(group), start - item.enqueued, elapsed))
+        if self.on_batch is not None:
+            self.on_batch(len(group), elapsed)
 
     def _forward(self, inputs: list[Tensor]) -> Tensor:
         return self.function(torch.stack(inputs))

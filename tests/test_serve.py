@@ -1,0 +1,446 @@
+"""The HTTP service (`densenet serve`): every endpoint, every bad input, dynamic batching, the
+queue limit, readiness, metrics, results equal to `densenet predict`, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import skimage.data
+import torch
+from conftest import randomize_batchnorm, tiny_model
+from PIL import Image
+
+import densenet
+from densenet.cli import build_parser, main
+from densenet.serve import Batcher, QueueFull, ServeConfig, create_app
+from densenet.serve.metrics import Counter, Gauge, Histogram, Registry
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's notice about its httpx-based client
+    from fastapi.testclient import TestClient
+
+
+def encode(array, fmt: str = "JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """Real photographs shipped with scikit-image, as the files a user would upload."""
+    return {
+        "chelsea.jpg": encode(skimage.data.chelsea()),
+        "coffee.png": encode(skimage.data.coffee(), "PNG"),
+        "astronaut.jpg": encode(skimage.data.astronaut()),
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier() -> densenet.Classifier:
+    torch.manual_seed(0)
+    return densenet.Classifier(randomize_batchnorm(tiny_model()), device="cpu")
+
+
+def bomb_png() -> bytes:
+    """A small PNG that decodes to 144 million pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+BROKEN = {
+    "empty": (lambda p: b"", 400, "empty"),
+    "text": (lambda p: b"just some text, not a picture", 415, "not an image"),
+    "truncated": (lambda p: p["chelsea.jpg"][: len(p["chelsea.jpg"]) // 2], 400, "truncated"),
+    "corrupt": (lambda p: p["coffee.png"][:64] + bytes(4096), 400, "corrupt"),
+    "bomb": (lambda p: bomb_png(), 400, "pixels"),
+    "tiny": (lambda p: encode(skimage.data.chelsea()[:8, :8], "PNG"), 400, "smaller"),
+}
+
+
+def wait_ready(client: TestClient, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the service did not become ready"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(classifier, **config):
+    app = create_app(classifier, ServeConfig(**config), model_name="tiny-densenet")
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(classifier):
+    with serving(classifier, max_upload_mb=1, max_images=4) as client:
+        yield client
+
+
+def top(prediction) -> tuple[list[int], list[float]]:
+    return [e["index"] for e in prediction["top"]], [e["probability"] for e in prediction["top"]]
+
+
+def assert_same(served: dict, expected: densenet.predict.Prediction) -> None:
+    indices, probabilities = top(served)
+    assert indices == expected.indices
+    assert [e["label"] for e in served["top"]] == expected.labels
+    assert probabilities == pytest.approx(expected.probabilities, rel=1e-5, abs=1e-7)
+
+
+# ---- the endpoints ---------------------------------------------------------------------------
+
+
+def test_health_models_page_and_openapi(client, classifier):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    model = client.get("/v1/models").json()["models"][0]
+    assert model["num_classes"] == 1000 and model["device"] == "cpu" and model["ready"]
+    assert model["parameters"] == sum(p.numel() for p in classifier.model.parameters())
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert 'type="file"' in html and "v1/predict" in html and "paste" in html
+    # self-contained: no CDN, no external font or stylesheet
+    assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "@font-face" not in html
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/predict"]["post"]["requestBody"]["content"]
+
+
+def test_predict_multipart_raw_and_topk(client, classifier, photos):
+    expected = classifier.classify([photos["chelsea.jpg"]], topk=5)[0]
+    files = [("file", ("chelsea.jpg", photos["chelsea.jpg"], "image/jpeg"))]
+    body = client.post("/v1/predict", files=files).json()
+    assert body["model"] == "tiny-densenet" and set(body["timing"]) >= {"total_ms", "inference_ms"}
+    (served,) = body["predictions"]
+    assert served["source"] == "chelsea.jpg" and served["batch_size"] >= 1
+    assert_same(served, expected)
+    probabilities = top(served)[1]
+    assert probabilities == sorted(probabilities, reverse=True)
+    raw = client.post(
+        "/v1/predict", content=photos["chelsea.jpg"], headers={"content-type": "image/jpeg"}
+    )
+    assert_same(raw.json()["predictions"][0], expected)
+    three = client.post("/v1/predict?topk=3", content=photos["chelsea.jpg"]).json()
+    assert len(three["predictions"][0]["top"]) == 3
+    assert top(three["predictions"][0])[0] == expected.indices[:3]
+
+
+def test_several_images_mixed_good_and_broken_in_one_request(client, classifier, photos):
+    names = ["chelsea.jpg", "text", "coffee.png", "empty"]
+    data = [photos["chelsea.jpg"], b"not an image", photos["coffee.png"], b""]
+    # a client's file name is only echoed: nothing is read from or written to such a path
+    files = [("file", (n if n != "coffee.png" else "/etc/passwd", d)) for n, d in zip(names, data)]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    served = response.json()["predictions"]
+    expected = classifier.classify([data[0], data[2]])
+    assert_same(served[0], expected[0])
+    assert_same(served[2], expected[1])
+    assert served[2]["source"] == "/etc/passwd"
+    assert served[1]["status"] == 415 and "not an image" in served[1]["error"]
+    assert served[3]["status"] == 400 and "empty" in served[3]["error"]
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_images_get_4xx_with_a_json_message(client, photos, kind):
+    make, status, words = BROKEN[kind]
+    for response in (
+        client.post("/v1/predict", content=make(photos)),
+        client.post("/v1/predict", files=[("file", ("upload.jpg", make(photos)))]),
+    ):
+        assert response.status_code == status, response.text
+        assert words in response.json()["detail"]
+    assert client.get("/healthz").status_code == 200  # and the service lives on
+
+
+def test_bad_requests(client, photos):
+    jpeg = photos["chelsea.jpg"]
+    cases = {
+        "over the limit (Content-Length)": (dict(content=b"x" * ((1 << 20) + 1)), 413),
+        "over the limit (chunked)": (dict(content=iter([b"x" * (1 << 19)] * 3)), 413),
+        "over the limit (multipart)": (dict(files=[("file", ("a.jpg", b"x" * (3 << 19)))]), 413),
+        "unknown field": (dict(files=[("image", ("a.jpg", jpeg))]), 422),
+        "file sent as text": (dict(data={"file": "abc"}, files=[("file", ("a.jpg", jpeg))]), 422),
+        "too many files": (dict(files=[("file", (f"{i}.jpg", jpeg)) for i in range(5)]), 400),
+        "multipart without boundary": (
+            dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+            400,
+        ),
+    }
+    for name, (kwargs, status) in cases.items():
+        response = client.post("/v1/predict", **kwargs)
+        assert response.status_code == status, (name, response.text)
+        assert isinstance(response.json()["detail"], str), name
+    for query in ("topk=0", "topk=1001", "topk=five", "colour=red"):
+        response = client.post(f"/v1/predict?{query}", content=jpeg)
+        assert response.status_code == 422, (query, response.text)
+        assert response.json()["detail"]
+
+
+def test_metrics(classifier, photos):
+    with serving(classifier, max_batch=4) as client:
+        for _ in range(3):
+            assert client.post("/v1/predict", content=photos["coffee.png"]).status_code == 200
+        assert client.post("/v1/predict", content=b"").status_code == 400
+        text = client.get("/metrics").text
+    assert 'densenet_requests_total{endpoint="/v1/predict",status="200"} 3' in text
+    assert 'densenet_requests_total{endpoint="/v1/predict",status="400"} 1' in text
+    assert 'densenet_request_duration_seconds_count{endpoint="/v1/predict"} 4' in text
+    assert 'densenet_images_total{outcome="error"} 1' in text
+    assert "densenet_batch_size_count 3" in text  # three forward passes of one image
+    assert 'densenet_batch_size_bucket{le="1"} 3' in text
+    assert "densenet_queue_depth 0" in text and "densenet_ready 1" in text
+
+
+# ---- dynamic batching -------------------------------------------------------------------------
+
+
+def test_concurrent_good_and_broken_requests_share_batches(classifier, photos):
+    good = list(photos.items())
+    bad = [(k, BROKEN[k][0](photos), BROKEN[k][1]) for k in ("empty", "text", "truncated")]
+    expected = dict(zip(photos, classifier.classify(list(photos.values()))))
+    with serving(classifier, max_batch=8, max_wait_ms=300) as client:
+
+        def post(data: bytes) -> httpx.Response:
+            return client.post("/v1/predict", content=data)
+
+        with ThreadPoolExecutor(6) as pool:
+            good_futures = [pool.submit(post, data) for _, data in good]
+            bad_futures = [pool.submit(post, data) for _, data, _ in bad]
+        batch_sizes = []
+        for (name, _), future in zip(good, good_futures):
+            response = future.result()
+            assert response.status_code == 200
+            assert_same(response.json()["predictions"][0], expected[name])
+            batch_sizes.append(response.json()["predictions"][0]["batch_size"])
+        for (_, _, status), future in zip(bad, bad_futures):
+            assert future.result().status_code == status
+    assert max(batch_sizes) >= 2  # concurrent requests were gathered into one forward pass
+    assert max(batch_sizes) <= 8
+
+
+class Gated(torch.nn.Module):
+    """A model whose forward passes wait until the test opens the gate."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.model(x)
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_readiness_health_during_inference_and_full_queue(photos):
+    model = Gated(tiny_model())
+    app = create_app(
+        densenet.Classifier(model, device="cpu"), ServeConfig(max_batch=1, max_queue=1)
+    )
+    jpeg = photos["chelsea.jpg"]
+    with TestClient(app) as client:
+        wait_for(lambda: model.calls == 1)  # the warm-up batch is running
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        loading = client.post("/v1/predict", content=jpeg)
+        assert loading.status_code == 503 and loading.headers["retry-after"]
+        model.gate.set()
+        wait_ready(client)
+        model.gate.clear()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/predict", content=jpeg)
+            wait_for(lambda: model.calls == 2)  # in the model, which is blocked
+            second = pool.submit(client.post, "/v1/predict", content=jpeg)
+            wait_for(lambda: app.state.service.batcher.depth == 1)  # waiting in the queue
+            start = time.monotonic()
+            assert client.get("/healthz").status_code == 200  # answered during inference
+            assert client.get("/metrics").status_code == 200
+            assert time.monotonic() - start < 5
+            full = client.post("/v1/predict", content=jpeg)
+            assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
+            assert "queue" in full.json()["detail"]
+            model.gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+# ---- the batcher alone -------------------------------------------------------------------------
+
+
+def test_batcher_batches_in_order_waits_and_bounds_the_queue():
+    sizes = []
+
+    def function(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(batch))
+        return batch.flatten(1).sum(1, keepdim=True)
+
+    async def scenario():
+        batcher = Batcher(function, max_batch=4, max_wait_s=0.05, max_queue=6)
+        batcher.start()
+        inputs = [torch.full((1, 2, 2), float(i)) for i in range(6)]
+        futures = batcher.submit(inputs)
+        with pytest.raises(QueueFull):
+            batcher.submit([inputs[0]])
+        results = await asyncio.gather(*futures)
+        assert [r.output.item() for r in results] == [4.0 * i for i in range(6)]
+        assert [r.batch_size for r in results] == [4, 4, 4, 4, 2, 2]
+        start = time.perf_counter()
+        (alone,) = await asyncio.gather(*batcher.submit([inputs[1]]))
+        waited = time.perf_counter() - start
+        assert alone.batch_size == 1 and 0.04 <= waited < 1  # waited max_wait_s for company
+        queued = batcher.submit(inputs[:3])
+        await batcher.close()  # finishes what is queued
+        assert all(f.done() and not f.exception() for f in queued)
+
+    asyncio.run(scenario())
+    assert sizes == [4, 2, 1, 3]
+
+
+def test_a_failing_input_does_not_fail_the_rest_of_its_batch():
+    def function(batch: torch.Tensor) -> torch.Tensor:
+        if batch.isnan().any():
+            raise RuntimeError("model failed")
+        return batch.flatten(1)
+
+    async def scenario():
+        batcher = Batcher(function, max_batch=3, max_wait_s=0.0)
+        batcher.start()
+        good, failing, other = batcher.submit(
+            [torch.ones(2), torch.full((2,), float("nan")), torch.zeros(2)]
+        )
+        with pytest.raises(RuntimeError, match="model failed"):
+            await failing
+        assert (await good).output.tolist() == [1.0, 1.0]
+        assert (await other).output.tolist() == [0.0, 0.0]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_metrics_text_format():
+    registry = Registry()
+    counter = registry.add(Counter("c_total", "a counter", ("path",)))
+    histogram = registry.add(Histogram("h", "a histogram", (1, 10)))
+    registry.add(Gauge("g", "a gauge", lambda: 7))
+    counter.inc(path='a"b')
+    for value in (0.5, 5, 50):
+        histogram.observe(value)
+    text = registry.render()
+    assert 'c_total{path="a\\"b"} 1' in text
+    assert 'h_bucket{le="1"} 1\nh_bucket{le="10"} 2\nh_bucket{le="+Inf"} 3' in text
+    assert "h_sum 55.5\nh_count 3" in text and "# TYPE g gauge\ng 7" in text
+
+
+# ---- the command line: same results as `densenet predict`, graceful SIGTERM -------------------
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
+    torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
+    return path
+
+
+def test_same_results_as_densenet_predict(weights_file, photos, tmp_path, capsys):
+    paths = []
+    for name, data in photos.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    assert (
+        main(["predict", *paths, "--weights", str(weights_file), "--device", "cpu", "--json"]) == 0
+    )
+    expected = json.loads(capsys.readouterr().out)
+    app_classifier = densenet.Classifier("densenet121", str(weights_file), "cpu")
+    with TestClient(create_app(app_classifier, weights={"file": weights_file.name})) as client:
+        wait_ready(client)
+        files = [("file", (os.path.basename(p), Path(p).read_bytes())) for p in paths]
+        served = client.post("/v1/predict", files=files).json()
+        model = client.get("/v1/models").json()["models"][0]
+    assert served["model"] == model["name"] == "densenet121"
+    assert model["weights"] == {"file": weights_file.name}
+    for got, want in zip(served["predictions"], expected):
+        assert [e["index"] for e in got["top"]] == [e["index"] for e in want["top"]]
+        assert [e["label"] for e in got["top"]] == [e["label"] for e in want["top"]]
+        for a, b in zip(got["top"], want["top"]):
+            assert a["probability"] == pytest.approx(b["probability"], rel=1e-5, abs=1e-7)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_defaults_and_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.host, defaults.port, defaults.max_batch) == ("127.0.0.1", 8000, 32)
+    assert (defaults.max_wait_ms, defaults.max_upload_mb, defaults.device) == (5.0, 10.0, "auto")
+    port = free_port()
+    command = [sys.executable, "-m", "densenet", "serve", "--weights", str(weights_file)]
+    command += ["--port", str(port), "--device", "cpu", "--max-batch", "2"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            deadline = time.monotonic() + 90
+            while True:
+                assert server.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the server did not become ready"
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            weights = http.get("/v1/models").json()["models"][0]["weights"]
+            assert weights["file"] == weights_file.name and len(weights["sha256"]) == 64
+            files = [("file", (f"{i}.jpg", photos["astronaut.jpg"])) for i in range(4)]
+            in_flight = re.compile(r"^densenet_requests_in_flight (\d+)", re.M)
+            with ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(http.post, "/v1/predict", files=files) for _ in range(3)]
+                wait_for(lambda: in_flight.search(http.get("/metrics").text).group(1) == "3", 30)
+                server.send_signal(signal.SIGTERM)
+                responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(len(r.json()["predictions"]) == 4 for r in responses)
+        assert server.wait(60) in (0, -signal.SIGTERM)
+        log = log_path.read_text()
+        # the answers were sent after the shutdown began: they were in flight at SIGTERM
+        assert log.index("Shutting down") < log.rindex('"POST /v1/predict HTTP/1.1" 200')
+        assert "Application shutdown complete" in log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
