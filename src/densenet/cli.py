@@ -50,6 +50,11 @@ def _predict_parser(sub) -> None:
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="run the reference module instead of the fast inference form (densenet.optimize)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_predict)
 
@@ -60,7 +65,13 @@ def _predict(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.images)}")
-    classifier = Classifier(args.model, args.weights, args.device, batch_size=args.batch_size)
+    classifier = Classifier(
+        args.model,
+        args.weights,
+        args.device,
+        batch_size=args.batch_size,
+        optimize=not args.no_optimize,
+    )
     predictions = classifier.classify(paths, topk=args.topk)
     if args.json:
         _print_json([p.to_dict() for p in predictions])
@@ -283,12 +294,231 @@ def _export(args: argparse.Namespace) -> int:
         if args.out is not None:
             report["path"] = str(path)
         if args.triton_repo is not None:
-            folder = write_triton_repo(path, args.triton_repo, max_batch_size=args.triton_max_batch)
+            max_batch = args.triton_max_batch
+            folder = write_triton_repo(path, args.triton_repo, args.model, max_batch)
             report["triton_model"] = str(folder)
     if args.json:
         _print_json(report)
     else:
         print("  ".join(f"{k}: {v}" for k, v in report.items() if v is not None))
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 error on an ImageNet-style folder or a named data set",
+        description="Evaluate a model: top-1 and top-5 error (%%) and images/s (end to end, "
+        "decoding included). Single-crop uses the weights' own transform; --ten-crop the "
+        "paper's. Under torchrun the data is sharded over the processes.",
+    )
+    p.add_argument(
+        "data",
+        help="a folder with one sub-folder per class (or with train/ and val/: val/ is used), "
+        "or cifar10, cifar100, svhn (their test sets)",
+    )
+    p.add_argument("--model", help="architecture (default densenet121, or the checkpoint's)")
+    p.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="weights name (DEFAULT), a .pth/.safetensors file, or a checkpoint of `densenet train`",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    p.add_argument("--ten-crop", action="store_true", help="ten crops, softmax averaged")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda...")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_eval)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-root",
+        help="folder of named data sets (default $DENSENET_DATA, ~/.cache/densenet/data)",
+    )
+    p.add_argument("--no-download", action="store_true", help="never download a named data set")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_dataset
+
+    result = evaluate_dataset(
+        args.data,
+        args.model or "densenet121",
+        None if str(args.weights).lower() == "none" else args.weights,
+        model_given=args.model is not None,
+        ten_crop=args.ten_crop,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        data_root=args.data_root,
+        download=not args.no_download,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"{result['model']} on {result['data']} ({result['images']} images, "
+            f"{result['crops']} crop{'s' if result['crops'] > 1 else ''}): "
+            f"top-1 error {result['top1_error']:.3f}%  top-5 error {result['top5_error']:.3f}%  "
+            f"{result['images_per_second']:.1f} images/s"
+        )
+        if result["skipped"]:
+            print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+# command-line flag -> TrainConfig field, for the flags that map one to one
+_TRAIN_FLAGS = {
+    "model": (str, "architecture (see `densenet info`)"),
+    "data": (str, "cifar10, cifar100, svhn, or a folder with train/ and val/ class folders"),
+    "epochs": (int, "epochs"),
+    "batch_size": (int, "global batch size (over all processes)"),
+    "lr": (float, "initial learning rate"),
+    "weight_decay": (float, "weight decay"),
+    "drop_rate": (float, "dropout after each convolution but the first"),
+    "image_size": (int, "training and evaluation crop size, pixels"),
+    "weights": (str, "start from these weights (DEFAULT, or a file)"),
+    "seed": (int, "random seed"),
+    "accumulate": (int, "micro-batches per optimizer step (gradient accumulation)"),
+    "out": (str, "output folder (default runs/RECIPE)"),
+    "workers": (int, "data loading processes per training process"),
+    "device": (str, "auto (GPU when present), cpu, cuda..."),
+    "amp": (str, "auto (bf16 on GPUs that have it), none, bf16, fp16"),
+    "checkpoint_every_steps": (int, "also checkpoint every N steps inside epochs"),
+}
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train with one of the paper's recipes; resume after any crash",
+        description="Train a DenseNet. Recipes: cifar10, cifar10+, cifar100, cifar100+, svhn, "
+        "imagenet (the paper's, section 4.2) and finetune (official weights, new classifier). "
+        "Every recipe value can be overridden with its flag or --set KEY=VALUE; the resolved "
+        "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
+        "torchrun --nproc-per-node N -m densenet train ...",
+    )
+    p.add_argument("--recipe", required=True, help="cifar10, cifar10+, cifar100, cifar100+, ...")
+    for name, (kind, text) in _TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    flags = {"compile": "torch.compile the model", "memory_efficient": "memory-efficient blocks"}
+    flags.update(sync_bn="SyncBatchNorm across processes (GPU)", deterministic="reproducible")
+    for name, text in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=text)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on GPU")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting"
+    )
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .train import make_config, parse_override, train
+
+    names = [*_TRAIN_FLAGS, "compile", "memory_efficient", "sync_bn", "deterministic"]
+    overrides = {
+        n: getattr(args, n) for n in [*names, "channels_last"] if getattr(args, n) is not None
+    }
+    overrides.update(data_root=args.data_root, download=not args.no_download)
+    if str(overrides.get("weights")).lower() == "none":
+        overrides["weights"] = None
+    if args.no_progress:
+        overrides["progress"] = False
+    overrides.update(parse_override(item) for item in args.set)
+    config = make_config(args.recipe, **overrides)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING, format="%(message)s"
+    )
+    summary = train(config, resume=args.resume)
+    if not main_process:
+        return 0
+    if args.json:
+        _print_json(summary)
+    else:
+        print("  ".join(f"{k}: {v}" for k, v in summary.items() if not isinstance(v, dict)))
+        if "test" in summary:
+            test = summary["test"]
+            print(
+                f"test: top-1 error {test['top1_error']:.3f}%  top-5 error {test['top5_error']:.3f}%"
+            )
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="inference speed: densenet.optimize against torchvision, ONNX Runtime, OpenVINO",
+        description="Time every installed engine in one process on the same weights and input "
+        "(outputs checked against float64 first), report medians and the ratio to torchvision "
+        "eager float32, print a table last.",
+    )
+    p.add_argument("--models", nargs="+", default=["densenet121"], help="architectures")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="precision of the engines that support it (default float32 on CPU, bfloat16 on "
+        "CUDA); the torchvision eager baseline is always float32",
+    )
+    p.add_argument("--engines", nargs="+", help="engines to run (default all installed)")
+    p.add_argument("--image-size", type=int, default=224, help="input height and width")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=int, help="calls per engine per round (default: ~0.2 s)")
+    p.add_argument("--output", help="write the results and the machine as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import ENGINES, format_table, run_benchmark, to_json
+
+    if args.engines:
+        unknown = [e for e in args.engines if e not in ENGINES]
+        if unknown:
+            raise ValueError(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    results = run_benchmark(
+        args.models,
+        args.batch_sizes,
+        device=args.device,
+        dtype=dtype,
+        engines=args.engines,
+        image_size=args.image_size,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    report = to_json(results, args.device)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_table(results))
     return 0
 
 
@@ -300,6 +530,9 @@ PARSERS: list[Callable] = [
     _weights_parser,
     _serve_parser,
     _export_parser,
+    _eval_parser,
+    _train_parser,
+    _bench_parser,
 ]
 
 
