@@ -216,8 +216,21 @@ class _Service:
         )
         self.metrics = _Metrics(lambda: self.batcher.depth)
         self.batcher.on_batch = self.metrics.on_batch
-        workers = config.preprocess_workers or min(8, os.cpu_count() or 1)
+        self.pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the pools and the batcher; call from the running event loop."""
+        workers = self.config.preprocess_workers or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="densenet-decode")
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        """Finish the queued images, then stop the batcher and the pools."""
+        self.ready = False
+        self.metrics.ready.set(0)
+        await self.batcher.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def _probabilities(self, batch: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, num_classes) softmax probabilities on the CPU, as ``classify``."""
@@ -241,7 +254,7 @@ class _Service:
             log.exception("warm-up failed; the service stays not ready")
             return
         self.ready = True
-        self.metrics.ready.inc()
+        self.metrics.ready.set(1)
         log.info("model %s is warmed up and ready", self.model_name)
 
 
@@ -338,15 +351,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.batcher.start()
+        service.start()
         warm_up = asyncio.create_task(service.warm_up())
         try:
             yield
         finally:
-            service.ready = False
             warm_up.cancel()
-            await service.batcher.close()
-            service.pool.shutdown(wait=True)
+            await service.stop()
 
     app = FastAPI(
         title="densenet",

@@ -76,7 +76,7 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="densenet-model")
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def depth(self) -> int:
@@ -84,7 +84,9 @@ class Batcher:
         return len(self._queue)
 
     def start(self) -> None:
-        """Start gathering batches; call from the running event loop."""
+        """Start gathering batches (again after ``close``); call from the running event loop."""
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="densenet-model")
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="densenet-batcher")
 
@@ -120,7 +122,8 @@ class Batcher:
             self._arrived.set()
         if self._task is not None:
             await self._task
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
         assert self._arrived is not None

@@ -96,6 +96,10 @@ class Gauge(_Metric):
     def dec(self, amount: float = 1.0) -> None:
         self.inc(-amount)
 
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = value
+
     def value(self) -> float:
         return float(self._function()) if self._function is not None else self._value
 
