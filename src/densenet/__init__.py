@@ -4,6 +4,7 @@ Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any
 the official ImageNet weights, the PyTorch Hub preprocessing and a classifier.
 """
 
+from .inference import InferenceDenseNet, optimize
 from .labels import imagenet_classes
 from .model import DenseNet
 from .predict import Classifier, ImageError
@@ -31,6 +32,7 @@ __all__ = [
     "Classifier",
     "DenseNet",
     "ImageError",
+    "InferenceDenseNet",
     "Weights",
     "WeightsError",
     "densenet121",
@@ -50,4 +52,5 @@ __all__ = [
     "imagenet_classes",
     "list_models",
     "list_weights",
+    "optimize",
 ]

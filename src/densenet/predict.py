@@ -19,7 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms.functional import to_pil_image
 
+from .inference import optimize as optimize_model
 from .labels import imagenet_classes
+from .model import DenseNet
 from .registry import get_model
 from .transforms import eval_transform
 
@@ -145,6 +147,8 @@ class Classifier:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         categories: class names; default the weights' (ImageNet for 1000 classes).
         batch_size: images per forward pass.
+        optimize: run a DenseNet in its fast inference form (``densenet.optimize``: float32 on
+            CPU, bfloat16 on CUDA); False runs the module as given.
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class Classifier:
         categories: Sequence[str] | None = None,
         batch_size: int = 32,
         progress: bool = True,
+        optimize: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
@@ -166,6 +171,8 @@ class Classifier:
             model = get_model(model, weights=weights, progress=progress)
         entry = getattr(model, "weights_entry", None)
         self.model = model.eval().to(self.device)
+        if optimize and isinstance(model, DenseNet):
+            self.model = optimize_model(self.model)
         num_classes = int(getattr(model, "num_classes", 1000))
         if categories is None:
             categories = entry.categories if entry is not None else _default_categories(num_classes)

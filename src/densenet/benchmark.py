@@ -1,0 +1,411 @@
+"""Inference speed of DenseNet implementations, measured in one process on identical inputs.
+
+Every engine runs the same weights on the same random-normal input: torchvision eager (the
+reference every ratio is taken against: float32, NCHW), torchvision under ``torch.compile``,
+timm, ONNX Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` eager and compiled.
+Each engine's output is checked against a float64 evaluation of the model before it is timed;
+engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
+median is reported. Used by ``densenet bench`` and ``benchmarks/bench_inference.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .inference import optimize
+from .model import DenseNet
+from .registry import get_model
+
+__all__ = ["ENGINES", "Result", "machine", "run_benchmark"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@dataclass
+class Result:
+    """One engine at one batch size: median latency of a forward pass and its error."""
+
+    model: str
+    engine: str
+    batch: int
+    dtype: str
+    ms: float | None = None
+    images_per_s: float | None = None
+    speedup: float | None = None
+    rel_error: float | None = None
+    setup_s: float | None = None
+    note: str = ""
+    times_ms: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Engine:
+    """A named way to run the model: ``build(model, x)`` returns a callable ``x -> logits`` (or
+    raises ``ImportError`` when its package is missing)."""
+
+    name: str
+    build: Callable[[DenseNet, Tensor, torch.dtype], Callable[[Tensor], Tensor]]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    reduced_precision: bool = True  # runs at the requested dtype (else always float32)
+
+
+def _autocast(fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype):
+    """``fn`` under autocast to ``dtype`` (a no-op for float32)."""
+
+    def run(inp: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return fn(inp)
+
+    return run
+
+
+def _channels_last(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor]:
+    return model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+
+
+def _torchvision(model: DenseNet) -> nn.Module:
+    import torchvision
+
+    config = model.config
+    if config["stem"] != "imagenet" or config["compression"] != 0.5 or not config["bn_size"]:
+        raise NotImplementedError("torchvision builds only ImageNet-stem DenseNet-BC models")
+    tv = torchvision.models.DenseNet(
+        config["growth_rate"], config["block_config"], config["num_init_features"],
+        config["bn_size"], num_classes=config["num_classes"],
+    )  # fmt: skip
+    tv.load_state_dict(model.state_dict())
+    return tv.eval().to(next(model.parameters()).device)
+
+
+def _tv_eager(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return _torchvision(model)
+
+
+def _tv_eager_cl(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    tv, _ = _channels_last(_torchvision(model), x)
+    return _autocast(tv, x, dtype)
+
+
+def _compile_mode(x: Tensor) -> str:
+    """CUDA graphs pay for small GPU batches, which are launch-bound."""
+    return "reduce-overhead" if x.device.type == "cuda" and x.shape[0] <= 8 else "default"
+
+
+def _tv_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    tv, _ = _channels_last(_torchvision(model), x)
+    return _autocast(torch.compile(tv, mode=_compile_mode(x)), x, dtype)
+
+
+def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    import timm
+
+    arch = getattr(model, "arch", None)
+    if arch not in timm.list_models("densenet*"):
+        raise NotImplementedError(f"timm has no architecture {arch!r}")
+    net = timm.create_model(arch, pretrained=False, num_classes=model.num_classes)
+    net.load_state_dict(model.state_dict())
+    net, _ = _channels_last(net.eval().to(x.device), x)
+    return _autocast(net, x, dtype)
+
+
+def _ours(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return optimize(model, dtype=dtype)
+
+
+def _ours_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    mode = _compile_mode(x)
+    return optimize(model, dtype=dtype, compile=True if mode == "default" else mode)
+
+
+def _onnxruntime(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        torch.onnx.export(
+            model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        )  # fmt: skip
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+
+
+def _openvino(precision: str | None):
+    def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        import openvino as ov
+
+        config = {"NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        compiled = ov.Core().compile_model(ov.convert_model(model, example_input=x), "CPU", config)
+        request = compiled.create_infer_request()
+
+        def run(inp: Tensor) -> Tensor:
+            return torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
+
+        return run
+
+    return build
+
+
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in [
+        Engine("torchvision eager", _tv_eager, reduced_precision=False),
+        Engine("torchvision eager CL", _tv_eager_cl),
+        Engine("torchvision compile CL", _tv_compile),
+        Engine("timm eager CL", _timm),
+        Engine("onnxruntime", _onnxruntime, ("cpu",), reduced_precision=False),
+        Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
+        Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
+        Engine("densenet.optimize", _ours),
+        Engine("densenet.optimize compile", _ours_compile),
+    ]
+}
+BASELINE = "torchvision eager"
+
+
+def _rel_error(y: Tensor, ref: Tensor) -> float:
+    y = y.detach().to("cpu", torch.float64)
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so that a wrong fold
+    changes the output (a freshly initialised BatchNorm is the identity in eval mode)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls (CUDA: events around each call)."""
+    times = []
+    for _ in range(repeats):
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _setup(
+    name: str, model: DenseNet, x: Tensor, dtype: torch.dtype
+) -> tuple[Callable[[Tensor], Tensor] | None, Result]:
+    """Build an engine, run it once (compilation), check its output; a failed check or a missing
+    package leaves a result with a note and no callable."""
+    engine = ENGINES[name]
+    run_dtype = dtype if engine.reduced_precision else torch.float32
+    result = Result(getattr(model, "arch", "custom"), name, x.shape[0], str(run_dtype)[6:])
+    if name == "openvino default":
+        result.dtype = "default"
+    begin = time.perf_counter()
+    try:
+        fn = engine.build(model, x, run_dtype)
+        with torch.inference_mode():
+            fn(x)
+        _synchronize(x.device)
+    except ImportError as error:
+        result.note = f"not installed ({error.name})"
+        return None, result
+    except NotImplementedError as error:
+        result.note = f"n/a: {error}"
+        return None, result
+    except Exception as error:  # an engine that fails is reported, not fatal
+        result.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return None, result
+    result.setup_s = time.perf_counter() - begin
+    return fn, result
+
+
+def _check(fn, result: Result, x: Tensor, reference: Tensor, dtype: torch.dtype) -> bool:
+    with torch.inference_mode():
+        result.rel_error = _rel_error(fn(x), reference)
+    tolerance = TOLERANCE[torch.float32 if result.dtype == "float32" else torch.bfloat16]
+    if not result.rel_error <= tolerance:
+        result.note = f"wrong output: relative error {result.rel_error:.2e} > {tolerance:.0e}"
+        return False
+    return True
+
+
+def run_benchmark(
+    models: Sequence[str | DenseNet] = ("densenet121",),
+    batch_sizes: Sequence[int] = (1, 16),
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    engines: Sequence[str] | None = None,
+    image_size: int = 224,
+    rounds: int = 5,
+    repeats: int | None = None,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Measure every engine on every model and batch size.
+
+    Args:
+        models: architecture names (random weights with randomised BatchNorm statistics) or
+            ``DenseNet`` instances (weights as given).
+        batch_sizes: images per forward pass.
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: the precision of the engines that support reduced precision (float32, bfloat16,
+            float16); the torchvision eager baseline always runs float32 NCHW.
+        engines: names from ``ENGINES`` (default: all that run on ``device``).
+        image_size: input height and width in pixels.
+        rounds: timing rounds; each round times every engine ``repeats`` times in turn.
+        repeats: calls per engine per round (default: enough for about 0.2 s of work on CPU).
+        warmup: untimed calls per engine after its check.
+        progress: called with a line of text as the benchmark goes.
+
+    Returns:
+        one ``Result`` per model, batch size and engine; ``ms`` is the median over all timed
+        calls and ``speedup`` the ratio of the baseline's median to it.
+    """
+    device = torch.device(device)
+    say = progress or (lambda line: None)
+    names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engines {unknown}; choose from {list(ENGINES)}")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    results: list[Result] = []
+    for model in models:
+        if isinstance(model, str):
+            torch.manual_seed(seed)
+            model = randomize_batchnorm(get_model(model), seed)
+        model = model.eval().to(device)
+        arch = getattr(model, "arch", "custom")
+        for batch in batch_sizes:
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+            with torch.inference_mode():
+                reference = model.double()(x.double().to(device)).cpu()
+            model.float()
+            x = x.to(device)
+            live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
+            for name in names:
+                say(f"{arch} batch {batch}: setting up {name}")
+                fn, result = _setup(name, model, x, DTYPES[dtype])
+                results.append(result)
+                if fn is not None and _check(fn, result, x, reference, DTYPES[dtype]):
+                    with torch.inference_mode():
+                        for _ in range(warmup):
+                            fn(x)
+                    live.append((fn, result))
+            _timed_rounds(live, x, rounds, repeats, say)
+            base = next((r for _, r in live if r.engine == BASELINE), None)
+            for _, result in live:
+                result.ms = _median(result.times_ms)
+                result.images_per_s = batch * 1e3 / result.ms
+                if base is not None:
+                    result.speedup = _median(base.times_ms) / result.ms
+    return results
+
+
+def _timed_rounds(live, x: Tensor, rounds: int, repeats: int | None, say) -> None:
+    if repeats is None:  # about 0.2 s per engine per round, judged from the slowest
+        slowest = max((max(_time(fn, x, 1)) for fn, _ in live), default=1.0)
+        repeats = max(1, min(20, int(200 / slowest)))
+    for index in range(rounds):
+        say(f"round {index + 1}/{rounds}, {repeats} calls per engine")
+        for fn, result in live:
+            with torch.inference_mode():
+                result.times_ms += _time(fn, x, repeats)
+
+
+def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The software and hardware the figures come from."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+    }
+    with contextlib.suppress(ImportError):
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    for package in ("onnxruntime", "openvino", "timm"):
+        with contextlib.suppress(ImportError, AttributeError):
+            info[package] = __import__(package).__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in _lines("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+    return platform.processor() or "unknown"
+
+
+def _lines(path: str) -> Iterator[str]:
+    with open(path) as f:
+        yield from f
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """The results as an aligned text table."""
+    rows = [
+        ["model", "batch", "engine", "dtype", "ms", "img/s", "vs tv eager", "rel. error", "note"]
+    ]
+    for r in results:
+        rows.append([
+            r.model, str(r.batch), r.engine, r.dtype,
+            f"{r.ms:.2f}" if r.ms is not None else "-",
+            f"{r.images_per_s:,.0f}" if r.images_per_s is not None else "-",
+            f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+            f"{r.rel_error:.1e}" if r.rel_error is not None else "-",
+            r.note or (f"setup {r.setup_s:.0f} s" if r.setup_s and r.setup_s >= 1 else ""),
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def to_json(results: Sequence[Result], device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Results and machine description as a JSON-ready dict."""
+    return {"machine": machine(device), "results": [asdict(r) for r in results]}

@@ -1,0 +1,173 @@
+"""densenet.optimize: same outputs as the eager model for every architecture, input layout, batch
+and spatial size; eval-only; metadata kept; the benchmark's checks and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_batchnorm, tiny_model
+
+import densenet
+from densenet import InferenceDenseNet, optimize
+from densenet.benchmark import ENGINES, Engine, format_table, run_benchmark
+from densenet.cli import build_parser, main
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def check_same(model: densenet.DenseNet, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Optimize ``model`` (in eval mode) and assert its float32 output on ``x`` matches."""
+    model = randomize_batchnorm(model).eval()
+    fast = optimize(model, **kwargs)
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_error(out, ref) < 1e-5
+    return out
+
+
+@pytest.mark.parametrize("name", densenet.list_models())
+def test_every_registry_model_matches(name):
+    size = (33, 35) if densenet.registry.model_config(name)["stem"] == "imagenet" else (7, 5)
+    torch.manual_seed(0)
+    check_same(densenet.get_model(name), torch.randn(2, 3, *size))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_layouts_and_batches(batch, channels_last):
+    x = torch.randn(batch, 3, 40, 40)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        check_same(tiny_model(), inp, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("size", [(29, 29), (31, 45), (64, 37)])
+def test_odd_spatial_sizes(size):
+    check_same(tiny_model(), torch.randn(2, 3, *size))
+    check_same(tiny_model(stem="cifar"), torch.randn(2, 3, size[0] // 4, size[1] // 4))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"bn_size": 0},  # no bottleneck: a single BN-ReLU-Conv3x3 per layer
+        {"bn_size": 2, "compression": 0.7, "drop_rate": 0.2},
+        {"num_classes": 0},  # pooled features out
+        {"in_channels": 1, "block_config": (1, 3, 2), "stem": "cifar"},
+    ],
+)
+def test_custom_configurations(config):
+    model = tiny_model(**config)
+    x = torch.randn(2, model.config["in_channels"], 20, 20)
+    out = check_same(model, x)
+    assert out.shape[1] == (model.num_classes or model.num_features)
+
+
+def test_folds_and_buffer_are_in_place():
+    fast = optimize(tiny_model().eval())
+    assert isinstance(fast, InferenceDenseNet)
+    norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not norms  # every BatchNorm is folded or an affine buffer
+    assert fast.stem[0].bias is not None  # norm0 folded into conv0
+    assert all(layer.conv1.bias is not None for layer in fast.stages[0].layers)  # norm2 folded
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_reduced_precision_within_1e2():
+    model = randomize_batchnorm(tiny_model()).eval()
+    x = torch.randn(2, 3, 40, 40)
+    fast = optimize(model, dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    with torch.inference_mode():
+        out, ref = fast(x), model(x)
+    assert out.dtype == torch.float32
+    assert rel_error(out, ref) < 1e-2
+
+
+def test_refuses_training_mode():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match=r"eval mode.*model\.eval\(\)"):
+        optimize(model.train())
+    fast = optimize(model.eval())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fast.train()
+    with pytest.raises(TypeError, match="DenseNet"):
+        optimize(torch.nn.Linear(2, 2).eval())
+    with pytest.raises(ValueError, match="compile"):
+        optimize(model, compile="fastest")
+
+
+def test_weights_are_copied_and_source_untouched():
+    model = randomize_batchnorm(tiny_model()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        before = model(x)
+        fast = optimize(model)
+        first = fast(x)
+        assert torch.equal(model(x), before)
+        model.features.conv0.weight.mul_(2)
+        assert torch.equal(fast(x), first)
+
+
+def test_keeps_metadata_and_predict_output():
+    model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
+    model.arch, model.weights_entry = "tiny", None
+    fast = optimize(model)
+    assert fast.arch == "tiny" and fast.config == model.config and fast.num_classes == 3
+    images = torch.rand(4, 3, 40, 40)
+    categories = ["cat", "dog", "fish"]
+    slow = densenet.Classifier(model, device="cpu", categories=categories, optimize=False)
+    quick = densenet.Classifier(model, device="cpu", categories=categories)
+    assert isinstance(quick.model, InferenceDenseNet) and slow.model is model
+    for a, b in zip(slow.predict(images, topk=3), quick.predict(images, topk=3)):
+        assert [label for label, _ in a] == [label for label, _ in b]
+        assert [p for _, p in a] == pytest.approx([p for _, p in b], rel=1e-5)
+
+
+def test_predict_has_no_optimize_flag():
+    args = build_parser().parse_args(["predict", "a.jpg", "--no-optimize"])
+    assert args.no_optimize is True
+    assert build_parser().parse_args(["predict", "a.jpg"]).no_optimize is False
+
+
+def test_compile_matches():
+    model = randomize_batchnorm(tiny_model(block_config=(1, 1))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, compile=True)
+    with torch.inference_mode():
+        assert rel_error(fast(x), model(x)) < 1e-5
+
+
+def test_benchmark_flags_wrong_outputs(monkeypatch):
+    wrong = Engine("wrong", lambda model, x, dtype: lambda inp: model(inp) * 1.01)
+    monkeypatch.setitem(ENGINES, "wrong", wrong)
+    model = randomize_batchnorm(tiny_model(growth_rate=8))
+    results = run_benchmark(
+        [model], [2], image_size=32, rounds=2, repeats=1, engines=["densenet.optimize", "wrong"]
+    )
+    by_engine = {r.engine: r for r in results}
+    assert set(by_engine) == {"torchvision eager", "densenet.optimize", "wrong"}
+    assert by_engine["torchvision eager"].speedup == 1.0
+    assert by_engine["densenet.optimize"].rel_error < 1e-5
+    assert by_engine["densenet.optimize"].ms > 0 and by_engine["densenet.optimize"].speedup > 0
+    assert by_engine["wrong"].ms is None and "wrong output" in by_engine["wrong"].note
+    assert format_table(results).splitlines()[-1].split()[2] == "wrong"
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--models", "densenet121", "--batch-sizes", "1", "--image-size", "32"]
+    argv += ["--engines", "densenet.optimize", "--rounds", "1", "--repeats", "2", "--quiet"]
+    assert main([*argv, "--output", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["model", "batch", "engine"]
+    report = json.loads(out.read_text())
+    assert report["machine"]["torch"] == torch.__version__
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == ["torchvision eager", "densenet.optimize"]
+    assert all(len(r["times_ms"]) == 2 and r["rel_error"] < 1e-5 for r in report["results"])
+    assert main(["bench", "--engines", "nonsense", "--quiet"]) == 2
