@@ -4,6 +4,7 @@ Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any
 the official ImageNet weights, the PyTorch Hub preprocessing and a classifier.
 """
 
+from .evaluate import EvalResult, evaluate
 from .inference import InferenceDenseNet, optimize
 from .labels import imagenet_classes
 from .model import DenseNet
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Classifier",
     "DenseNet",
+    "EvalResult",
     "ImageError",
     "InferenceDenseNet",
     "Weights",
@@ -47,6 +49,7 @@ __all__ = [
     "densenet_bc_190_k40",
     "densenet_bc_250_k24",
     "eval_transform",
+    "evaluate",
     "get_model",
     "get_weights",
     "imagenet_classes",

@@ -1,8 +1,10 @@
 """Image transforms: the evaluation pipeline of the PyTorch Hub page (PIL image -> normalised
-tensor) and the constants it uses."""
+tensor) and the constants it uses; the training augmentations of the paper's recipes and
+ten-crop evaluation."""
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
 
@@ -32,3 +34,106 @@ def eval_transform(
             T.Normalize(mean, std),
         ]
     )
+
+
+# ---- training and ten-crop evaluation ------------------------------------------------------
+
+# Per-channel statistics of the training sets, for the paper's "normalise with the channel means
+# and standard deviations" (CIFAR). SVHN is only divided by 255 in the paper: mean 0, std 1.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
+
+# Principal components of ImageNet's RGB pixels: AlexNet's lighting noise, with the values of
+# fb.resnet.torch, whose data pipeline the paper's Torch code used.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+AUGMENTATIONS = ("none", "crop-flip", "imagenet")
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA lighting noise on a (3, H, W) tensor in [0, 1]: adds
+    ``eigvec @ (alpha * eigval)`` to every pixel, ``alpha ~ N(0, alphastd)`` per image."""
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        super().__init__()
+        self.alphastd = alphastd
+        self.register_buffer("eigval", torch.tensor(IMAGENET_PCA_EIGVAL))
+        self.register_buffer("eigvec", torch.tensor(IMAGENET_PCA_EIGVEC))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.alphastd == 0:
+            return image
+        alpha = torch.empty(3).normal_(0, self.alphastd)
+        rgb = (self.eigvec * alpha * self.eigval).sum(dim=1)
+        return image + rgb.view(3, 1, 1)
+
+
+def train_transform(
+    augment: str = "crop-flip",
+    crop_size: int = 32,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> T.Compose:
+    """PIL image -> (3, crop_size, crop_size) float tensor for training.
+
+    ``augment``: ``"none"`` (resize the shorter side to ``crop_size``, center crop, normalise:
+    the paper's C10/C100/SVHN), ``"crop-flip"`` (the same, then zero-pad 4 and take a random
+    ``crop_size`` crop, random horizontal flip: the paper's C10+/C100+, padding after
+    normalisation as in its Torch code), or ``"imagenet"`` (random-resized crop, horizontal flip,
+    colour jitter 0.4, lighting noise 0.1, normalise).
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment == "imagenet":
+        return T.Compose(
+            [
+                T.Lambda(to_rgb),
+                T.RandomResizedCrop(crop_size, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+                T.ToTensor(),
+                Lighting(0.1),
+                T.Normalize(mean, std),
+            ]
+        )
+    steps = list(eval_transform(crop_size, crop_size, mean, std).transforms)
+    if augment == "crop-flip":
+        steps += [T.RandomCrop(crop_size, padding=4), T.RandomHorizontalFlip()]
+    return T.Compose(steps)
+
+
+def ten_crop_transform(
+    resize_size: int = 256,
+    crop_size: int = 224,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> T.Compose:
+    """PIL image -> (10, 3, crop_size, crop_size): the paper's ten-crop evaluation, the four
+    corners and the center of the resized image and their horizontal mirrors, each normalised."""
+    return T.Compose(
+        [
+            T.Lambda(to_rgb),
+            T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.TenCrop(crop_size),
+            StackCrops(T.Compose([T.ToTensor(), T.Normalize(mean, std)])),
+        ]
+    )
+
+
+class StackCrops:
+    """A sequence of PIL crops -> (len, C, H, W): ``transform`` applied to each, stacked."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, crops) -> torch.Tensor:
+        return torch.stack([self.transform(crop) for crop in crops])

@@ -1,0 +1,166 @@
+"""Tests for densenet.data and the training transforms: folders, named datasets, the batch
+sampler's sharding and resume, per-sample seeded augmentation, unreadable images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from densenet.data import (
+    DataError,
+    ImageFolderData,
+    ShardedBatchSampler,
+    TransformedDataset,
+    collate,
+    eval_dataset,
+    load_splits,
+    named_dataset,
+    shard_indices,
+)
+from densenet.transforms import Lighting, ten_crop_transform, train_transform
+
+
+def digits_folder(root: Path, n: int = 1797, size: int = 16, val_fraction: float = 0.25) -> Path:
+    """scikit-learn's 8x8 handwritten digits as PNGs (upsampled to ``size``) in ``root/train``
+    and ``root/val``, one sub-folder per digit; the last ``val_fraction`` is held out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:n] * (255 / 16)).astype(np.uint8)
+    split = round(len(images) * (1 - val_fraction))
+    for i, (image, label) in enumerate(zip(images, digits.target[:n])):
+        folder = root / ("train" if i < split else "val") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").resize((size, size), Image.NEAREST).save(folder / f"{i}.png")
+    return root
+
+
+def test_folder_classes_in_sorted_order_and_unreadable_images_skipped(tmp_path):
+    for name in ("n02", "n01"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name / "a.png")
+    (tmp_path / "n02" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = ImageFolderData(tmp_path)
+    assert data.classes == ["n01", "n02"]
+    items = [data[i] for i in range(len(data))]
+    assert sum(item is None for item in items) == 1
+    images, labels, skipped = collate(
+        [TransformedDataset(data, train_transform("none", 8))[i] for i in range(len(data))]
+    )
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1] and skipped == 1
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        ImageFolderData(tmp_path / "missing")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        ImageFolderData(tmp_path)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="holds no images"):
+        ImageFolderData(tmp_path)
+
+
+def test_train_and_val_classes_must_match(tmp_path):
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "fox"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "x.png")
+    with pytest.raises(DataError, match=r"only in .*train: dog; only in .*val: fox"):
+        load_splits(str(tmp_path))
+    with pytest.raises(DataError, match="no train/ and no val/"):
+        load_splits(str(tmp_path / "train"))
+    # eval takes a folder's val/ when it has train/ and val/
+    _, classes = eval_dataset(str(tmp_path))
+    assert classes == ["cat", "fox"]
+
+
+def test_named_dataset_missing_names_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match=f"CIFAR-10 is not in {tmp_path}.*cifar-10-batches-py"):
+        named_dataset("cifar10", "train", root=tmp_path, download=False)
+    with pytest.raises(DataError, match="unknown dataset"):
+        named_dataset("mnist", "train", root=tmp_path)
+
+
+def test_sampler_shards_global_batches_like_accumulation():
+    """Two processes see exactly the micro-batches that one process with accumulate=2 sees."""
+    single = ShardedBatchSampler(40, 8, seed=3, accumulate=2)
+    ranks = [ShardedBatchSampler(40, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        micro = list(single)
+        per_rank = [list(r) for r in ranks]
+        assert len(micro) == 10 and all(len(b) == 4 for b in micro)
+        assert micro[0::2] == per_rank[0] and micro[1::2] == per_rank[1]
+        flat = [i for batch in micro for _, i in batch]
+        assert sorted(flat) == list(range(40))  # a permutation: every image once per epoch
+        assert all(e == epoch for batch in micro for e, _ in batch)
+    first, second = ([i for b in list(_epoch(single, e)) for _, i in b] for e in (0, 1))
+    assert first != second  # reshuffled each epoch
+
+
+def _epoch(sampler, epoch, start_step=0):
+    sampler.set_epoch(epoch, start_step)
+    return iter(sampler)
+
+
+def test_sampler_resumes_mid_epoch_and_checks_sizes():
+    sampler = ShardedBatchSampler(50, 10, seed=1)
+    assert sampler.steps_per_epoch == 5  # the incomplete last batch is dropped
+    full = list(_epoch(sampler, 2))
+    assert list(_epoch(sampler, 2, start_step=3)) == full[3:]
+    assert len(sampler) == 2
+    with pytest.raises(DataError, match="does not split into 3"):
+        ShardedBatchSampler(50, 10, world_size=3)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        ShardedBatchSampler(5, 10)
+
+
+def test_shard_indices_cover_everything_once():
+    shards = [list(shard_indices(11, r, 3)) for r in range(3)]
+    assert sum(shards, []) == list(range(11))
+
+
+def test_augmentation_is_seeded_per_sample_and_leaves_global_rng_alone():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    base = [(image, 0)] * 4
+    data = TransformedDataset(base, train_transform("crop-flip", 32), seed=7)
+    state = torch.get_rng_state()
+    a, b = data[(0, 1)][0], data[(0, 1)][0]
+    assert torch.equal(a, b)  # same (epoch, index): same augmentation
+    assert torch.equal(torch.get_rng_state(), state)
+    others = [data[(e, i)][0] for e, i in ((0, 2), (1, 1), (0, 3), (2, 1))]
+    assert any(not torch.equal(a, other) for other in others)
+
+
+def test_train_transforms_shapes_and_normalisation():
+    image = Image.new("RGB", (40, 30), (128, 64, 32))
+    for augment in ("none", "crop-flip", "imagenet"):
+        assert train_transform(augment, 24)(image).shape == (3, 24, 24)
+    x = train_transform("none", 8, mean=(0.5, 0.25, 0.125), std=(1.0, 1.0, 1.0))(image)
+    assert torch.allclose(
+        x[:, 0, 0], torch.tensor([128 / 255 - 0.5, 64 / 255 - 0.25, 32 / 255 - 0.125])
+    )
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train_transform("mixup")
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (36, 40, 3), np.uint8))
+    crops = ten_crop_transform(36, 32)(noise)
+    assert crops.shape == (10, 3, 32, 32)
+    assert not torch.allclose(crops[0], crops[1])  # corners differ
+    assert torch.allclose(crops[1].flip(-1), crops[5])  # the mirrors: top-right <-> top-left
+    assert torch.allclose(crops[4].flip(-1), crops[9])  # center
+
+
+def test_lighting_adds_one_colour_offset_per_image():
+    torch.manual_seed(0)
+    image = torch.rand(3, 5, 5)
+    shifted = Lighting(0.1)(image)
+    offset = shifted - image
+    assert not torch.allclose(offset, torch.zeros_like(offset))
+    assert torch.allclose(offset, offset[:, :1, :1].expand_as(offset))
+    assert torch.equal(Lighting(0.0)(image), image)

@@ -1,0 +1,298 @@
+"""Tests for densenet.train: the recipes, real learning on real images, bit-exact resume after
+kill -9, DistributedDataParallel against one process, and the failure modes (bad checkpoint,
+NaN loss, full disk, unreadable images)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import digits_folder
+
+from densenet.cli import main
+from densenet.train import (
+    RECIPES,
+    CheckpointError,
+    TrainingError,
+    make_config,
+    parse_override,
+    read_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+TINY = {"growth_rate": 4, "block_config": [2, 2, 2], "num_init_features": 8}
+SMALL = {"growth_rate": 8, "block_config": [2, 2, 2], "num_init_features": 16}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """All 1797 digits, 16x16: 1348 training and 449 validation images."""
+    return digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def few_digits(tmp_path_factory) -> Path:
+    """128 digits, 16x16: 96 training and 32 validation images."""
+    return digits_folder(tmp_path_factory.mktemp("few"), n=128)
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    settings = dict(
+        data=str(data), out=str(out), model_args=TINY, image_size=16, epochs=1, batch_size=16,
+        workers=0, progress=False, drop_rate=0.0,
+    )  # fmt: skip
+    recipe = overrides.pop("recipe", "cifar10")
+    settings.update(overrides)
+    return make_config(recipe, **settings)
+
+
+def test_recipes_are_the_papers():
+    for name in ("cifar10", "cifar100", "svhn"):
+        assert RECIPES[name].drop_rate == 0.2 and RECIPES[name].augment == "none"
+    for name in ("cifar10+", "cifar100+"):
+        assert RECIPES[name].drop_rate == 0.0 and RECIPES[name].augment == "crop-flip"
+    for name in ("cifar10", "cifar10+", "cifar100", "cifar100+"):
+        r = RECIPES[name]
+        assert (r.epochs, r.batch_size, r.lr, r.lr_milestones) == (300, 64, 0.1, (0.5, 0.75))
+    assert (RECIPES["svhn"].epochs, RECIPES["svhn"].holdout) == (40, 6000)
+    assert RECIPES["svhn"].data == "svhn" and RECIPES["cifar100+"].data == "cifar100"
+    imagenet = RECIPES["imagenet"]
+    assert (imagenet.epochs, imagenet.batch_size, imagenet.augment) == (90, 256, "imagenet")
+    assert [round(f * imagenet.epochs) for f in imagenet.lr_milestones] == [30, 60]
+    assert (imagenet.image_size, imagenet.resize_size) == (224, 256)
+    for r in RECIPES.values():
+        assert (r.momentum, r.nesterov, r.weight_decay, r.lr_gamma) == (0.9, True, 1e-4, 0.1)
+    assert RECIPES["finetune"].weights == "DEFAULT"
+
+
+def test_every_setting_can_be_overridden():
+    assert parse_override("lr=0.5") == ("lr", 0.5)
+    assert parse_override("lr_milestones=0.3,0.6") == ("lr_milestones", (0.3, 0.6))
+    assert parse_override("nesterov=false") == ("nesterov", False)
+    assert parse_override("weights=none") == ("weights", None)
+    assert parse_override('model-args={"growth_rate": 4}') == ("model_args", {"growth_rate": 4})
+    with pytest.raises(ValueError, match="unknown setting 'lrr'"):
+        parse_override("lrr=1")
+    with pytest.raises(ValueError, match="not a valid"):
+        parse_override("epochs=many")
+    config = make_config("imagenet", data="x", epochs=3, lr_milestones=[0.5])
+    assert (config.epochs, config.lr_milestones, config.batch_size) == (3, (0.5,), 256)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        make_config("mnist")
+    with pytest.raises(ValueError, match="needs data"):
+        make_config("imagenet")
+
+
+def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, capsys):
+    """A small DenseNet-BC learns scikit-learn's handwritten digits: >= 95% held out."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    config = tiny_config(digits, out, model_args=SMALL, epochs=6, batch_size=32)
+    summary = train(config)
+    assert summary["best_val_top1"] >= 95.0, summary
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    assert records[-1]["lr"] == pytest.approx(0.001)  # / 10 at epochs 3 and 4 (50%, 75%)
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["mean"] == [0.485, 0.456, 0.406] and resolved["resize_size"] == 16
+    checkpoint = torch.load(out / "best.pth", weights_only=True)
+    assert checkpoint["classes"] == [str(d) for d in range(10)]
+    assert (
+        checkpoint["arch"] == "densenet_bc_100_k12" and checkpoint["model_args"]["growth_rate"] == 8
+    )
+    # `densenet eval` rebuilds the model from the checkpoint and gets the same accuracy
+    assert main(["eval", str(digits), "--weights", str(out / "best.pth"), "--workers", "0",
+                 "--json", "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 449
+    assert result["top1"] == pytest.approx(summary["best_val_top1"])
+
+
+_KILLABLE = """
+import sys, time
+import densenet.train as t
+from densenet.cli import main
+
+pause, save = float(sys.argv[1]), t.save_checkpoint
+
+def save_then_pause(state, path):
+    save(state, path)
+    time.sleep(pause)
+
+t.save_checkpoint = save_then_pause
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _train_cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--recipe", "cifar10+", "--data", str(data), "--out", str(out),
+        "--set", "model_args=" + json.dumps(TINY), "--image-size", "16", "--epochs", "2",
+        "--batch-size", "16", "--workers", "0", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_kill_9_and_resume_gives_the_weights_of_an_uninterrupted_run(few_digits, tmp_path):
+    """Augmentation (crop-flip) and dropout both draw random numbers: resuming must restore them."""
+    script = [sys.executable, "-c", _KILLABLE]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    options = ["--drop-rate", "0.2", "--deterministic", "--checkpoint-every-steps", "2"]
+    subprocess.run(
+        [*script, "0", *_train_cli(few_digits, straight, *options)], env=_env(), check=True
+    )
+    process = subprocess.Popen(
+        [*script, "5", *_train_cli(few_digits, killed, *options)], env=_env()
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    interrupted = read_checkpoint(killed / "last.pth")
+    assert (interrupted["epoch"], interrupted["step"]) == (0, 2)  # killed in the first epoch
+    resume = _train_cli(few_digits, killed, *options, "--resume")
+    subprocess.run([*script, "0", *resume], env=_env(), check=True)
+    a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(killed / "last.pth")
+    assert (a["epoch"], b["epoch"]) == (2, 2)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed)]
+    strip = ("seconds", "images_per_second")
+    assert [{k: v for k, v in json.loads(x).items() if k not in strip} for x in lines[0]] == [
+        {k: v for k, v in json.loads(x).items() if k not in strip} for x in lines[1]
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path, capsys):
+    """torchrun, 2 gloo processes x 8 images vs 1 process with the same global batch of 16 in
+    2 micro-batches of 8 (so BatchNorm sees the same batches); validation sharded over both."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _train_cli(few_digits, one, "--drop-rate", "0", "--accumulate", "2")
+    subprocess.run([sys.executable, "-m", "densenet", *single], env=_env(), check=True)
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    ]  # fmt: skip
+    ddp = _train_cli(few_digits, two, "--drop-rate", "0")
+    subprocess.run([*torchrun, "-m", "densenet", *ddp], env=_env(), check=True, timeout=300)
+    a, b = read_checkpoint(one / "last.pth"), read_checkpoint(two / "last.pth")
+    assert b["config"]["batch_size"] == 16
+    for name, value in a["model"].items():
+        if value.is_floating_point() and "running" not in name:  # BN statistics are per process
+            torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+    distributed_val = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
+    assert distributed_val["val_images"] == 32
+    assert main(["eval", str(few_digits), "--weights", str(two / "last.pth"), "--workers", "0",
+                 "--json", "--no-progress"]) == 0  # fmt: skip
+    single = json.loads(capsys.readouterr().out)
+    assert single["top1"] == pytest.approx(distributed_val["val_top1"])
+
+
+def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for folder in (few_digits / split).iterdir():
+            (data / split / folder.name).mkdir(parents=True)
+            for image in folder.iterdir():
+                (data / split / folder.name / image.name).write_bytes(image.read_bytes())
+    (data / "train" / "3" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    (data / "train" / "4" / "empty.jpg").write_bytes(b"")
+    (data / "val" / "5" / "text.png").write_text("not an image")
+    train(tiny_config(data, tmp_path / "run", batch_size=98))  # one step: all 98 training files
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert (record["train_skipped"], record["train_images"]) == (2, 96)
+    assert (record["val_skipped"], record["val_images"]) == (1, 32)
+
+
+def test_resume_refuses_another_models_or_recipes_checkpoint(few_digits, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(few_digits, out))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny_config(few_digits, out))
+    other = {**TINY, "growth_rate": 6}
+    with pytest.raises(CheckpointError, match=r"model_args: checkpoint .*'growth_rate': 4.*6"):
+        train(tiny_config(few_digits, out, model_args=other), resume=True)
+    with pytest.raises(
+        CheckpointError, match="recipe: checkpoint 'cifar10', this run 'cifar10\\+'"
+    ):
+        train(tiny_config(few_digits, out, recipe="cifar10+"), resume=True)
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(tiny_config(few_digits, tmp_path / "new"), resume=True)
+    # resuming a finished run with the same settings changes nothing
+    before = read_checkpoint(out / "last.pth")["model"]
+    train(tiny_config(few_digits, out), resume=True)
+    after = read_checkpoint(out / "last.pth")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_digits, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(few_digits, out, lr=1e30, epochs=3, checkpoint_every_steps=1)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*diverged.*last good checkpoint"):
+        train(config)
+    checkpoint = read_checkpoint(out / "last.pth")
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert checkpoint["step"] >= 1
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def disk_full(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pth"
+    save_checkpoint({"model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(path)
+
+
+def test_finetune_starts_from_the_given_weights_with_a_new_classifier(few_digits, tmp_path):
+    from densenet import get_model
+
+    source = get_model("densenet121", num_classes=7, **{**TINY, "block_config": [2, 2]})
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    config = tiny_config(
+        few_digits, tmp_path / "run", recipe="finetune", model="densenet121",
+        model_args={**TINY, "block_config": [2, 2]}, weights=str(tmp_path / "pretrained.pth"),
+        lr=0.0, image_size=32, resize_size=32,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="classifier"):
+        train(config)
+    tuned = read_checkpoint(tmp_path / "run" / "last.pth")["model"]
+    assert tuned["classifier.weight"].shape == (10, source.num_features)
+    # lr 0: the backbone's weights are the file's (only BatchNorm statistics move)
+    assert torch.equal(tuned["features.conv0.weight"], source.state_dict()["features.conv0.weight"])
