@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -50,7 +51,6 @@ __all__ = [
     "write_triton_repo",
 ]
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}  # format -> usual suffix
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes without a lossy version conversion
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT >= 8.6, Triton's onnxruntime backend
@@ -105,6 +105,10 @@ class ExportMetadata:
 
         entry = getattr(model, "weights_entry", None)
         num_classes = int(getattr(model, "num_classes", 1000))
+        if num_classes < 1:
+            raise ExportError(
+                "the model has no classifier (num_classes=0); export one with classes"
+            )
         if categories is None:
             categories = entry.categories if entry is not None else _default_categories(num_classes)
         if len(categories) != num_classes:
@@ -177,9 +181,8 @@ def to_onnx(
     Input ``images`` (N, 3, H, W) in ``dtype``; output ``logits`` (N, num_classes) in ``dtype``.
     Returns the path written.
     """
-    _require("onnx", "ONNX export", "pip install onnx onnxscript")
+    onnx = _require("onnx", "ONNX export", "pip install onnx onnxscript")
     _require("onnxscript", "ONNX export (torch's exporter)", "pip install onnxscript")
-    import onnx
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -206,7 +209,7 @@ def to_onnx(
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             opset_version=opset,
-            dynamic_shapes=(axes or None,) if axes else None,
+            dynamic_shapes=(axes,) if axes else None,
             optimize=True,
         )
     proto = program.model_proto
@@ -252,7 +255,7 @@ def to_torchscript(
     net, example, meta = _prepare(model, batch_size, image_size, dtype, fold, categories)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # its tracer and type-annotation notes
         scripted, used = None, method
         if method in ("auto", "script"):
             try:
@@ -304,6 +307,7 @@ EXPORTERS: dict[str, Callable[..., Path]] = {
     "torchscript": to_torchscript,
     "exported": to_exported,
 }
+FORMATS = tuple(EXPORTERS)
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str, **options: Any) -> Path:
@@ -320,9 +324,7 @@ def read_metadata(path: str | os.PathLike) -> ExportMetadata:
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} does not exist")
     if path.suffix == ".onnx":
-        _require("onnx", "reading ONNX metadata", "pip install onnx")
-        import onnx
-
+        onnx = _require("onnx", "reading ONNX metadata", "pip install onnx")
         proto = onnx.load(str(path), load_external_data=False)
         return _metadata_from_props({p.key: p.value for p in proto.metadata_props}, path)
     files = {EXTRA_FILE: ""}
@@ -524,7 +526,7 @@ def _prepare(
             ) from None
         net = optimize(net, dtype=DTYPES[dtype_name], channels_last=not for_onnx)
         if for_onnx:
-            _concatenate_blocks(net)
+            _onnx_form(net)
     else:
         net = net.to(DTYPES[dtype_name])
     size = image_size or meta.crop_size
@@ -533,9 +535,9 @@ def _prepare(
 
 
 class _ConcatBlock(nn.Module):
-    """A dense block of the inference form written as concatenations. For ONNX: the inference
-    form's slice writes into one preallocated buffer become scatter nodes there, while runtimes
-    plan a concatenation's memory themselves. Input (N, C, H, W); output (N, C + L * k, H, W)."""
+    """A dense block of the inference form written as concatenations. In ONNX the inference
+    form's slice writes into one preallocated buffer become scatter nodes, while runtimes plan a
+    concatenation's memory themselves. Input (N, C, H, W); output (N, C + L * k, H, W)."""
 
     def __init__(self, layers: nn.ModuleList) -> None:
         super().__init__()
@@ -547,11 +549,34 @@ class _ConcatBlock(nn.Module):
         return x
 
 
-def _concatenate_blocks(net: nn.Module) -> None:
-    """Replace, in place, every dense block of an inference-form network by a ``_ConcatBlock``."""
+class _AffineReLU(nn.Module):
+    """``relu(x * scale + shift)`` per channel, written as a batch norm with zero mean, unit
+    variance and no epsilon (exact): one ONNX BatchNormalization node, which ONNX Runtime runs
+    in one pass, instead of a Mul and an Add. Input (N, C, H, W); output (N, C, H, W)."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.flatten().clone())
+        self.register_buffer("shift", shift.flatten().clone())
+        self.register_buffer("zeros", torch.zeros_like(self.scale))
+        self.register_buffer("ones", torch.ones_like(self.scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(F.batch_norm(x, self.zeros, self.ones, self.scale, self.shift, eps=0.0))
+
+
+def _onnx_form(net: nn.Module) -> None:
+    """Rewrite an inference-form network in place for ONNX: concatenating dense blocks and
+    single-node BN-ReLUs (the same function)."""
+    from .inference import BNReLU, InferenceBlock
+
     for name, stage in net.stages.named_children():
-        if isinstance(getattr(stage, "layers", None), nn.ModuleList):
+        if isinstance(stage, InferenceBlock):
             setattr(net.stages, name, _ConcatBlock(stage.layers))
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, BNReLU):
+                setattr(module, name, _AffineReLU(child.scale, child.shift))
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -592,13 +617,17 @@ def _writable(path: str | os.PathLike) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(temporary path)`` then rename it to ``path``: never a partial file at ``path``."""
+    """Call ``write(temporary path)`` then rename it to ``path``: never a partial file at ``path``.
+    The file gets the usual permissions (0666 less the umask), not the temporary file's 0600."""
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}"
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
