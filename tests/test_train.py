@@ -96,10 +96,14 @@ def test_every_setting_can_be_overridden():
 
 def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, capsys):
     """A small DenseNet-BC learns scikit-learn's handwritten digits: >= 95% held out."""
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     config = tiny_config(digits, out, model_args=SMALL, epochs=6, batch_size=32)
-    summary = train(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fastest on 2 shared cores for so small a model
+    try:
+        summary = train(config)
+    finally:
+        torch.set_num_threads(threads)
     assert summary["best_val_top1"] >= 95.0, summary
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 7))
@@ -186,7 +190,8 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path, capsys):
     """torchrun, 2 gloo processes x 8 images vs 1 process with the same global batch of 16 in
-    2 micro-batches of 8 (so BatchNorm sees the same batches); validation sharded over both."""
+    2 micro-batches of 8 (so BatchNorm sees the same batches); validation and `densenet eval`
+    sharded over both processes give the numbers of one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     single = _train_cli(few_digits, one, "--drop-rate", "0", "--accumulate", "2")
     subprocess.run([sys.executable, "-m", "densenet", *single], env=_env(), check=True)
@@ -203,10 +208,19 @@ def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path
             torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
     distributed_val = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
     assert distributed_val["val_images"] == 32
-    assert main(["eval", str(few_digits), "--weights", str(two / "last.pth"), "--workers", "0",
-                 "--json", "--no-progress"]) == 0  # fmt: skip
+    evaluation = ["eval", str(few_digits), "--weights", str(two / "last.pth"), "--workers", "0",
+                  "--json", "--no-progress"]  # fmt: skip
+    assert main(evaluation) == 0
     single = json.loads(capsys.readouterr().out)
     assert single["top1"] == pytest.approx(distributed_val["val_top1"])
+    shown = subprocess.run(
+        [*torchrun[:-1], str(_free_port()), "-m", "densenet", *evaluation],
+        env=_env(), check=True, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    sharded = json.loads(shown.stdout)  # printed by rank 0 only
+    assert (sharded["processes"], sharded["images"]) == (2, 32)
+    assert sharded["top1"] == pytest.approx(single["top1"])
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):

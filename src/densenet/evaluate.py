@@ -115,7 +115,7 @@ def evaluate(
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices
             hits = top == labels[:, None]
             sums += torch.stack(
-                [hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(labels.numel())]
+                [hits[:, 0].sum(), hits.any(dim=1).sum(), loss, labels.new_tensor(labels.numel())]
             ).to(sums)
     if distributed:
         import torch.distributed as dist
@@ -235,37 +235,37 @@ def evaluate_dataset(
     what was evaluated."""
     from .data import TransformedDataset, collate, eval_dataset, shard_indices
     from .predict import resolve_device
-    from .train import amp_dtype, distributed_setup
+    from .train import amp_dtype, process_group
     from .transforms import eval_transform, ten_crop_transform
 
-    rank, world_size, local_device = distributed_setup(device)
-    target = local_device if local_device is not None else resolve_device(device)
-    spec = load_eval_model(model, weights, model_given)
-    dataset, classes = eval_dataset(data, data_root, download)
-    make = ten_crop_transform if ten_crop else eval_transform
-    transform = make(spec.resize_size, spec.crop_size, spec.mean, spec.std)
-    num_classes = spec.model.num_classes
-    labels = _label_map(data, classes, spec.classes, num_classes)
-    dataset = TransformedDataset(dataset, transform, target_transform=labels)
-    if world_size > 1:
-        dataset = Subset(dataset, list(shard_indices(len(dataset), rank, world_size)))
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        pin_memory=target.type == "cuda", persistent_workers=False,
-    )  # fmt: skip
-    net = spec.model.to(target)
-    channels_last = target.type == "cuda"
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    result = evaluate(
-        net, loader, device=target, amp_dtype=amp_dtype(amp, target), channels_last=channels_last,
-        distributed=world_size > 1, progress=progress and rank == 0,
-    )  # fmt: skip
-    return {
-        "data": os.fspath(data),
-        "model": getattr(net, "arch", model),
-        "weights": weights,
-        "crops": 10 if ten_crop else 1,
-        "processes": world_size,
-        **result.to_dict(),
-    }
+    with process_group(device) as (rank, world_size, local_device):
+        target = local_device or resolve_device(device)
+        spec = load_eval_model(model, weights, model_given)
+        dataset, classes = eval_dataset(data, data_root, download)
+        make = ten_crop_transform if ten_crop else eval_transform
+        transform = make(spec.resize_size, spec.crop_size, spec.mean, spec.std)
+        num_classes = spec.model.num_classes
+        labels = _label_map(data, classes, spec.classes, num_classes)
+        dataset = TransformedDataset(dataset, transform, target_transform=labels)
+        if world_size > 1:
+            dataset = Subset(dataset, list(shard_indices(len(dataset), rank, world_size)))
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+            pin_memory=target.type == "cuda", persistent_workers=False,
+        )  # fmt: skip
+        net = spec.model.to(target)
+        channels_last = target.type == "cuda"
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        result = evaluate(
+            net, loader, device=target, amp_dtype=amp_dtype(amp, target), channels_last=channels_last,
+            distributed=world_size > 1, progress=progress and rank == 0,
+        )  # fmt: skip
+        return {
+            "data": os.fspath(data),
+            "model": getattr(net, "arch", model),
+            "weights": weights,
+            "crops": 10 if ten_crop else 1,
+            "processes": world_size,
+            **result.to_dict(),
+        }

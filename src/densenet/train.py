@@ -22,7 +22,8 @@ import time
 import types
 import typing
 import zipfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ class TrainConfig:
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
     sync_bn: bool = False
-    # run options: they may differ when a run is resumed
+    # run options: they may differ when a run is resumed (so may the data's location, not its
+    # classes)
     amp: str = "auto"  # auto (bf16 on a GPU that has it, else float32), none, bf16, fp16
     channels_last: bool | None = None  # None: on GPU
     compile: bool = False
@@ -120,7 +122,7 @@ class TrainConfig:
 
 RUN_OPTIONS = frozenset(
     {
-        "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out",
+        "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
         "data_root", "download", "workers", "device", "eval_batch_size",
         "checkpoint_every_steps", "progress",
     }
@@ -282,6 +284,20 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device | No
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), target
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[tuple[int, int, torch.device | None]]:
+    """``distributed_setup(device)`` for the duration of a ``with`` block, leaving the process
+    group at the end if the block joined it."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and not dist.is_initialized()
+    try:
+        yield distributed_setup(device)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -757,7 +773,13 @@ class _Run:
             "best_checkpoint": str(self.best_path),
         }
         if "test" in self.eval_loaders:  # the model of the best validation epoch, tested once
-            self.net.load_state_dict(read_checkpoint(self.best_path)["model"])
+            if self.main:
+                self.net.load_state_dict(read_checkpoint(self.best_path)["model"])
+            if self.ddp:  # from rank 0: other nodes may not see its files
+                import torch.distributed as dist
+
+                for tensor in self.net.state_dict().values():
+                    dist.broadcast(tensor, 0)
             summary["test"] = self._evaluate("test").to_dict()
         if self.main:
             _write_json(self.out / "results.json", summary)
@@ -772,20 +794,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one line per epoch),
     ``last.pth`` and ``best.pth`` (best validation top-1), ``results.json``, and TensorBoard
     logs when ``tensorboard`` is installed. Returns the summary in ``results.json``."""
-    started_distributed = _distributed_initialized()
-    try:
+    with process_group(config.device):
         return _Run(config, resume).run()
-    finally:
-        if not started_distributed and _distributed_initialized():
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _distributed_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _tensorboard(folder: Path):
