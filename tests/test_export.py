@@ -77,7 +77,6 @@ def test_onnx_runtime_matches_pytorch(onnx_file, model, shape):
 
 
 def test_onnx_fold_pools_before_the_transition_conv(onnx_file, model, tmp_path):
-    pytest.importorskip("densenet.inference")
     folded = E.to_onnx(model, tmp_path / "folded.onnx", fold=True)
     graph, plain = onnx.load(str(folded)).graph, onnx.load(str(onnx_file)).graph
     ops = [n.op_type for n in graph.node]
@@ -201,8 +200,6 @@ for name in sys.argv[1:]:
 
 def test_torchscript_reloads_in_a_process_without_the_package(model, tmp_path):
     cases = {"script": {}, "folded": {"fold": True}}
-    if not _has_inference():
-        del cases["folded"]
     inputs = {"script": torch.randn(3, 3, 97, 131), "folded": torch.randn(1, 3, 240, 256)}
     for name, options in cases.items():
         E.to_torchscript(model, tmp_path / f"{name}.pt", **options)
@@ -239,8 +236,6 @@ def test_torchscript_trace_and_bfloat16(model, tmp_path):
 
 @pytest.mark.parametrize("options", [{}, {"fold": True, "dtype": "float16"}])
 def test_exported_program_reloads_with_dynamic_batch(model, tmp_path, options):
-    if options.get("fold") and not _has_inference():
-        pytest.skip("densenet.inference is not available")
     path = E.to_exported(model, tmp_path / "m.pt2", **options)
     module = torch.export.load(path).module()
     dtype = E.DTYPES[options.get("dtype", "float32")]
@@ -353,11 +348,3 @@ def test_cli_unknown_format(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--format", "tflite", "--out", "m.tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
-
-
-def _has_inference() -> bool:
-    try:
-        import densenet.inference  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -517,13 +517,8 @@ def _prepare(
         )
     net = copy.deepcopy(model).cpu().eval()
     if fold:
-        try:
-            from .inference import optimize
-        except ImportError:
-            raise ExportError(
-                "--fold needs the inference form (densenet.inference), which is not available in "
-                "this installation; export without --fold"
-            ) from None
+        from .inference import optimize
+
         net = optimize(net, dtype=DTYPES[dtype_name], channels_last=not for_onnx)
         if for_onnx:
             _onnx_form(net)
