@@ -23,6 +23,7 @@ from densenet.train import (
     RECIPES,
     CheckpointError,
     TrainingError,
+    _resize_size,
     make_config,
     parse_override,
     read_checkpoint,
@@ -70,7 +71,8 @@ def test_recipes_are_the_papers():
     imagenet = RECIPES["imagenet"]
     assert (imagenet.epochs, imagenet.batch_size, imagenet.augment) == (90, 256, "imagenet")
     assert [round(f * imagenet.epochs) for f in imagenet.lr_milestones] == [30, 60]
-    assert (imagenet.image_size, imagenet.resize_size) == (224, 256)
+    assert (imagenet.image_size, _resize_size(imagenet)) == (224, 256)
+    assert _resize_size(make_config("imagenet", data="x", image_size=112)) == 128
     for r in RECIPES.values():
         assert (r.momentum, r.nesterov, r.weight_decay, r.lr_gamma) == (0.9, True, 1e-4, 0.1)
     assert RECIPES["finetune"].weights == "DEFAULT"

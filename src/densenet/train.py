@@ -84,17 +84,15 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    lr_milestones: tuple[float, ...] = (
-        0.5,
-        0.75,
-    )  # fractions of the epochs; lr *= lr_gamma at each
+    # fractions of the epochs; at each, lr *= lr_gamma
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
     lr_gamma: float = 0.1
     drop_rate: float = 0.0
     augment: str = "crop-flip"  # see densenet.transforms.train_transform
     image_size: int = 32  # training crop and evaluation crop, pixels
-    resize_size: int | None = (
-        None  # evaluation: shorter side resized to this first (None: image_size)
-    )
+    # evaluation: resize the shorter side to this, then crop image_size (None: image_size *
+    # 256 / 224 with "imagenet" augmentation, else image_size)
+    resize_size: int | None = None
     mean: tuple[float, ...] | None = None  # None: the data set's
     std: tuple[float, ...] | None = None
     holdout: int = 0  # training images held out for validation (named datasets)
@@ -161,8 +159,7 @@ RECIPES: dict[str, TrainConfig] = {
         lr_milestones=(1 / 3, 2 / 3),
         augment="imagenet",
         image_size=224,
-        resize_size=256,
-    ),  # fmt: skip
+    ),
     # Not from the paper: the official ImageNet weights, a new classifier for the folder's
     # classes, lr 0.01 / 10 after two thirds of 15 epochs.
     "finetune": TrainConfig(
@@ -175,8 +172,7 @@ RECIPES: dict[str, TrainConfig] = {
         lr_milestones=(2 / 3,),
         augment="imagenet",
         image_size=224,
-        resize_size=256,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -249,6 +245,14 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"
         )
+
+
+def _resize_size(config: TrainConfig) -> int:
+    """The evaluation resize for ``image_size``: ImageNet's 256 for 224 (ratio 0.875) with
+    ImageNet augmentation, else the crop size itself (small images are not cropped)."""
+    if config.augment == "imagenet":
+        return round(config.image_size * 256 / 224)
+    return config.image_size
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:
@@ -422,7 +426,7 @@ class _Run:
         config = dataclasses.replace(
             config,
             out=config.out or os.path.join("runs", config.recipe),
-            resize_size=config.resize_size or config.image_size,
+            resize_size=config.resize_size or _resize_size(config),
             mean=tuple(config.mean or splits.mean),
             std=tuple(config.std or splits.std),
             channels_last=(
