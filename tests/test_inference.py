@@ -67,6 +67,21 @@ def test_custom_configurations(config):
     assert out.shape[1] == (model.num_classes or model.num_features)
 
 
+def test_negative_and_zero_batchnorm_scales():
+    """relu(s * x + t) becomes a clamp from below (s > 0), from above (s < 0) or a constant
+    (s == 0): every case, in the prefix, a transition and before the classifier."""
+    model = randomize_batchnorm(tiny_model()).eval()
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.weight.data[::3] *= -1
+        norm.weight.data[1::5] = 0
+    fast = optimize(model)
+    clamps = [m for m in fast.modules() if type(m).__name__ == "PrefixClamp"]
+    assert clamps and all(c.high is not None for c in clamps)
+    x = torch.randn(3, 3, 36, 36)
+    with torch.inference_mode():
+        assert rel_error(fast(x), model(x)) < 1e-5
+
+
 def test_folds_and_buffer_are_in_place():
     fast = optimize(tiny_model().eval())
     assert isinstance(fast, InferenceDenseNet)

@@ -8,8 +8,9 @@ passes over memory and fewer multiply-accumulates. Every rewrite is exact in rea
   its slice, instead of re-concatenating all earlier feature maps for every layer;
 - a BatchNorm that directly follows a convolution is folded into that convolution's weights and a
   bias (the stem's ``norm0``, the bottleneck's ``norm2``); the ReLU after it runs in place;
-- a layer's BN-ReLU over its input prefix is one fused multiply-add with per-channel scale and
-  shift, then an in-place ReLU;
+- a BN-ReLU whose output feeds a 1x1 convolution (a layer's prefix, a transition's input) or the
+  classifier is a per-channel clamp, ``relu(s * x + t) == s * clamp(x, ...) + offset``, with the
+  scale and offset folded into that convolution or classifier: one pass over the prefix;
 - in a transition, the 2x2 average pooling moves before the 1x1 convolution (both are linear and
   per-pixel / per-channel respectively, so they commute), and the convolution runs on a quarter of
   the pixels;
@@ -19,6 +20,8 @@ Float32 outputs match the eager model to a relative error of about 1e-6; bf16/fp
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,28 +43,94 @@ def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def _conv(conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None) -> nn.Conv2d:
-    """A copy of ``conv``; with ``norm`` (a BatchNorm applied to its output) folded into its weight
-    and a bias."""
+def _relu_bn_as_clamp(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``relu(norm(x)) == scale * clamp(x, low, high) + offset`` per channel, exactly: where
+    ``scale > 0`` the ReLU clips x from below at ``-shift / scale``, where ``scale < 0`` from above;
+    a channel with ``scale == 0`` is the constant ``relu(shift)``. Four float64 vectors."""
+    scale, shift = _bn_affine(norm)
+    knee = -shift / torch.where(scale == 0, 1.0, scale)
+    inf = torch.full_like(knee, math.inf)
+    zero = torch.zeros_like(knee)
+    low = torch.where(scale > 0, knee, torch.where(scale < 0, -inf, zero))
+    high = torch.where(scale < 0, knee, torch.where(scale > 0, inf, zero))
+    offset = torch.where(scale == 0, shift.clamp_min(0), shift)
+    return low, high, scale, offset
+
+
+def _conv(
+    conv: nn.Conv2d, before: nn.BatchNorm2d | None = None, after: nn.BatchNorm2d | None = None
+) -> nn.Conv2d:
+    """A copy of ``conv`` with BatchNorms folded into its weight and a bias: ``before``, a BN-ReLU
+    on its input that ``PrefixClamp(before)`` reduces to a clamp (1x1 convolutions only: the
+    offset becomes a bias), and ``after``, a BatchNorm on its output."""
+    weight = conv.weight.double()
+    bias = torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
+    if before is not None:
+        _, _, scale, offset = _relu_bn_as_clamp(before)
+        bias = bias + weight.sum((2, 3)) @ offset
+        weight = weight * scale.view(1, -1, 1, 1)
+    if after is not None:
+        scale, shift = _bn_affine(after)
+        weight = weight * scale.view(-1, 1, 1, 1)
+        bias = bias * scale + shift
     folded = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
         stride=conv.stride,
         padding=conv.padding,
-        bias=norm is not None,
+        bias=before is not None or after is not None,
     )
-    weight = conv.weight.double()
-    if norm is not None:
-        scale, shift = _bn_affine(norm)
-        weight = weight * scale.view(-1, 1, 1, 1)
-        folded.bias.data = shift.to(conv.weight.dtype)
     folded.weight.data = weight.to(conv.weight.dtype)
+    if folded.bias is not None:
+        folded.bias.data = bias.to(conv.weight.dtype)
     return folded
 
 
+def _classifier(classifier: nn.Module, before: nn.BatchNorm2d) -> nn.Linear:
+    """The classifier (``Linear``, or ``Identity`` as an identity matrix) with ``before``, the
+    final BN-ReLU that ``PrefixClamp(before)`` reduces to a clamp, folded in."""
+    channels = before.num_features
+    if isinstance(classifier, nn.Linear):
+        weight, bias = classifier.weight.double(), classifier.bias.double()
+    elif isinstance(classifier, nn.Identity):
+        weight = torch.eye(channels, dtype=torch.float64, device=before.weight.device)
+        bias = torch.zeros(channels, dtype=torch.float64, device=before.weight.device)
+    else:
+        raise TypeError(
+            f"optimize() supports a Linear or Identity classifier, got {type(classifier).__name__}"
+        )
+    _, _, scale, offset = _relu_bn_as_clamp(before)
+    linear = nn.Linear(channels, weight.shape[0])
+    linear.weight.data = (weight * scale).to(before.weight.dtype)
+    linear.bias.data = (bias + weight @ offset).to(before.weight.dtype)
+    return linear
+
+
+class PrefixClamp(nn.Module):
+    """A BN-ReLU whose per-channel scale and offset the next (1x1) linear map absorbs, leaving
+    ``clamp(x, low, high)``: one pass over memory, ``maximum`` when every scale is positive.
+
+    Input (N, C, H, W); output (N, C, H, W), a new tensor.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d) -> None:
+        super().__init__()
+        low, high, _, _ = _relu_bn_as_clamp(norm)
+        dtype = norm.weight.dtype
+        self.register_buffer("low", low.to(dtype).view(1, -1, 1, 1))
+        bounded = not torch.all(high == math.inf)
+        self.register_buffer("high", high.to(dtype).view(1, -1, 1, 1) if bounded else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.high is None:
+            return torch.maximum(x, self.low)
+        return torch.clamp(x, self.low, self.high)
+
+
 class BNReLU(nn.Module):
-    """An eval-mode BatchNorm followed by ReLU, as one multiply-add and an in-place ReLU.
+    """An eval-mode BatchNorm followed by ReLU, as one multiply-add and an in-place ReLU (for a
+    3x3 convolution's input, whose zero padding keeps the offset from becoming a bias).
 
     Input (N, C, H, W); output (N, C, H, W), a new tensor.
     """
@@ -78,8 +147,8 @@ class BNReLU(nn.Module):
 
 
 class InferenceLayer(nn.Module):
-    """A dense layer for inference: BN-ReLU of the prefix, then Conv1x1 with the bottleneck BN
-    folded in, ReLU, Conv3x3 (or, without a bottleneck, BN-ReLU then Conv3x3).
+    """A dense layer for inference: a clamp of the prefix, then Conv1x1 with both BatchNorms
+    folded in, ReLU, Conv3x3 (without a bottleneck: BN-ReLU, then Conv3x3).
 
     Input (N, C_in, H, W); output (N, growth_rate, H, W).
     """
@@ -87,9 +156,14 @@ class InferenceLayer(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.in_channels = layer.norm1.num_features
-        self.act = BNReLU(layer.norm1)
-        self.conv1 = _conv(layer.conv1, layer.norm2)
-        self.conv2 = None if layer.conv2 is None else _conv(layer.conv2)
+        if layer.conv2 is None:
+            self.act: nn.Module = BNReLU(layer.norm1)
+            self.conv1 = _conv(layer.conv1)
+            self.conv2 = None
+        else:
+            self.act = PrefixClamp(layer.norm1)
+            self.conv1 = _conv(layer.conv1, before=layer.norm1, after=layer.norm2)
+            self.conv2 = _conv(layer.conv2)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.act(x))
@@ -127,13 +201,16 @@ class InferenceBlock(nn.Module):
 
 
 class InferenceTransition(nn.Module):
-    """BN-ReLU, 2x2 average pooling, then the 1x1 convolution (pooling first: a quarter of the
-    pixels). Input (N, C_in, H, W); output (N, C_out, H // 2, W // 2)."""
+    """BN-ReLU (a clamp, its scale and offset folded into the convolution), 2x2 average pooling,
+    then the 1x1 convolution: pooling first, the convolution runs on a quarter of the pixels.
+
+    Input (N, C_in, H, W); output (N, C_out, H // 2, W // 2).
+    """
 
     def __init__(self, transition: nn.Module) -> None:
         super().__init__()
-        self.act = BNReLU(transition.norm)
-        self.conv = _conv(transition.conv)
+        self.act = PrefixClamp(transition.norm)
+        self.conv = _conv(transition.conv, before=transition.norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.avg_pool2d(self.act(x), 2))
@@ -157,7 +234,7 @@ class InferenceDenseNet(nn.Module):
     ) -> None:
         super().__init__()
         features = dict(model.features.named_children())
-        self.stem = nn.Sequential(_conv(features["conv0"], features.get("norm0")))
+        self.stem = nn.Sequential(_conv(features["conv0"], after=features.get("norm0")))
         if "norm0" in features:
             self.stem.append(nn.ReLU(inplace=True))
             self.stem.append(features["pool0"])
@@ -168,8 +245,8 @@ class InferenceDenseNet(nn.Module):
             elif name.startswith("transition"):
                 stages.append(InferenceTransition(module))
         self.stages = nn.Sequential(*stages)
-        self.head_act = BNReLU(features["norm5"])
-        self.classifier = _copy_classifier(model.classifier)
+        self.head_act = PrefixClamp(features["norm5"])
+        self.classifier = _classifier(model.classifier, features["norm5"])
         for name in METADATA:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
@@ -211,18 +288,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-def _copy_classifier(classifier: nn.Module) -> nn.Module:
-    if isinstance(classifier, nn.Identity):
-        return nn.Identity()
-    if not isinstance(classifier, nn.Linear):
-        raise TypeError(
-            f"optimize() supports a Linear or Identity classifier, got {type(classifier).__name__}"
-        )
-    linear = nn.Linear(classifier.in_features, classifier.out_features)
-    linear.load_state_dict(classifier.state_dict())
-    return linear
 
 
 def optimize(

@@ -1,0 +1,13 @@
+"""Inference benchmark of densenet.optimize against torchvision (eager and compiled), timm,
+ONNX Runtime and OpenVINO: the same as ``densenet bench``; run with ``--help`` for the options.
+
+    python benchmarks/bench_inference.py --batch-sizes 1 16 --output cpu.json
+    python benchmarks/bench_inference.py --device cuda --batch-sizes 1 256 --output h100.json
+"""
+
+import sys
+
+from densenet.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))
