@@ -39,6 +39,48 @@ def digits_folder(root: Path, n: int = 1797, size: int = 16, val_fraction: float
     return root
 
 
+def fake_cifar10(root: Path, per_batch: int = 8, test: int = 16) -> Path:
+    """A CIFAR-10 copy in torchvision's format (5 training batches and a test batch of random
+    32x32 images) under ``root``; torchvision's checksum test must be patched to accept it."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test if name == "test_batch" else per_batch
+        batch = {
+            "data": rng.integers(0, 255, (n, 3072), np.uint8),
+            "labels": [i % 10 for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [f"c{i}" for i in range(10)]})
+    )
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    return fake_cifar10(tmp_path / "data")
+
+
+def test_named_dataset_splits_and_holdout(cifar_root):
+    splits = load_splits("cifar10", cifar_root)
+    assert (len(splits.train), len(splits.val), splits.test) == (40, 16, None)
+    assert splits.classes == [f"c{i}" for i in range(10)] and splits.mean[0] == pytest.approx(
+        0.4914
+    )
+    held = load_splits("cifar10", cifar_root, holdout=8, seed=1)
+    assert (len(held.train), len(held.val), len(held.test)) == (32, 8, 16)
+    assert sorted(held.train.indices + held.val.indices) == list(range(40))
+    assert held.val.indices == load_splits("cifar10", cifar_root, holdout=8, seed=1).val.indices
+    with pytest.raises(DataError, match="holdout 40 must be between 1 and 39"):
+        load_splits("cifar10", cifar_root, holdout=40)
+
+
 def test_folder_classes_in_sorted_order_and_unreadable_images_skipped(tmp_path):
     for name in ("n02", "n01"):
         (tmp_path / name).mkdir()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import digits_folder
+from test_data import digits_folder, fake_cifar10
 
 from densenet.cli import main
 from densenet.train import (
@@ -223,6 +223,21 @@ def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path
     assert (sharded["processes"], sharded["images"]) == (2, 32)
     assert sharded["top1"] == pytest.approx(single["top1"])
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_held_out_validation_then_the_best_model_is_tested(tmp_path, monkeypatch):
+    """The SVHN recipe's scheme (validate on images held out of the training set, test the best
+    epoch's model at the end), here on a small stand-in CIFAR-10 copy."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    cifar_root = fake_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    config = tiny_config("cifar10", out, data_root=str(cifar_root), holdout=8, image_size=32)
+    summary = train(config)
+    assert summary["test"]["images"] == 16
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert (record["train_images"], record["val_images"]) == (32, 8)
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # CIFAR-10's statistics
 
 
 def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):
