@@ -79,8 +79,11 @@ def describe(image: ImageInput, index: int) -> str:
     return f"image {index} ({type(image).__name__})"
 
 
-def open_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode a file or bytes fully into an RGB-convertible PIL image, or raise ``ImageError``."""
+def open_image(
+    source: str | os.PathLike | bytes, formats: Sequence[str] | None = None
+) -> Image.Image:
+    """Decode a file or bytes fully into an RGB-convertible PIL image, or raise ``ImageError``.
+    ``formats``: the PIL format names to accept (default: every format PIL reads)."""
     name = "uploaded image" if isinstance(source, bytes) else str(source)
     try:
         if isinstance(source, bytes):
@@ -93,7 +96,7 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
             stream = open(source, "rb")  # noqa: SIM115 (closed below)
         with stream, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = Image.open(stream, formats=formats)
             check_pixels(image, name)
             image.load()
     except ImageError:
