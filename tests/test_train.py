@@ -25,6 +25,7 @@ from densenet.train import (
     TrainingError,
     _resize_size,
     make_config,
+    milestone_epochs,
     parse_override,
     read_checkpoint,
     save_checkpoint,
@@ -70,7 +71,10 @@ def test_recipes_are_the_papers():
     assert RECIPES["svhn"].data == "svhn" and RECIPES["cifar100+"].data == "cifar100"
     imagenet = RECIPES["imagenet"]
     assert (imagenet.epochs, imagenet.batch_size, imagenet.augment) == (90, 256, "imagenet")
-    assert [round(f * imagenet.epochs) for f in imagenet.lr_milestones] == [30, 60]
+    assert milestone_epochs(imagenet) == [30, 60]
+    assert milestone_epochs(RECIPES["cifar10+"]) == [150, 225]
+    assert milestone_epochs(RECIPES["svhn"]) == [20, 30]
+    assert milestone_epochs(make_config("cifar10", epochs=1)) == [1, 1]  # never before epoch 1
     assert (imagenet.image_size, _resize_size(imagenet)) == (224, 256)
     assert _resize_size(make_config("imagenet", data="x", image_size=112)) == 128
     for r in RECIPES.values():

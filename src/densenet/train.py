@@ -50,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "TrainingError",
     "make_config",
+    "milestone_epochs",
     "parse_override",
     "read_checkpoint",
     "save_checkpoint",
@@ -245,6 +246,12 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"
         )
+
+
+def milestone_epochs(config: TrainConfig) -> list[int]:
+    """The epochs (counted from 0) from which the learning rate is multiplied by ``lr_gamma``
+    once more: ``lr_milestones`` as fractions of ``epochs``, at least 1."""
+    return [max(1, round(f * config.epochs)) for f in config.lr_milestones]
 
 
 def _resize_size(config: TrainConfig) -> int:
@@ -466,7 +473,7 @@ class _Run:
             net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=config.weight_decay,
         )  # fmt: skip
-        milestones = [round(f * config.epochs) for f in config.lr_milestones]
+        milestones = milestone_epochs(config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: config.lr_gamma ** sum(epoch >= m for m in milestones)
         )
