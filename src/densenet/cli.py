@@ -311,7 +311,7 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="top-1/top-5 error on an ImageNet-style folder or a named data set",
-        description="Evaluate a model: top-1 and top-5 error (%%) and images/s (end to end, "
+        description="Evaluate a model: top-1 and top-5 error (%) and images/s (end to end, "
         "decoding included). Single-crop uses the weights' own transform; --ten-crop the "
         "paper's. Under torchrun the data is sharded over the processes.",
     )
