@@ -175,12 +175,14 @@ def test_kill_9_and_resume_gives_the_weights_of_an_uninterrupted_run(few_digits,
     assert process.wait() == -signal.SIGKILL
     interrupted = read_checkpoint(killed / "last.pth")
     assert (interrupted["epoch"], interrupted["step"]) == (0, 2)  # killed in the first epoch
+    (killed / ".last.pth.12345.tmp").write_bytes(b"half a checkpoint")  # as a kill can leave
     resume = _train_cli(few_digits, killed, *options, "--resume")
     subprocess.run([*script, "0", *resume], env=_env(), check=True)
     a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(killed / "last.pth")
     assert (a["epoch"], b["epoch"]) == (2, 2)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    assert not list(killed.glob(".*.tmp"))
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed)]
     strip = ("seconds", "images_per_second")
     assert [{k: v for k, v in json.loads(x).items() if k not in strip} for x in lines[0]] == [

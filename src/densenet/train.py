@@ -614,6 +614,9 @@ class _Run:
         self.meter = torch.tensor(checkpoint["meter"], dtype=torch.float64)
         ranks = checkpoint["rng"]
         self.rng = ranks[self.rank] if len(ranks) == self.world_size else ranks[0]
+        if self.main:  # temporary files of writes a kill interrupted
+            for stale in self.out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         if self.main and self.metrics_path.exists():  # drop epochs done after this checkpoint
             kept = []
             for line in self.metrics_path.read_text().splitlines():
