@@ -109,6 +109,10 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
     with torch.no_grad():
         top1 = (model.eval()(batch).argmax(1) == labels).float().mean().item() * 100
     assert result["top1"] == pytest.approx(top1)
+    assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), "--json",
+                 "--workers", "0", "--no-progress", "--ten-crop"]) == 0  # fmt: skip
+    ten = json.loads(capsys.readouterr().out)
+    assert (ten["crops"], ten["images"]) == (10, 4)
 
     with pytest.raises(ValueError, match="checkpoint of densenet_bc_100_k12, not densenet121"):
         load_eval_model("densenet121", str(tmp_path / "best.pth"), model_given=True)
