@@ -37,8 +37,12 @@ with warnings.catch_warnings():
 
 
 def encode(array, fmt: str = "JPEG", **kwargs) -> bytes:
+    return encode_image(Image.fromarray(array), fmt, **kwargs)
+
+
+def encode_image(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, fmt, **kwargs)
+    image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
 
 
@@ -72,6 +76,12 @@ BROKEN = {
     "corrupt": (lambda p: p["coffee.png"][:64] + bytes(4096), 400, "corrupt"),
     "bomb": (lambda p: bomb_png(), 400, "pixels"),
     "tiny": (lambda p: encode(skimage.data.chelsea()[:8, :8], "PNG"), 400, "smaller"),
+    # PIL reads EPS through Ghostscript, an interpreter: the service accepts raster formats only
+    "eps": (
+        lambda p: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n",
+        415,
+        "not an image",
+    ),
 }
 
 
@@ -161,6 +171,26 @@ def test_several_images_mixed_good_and_broken_in_one_request(client, classifier,
     assert served[2]["source"] == "/etc/passwd"
     assert served[1]["status"] == 415 and "not an image" in served[1]["error"]
     assert served[3]["status"] == 400 and "empty" in served[3]["error"]
+
+
+def test_raster_formats_and_modes(classifier):
+    camera = skimage.data.camera()  # grayscale
+    uploads = {
+        "gray16.png": encode((camera.astype("uint16") * 257), "PNG"),
+        "cmyk.jpg": encode_image(Image.fromarray(skimage.data.coffee()).convert("CMYK"), "JPEG"),
+        "palette.gif": encode_image(Image.fromarray(skimage.data.chelsea()).convert("P"), "GIF"),
+        "rgba.webp": encode_image(
+            Image.fromarray(skimage.data.astronaut()).convert("RGBA"), "WEBP"
+        ),
+        "photo.bmp": encode(skimage.data.chelsea(), "BMP"),
+        "photo.tiff": encode(skimage.data.coffee(), "TIFF"),
+    }
+    files = [("file", (name, data)) for name, data in uploads.items()]
+    with serving(classifier) as client:
+        served = client.post("/v1/predict", files=files).json()["predictions"]
+    expected = classifier.classify(list(uploads.values()))
+    for got, want in zip(served, expected):
+        assert_same(got, want)
 
 
 @pytest.mark.parametrize("kind", BROKEN)

@@ -27,13 +27,19 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from .. import __version__
-from ..predict import Classifier, ImageError, Prediction
+from ..predict import Classifier, ImageError, Prediction, open_image
 from .batcher import Batcher, QueueFull
 from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 
 log = logging.getLogger(__name__)
 
 IMAGE_FIELD = "file"
+# Raster formats only, those this Pillow reads (MPO: some cameras' JPEG, in older Pillows): never
+# hand an upload to a decoder that runs an interpreter (EPS through Ghostscript).
+Image.init()
+IMAGE_FORMATS = tuple(
+    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM") if f in Image.OPEN
+)
 RETRY_AFTER_S = 1
 ENDPOINTS = ("/", "/v1/predict", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")
 
@@ -237,10 +243,16 @@ class _Service:
         return self.classifier.logits(batch).softmax(dim=1).cpu()
 
     def preprocess(self, data: bytes, name: str) -> Tensor | ImageError:
+        """Decode (raster formats only) and preprocess one upload, or say why it cannot be."""
         try:
-            return self.classifier.preprocess(data, name)
+            return self.classifier.preprocess(open_image(data, formats=IMAGE_FORMATS), name)
         except ImageError as error:
             return error
+        except (
+            Exception
+        ) as error:  # a decoder failing in an unforeseen way: still the image's fault
+            log.warning("%s: decoding failed", name, exc_info=True)
+            return ImageError(f"{name}: cannot be decoded ({type(error).__name__}: {error})")
 
     async def warm_up(self) -> None:
         """One batch through the model, then ready."""
