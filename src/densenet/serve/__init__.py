@@ -6,6 +6,7 @@ uvicorn. Needs the ``serve`` extra: ``pip install "densenet[serve]"``.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,18 @@ def serve(
     """Serve ``classifier`` on ``host:port`` until SIGTERM or SIGINT, which stop new connections,
     finish the requests in flight (up to 30 s), then return."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     app = create_app(classifier, config, model_name=model_name, weights=weights)
+    # the service's own messages (ready, warm-up or inference failures) beside uvicorn's
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["densenet"] = {"handlers": ["default"], "level": log_level.upper()}
     uvicorn.run(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 

@@ -518,6 +518,8 @@ async def _read_images(
     try:
         images = []
         for key, value in form.multi_items():
+            if key == "topk":
+                return _error(422, "field 'topk': topk is a query parameter (/v1/predict?topk=5)")
             if key != IMAGE_FIELD:
                 return _error(422, f"unknown field {key[:64]!r}; send images in the field 'file'")
             if not isinstance(value, UploadFile):
