@@ -251,7 +251,7 @@ def test_concurrent_good_and_broken_requests_share_batches(classifier, photos):
     good = list(photos.items())
     bad = [(k, BROKEN[k][0](photos), BROKEN[k][1]) for k in ("empty", "text", "truncated")]
     expected = dict(zip(photos, classifier.classify(list(photos.values()))))
-    with serving(classifier, max_batch=8, max_wait_ms=300) as client:
+    with serving(classifier, max_batch=8, max_wait_ms=800) as client:
 
         def post(data: bytes) -> httpx.Response:
             return client.post("/v1/predict", content=data)
