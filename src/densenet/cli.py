@@ -249,8 +249,8 @@ def _export_parser(sub) -> None:
         help="write a model as ONNX, TorchScript or a torch.export program (.pt2)",
         description="Export for deployment. Input (N, 3, H, W) normalised images, output "
         "(N, classes) logits; class names and preprocessing are stored in the file. Batch, height "
-        "and width are dynamic unless --batch-size / --image-size fix them. `--weights none` "
-        "exports random weights.",
+        "and width are dynamic unless --batch-size / --image-size fix them (TorchScript always "
+        "takes any; there they set the tracing example). `--weights none` exports random weights.",
     )
     _add_model_args(p)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported"])
