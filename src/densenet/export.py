@@ -13,8 +13,9 @@ the batch size, height and width are all dynamic; ``batch_size`` / ``image_size`
 - ``torch.export`` (``to_exported``): an ``ExportedProgram`` saved as ``.pt2``, loadable with
   ``torch.export.load``; metadata in the extra file ``densenet.json``.
 
-``fold=True`` exports the inference form (``densenet.optimize``: BatchNorm folded into the
-convolutions, one buffer per dense block) instead of the training form.
+``fold=True`` exports the inference form (``densenet.optimize``: BatchNorms folded into the
+convolutions or reduced to per-channel clamps, transitions pooling first) instead of the training
+form; in ONNX its dense blocks are written as concatenations, which runtimes plan themselves.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "to_exported",
     "to_onnx",
     "to_torchscript",
+    "triton_config",
     "write_triton_repo",
 ]
 
