@@ -89,7 +89,7 @@ def test_folds_and_buffer_are_in_place():
     assert not norms  # every BatchNorm is folded or an affine buffer
     assert fast.stem[0].bias is not None  # norm0 folded into conv0
     assert all(layer.conv1.bias is not None for layer in fast.stages[0].layers)  # norm2 folded
-    assert not any(p.requires_grad for p in fast.parameters())
+    assert not any(t.requires_grad for t in [*fast.parameters(), *fast.buffers()])
 
 
 def test_reduced_precision_within_1e2():

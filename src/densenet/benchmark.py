@@ -29,7 +29,9 @@ from .registry import get_model
 __all__ = ["ENGINES", "Result", "machine", "run_benchmark"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+CHECKED = 8  # images of each batch whose outputs are compared with the float64 reference
+FLOAT32_TOLERANCE = 1e-4  # relative error allowed against the float64 reference
+REDUCED_TOLERANCE = 2e-2  # the same for bfloat16, float16 and OpenVINO's default precision
 
 
 @dataclass
@@ -257,10 +259,10 @@ def _setup(
     return fn, result
 
 
-def _check(fn, result: Result, x: Tensor, reference: Tensor, dtype: torch.dtype) -> bool:
+def _check(fn, result: Result, x: Tensor, reference: Tensor) -> bool:
     with torch.inference_mode():
-        result.rel_error = _rel_error(fn(x), reference)
-    tolerance = TOLERANCE[torch.float32 if result.dtype == "float32" else torch.bfloat16]
+        result.rel_error = _rel_error(fn(x)[: len(reference)], reference)
+    tolerance = FLOAT32_TOLERANCE if result.dtype == "float32" else REDUCED_TOLERANCE
     if not result.rel_error <= tolerance:
         result.note = f"wrong output: relative error {result.rel_error:.2e} > {tolerance:.0e}"
         return False
@@ -320,7 +322,7 @@ def run_benchmark(
             generator = torch.Generator().manual_seed(seed)
             x = torch.randn(batch, 3, image_size, image_size, generator=generator)
             with torch.inference_mode():
-                reference = model.double()(x.double().to(device)).cpu()
+                reference = model.double()(x[:CHECKED].double().to(device)).cpu()
             model.float()
             x = x.to(device)
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
@@ -328,7 +330,7 @@ def run_benchmark(
                 say(f"{arch} batch {batch}: setting up {name}")
                 fn, result = _setup(name, model, x, DTYPES[dtype])
                 results.append(result)
-                if fn is not None and _check(fn, result, x, reference, DTYPES[dtype]):
+                if fn is not None and _check(fn, result, x, reference):
                     with torch.inference_mode():
                         for _ in range(warmup):
                             fn(x)

@@ -37,9 +37,9 @@ METADATA = ("arch", "weights_entry", "config", "num_classes", "num_features")
 
 def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """An eval-mode BatchNorm as ``x * scale + shift``: two float64 vectors of its channels."""
-    var = norm.running_var.double()
-    scale = norm.weight.double() / torch.sqrt(var + norm.eps)
-    shift = norm.bias.double() - norm.running_mean.double() * scale
+    var = norm.running_var.detach().double()
+    scale = norm.weight.detach().double() / torch.sqrt(var + norm.eps)
+    shift = norm.bias.detach().double() - norm.running_mean.detach().double() * scale
     return scale, shift
 
 
@@ -63,7 +63,7 @@ def _conv(
     """A copy of ``conv`` with BatchNorms folded into its weight and a bias: ``before``, a BN-ReLU
     on its input that ``PrefixClamp(before)`` reduces to a clamp (1x1 convolutions only: the
     offset becomes a bias), and ``after``, a BatchNorm on its output."""
-    weight = conv.weight.double()
+    weight = conv.weight.detach().double()
     bias = torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
     if before is not None:
         _, _, scale, offset = _relu_bn_as_clamp(before)
@@ -92,7 +92,7 @@ def _classifier(classifier: nn.Module, before: nn.BatchNorm2d) -> nn.Linear:
     final BN-ReLU that ``PrefixClamp(before)`` reduces to a clamp, folded in."""
     channels = before.num_features
     if isinstance(classifier, nn.Linear):
-        weight, bias = classifier.weight.double(), classifier.bias.double()
+        weight, bias = classifier.weight.detach().double(), classifier.bias.detach().double()
     elif isinstance(classifier, nn.Identity):
         weight = torch.eye(channels, dtype=torch.float64, device=before.weight.device)
         bias = torch.zeros(channels, dtype=torch.float64, device=before.weight.device)
