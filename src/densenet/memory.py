@@ -233,7 +233,9 @@ class _DenseBlockFunction(torch.autograd.Function):
         for i, s in enumerate(specs):
             tl = t[i * _N : (i + 1) * _N]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
-            a = _bn_relu(buffer[:, :c_in], n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
+            prefix = buffer[:, :c_in].contiguous(memory_format=fmt)
+            a = _bn_relu(prefix, n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
+            del prefix
             out = _conv(a, tl[_IX["c1w"]], tl[_IX["c1b"]], s.conv1)
             del a
             mask1 = mask2 = h = None
@@ -321,7 +323,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 g_out = g_h.to(cdtype)
             if mask1 is not None:
                 g_out = _dropout_backward(g_out, mask1, s.drop)
-            prefix = buffer[:, :c_in]
+            prefix = buffer[:, :c_in].contiguous(memory_format=ctx.fmt)
             n1w = tl[_IX["n1w"]]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
             a = _bn_relu(prefix, n1m, n1v, n1w, tl[_IX["n1b"]], s.eps1)
@@ -331,6 +333,7 @@ class _DenseBlockFunction(torch.autograd.Function):
             g_a = _aten.threshold_backward(g_a.to(a.dtype), a, 0)
             del a
             _, gw, gb = _bn_backward(g_a, prefix, n1w, n1m, n1v, s.eps1, s.batch1, False)
+            del prefix
             gl[_IX["n1w"]], gl[_IX["n1b"]] = gw, gb
             if i > 0 or ctx.needs_input_grad[1]:
                 inv = torch.rsqrt(n1v.to(sdtype) + s.eps1)
