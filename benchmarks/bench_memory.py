@@ -9,7 +9,8 @@ memory-efficient under ``torch.compile``.
 Figures, each a ratio against torchvision plain in the same run:
 - saved: bytes of the unique non-parameter storages that autograd saves for backward (seen by
   ``torch.autograd.graph.saved_tensors_hooks``) in one forward pass;
-- step: median time of a training step over interleaved rounds (CUDA events on GPU);
+- step: time of a training step (CUDA events on GPU), implementations interleaved round by
+  round; the ratio is the median over rounds of the ratio to torchvision's step in that round;
 - peak (GPU only): ``torch.cuda.max_memory_allocated`` over a step, parameters and optimizer
   state included.
 Before timing, every implementation's loss and gradients are checked against torchvision plain.
@@ -118,8 +119,8 @@ def check(models: dict[str, nn.Module], x: Tensor, y: Tensor, autocast, tol: flo
             raise SystemExit(f"{name}: relative error {error:.2e} against {REFERENCE}")
 
 
-def time_steps(steps: dict[str, Step], x: Tensor, y: Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds per step, implementations interleaved round by round."""
+def time_steps(steps: dict[str, Step], x: Tensor, y: Tensor, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step, per round; implementations interleaved round by round."""
     cuda = x.is_cuda
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
@@ -135,7 +136,7 @@ def time_steps(steps: dict[str, Step], x: Tensor, y: Tensor, rounds: int) -> dic
                 t0 = time.perf_counter()
                 step(x, y)
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def peak_memory(step: Step, x: Tensor, y: Tensor) -> int:
@@ -186,7 +187,14 @@ def main() -> None:
         for step in steps.values():
             step(x, y)
     peak = {name: peak_memory(step, x, y) for name, step in steps.items()} if cuda else {}
-    seconds = time_steps(steps, x, y, args.rounds)
+    times = time_steps(steps, x, y, args.rounds)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    # the ratio to the reference step of the same round: steadier than a ratio of medians when
+    # the machine's load changes during the run
+    paired = {
+        name: statistics.median(t / r for t, r in zip(ts, times[REFERENCE], strict=True))
+        for name, ts in times.items()
+    }
 
     where = torch.cuda.get_device_name() if cuda else "cpu"
     rows = []
@@ -195,7 +203,8 @@ def main() -> None:
             "implementation": name,
             "step_s": seconds[name],
             "images_per_s": batch / seconds[name],
-            "step_ratio": seconds[name] / seconds[REFERENCE],
+            "step_ratio": paired[name],
+            "step_ratio_of_medians": seconds[name] / seconds[REFERENCE],
         }
         if name in saved:
             row["saved_MiB"] = saved[name] / 2**20

@@ -244,6 +244,12 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
                 torch.manual_seed(10 + rank)
                 _sgd_step(ddp, x[shard], y[shard])
                 results[f"{mode}/{name}"] = copy.deepcopy(model.state_dict())
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pair("cifar_bc")[1])
+        try:
+            synced(x[shard])
+            results["syncbn"] = "no error"
+        except NotImplementedError as error:
+            results["syncbn"] = str(error)
         torch.save(results, os.path.join(folder, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -281,6 +287,7 @@ def test_ddp_step_equals_plain(tmp_path):
             assert rel(results["eval/efficient"][name], value) < 1e-10, name
         moved = results["train/efficient"]["features.conv0.weight"]
         assert rel(moved, before["features.conv0.weight"]) > 1e-4
+        assert "SyncBatchNorm" in results["syncbn"]
     # DDP kept the replicas' parameters equal (gradients averaged over processes)
     for name, value in ranks[0]["train/efficient"].items():
         if "running" not in name:

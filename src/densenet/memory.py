@@ -99,14 +99,28 @@ def memory_efficient_block(block: DenseBlock, x: Tensor) -> Tensor:
 
 
 def _norm_tensors(norm: nn.Module | None) -> list[Tensor | None]:
-    if not isinstance(norm, nn.BatchNorm2d) or not norm.affine:
+    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) or not norm.affine:
         raise TypeError(
-            f"memory-efficient dense blocks need affine nn.BatchNorm2d norms, got {norm!r}; "
+            f"memory-efficient dense blocks need affine BatchNorm2d norms, got {norm!r}; "
             "build the model with memory_efficient=False"
         )
     if _batch_mode(norm):
+        if isinstance(norm, nn.SyncBatchNorm) and _synchronised(norm):
+            raise NotImplementedError(
+                "memory-efficient dense blocks compute BatchNorm statistics per process and "
+                "cannot synchronise them (SyncBatchNorm); use either memory_efficient=True or "
+                "SyncBatchNorm"
+            )
         return [norm.weight, norm.bias, None, None]
     return [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+
+
+def _synchronised(norm: nn.SyncBatchNorm) -> bool:
+    """Whether a training-mode SyncBatchNorm would reduce its statistics over processes."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(norm.process_group or dist.group.WORLD) > 1
 
 
 def _batch_mode(norm: nn.BatchNorm2d) -> bool:
@@ -148,7 +162,9 @@ def _updates_running_stats(norm: nn.BatchNorm2d) -> bool:
     return norm.training and norm.running_mean is not None and norm.running_var is not None
 
 
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, m: int) -> None:
+def _update_running_stats(
+    norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int
+) -> None:
     """What ``nn.BatchNorm2d`` does to its buffers in a training forward on M = N H W values."""
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
