@@ -15,8 +15,8 @@ outputs, and a plain autograd graph keeps, for every layer, that concatenation a
 - in training mode every layer normalises channel c of the buffer with the same batch statistics,
   so they are computed once, when the channel is written. The BatchNorm input gradient of a prefix,
   ``w s g - w s sum(g) / M - (x - mean) w s^2 sum(g xhat) / M`` (s = 1 / std, M = N H W), splits
-  into an elementwise part accumulated over layers and two per-channel sums applied once per
-  channel, so the backward pass adds a single elementwise pass per layer to the recomputation.
+  into an elementwise part accumulated over layers (one pass per layer) and two per-channel sums
+  applied once per channel, when every layer reading it is done.
 
 Each BatchNorm keeps its own mode: batch statistics when training (or without running
 statistics), running statistics otherwise (frozen BN for fine-tuning); gradients are exact in both.
