@@ -72,8 +72,8 @@ def _autocast(fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype):
     return run
 
 
-def _channels_last(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor]:
-    return model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+def _channels_last(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=torch.channels_last)
 
 
 def _torchvision(model: DenseNet) -> nn.Module:
@@ -95,7 +95,7 @@ def _tv_eager(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tenso
 
 
 def _tv_eager_cl(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    tv, _ = _channels_last(_torchvision(model), x)
+    tv = _channels_last(_torchvision(model))
     return _autocast(tv, x, dtype)
 
 
@@ -105,7 +105,7 @@ def _compile_mode(x: Tensor) -> str:
 
 
 def _tv_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    tv, _ = _channels_last(_torchvision(model), x)
+    tv = _channels_last(_torchvision(model))
     return _autocast(torch.compile(tv, mode=_compile_mode(x)), x, dtype)
 
 
@@ -117,7 +117,7 @@ def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], 
         raise NotImplementedError(f"timm has no architecture {arch!r}")
     net = timm.create_model(arch, pretrained=False, num_classes=model.num_classes)
     net.load_state_dict(model.state_dict())
-    net, _ = _channels_last(net.eval().to(x.device), x)
+    net = _channels_last(net.eval().to(x.device))
     return _autocast(net, x, dtype)
 
 
