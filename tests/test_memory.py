@@ -202,6 +202,14 @@ def test_batch_of_one_value_per_channel_raises_like_batchnorm():
         block(torch.randn(1, block.denselayer1.norm1.num_features, 1, 1))
 
 
+def test_double_backward_is_refused():
+    _, efficient = pair("cifar")
+    x = inputs("cifar").requires_grad_()
+    (grad,) = torch.autograd.grad(efficient(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_torchscript_of_eval_model_still_works():
     _, efficient = pair("imagenet", dtype=torch.float32)
     efficient.eval()

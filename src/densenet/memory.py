@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from .model import DenseBlock
@@ -287,6 +288,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         return buffer, mean, var, mean2, var2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_buffer: Tensor, *_: Any) -> Any:
         specs: tuple[_Layer, ...] = ctx.specs
         growth: list[int] = ctx.growth
