@@ -169,10 +169,9 @@ def _update_running_stats(
     """What ``nn.BatchNorm2d`` does to its buffers in a training forward on M = N H W values."""
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
-    if norm.momentum is None:
-        factor: Tensor | float = 1.0 / norm.num_batches_tracked.to(mean.dtype)
-    else:
-        factor = norm.momentum
+    factor: Tensor | float = 0.0 if norm.momentum is None else norm.momentum
+    if norm.momentum is None and norm.num_batches_tracked is not None:
+        factor = 1.0 / norm.num_batches_tracked.to(mean.dtype)
     mean = mean.to(norm.running_mean.dtype)
     unbiased = var.to(norm.running_var.dtype) * (m / max(m - 1, 1))
     norm.running_mean.mul_(1 - factor).add_(mean * factor)
