@@ -113,6 +113,11 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
                  "--workers", "0", "--no-progress", "--ten-crop"]) == 0  # fmt: skip
     ten = json.loads(capsys.readouterr().out)
     assert (ten["crops"], ten["images"]) == (10, 4)
+    assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), "--json",
+                 "--workers", "0", "--no-progress", "--no-optimize"]) == 0  # fmt: skip
+    eager = json.loads(capsys.readouterr().out)
+    assert (eager["top1"], eager["top5"]) == (result["top1"], result["top5"])
+    assert eager["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
     with pytest.raises(ValueError, match="checkpoint of densenet_bc_100_k12, not densenet121"):
         load_eval_model("densenet121", str(tmp_path / "best.pth"), model_given=True)

@@ -331,6 +331,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ten-crop", action="store_true", help="ten crops, softmax averaged")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda...")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    p.add_argument(
+        "--no-optimize", action="store_true", help="run the eager model, not densenet.optimize"
+    )
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_eval)
@@ -361,6 +364,7 @@ def _eval(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         download=not args.no_download,
         progress=not args.no_progress,
+        optimize=not args.no_optimize,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

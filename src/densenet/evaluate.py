@@ -229,11 +229,13 @@ def evaluate_dataset(
     data_root: str | None = None,
     download: bool = False,
     progress: bool = True,
+    optimize: bool = True,
 ) -> dict[str, Any]:
     """Evaluate on a folder or named data set (see ``densenet.data.eval_dataset``); under
     ``torchrun`` the data is sharded over the processes. Returns ``EvalResult.to_dict()`` plus
-    what was evaluated."""
+    what was evaluated. ``optimize`` runs the fast inference form (``densenet.optimize``)."""
     from .data import TransformedDataset, collate, eval_dataset, shard_indices
+    from .inference import optimize as optimize_model
     from .predict import resolve_device
     from .train import amp_dtype, process_group
     from .transforms import eval_transform, ten_crop_transform
@@ -253,12 +255,16 @@ def evaluate_dataset(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False,
         )  # fmt: skip
-        net = spec.model.to(target)
+        net = spec.model.to(target).eval()
+        autocast = amp_dtype(amp, target)
         channels_last = target.type == "cuda"
-        if channels_last:
+        if optimize:  # the inference form computes in the asked precision and memory format
+            net = optimize_model(net, dtype=autocast or torch.float32, channels_last=channels_last)
+            autocast, channels_last = None, False
+        elif channels_last:
             net = net.to(memory_format=torch.channels_last)
         result = evaluate(
-            net, loader, device=target, amp_dtype=amp_dtype(amp, target), channels_last=channels_last,
+            net, loader, device=target, amp_dtype=autocast, channels_last=channels_last,
             distributed=world_size > 1, progress=progress and rank == 0,
         )  # fmt: skip
         return {
