@@ -24,14 +24,19 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def _add_model_args(
-    parser: argparse.ArgumentParser, weights_default: str | None = "DEFAULT"
-) -> None:
+def _weights_value(text: str) -> str | None:
+    """A ``--weights`` value: ``none`` means random initialisation."""
+    return None if text.lower() == "none" else text
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="densenet121", help="architecture (see `densenet info`)")
     parser.add_argument(
         "--weights",
-        default=weights_default,
-        help="weights name (DEFAULT, IMAGENET1K_V1), or a local .pth/.pt/.safetensors file",
+        type=_weights_value,
+        default="DEFAULT",
+        help="weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.pt/.safetensors file, "
+        "or none (random initialisation)",
     )
 
 
@@ -225,9 +230,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_queue=args.max_queue,
     )
-    weights = None if str(args.weights).lower() == "none" else args.weights
-    classifier = Classifier(args.model, weights, args.device, batch_size=args.max_batch)
-    meta = weights_metadata(classifier, weights)
+    classifier = Classifier(args.model, args.weights, args.device, batch_size=args.max_batch)
+    meta = weights_metadata(classifier, args.weights)
     serve(
         classifier,
         config,
@@ -284,12 +288,11 @@ def _export(args: argparse.Namespace) -> int:
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
-    weights = None if str(args.weights).lower() == "none" else args.weights
-    model = get_model(args.model, weights=weights)
+    model = get_model(args.model, weights=args.weights)
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or os.path.join(scratch, "model.onnx")
         path = export(model, out, args.format, **options)
-        report = {"format": args.format, "model": args.model, "weights": weights, **options}
+        report = {"format": args.format, "model": args.model, "weights": args.weights, **options}
         report["size_mb"] = round(path.stat().st_size / 1e6, 3)
         if args.out is not None:
             report["path"] = str(path)
@@ -323,6 +326,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", help="architecture (default densenet121, or the checkpoint's)")
     p.add_argument(
         "--weights",
+        type=_weights_value,
         default="DEFAULT",
         help="weights name (DEFAULT), a .pth/.safetensors file, or a checkpoint of `densenet train`",
     )
@@ -354,7 +358,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         args.data,
         args.model or "densenet121",
-        None if str(args.weights).lower() == "none" else args.weights,
+        args.weights,
         model_given=args.model is not None,
         ten_crop=args.ten_crop,
         batch_size=args.batch_size,
@@ -394,7 +398,7 @@ _TRAIN_FLAGS = {
     "weight_decay": (float, "weight decay"),
     "drop_rate": (float, "dropout after each convolution but the first"),
     "image_size": (int, "training and evaluation crop size, pixels"),
-    "weights": (str, "start from these weights (DEFAULT, or a file)"),
+    "weights": (str, "start from these weights (DEFAULT, a file, or none)"),
     "seed": (int, "random seed"),
     "accumulate": (int, "micro-batches per optimizer step (gradient accumulation)"),
     "out": (str, "output folder (default runs/RECIPE)"),
@@ -442,8 +446,8 @@ def _train(args: argparse.Namespace) -> int:
         n: getattr(args, n) for n in [*names, "channels_last"] if getattr(args, n) is not None
     }
     overrides.update(data_root=args.data_root, download=not args.no_download)
-    if str(overrides.get("weights")).lower() == "none":
-        overrides["weights"] = None
+    if "weights" in overrides:
+        overrides["weights"] = _weights_value(overrides["weights"])
     if args.no_progress:
         overrides["progress"] = False
     overrides.update(parse_override(item) for item in args.set)
