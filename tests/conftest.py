@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import densenet
 from densenet import DenseNet
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
@@ -33,6 +34,15 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
             )
             m.running_var.data = torch.rand(n, generator=generator, dtype=m.running_var.dtype) + 0.5
     return model
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A randomly initialised densenet121 (non-trivial BatchNorm) saved as a local file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
+    torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
+    return path
 
 
 @pytest.fixture

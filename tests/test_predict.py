@@ -17,15 +17,6 @@ from densenet.cli import main
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A randomly initialised densenet121 (non-trivial BatchNorm) saved as a local file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
-    torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.jpg")

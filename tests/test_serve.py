@@ -394,14 +394,6 @@ def test_metrics_text_format():
 # ---- the command line: same results as `densenet predict`, graceful SIGTERM -------------------
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
-    torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
-    return path
-
-
 def test_same_results_as_densenet_predict(weights_file, photos, tmp_path, capsys):
     paths = []
     for name, data in photos.items():
