@@ -16,12 +16,10 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import time
 import types
 import typing
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from .data import (
 )
 from .evaluate import EvalResult, evaluate
 from .transforms import AUGMENTATIONS, eval_transform, train_transform
+from .weights import WeightsError, read_torch_file
 
 __all__ = [
     "RECIPES",
@@ -347,20 +346,10 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint file's content (``torch.load(weights_only=True)``, on the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"checkpoint {path} holds pickled objects beyond tensors; refused (not safe to load)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({reason[:160]})"
-        ) from None
+        state = read_torch_file(path, what="checkpoint")
+    except WeightsError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state

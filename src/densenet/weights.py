@@ -40,6 +40,7 @@ __all__ = [
     "list_weights",
     "load_checkpoint",
     "load_weights",
+    "read_torch_file",
     "resolve_weights",
     "verify_file",
 ]
@@ -258,36 +259,45 @@ def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The model state_dict stored in ``path`` (.pth/.pt through ``torch.load(weights_only=True)``,
-    or .safetensors), in current key names. A training checkpoint's ``"model"`` entry is taken."""
+def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
+    """The content of a .pth/.pt/.safetensors file, read without executing pickled code
+    (``torch.load(weights_only=True)``). Raises ``WeightsError`` naming ``what`` and ``path``
+    for a missing, truncated, foreign or unsafe file."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+        raise WeightsError(f"{what} {path} does not exist")
+    unreadable = f"{what} {path} is truncated or corrupt"
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return load_file(str(path))
+            except SafetensorError as error:
+                raise WeightsError(f"{unreadable} ({_first_line(error)})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if found is None:
-            raise WeightsError(
-                f"weights file {path} is truncated or not a checkpoint (unreadable pickle data); "
-                "delete it and download or save it again"
-            ) from None
+            raise WeightsError(f"{unreadable} (unreadable pickle data)") from None
         raise WeightsError(
-            f"weights file {path} needs code execution to load (it pickles {found.group(1)}, "
+            f"{what} {path} needs code execution to load (it pickles {found.group(1)}, "
             "not only tensors); refused. Re-save it as a plain state_dict"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(
-            f"weights file {path} is truncated or not a checkpoint ({reason[:160]}); "
-            "delete it and download or save it again"
-        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        raise WeightsError(f"{unreadable} ({_first_line(error)[:160]})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state_dict stored in ``path`` (.pth/.pt through ``torch.load(weights_only=True)``,
+    or .safetensors), in current key names. A training checkpoint's ``"model"`` entry is taken."""
+    state = read_torch_file(path)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
