@@ -153,3 +153,38 @@ def test_cli_no_weights_offline_names_url_and_path(images, torch_home, monkeypat
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/densenet121-a639ec97.pth" in err
     assert str(torch_home / "densenet121-a639ec97.pth") in err
+
+
+def test_training_checkpoint_brings_its_classes_and_transform(tmp_path, images):
+    from test_evaluate import _checkpoint
+
+    trained = _checkpoint(tmp_path / "best.pth", ["ant", "bee", "cow"]).eval()
+    classifier = densenet.Classifier(
+        weights=str(tmp_path / "best.pth"), device="cpu", optimize=False
+    )
+    assert classifier.categories == ["ant", "bee", "cow"]
+    x = classifier.transform(Image.open(images / "coffee.png"))
+    assert x.shape == (3, 12, 12)  # the checkpoint's 12/12 transform, not 256/224
+    with torch.no_grad():
+        expected = trained(x[None]).softmax(1)[0]
+    (top,) = classifier.predict([str(images / "coffee.png")], topk=3)
+    assert [label for label, _ in top] == [
+        ["ant", "bee", "cow"][i] for i in expected.argsort(descending=True)
+    ]
+
+
+def test_new_classifier_drops_the_imagenet_names(torch_home):
+    torch.save(densenet.densenet121().state_dict(), torch_home / "densenet121-a639ec97.pth")
+    with pytest.warns(UserWarning, match="classifier"):
+        model = densenet.densenet121(weights="DEFAULT", num_classes=3)
+    assert model.weights_entry is None
+    assert densenet.Classifier(model, device="cpu").categories == ["class 0", "class 1", "class 2"]
+    full = densenet.densenet121(weights="DEFAULT")
+    assert full.weights_entry is densenet.get_weights("densenet121")
+    full.reset_classifier(5)
+    assert full.weights_entry is None
+
+
+def test_cifar_model_without_weights_sees_32x32(images):
+    classifier = densenet.Classifier(densenet.densenet_bc_100_k12(), device="cpu")
+    assert classifier.transform(Image.open(images / "coffee.png")).shape == (3, 32, 32)

@@ -152,7 +152,10 @@ class EvalModel:
 
 
 def load_eval_model(
-    model: str = "densenet121", weights: str | None = "DEFAULT", model_given: bool = False
+    model: str = "densenet121",
+    weights: str | None = "DEFAULT",
+    model_given: bool = False,
+    progress: bool = True,
 ) -> EvalModel:
     """The model that ``densenet eval`` evaluates.
 
@@ -161,11 +164,12 @@ def load_eval_model(
     when ``model_given``), or a plain state_dict file (the number of classes taken from its
     classifier).
     """
-    from .registry import get_model
+    from .registry import get_model, model_config
     from .train import read_checkpoint
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD, default_eval_sizes
     from .weights import load_checkpoint, resolve_weights
 
+    model_config(model)  # an unknown name fails here, listing the valid ones
     if weights is not None and resolve_weights(model, weights) is None:
         checkpoint = read_checkpoint(weights)
         if "arch" in checkpoint:
@@ -183,11 +187,11 @@ def load_eval_model(
             )  # fmt: skip
         state = load_checkpoint(weights)
         num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
-        net = get_model(model, weights=weights, num_classes=num_classes)
-        return EvalModel(net, 256, 224, IMAGENET_MEAN, IMAGENET_STD, None)
-    net = get_model(model, weights=weights)
+        net = get_model(model, weights=weights, num_classes=num_classes, progress=progress)
+        return EvalModel(net, *default_eval_sizes(net), IMAGENET_MEAN, IMAGENET_STD, None)
+    net = get_model(model, weights=weights, progress=progress)
     entry = net.weights_entry
-    resize, crop = (entry.resize_size, entry.crop_size) if entry is not None else (256, 224)
+    resize, crop = (entry.resize_size, entry.crop_size) if entry else default_eval_sizes(net)
     return EvalModel(net, resize, crop, IMAGENET_MEAN, IMAGENET_STD, None)
 
 

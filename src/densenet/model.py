@@ -172,6 +172,8 @@ class DenseNet(nn.Module):
         self.num_features = channels
         self.num_classes = num_classes
         self.classifier: nn.Module = _classifier(channels, num_classes)
+        self.arch = None  # the registry name, set by densenet.get_model
+        self.weights_entry = None  # the loaded weights' entry (class names, transform), if any
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -211,6 +213,7 @@ class DenseNet(nn.Module):
         self.classifier = _classifier(self.num_features, num_classes)
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
+        self.weights_entry = None  # its class names no longer apply
 
 
 def _stem(stem: str, in_channels: int, num_init_features: int) -> OrderedDict[str, nn.Module]:

@@ -22,8 +22,7 @@ from torchvision.transforms.functional import to_pil_image
 from .inference import optimize as optimize_model
 from .labels import imagenet_classes
 from .model import DenseNet
-from .registry import get_model
-from .transforms import eval_transform
+from .transforms import default_eval_sizes, eval_transform
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, Tensor]  # noqa: UP007
 
@@ -166,21 +165,30 @@ class Classifier:
         optimize: bool = True,
     ) -> None:
         self.device = resolve_device(device)
+        transform, classes = None, None
         if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
             from .export import OnnxModel
 
             model = OnnxModel(model, self.device)
-        elif isinstance(model, str):
-            model = get_model(model, weights=weights, progress=progress)
+        elif isinstance(model, str):  # a training checkpoint brings its classes and transform
+            from .evaluate import load_eval_model
+
+            spec = load_eval_model(model, weights, progress=progress)
+            model, classes = spec.model, spec.classes
+            transform = eval_transform(spec.resize_size, spec.crop_size, spec.mean, spec.std)
         entry = getattr(model, "weights_entry", None)
         self.model = model.eval().to(self.device)
         if optimize and isinstance(model, DenseNet):
             self.model = optimize_model(self.model)
         num_classes = int(getattr(model, "num_classes", 1000))
         if categories is None:
-            categories = entry.categories if entry is not None else _default_categories(num_classes)
+            categories = classes or (
+                entry.categories if entry else _default_categories(num_classes)
+            )
         self.categories = list(categories)
-        self.transform = entry.transforms() if entry is not None else eval_transform()
+        if transform is None:
+            transform = entry.transforms() if entry else eval_transform(*default_eval_sizes(model))
+        self.transform = transform
         self.min_size = tuple(entry.min_size) if entry is not None else (29, 29)
         self.batch_size = batch_size
 

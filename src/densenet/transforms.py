@@ -17,6 +17,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def default_eval_sizes(model: object) -> tuple[int, int]:
+    """(resize, crop) for a model without weights metadata: the ImageNet recipe's 256/224, or
+    32/32 for a CIFAR-stem DenseNet (the paper's 32x32 inputs)."""
+    stem = getattr(model, "config", {}).get("stem")
+    return (32, 32) if stem == "cifar" else (256, 224)
+
+
 def eval_transform(
     resize_size: int = 256,
     crop_size: int = 224,
