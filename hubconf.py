@@ -1,5 +1,6 @@
 """torch.hub entry points: ``torch.hub.load("<owner>/<repo>", "densenet121", pretrained=True)``
-or ``torch.hub.load(path, "densenet121", source="local", weights="DEFAULT")``."""
+or ``torch.hub.load(path, "densenet121", source="local", weights="DEFAULT")``. One entry point
+per architecture of ``densenet.list_models()``."""
 
 import os
 import sys
@@ -8,30 +9,6 @@ dependencies = ["torch", "torchvision", "PIL", "tqdm"]
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from densenet.registry import (  # noqa: E402
-    densenet121,
-    densenet161,
-    densenet169,
-    densenet201,
-    densenet264,
-    densenet_40_k12,
-    densenet_100_k12,
-    densenet_100_k24,
-    densenet_bc_100_k12,
-    densenet_bc_190_k40,
-    densenet_bc_250_k24,
-)
+from densenet import registry  # noqa: E402
 
-__all__ = [
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet264",
-    "densenet_40_k12",
-    "densenet_100_k12",
-    "densenet_100_k24",
-    "densenet_bc_100_k12",
-    "densenet_bc_190_k40",
-    "densenet_bc_250_k24",
-]
+globals().update({name: getattr(registry, name) for name in registry.ARCHITECTURES})

@@ -76,5 +76,16 @@ def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "densenet", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("predict", "info", "weights"):
+    for command in ("predict", "info", "weights", "bench", "eval", "train", "export", "serve"):
         assert command in result.stdout
+
+
+def test_verify_of_an_uncached_model_says_how_to_download(torch_home, capsys):
+    assert main(["weights", "verify", "densenet169"]) == 2
+    assert "run `densenet weights download densenet169`" in capsys.readouterr().err
+
+
+def test_debug_zero_keeps_errors_on_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("DENSENET_DEBUG", "0")
+    assert main(["info", "densenet999"]) == 2
+    assert capsys.readouterr().err.startswith("densenet info: error: unknown model 'densenet999'")

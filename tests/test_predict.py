@@ -88,6 +88,15 @@ def bad_images(folder):
     }
 
 
+def test_bad_arguments(images):
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        densenet.Classifier(tiny_model(num_classes=1000), device="cpu", batch_size=0)
+    classifier = densenet.Classifier(tiny_model(num_classes=1000), device="cpu")
+    with pytest.raises(ValueError, match="topk must be at least 1"):
+        classifier.predict([str(images / "coffee.png")], topk=0)
+    assert len(classifier.predict([str(images / "coffee.png")], topk=5000)[0]) == 1000
+
+
 def test_bad_images_report_their_own_error(tmp_path, images):
     expected = bad_images(tmp_path / "bad")
     classifier = densenet.Classifier(tiny_model(num_classes=1000), device="cpu")

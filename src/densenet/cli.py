@@ -160,7 +160,7 @@ def _arch_of(path: str, model: str | None) -> str | None:
 
 def _weights(args: argparse.Namespace) -> int:
     from .registry import get_model, list_models
-    from .weights import WEIGHTS, fetch, get_weights, load_checkpoint, verify_file
+    from .weights import WEIGHTS, WeightsError, fetch, get_weights, load_checkpoint, verify_file
 
     report: list[dict] = []
     if args.action == "download":
@@ -171,6 +171,11 @@ def _weights(args: argparse.Namespace) -> int:
         target = args.target
         if target in list_models():
             entry = get_weights(target)
+            if not entry.cache_path.is_file():
+                raise WeightsError(
+                    f"{target}'s weights are not cached ({entry.cache_path}); "
+                    f"run `densenet weights download {target}`"
+                )
             target, arch = str(entry.cache_path), entry.arch
         else:
             arch = _arch_of(target, args.model)
@@ -564,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("densenet: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # one line for the user; DENSENET_DEBUG=1 for the traceback
-        if os.environ.get("DENSENET_DEBUG"):
+        if os.environ.get("DENSENET_DEBUG", "") not in ("", "0"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"densenet {args.command}: error: {message}", file=sys.stderr)

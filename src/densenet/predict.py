@@ -102,6 +102,8 @@ def open_image(
         raise
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{name}: cannot be read (permission denied)") from None
     except IsADirectoryError:
         raise ImageError(f"{name}: is a directory") from None
     except UnidentifiedImageError:
@@ -190,6 +192,8 @@ class Classifier:
             transform = entry.transforms() if entry else eval_transform(*default_eval_sizes(model))
         self.transform = transform
         self.min_size = tuple(entry.min_size) if entry is not None else (29, 29)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
 
     def preprocess(self, image: ImageInput, name: str) -> Tensor:
@@ -234,7 +238,9 @@ class Classifier:
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        topk = max(1, min(topk, len(self.categories)))
+        if topk < 1:
+            raise ValueError(f"topk must be at least 1, got {topk}")
+        topk = min(topk, len(self.categories))
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             inputs = list(self._inputs(images[start : start + self.batch_size]))
