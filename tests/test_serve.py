@@ -377,6 +377,34 @@ def test_a_failing_input_does_not_fail_the_rest_of_its_batch():
     asyncio.run(scenario())
 
 
+class FailsOnBrightImages(torch.nn.Module):
+    """A model that raises for an image whose normalised mean is high (a white picture)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.num_classes = model, model.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.mean(dim=(1, 2, 3)) > 1.5).any():
+            raise RuntimeError("model failed")
+        return self.model(x)
+
+
+def test_a_model_failure_is_a_json_error_for_that_image_only(photos):
+    fragile = FailsOnBrightImages(randomize_batchnorm(tiny_model()).eval())
+    classifier = densenet.Classifier(fragile, device="cpu", optimize=False)
+    white = encode_image(Image.new("RGB", (64, 64), "white"), "PNG")
+    with serving(classifier) as client:
+        files = [("file", ("photo.jpg", photos["chelsea.jpg"])), ("file", ("white.png", white))]
+        response = client.post("/v1/predict", files=files)
+        assert response.status_code == 200
+        good, failed = response.json()["predictions"]
+        assert len(good["top"]) == 5 and "error" not in good
+        assert failed["status"] == 500 and "inference failed" in failed["error"]
+        alone = client.post("/v1/predict", files=[("file", ("white.png", white))])
+        assert alone.status_code == 500 and "model failed" in alone.json()["detail"]
+
+
 def test_metrics_text_format():
     registry = Registry()
     counter = registry.add(Counter("c_total", "a counter", ("path",)))

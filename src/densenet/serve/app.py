@@ -465,7 +465,8 @@ def create_app(
         service.metrics.images.inc(len(good), outcome="ok")
         service.metrics.images.inc(len(inputs) - len(good), outcome="error")
         try:
-            results = iter(await asyncio.gather(*service.batcher.submit(good)))
+            futures = service.batcher.submit(good)
+            results = iter(await asyncio.gather(*futures, return_exceptions=True))
         except QueueFull as error:
             return _error(503, str(error))
         predictions, queue_s, inference_s = [], 0.0, 0.0
@@ -476,6 +477,12 @@ def create_app(
                 predictions.append({**entry, "status": _status_of(x)})
                 continue
             result = next(results)
+            if isinstance(result, BaseException):  # the model failed on this image alone
+                status = 503 if isinstance(result, QueueFull) else 500
+                failure = f"{source}: inference failed ({type(result).__name__}: {result})"
+                entry = Prediction(source, [], [], [], error=failure).to_dict()
+                predictions.append({**entry, "status": status})
+                continue
             top_p, top_i = result.output.topk(topk)
             indices = top_i.tolist()
             prediction = Prediction(
@@ -496,7 +503,7 @@ def create_app(
                 "inference_ms": inference_s * 1000,
             },
         }
-        if good:
+        if any("error" not in p for p in predictions):
             return JSONResponse(body)
         first = next(p for p in predictions if "error" in p)
         return JSONResponse({"detail": first["error"], **body}, status_code=first["status"])
