@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_model
+from PIL import Image
 
 import densenet
 from densenet import InferenceDenseNet, optimize
 from densenet.benchmark import ENGINES, Engine, format_table, run_benchmark
-from densenet.cli import build_parser, main
+from densenet.cli import main
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -143,10 +144,23 @@ def test_keeps_metadata_and_predict_output():
         assert [p for _, p in a] == pytest.approx([p for _, p in b], rel=1e-5)
 
 
-def test_predict_has_no_optimize_flag():
-    args = build_parser().parse_args(["predict", "a.jpg", "--no-optimize"])
-    assert args.no_optimize is True
-    assert build_parser().parse_args(["predict", "a.jpg"]).no_optimize is False
+@pytest.mark.parametrize("flags, optimized", [([], True), (["--no-optimize"], False)])
+def test_predict_optimizes_unless_told_not_to(tmp_path, monkeypatch, flags, optimized):
+    import densenet.predict
+
+    models = []
+    original = densenet.predict.Classifier.logits
+
+    def spy(self, batch):
+        models.append(self.model)
+        return original(self, batch)
+
+    monkeypatch.setattr(densenet.predict.Classifier, "logits", spy)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), "orange").save(image)
+    args = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]
+    assert main([*args, "--device", "cpu", *flags]) == 0
+    assert isinstance(models[0], InferenceDenseNet) is optimized
 
 
 def test_compile_matches():
