@@ -89,6 +89,22 @@ def shown_results(page) -> tuple[list[str], list[str]]:
     return page.locator("#results .label").all_inner_texts(), page.locator(".pct").all_inner_texts()
 
 
+def open_chooser_with_enter(page, tries: int = 5):
+    """Press Enter on the focused button until the file chooser opens. Headless Chromium now and
+    then drops the first chooser after a key press (seen about once in four runs); a few tries
+    keep the check that the keyboard opens it without making the test flaky."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(1, tries + 1):
+        try:
+            with page.expect_file_chooser(timeout=5000) as chooser:
+                page.keyboard.press("Enter")
+            return chooser.value
+        except PlaywrightTimeout:
+            if attempt == tries:
+                raise
+
+
 def test_page_in_chromium(server, files):
     from playwright.sync_api import sync_playwright
 
@@ -114,9 +130,7 @@ def test_page_in_chromium(server, files):
             # keyboard: the first Tab reaches the button that opens the file chooser
             page.keyboard.press("Tab")
             assert page.evaluate("document.activeElement.id") == "choose"
-            with page.expect_file_chooser() as chooser:
-                page.keyboard.press("Enter")
-            chooser.value.set_files(str(photo))
+            open_chooser_with_enter(page).set_files(str(photo))
             labels, percents = shown_results(page)
             assert labels == expected
             assert all(re.fullmatch(r"\d+(\.\d+)?%", p) for p in percents), percents

@@ -237,7 +237,7 @@ def _setup(
     package leaves a result with a note and no callable."""
     engine = ENGINES[name]
     run_dtype = dtype if engine.reduced_precision else torch.float32
-    result = Result(getattr(model, "arch", "custom"), name, x.shape[0], str(run_dtype)[6:])
+    result = Result(getattr(model, "arch", None) or "custom", name, x.shape[0], str(run_dtype)[6:])
     if name == "openvino default":
         result.dtype = "default"
     begin = time.perf_counter()
@@ -317,7 +317,7 @@ def run_benchmark(
             torch.manual_seed(seed)
             model = randomize_batchnorm(get_model(model), seed)
         model = model.eval().to(device)
-        arch = getattr(model, "arch", "custom")
+        arch = getattr(model, "arch", None) or "custom"
         for batch in batch_sizes:
             generator = torch.Generator().manual_seed(seed)
             x = torch.randn(batch, 3, image_size, image_size, generator=generator)

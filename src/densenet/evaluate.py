@@ -273,7 +273,7 @@ def evaluate_dataset(
         )  # fmt: skip
         return {
             "data": os.fspath(data),
-            "model": getattr(net, "arch", model),
+            "model": getattr(net, "arch", None) or model,
             "weights": weights,
             "crops": 10 if ten_crop else 1,
             "processes": world_size,
