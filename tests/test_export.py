@@ -349,6 +349,7 @@ def test_cli_export_onnx_with_triton_repo(model, tmp_path, monkeypatch, capsys):
         (["--format", "torchscript", "--out", "m.pt", "--opset", "18"], "--opset applies to"),
         (["--format", "onnx"], "give the output file with --out"),
         (["--format", "onnx", "--out", "m.onnx", "--opset", "11"], "opset 11 is too old"),
+        (["--format", "onnx", "--out", "m.onnx", "--triton-max-batch", "8"], "with --triton-repo"),
     ],
 )
 def test_cli_export_errors(tmp_path, monkeypatch, capsys, extra, message):

@@ -272,7 +272,7 @@ def _export_parser(sub) -> None:
     p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
     p.add_argument("--opset", type=int, help="ONNX operator set, 18 or newer (default 18)")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
-    p.add_argument("--triton-max-batch", type=int, default=64, help="Triton max_batch_size (64)")
+    p.add_argument("--triton-max-batch", type=int, help="Triton max_batch_size (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_export)
 
@@ -287,6 +287,8 @@ def _export(args: argparse.Namespace) -> int:
     for flag, given in onnx_only.items():
         if given and args.format != "onnx":
             raise ValueError(f"{flag} applies to --format onnx only")
+    if args.triton_max_batch is not None and args.triton_repo is None:
+        raise ValueError("--triton-max-batch applies with --triton-repo DIR only")
     if args.out is None and args.triton_repo is None:
         raise ValueError("give the output file with --out FILE")
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
@@ -302,7 +304,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.out is not None:
             report["path"] = str(path)
         if args.triton_repo is not None:
-            max_batch = args.triton_max_batch
+            max_batch = 64 if args.triton_max_batch is None else args.triton_max_batch
             folder = write_triton_repo(path, args.triton_repo, args.model, max_batch)
             report["triton_model"] = str(folder)
     if args.json:
