@@ -19,6 +19,18 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
 
 
+def _print_report(report: dict | list[dict], as_json: bool) -> None:
+    """JSON, or one ``key: value`` line per record (nested values and None left out)."""
+    if as_json:
+        _print_json(report)
+        return
+    for record in report if isinstance(report, list) else [report]:
+        fields = (
+            f"{k}: {v}" for k, v in record.items() if v is not None and not isinstance(v, dict)
+        )
+        print("  ".join(fields))
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -192,11 +204,7 @@ def _weights(args: argparse.Namespace) -> int:
             get_model(arch).load_state_dict(state, strict=True)
         save_file({k: v.contiguous() for k, v in state.items()}, args.dest)
         report.append({"source": args.source, "dest": args.dest, "checked_against": arch})
-    if args.json:
-        _print_json(report)
-    else:
-        for item in report:
-            print("  ".join(f"{k}: {v}" for k, v in item.items()))
+    _print_report(report, args.json)
     return 0
 
 
@@ -307,10 +315,7 @@ def _export(args: argparse.Namespace) -> int:
             max_batch = 64 if args.triton_max_batch is None else args.triton_max_batch
             folder = write_triton_repo(path, args.triton_repo, args.model, max_batch)
             report["triton_model"] = str(folder)
-    if args.json:
-        _print_json(report)
-    else:
-        print("  ".join(f"{k}: {v}" for k, v in report.items() if v is not None))
+    _print_report(report, args.json)
     return 0
 
 
@@ -466,15 +471,10 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(config, resume=args.resume)
     if not main_process:
         return 0
-    if args.json:
-        _print_json(summary)
-    else:
-        print("  ".join(f"{k}: {v}" for k, v in summary.items() if not isinstance(v, dict)))
-        if "test" in summary:
-            test = summary["test"]
-            print(
-                f"test: top-1 error {test['top1_error']:.3f}%  top-5 error {test['top5_error']:.3f}%"
-            )
+    _print_report(summary, args.json)
+    if not args.json and "test" in summary:
+        test = summary["test"]
+        print(f"test: top-1 error {test['top1_error']:.3f}%  top-5 error {test['top5_error']:.3f}%")
     return 0
 
 
