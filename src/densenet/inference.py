@@ -16,12 +16,16 @@ passes over memory and fewer multiply-accumulates. Every rewrite is exact in rea
   the pixels;
 - channels_last memory format, optionally reduced precision (bf16/fp16) and ``torch.compile``.
 
-Float32 outputs match the eager model to a relative error of about 1e-6; bf16/fp16 to about 1e-2.
+Float32 outputs match the eager model to a relative error under 1e-5 (measured: about 1e-7 on
+the CPU; on CUDA with TF32 off); bf16/fp16 to about 1e-2. ``backend="triton"`` runs the same
+folded form on the fused Triton kernels of ``densenet.kernels``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 
 from .model import DenseNet
 
-__all__ = ["InferenceDenseNet", "optimize"]
+__all__ = ["BACKENDS", "BucketedModel", "InferenceDenseNet", "SpaceToDepthConv", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 METADATA = ("arch", "weights_entry", "config", "num_classes", "num_features")
@@ -321,12 +325,45 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+BACKENDS = ("eager", "inductor", "triton")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run for a model on ``device``: CUDA with triton installed,
+    or any device under the Triton interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _backend(backend: str | None, compile: bool | str, device: torch.device) -> str:
+    """The backend ``optimize`` builds: the one named, or the fastest that runs on ``device``."""
+    if backend is None:
+        if compile:
+            return "inductor"
+        return "triton" if device.type == "cuda" and _triton_usable(device) else "eager"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if compile and backend != "inductor":
+        raise ValueError(
+            f"compile={compile!r} applies to backend='inductor' only, got backend={backend!r}"
+        )
+    if backend == "triton" and not _triton_usable(device):
+        raise RuntimeError(
+            f"backend='triton' needs a CUDA model and the triton package (model on {device}, "
+            f"triton {'installed' if importlib.util.find_spec('triton') else 'missing'}); "
+            "set TRITON_INTERPRET=1 to run its kernels on the CPU (slowly, for tests)"
+        )
+    return backend
+
+
 def optimize(
     model: DenseNet,
     *,
     dtype: torch.dtype | None = None,
     channels_last: bool | None = None,
     compile: bool | str = False,
+    backend: str | None = None,
 ) -> nn.Module:
     """The inference-only form of ``model``, with the same outputs.
 
@@ -334,16 +371,24 @@ def optimize(
         model: a ``densenet.DenseNet`` in eval mode (call ``model.eval()`` first); it is not
             modified. Its device is kept.
         dtype: compute precision; default float32 on CPU and bfloat16 on CUDA. Float32 matches the
-            eager model to a relative error under 1e-5, bfloat16/float16 to about 1e-2.
-        channels_last: compute in channels_last memory format; default True.
-        compile: ``torch.compile`` the result: ``True`` for the default mode (with inductor's
-            weight freezing), or a mode name such as ``"reduce-overhead"`` (CUDA graphs, best for
-            small GPU batches). The first call with each input shape compiles (tens of seconds).
+            eager model to a relative error under 1e-5 (with TF32 off), bfloat16/float16 to about
+            1e-2.
+        channels_last: compute in channels_last memory format; default True (the triton backend
+            always uses it).
+        compile: ``torch.compile`` the result (the inductor backend): ``True`` for the default
+            mode (with inductor's weight freezing), or a mode name such as ``"reduce-overhead"``
+            (CUDA graphs, best for small GPU batches). Shapes stay static: the first call with
+            each input shape compiles (tens of seconds) a kernel for that shape only.
+        backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
+            ``compile=True``), ``"triton"`` (a ``densenet.kernels.TritonDenseNet``: fused Triton
+            kernels; CUDA only, or any device under ``TRITON_INTERPRET=1``). Default: inductor
+            when ``compile`` is set, else triton for a CUDA model when triton is installed, else
+            eager.
 
     Returns:
-        an ``InferenceDenseNet`` (or its compiled wrapper) mapping (N, C, H, W) inputs of any
-        float dtype to outputs of the same dtype; it keeps the model's ``weights_entry``
-        (class names), ``arch`` and ``config``.
+        an ``InferenceDenseNet`` (or its compiled wrapper) or a ``TritonDenseNet``, mapping
+        (N, C, H, W) inputs of any float dtype to outputs of the same dtype; it keeps the model's
+        ``weights_entry`` (class names), ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
@@ -357,11 +402,91 @@ def optimize(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-    fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
-    if not compile:
-        return fast
-    mode = "default" if compile is True else compile
+    mode = "default" if compile in (True, False) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    backend = _backend(backend, compile, device)
+    if backend == "triton":
+        from .kernels import TritonDenseNet
+
+        return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
+    fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
+    if backend == "eager":
+        return fast
     options = {**torch._inductor.list_mode_options(mode), "freezing": True}
-    return torch.compile(fast, options=options)
+    return torch.compile(fast, options=options, dynamic=False)
+
+
+class BucketedModel(nn.Module):
+    """Runs ``model`` only at a fixed set of batch sizes, so a compiled or graph-captured model
+    sees a few static shapes whatever batches arrive.
+
+    A batch of n images is split into chunks of at most ``max_batch``; a chunk of m is padded with
+    zero images up to the smallest bucket >= m (1, 2, 4, ... and ``max_batch``), run, and the
+    padding rows dropped. The model must treat images independently (an eval-mode DenseNet does):
+    then the output equals ``model(x)``.
+
+    Args:
+        model: maps (B, C, H, W) to (B, ...).
+        max_batch: the largest bucket.
+        cuda_graphs: capture one CUDA graph per bucket and input shape (CUDA inputs only) and
+            replay it; the model's kernels must be capturable (no host synchronisation).
+
+    Input (N, C, H, W); output ``model``'s, for all N rows.
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int = 64, *, cuda_graphs: bool = False):
+        super().__init__()
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch, self.cuda_graphs = model, max_batch, cuda_graphs
+        powers = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+        self.buckets = (*powers, max_batch)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+    def bucket(self, n: int) -> int:
+        """The batch size a chunk of ``n <= max_batch`` images runs at."""
+        return next(b for b in self.buckets if b >= n)
+
+    def warm_up(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        """Run every bucket once on zero inputs of per-image ``shape`` (C, H, W), on the model's
+        device: compilation, autotuning and graph capture happen here, not on the first
+        requests."""
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            for b in self.buckets:
+                self._run(torch.zeros((b, *shape), dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = []
+        for chunk in x.split(self.max_batch):
+            m, bucket = chunk.shape[0], self.bucket(chunk.shape[0])
+            if bucket > m:
+                chunk = torch.cat([chunk, chunk.new_zeros((bucket - m, *chunk.shape[1:]))])
+            outputs.append(self._run(chunk)[:m])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _run(self, x: Tensor) -> Tensor:
+        if not (self.cuda_graphs and x.is_cuda):
+            return self.model(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        """Warm the model up on a side stream (autotuning, cuDNN plans), then capture it."""
+        static_in = x.clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.model(static_in)
+        return graph, static_in, static_out
