@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_batchnorm, tiny_model
 
+import densenet
 from densenet import DenseNet, optimize
 from densenet.inference import BucketedModel, SpaceToDepthConv
 
@@ -182,6 +183,18 @@ def test_triton_backend_matches_eager_model(config, size, growth_conv):
     with torch.inference_mode():
         out, ref = fast(x), model(x)
     assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_error(out, ref) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, size", [("densenet121", (33, 35)), ("densenet_bc_100_k12", (9, 7))])
+def test_triton_backend_matches_registry_models(name, size):
+    """Full widths (prefixes up to 1024 channels, several reduction steps per tile)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(densenet.get_model(name)).eval().to(DEVICE)
+    x = torch.randn(1, 3, *size, device=DEVICE)
+    with torch.inference_mode():
+        out, ref = optimize(model, dtype=torch.float32, backend="triton")(x), model(x)
     assert rel_error(out, ref) < 1e-5
 
 

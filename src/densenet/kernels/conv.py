@@ -28,7 +28,7 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; one small
     tile under the interpreter, where tuning would only multiply the (slow) runs."""
     if INTERPRETED:
-        shapes = [(32, 16, 16, 1, 1)]
+        shapes = [(32, 16, 32, 1, 1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
@@ -78,8 +78,10 @@ def _pointwise_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n, h, w, row_ok = _pixel_rows(pid_m, M, H_OUT, W_OUT, BLOCK_M)
-    scale = 2 if POOL else 1
-    x_rows = x_ptr + n * sxn + (scale * h) * sxh + (scale * w) * sxw
+    if POOL:  # the top-left pixel of the 2x2 cell
+        x_rows = x_ptr + n * sxn + (2 * h) * sxh + (2 * w) * sxw
+    else:
+        x_rows = x_ptr + n * sxn + h * sxh + w * sxw
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
