@@ -87,24 +87,19 @@ class _GrowthConv(nn.Module):
         super().__init__()
         if impl not in GROWTH_CONVS:
             raise ValueError(f"growth_conv must be one of {GROWTH_CONVS}, got {impl!r}")
-        self.impl, self.act = impl, act
+        self.impl, self.act, self.out_channels = impl, act, conv.out_channels
         weight = conv.weight.detach()
-        self.register_buffer("weight", weight.clone())
-        self.register_buffer(
-            "gemm_weight", weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
-        )
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[0]
+        if impl == "triton":  # (9 * C, C_out), row (3a + b) * C + c holding weight[:, c, a, b]
+            weight = weight.permute(2, 3, 1, 0).reshape(-1, conv.out_channels)
+        self.register_buffer("weight", weight.contiguous())
 
     def forward(self, x: Tensor, out: Tensor) -> Tensor:
         if self.impl == "cudnn":
             x = x if self.act is None else self.act(x)
             return out.copy_(F.conv2d(x, self.weight, padding=1))
         if self.act is None:
-            return conv3x3(x, self.gemm_weight, out)
-        return conv3x3(x, self.gemm_weight, out, self.act.scale.flatten(), self.act.shift.flatten())
+            return conv3x3(x, self.weight, out)
+        return conv3x3(x, self.weight, out, self.act.scale.flatten(), self.act.shift.flatten())
 
 
 class _Layer(nn.Module):
