@@ -341,7 +341,7 @@ def _backend(backend: str | None, compile: bool | str, device: torch.device) -> 
     if backend is None:
         if compile:
             return "inductor"
-        return "triton" if device.type == "cuda" and _triton_usable(device) else "eager"
+        return "eager"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if compile and backend != "inductor":
@@ -382,8 +382,9 @@ def optimize(
         backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
             ``compile=True``), ``"triton"`` (a ``densenet.kernels.TritonDenseNet``: fused Triton
             kernels; CUDA only, or any device under ``TRITON_INTERPRET=1``). Default: inductor
-            when ``compile`` is set, else triton for a CUDA model when triton is installed, else
-            eager.
+            when ``compile`` is set, else eager. The triton backend is opt-in: its kernels are
+            checked against the eager model on the CPU (Triton's interpreter) but have not yet
+            been timed on a GPU.
 
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper) or a ``TritonDenseNet``, mapping
