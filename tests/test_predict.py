@@ -39,6 +39,7 @@ def reference_top5(model, path):
     return [densenet.imagenet_classes()[k] for k in i], p.tolist()
 
 
+@pytest.mark.slow
 def test_predict_matches_the_hub_page_recipe(weights_file, images, reference):
     classifier = densenet.Classifier("densenet121", weights=weights_file, device="cpu")
     paths = sorted(str(p) for p in images.iterdir())
@@ -109,6 +110,7 @@ def test_bad_images_report_their_own_error(tmp_path, images):
         classifier.predict(sources)
 
 
+@pytest.mark.slow
 def test_cli_predict_text_and_json(weights_file, images, reference, capsys):
     args = [str(images), "--weights", str(weights_file), "--device", "cpu", "--topk", "3"]
     assert main(["predict", *args]) == 0
@@ -182,6 +184,7 @@ def test_training_checkpoint_brings_its_classes_and_transform(tmp_path, images):
     ]
 
 
+@pytest.mark.slow
 def test_new_classifier_drops_the_imagenet_names(torch_home):
     torch.save(densenet.densenet121().state_dict(), torch_home / "densenet121-a639ec97.pth")
     with pytest.warns(UserWarning, match="classifier"):

@@ -375,3 +375,17 @@ def test_every_micro_batch_runs_a_backward_even_without_images(few_digits, tmp_p
     stats = trainer._train_step(iter([empty, empty]))
     assert len(backwards) == 4 and stats.tolist()[2:] == [0.0, 16.0]
     assert all(torch.equal(v, trainer.net.state_dict()[k]) for k, v in before.items())
+
+
+def test_checkpoints_of_the_first_format_still_read(tmp_path):
+    state = {
+        "format": "densenet-train-1", "arch": "densenet_bc_100_k12", "classes": ["a", "b"],
+        "transform": {"resize_size": 36, "crop_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3},
+        "model_args": {"num_classes": 2}, "model": {"w": torch.ones(2)}, "epoch": 4,
+    }  # fmt: skip
+    torch.save(state, tmp_path / "old.pth")
+    checkpoint = read_checkpoint(tmp_path / "old.pth")
+    assert checkpoint.card.arch == "densenet_bc_100_k12" and checkpoint.card.classes == ("a", "b")
+    pre = checkpoint.card.preprocessing
+    assert (pre.resize_size, pre.crop_size, pre.mean) == (36, 32, (0.5,) * 3)
+    assert checkpoint.epoch == 4 and checkpoint.model_args == {"num_classes": 2}

@@ -77,6 +77,7 @@ def test_legacy_keys_are_renamed_and_current_keys_kept():
     assert list(convert_legacy_keys(state)) == list(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["legacy-pth", "current-pt", "safetensors"])
 def test_local_checkpoint_loads_with_torchvision_parity(tmp_path, fmt):
     torch.manual_seed(0)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from ..benchmark import ENGINES, format_table, run_benchmark, to_json
+from ..io import write_json
 from .common import print_json
 
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = to_json(results, args.device)
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        write_json(args.output, report)
     if args.json:
         print_json(report)
     else:
