@@ -56,3 +56,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-download", action="store_true", help="never download a named data set")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1..."
+    )

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..evaluate import evaluate_dataset
-from .common import add_data_args, add_model_args, print_json
+from .common import add_data_args, add_device_arg, add_model_args, print_json
 
 
 def add_parser(sub) -> None:
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
     p.add_argument("--ten-crop", action="store_true", help="ten crops, softmax averaged")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda...")
+    add_device_arg(p)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
     p.add_argument(
         "--no-optimize", action="store_true", help="run the eager model, not densenet.optimize"

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     batch.add_argument("--batch-size", type=int, help="fix the batch size (default: dynamic)")
     batch.add_argument(
         "--dynamic-batch", dest="batch_size", action="store_const", const=None,
-        help="dynamic batch axis (the default; overrides nothing)",
+        help="dynamic batch axis (the default)",
     )  # fmt: skip
     p.add_argument("--image-size", type=int, help="fix height and width (default: any size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -7,7 +7,7 @@ import sys
 
 from ..images import find_images
 from ..predict import Classifier
-from .common import add_model_args, print_json
+from .common import add_device_arg, add_model_args, print_json
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", help="image files or folders of images")
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
+    add_device_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument(
         "--no-optimize",

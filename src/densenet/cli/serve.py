@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import DenseNetError
 from ..predict import Classifier
-from .common import add_model_args
+from .common import add_device_arg, add_model_args
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
+    add_device_arg(p)
     p.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (413)")
