@@ -379,3 +379,17 @@ def test_cli_unknown_format(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--format", "tflite", "--out", "m.tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("exporter", "name"),
+    [(E.to_torchscript, "m.pt"), (E.to_exported, "m.pt2"), (E.to_onnx, "m.onnx")],
+)
+def test_densenet_load_reads_every_exported_format(model, tmp_path, exporter, name):
+    card = densenet.ModelCard.for_model(model, classes=[f"c{i}" for i in range(1000)])
+    path = exporter(model, tmp_path / name, card=card)
+    loaded = densenet.load(path)
+    assert loaded.card == card
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_error(loaded.module(x), model(x)) < 1e-5

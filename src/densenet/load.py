@@ -86,12 +86,10 @@ def _is_file(weights: Any) -> bool:
 
 def _load_arch(arch: str, weights: Any, progress: bool) -> LoadedModel:
     """Architecture ``arch`` with ``weights`` (see ``load``); a file is read once."""
-    model_config(arch)  # an unknown name fails here, listing the valid ones
-    if weights is None or not _is_file(weights):
+    if not _is_file(weights):
         entry = resolve_weights(arch, weights)
         module = get_model(arch, weights=entry, progress=progress).eval()
-        fits = entry is not None and module.num_classes == entry.card.num_classes
-        return LoadedModel(module, entry.card if fits else ModelCard.for_model(module))
+        return LoadedModel(module, entry.card if entry is not None else ModelCard.for_model(module))
     content = read_torch_file(weights)
     if is_train_checkpoint(content):
         checkpoint = TrainCheckpoint.from_state(content, weights)
