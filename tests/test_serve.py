@@ -27,7 +27,9 @@ from PIL import Image
 
 import densenet
 from densenet.cli import build_parser, main
+from densenet.images import ImageError, Reason
 from densenet.serve import Batcher, QueueFull, ServeConfig, create_app
+from densenet.serve.app import _status_of
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about its httpx-based client
@@ -201,6 +203,22 @@ def test_broken_images_get_4xx_with_a_json_message(client, photos, kind):
         assert response.status_code == status, response.text
         assert words in response.json()["detail"]
     assert client.get("/healthz").status_code == 200  # and the service lives on
+
+
+def test_status_follows_the_reason_not_the_message(client):
+    """415 only for ``Reason.NOT_AN_IMAGE``, whatever the message says; the reason is in the
+    answer too."""
+    assert (
+        _status_of(ImageError("x: not an image (unrecognised format)", Reason.NOT_AN_IMAGE)) == 415
+    )
+    assert _status_of(ImageError("not an image.png: corrupt", Reason.CORRUPT)) == 400
+    response = client.post("/v1/predict", files=[("file", ("a.txt", b"plain text"))])
+    (refused,) = response.json()["predictions"]
+    assert (refused["reason"], refused["status"], response.status_code) == (
+        "not_an_image",
+        415,
+        415,
+    )
 
 
 def test_bad_requests(client, photos):
