@@ -393,3 +393,13 @@ def test_densenet_load_reads_every_exported_format(model, tmp_path, exporter, na
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_error(loaded.module(x), model(x)) < 1e-5
+
+
+def test_a_multi_label_card_gives_sigmoid_probabilities(model, tmp_path):
+    card = densenet.ModelCard.for_model(model, multi_label=True)
+    path = E.to_onnx(model, tmp_path / "tags.onnx", card=card)
+    classifier = densenet.Classifier(path, device="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).sigmoid()
+    torch.testing.assert_close(classifier.probabilities(x), expected, rtol=1e-4, atol=1e-6)

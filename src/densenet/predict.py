@@ -75,7 +75,8 @@ def top_predictions(
 
 
 class Classifier:
-    """An image classifier: the model's preprocessing, softmax top-k, its class names.
+    """An image classifier: the model's preprocessing, top-k probabilities (softmax, or sigmoids
+    for a multi-label model), its class names.
 
     Args:
         model: anything ``densenet.load`` takes: an architecture name, a training checkpoint,
@@ -144,8 +145,10 @@ class Classifier:
         return self.model(batch.to(self.device, non_blocking=True)).float()
 
     def probabilities(self, batch: Tensor) -> Tensor:
-        """(N, 3, H, W) preprocessed images -> (N, num_classes) softmax probabilities, CPU."""
-        return self.logits(batch).softmax(dim=1).cpu()
+        """(N, 3, H, W) preprocessed images -> (N, num_classes) probabilities on the CPU:
+        softmax, or each class's sigmoid for a multi-label model."""
+        logits = self.logits(batch)
+        return (logits.sigmoid() if self.card.multi_label else logits.softmax(dim=1)).cpu()
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], topk: int = 5
