@@ -155,7 +155,7 @@ def test_weights_are_copied_and_source_untouched():
 
 def test_keeps_metadata_and_predict_output():
     model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
-    model.arch, model.weights_entry = "tiny", None
+    model.arch = "tiny"
     fast = optimize(model)
     assert fast.arch == "tiny" and fast.config == model.config and fast.num_classes == 3
     images = torch.rand(4, 3, 40, 40)

@@ -36,7 +36,7 @@ from .model import DenseNet
 __all__ = ["BACKENDS", "BucketedModel", "InferenceDenseNet", "SpaceToDepthConv", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-METADATA = ("arch", "weights_entry", "config", "num_classes", "num_features")
+METADATA = ("arch", "config", "num_classes", "num_features")
 
 
 def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -389,7 +389,7 @@ def optimize(
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper) or a ``TritonDenseNet``, mapping
         (N, C, H, W) inputs of any float dtype to outputs of the same dtype; it keeps the model's
-        ``weights_entry`` (class names), ``arch`` and ``config``.
+        ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
