@@ -215,3 +215,27 @@ def test_small_images_are_checked_after_preprocessing(images):
 def test_cifar_model_without_weights_sees_32x32(images):
     classifier = densenet.Classifier(densenet.densenet_bc_100_k12(), device="cpu")
     assert classifier.transform(Image.open(images / "coffee.png")).shape == (3, 32, 32)
+
+
+def test_buckets_pad_each_batch_and_warm_every_size(images):
+    """With buckets the model only ever sees batch sizes 1, 2, 4 (for batch_size 4): 3 images run
+    padded to 4, and the results equal the unbucketed classifier's."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=1000)).eval()
+    plain = densenet.Classifier(model, device="cpu", batch_size=4, buckets=False)
+    bucketed = densenet.Classifier(model, device="cpu", batch_size=4, buckets=True)
+    seen: list[int] = []
+    bucketed.model.model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    bucketed.warm_up()
+    assert seen == [1, 2, 4]
+    seen.clear()
+    paths = sorted(str(p) for p in images.iterdir()) * 2  # 6 images: a batch of 4, then 2
+    expected = plain.classify(paths, topk=3)
+    got = bucketed.classify(paths, topk=3)
+    assert seen == [4, 2]
+    for a, b in zip(expected, got):
+        assert a.labels == b.labels
+        assert np.allclose(a.probabilities, b.probabilities, rtol=1e-5, atol=1e-7)
+    seen.clear()
+    bucketed.classify(paths[:3], topk=1)
+    assert seen == [4]  # 3 images padded up to the next bucket

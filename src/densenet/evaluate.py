@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .accuracy import EvalResult, evaluate
 from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
+from .inference import BucketedModel
 from .inference import optimize as optimize_model
 from .load import load
 from .preprocessing import default_classes
@@ -86,6 +87,8 @@ def evaluate_dataset(
         channels_last = target.type == "cuda"
         if optimize:  # the inference form computes in the asked precision and memory format
             net = optimize_model(net, dtype=autocast or torch.float32, channels_last=channels_last)
+            if target.type == "cuda":  # static shapes, one CUDA graph per batch size
+                net = BucketedModel(net, batch_size * (10 if ten_crop else 1), cuda_graphs=True)
             autocast, channels_last = None, False
         elif channels_last:
             net = net.to(memory_format=torch.channels_last)

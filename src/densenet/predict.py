@@ -28,6 +28,7 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
     find_images,
     open_image,
 )
+from .inference import BucketedModel
 from .inference import optimize as optimize_model
 from .load import load
 from .model import DenseNet
@@ -89,6 +90,10 @@ class Classifier:
         batch_size: images per forward pass.
         optimize: run a DenseNet in its fast inference form (``densenet.optimize``: float32 on
             CPU, bfloat16 on CUDA); False runs the module as given.
+        buckets: run the model only at batch sizes 1, 2, 4, ..., ``batch_size`` (a batch is
+            padded up and the padding rows dropped), replaying one CUDA graph per size; default
+            on for an optimized DenseNet on CUDA, where it keeps shapes static and launches
+            cheap. ``warm_up()`` captures every size ahead of the first images.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Classifier:
         batch_size: int = 32,
         progress: bool = True,
         optimize: bool = True,
+        buckets: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -112,11 +118,25 @@ class Classifier:
         self.model = loaded.module
         if optimize and isinstance(self.model, DenseNet):
             self.model = optimize_model(self.model)
+            if self.device.type == "cuda" if buckets is None else buckets:
+                self.model = BucketedModel(
+                    self.model, batch_size, cuda_graphs=self.device.type == "cuda"
+                )
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
         self.transform = self.preprocessing.transform()
         self.min_size = self.preprocessing.min_size
         self.batch_size = batch_size
+
+    def warm_up(self) -> None:
+        """Run the model once at every batch size it will see (every bucket, or one image), so
+        compilation, autotuning and graph capture happen before the first real images."""
+        size = self.preprocessing.crop_size
+        shape = (self.card.in_channels, size, size)
+        if isinstance(self.model, BucketedModel):
+            self.model.warm_up(shape)
+        else:
+            self.logits(torch.zeros((1, *shape)))
 
     def preprocess(self, image: ImageInput, name: str) -> Tensor:
         """One image -> (3, H, W) model input. A float tensor is taken as already preprocessed;

@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=224, help="input height and width")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--repeats", type=int, help="calls per engine per round (default: ~0.2 s)")
+    p.add_argument(
+        "--shapes-vary",
+        action="store_true",
+        help="before timing, run each engine at batch 1 and 64 too (as a service with varying "
+        "batch sizes does; a compiled engine then has seen other shapes)",
+    )
     p.add_argument("--output", help="write the results and the machine as JSON to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         rounds=args.rounds,
         repeats=args.repeats,
+        shapes_vary=args.shapes_vary,
         progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
     )
     report = to_json(results, args.device)

@@ -134,8 +134,10 @@ class _Service:
             )
 
     async def warm_up(self) -> None:
-        """One batch through the model, then ready."""
+        """The model at every batch size it will run (compiled or captured on CUDA), one image
+        through the whole pipeline, then ready."""
         try:
+            await asyncio.get_running_loop().run_in_executor(None, self.classifier.warm_up)
             gray = Image.new("RGB", (256, 256), (128, 128, 128))
             x = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.classifier.preprocess, gray, "warm-up image"
@@ -290,7 +292,7 @@ def create_app(
         weights: JSON-ready metadata of the weights, shown by ``GET /v1/models``.
     """
     config = config or ServeConfig()
-    name = model_name or getattr(classifier.model, "arch", None) or type(classifier.model).__name__
+    name = model_name or classifier.card.arch or type(classifier.model).__name__
     service = _Service(classifier, config, name, weights)
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
