@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import NamedTuple
 
 MODELS = {  # DenseNet(...) arguments; 1000 classes, ImageNet stem, 224x224 inputs
     "tiny": {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8},
@@ -32,6 +33,14 @@ MODELS = {  # DenseNet(...) arguments; 1000 classes, ImageNet stem, 224x224 inpu
     "densenet121": {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_features": 64},
 }
 HOST = "127.0.0.1"  # the only address this script sends traffic to
+
+
+class Mode(NamedTuple):
+    """How one server batches: its batch limit, its wait for company, and bucketed shapes."""
+
+    max_batch: int
+    max_wait_ms: float
+    buckets: bool = False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds per mode")
     p.add_argument("--time-limit", type=float, default=240, help="seconds per mode, at most")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the server runs the model; on cuda the batching mode is also measured without "
+        "buckets (padding to 1, 2, 4, ... max batch with a CUDA graph per size)",
+    )
     p.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # internal: be the server
+    p.add_argument("--serve-buckets", choices=["on", "off"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -63,7 +79,12 @@ def run_server(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    classifier = densenet.Classifier(densenet.DenseNet(**MODELS[args.model]), device="cpu")
+    classifier = densenet.Classifier(
+        densenet.DenseNet(**MODELS[args.model]),
+        device=args.device,
+        batch_size=args.max_batch,
+        buckets=args.serve_buckets == "on",
+    )
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     serve(
         classifier,
@@ -81,10 +102,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, max_batch: int, max_wait_ms: float) -> tuple:
+def start_server(args: argparse.Namespace, mode: Mode) -> tuple:
     port = free_port()
     command = [sys.executable, __file__, "--serve-port", str(port), "--model", args.model]
-    command += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    command += ["--max-batch", str(mode.max_batch), "--max-wait-ms", str(mode.max_wait_ms)]
+    command += ["--device", args.device, "--serve-buckets", "on" if mode.buckets else "off"]
     command += ["--threads", str(args.threads)]
     return subprocess.Popen(command), f"http://{HOST}:{port}"
 
@@ -156,14 +178,14 @@ async def load(client, images: list[bytes], count: int, concurrency: int, time_l
     return latencies, errors, seen, time.perf_counter() - start
 
 
-HISTOGRAM = re.compile(r'^densenet_batch_size_bucket\{le="([^"]+)"\} (\d+)$', re.M)
+HISTOGRAM = re.compile(r'^densenet_batch_size_bucket\{le="([^"]+)"\} (\S+)$', re.M)
 TOTALS = re.compile(r"^densenet_batch_size_(sum|count) (\S+)$", re.M)
 INFERENCE = re.compile(r"^densenet_inference_seconds_sum (\S+)$", re.M)
 
 
 def batch_histogram(metrics: str) -> tuple[dict[str, int], float, float, float]:
     """Batch-size histogram buckets (cumulative), images, batches and model seconds so far."""
-    buckets = {le: int(n) for le, n in HISTOGRAM.findall(metrics)}
+    buckets = {le: int(float(n)) for le, n in HISTOGRAM.findall(metrics)}
     totals = {k: float(v) for k, v in TOTALS.findall(metrics)}
     busy = INFERENCE.search(metrics)
     return (
@@ -231,12 +253,12 @@ async def one_round(client, images: list[bytes], args: argparse.Namespace, count
     }
 
 
-async def measure(args: argparse.Namespace, modes: dict[str, tuple[int, float]]) -> list[dict]:
+async def measure(args: argparse.Namespace, modes: dict[str, Mode]) -> list[dict]:
     """Start one server per mode, then send each the same load in alternating rounds."""
     import httpx
 
     images = photographs()
-    servers = {mode: start_server(args, *limits) for mode, limits in modes.items()}
+    servers = {name: start_server(args, mode) for name, mode in modes.items()}
     # idle connections are dropped by the client (after 1 s) before the server's keep-alive timeout
     # (5 s) closes them: otherwise a request sent just as the server closes its connection fails
     limits = httpx.Limits(
@@ -263,7 +285,7 @@ async def measure(args: argparse.Namespace, modes: dict[str, tuple[int, float]])
         for process, _ in servers.values():
             process.terminate()
             process.wait(60)
-    return [summarize(mode, *modes[mode], rounds[mode]) for mode in modes]
+    return [summarize(name, *modes[name][:2], rounds[name]) for name in modes]
 
 
 def main(argv=None) -> int:
@@ -275,14 +297,19 @@ def main(argv=None) -> int:
 
     import densenet
 
-    modes = {"dynamic batching": (args.max_batch, args.max_wait_ms), "one at a time": (1, 0.0)}
+    on_gpu = args.device.startswith("cuda")
+    modes = {"dynamic batching": Mode(args.max_batch, args.max_wait_ms, buckets=on_gpu)}
+    if on_gpu:
+        modes["batching, no buckets"] = Mode(args.max_batch, args.max_wait_ms)
+    modes["one at a time"] = Mode(1, 0.0)
     load_before = os.getloadavg()[0]
     results = asyncio.run(measure(args, modes))
-    ratio = results[0]["requests_per_s"] / results[1]["requests_per_s"]
-    pairs = zip(results[0]["requests_per_s_by_round"], results[1]["requests_per_s_by_round"])
+    ratio = results[0]["requests_per_s"] / results[-1]["requests_per_s"]
+    pairs = zip(results[0]["requests_per_s_by_round"], results[-1]["requests_per_s_by_round"])
     round_ratios = [a / b for a, b in pairs]
     report = {
         "model": args.model,
+        "device": args.device,
         "config": MODELS[args.model],
         "concurrency": args.concurrency,
         "rounds": args.rounds,
@@ -307,15 +334,20 @@ def main(argv=None) -> int:
         if r["first_errors"]:
             print(f"  first errors: {r['first_errors']}")
     header = (
-        f"{'mode':<18} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'mode':<22} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'mean batch':>10} {'model ms/img':>12}"
     )
     print(header)
     for r in results:
         mean = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
         print(
-            f"{r['mode']:<18} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>8.1f} "
+            f"{r['mode']:<22} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>8.1f} "
             f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {mean:>10} {r['model_ms_per_image']:>12.2f}"
+        )
+    if on_gpu:
+        print(
+            "buckets / no buckets, requests/s: "
+            f"{results[0]['requests_per_s'] / results[1]['requests_per_s']:.2f}x"
         )
     print(
         f"dynamic batching / one at a time, requests/s: {ratio:.2f}x overall; by round: median "
