@@ -264,7 +264,7 @@ class Outputs:
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.options = options
+        self.options, self.device = options, device
         self.topk = min(options.topk, len(model.classes))
         net = model.module.eval()
         if options.task == "embed":
@@ -568,6 +568,7 @@ def run(
     }
     if options.task == "predict":
         settings["classes"] = model.classes
+    settings = json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
     out = Path(out)
     _claim_folder(out, settings)
     done = _done_shards(out, rank, world_size)

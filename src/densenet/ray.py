@@ -1,0 +1,94 @@
+"""Ray Data integration: callable classes for ``Dataset.map_batches`` that add a DenseNet's
+embeddings (``Embedder``) or top-k predictions (``Predictor``) to every row, with the same
+preprocessing, columns and per-image errors as ``densenet.bulk``'s Parquet shards.
+
+Each actor loads the model once (on its GPU when Ray gives it one). A batch is a dict of numpy
+arrays or a ``pyarrow.Table`` with the encoded images in a ``bytes`` column
+(``ray.data.read_binary_files``) or their files in a ``path`` column; the result is a
+``pyarrow.Table`` with the batch's other columns plus ``error`` and the outputs. Needs the ``ray``
+extra: ``pip install "densenet[ray]"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .bulk import BulkModel, Options, Outputs, decode, load_model, to_table
+
+__all__ = ["Embedder", "Predictor"]
+
+INPUT_COLUMNS = ("bytes", "path")  # where the images are, in order of preference
+
+
+class _MapBatches:
+    def __init__(
+        self, model: str | BulkModel, weights: str | None, options: Options, device: str,
+        optimize: bool, precision: str,
+    ) -> None:  # fmt: skip
+        self.model = load_model(model, weights) if isinstance(model, str) else model
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.transform = self.model.preprocessing.transform()
+        self.outputs = Outputs(self.model, options, torch.device(device), optimize, precision)
+
+    def __call__(self, batch: Any):
+        """A batch (dict of arrays or ``pyarrow.Table``) -> ``pyarrow.Table`` of its rows with
+        ``error`` and this task's columns; the ``bytes`` column is dropped."""
+        import pyarrow as pa
+
+        columns = batch.to_pydict() if hasattr(batch, "to_pydict") else dict(batch)
+        key = next((k for k in INPUT_COLUMNS if k in columns), None)
+        if key is None:
+            raise KeyError(f"a batch needs a 'bytes' or 'path' column, got {list(columns)}")
+        sources = [bytes(s) if key == "bytes" else str(s) for s in columns[key]]
+        decoded = [decode(source, self.transform) for source in sources]
+        errors = [error for _, error in decoded]
+        images = [image for image, _ in decoded if image is not None]
+        outputs = self.outputs.empty()
+        if images:
+            outputs = self.outputs(torch.stack(images).to(self.outputs.device))
+        table = to_table(None, errors, outputs, self.model.classes)
+        for name, values in columns.items():
+            if name not in ("bytes", "error") and name not in table.column_names:
+                table = table.append_column(name, pa.array(list(values)))
+        return table
+
+
+class Embedder(_MapBatches):
+    """``ds.map_batches(Embedder, fn_constructor_kwargs={...}, concurrency=n)``: adds
+    ``embedding`` (the pooled features, (D,) per row, null for an unreadable image) and
+    ``error``.
+
+    Args:
+        model: an architecture name, or a ``densenet.bulk.BulkModel``.
+        weights: as for ``densenet embed --weights`` (a name, a local file, a training
+            checkpoint, or None).
+        normalize: L2-normalise each vector. dtype: ``"float32"`` or ``"float16"``.
+        device: ``"auto"`` (the GPU Ray assigned, if any), ``"cpu"`` or ``"cuda"``.
+        optimize, precision: as for ``densenet.bulk.Outputs``.
+    """
+
+    def __init__(
+        self, model: str | BulkModel = "densenet121", weights: str | None = "DEFAULT", *,
+        normalize: bool = False, dtype: str = "float32", device: str = "auto",
+        optimize: bool = True, precision: str = "auto",
+    ) -> None:  # fmt: skip
+        options = Options(task="embed", normalize=normalize, dtype=dtype)
+        super().__init__(model, weights, options, device, optimize, precision)
+
+
+class Predictor(_MapBatches):
+    """``ds.map_batches(Predictor, fn_constructor_kwargs={...}, concurrency=n)``: adds
+    ``labels``, ``indices`` and ``probabilities`` (the top-k, most probable first), with
+    ``multi_label`` sigmoid probabilities and every label's in ``scores``; and ``error``.
+    Other arguments as ``Embedder``'s."""
+
+    def __init__(
+        self, model: str | BulkModel = "densenet121", weights: str | None = "DEFAULT", *,
+        topk: int = 5, multi_label: bool = False, device: str = "auto", optimize: bool = True,
+        precision: str = "auto",
+    ) -> None:  # fmt: skip
+        options = Options(task="predict", topk=topk, multi_label=multi_label)
+        super().__init__(model, weights, options, device, optimize, precision)
