@@ -1,8 +1,10 @@
 """Bulk embeddings and predictions into Parquet: one row per input, the model's own numbers,
-resuming after kill -9, torchrun ranks, settings checks, input listings."""
+resuming after kill -9, torchrun ranks, settings checks, input listings; densenet.ray's
+Embedder and Predictor on a local Ray instance give the same rows."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -302,3 +304,75 @@ def test_torchrun_two_processes_write_the_rows_of_one(folder, model, checkpoint,
         ranks[part.name] = json.loads(pq.read_schema(part).metadata[b"densenet"])["shard"] % 2
     assert len(ranks) == 7 and set(ranks.values()) == {0, 1}
     assert_same_rows(read(out), read(one))
+
+
+def test_cli_predict_out_and_its_one_line_errors(folder, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", f"{folder}/9/*.png", "--model", "densenet_bc_100_k12", "--weights",
+            str(checkpoint), "--out", str(out), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert bulk.main([*argv, "--topk", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = read(out)
+    assert summary["rows"] == table.num_rows == len(list(folder.glob("9/*.png")))
+    assert set(table.column_names) == {"path", "error", "labels", "indices", "probabilities"}
+    assert bulk.main([*argv, "--topk", "3"]) == 2
+    assert "topk: 2 there, 3 now" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()  # as `densenet predict` has it: several images
+    parser.add_argument("images", nargs="+")
+    bulk.add_arguments(parser, "predict")
+    namespace = parser.parse_args(["a.png", "b.png", "--out", str(out)])
+    with pytest.raises(BulkError, match="one INPUT"):
+        bulk.run_from_args(namespace, "predict")
+
+
+# ---- densenet.ray ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance with 2 CPUs (skips the test when Ray Data is not installed)."""
+    ray = pytest.importorskip("ray", reason="Ray Data is the optional 'ray' extra")
+    pytest.importorskip("ray.data", reason="Ray Data is the optional 'ray' extra")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_embedder_and_predictor_match_the_bulk_output(
+    local_ray, folder, model, checkpoint, tmp_path
+):
+    paths = [str(p) for p in sorted((folder / "5").glob("*.png"))] + [
+        str(p) for p in sorted((folder / "broken").iterdir())
+    ]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(paths))
+    reference = {}
+    for task in ("embed", "predict"):
+        out = tmp_path / task
+        bulk.run(manifest, out, model, bulk.Options(task=task), workers=0, progress=False)
+        reference[task] = read(out).to_pandas().set_index("path")
+    from densenet.ray import Embedder, Predictor
+
+    data = local_ray.data.read_binary_files(paths, include_paths=True)
+    for task, callable_class, column in (
+        ("embed", Embedder, "embedding"),
+        ("predict", Predictor, "probabilities"),
+    ):
+        rows = data.map_batches(
+            callable_class,
+            fn_constructor_kwargs={"model": "densenet_bc_100_k12", "weights": str(checkpoint)},
+            batch_size=64,
+            concurrency=2,
+            num_cpus=0.5,  # two actors leave a CPU of the two to the file reads
+        ).to_pandas()
+        assert sorted(rows["path"]) == sorted(paths) and "bytes" not in rows.columns
+        rows = rows.set_index("path").loc[reference[task].index]
+        broken = rows["error"].notna()
+        assert sorted(rows.index[broken]) == sorted(paths[-3:])
+        assert rows.loc[broken, column].isna().all()
+        expected = np.stack(reference[task].loc[~broken, column])
+        np.testing.assert_allclose(
+            np.stack(rows.loc[~broken, column]), expected, rtol=1e-5, atol=1e-6
+        )
+        if task == "predict":
+            assert list(rows["labels"].iloc[0]) == list(reference[task]["labels"].iloc[0])
