@@ -232,6 +232,32 @@ def test_device_decoding_needs_a_gpu(folder, model, tmp_path):
         bulk.run(folder, tmp_path / "out", model, Options(), device="cpu", device_decode=True)
 
 
+def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, model, tmp_path):
+    """The device-decoding step, run here with torchvision's CPU decoder (the GPU's takes the
+    same calls): JPEGs decoded in a batch, a PNG and a corrupt JPEG on the PIL path, read errors
+    kept in their rows."""
+    paths = []
+    for i, digit in enumerate(sorted((folder / "4").glob("*.png"))[:3]):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.open(digit).convert("RGB").resize((40, 30)).save(paths[-1], quality=95)
+    paths.insert(1, folder / "0" / "0000.png")
+    paths.insert(3, tmp_path / "corrupt.jpg")
+    paths[3].write_bytes(b"\xff\xd8\xff" + b"not a jpeg" * 10)
+    paths.insert(2, tmp_path / "unreadable.jpg")
+    errors = [None] * len(paths)
+    errors[2] = "unreadable.jpg: cannot be read"
+    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for i, p in enumerate(paths) if i != 2]  # fmt: skip
+    names = [str(p) for p in paths]
+    images, errors = bulk._decode_on_device(blobs, names, errors, model.preprocessing, "cpu")
+    assert [e is None for e in errors] == [True, True, False, True, False, True]
+    assert errors[2] == "unreadable.jpg: cannot be read" and "corrupt.jpg" in errors[4]
+    transform = model.preprocessing.transform()
+    reference = torch.stack([transform(Image.open(names[i])) for i in (0, 1, 3, 5)])
+    assert images.shape == reference.shape == (4, 3, 16, 16)
+    assert torch.equal(images[1], reference[1])  # the PNG: the CPU path itself
+    assert (images - reference).abs().mean() < 0.05  # JPEGs: another decoder and resize
+
+
 COMMAND = ["embed", "--model", "densenet_bc_100_k12", "--shard-size", "300", "--batch-size", "50", "--no-progress"]  # fmt: skip
 
 # Runs the bulk command, stopping for good (until killed) once shard 2 is written and a

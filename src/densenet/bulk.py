@@ -12,6 +12,7 @@ its error and a null vector.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import fnmatch
 import json
@@ -277,10 +278,12 @@ class Outputs:
         else:
             self.precision = "float32"
         self.net = net
-        self.widths = {"embedding": net.num_features} if options.task == "embed" else {
-            "indices": self.topk, "probabilities": self.topk,
-            **({"scores": len(model.classes)} if options.multi_label else {}),
-        }  # fmt: skip
+        if options.task == "embed":
+            self.widths = {"embedding": net.num_features}
+        else:
+            self.widths = {"indices": self.topk, "probabilities": self.topk}
+            if options.multi_label:
+                self.widths["scores"] = len(model.classes)
 
     def empty(self) -> dict[str, np.ndarray]:
         """The columns of zero rows (a shard of unreadable images)."""
@@ -304,8 +307,6 @@ class Outputs:
 
 def _headless(net: nn.Module) -> nn.Module:
     """A copy of ``net`` without classifier: its output is ``forward_head(pre_logits=True)``."""
-    import copy
-
     headless = copy.deepcopy(net)
     headless.reset_classifier(0)
     return headless.eval()
@@ -464,40 +465,45 @@ def _collate(items: list[tuple[int, str, Tensor | None, str | None]]):
     return items[0][0], [p for _, p, _, _ in items], [e for _, _, _, e in items], images
 
 
-def _decode_on_device(blobs: list[Tensor], paths: list[str], pre: Preprocessing, device):
-    """JPEG bytes -> ((n, 3, crop, crop) preprocessed on ``device``, errors): decoded in one
-    ``torchvision.io.decode_jpeg`` call on the GPU, resized and cropped there. A file the GPU
-    decoder refuses (another format, corrupt) is decoded on the CPU, or gets its error."""
+def _decode_on_device(
+    blobs: list[Tensor], paths: list[str], errors: list[str | None], pre: Preprocessing, device
+) -> tuple[Tensor | None, list[str | None]]:
+    """A batch's file bytes (``blobs``: one per row whose error is None, in order) ->
+    ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
+    in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
+    that decoder refuses (another format, a corrupt file) is decoded on the CPU, or gets its
+    error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    def cpu(path: str) -> Tensor | str:
-        image, error = decode(path, pre.transform())
-        return error if image is None else image.to(device)
+    def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:
+        try:
+            return (
+                decode_jpeg(blob_list, mode=ImageReadMode.RGB, device=device) if blob_list else []
+            )
+        except RuntimeError:  # one bad file fails them all: decode one by one
+            if len(blob_list) == 1:
+                return [None]
+            return [image for blob in blob_list for image in on_device([blob])]
 
-    def gpu(image: Tensor) -> Tensor:
+    def preprocess(image: Tensor) -> Tensor:
         image = TF.resize(image, [pre.resize_size], InterpolationMode.BILINEAR, antialias=True)
         image = TF.center_crop(image, [pre.crop_size])
         return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
 
-    jpegs = [bytes(b[:3].tolist()) == JPEG_MAGIC for b in blobs]
-    decoded: list[Tensor | str | None] = [None] * len(blobs)
-    slots = [i for i, is_jpeg in enumerate(jpegs) if is_jpeg]
-    try:
-        images = decode_jpeg([blobs[i] for i in slots], mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # one bad file fails the batch: decode them one by one
-        images = []
-        for i in slots:
-            try:
-                images.append(decode_jpeg(blobs[i], mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                images.append(None)
-    for i, image in zip(slots, images):
-        decoded[i] = gpu(image) if image is not None else None
-    decoded = [image if image is not None else cpu(path) for image, path in zip(decoded, paths)]
-    errors = [item if isinstance(item, str) else None for item in decoded]
-    good = [item for item in decoded if isinstance(item, Tensor)]
+    transform = pre.transform()
+    rows = [row for row, error in enumerate(errors) if error is None]
+    jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
+    decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
+    errors, good = list(errors), []
+    for k, row in enumerate(rows):
+        if decoded.get(k) is not None:
+            good.append(preprocess(decoded[k]))
+            continue
+        image, errors[row] = decode(paths[row], transform)
+        if image is not None:
+            good.append(image.to(device))
     return (torch.stack(good) if good else None), errors
 
 
@@ -565,6 +571,7 @@ def run(
         **asdict(options),
         "optimize": optimize,
         "precision": outputs.precision,
+        "device_decode": device_decode,  # another decoder and resize: slightly other pixels
     }
     if options.task == "predict":
         settings["classes"] = model.classes
@@ -595,7 +602,9 @@ def run(
                 _flush(out, current, pending, outputs, model.classes, metadata, summary)
             current = shard
             if device_decode and images:
-                images, errors = _decode_on_device(images, paths, model.preprocessing, target)
+                images, errors = _decode_on_device(
+                    images, paths, errors, model.preprocessing, target
+                )
             elif len(images):
                 images = images.to(target, non_blocking=True)
             pending["paths"] += paths
