@@ -277,6 +277,7 @@ bulk.main(sys.argv[4:] + ["--weights", sys.argv[1], sys.argv[2], "--out", sys.ar
 """
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_rows_of_an_uninterrupted_run(
     folder, model, checkpoint, tmp_path
 ):
@@ -364,6 +365,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_embedder_and_predictor_match_the_bulk_output(
     local_ray, folder, model, checkpoint, tmp_path
 ):

@@ -539,7 +539,7 @@ def run(
     *,
     device: str = "auto",
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     optimize: bool = True,
     precision: str = "auto",
     device_decode: bool = False,
@@ -552,14 +552,17 @@ def run(
     Shards already in ``out`` are skipped; ``out`` must have been written with the same model,
     weights, input and options (``BulkError`` otherwise). ``rank``/``world_size`` default to
     torchrun's ``RANK``/``WORLD_SIZE``: this process writes the shards k % world_size == rank.
-    Images are decoded and preprocessed in ``workers`` DataLoader processes while the model
-    runs; ``device_decode`` reads JPEG bytes there instead and decodes them on the GPU.
+    Images are decoded and preprocessed in ``workers`` DataLoader processes (default: half the
+    CPUs, at most 8) while the model runs; ``device_decode`` reads JPEG bytes there instead and
+    decodes them on the GPU.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     target = _device(device, world_size)
     if device_decode and target.type != "cuda":
         raise BulkError("device decoding (--device-decode) needs a CUDA device; drop the option")
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2))
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
     iter_inputs(source)  # a missing input fails here, before the model is loaded on the device
@@ -698,7 +701,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "--out", required=task == "embed", help="folder of Parquet shards (resumed if present)"
     )
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet file")
-    parser.add_argument("--workers", type=int, default=4, help="decoding processes")
+    parser.add_argument(
+        "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute dtype")
     parser.add_argument(
         "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
