@@ -708,7 +708,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument(
         "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
     )
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
 
 
 def run_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
@@ -722,6 +724,7 @@ def run_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
                 f"--out takes one INPUT (a folder, a manifest or a quoted glob), got {len(source)}"
             )
         source = source[0]
+    iter_inputs(source)  # a missing input fails before the model is loaded (or downloaded)
     options = Options(
         task=task,
         normalize=getattr(args, "normalize", False),
