@@ -5,7 +5,7 @@ per architecture of ``densenet.list_models()``."""
 import os
 import sys
 
-dependencies = ["torch", "torchvision", "PIL", "tqdm"]
+dependencies = ["torch", "torchvision", "PIL", "tqdm", "safetensors"]
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 

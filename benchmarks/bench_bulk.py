@@ -29,7 +29,7 @@ from PIL import Image
 
 import densenet
 from densenet import bulk
-from densenet.transforms import IMAGENET_MEAN, IMAGENET_STD
+from densenet.io import write_json
 
 PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -64,9 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    net = densenet.get_model(args.model).eval()
-    preprocessing = bulk.Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
-    model = bulk.BulkModel(net, preprocessing, [str(i) for i in range(net.num_classes)], args.model)
+    model = densenet.load(densenet.get_model(args.model))  # random weights, the 256/224 card
     options = bulk.Options(task="embed", shard_size=1024)
     device = torch.device(args.device)
     outputs = bulk.Outputs(model, options, device)
@@ -74,7 +72,7 @@ def main() -> None:
         photos = Path(tmp) / "photos"
         photos.mkdir()
         write_photos(photos, args.images, tuple(args.photo_size))
-        transform = preprocessing.transform()
+        transform = model.card.preprocessing.transform()
         images = torch.stack([transform(Image.open(p)) for p in sorted(photos.iterdir())])
         batches = list(images.split(args.batch_size))
         outputs(batches[0].to(device))  # warm-up
@@ -91,7 +89,7 @@ def main() -> None:
             out = Path(tmp) / "out"
             shutil.rmtree(out, ignore_errors=True)
             summary = bulk.run(
-                photos, out, model, options, device=args.device, batch_size=args.batch_size,
+                photos, out, options, model.module, device=args.device, batch_size=args.batch_size,
                 workers=args.workers, device_decode=args.device_decode, progress=False,
             )  # fmt: skip
             assert summary.rows == args.images and summary.errors == 0
@@ -118,7 +116,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

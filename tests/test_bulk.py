@@ -4,7 +4,6 @@ Embedder and Predictor on a local Ray instance give the same rows."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -20,6 +19,8 @@ from PIL import Image
 import densenet
 from densenet import bulk
 from densenet.bulk import BulkError, Options, iter_inputs
+from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+from densenet.cli import main
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
 import pyarrow.dataset as pads  # noqa: E402
@@ -53,30 +54,28 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A `densenet train` checkpoint of a tiny 10-class DenseNet (non-trivial BatchNorm), with
-    its class names and a 16/16 transform."""
+def save_tiny(path: Path, multi_label: bool = False) -> Path:
+    """A `densenet train` checkpoint of a tiny 10-class DenseNet (non-trivial BatchNorm, the
+    same weights on every call), its card with class names and a 16/16 transform."""
     torch.manual_seed(0)
     model = densenet.get_model("densenet_bc_100_k12", num_classes=10, **TINY)
     randomize_batchnorm(model)
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    torch.save(
-        {
-            "arch": "densenet_bc_100_k12",
-            "model_args": {"num_classes": 10, **TINY},
-            "classes": [f"digit {i}" for i in range(10)],
-            "transform": {"resize_size": 16, "crop_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3},
-            "model": model.state_dict(),
-        },
-        path,
-    )
+    pre = densenet.Preprocessing(16, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    classes = tuple(f"digit {i}" for i in range(10))
+    card = densenet.ModelCard(classes, pre, multi_label=multi_label, arch="densenet_bc_100_k12")
+    args = {"num_classes": 10, **TINY}
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), model_args=args), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint) -> bulk.BulkModel:
-    return bulk.load_model("densenet_bc_100_k12", str(checkpoint))
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> densenet.LoadedModel:
+    return densenet.load(checkpoint)
 
 
 def read(out: Path):
@@ -84,9 +83,9 @@ def read(out: Path):
     return pads.dataset(out, format="parquet").to_table().combine_chunks()
 
 
-def expected(model: bulk.BulkModel, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def expected(model: densenet.LoadedModel, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features, logits) of the eager model on the same preprocessed images."""
-    transform = model.preprocessing.transform()
+    transform = model.card.preprocessing.transform()
     x = torch.stack([transform(Image.open(p)) for p in paths])
     net = model.module.eval()
     with torch.no_grad():
@@ -94,9 +93,11 @@ def expected(model: bulk.BulkModel, paths: list[str]) -> tuple[torch.Tensor, tor
         return features, net.classifier(features)
 
 
-def test_embed_writes_a_row_per_file_and_the_pre_logits_features(folder, model, tmp_path):
+def test_embed_writes_a_row_per_file_and_the_pre_logits_features(
+    folder, model, checkpoint, tmp_path
+):
     out = tmp_path / "out"
-    summary = bulk.run(folder, out, model, Options(shard_size=700), workers=2, progress=False)
+    summary = bulk.run(folder, out, Options(shard_size=700), checkpoint, workers=2, progress=False)
     assert (summary.shards_written, summary.rows, summary.errors) == (3, N_DIGITS + 3, 3)
     assert sorted(p.name for p in out.iterdir()) == [
         "_densenet_bulk.json", "part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
@@ -119,15 +120,17 @@ def test_embed_writes_a_row_per_file_and_the_pre_logits_features(folder, model, 
     meta = json.loads(pq.read_schema(out / "part-000001.parquet").metadata[b"densenet"])
     assert meta["model"] == "densenet_bc_100_k12" and meta["weights_sha256"]
     assert meta["preprocessing"]["crop_size"] == 16 and meta["shard"] == 1
-    assert meta["first_row"] == 700 and meta["version"] == bulk.__version__
+    assert meta["first_row"] == 700 and meta["version"] == densenet.__version__
 
 
-def test_eager_normalized_float16_embeddings(folder, model, tmp_path):
+def test_eager_normalized_float16_embeddings(folder, model, checkpoint, tmp_path):
     manifest = tmp_path / "some.txt"
     paths = [str(p) for p in sorted((folder / "3").glob("*.png"))[:40]]
     manifest.write_text("\n".join(paths) + "\n")
     options = Options(normalize=True, dtype="float16", shard_size=16)
-    bulk.run(manifest, tmp_path / "out", model, options, workers=0, optimize=False, progress=False)
+    bulk.run(
+        manifest, tmp_path / "out", options, checkpoint, workers=0, optimize=False, progress=False
+    )
     table = read(tmp_path / "out")
     assert table["path"].to_pylist() == paths
     vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
@@ -139,13 +142,15 @@ def test_eager_normalized_float16_embeddings(folder, model, tmp_path):
 
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_predict_writes_top_k_labels_and_probabilities(folder, model, tmp_path, multi_label):
+    """Softmax probabilities, or for a multi-label card sigmoids and every label's score."""
+    checkpoint = save_tiny(tmp_path / "tiny.pth", multi_label)
     paths = [str(p) for p in sorted((folder / "7").glob("*.png"))[:30]] + [
         str(folder / "broken" / "garbage.png")
     ]
     manifest = tmp_path / "list.csv"
     manifest.write_text("label,path\n" + "".join(f"x,{p}\n" for p in paths))
-    options = Options(task="predict", topk=3, multi_label=multi_label, shard_size=100)
-    bulk.run(manifest, tmp_path / "out", model, options, workers=1, progress=False)
+    options = Options(task="predict", topk=3, shard_size=100)
+    bulk.run(manifest, tmp_path / "out", options, checkpoint, workers=1, progress=False)
     table = read(tmp_path / "out")
     assert table["path"].to_pylist() == paths and table["error"].null_count == 30
     good = table.slice(0, 30)
@@ -163,12 +168,12 @@ def test_predict_writes_top_k_labels_and_probabilities(folder, model, tmp_path, 
         np.testing.assert_allclose(all_scores, scores.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_a_shard_of_only_broken_files_has_the_same_columns(folder, model, tmp_path):
+def test_a_shard_of_only_broken_files_has_the_same_columns(folder, checkpoint, tmp_path):
     names = ["broken/empty.png", "broken/garbage.png", "0/0000.png"]
     manifest = tmp_path / "broken.txt"  # relative paths are taken from the manifest's folder
     manifest.write_text("".join(os.path.relpath(folder / n, tmp_path) + "\n" for n in names))
     out = tmp_path / "out"
-    bulk.run(manifest, out, model, Options(shard_size=2), workers=0, progress=False)
+    bulk.run(manifest, out, Options(shard_size=2), checkpoint, workers=0, progress=False)
     schemas = [pq.read_schema(p).remove_metadata() for p in sorted(out.glob("*.parquet"))]
     assert len(schemas) == 2 and schemas[0] == schemas[1]
     table = read(out)
@@ -210,26 +215,29 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         Options(task="classify")
 
 
-def test_refuses_to_resume_with_other_settings(folder, model, tmp_path, checkpoint):
+def test_refuses_to_resume_with_other_settings(folder, tmp_path, checkpoint):
     manifest = tmp_path / "list.txt"
     manifest.write_text("\n".join(str(p) for p in sorted((folder / "1").glob("*.png"))[:8]))
-    bulk.run(manifest, tmp_path / "out", model, Options(shard_size=4), workers=0, progress=False)
-    again = bulk.run(
-        manifest, tmp_path / "out", model, Options(shard_size=4), workers=0, progress=False
-    )
+    out = tmp_path / "out"
+    bulk.run(manifest, out, Options(shard_size=4), checkpoint, workers=0, progress=False)
+    again = bulk.run(manifest, out, Options(shard_size=4), checkpoint, workers=0, progress=False)
     assert (again.shards_written, again.shards_skipped) == (0, 2)
     with pytest.raises(BulkError, match="normalize: False there, True now"):
-        bulk.run(
-            manifest, tmp_path / "out", model, Options(normalize=True, shard_size=4), progress=False
-        )
-    other = bulk.load_model("densenet_bc_100_k12", None)
-    with pytest.raises(BulkError, match="weights"):
-        bulk.run(manifest, tmp_path / "out", other, Options(shard_size=4), progress=False)
+        bulk.run(manifest, out, Options(normalize=True, shard_size=4), checkpoint, progress=False)
+    other = densenet.get_model("densenet_bc_100_k12", num_classes=10, **TINY).eval()
+    with pytest.raises(BulkError, match="weights_sha256: '[0-9a-f]+' there, None now"):
+        bulk.run(manifest, out, Options(shard_size=4), other, progress=False)
 
 
-def test_device_decoding_needs_a_gpu(folder, model, tmp_path):
+def test_device_decoding_needs_a_gpu(folder, checkpoint, tmp_path):
     with pytest.raises(BulkError, match="CUDA"):
-        bulk.run(folder, tmp_path / "out", model, Options(), device="cpu", device_decode=True)
+        bulk.run(folder, tmp_path / "out", Options(), checkpoint, device="cpu", device_decode=True)
+
+
+def test_a_model_that_is_not_a_densenet_is_refused(folder, tmp_path):
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    with pytest.raises(BulkError, match="runs a DenseNet .* not a Sequential"):
+        bulk.run(folder, tmp_path / "out", Options(task="predict"), module, progress=False)
 
 
 def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, model, tmp_path):
@@ -248,10 +256,11 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
     errors[2] = "unreadable.jpg: cannot be read"
     blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for i, p in enumerate(paths) if i != 2]  # fmt: skip
     names = [str(p) for p in paths]
-    images, errors = bulk._decode_on_device(blobs, names, errors, model.preprocessing, "cpu")
+    pre = model.card.preprocessing
+    images, errors = bulk._decode_on_device(blobs, names, errors, pre, "cpu")
     assert [e is None for e in errors] == [True, True, False, True, False, True]
     assert errors[2] == "unreadable.jpg: cannot be read" and "corrupt.jpg" in errors[4]
-    transform = model.preprocessing.transform()
+    transform = pre.transform()
     reference = torch.stack([transform(Image.open(names[i])) for i in (0, 1, 3, 5)])
     assert images.shape == reference.shape == (4, 3, 16, 16)
     assert torch.equal(images[1], reference[1])  # the PNG: the CPU path itself
@@ -260,30 +269,30 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
 
 COMMAND = ["embed", "--model", "densenet_bc_100_k12", "--shard-size", "300", "--batch-size", "50", "--no-progress"]  # fmt: skip
 
+HALF_WRITTEN = ".part-000003.parquet.killed.tmp.parquet"  # as atomic_write names it
 # Runs the bulk command, stopping for good (until killed) once shard 2 is written and a
 # temporary file of shard 3 is half written: ``python -c KILLABLE checkpoint folder out``.
-KILLABLE = """
+KILLABLE = f"""
 import sys
 from densenet import bulk
-write = bulk._write_atomically
-def stop_after_shard_2(table, path):
-    write(table, path)
+from densenet.cli import main
+write = bulk.atomic_write
+def stop_after_shard_2(path, writer):
+    write(path, writer)
     if path.name == "part-000002.parquet":
-        path.with_name(".part-000003.parquet.1.tmp").write_bytes(b"PAR1 half a shard")
+        path.with_name("{HALF_WRITTEN}").write_bytes(b"PAR1 half a shard")
         print("written", flush=True)
         sys.stdin.read()
-bulk._write_atomically = stop_after_shard_2
-bulk.main(sys.argv[4:] + ["--weights", sys.argv[1], sys.argv[2], "--out", sys.argv[3]])
+bulk.atomic_write = stop_after_shard_2
+main(sys.argv[4:] + ["--weights", sys.argv[1], sys.argv[2], "--out", sys.argv[3]])
 """
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_rows_of_an_uninterrupted_run(
-    folder, model, checkpoint, tmp_path
-):
+def test_kill_9_then_rerun_gives_the_rows_of_an_uninterrupted_run(folder, checkpoint, tmp_path):
     whole = tmp_path / "whole"
     bulk.run(
-        folder, whole, model, Options(shard_size=300), batch_size=50, workers=0, progress=False
+        folder, whole, Options(shard_size=300), checkpoint, batch_size=50, workers=0, progress=False
     )
     out = tmp_path / "out"
     child = subprocess.Popen(
@@ -294,16 +303,16 @@ def test_kill_9_then_rerun_gives_the_rows_of_an_uninterrupted_run(
     os.killpg(child.pid, signal.SIGKILL)  # the command and its DataLoader worker
     child.wait()
     assert sorted(p.name for p in out.glob("*parquet*")) == [
-        ".part-000003.parquet.1.tmp", "part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
+        HALF_WRITTEN, "part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
     ]  # fmt: skip
     rerun = subprocess.run(
-        [sys.executable, "-m", "densenet.bulk", *COMMAND, "--weights", str(checkpoint), str(folder),
+        [sys.executable, "-m", "densenet", *COMMAND, "--weights", str(checkpoint), str(folder),
          "--out", str(out), "--workers", "1"],
         env=ENV, capture_output=True, text=True, check=True,
     )  # fmt: skip
     summary = json.loads(rerun.stdout)
     assert (summary["shards_skipped"], summary["shards_written"]) == (3, 4)
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert_same_rows(read(out), read(whole))
 
 
@@ -316,13 +325,15 @@ def assert_same_rows(table, reference) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_write_the_rows_of_one(folder, model, checkpoint, tmp_path):
+def test_torchrun_two_processes_write_the_rows_of_one(folder, checkpoint, tmp_path):
     one = tmp_path / "one"
-    bulk.run(folder, one, model, Options(shard_size=300), batch_size=50, workers=0, progress=False)
+    bulk.run(
+        folder, one, Options(shard_size=300), checkpoint, batch_size=50, workers=0, progress=False
+    )
     out = tmp_path / "two"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "densenet.bulk", *COMMAND, "--weights", str(checkpoint), str(folder), "--out", str(out),
+         "-m", "densenet", *COMMAND, "--weights", str(checkpoint), str(folder), "--out", str(out),
          "--workers", "0", "--device", "cpu"],
         env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -335,21 +346,39 @@ def test_torchrun_two_processes_write_the_rows_of_one(folder, model, checkpoint,
 
 def test_cli_predict_out_and_its_one_line_errors(folder, checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["predict", f"{folder}/9/*.png", "--model", "densenet_bc_100_k12", "--weights",
-            str(checkpoint), "--out", str(out), "--workers", "0", "--no-progress"]  # fmt: skip
-    assert bulk.main([*argv, "--topk", "2"]) == 0
+    argv = ["predict", f"{folder}/9/*.png", "--model", str(checkpoint), "--out", str(out),
+            "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--topk", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     table = read(out)
     assert summary["rows"] == table.num_rows == len(list(folder.glob("9/*.png")))
     assert set(table.column_names) == {"path", "error", "labels", "indices", "probabilities"}
-    assert bulk.main([*argv, "--topk", "3"]) == 2
-    assert "topk: 2 there, 3 now" in capsys.readouterr().err
-    parser = argparse.ArgumentParser()  # as `densenet predict` has it: several images
-    parser.add_argument("images", nargs="+")
-    bulk.add_arguments(parser, "predict")
-    namespace = parser.parse_args(["a.png", "b.png", "--out", str(out)])
-    with pytest.raises(BulkError, match="one INPUT"):
-        bulk.run_from_args(namespace, "predict")
+    assert table["labels"][0].as_py()[0].startswith("digit ")
+    assert main([*argv, "--topk", "3"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("densenet predict: error: ") and "topk: 2 there, 3 now" in line
+    assert main(["predict", "a.png", "b.png", "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == "densenet predict: error: --out takes one INPUT (a folder, a manifest or a quoted glob), got 2"  # fmt: skip
+
+
+def test_cli_embed_writes_rows_and_a_bad_input_is_one_line(folder, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["embed", str(folder / "2"), "--model", str(checkpoint), "--out", str(out),
+            "--workers", "0", "--no-progress", "--normalize", "--shard-size", "64"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = read(out)
+    assert summary["rows"] == table.num_rows == len(list(folder.glob("2/*.png")))
+    assert summary["shards_written"] == len(list(out.glob("part-*.parquet"))) > 1
+    assert set(table.column_names) == {"path", "error", "embedding"}
+    norms = np.linalg.norm(np.stack(table["embedding"].to_numpy(zero_copy_only=False)), axis=1)
+    np.testing.assert_allclose(norms, 1, rtol=1e-5)
+    missing = tmp_path / "missing"
+    assert main(["embed", str(missing), "--out", str(tmp_path / "other")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"densenet embed: error: {missing}: no such file, folder or matching glob"
+    assert not (tmp_path / "other").exists()
 
 
 # ---- densenet.ray ---------------------------------------------------------------------------
@@ -366,9 +395,7 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_embedder_and_predictor_match_the_bulk_output(
-    local_ray, folder, model, checkpoint, tmp_path
-):
+def test_ray_embedder_and_predictor_match_the_bulk_output(local_ray, folder, checkpoint, tmp_path):
     paths = [str(p) for p in sorted((folder / "5").glob("*.png"))] + [
         str(p) for p in sorted((folder / "broken").iterdir())
     ]
@@ -377,7 +404,7 @@ def test_ray_embedder_and_predictor_match_the_bulk_output(
     reference = {}
     for task in ("embed", "predict"):
         out = tmp_path / task
-        bulk.run(manifest, out, model, bulk.Options(task=task), workers=0, progress=False)
+        bulk.run(manifest, out, Options(task=task), checkpoint, workers=0, progress=False)
         reference[task] = read(out).to_pandas().set_index("path")
     from densenet.ray import Embedder, Predictor
 
@@ -388,7 +415,7 @@ def test_ray_embedder_and_predictor_match_the_bulk_output(
     ):
         rows = data.map_batches(
             callable_class,
-            fn_constructor_kwargs={"model": "densenet_bc_100_k12", "weights": str(checkpoint)},
+            fn_constructor_kwargs={"model": str(checkpoint)},
             batch_size=64,
             concurrency=2,
             num_cpus=0.5,  # two actors leave a CPU of the two to the file reads

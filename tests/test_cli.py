@@ -1,18 +1,22 @@
-"""`densenet info` and `densenet weights`."""
+"""The command line as a whole (errors, options) and `densenet info` and `densenet weights`."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_weights import SMALL, legacy, save_published_like
 
 import densenet
-from densenet.cli import main
+from densenet.cli import build_parser, main
 from densenet.weights import WEIGHTS
 
 
@@ -76,7 +80,8 @@ def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "densenet", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("predict", "info", "weights", "bench", "eval", "train", "export", "serve"):
+    commands = ("predict", "embed", "info", "weights", "bench", "eval", "train", "export", "serve")
+    for command in commands:
         assert command in result.stdout
 
 
@@ -89,3 +94,40 @@ def test_debug_zero_keeps_errors_on_one_line(monkeypatch, capsys):
     monkeypatch.setenv("DENSENET_DEBUG", "0")
     assert main(["info", "densenet999"]) == 2
     assert capsys.readouterr().err.startswith("densenet info: error: unknown model 'densenet999'")
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
+    """Only expected errors (the package's, OSError, ValueError) become one line."""
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(densenet.cli.info, "run", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["info"])
+    monkeypatch.setattr(
+        densenet.cli.info, "run", lambda args: Path("/nonexistent/file").read_text()
+    )
+    assert main(["info"]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_every_option_is_read_by_its_command():
+    """An option whose value no code reads (as ``--dynamic-batch`` once was) does nothing. A
+    command's options are read in its module or in the functions of ``cli.common`` that it
+    passes ``args`` to (``run_bulk``: the bulk options of ``embed`` and ``predict --out``)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    shared = inspect.getmembers(densenet.cli.common, inspect.isfunction)
+    for name, parser in sub.choices.items():
+        module = sys.modules[parser.get_default("run").__module__]
+        source = inspect.getsource(module)
+        source += "".join(inspect.getsource(f) for n, f in shared if f"{n}(args" in source)
+        tables = {**getattr(module, "FLAGS", {}), **getattr(module, "SWITCHES", {})}
+        parsers = [parser] + [
+            p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for p in a.choices.values()
+        ]  # fmt: skip
+        for action in (a for p in parsers for a in p._actions):
+            if action.dest in ("help", "run") or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert f"args.{action.dest}" in source or action.dest in tables, (name, action.dest)

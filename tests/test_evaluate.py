@@ -11,9 +11,10 @@ from PIL import Image
 from torch import nn
 
 import densenet
+from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet.data import DataError
-from densenet.evaluate import evaluate, load_eval_model
+from densenet.evaluate import evaluate
+from densenet.weights import WeightsError
 
 TINY = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
 
@@ -66,10 +67,6 @@ def test_ten_crop_averages_softmax_over_crops():
     assert result.loss == pytest.approx(-probs[1].log().item())
 
 
-def test_evaluate_is_exported():
-    assert densenet.evaluate is evaluate
-
-
 def _folder(root, classes, per_class=2, size=12):
     for c in classes:
         (root / c).mkdir(parents=True)
@@ -79,15 +76,12 @@ def _folder(root, classes, per_class=2, size=12):
 
 
 def _checkpoint(path, classes):
+    """A training checkpoint of a tiny densenet_bc_100_k12 with 12x12 preprocessing."""
     model = densenet.get_model("densenet_bc_100_k12", num_classes=len(classes), **TINY)
-    state = {
-        "arch": "densenet_bc_100_k12",
-        "model_args": {"num_classes": len(classes), **TINY},
-        "classes": list(classes),
-        "transform": {"resize_size": 12, "crop_size": 12, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "model": model.state_dict(),
-    }
-    torch.save(state, path)
+    pre = densenet.Preprocessing(12, 12, mean=(0.5,) * 3, std=(0.25,) * 3)
+    card = densenet.ModelCard(tuple(classes), pre, arch="densenet_bc_100_k12")
+    args = {"num_classes": len(classes), **TINY}
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), model_args=args), path)
     return model
 
 
@@ -119,8 +113,8 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
     assert (eager["top1"], eager["top5"]) == (result["top1"], result["top5"])
     assert eager["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
-    with pytest.raises(ValueError, match="checkpoint of densenet_bc_100_k12, not densenet121"):
-        load_eval_model("densenet121", str(tmp_path / "best.pth"), model_given=True)
+    with pytest.raises(WeightsError, match="checkpoint of densenet_bc_100_k12, not densenet121"):
+        densenet.load("densenet121", weights=str(tmp_path / "best.pth"))
     unknown = _folder(tmp_path / "other", ["a", "zebra"])
     assert main(["eval", str(unknown), "--weights", str(tmp_path / "best.pth"),
                  "--workers", "0", "--no-progress"]) == 2  # fmt: skip
@@ -130,11 +124,11 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
 def test_plain_state_dict_and_class_count_check(tmp_path, capsys):
     model = densenet.get_model("densenet_bc_100_k12", num_classes=5, **TINY)
     torch.save(model.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(Exception, match="does not fit"):  # the file is not densenet_bc_100_k12
-        load_eval_model("densenet_bc_100_k12", str(tmp_path / "plain.pth"))
+    with pytest.raises(WeightsError, match="does not fit"):  # not densenet_bc_100_k12's shapes
+        densenet.load("densenet_bc_100_k12", weights=str(tmp_path / "plain.pth"))
     small = densenet.get_model("densenet_bc_100_k12", num_classes=5)
     torch.save(small.state_dict(), tmp_path / "small.pth")
-    loaded = load_eval_model("densenet_bc_100_k12", str(tmp_path / "small.pth")).model
+    loaded = densenet.load("densenet_bc_100_k12", weights=str(tmp_path / "small.pth")).module
     assert loaded.num_classes == 5  # from the file's classifier, not a fresh 10-class one
     data = _folder(tmp_path / "val", ["x", "y"], per_class=1, size=32)
     assert main(["eval", str(data), "--model", "densenet_bc_100_k12", "--weights",
@@ -155,7 +149,3 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
                  "--no-progress"])  # fmt: skip
     assert code == 2
     assert "holds no images" in capsys.readouterr().err
-
-
-def test_data_error_is_a_value_error():
-    assert issubclass(DataError, ValueError)

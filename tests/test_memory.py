@@ -274,6 +274,7 @@ def _sgd_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     opt.step()
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_plain(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,6 +33,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(IMAGENET_PARAMS))
 def test_matches_torchvision_in_float64(name):
     torch.manual_seed(0)

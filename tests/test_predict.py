@@ -39,6 +39,7 @@ def reference_top5(model, path):
     return [densenet.imagenet_classes()[k] for k in i], p.tolist()
 
 
+@pytest.mark.slow
 def test_predict_matches_the_hub_page_recipe(weights_file, images, reference):
     classifier = densenet.Classifier("densenet121", weights=weights_file, device="cpu")
     paths = sorted(str(p) for p in images.iterdir())
@@ -77,13 +78,13 @@ def bad_images(folder):
     Image.fromarray(skimage.data.astronaut()).save(buffer)
     (folder / "truncated.jpg").write_bytes(buffer.read_bytes()[:2000])
     buffer.unlink()
-    Image.new("RGB", (10, 10)).save(folder / "small.png")
+    Image.new("RGB", (1010, 10)).save(folder / "wide.png")
     Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
     return {
         "empty.jpg": "empty",
         "notes.jpg": "not an image",
         "truncated.jpg": "truncated",
-        "small.png": "smaller than the model's minimum 29x29",
+        "wide.png": "wider than 100:1",
         "bomb.png": "pixels",
     }
 
@@ -109,6 +110,7 @@ def test_bad_images_report_their_own_error(tmp_path, images):
         classifier.predict(sources)
 
 
+@pytest.mark.slow
 def test_cli_predict_text_and_json(weights_file, images, reference, capsys):
     args = [str(images), "--weights", str(weights_file), "--device", "cpu", "--topk", "3"]
     assert main(["predict", *args]) == 0
@@ -182,16 +184,32 @@ def test_training_checkpoint_brings_its_classes_and_transform(tmp_path, images):
     ]
 
 
+@pytest.mark.slow
 def test_new_classifier_drops_the_imagenet_names(torch_home):
     torch.save(densenet.densenet121().state_dict(), torch_home / "densenet121-a639ec97.pth")
     with pytest.warns(UserWarning, match="classifier"):
         model = densenet.densenet121(weights="DEFAULT", num_classes=3)
-    assert model.weights_entry is None
     assert densenet.Classifier(model, device="cpu").categories == ["class 0", "class 1", "class 2"]
-    full = densenet.densenet121(weights="DEFAULT")
-    assert full.weights_entry is densenet.get_weights("densenet121")
-    full.reset_classifier(5)
-    assert full.weights_entry is None
+    full = densenet.load("densenet121", weights="DEFAULT")
+    assert full.card == densenet.get_weights("densenet121").card
+    full.module.reset_classifier(5)
+    assert densenet.Classifier(full.module, device="cpu").categories[-1] == "class 4"
+
+
+def test_small_images_are_checked_after_preprocessing(images):
+    """The network's minimum applies to its input: a 28x28 image resized to 32x32 is fine."""
+    classifier = densenet.Classifier(densenet.densenet_bc_100_k12(), device="cpu")
+    assert classifier.min_size == (4, 4)
+    small = Image.open(images / "coffee.png").convert("RGB").resize((28, 28))
+    (top,) = classifier.predict([small], topk=3)
+    assert len(top) == 3
+    imagenet = densenet.Classifier(tiny_model(num_classes=1000), device="cpu", optimize=False)
+    assert len(imagenet.predict([small.resize((8, 8))], topk=1)[0]) == 1  # resized to 224
+    with pytest.raises(
+        densenet.ImageError, match=r"at least 5x5 \(smaller than the model's minimum"
+    ) as raised:
+        imagenet.predict([torch.zeros(3, 4, 4)])
+    assert raised.value.reason is densenet.images.Reason.BAD_SHAPE
 
 
 def test_cifar_model_without_weights_sees_32x32(images):

@@ -1,10 +1,11 @@
 """Fuzzing the service's OpenAPI description with schemathesis: generated requests to every
-operation, valid and invalid (bounded in count and time), never get a 5xx."""
+operation, valid and invalid (a fixed number per operation), never get a 5xx."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import schemathesis
 import torch
 from conftest import tiny_model
@@ -20,8 +21,6 @@ app = create_app(
     model_name="tiny-densenet",
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-TIME_LIMIT_S = 20  # per operation, on top of the example count
-started: dict[str, float] = {}
 
 
 def ready() -> None:
@@ -31,14 +30,10 @@ def ready() -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @schema.parametrize()
-@settings(
-    max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-)
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
-    start = started.setdefault(case.operation.label, time.monotonic())
-    if time.monotonic() - start > TIME_LIMIT_S:
-        return
     response = case.call(timeout=30)
     if response.status_code == 503 and not app.state.service.ready:
         ready()  # 503 during the warm-up batch is the documented answer; retry once ready

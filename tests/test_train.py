@@ -4,26 +4,28 @@ NaN loss, full disk, unreadable images)."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_data import digits_folder, fake_cifar10
 
+from densenet import ModelCard
 from densenet.cli import main
 from densenet.train import (
     RECIPES,
     CheckpointError,
+    TrainCheckpoint,
+    Trainer,
     TrainingError,
-    _resize_size,
+    eval_resize,
     make_config,
     milestone_epochs,
     parse_override,
@@ -75,8 +77,8 @@ def test_recipes_are_the_papers():
     assert milestone_epochs(RECIPES["cifar10+"]) == [150, 225]
     assert milestone_epochs(RECIPES["svhn"]) == [20, 30]
     assert milestone_epochs(make_config("cifar10", epochs=1)) == [1, 1]  # never before epoch 1
-    assert (imagenet.image_size, _resize_size(imagenet)) == (224, 256)
-    assert _resize_size(make_config("imagenet", data="x", image_size=112)) == 128
+    assert (imagenet.image_size, eval_resize(imagenet)) == (224, 256)
+    assert eval_resize(make_config("imagenet", data="x", image_size=112)) == 128
     for r in RECIPES.values():
         assert (r.momentum, r.nesterov, r.weight_decay, r.lr_gamma) == (0.9, True, 1e-4, 0.1)
     assert RECIPES["finetune"].weights == "DEFAULT"
@@ -100,6 +102,7 @@ def test_every_setting_can_be_overridden():
         make_config("imagenet")
 
 
+@pytest.mark.slow
 def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, capsys):
     """A small DenseNet-BC learns scikit-learn's handwritten digits: >= 95% held out."""
     out = tmp_path / "run"
@@ -116,11 +119,12 @@ def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, caps
     assert records[-1]["lr"] == pytest.approx(0.001)  # / 10 at epochs 3 and 4 (50%, 75%)
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["mean"] == [0.485, 0.456, 0.406] and resolved["resize_size"] == 16
-    checkpoint = torch.load(out / "best.pth", weights_only=True)
-    assert checkpoint["classes"] == [str(d) for d in range(10)]
+    checkpoint = read_checkpoint(out / "best.pth")
+    assert checkpoint.card.classes == tuple(str(d) for d in range(10))
     assert (
-        checkpoint["arch"] == "densenet_bc_100_k12" and checkpoint["model_args"]["growth_rate"] == 8
+        checkpoint.card.arch == "densenet_bc_100_k12" and checkpoint.model_args["growth_rate"] == 8
     )
+    assert torch.load(out / "best.pth", weights_only=True)["format"] == "densenet-train-2"
     # `densenet eval` rebuilds the model from the checkpoint and gets the same accuracy
     assert main(["eval", str(digits), "--weights", str(out / "best.pth"), "--workers", "0",
                  "--json", "--no-progress"]) == 0  # fmt: skip
@@ -130,17 +134,19 @@ def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, caps
 
 
 _KILLABLE = """
-import sys, time
-import densenet.train as t
+import sys
+import densenet.checkpoint as c
 from densenet.cli import main
 
-pause, save = float(sys.argv[1]), t.save_checkpoint
+block, save = sys.argv[1] == "block", c.save_checkpoint
 
-def save_then_pause(state, path):
-    save(state, path)
-    time.sleep(pause)
+def save_then_block(checkpoint, path):
+    save(checkpoint, path)
+    print("saved", flush=True)
+    sys.stdin.read()  # until killed
 
-t.save_checkpoint = save_then_pause
+if block:
+    c.save_checkpoint = save_then_block
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -157,32 +163,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_gives_the_weights_of_an_uninterrupted_run(few_digits, tmp_path):
     """Augmentation (crop-flip) and dropout both draw random numbers: resuming must restore them."""
     script = [sys.executable, "-c", _KILLABLE]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     options = ["--drop-rate", "0.2", "--deterministic", "--checkpoint-every-steps", "2"]
     subprocess.run(
-        [*script, "0", *_train_cli(few_digits, straight, *options)], env=_env(), check=True
+        [*script, "run", *_train_cli(few_digits, straight, *options)], env=_env(), check=True
     )
     process = subprocess.Popen(
-        [*script, "5", *_train_cli(few_digits, killed, *options)], env=_env()
-    )
-    deadline = time.monotonic() + 120
-    while not (killed / "last.pth").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+        [*script, "block", *_train_cli(few_digits, killed, *options)], env=_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout.readline() == "saved\n"  # the first checkpoint is on disk
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     interrupted = read_checkpoint(killed / "last.pth")
-    assert (interrupted["epoch"], interrupted["step"]) == (0, 2)  # killed in the first epoch
+    assert (interrupted.epoch, interrupted.step) == (0, 2)  # killed in the first epoch
     (killed / ".last.pth.12345.tmp").write_bytes(b"half a checkpoint")  # as a kill can leave
     resume = _train_cli(few_digits, killed, *options, "--resume")
-    subprocess.run([*script, "0", *resume], env=_env(), check=True)
+    subprocess.run([*script, "run", *resume], env=_env(), check=True)
     a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(killed / "last.pth")
-    assert (a["epoch"], b["epoch"]) == (2, 2)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert not list(killed.glob(".*.tmp"))
+    assert (a.epoch, b.epoch) == (2, 2)
+    for key, value in a.model.items():
+        assert torch.equal(value, b.model[key]), key
+    assert not list(killed.glob(".*.tmp*"))
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed)]
     strip = ("seconds", "images_per_second")
     assert [{k: v for k, v in json.loads(x).items() if k not in strip} for x in lines[0]] == [
@@ -190,12 +196,7 @@ def test_kill_9_and_resume_gives_the_weights_of_an_uninterrupted_run(few_digits,
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path, capsys):
     """torchrun, 2 gloo processes x 8 images vs 1 process with the same global batch of 16 in
     2 micro-batches of 8 (so BatchNorm sees the same batches); validation and `densenet eval`
@@ -203,17 +204,22 @@ def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path
     one, two = tmp_path / "one", tmp_path / "two"
     single = _train_cli(few_digits, one, "--drop-rate", "0", "--accumulate", "2")
     subprocess.run([sys.executable, "-m", "densenet", *single], env=_env(), check=True)
+    # --standalone: the rendezvous binds a free port itself (no port picked in advance)
     torchrun = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     ddp = _train_cli(few_digits, two, "--drop-rate", "0")
     subprocess.run([*torchrun, "-m", "densenet", *ddp], env=_env(), check=True, timeout=300)
     a, b = read_checkpoint(one / "last.pth"), read_checkpoint(two / "last.pth")
-    assert b["config"]["batch_size"] == 16
-    for name, value in a["model"].items():
+    assert b.config["batch_size"] == 16
+    for name, value in a.model.items():
         if value.is_floating_point() and "running" not in name:  # BN statistics are per process
-            torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.model[name], value, rtol=1e-4, atol=1e-5)
     distributed_val = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
     assert distributed_val["val_images"] == 32
     evaluation = ["eval", str(few_digits), "--weights", str(two / "last.pth"), "--workers", "0",
@@ -222,7 +228,7 @@ def test_two_processes_match_one_with_the_same_global_batch(few_digits, tmp_path
     single = json.loads(capsys.readouterr().out)
     assert single["top1"] == pytest.approx(distributed_val["val_top1"])
     shown = subprocess.run(
-        [*torchrun[:-1], str(_free_port()), "-m", "densenet", *evaluation],
+        [*torchrun, "-m", "densenet", *evaluation],
         env=_env(), check=True, timeout=300, capture_output=True, text=True,
     )  # fmt: skip
     sharded = json.loads(shown.stdout)  # printed by rank 0 only
@@ -277,9 +283,9 @@ def test_resume_refuses_another_models_or_recipes_checkpoint(few_digits, tmp_pat
     with pytest.raises(TrainingError, match="nothing to resume"):
         train(tiny_config(few_digits, tmp_path / "new"), resume=True)
     # resuming a finished run with the same settings changes nothing
-    before = read_checkpoint(out / "last.pth")["model"]
+    before = read_checkpoint(out / "last.pth").model
     train(tiny_config(few_digits, out), resume=True)
-    after = read_checkpoint(out / "last.pth")["model"]
+    after = read_checkpoint(out / "last.pth").model
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -289,29 +295,44 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_digits, tmp_path)
     with pytest.raises(TrainingError, match=r"loss is (nan|inf).*diverged.*last good checkpoint"):
         train(config)
     checkpoint = read_checkpoint(out / "last.pth")
-    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
-    assert checkpoint["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in checkpoint.model.values())
+    assert checkpoint.step >= 1
+
+
+def _tiny_checkpoint(epoch: int = 0, size: int = 3) -> TrainCheckpoint:
+    return TrainCheckpoint(ModelCard(("a", "b")), {"w": torch.ones(size)}, epoch=epoch)
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    save_checkpoint(_tiny_checkpoint(epoch=1), path)
 
     def disk_full(obj, file, *args, **kwargs):
-        file.write(b"partial")
+        Path(file).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint"):
-        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+        save_checkpoint(_tiny_checkpoint(epoch=2), path)
     monkeypatch.undo()
-    assert read_checkpoint(path)["epoch"] == 1
+    assert read_checkpoint(path).epoch == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left
+
+
+def test_checkpoint_round_trip_and_foreign_files(tmp_path):
+    path = tmp_path / "last.pth"
+    save_checkpoint(_tiny_checkpoint(epoch=3), path)
+    loaded = read_checkpoint(path)
+    assert (loaded.card, loaded.epoch) == (ModelCard(("a", "b")), 3)
+    assert torch.equal(loaded.model["w"], torch.ones(3))
+    torch.save({"model": {"w": torch.ones(3)}}, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="not a densenet training checkpoint"):
+        read_checkpoint(tmp_path / "plain.pth")
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "last.pth"
-    save_checkpoint({"model": {"w": torch.ones(1000)}}, path)
+    save_checkpoint(_tiny_checkpoint(size=1000), path)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_checkpoint(path)
@@ -329,7 +350,42 @@ def test_finetune_starts_from_the_given_weights_with_a_new_classifier(few_digits
     )  # fmt: skip
     with pytest.warns(UserWarning, match="classifier"):
         train(config)
-    tuned = read_checkpoint(tmp_path / "run" / "last.pth")["model"]
+    tuned = read_checkpoint(tmp_path / "run" / "last.pth").model
     assert tuned["classifier.weight"].shape == (10, source.num_features)
     # lr 0: the backbone's weights are the file's (only BatchNorm statistics move)
     assert torch.equal(tuned["features.conv0.weight"], source.state_dict()["features.conv0.weight"])
+
+
+def test_every_micro_batch_runs_a_backward_even_without_images(few_digits, tmp_path):
+    """A micro-batch whose images were all unreadable still runs one backward (with a zero
+    gradient), so every DDP process joins each gradient all-reduce; a step without any image
+    changes no weight, and fp16's GradScaler does not assert."""
+    config = tiny_config(few_digits, tmp_path / "run", accumulate=2, amp="fp16")
+    trainer = Trainer(config, resume=False, rank=0, world_size=1, device=torch.device("cpu"))
+    backwards = []
+    trainer.net.classifier.weight.register_hook(lambda grad: backwards.append(grad.abs().sum()))
+    empty = (torch.empty(0), torch.empty(0, dtype=torch.long), 8)
+    images = torch.randn(8, 3, 16, 16)
+    full = (images, torch.arange(8) % 10, 0)
+    trainer.model.train()
+    stats = trainer._train_step(iter([empty, full]))
+    assert len(backwards) == 2 and backwards[0] == 0 and backwards[1] > 0
+    assert stats.tolist()[2:] == [8.0, 8.0]  # images, skipped
+    before = copy.deepcopy(trainer.net.state_dict())
+    stats = trainer._train_step(iter([empty, empty]))
+    assert len(backwards) == 4 and stats.tolist()[2:] == [0.0, 16.0]
+    assert all(torch.equal(v, trainer.net.state_dict()[k]) for k, v in before.items())
+
+
+def test_checkpoints_of_the_first_format_still_read(tmp_path):
+    state = {
+        "format": "densenet-train-1", "arch": "densenet_bc_100_k12", "classes": ["a", "b"],
+        "transform": {"resize_size": 36, "crop_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3},
+        "model_args": {"num_classes": 2}, "model": {"w": torch.ones(2)}, "epoch": 4,
+    }  # fmt: skip
+    torch.save(state, tmp_path / "old.pth")
+    checkpoint = read_checkpoint(tmp_path / "old.pth")
+    assert checkpoint.card.arch == "densenet_bc_100_k12" and checkpoint.card.classes == ("a", "b")
+    pre = checkpoint.card.preprocessing
+    assert (pre.resize_size, pre.crop_size, pre.mean) == (36, 32, (0.5,) * 3)
+    assert checkpoint.epoch == 4 and checkpoint.model_args == {"num_classes": 2}

@@ -1,14 +1,18 @@
 """densenet: Dense Convolutional Networks (Huang et al., CVPR 2017) for PyTorch.
 
 Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any configuration),
-the official ImageNet weights, the PyTorch Hub preprocessing and a classifier.
+the official ImageNet weights, the PyTorch Hub preprocessing, one loader (``densenet.load``)
+and a classifier.
 """
 
-from .evaluate import EvalResult, evaluate
+from .accuracy import EvalResult, evaluate
+from .images import ImageError
 from .inference import InferenceDenseNet, optimize
 from .labels import imagenet_classes
+from .load import LoadedModel, load
 from .model import DenseNet
-from .predict import Classifier, ImageError
+from .predict import Classifier
+from .preprocessing import ModelCard, Preprocessing
 from .registry import (
     densenet121,
     densenet161,
@@ -35,6 +39,9 @@ __all__ = [
     "EvalResult",
     "ImageError",
     "InferenceDenseNet",
+    "LoadedModel",
+    "ModelCard",
+    "Preprocessing",
     "Weights",
     "WeightsError",
     "densenet121",
@@ -55,5 +62,6 @@ __all__ = [
     "imagenet_classes",
     "list_models",
     "list_weights",
+    "load",
     "optimize",
 ]

@@ -11,18 +11,17 @@ its error and a null vector.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import fnmatch
 import json
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +32,25 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import __version__
-from .evaluate import load_eval_model
+from .errors import DenseNetError
+from .images import IMAGE_SUFFIXES, ImageError, open_image
 from .inference import optimize as optimize_model
-from .labels import imagenet_classes
-from .predict import IMAGE_SUFFIXES, ImageError, open_image, resolve_device
-from .transforms import eval_transform
-from .weights import resolve_weights, sha256_file
+from .io import atomic_write, write_json
+from .load import LoadedModel, load
+from .model import DenseNet
+from .preprocessing import Preprocessing
+from .runtime import resolve_device
+from .weights import sha256_file
 
 __all__ = [
+    "DTYPES",
+    "PRECISIONS",
     "BulkError",
-    "BulkModel",
     "Options",
-    "Preprocessing",
-    "add_arguments",
+    "Outputs",
+    "Summary",
     "iter_inputs",
-    "load_model",
     "run",
-    "run_from_args",
 ]
 
 TASKS = ("embed", "predict")
@@ -58,11 +58,12 @@ DTYPES = ("float32", "float16")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
-TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\d+\.tmp")
+TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
 JPEG_MAGIC = b"\xff\xd8\xff"
+VERSION = version("densenet")  # the package's (its __init__ sits above this layer)
 
 
-class BulkError(RuntimeError):
+class BulkError(DenseNetError):
     """A bulk run that cannot start: a missing input, a bad manifest, a mismatched out folder."""
 
 
@@ -155,63 +156,18 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 # ---- the model -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side to ``resize_size`` (bilinear, antialiased), center-crop
-    ``crop_size``, scale to [0, 1], normalise with ``mean`` and ``std`` per channel."""
-
-    resize_size: int
-    crop_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def transform(self):
-        """PIL image -> (3, crop_size, crop_size) float32 tensor."""
-        return eval_transform(self.resize_size, self.crop_size, self.mean, self.std)
-
-
-@dataclass
-class BulkModel:
-    """A DenseNet (eval mode) with what a bulk run needs: its preprocessing, class names (index
-    order) and where it came from (``name``, ``weights``), recorded in every output file."""
-
-    module: nn.Module
-    preprocessing: Preprocessing
-    classes: list[str]
-    name: str
-    weights: str | None = None
-    weights_sha256: str | None = None
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "weights": self.weights,
-            "weights_sha256": self.weights_sha256,
-            "preprocessing": asdict(self.preprocessing),
-        }
-
-
-def load_model(model: str = "densenet121", weights: str | None = "DEFAULT") -> BulkModel:
-    """An architecture name with registry weights (``"DEFAULT"``), a local weights file, a
-    ``densenet train`` checkpoint (its own architecture, classes and transform) or ``None``."""
-    spec = load_eval_model(model, weights)
-    net = spec.model.eval()
-    entry = net.weights_entry
-    classes = spec.classes or (list(entry.categories) if entry else None)
-    if classes is None:
-        n = net.num_classes
-        classes = imagenet_classes() if n == 1000 else [f"class {i}" for i in range(n)]
-    is_file = weights is not None and resolve_weights(model, weights) is None
-    return BulkModel(
-        module=net,
-        preprocessing=Preprocessing(spec.resize_size, spec.crop_size, spec.mean, spec.std),
-        classes=classes,
-        name=getattr(net, "arch", None) or model,
-        weights=os.path.abspath(weights) if is_file else weights,
-        weights_sha256=sha256_file(weights)
-        if is_file
-        else (entry.sha256_prefix if entry else None),
-    )
+def identity(loaded: LoadedModel, spec: Any, weights: Any) -> dict[str, Any]:
+    """What the rows depend on besides the options: the architecture, the weights (a name, or a
+    file's name and SHA-256), the card's preprocessing and multi-label flag."""
+    files = [f for f in (spec, weights) if isinstance(f, (str, os.PathLike)) and Path(f).is_file()]
+    card = loaded.card
+    return {
+        "model": card.arch or str(spec),
+        "weights": card.weights,
+        "weights_sha256": sha256_file(files[0]) if files else None,
+        "preprocessing": asdict(card.preprocessing),
+        "multi_label": card.multi_label,
+    }
 
 
 @dataclass(frozen=True)
@@ -221,9 +177,9 @@ class Options:
     task: ``"embed"`` (pooled features, the input of the classifier) or ``"predict"`` (top-k).
     normalize: embed: scale each vector to unit L2 norm.
     dtype: embed: ``"float32"`` or ``"float16"`` storage.
-    topk: predict: the number of (label, probability) pairs per image.
-    multi_label: predict: independent sigmoid probabilities instead of a softmax, and every
-        label's probability in a ``scores`` column.
+    topk: predict: the number of (label, probability) pairs per image; a multi-label model card
+        gives independent sigmoid probabilities instead of a softmax, and every label's
+        probability in a ``scores`` column.
     shard_size: rows per Parquet file.
     """
 
@@ -231,7 +187,6 @@ class Options:
     normalize: bool = False
     dtype: str = "float32"
     topk: int = 5
-    multi_label: bool = False
     shard_size: int = 10_000
 
     def __post_init__(self) -> None:
@@ -248,7 +203,8 @@ class Options:
 class Outputs:
     """The model on preprocessed batches: (N, 3, H, W) on the device -> this task's columns as
     numpy arrays of N rows: ``embedding`` (N, D) for embed; ``indices`` (N, k) int32,
-    ``probabilities`` (N, k) float32 and, multi-label, ``scores`` (N, classes) for predict.
+    ``probabilities`` (N, k) float32 and, for a multi-label card, ``scores`` (N, classes) for
+    predict.
 
     optimize: run ``densenet.optimize``'s inference form (for embed, of the model without its
     classifier, whose output is the pooled features); ``precision`` its compute dtype
@@ -257,7 +213,7 @@ class Outputs:
 
     def __init__(
         self,
-        model: BulkModel,
+        model: LoadedModel,
         options: Options,
         device: torch.device,
         optimize: bool = True,
@@ -266,8 +222,14 @@ class Outputs:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.options, self.device = options, device
-        self.topk = min(options.topk, len(model.classes))
+        self.multi_label = model.card.multi_label
+        self.topk = min(options.topk, model.card.num_classes)
         net = model.module.eval()
+        if not isinstance(net, DenseNet):
+            raise BulkError(
+                f"bulk inference runs a DenseNet (an architecture, weights or a training "
+                f"checkpoint), not a {type(net).__name__}; give the model it was exported from"
+            )
         if options.task == "embed":
             net = _headless(net)
         net = net.to(device)
@@ -282,8 +244,8 @@ class Outputs:
             self.widths = {"embedding": net.num_features}
         else:
             self.widths = {"indices": self.topk, "probabilities": self.topk}
-            if options.multi_label:
-                self.widths["scores"] = len(model.classes)
+            if self.multi_label:
+                self.widths["scores"] = model.card.num_classes
 
     def empty(self) -> dict[str, np.ndarray]:
         """The columns of zero rows (a shard of unreadable images)."""
@@ -297,10 +259,10 @@ class Outputs:
             if self.options.normalize:
                 out = F.normalize(out, dim=1)
             return {"embedding": out.to(getattr(torch, self.options.dtype)).cpu().numpy()}
-        scores = out.sigmoid() if self.options.multi_label else out.softmax(dim=1)
+        scores = out.sigmoid() if self.multi_label else out.softmax(dim=1)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}
-        if self.options.multi_label:
+        if self.multi_label:
             columns["scores"] = scores
         return {k: v.cpu().numpy() for k, v in columns.items()}
 
@@ -362,24 +324,6 @@ def _fixed_lists(rows: np.ndarray, ok: np.ndarray, type=None):
     return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(~ok))
 
 
-def _write_atomically(table, path: Path) -> None:
-    """Write a Parquet file to a temporary name beside ``path``, fsync, rename, fsync the folder:
-    ``path`` exists only once complete."""
-    import pyarrow.parquet as pq
-
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as out:
-        pq.write_table(table, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def shard_path(out: Path, shard: int) -> Path:
     return out / f"part-{shard:06d}.parquet"
 
@@ -401,9 +345,8 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
                 "rerun with the same ones to resume, or write to a new folder"
             )
         return
-    temp = out / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
-    temp.write_text(json.dumps({**settings, "version": __version__}, indent=2))
-    os.replace(temp, record)  # every rank writes the same text: whichever lands is right
+    # every rank writes the same settings: whichever lands is right
+    write_json(record, {**settings, "version": VERSION})
 
 
 def _done_shards(out: Path, rank: int, world_size: int) -> set[int]:
@@ -488,7 +431,8 @@ def _decode_on_device(
             return [image for blob in blob_list for image in on_device([blob])]
 
     def preprocess(image: Tensor) -> Tensor:
-        image = TF.resize(image, [pre.resize_size], InterpolationMode.BILINEAR, antialias=True)
+        mode = InterpolationMode(pre.interpolation)
+        image = TF.resize(image, [pre.resize_size], mode, antialias=True)
         image = TF.center_crop(image, [pre.crop_size])
         return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
 
@@ -534,8 +478,9 @@ class Summary:
 def run(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    model: BulkModel,
     options: Options,
+    model: str | os.PathLike | nn.Module | None = None,
+    weights: Any = "DEFAULT",
     *,
     device: str = "auto",
     batch_size: int = 64,
@@ -549,6 +494,9 @@ def run(
 ) -> Summary:
     """Write ``options.task``'s rows for every image of ``source`` into ``out/part-NNNNNN.parquet``.
 
+    ``model`` and ``weights`` are what ``densenet.load`` takes (an architecture name, a weights
+    file, a training checkpoint, a ``DenseNet``); the model card gives the preprocessing, the
+    class names and, for predict, softmax or (multi-label) sigmoid probabilities.
     Shards already in ``out`` are skipped; ``out`` must have been written with the same model,
     weights, input and options (``BulkError`` otherwise). ``rank``/``world_size`` default to
     torchrun's ``RANK``/``WORLD_SIZE``: this process writes the shards k % world_size == rank.
@@ -565,19 +513,21 @@ def run(
         workers = min(8, max(1, (os.cpu_count() or 2) // 2))
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
-    iter_inputs(source)  # a missing input fails here, before the model is loaded on the device
-    outputs = Outputs(model, options, target, optimize, precision)
+    iter_inputs(source)  # a missing input fails here, before the model is loaded (or downloaded)
+    loaded = load(model, weights=weights, device=target, progress=progress)
+    outputs = Outputs(loaded, options, target, optimize, precision)
+    card = loaded.card
     settings = {
         "task": options.task,
         "input": os.path.abspath(source),
-        **model.identity(),
+        **identity(loaded, model, weights),
         **asdict(options),
         "optimize": optimize,
         "precision": outputs.precision,
         "device_decode": device_decode,  # another decoder and resize: slightly other pixels
     }
     if options.task == "predict":
-        settings["classes"] = model.classes
+        settings["classes"] = card.classes
     settings = json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
     out = Path(out)
     _claim_folder(out, settings)
@@ -589,11 +539,11 @@ def run(
         return shard % world_size == rank and shard not in done
 
     loader = DataLoader(
-        _Images(model.preprocessing.transform(), raw=device_decode),
+        _Images(card.preprocessing.transform(), raw=device_decode),
         batch_sampler=_Batches(iter_inputs(source), options.shard_size, batch_size, wanted),
         num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
     )  # fmt: skip
-    metadata = {**settings, "version": __version__}
+    metadata = {**settings, "version": VERSION}
     start = time.perf_counter()
     with tqdm(desc=options.task, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         if progress:
@@ -602,11 +552,11 @@ def run(
         current = None
         for shard, paths, errors, images in loader:
             if current is not None and shard != current:
-                _flush(out, current, pending, outputs, model.classes, metadata, summary)
+                _flush(out, current, pending, outputs, card.classes, metadata, summary)
             current = shard
             if device_decode and images:
                 images, errors = _decode_on_device(
-                    images, paths, errors, model.preprocessing, target
+                    images, paths, errors, card.preprocessing, target
                 )
             elif len(images):
                 images = images.to(target, non_blocking=True)
@@ -616,7 +566,7 @@ def run(
                 pending["columns"].append(outputs(images))
             bar.update(len(paths))
         if current is not None:
-            _flush(out, current, pending, outputs, model.classes, metadata, summary)
+            _flush(out, current, pending, outputs, card.classes, metadata, summary)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -630,7 +580,9 @@ def _flush(out, shard, pending, outputs: Outputs, classes, metadata, summary: Su
         pending["paths"], pending["errors"], columns, classes,
         {**metadata, "shard": shard, "first_row": first_row},
     )  # fmt: skip
-    _write_atomically(table, shard_path(out, shard))
+    import pyarrow.parquet as pq
+
+    atomic_write(shard_path(out, shard), lambda temp: pq.write_table(table, temp))
     summary.shards_written += 1
     summary.rows += table.num_rows
     summary.errors += sum(e is not None for e in pending["errors"])
@@ -659,106 +611,3 @@ def _count_in_background(source, shard_size: int, wanted, bar) -> None:
         bar.refresh()
 
     threading.Thread(target=count, daemon=True).start()
-
-
-# ---- command line --------------------------------------------------------------------------
-
-
-def _weights_value(text: str) -> str | None:
-    return None if text.lower() == "none" else text
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """INPUT, the model and how to run it: what ``densenet predict`` has already."""
-    parser.add_argument("input", help="a folder, a .txt/.csv/.parquet manifest, or a glob")
-    parser.add_argument("--model", default="densenet121", help="architecture")
-    parser.add_argument(
-        "--weights",
-        type=_weights_value,
-        default="DEFAULT",
-        help="weights name, a local file or a `densenet train` checkpoint, or none",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--no-optimize", action="store_true", help="run the eager model")
-
-
-def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """The options of ``densenet embed`` (``task="embed"``: all of them), or those that
-    ``densenet predict`` needs besides its own (INPUT, --model, --weights, --topk, --device,
-    --batch-size, --no-optimize) to write Parquet with ``--out`` (``task="predict"``)."""
-    if task == "embed":
-        _add_model_arguments(parser)
-        parser.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
-        parser.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype")
-    else:
-        parser.add_argument(
-            "--multi-label",
-            action="store_true",
-            help="sigmoid probabilities, and every label's in a 'scores' column",
-        )
-    parser.add_argument(
-        "--out", required=task == "embed", help="folder of Parquet shards (resumed if present)"
-    )
-    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet file")
-    parser.add_argument(
-        "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
-    )
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute dtype")
-    parser.add_argument(
-        "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
-    )
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar"
-    )
-
-
-def run_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    """Run ``task`` (``"embed"``, or ``"predict"`` for ``predict --out``) from the options of
-    ``add_arguments`` (and for predict its own: ``images``, a single INPUT, and ``topk``).
-    Returns the summary (``Summary.to_dict()``)."""
-    source = getattr(args, "input", None) or args.images
-    if isinstance(source, list):
-        if len(source) != 1:
-            raise BulkError(
-                f"--out takes one INPUT (a folder, a manifest or a quoted glob), got {len(source)}"
-            )
-        source = source[0]
-    iter_inputs(source)  # a missing input fails before the model is loaded (or downloaded)
-    options = Options(
-        task=task,
-        normalize=getattr(args, "normalize", False),
-        dtype=getattr(args, "dtype", "float32"),
-        topk=getattr(args, "topk", 5),
-        multi_label=getattr(args, "multi_label", False),
-        shard_size=args.shard_size,
-    )
-    summary = run(
-        source, args.out, load_model(args.model, args.weights), options, device=args.device,
-        batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
-        precision=args.precision, device_decode=args.device_decode, progress=args.progress,
-    )  # fmt: skip
-    return summary.to_dict()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m densenet.bulk {embed,predict} INPUT --out DIR ...``: prints a JSON summary;
-    errors are one line on stderr, exit status 2."""
-    parser = argparse.ArgumentParser(prog="python -m densenet.bulk")
-    sub = parser.add_subparsers(dest="task", required=True)
-    add_arguments(sub.add_parser("embed", help="pooled features"), "embed")
-    predict = sub.add_parser("predict", help="top-k labels and probabilities")
-    _add_model_arguments(predict)
-    predict.add_argument("--topk", type=int, default=5, help="labels per image")
-    add_arguments(predict, "predict")
-    args = parser.parse_args(argv)
-    try:
-        print(json.dumps(run_from_args(args, args.task)))
-    except (BulkError, ImageError, ValueError, OSError) as error:
-        print(f"densenet: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

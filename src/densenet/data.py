@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler, Subset
 from torchvision import datasets
 
-from .predict import IMAGE_SUFFIXES, ImageError, open_image
+from .errors import DenseNetError
+from .images import IMAGE_SUFFIXES, ImageError, open_image
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 DATA_ROOT_ENV = "DENSENET_DATA"
 
 
-class DataError(ValueError):
+class DataError(DenseNetError, ValueError):
     """A data set that cannot be used; the message names it and says what to do."""
 
 

@@ -5,9 +5,11 @@ A dense block of L layers feeds layer i the concatenation of the block input and
 outputs, and a plain autograd graph keeps, for every layer, that concatenation and its BN-ReLU
 (memory quadratic in L). Here the whole block is one autograd function:
 
-- forward: one buffer (N, C0 + L k, H, W) holds the block's features; layer i reads its prefix
-  ``buffer[:, :C_i]`` and writes its k channels into the next slice, so no concatenation is ever
-  copied. Saved for backward: the buffer (which is also the block's output, saved anyway by the
+- forward: one buffer (N, C0 + L k, H, W) holds the block's features; layer i writes its k
+  channels into the next slice, so no concatenation is kept. Layer i reads its prefix
+  ``buffer[:, :C_i]`` through a contiguous copy (a channel slice of a batch is strided), which
+  lives only while the layer runs: the copying is as quadratic in L as plain concatenation, the
+  memory kept is not. Saved for backward: the buffer (which is also the block's output, saved anyway by the
   next layer), each bottleneck convolution's output, the dropout masks and per-channel statistics.
   The BN-ReLU outputs (of the prefix and of the bottleneck) are not kept.
 - backward: each BN-ReLU is recomputed from the saved tensors and the statistics of the forward
@@ -23,22 +25,20 @@ statistics), running statistics otherwise (frozen BN for fine-tuning); gradients
 Running statistics (momentum, ``momentum=None`` cumulative averaging, unbiased variance,
 ``num_batches_tracked``) are updated as ``nn.BatchNorm2d`` would update them.
 
-``DenseBlock.forward`` calls :func:`memory_efficient_block` when the block is memory-efficient and
-gradients are enabled; ``DenseNet(memory_efficient=True)`` or ``model.set_memory_efficient()``
+``densenet.model.DenseBlock`` calls :func:`memory_efficient_block` with its layers when it is
+memory-efficient and gradients are enabled (this module knows no model class); ``DenseNet(memory_efficient=True)`` or ``model.set_memory_efficient()``
 switch it on.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-
-if TYPE_CHECKING:
-    from .model import DenseBlock
 
 __all__ = ["memory_efficient_block"]
 
@@ -67,13 +67,15 @@ class _Layer(NamedTuple):
     drop: float  # dropout probability after each convolution (0: none)
 
 
-def memory_efficient_block(block: DenseBlock, x: Tensor) -> Tensor:
-    """Run ``block`` on ``x`` (N, C0, H, W) as one memory-efficient autograd function.
+def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Run a dense block's ``layers`` (each with ``norm1``, ``conv1``, ``norm2``, ``conv2``,
+    ``drop_rate``; ``norm2``/``conv2`` None without bottleneck) on ``x`` (N, C0, H, W) as one
+    memory-efficient autograd function.
 
     Returns (N, C0 + L k, H, W), equal to the plain block's output, with exact gradients for ``x``
     and every parameter; updates the BatchNorm running statistics of training-mode norms once.
     """
-    layers = list(block.values())
+    layers = list(layers)
     specs = tuple(_layer_spec(layer) for layer in layers)
     tensors: list[Tensor | None] = []
     for layer in layers:

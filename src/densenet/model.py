@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory import memory_efficient_block
+
 STEMS = ("imagenet", "cifar")
 
 
@@ -86,9 +88,7 @@ class DenseBlock(nn.ModuleDict):
 
     @torch.jit.unused
     def _forward_memory_efficient(self, x: Tensor) -> Tensor:
-        from .memory import memory_efficient_block
-
-        return memory_efficient_block(self, x)
+        return memory_efficient_block(list(self.values()), x)
 
 
 class Transition(nn.Sequential):
@@ -124,6 +124,8 @@ class DenseNet(nn.Module):
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
     """
+
+    __jit_unused_properties__ = ["min_input_size"]  # noqa: RUF012 (TorchScript's hook)
 
     def __init__(
         self,
@@ -173,7 +175,6 @@ class DenseNet(nn.Module):
         self.num_classes = num_classes
         self.classifier: nn.Module = _classifier(channels, num_classes)
         self.arch = None  # the registry name, set by densenet.get_model
-        self.weights_entry = None  # the loaded weights' entry (class names, transform), if any
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -191,6 +192,15 @@ class DenseNet(nn.Module):
         for block in self.modules():
             if isinstance(block, DenseBlock):
                 block.memory_efficient = enabled
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input height and width, pixels: every transition halves the feature map
+        (2x2 pooling), the ImageNet stem divides it by 4 (rounding up)."""
+        transitions = len(self.config["block_config"]) - 1
+        if self.config["stem"] == "cifar":
+            return 2**transitions
+        return 4 * (2**transitions - 1) + 1
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) -> (N, num_features, h, w) after the final BN-ReLU."""
@@ -213,7 +223,6 @@ class DenseNet(nn.Module):
         self.classifier = _classifier(self.num_features, num_classes)
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
-        self.weights_entry = None  # its class names no longer apply
 
 
 def _stem(stem: str, in_channels: int, num_init_features: int) -> OrderedDict[str, nn.Module]:

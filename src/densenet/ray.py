@@ -11,11 +11,15 @@ extra: ``pip install "densenet[ray]"``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+from torch import nn
 
-from .bulk import BulkModel, Options, Outputs, decode, load_model, to_table
+from .bulk import Options, Outputs, decode, to_table
+from .load import load
+from .runtime import resolve_device
 
 __all__ = ["Embedder", "Predictor"]
 
@@ -24,14 +28,14 @@ INPUT_COLUMNS = ("bytes", "path")  # where the images are, in order of preferenc
 
 class _MapBatches:
     def __init__(
-        self, model: str | BulkModel, weights: str | None, options: Options, device: str,
+        self, model: str | os.PathLike | nn.Module, weights: Any, options: Options, device: str,
         optimize: bool, precision: str,
     ) -> None:  # fmt: skip
-        self.model = load_model(model, weights) if isinstance(model, str) else model
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.transform = self.model.preprocessing.transform()
-        self.outputs = Outputs(self.model, options, torch.device(device), optimize, precision)
+        target = resolve_device(device)
+        loaded = load(model, weights=weights, device=target, progress=False)
+        self.card = loaded.card
+        self.transform = self.card.preprocessing.transform()
+        self.outputs = Outputs(loaded, options, target, optimize, precision)
 
     def __call__(self, batch: Any):
         """A batch (dict of arrays or ``pyarrow.Table``) -> ``pyarrow.Table`` of its rows with
@@ -49,7 +53,7 @@ class _MapBatches:
         outputs = self.outputs.empty()
         if images:
             outputs = self.outputs(torch.stack(images).to(self.outputs.device))
-        table = to_table(None, errors, outputs, self.model.classes)
+        table = to_table(None, errors, outputs, self.card.classes)
         for name, values in columns.items():
             if name not in ("bytes", "error") and name not in table.column_names:
                 table = table.append_column(name, pa.array(list(values)))
@@ -62,16 +66,16 @@ class Embedder(_MapBatches):
     ``error``.
 
     Args:
-        model: an architecture name, or a ``densenet.bulk.BulkModel``.
-        weights: as for ``densenet embed --weights`` (a name, a local file, a training
-            checkpoint, or None).
+        model, weights: what ``densenet.load`` takes (as ``densenet embed --model``/``--weights``:
+            an architecture name and a weights name, a local file or a training checkpoint, or
+            None; or a ``DenseNet``).
         normalize: L2-normalise each vector. dtype: ``"float32"`` or ``"float16"``.
         device: ``"auto"`` (the GPU Ray assigned, if any), ``"cpu"`` or ``"cuda"``.
         optimize, precision: as for ``densenet.bulk.Outputs``.
     """
 
     def __init__(
-        self, model: str | BulkModel = "densenet121", weights: str | None = "DEFAULT", *,
+        self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
         normalize: bool = False, dtype: str = "float32", device: str = "auto",
         optimize: bool = True, precision: str = "auto",
     ) -> None:  # fmt: skip
@@ -81,14 +85,13 @@ class Embedder(_MapBatches):
 
 class Predictor(_MapBatches):
     """``ds.map_batches(Predictor, fn_constructor_kwargs={...}, concurrency=n)``: adds
-    ``labels``, ``indices`` and ``probabilities`` (the top-k, most probable first), with
-    ``multi_label`` sigmoid probabilities and every label's in ``scores``; and ``error``.
+    ``labels``, ``indices`` and ``probabilities`` (the top-k, most probable first), for a
+    multi-label model card sigmoid probabilities and every label's in ``scores``; and ``error``.
     Other arguments as ``Embedder``'s."""
 
     def __init__(
-        self, model: str | BulkModel = "densenet121", weights: str | None = "DEFAULT", *,
-        topk: int = 5, multi_label: bool = False, device: str = "auto", optimize: bool = True,
-        precision: str = "auto",
+        self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
+        topk: int = 5, device: str = "auto", optimize: bool = True, precision: str = "auto",
     ) -> None:  # fmt: skip
-        options = Options(task="predict", topk=topk, multi_label=multi_label)
+        options = Options(task="predict", topk=topk)
         super().__init__(model, weights, options, device, optimize, precision)

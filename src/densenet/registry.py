@@ -95,8 +95,6 @@ def get_model(
     if weights is not None:
         load_weights(model, entry if entry is not None else weights, progress=progress)
     model.arch = name
-    if entry is not None and model.num_classes == len(entry.categories):
-        model.weights_entry = entry  # a new classifier (fine-tuning) has other classes
     return model
 
 

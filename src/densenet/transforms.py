@@ -17,11 +17,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def default_eval_sizes(model: object) -> tuple[int, int]:
-    """(resize, crop) for a model without weights metadata: the ImageNet recipe's 256/224, or
-    32/32 for a CIFAR-stem DenseNet (the paper's 32x32 inputs)."""
-    stem = getattr(model, "config", {}).get("stem")
-    return (32, 32) if stem == "cifar" else (256, 224)
+def _resize(size: int, interpolation: str) -> T.Resize:
+    """Resize the shorter side to ``size`` with torchvision's ``InterpolationMode(interpolation)``,
+    antialiased."""
+    return T.Resize(size, interpolation=T.InterpolationMode(interpolation), antialias=True)
 
 
 def eval_transform(
@@ -29,13 +28,15 @@ def eval_transform(
     crop_size: int = 224,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: str = "bilinear",
 ) -> T.Compose:
     """PIL image -> (3, crop_size, crop_size) float tensor: RGB, resize the shorter side to
-    ``resize_size`` (bilinear, antialiased), center crop, scale to [0, 1], normalise."""
+    ``resize_size`` (``interpolation``: bilinear, bicubic, nearest...; antialiased), center crop,
+    scale to [0, 1], normalise."""
     return T.Compose(
         [
             T.Lambda(to_rgb),
-            T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            _resize(resize_size, interpolation),
             T.CenterCrop(crop_size),
             T.ToTensor(),
             T.Normalize(mean, std),
@@ -123,13 +124,14 @@ def ten_crop_transform(
     crop_size: int = 224,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: str = "bilinear",
 ) -> T.Compose:
     """PIL image -> (10, 3, crop_size, crop_size): the paper's ten-crop evaluation, the four
     corners and the center of the resized image and their horizontal mirrors, each normalised."""
     return T.Compose(
         [
             T.Lambda(to_rgb),
-            T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            _resize(resize_size, interpolation),
             T.TenCrop(crop_size),
             StackCrops(T.Compose([T.ToTensor(), T.Normalize(mean, std)])),
         ]

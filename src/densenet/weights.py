@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,8 +23,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .errors import DenseNetError
+from .io import atomic_write
+from .io import read_torch_file as _read_torch_file
 from .labels import imagenet_classes
-from .transforms import eval_transform
+from .preprocessing import ModelCard, Preprocessing
 
 __all__ = [
     "WEIGHTS",
@@ -37,11 +37,14 @@ __all__ = [
     "convert_legacy_keys",
     "download",
     "get_weights",
+    "is_path",
     "list_weights",
     "load_checkpoint",
+    "load_state",
     "load_weights",
     "read_torch_file",
     "resolve_weights",
+    "state_dict_of",
     "verify_file",
 ]
 
@@ -50,7 +53,7 @@ BASE_URL_ENV = "DENSENET_WEIGHTS_URL"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(DenseNetError, RuntimeError):
     """A weights file or name that cannot be used; the message says which and why."""
 
 
@@ -91,9 +94,15 @@ class Weights:
     def cache_path(self) -> Path:
         return cache_dir() / self.file_name
 
+    @property
+    def card(self) -> ModelCard:
+        """The class names and preprocessing of these weights."""
+        preprocessing = Preprocessing(self.resize_size, self.crop_size, min_size=self.min_size)
+        return ModelCard(self.categories, preprocessing, arch=self.arch, weights=self.name)
+
     def transforms(self):
         """The evaluation transform these weights were measured with (PIL image -> tensor)."""
-        return eval_transform(resize_size=self.resize_size, crop_size=self.crop_size)
+        return self.card.preprocessing.transform()
 
     def meta(self) -> dict[str, Any]:
         """JSON-ready metadata."""
@@ -154,10 +163,19 @@ def resolve_weights(arch: str, weights: Any) -> Weights | None:
             raise WeightsError(f"weights {weights.file_name} are for {weights.arch}, not {arch}")
         return weights
     if isinstance(weights, str):
-        if weights.endswith(CHECKPOINT_SUFFIXES) or os.sep in weights or os.path.isfile(weights):
-            return None
-        return get_weights(arch, weights)
+        return None if is_path(weights) else get_weights(arch, weights)
     raise WeightsError(f"weights must be None, a name, a Weights entry or a path, got {weights!r}")
+
+
+def is_path(weights: str | os.PathLike) -> bool:
+    """Whether a ``weights`` value names a file rather than published weights."""
+    text = os.fspath(weights)
+    return (
+        isinstance(weights, os.PathLike)
+        or text.endswith((*CHECKPOINT_SUFFIXES, ".onnx", ".pt2"))
+        or os.sep in text
+        or os.path.isfile(text)
+    )
 
 
 def cache_dir() -> Path:
@@ -170,25 +188,23 @@ def download(url: str, path: Path, sha256_prefix: str | None = None, progress: b
     and, if ``sha256_prefix`` is given, verified: an interrupted or corrupt download leaves nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             digest = _copy_url(url, out, progress)
         if sha256_prefix and not digest.startswith(sha256_prefix):
             raise WeightsError(
                 f"download of {url} is corrupt: SHA-256 {digest[:8]}... does not start with "
                 f"{sha256_prefix}; nothing was cached, retry"
             )
-        os.replace(tmp_name, path)
+
+    try:
+        return atomic_write(path, write)
     except urllib.error.URLError as error:
         raise WeightsError(
             f"cannot download {url} ({getattr(error, 'reason', error)}); "
             f"to use the weights offline, put the file at {path}"
         ) from None
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
 
 
 def _copy_url(url: str, out, progress: bool) -> str:
@@ -260,49 +276,24 @@ def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
-    """The content of a .pth/.pt/.safetensors file, read without executing pickled code
-    (``torch.load(weights_only=True)``). Raises ``WeightsError`` naming ``what`` and ``path``
-    for a missing, truncated, foreign or unsafe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{what} {path} does not exist")
-    unreadable = f"{what} {path} is truncated or corrupt"
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                return load_file(str(path))
-            except SafetensorError as error:
-                raise WeightsError(f"{unreadable} ({_first_line(error)})") from None
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if found is None:
-            raise WeightsError(f"{unreadable} (unreadable pickle data)") from None
-        raise WeightsError(
-            f"{what} {path} needs code execution to load (it pickles {found.group(1)}, "
-            "not only tensors); refused. Re-save it as a plain state_dict"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
-        raise WeightsError(f"{unreadable} ({_first_line(error)[:160]})") from None
+    """``densenet.io.read_torch_file`` raising ``WeightsError``."""
+    return _read_torch_file(path, what, WeightsError)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state_dict in a torch file's ``content``, in current key names. A training
+    checkpoint's ``"model"`` entry is taken."""
+    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        content = content["model"]
+    if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise WeightsError(f"weights file {path} holds no state_dict of tensors")
+    return convert_legacy_keys(content)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model state_dict stored in ``path`` (.pth/.pt through ``torch.load(weights_only=True)``,
     or .safetensors), in current key names. A training checkpoint's ``"model"`` entry is taken."""
-    state = read_torch_file(path)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path} holds no state_dict of tensors")
-    return convert_legacy_keys(state)
+    return state_dict_of(read_torch_file(path), path)
 
 
 def load_weights(
@@ -314,7 +305,12 @@ def load_weights(
     and the classifier keeps its fresh initialisation, with a warning: the fine-tuning case.
     """
     path = fetch(weights, progress) if isinstance(weights, Weights) else Path(weights)
-    state = load_checkpoint(path)
+    return load_state(model, load_checkpoint(path), path)
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> nn.Module:
+    """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``."""
+    path = Path(path)
     expected = model.state_dict()
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..predict import Classifier
-from ..weights import sha256_file
+from ..weights import get_weights, list_weights, sha256_file
 from .app import ServeConfig, create_app
 from .batcher import Batcher, BatchResult, QueueFull
 
@@ -59,11 +59,11 @@ def serve(
 
 
 def weights_metadata(classifier: Classifier, weights: Any) -> dict[str, Any] | None:
-    """What ``GET /v1/models`` says about the weights: a published entry's metadata, a local
-    file's name and SHA-256, or None for random weights."""
-    entry = getattr(classifier.model, "weights_entry", None)
-    if entry is not None:
-        return entry.meta()
+    """What ``GET /v1/models`` says about the weights: a local file's name and SHA-256, a
+    published entry's metadata, or None for random weights."""
     if isinstance(weights, (str, os.PathLike)) and Path(weights).is_file():
         return {"file": Path(weights).name, "sha256": sha256_file(weights)}
+    card = classifier.card
+    if card.arch is not None and card.weights in list_weights(card.arch):
+        return get_weights(card.arch, card.weights).meta()
     return None

@@ -22,18 +22,18 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from .. import __version__
-from ..predict import Classifier, ImageError, Prediction, open_image
+from ..images import ImageError, Reason, open_image
+from ..predict import Classifier, Prediction, top_predictions
 from .batcher import Batcher, QueueFull
-from .metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
+from .metrics import CONTENT_TYPE, ServiceMetrics
+from .schemas import ERRORS, IMAGE_FIELD, PREDICT_BODY, PredictResponse
 
 log = logging.getLogger(__name__)
 
-IMAGE_FIELD = "file"
 # Raster formats only, those this Pillow reads (MPO: some cameras' JPEG, in older Pillows): never
 # hand an upload to a decoder that runs an interpreter (EPS through Ghostscript).
 Image.init()
@@ -79,130 +79,11 @@ class ServeConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
 
-# ---- response schemas (OpenAPI) ---------------------------------------------------------------
-
-
-class TopEntry(BaseModel):
-    label: str
-    index: int
-    probability: float
-
-
-class ImageResult(BaseModel):
-    source: str
-    top: list[TopEntry] | None = None
-    batch_size: int | None = None
-    error: str | None = None
-    status: int | None = None
-
-
-class Timing(BaseModel):
-    total_ms: float
-    preprocess_ms: float
-    queue_ms: float
-    inference_ms: float
-
-
-class PredictResponse(BaseModel):
-    model: str
-    predictions: list[ImageResult]
-    timing: Timing
-
-
-class ErrorResponse(BaseModel):
-    detail: str
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "corrupt, truncated, empty or too many pixels",
-        413: "request body over --max-upload-mb",
-        415: "not an image",
-        422: "unknown field or parameter, no image, or bad topk",
-        503: "not ready yet, or the queue is full (see Retry-After)",
-    }.items()
-}
-
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        IMAGE_FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or several images",
-                        }
-                    },
-                    "required": [IMAGE_FIELD],
-                    "additionalProperties": False,
-                }
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-
-
 class UploadTooLarge(Exception):
     """The request body grew past the upload limit while it was read."""
 
 
 # ---- the service state ---------------------------------------------------------------------
-
-
-class _Metrics:
-    def __init__(self, queue_depth) -> None:
-        self.registry = Registry()
-        add = self.registry.add
-        self.requests = add(
-            Counter(
-                "densenet_requests_total",
-                "HTTP requests by endpoint and status code",
-                ("endpoint", "status"),
-            )
-        )
-        self.latency = add(
-            Histogram(
-                "densenet_request_duration_seconds",
-                "HTTP request latency, seconds",
-                (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-                ("endpoint",),
-            )
-        )
-        self.in_flight = add(
-            Gauge(
-                "densenet_requests_in_flight", "HTTP requests being answered (excluding /metrics)"
-            )
-        )
-        self.images = add(
-            Counter("densenet_images_total", "images received by outcome", ("outcome",))
-        )
-        self.batch_size = add(
-            Histogram(
-                "densenet_batch_size", "images per forward pass", (1, 2, 4, 8, 16, 32, 64, 128, 256)
-            )
-        )
-        self.inference = add(
-            Histogram(
-                "densenet_inference_seconds",
-                "forward pass time per batch, seconds",
-                (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            )
-        )
-        self.queue_depth = add(
-            Gauge("densenet_queue_depth", "images waiting for a batch", queue_depth)
-        )
-        self.ready = add(Gauge("densenet_ready", "1 once the model is loaded and warmed up"))
-
-    def on_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.inference.observe(seconds)
 
 
 class _Service:
@@ -215,12 +96,12 @@ class _Service:
         self.weights = weights
         self.ready = False
         self.batcher = Batcher(
-            self._probabilities,
+            classifier.probabilities,
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
         )
-        self.metrics = _Metrics(lambda: self.batcher.depth)
+        self.metrics = ServiceMetrics(lambda: self.batcher.depth)
         self.batcher.on_batch = self.metrics.on_batch
         self.pool: ThreadPoolExecutor | None = None
 
@@ -238,10 +119,6 @@ class _Service:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _probabilities(self, batch: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, num_classes) softmax probabilities on the CPU, as ``classify``."""
-        return self.classifier.logits(batch).softmax(dim=1).cpu()
-
     def preprocess(self, data: bytes, name: str) -> Tensor | ImageError:
         """Decode (raster formats only) and preprocess one upload, or say why it cannot be."""
         try:
@@ -252,7 +129,9 @@ class _Service:
             Exception
         ) as error:  # a decoder failing in an unforeseen way: still the image's fault
             log.warning("%s: decoding failed", name, exc_info=True)
-            return ImageError(f"{name}: cannot be decoded ({type(error).__name__}: {error})")
+            return ImageError(
+                f"{name}: cannot be decoded ({type(error).__name__}: {error})", Reason.CORRUPT
+            )
 
     async def warm_up(self) -> None:
         """One batch through the model, then ready."""
@@ -269,10 +148,64 @@ class _Service:
         self.metrics.ready.set(1)
         log.info("model %s is warmed up and ready", self.model_name)
 
+    async def classify(
+        self, images: list[tuple[str, bytes]], topk: int, start: float
+    ) -> JSONResponse:
+        """Decode and preprocess ``images`` (name, bytes) in the pool, batch the good ones, and
+        answer each with its top-k or its own error; the request's status is 200 when any image
+        was classified, else the first error's."""
+        loop = asyncio.get_running_loop()
+        inputs = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, self.preprocess, data, src) for src, data in images)
+        )
+        preprocessed = time.perf_counter()
+        good = [x for x in inputs if isinstance(x, Tensor)]
+        self.metrics.images.labels(outcome="ok").inc(len(good))
+        self.metrics.images.labels(outcome="error").inc(len(inputs) - len(good))
+        try:
+            futures = self.batcher.submit(good)
+            results = iter(await asyncio.gather(*futures, return_exceptions=True))
+        except QueueFull as error:
+            return _error(503, str(error))
+        predictions, queue_s, inference_s = [], 0.0, 0.0
+        categories = self.classifier.categories
+        for (source, _), x in zip(images, inputs):
+            if isinstance(x, ImageError):
+                entry = Prediction(source, [], [], [], str(x), x.reason).to_dict()
+                predictions.append({**entry, "status": _status_of(x)})
+                continue
+            result = next(results)
+            if isinstance(result, BaseException):  # the model failed on this image alone
+                status = 503 if isinstance(result, QueueFull) else 500
+                failure = f"{source}: inference failed ({type(result).__name__}: {result})"
+                entry = Prediction(source, [], [], [], error=failure).to_dict()
+                predictions.append({**entry, "status": status})
+                continue
+            (prediction,) = top_predictions([source], result.output[None], topk, categories)
+            predictions.append({**prediction.to_dict(), "batch_size": result.batch_size})
+            queue_s, inference_s = (
+                max(queue_s, result.queue_s),
+                max(inference_s, result.inference_s),
+            )
+        body = {
+            "model": self.model_name,
+            "predictions": predictions,
+            "timing": {
+                "total_ms": (time.perf_counter() - start) * 1000,
+                "preprocess_ms": (preprocessed - start) * 1000,
+                "queue_ms": queue_s * 1000,
+                "inference_ms": inference_s * 1000,
+            },
+        }
+        if any("error" not in p for p in predictions):
+            return JSONResponse(body)
+        first = next(p for p in predictions if "error" in p)
+        return JSONResponse({"detail": first["error"], **body}, status_code=first["status"])
+
 
 def _status_of(error: ImageError) -> int:
     """415 for data that is no image format at all, 400 for a broken or refused image."""
-    return 415 if "not an image" in str(error) else 400
+    return 415 if error.reason is Reason.NOT_AN_IMAGE else 400
 
 
 def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -330,8 +263,8 @@ class _RequestMiddleware:
         finally:
             if counted:
                 metrics.in_flight.dec()
-            metrics.requests.inc(endpoint=endpoint, status=str(status))
-            metrics.latency.observe(time.perf_counter() - start, endpoint=endpoint)
+            metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -404,7 +337,7 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(service.metrics.registry.render(), media_type=CONTENT_TYPE)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", summary="the loaded model and its weights")
     async def models() -> dict[str, Any]:
@@ -431,8 +364,8 @@ def create_app(
         "/v1/predict",
         summary="top-k labels of one or several images",
         response_model=PredictResponse,
-        responses=_ERRORS,
-        openapi_extra=_PREDICT_BODY,
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
     )
     async def predict(
         request: Request,
@@ -453,60 +386,7 @@ def create_app(
         images = await _read_images(request, config)
         if isinstance(images, JSONResponse):
             return images
-        loop = asyncio.get_running_loop()
-        inputs = await asyncio.gather(
-            *(
-                loop.run_in_executor(service.pool, service.preprocess, data, src)
-                for src, data in images
-            )
-        )
-        preprocessed = time.perf_counter()
-        good = [x for x in inputs if isinstance(x, Tensor)]
-        service.metrics.images.inc(len(good), outcome="ok")
-        service.metrics.images.inc(len(inputs) - len(good), outcome="error")
-        try:
-            futures = service.batcher.submit(good)
-            results = iter(await asyncio.gather(*futures, return_exceptions=True))
-        except QueueFull as error:
-            return _error(503, str(error))
-        predictions, queue_s, inference_s = [], 0.0, 0.0
-        categories = service.classifier.categories
-        for (source, _), x in zip(images, inputs):
-            if isinstance(x, ImageError):
-                entry = Prediction(source, [], [], [], error=str(x)).to_dict()
-                predictions.append({**entry, "status": _status_of(x)})
-                continue
-            result = next(results)
-            if isinstance(result, BaseException):  # the model failed on this image alone
-                status = 503 if isinstance(result, QueueFull) else 500
-                failure = f"{source}: inference failed ({type(result).__name__}: {result})"
-                entry = Prediction(source, [], [], [], error=failure).to_dict()
-                predictions.append({**entry, "status": status})
-                continue
-            top_p, top_i = result.output.topk(topk)
-            indices = top_i.tolist()
-            prediction = Prediction(
-                source, [categories[i] for i in indices], indices, top_p.tolist()
-            )
-            predictions.append({**prediction.to_dict(), "batch_size": result.batch_size})
-            queue_s, inference_s = (
-                max(queue_s, result.queue_s),
-                max(inference_s, result.inference_s),
-            )
-        body = {
-            "model": service.model_name,
-            "predictions": predictions,
-            "timing": {
-                "total_ms": (time.perf_counter() - start) * 1000,
-                "preprocess_ms": (preprocessed - start) * 1000,
-                "queue_ms": queue_s * 1000,
-                "inference_ms": inference_s * 1000,
-            },
-        }
-        if any("error" not in p for p in predictions):
-            return JSONResponse(body)
-        first = next(p for p in predictions if "error" in p)
-        return JSONResponse({"detail": first["error"], **body}, status_code=first["status"])
+        return await service.classify(images, topk, start)
 
     return app
 

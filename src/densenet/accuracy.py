@@ -1,0 +1,133 @@
+"""Top-1 and top-5 accuracy of a model over a loader of labelled images (single crops, or ten
+crops with the softmax averaged as in the paper), alone or sharded over distributed processes:
+what ``densenet eval`` reports and what training validates with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["EvalResult", "evaluate"]
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in %, ``loss`` the mean cross-entropy (nats), ``seconds`` the wall time of the
+    whole loop (decoding and transfers included)."""
+
+    top1: float
+    top5: float
+    loss: float
+    images: int
+    skipped: int
+    seconds: float
+
+    @property
+    def top1_error(self) -> float:
+        return 100.0 - self.top1
+
+    @property
+    def top5_error(self) -> float:
+        return 100.0 - self.top5
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            **asdict(self),
+            "top1_error": self.top1_error,
+            "top5_error": self.top5_error,
+            "images_per_second": self.images_per_second,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    distributed: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Top-1/top-5 accuracy of ``model`` (in eval mode; its mode is restored afterwards).
+
+    Args:
+        loader: batches ``(images, labels)`` or ``(images, labels, skipped)`` (what
+            ``densenet.data.collate`` makes): images (N, C, H, W), or (N, crops, C, H, W) for
+            multi-crop evaluation, whose softmax outputs are averaged over the crops; labels (N,).
+        device: where to run (default: the model's).
+        amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), None for float32.
+        distributed: each process holds a disjoint share of the data; the counts are summed
+            over the default process group, every process gets the total.
+        progress: show a progress bar.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
+    skipped = 0
+    start = time.perf_counter()
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            skipped += int(batch[2]) if len(batch) > 2 else 0
+            bar.update(1)
+            if labels.numel() == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            crops = images.shape[1] if images.dim() == 5 else 0
+            if crops:
+                images = images.flatten(0, 1)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images)
+            logits = logits.float()
+            if crops:
+                probs = logits.softmax(dim=1).view(labels.numel(), crops, -1).mean(dim=1)
+                scores = probs
+                loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+            else:
+                scores = logits
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            sums += torch.stack(
+                [hits[:, 0].sum(), hits.any(dim=1).sum(), loss, labels.new_tensor(labels.numel())]
+            ).to(sums)
+    if distributed:
+        counts = torch.cat([sums, torch.tensor([skipped], dtype=torch.float64, device=device)])
+        dist.all_reduce(counts)
+        sums, skipped = counts[:4], int(counts[4].item())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    correct1, correct5, loss_sum, count = sums.tolist()
+    n = max(count, 1.0)
+    return EvalResult(
+        top1=100.0 * correct1 / n,
+        top5=100.0 * correct5 / n,
+        loss=loss_sum / n,
+        images=int(count),
+        skipped=skipped,
+        seconds=seconds,
+    )

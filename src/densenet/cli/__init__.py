@@ -1,0 +1,47 @@
+"""The ``densenet`` command line: one sub-command per module (parse, call one task, print), each
+with ``--help``.
+
+Expected errors (the package's own, a file that cannot be read, a bad value) are reported as one
+line on stderr (exit status 2; ``DENSENET_DEBUG=1`` shows the traceback); anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import DenseNetError, first_line
+from . import bench, embed, evaluate, export, info, predict, serve, train, weights
+
+COMMANDS = (predict, embed, info, weights, serve, export, evaluate, train, bench)
+EXPECTED_ERRORS = (DenseNetError, OSError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densenet",
+        description="Dense Convolutional Networks: classify, embed, evaluate, train, export, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"densenet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("densenet: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("DENSENET_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"densenet {args.command}: error: {first_line(error)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,101 @@
+"""What the command modules share: output formatting and the common arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import bulk
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def print_report(report: dict | list[dict], as_json: bool) -> None:
+    """JSON, or one ``key: value`` line per record (nested values and None left out)."""
+    if as_json:
+        print_json(report)
+        return
+    for record in report if isinstance(report, list) else [report]:
+        fields = (
+            f"{k}: {v}" for k, v in record.items() if v is not None and not isinstance(v, dict)
+        )
+        print("  ".join(fields))
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def weights_value(text: str) -> str | None:
+    """A ``--weights`` value: ``none`` means random initialisation."""
+    return None if text.lower() == "none" else text
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    """``--model`` and ``--weights``, as ``densenet.load`` takes them."""
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help="architecture (see `densenet info`) or an exported/checkpoint file "
+        f"(default {default_model or 'densenet121, or the checkpoint --weights names'})",
+    )
+    parser.add_argument(
+        "--weights",
+        type=weights_value,
+        default="DEFAULT",
+        help="weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.pt/.safetensors file, "
+        "a checkpoint of `densenet train`, or none (random initialisation)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-root",
+        help="folder of named data sets (default $DENSENET_DATA, ~/.cache/densenet/data)",
+    )
+    p.add_argument("--no-download", action="store_true", help="never download a named data set")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1..."
+    )
+
+
+def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
+    """The options of a bulk run into Parquet shards (``densenet embed``, ``predict --out``)."""
+    parser.add_argument(
+        "--out",
+        required=out_required,
+        help="folder of Parquet shards, written resumably (a rerun skips the complete ones)",
+    )
+    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet file")
+    parser.add_argument(
+        "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
+    )
+    parser.add_argument(
+        "--precision", choices=bulk.PRECISIONS, default="auto",
+        help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+
+
+def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
+    """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
+    summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+    summary = bulk.run(
+        source, args.out, options, args.model, args.weights, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
+        precision=args.precision, device_decode=args.device_decode, progress=args.progress,
+    )  # fmt: skip
+    print_json(summary.to_dict())
+    return 0

@@ -1,0 +1,60 @@
+"""``densenet eval``: top-1/top-5 error on a folder or a named data set."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..evaluate import evaluate_dataset
+from .common import add_data_args, add_device_arg, add_model_args, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 error on an ImageNet-style folder or a named data set",
+        description="Evaluate a model: top-1 and top-5 error (%) and images/s (end to end, "
+        "decoding included). Single-crop uses the weights' own transform; --ten-crop the "
+        "paper's. Under torchrun the data is sharded over the processes.",
+    )
+    p.add_argument(
+        "data",
+        help="a folder with one sub-folder per class (or with train/ and val/: val/ is used), "
+        "or cifar10, cifar100, svhn (their test sets)",
+    )
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    p.add_argument("--ten-crop", action="store_true", help="ten crops, softmax averaged")
+    add_device_arg(p)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    p.add_argument(
+        "--no-optimize", action="store_true", help="run the eager model, not densenet.optimize"
+    )
+    add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_dataset(
+        args.data, args.model, args.weights, ten_crop=args.ten_crop, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, amp=args.amp, data_root=args.data_root,
+        download=not args.no_download, progress=not args.no_progress,
+        optimize=not args.no_optimize,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"{result['model']} on {result['data']} ({result['images']} images, "
+        f"{result['crops']} crop{'s' if result['crops'] > 1 else ''}): "
+        f"top-1 error {result['top1_error']:.3f}%  top-5 error {result['top5_error']:.3f}%  "
+        f"{result['images_per_second']:.1f} images/s"
+    )
+    if result["skipped"]:
+        print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""``densenet export``: ONNX, TorchScript or a ``torch.export`` program, and a Triton repository."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
+from ..load import load
+from .common import add_model_args, print_report
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model as ONNX, TorchScript or a torch.export program (.pt2)",
+        description="Export for deployment. Input (N, 3, H, W) normalised images, output "
+        "(N, classes) logits; class names and preprocessing are stored in the file. Batch, height "
+        "and width are dynamic unless --batch-size / --image-size fix them (TorchScript always "
+        "takes any; there they set the tracing example). `--weights none` exports random weights.",
+    )
+    add_model_args(p)
+    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--out", help="output file (.onnx, .pt, .pt2); optional with --triton-repo")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, help="fix the batch size (default: dynamic)")
+    batch.add_argument(
+        "--dynamic-batch", dest="batch_size", action="store_const", const=None,
+        help="dynamic batch axis (the default)",
+    )  # fmt: skip
+    p.add_argument("--image-size", type=int, help="fix height and width (default: any size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
+    p.add_argument("--opset", type=int, help="ONNX operator set, 18 or newer (default 18)")
+    p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
+    p.add_argument("--triton-max-batch", type=int, help="Triton max_batch_size (default 64)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    onnx_only = {"--opset": args.opset is not None, "--triton-repo": args.triton_repo is not None}
+    for flag, given in onnx_only.items():
+        if given and args.format != "onnx":
+            raise ValueError(f"{flag} applies to --format onnx only")
+    if args.triton_max_batch is not None and args.triton_repo is None:
+        raise ValueError("--triton-max-batch applies with --triton-repo DIR only")
+    if args.out is None and args.triton_repo is None:
+        raise ValueError("give the output file with --out FILE")
+    options = {"batch_size": args.batch_size, "image_size": args.image_size}
+    options.update(dtype=args.dtype, fold=args.fold)
+    if args.format == "onnx":
+        options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
+    loaded = load(args.model, weights=args.weights)
+    name = loaded.card.arch or args.model
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or os.path.join(scratch, "model.onnx")
+        path = export(loaded.module, out, args.format, card=loaded.card, **options)
+        report = {"format": args.format, "model": name, "weights": args.weights, **options}
+        report["size_mb"] = round(path.stat().st_size / 1e6, 3)
+        if args.out is not None:
+            report["path"] = str(path)
+        if args.triton_repo is not None:
+            max_batch = 64 if args.triton_max_batch is None else args.triton_max_batch
+            folder = write_triton_repo(path, args.triton_repo, name, max_batch)
+            report["triton_model"] = str(folder)
+    print_report(report, args.json)
+    return 0

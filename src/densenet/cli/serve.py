@@ -1,0 +1,52 @@
+"""``densenet serve``: the HTTP prediction service."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import DenseNetError
+from ..predict import Classifier
+from .common import add_device_arg, add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP prediction service with dynamic batching and a web page",
+        description="Serve POST /v1/predict, GET /v1/models, /healthz, /readyz, /metrics and the "
+        "web page at /. `--weights none` serves random weights (for load tests).",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    add_device_arg(p)
+    p.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (413)")
+    p.add_argument("--max-queue", type=int, default=256, help="most images waiting (503 beyond)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..serve import ServeConfig, serve, weights_metadata
+    except ImportError as error:
+        raise DenseNetError(f"{error}; install it with: pip install 'densenet[serve]'") from None
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+        max_queue=args.max_queue,
+    )
+    classifier = Classifier(args.model, args.weights, args.device, batch_size=args.max_batch)
+    serve(
+        classifier,
+        config,
+        host=args.host,
+        port=args.port,
+        model_name=classifier.card.arch or args.model,
+        weights=weights_metadata(classifier, args.weights),
+        log_level=args.log_level,
+    )
+    return 0

@@ -1,0 +1,87 @@
+"""``densenet train``: run a recipe, any setting overridden by its flag or ``--set KEY=VALUE``
+(both parsed by ``densenet.train.config.parse_value``), resume with ``--resume``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..train import make_config, parse_override, train
+from ..train.config import parse_value
+from .common import add_data_args, print_report
+
+# TrainConfig fields with a flag of their own (text parsed as the field's type)
+FLAGS = {
+    "model": "architecture (see `densenet info`)",
+    "data": "cifar10, cifar100, svhn, or a folder with train/ and val/ class folders",
+    "epochs": "epochs",
+    "batch_size": "global batch size (over all processes)",
+    "lr": "initial learning rate",
+    "weight_decay": "weight decay",
+    "drop_rate": "dropout after each convolution but the first",
+    "image_size": "training and evaluation crop size, pixels",
+    "weights": "start from these weights (DEFAULT, a file, or none)",
+    "seed": "random seed",
+    "accumulate": "micro-batches per optimizer step (gradient accumulation)",
+    "out": "output folder (default runs/RECIPE)",
+    "workers": "data loading processes per training process",
+    "device": "auto (GPU when present), cpu, cuda...",
+    "amp": "auto (bf16 on GPUs that have it), none, bf16, fp16",
+    "checkpoint_every_steps": "also checkpoint every N steps inside epochs",
+}
+SWITCHES = {
+    "compile": "torch.compile the model",
+    "memory_efficient": "memory-efficient blocks",
+    "sync_bn": "SyncBatchNorm across processes (GPU)",
+    "deterministic": "reproducible",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train with one of the paper's recipes; resume after any crash",
+        description="Train a DenseNet. Recipes: cifar10, cifar10+, cifar100, cifar100+, svhn, "
+        "imagenet (the paper's, section 4.2) and finetune (official weights, new classifier). "
+        "Every recipe value can be overridden with its flag or --set KEY=VALUE; the resolved "
+        "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
+        "torchrun --nproc-per-node N -m densenet train ...",
+    )
+    p.add_argument("--recipe", required=True, help="cifar10, cifar10+, cifar100, cifar100+, ...")
+    for name, text in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    for name, text in SWITCHES.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=text)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on GPU")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting"
+    )
+    add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {n: parse_value(n, getattr(args, n)) for n in FLAGS if getattr(args, n) is not None}
+    overrides.update({n: True for n in SWITCHES if getattr(args, n)})
+    if args.channels_last is not None:
+        overrides["channels_last"] = args.channels_last
+    overrides.update(data_root=args.data_root, download=not args.no_download)
+    if args.no_progress:
+        overrides["progress"] = False
+    overrides.update(parse_override(item) for item in args.set)
+    config = make_config(args.recipe, **overrides)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING, format="%(message)s"
+    )
+    summary = train(config, resume=args.resume)
+    if not main_process:
+        return 0
+    print_report(summary, args.json)
+    if not args.json and "test" in summary:
+        test = summary["test"]
+        print(f"test: top-1 error {test['top1_error']:.3f}%  top-5 error {test['top5_error']:.3f}%")
+    return 0

@@ -1,0 +1,180 @@
+"""Exported files (written by ``densenet export``): the metadata every format stores
+(``ExportMetadata``: the model card and how the graph was exported), reading it back, and
+``OnnxModel``, which runs an ONNX file with ONNX Runtime as a module."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DenseNetError, first_line
+from .preprocessing import ModelCard, Preprocessing
+
+__all__ = ["DTYPES", "EXTRA_FILE", "ExportError", "ExportMetadata", "OnnxModel", "read_metadata"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+EXTRA_FILE = "densenet.json"  # metadata inside TorchScript and .pt2 archives
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+}
+
+
+class ExportError(DenseNetError, RuntimeError):
+    """An export that cannot be done as asked; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What an exported file stores besides the graph: the model ``card`` (class names,
+    preprocessing) and the export's ``dtype``, ``folded`` form and fixed ``batch_size`` /
+    ``image_size`` (None where that input dimension is dynamic)."""
+
+    card: ModelCard
+    dtype: str = "float32"
+    folded: bool = False
+    batch_size: int | None = None
+    image_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"card": ..., "export": {dtype, folded, ...}}``."""
+        export = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del export["card"]
+        return {"card": self.card.to_dict(), "export": export}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExportMetadata:
+        """The inverse of ``to_dict``; also reads the flat layout of earlier versions."""
+        if "card" in data:
+            return cls(ModelCard.from_dict(data["card"]), **data.get("export", {}))
+        known = Preprocessing.__dataclass_fields__
+        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        card = ModelCard(
+            tuple(data["categories"]), Preprocessing(**pre), arch=data.get("arch"),
+            weights=data.get("weights"),
+        )  # fmt: skip
+        export = {k: data[k] for k in ("dtype", "folded", "batch_size", "image_size", "extra")
+                  if k in data}  # fmt: skip
+        return cls(card, **export)
+
+
+def require(module: str, purpose: str, install: str):
+    """Import an optional dependency, or ``ExportError`` saying how to install it."""
+    if importlib.util.find_spec(module) is None:
+        raise ExportError(
+            f"{purpose} needs the {module} package, which is not installed: {install}"
+        )
+    return importlib.import_module(module)
+
+
+def _from_props(props: Mapping[str, str], path: Path) -> ExportMetadata:
+    """The metadata in ONNX ``metadata_props`` (one JSON value per key)."""
+    if "card" not in props and "categories" not in props:
+        raise ExportError(
+            f"{path} has no class names in its metadata: it was not written by densenet export"
+        )
+    return ExportMetadata.from_dict({k: json.loads(v) for k, v in props.items()})
+
+
+def read_metadata(path: str | os.PathLike) -> ExportMetadata:
+    """The metadata stored in an exported ``.onnx``, TorchScript or ``.pt2`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {path} does not exist")
+    if path.suffix == ".onnx":
+        onnx = require("onnx", "reading ONNX metadata", "pip install onnx")
+        proto = onnx.load(str(path), load_external_data=False)
+        return _from_props({p.key: p.value for p in proto.metadata_props}, path)
+    files = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if path.suffix == ".pt2":
+            torch.export.load(path, extra_files=files)
+        else:
+            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    if not files[EXTRA_FILE]:
+        raise ExportError(f"{path} has no {EXTRA_FILE}: it was not written by densenet export")
+    return ExportMetadata.from_dict(json.loads(files[EXTRA_FILE]))
+
+
+class OnnxModel(nn.Module):
+    """An exported ONNX file run by ONNX Runtime, as a module: (N, 3, H, W) float tensor in,
+    (N, num_classes) float32 logits out, on the input's device. ``metadata`` is the file's
+    ``ExportMetadata``.
+
+    Args:
+        path: an ``.onnx`` file written by ``densenet export``.
+        device: ``cpu`` or ``cuda``; CUDA uses ONNX Runtime's CUDA provider when installed
+            (``onnxruntime-gpu``), else the CPU with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        ort = require("onnxruntime", "running an ONNX model", "pip install onnxruntime")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                warnings.warn(
+                    "this onnxruntime has no CUDA provider (install onnxruntime-gpu); running on CPU",
+                    stacklevel=2,
+                )
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=providers)
+        except Exception as error:  # ONNX Runtime raises its own untyped errors
+            reason = first_line(error)
+            if "bfloat16" in reason:
+                reason = (
+                    "this ONNX Runtime has no bfloat16 kernels for it; export float16 or float32"
+                )
+            raise ExportError(f"ONNX Runtime cannot load {self.path}: {reason}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = _from_props(meta, self.path)
+        self.num_classes = self.metadata.card.num_classes
+        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name, self.output_name = inp.name, out.name
+        dtype = ORT_TYPES.get(inp.type)
+        if dtype not in ("float32", "float16"):
+            raise ExportError(
+                f"{self.path} takes {inp.type} input, which ONNX Runtime's Python API cannot feed; "
+                "export float32 or float16 to run it here"
+            )
+        self.input_dtype = DTYPES[dtype]
+        self.batch_size = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device
+        x = x.detach().to("cpu", self.input_dtype)
+        chunks = x.split(self.batch_size) if self.batch_size else (x,)
+        outputs = []
+        for chunk in chunks:
+            n = chunk.shape[0]
+            if self.batch_size and n < self.batch_size:  # a fixed-batch graph: pad, then trim
+                pad = chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad])
+            try:
+                (out,) = self.session.run([self.output_name], {self.input_name: chunk.numpy()})
+            except Exception as error:  # ONNX Runtime raises its own untyped errors
+                raise ExportError(
+                    f"ONNX Runtime failed on {self.path}: {first_line(error)}"
+                ) from None
+            outputs.append(torch.from_numpy(out[:n]).float())
+        return torch.cat(outputs).to(device)

@@ -1,0 +1,134 @@
+"""Images in: opening and decoding files or bytes, the limits that protect memory (pixels, aspect
+ratio), and ``ImageError``, whose ``reason`` says what is wrong in a form callers branch on
+(the service's 415 or 400), while its message names the image for people."""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import DenseNetError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_ASPECT_RATIO",
+    "MAX_PIXELS",
+    "ImageError",
+    "ImageInput",
+    "Reason",
+    "check_pixels",
+    "describe",
+    "find_images",
+    "open_image",
+]
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, Tensor]  # noqa: UP007
+
+MAX_PIXELS = 100_000_000  # decoded images larger than this are refused (decompression bombs)
+# Longer side / shorter side: beyond this, resizing the shorter side to 256 explodes in memory.
+MAX_ASPECT_RATIO = 100
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class Reason(str, enum.Enum):
+    """Why an image cannot be classified."""
+
+    EMPTY = "empty"  # 0 bytes
+    MISSING = "missing"  # no such file
+    UNREADABLE = "unreadable"  # a directory, or no permission
+    NOT_AN_IMAGE = "not_an_image"  # no image format this decoder accepts
+    CORRUPT = "corrupt"  # a known format, but truncated or damaged
+    TOO_MANY_PIXELS = "too_many_pixels"  # over MAX_PIXELS (decompression bomb)
+    BAD_SHAPE = "bad_shape"  # too narrow (aspect ratio), or a tensor of the wrong shape or size
+
+
+class ImageError(DenseNetError, ValueError):
+    """An image that cannot be classified; the message names it and says why, ``reason`` says
+    it for programs."""
+
+    def __init__(self, message: str, reason: Reason = Reason.CORRUPT) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def describe(image: ImageInput, index: int) -> str:
+    """The name of an image in messages: its path, or its position and type."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return f"image {index} ({type(image).__name__})"
+
+
+def open_image(
+    source: str | os.PathLike | bytes, formats: Sequence[str] | None = None
+) -> Image.Image:
+    """Decode a file or bytes fully into an RGB-convertible PIL image, or raise ``ImageError``.
+    ``formats``: the PIL format names to accept (default: every format PIL reads)."""
+    name = "uploaded image" if isinstance(source, bytes) else str(source)
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageError(f"{name}: empty (0 bytes)", Reason.EMPTY)
+            stream = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)", Reason.EMPTY)
+            stream = open(source, "rb")  # noqa: SIM115 (closed below)
+        with stream, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream, formats=formats)
+            check_pixels(image, name)
+            image.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file", Reason.MISSING) from None
+    except PermissionError:
+        raise ImageError(f"{name}: cannot be read (permission denied)", Reason.UNREADABLE) from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory", Reason.UNREADABLE) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not an image (unrecognised format)", Reason.NOT_AN_IMAGE
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"{name}: too many pixels (possible decompression bomb)", Reason.TOO_MANY_PIXELS
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name}: corrupt or truncated image ({error})", Reason.CORRUPT) from None
+    return image
+
+
+def check_pixels(image: Image.Image, name: str) -> None:
+    """Refuse an image over ``MAX_PIXELS`` or more elongated than ``MAX_ASPECT_RATIO`` to 1
+    (checked on the header, before decoding). The network's smallest input is checked after
+    preprocessing (``Preprocessing.check_input``), not here."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}",
+            Reason.TOO_MANY_PIXELS,
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"{name}: {width}x{height} is wider than {MAX_ASPECT_RATIO}:1", Reason.BAD_SHAPE
+        )
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Paths as given; a directory contributes its image files (by suffix), sorted, recursively."""
+    found: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(str(path))
+    return found

@@ -1,0 +1,93 @@
+"""Files on disk: one atomic write (temporary file in the same folder, fsync, rename, fsync of the
+folder) used for every file the package writes, and the safe reader of torch files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+
+from .errors import DenseNetError, first_line
+
+__all__ = ["atomic_write", "read_torch_file", "write_json", "write_text"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(temporary path)``, flush the file to disk and rename it over ``path``:
+    ``path`` holds either its previous content or the complete new one, even after a crash. The
+    file gets the usual permissions (0666 less the umask). Returns ``path`` as a ``Path``."""
+    path = Path(path)
+    # ".<name>.<random>.tmp<suffix>": hidden, and formats that check the suffix accept it
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
+    )
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:  # a file system without directory fsync
+        pass
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write`` of a UTF-8 text file."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``atomic_write`` of ``data`` as indented JSON."""
+    import json
+
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_torch_file(
+    path: str | os.PathLike, what: str, error: type[Exception] = DenseNetError
+) -> Any:
+    """The content of a .pth/.pt/.safetensors file, read without executing pickled code
+    (``torch.load(weights_only=True)``, on the CPU). Raises ``error`` naming ``what`` and
+    ``path`` for a missing, truncated, foreign or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    unreadable = f"{what} {path} is truncated or corrupt"
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as problem:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(problem))
+        if found is None:
+            raise error(f"{unreadable} (unreadable pickle data)") from None
+        raise error(
+            f"{what} {path} needs code execution to load (it pickles {found.group(1)}, "
+            "not only tensors); refused. Re-save it as a plain state_dict"
+        ) from None
+    except (
+        SafetensorError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+    ) as problem:  # fmt: skip
+        raise error(f"{unreadable} ({first_line(problem)[:160]})") from None

@@ -1,0 +1,195 @@
+"""The one way in: ``densenet.load(spec)`` -> ``LoadedModel(module, card)`` for an architecture
+name (with published weights, a weights file or a training checkpoint), a weights file, a training
+checkpoint, a TorchScript archive, a ``torch.export`` program (.pt2) or an ONNX file.
+``Classifier``, ``densenet eval``, ``export`` and ``serve`` all load through it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import TrainCheckpoint, is_train_checkpoint
+from .exported import EXTRA_FILE, OnnxModel, read_metadata
+from .io import atomic_write
+from .preprocessing import ModelCard
+from .registry import get_model, list_models, model_config
+from .runtime import resolve_device
+from .weights import (
+    CHECKPOINT_SUFFIXES,
+    WeightsError,
+    get_weights,
+    is_path,
+    load_checkpoint,
+    load_state,
+    read_torch_file,
+    resolve_weights,
+    state_dict_of,
+    verify_file,
+)
+
+__all__ = ["LoadedModel", "arch_of_file", "convert_weights", "load", "verify_weights"]
+
+DEFAULT_ARCH = "densenet121"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A module in eval mode and its card (class names, preprocessing)."""
+
+    module: nn.Module
+    card: ModelCard
+
+
+def load(
+    spec: str | os.PathLike | nn.Module | None = None,
+    *,
+    weights: Any = "DEFAULT",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a model and its card.
+
+    Args:
+        spec: an architecture name (``densenet.list_models()``); a file: ``.onnx`` (run by ONNX
+            Runtime), ``.pt2`` (``torch.export``), a TorchScript archive, a training checkpoint of
+            ``densenet train`` or a weights file (.pth/.pt/.safetensors, its architecture from
+            its name, ``densenet121-...``); a module (its card from its configuration); or None:
+            the file that ``weights`` names, else ``densenet121``.
+        weights: for an architecture name: None (random), ``"DEFAULT"``, a weights name or entry,
+            a weights file, or a training checkpoint of that architecture.
+        device: where the module is put (``"auto"``: CUDA when present).
+        progress: show a progress bar while downloading.
+    """
+    target = resolve_device(device)
+    if isinstance(spec, nn.Module):
+        return LoadedModel(spec.eval().to(target), ModelCard.for_model(spec))
+    if spec is None:
+        spec = weights if _is_file(weights) else DEFAULT_ARCH
+    if str(spec) in list_models():
+        loaded = _load_arch(str(spec), weights, progress)
+    else:
+        loaded = _load_file(Path(spec), target)
+    return LoadedModel(loaded.module.to(target), loaded.card)
+
+
+def _is_file(weights: Any) -> bool:
+    return isinstance(weights, (str, os.PathLike)) and is_path(weights)
+
+
+def _load_arch(arch: str, weights: Any, progress: bool) -> LoadedModel:
+    """Architecture ``arch`` with ``weights`` (see ``load``); a file is read once."""
+    if not _is_file(weights):
+        entry = resolve_weights(arch, weights)
+        module = get_model(arch, weights=entry, progress=progress).eval()
+        return LoadedModel(module, entry.card if entry is not None else ModelCard.for_model(module))
+    content = read_torch_file(weights)
+    if is_train_checkpoint(content):
+        checkpoint = TrainCheckpoint.from_state(content, weights)
+        if checkpoint.card.arch != arch:
+            raise WeightsError(
+                f"{weights} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
+                f"{checkpoint.card.arch} (or no architecture)"
+            )
+        return _from_checkpoint(checkpoint, weights)
+    return _from_state(arch, content, weights)
+
+
+def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> LoadedModel:
+    module = get_model(checkpoint.card.arch, **checkpoint.model_args).eval()
+    load_state(module, state_dict_of(checkpoint.model, path), path)
+    side = module.min_input_size  # the network's own (checkpoints before version 2 lack it)
+    pre = dataclasses.replace(checkpoint.card.preprocessing, min_size=(side, side))
+    return LoadedModel(module, checkpoint.card.replace(preprocessing=pre))
+
+
+def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
+    """A plain state_dict: the number of classes is the file's classifier's."""
+    state = state_dict_of(content, path)
+    classifier = state.get("classifier.weight")
+    num_classes = classifier.shape[0] if classifier is not None else 0
+    module = get_model(arch, num_classes=num_classes).eval()
+    load_state(module, state, path)
+    return LoadedModel(module, ModelCard.for_model(module, weights=Path(path).name))
+
+
+def _load_file(path: Path, device: torch.device) -> LoadedModel:
+    if not path.is_file():
+        if not is_path(str(path)):
+            model_config(str(path))  # an unknown architecture: the error lists the valid ones
+        raise WeightsError(f"model file {path} does not exist")
+    if path.suffix == ".onnx":
+        onnx = OnnxModel(path, device)
+        return LoadedModel(onnx, onnx.metadata.card)
+    if path.suffix == ".pt2" or _is_torchscript(path):
+        card = read_metadata(path).card
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if path.suffix == ".pt2":
+                return LoadedModel(torch.export.load(path).module(), card)
+            return LoadedModel(torch.jit.load(str(path), map_location="cpu").eval(), card)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise WeightsError(
+            f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "
+            "checkpoint, a TorchScript .pt, a .pt2 or an .onnx file"
+        )
+    content = read_torch_file(path)
+    if is_train_checkpoint(content):
+        return _from_checkpoint(TrainCheckpoint.from_state(content, path), path)
+    return _from_state(arch_of_file(path) or DEFAULT_ARCH, content, path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive written by ``densenet export`` (a zip with our extra file)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith(f"/extra/{EXTRA_FILE}") for name in archive.namelist())
+
+
+def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None:
+    """``arch`` if given, else the architecture a file's name starts with
+    (``densenet121-a639ec97.pth``), else None."""
+    if arch:
+        return arch
+    stem = Path(path).name.split("-")[0].split(".")[0]
+    return stem if stem in list_models() else None
+
+
+def verify_weights(target: str, arch: str | None = None) -> dict[str, Any]:
+    """Check a weights file (or an architecture's cached official file): its SHA-256 against the
+    hex part of its name, and that it loads into its architecture. Returns what was checked."""
+    if target in list_models():
+        entry = get_weights(target)
+        if not entry.cache_path.is_file():
+            raise WeightsError(
+                f"{target}'s weights are not cached ({entry.cache_path}); "
+                f"run `densenet weights download {target}`"
+            )
+        target, arch = str(entry.cache_path), entry.arch
+    else:
+        arch = arch_of_file(target, arch)
+    digest = verify_file(target)
+    if arch is not None:
+        get_model(arch, weights=target)
+    return {"path": target, "sha256": digest, "loads_into": arch}
+
+
+def convert_weights(source: str, dest: str, arch: str | None = None) -> dict[str, Any]:
+    """Write ``source``'s state_dict (old or new key names) as ``dest`` (.safetensors, current
+    keys), after checking it loads strictly into its architecture when that is known."""
+    from safetensors.torch import save_file
+
+    state = load_checkpoint(source)
+    arch = arch_of_file(source, arch)
+    if arch is not None:
+        get_model(arch).load_state_dict(state, strict=True)
+    atomic_write(dest, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
+    return {"source": source, "dest": dest, "checked_against": arch}

@@ -1,0 +1,135 @@
+"""What a model needs and what its outputs mean, described once: ``Preprocessing`` (the evaluation
+transform's constants and the smallest input the network accepts) inside a ``ModelCard`` (class
+names, multi-label or not, input channels). Weights entries, training checkpoints and exported
+files all carry a card; ``densenet.load`` returns one beside every module."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .images import ImageError, Reason
+from .labels import imagenet_classes
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, ten_crop_transform
+
+__all__ = ["ModelCard", "Preprocessing", "default_classes"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """PIL image -> network input: resize the shorter side to ``resize_size`` (pixels, with
+    ``interpolation``), center-crop ``crop_size``, scale to [0, 1], normalise with ``mean`` and
+    ``std`` (per channel). ``min_size`` (height, width) is the smallest input the network takes."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    min_size: tuple[int, int] = (29, 29)
+
+    def transform(self) -> Callable[[Any], Tensor]:
+        """PIL image -> (C, crop_size, crop_size) float tensor."""
+        return eval_transform(
+            self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
+        )
+
+    def ten_crop_transform(self) -> Callable[[Any], Tensor]:
+        """PIL image -> (10, C, crop_size, crop_size): the paper's ten crops."""
+        return ten_crop_transform(
+            self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
+        )
+
+    def check_input(self, x: Tensor, name: str) -> Tensor:
+        """``x`` if it is a (C, H, W) network input of at least ``min_size``, else ``ImageError``."""
+        height, width = self.min_size
+        if x.dim() != 3 or x.shape[-2] < height or x.shape[-1] < width:
+            raise ImageError(
+                f"{name}: input of shape {tuple(x.shape)} is not a (C, H, W) tensor of at least "
+                f"{height}x{width} (smaller than the model's minimum)",
+                Reason.BAD_SHAPE,
+            )
+        return x
+
+    def with_crop(self, crop_size: int) -> Preprocessing:
+        """The same preprocessing for another crop size, resized in the same ratio."""
+        resize = round(crop_size * self.resize_size / self.crop_size)
+        return dataclasses.replace(self, resize_size=resize, crop_size=crop_size)
+
+
+def default_classes(num_classes: int) -> tuple[str, ...]:
+    """ImageNet's names for 1000 classes, else ``class 0``, ``class 1``..."""
+    if num_classes == 1000:
+        return tuple(imagenet_classes())
+    return tuple(f"class {i}" for i in range(num_classes))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything besides the weights that using a model takes.
+
+    Args:
+        classes: the name of each output, in index order.
+        preprocessing: the input transform the model was trained or measured with.
+        multi_label: outputs are independent (sigmoid) rather than one softmax.
+        in_channels: image channels the network takes.
+        arch: the registry name, None for a custom configuration.
+        weights: where the weights came from (an entry name or a file name), None for random.
+    """
+
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    multi_label: bool = False
+    in_channels: int = 3
+    arch: str | None = None
+    weights: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, classes: Sequence[str] | None = None, **fields: Any
+    ) -> ModelCard:
+        """The card of a model known only by its configuration: ImageNet names for 1000 classes,
+        256/224 preprocessing, or 32/32 for a CIFAR-stem DenseNet (the paper's 32x32 inputs)."""
+        config = getattr(model, "config", {})
+        num_classes = int(getattr(model, "num_classes", 1000))
+        side = getattr(model, "min_input_size", 29)
+        sizes = (32, 32) if config.get("stem") == "cifar" else (256, 224)
+        preprocessing = Preprocessing(*sizes, min_size=(side, side))
+        known = {
+            "classes": tuple(classes) if classes is not None else default_classes(num_classes),
+            "preprocessing": preprocessing,
+            "in_channels": config.get("in_channels", 3),
+            "arch": getattr(model, "arch", None),
+        }
+        return cls(**{**known, **fields})
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists)."""
+        data = dataclasses.asdict(self)
+        data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        """The inverse of ``to_dict``; unknown keys are ignored."""
+        pre = dict(data.get("preprocessing", {}))
+        for name in ("mean", "std", "min_size"):
+            if name in pre:
+                pre[name] = tuple(pre[name])
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["classes"] = tuple(known["classes"])
+        known["preprocessing"] = Preprocessing(
+            **{k: v for k, v in pre.items() if k in Preprocessing.__dataclass_fields__}
+        )
+        return cls(**known)

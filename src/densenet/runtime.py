@@ -1,0 +1,77 @@
+"""Where and how a model runs: the device (``"auto"``: CUDA when present), the autocast precision
+of ``--amp``, and the process group that ``torchrun`` sets up for data-parallel runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .errors import DenseNetError
+
+__all__ = ["AMP_MODES", "amp_dtype", "distributed_setup", "process_group", "resolve_device"]
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU. ``"cuda"`` without a GPU is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise DenseNetError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DenseNetError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
+        )
+    return device
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` (``AMP_MODES``) means on ``device``; None for float32."""
+    if amp == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else None
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device | None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) join the default process group (NCCL on GPUs,
+    gloo on CPU) and return ``(rank, world_size, this process's device)``; else ``(0, 1, None)``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    if cuda:
+        target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    else:
+        target = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), target
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
+    """``(rank, world_size, device)`` for the duration of a ``with`` block: under ``torchrun``
+    the process group is joined (and left at the end if the block joined it) and the device is
+    this process's; otherwise ``(0, 1, resolve_device(device))``."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and not dist.is_initialized()
+    try:
+        rank, world_size, local = distributed_setup(device)
+        yield rank, world_size, local if local is not None else resolve_device(device)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()

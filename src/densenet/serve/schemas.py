@@ -1,0 +1,77 @@
+"""The service's request and response schemas, as its OpenAPI document shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+IMAGE_FIELD = "file"  # the multipart field of the images
+
+
+class TopEntry(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ImageResult(BaseModel):
+    source: str
+    top: list[TopEntry] | None = None
+    batch_size: int | None = None
+    error: str | None = None
+    reason: str | None = None  # densenet.images.Reason of an image that was refused
+    status: int | None = None
+
+
+class Timing(BaseModel):
+    total_ms: float
+    preprocess_ms: float
+    queue_ms: float
+    inference_ms: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[ImageResult]
+    timing: Timing
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "corrupt, truncated, empty or too many pixels",
+        413: "request body over --max-upload-mb",
+        415: "not an image",
+        422: "unknown field or parameter, no image, or bad topk",
+        503: "not ready yet, or the queue is full (see Retry-After)",
+    }.items()
+}
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        IMAGE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or several images",
+                        }
+                    },
+                    "required": [IMAGE_FIELD],
+                    "additionalProperties": False,
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}

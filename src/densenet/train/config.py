@@ -1,0 +1,212 @@
+"""Training configuration: ``TrainConfig`` (every setting of a run), the paper's recipes as data
+(``RECIPES``), and the one way to override a setting (``make_config``, fed by ``parse_value``
+for text from the command line)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime import AMP_MODES
+from ..transforms import AUGMENTATIONS
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. The recipe fields come from ``RECIPES``; any
+    field can be overridden (``make_config``, ``densenet train --set key=value``)."""
+
+    recipe: str = "custom"
+    model: str = "densenet_bc_100_k12"
+    data: str | None = None  # a named dataset (cifar10, cifar100, svhn) or a train/ + val/ folder
+    epochs: int = 300
+    batch_size: int = 64  # global: over all processes and accumulated micro-batches
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    # fractions of the epochs; at each, lr *= lr_gamma
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_gamma: float = 0.1
+    drop_rate: float = 0.0
+    augment: str = "crop-flip"  # see densenet.transforms.train_transform
+    image_size: int = 32  # training crop and evaluation crop, pixels
+    # evaluation: resize the shorter side to this, then crop image_size (None: image_size *
+    # 256 / 224 with "imagenet" augmentation, else image_size)
+    resize_size: int | None = None
+    mean: tuple[float, ...] | None = None  # None: the data set's
+    std: tuple[float, ...] | None = None
+    holdout: int = 0  # training images held out for validation (named datasets)
+    weights: str | None = None  # start from these weights (a registry name or a file)
+    model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
+    seed: int = 0
+    accumulate: int = 1  # micro-batches per optimizer step, per process
+    sync_bn: bool = False
+    # run options: they may differ when a run is resumed (so may the data's location, not its
+    # classes)
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, else float32), none, bf16, fp16
+    channels_last: bool | None = None  # None: on GPU
+    compile: bool = False
+    memory_efficient: bool = False
+    deterministic: bool = False
+    out: str | None = None  # None: runs/<recipe>
+    data_root: str | None = None
+    download: bool = False
+    workers: int = 4
+    device: str = "auto"
+    eval_batch_size: int | None = None  # None: batch_size
+    checkpoint_every_steps: int = 0  # also checkpoint inside epochs every this many steps
+    progress: bool = True
+
+
+RUN_OPTIONS = frozenset(
+    {
+        "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
+        "data_root", "download", "workers", "device", "eval_batch_size",
+        "checkpoint_every_steps", "progress",
+    }
+)  # fmt: skip
+
+
+def _cifar(data: str, augmented: bool) -> TrainConfig:
+    """Paper section 4.2: batch 64, 300 epochs, lr 0.1 / 10 at 50% and 75%; dropout 0.2 without
+    augmentation; "+" is zero-pad 4, random crop 32, horizontal flip."""
+    return TrainConfig(
+        recipe=data + ("+" if augmented else ""), model="densenet_bc_100_k12", data=data,
+        epochs=300, batch_size=64, lr=0.1, lr_milestones=(0.5, 0.75),
+        drop_rate=0.0 if augmented else 0.2, augment="crop-flip" if augmented else "none",
+        image_size=32,
+    )  # fmt: skip
+
+
+RECIPES: dict[str, TrainConfig] = {
+    "cifar10": _cifar("cifar10", augmented=False),
+    "cifar10+": _cifar("cifar10", augmented=True),
+    "cifar100": _cifar("cifar100", augmented=False),
+    "cifar100+": _cifar("cifar100", augmented=True),
+    # SVHN: train + extra, no augmentation, pixels / 255, 6,000 training images held out for
+    # validation (the best epoch's model is then tested), 40 epochs, dropout 0.2.
+    "svhn": dataclasses.replace(
+        _cifar("svhn", augmented=False), recipe="svhn", epochs=40, holdout=6000
+    ),
+    # ImageNet: batch 256, 90 epochs, lr 0.1 / 10 at epochs 30 and 60; random-resized crop 224,
+    # colour jitter, lighting noise, flip; evaluation resize 256, center crop 224.
+    "imagenet": TrainConfig(
+        recipe="imagenet",
+        model="densenet121",
+        epochs=90,
+        batch_size=256,
+        lr=0.1,
+        lr_milestones=(1 / 3, 2 / 3),
+        augment="imagenet",
+        image_size=224,
+    ),
+    # Not from the paper: the official ImageNet weights, a new classifier for the folder's
+    # classes, lr 0.01 / 10 after two thirds of 15 epochs.
+    "finetune": TrainConfig(
+        recipe="finetune",
+        model="densenet121",
+        weights="DEFAULT",
+        epochs=15,
+        batch_size=64,
+        lr=0.01,
+        lr_milestones=(2 / 3,),
+        augment="imagenet",
+        image_size=224,
+    ),
+}
+
+
+def parse_value(name: str, text: str) -> Any:
+    """``text`` (a command-line flag's or ``--set``'s) as a value of ``TrainConfig.<name>``'s
+    type: the one parser behind every way of overriding a setting."""
+    hints = typing.get_type_hints(TrainConfig)
+    if name not in hints:
+        raise ValueError(
+            f"unknown setting {name!r}; settings: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}"
+        )
+    hint = hints[name]
+    kind = hint
+    if isinstance(hint, types.UnionType):  # X | None
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(kind) or kind
+    try:
+        if origin is bool:
+            if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return text.strip().lower() in ("true", "1", "yes", "on")
+        if origin is tuple:
+            items = json.loads(text) if text.strip().startswith("[") else text.split(",")
+            return tuple(float(x) for x in items)
+        if origin is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        return origin(text)
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"setting {name}={text!r} is not a valid {hint}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, typed value)`` for ``make_config``."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set takes key=value, got {item!r}")
+    key = key.strip().replace("-", "_")
+    return key, parse_value(key, value)
+
+
+def make_config(recipe: str, **overrides: Any) -> TrainConfig:
+    """The recipe's configuration with ``overrides`` applied."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
+    values = dict(overrides)
+    if values.get("lr_milestones") is not None:
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+    config = dataclasses.replace(RECIPES[recipe], **values)
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    if config.augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {config.augment!r}")
+    if config.amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
+    for name in ("epochs", "batch_size", "image_size", "accumulate"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.data is None:
+        raise ValueError(
+            f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"
+        )
+
+
+def milestone_epochs(config: TrainConfig) -> list[int]:
+    """The epochs (counted from 0) from which the learning rate is multiplied by ``lr_gamma``
+    once more: ``lr_milestones`` as fractions of ``epochs``, at least 1."""
+    return [max(1, round(f * config.epochs)) for f in config.lr_milestones]
+
+
+def eval_resize(config: TrainConfig) -> int:
+    """The evaluation resize for ``image_size``: ImageNet's 256 for 224 (ratio 0.875) with
+    ImageNet augmentation, else the crop size itself (small images are not cropped)."""
+    if config.augment == "imagenet":
+        return round(config.image_size * 256 / 224)
+    return config.image_size
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The configuration as JSON-ready values (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

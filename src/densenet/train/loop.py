@@ -1,0 +1,413 @@
+"""The training loop: set-up (determinism, data, model, optimiser, DistributedDataParallel,
+compile), epochs of optimizer steps over accumulated micro-batches, per-epoch validation, and
+the test of the best epoch's model at the end. Checkpoints go through ``Checkpointer``, epoch
+records through ``MetricsLog``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..accuracy import EvalResult, evaluate
+from ..checkpoint import TrainCheckpoint, read_checkpoint
+from ..data import ShardedBatchSampler, TransformedDataset, collate, load_splits, shard_indices
+from ..errors import DenseNetError
+from ..io import write_json
+from ..preprocessing import ModelCard, Preprocessing
+from ..registry import get_model
+from ..runtime import amp_dtype, process_group
+from ..transforms import train_transform
+from .checkpointer import Checkpointer
+from .config import TrainConfig, check_config, config_dict, eval_resize, milestone_epochs
+from .metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(DenseNetError, RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+class Trainer:
+    """One training run: set-up, resume, epochs, validation, checkpoints."""
+
+    def __init__(
+        self, config: TrainConfig, resume: bool, rank: int, world_size: int, device: torch.device
+    ) -> None:
+        check_config(config)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.main, self.ddp = rank == 0, world_size > 1
+        self._seed_and_determinism(config)
+        self.splits = load_splits(
+            config.data, config.data_root, config.download, config.holdout, config.seed
+        )  # type: ignore[arg-type]
+        self.config = config = self._resolve(config)
+        self.out = Path(config.out)  # type: ignore[arg-type]
+        self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
+        if self.checkpointer.last_path.exists() and not resume:
+            raise TrainingError(
+                f"{self.out} already holds a run ({self.checkpointer.last_path}); continue it "
+                "with --resume or choose another --out"
+            )
+        if resume and not self.checkpointer.last_path.exists():
+            raise TrainingError(f"nothing to resume: {self.checkpointer.last_path} does not exist")
+        self._build_model()
+        self._build_loaders()
+        self.epoch = self.step = self.global_step = 0
+        self.best_acc1, self.best_epoch = -1.0, 0
+        self.meter = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, images, skipped
+        self.resumed: TrainCheckpoint | None = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out) if self.main else None
+        if resume:
+            self._resume()
+        if self.main:
+            write_json(self.out / "config.json", config_dict(config))
+
+    # -- set-up --
+
+    def _seed_and_determinism(self, config: TrainConfig) -> None:
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+
+    def _resolve(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with its defaults that depend on the data and the device filled in."""
+        return dataclasses.replace(
+            config,
+            out=config.out or os.path.join("runs", config.recipe),
+            resize_size=config.resize_size or eval_resize(config),
+            mean=tuple(config.mean or self.splits.mean),
+            std=tuple(config.std or self.splits.std),
+            channels_last=(
+                self.device.type == "cuda" if config.channels_last is None else config.channels_last
+            ),
+        )
+
+    def _build_model(self) -> None:
+        config = self.config
+        self.model_args = {
+            "num_classes": len(self.splits.classes),
+            "drop_rate": config.drop_rate,
+            **config.model_args,
+        }
+        torch.manual_seed(config.seed)
+        net = get_model(config.model, weights=config.weights, **self.model_args)
+        side = net.min_input_size
+        self.card = ModelCard(
+            tuple(self.splits.classes),
+            Preprocessing(config.resize_size, config.image_size, mean=config.mean,
+                          std=config.std, min_size=(side, side)),  # type: ignore[arg-type]
+            in_channels=net.config["in_channels"],
+            arch=config.model,
+        )  # fmt: skip
+        if config.memory_efficient:
+            net.set_memory_efficient(True)
+        if config.sync_bn and self.ddp:
+            if self.device.type != "cuda":
+                raise TrainingError("sync_bn needs CUDA GPUs; SyncBatchNorm does not run on CPU")
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = net.to(self.device)
+        if config.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        self.optimizer = torch.optim.SGD(
+            net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestone_epochs(config), gamma=config.lr_gamma
+        )
+        self.amp_dtype = amp_dtype(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype is torch.float16
+        )
+        model: nn.Module = net
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(net, device_ids=ids)
+        self.model = torch.compile(model) if config.compile else model
+
+    def _build_loaders(self) -> None:
+        config, splits = self.config, self.splits
+        train_set = TransformedDataset(
+            splits.train,
+            train_transform(config.augment, config.image_size, config.mean, config.std),  # type: ignore[arg-type]
+            seed=config.seed,
+        )
+        self.sampler = ShardedBatchSampler(
+            len(train_set), config.batch_size, seed=config.seed, rank=self.rank,
+            world_size=self.world_size, accumulate=config.accumulate,
+        )  # fmt: skip
+        cuda = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            train_set, batch_sampler=self.sampler, num_workers=config.workers, collate_fn=collate,
+            pin_memory=cuda, persistent_workers=config.workers > 0,
+            generator=torch.Generator().manual_seed(config.seed),
+        )  # fmt: skip
+        evaluation = self.card.preprocessing.transform()
+        self.eval_loaders = {
+            name: self._eval_loader(dataset, evaluation)
+            for name, dataset in (("val", splits.val), ("test", splits.test))
+            if dataset is not None
+        }
+
+    def _eval_loader(self, dataset, transform) -> DataLoader:
+        dataset = TransformedDataset(dataset, transform)
+        if self.ddp:
+            dataset = Subset(dataset, list(shard_indices(len(dataset), self.rank, self.world_size)))
+        return DataLoader(
+            dataset, batch_size=self.config.eval_batch_size or self.config.batch_size,
+            num_workers=self.config.workers, collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+
+    # -- checkpoints --
+
+    def _checkpoint(self) -> TrainCheckpoint:
+        return TrainCheckpoint(
+            card=self.card,
+            model=self.net.state_dict(),
+            model_args=self.model_args,
+            config=config_dict(self.config),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            step=self.step,
+            global_step=self.global_step,
+            best_acc1=self.best_acc1,
+            best_epoch=self.best_epoch,
+            meter=self.meter.tolist(),
+        )
+
+    def _save(self, best: bool = False) -> None:
+        self._sync_buffers()
+        self.checkpointer.save(self._checkpoint(), best)  # every rank takes part
+
+    def _resume(self) -> None:
+        checkpoint = self.checkpointer.resume(config_dict(self.config), list(self.splits.classes))
+        self.net.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.epoch, self.step = checkpoint.epoch, checkpoint.step
+        self.global_step = checkpoint.global_step
+        self.best_acc1, self.best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
+        self.meter = torch.tensor(checkpoint.meter, dtype=torch.float64)
+        self.resumed = checkpoint
+        if self.metrics is not None:  # drop epochs done after this checkpoint
+            self.metrics.truncate(self.epoch)
+
+    def _sync_buffers(self) -> None:
+        """Give every process rank 0's BatchNorm statistics (DDP keeps them per process)."""
+        if self.ddp:
+            for buffer in self.net.buffers():
+                dist.broadcast(buffer, 0)
+
+    # -- training --
+
+    def _diverged(self, value: float) -> TrainingError:
+        last = self.checkpointer.last_path
+        if last.exists():
+            kept = f"the last good checkpoint, {last}, is kept"
+        else:
+            kept = "no checkpoint had been written yet"
+        return TrainingError(
+            f"loss is {value} at epoch {self.epoch + 1}, step {self.step + 1}: training diverged "
+            f"and was stopped; {kept}. Lower the learning rate (or use --amp none) and resume"
+        )
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and (scaled) backward of one micro-batch; returns (loss sum, correct, images).
+
+        A micro-batch whose images were all unreadable still runs a forward and backward, on a
+        zero image in eval mode (no statistics, no dropout) with a zero loss: every process then
+        joins DDP's gradient all-reduce (contributing zeros) and GradScaler sees gradients."""
+        empty = labels.numel() == 0
+        if empty:
+            size = self.config.image_size
+            images = torch.zeros(1, self.card.in_channels, size, size, device=self.device)
+            self.model.eval()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            logits = self.model(images)
+        if empty:
+            self.model.train()
+            self.scaler.scale(logits.float().sum() * 0).backward()
+            return torch.zeros(3, dtype=torch.float64, device=self.device)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.scaler.scale(loss / self.config.accumulate).backward()
+        correct = (logits.argmax(dim=1) == labels).sum()
+        return torch.stack(
+            [loss.detach() * labels.numel(), correct, labels.new_tensor(labels.numel())]
+        ).to(torch.float64)
+
+    def _train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over ``accumulate`` micro-batches; returns this step's global
+        (loss sum, correct, images, skipped) as float64 on the CPU. Every process runs the same
+        forwards and backwards; a step without any image anywhere changes no weight."""
+        config = self.config
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(config.accumulate):
+            images, labels, skipped = next(batches)
+            stats[3] += skipped
+            last = micro == config.accumulate - 1
+            no_sync = self.model.no_sync if self.ddp and not last else nullcontext
+            with no_sync():
+                stats[:3] += self._backward(images, labels)
+        if self.ddp:
+            dist.all_reduce(stats)
+        stats = stats.cpu()
+        if not math.isfinite(stats[0].item()):
+            raise self._diverged(stats[0].item() / max(stats[2].item(), 1))
+        if stats[2].item() > 0:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return stats
+
+    def _train_epoch(self) -> dict[str, float]:
+        config = self.config
+        steps = self.sampler.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, self.step)
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        start, seen = time.perf_counter(), 0.0
+        batches = iter(self.train_loader)
+        with tqdm(
+            total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            unit="step", disable=not (config.progress and self.main), leave=False,
+        ) as bar:  # fmt: skip
+            while self.step < steps:
+                stats = self._train_step(batches)
+                self.meter += stats
+                self.step += 1
+                self.global_step += 1
+                seen += stats[2].item()
+                loss_sum, correct, count, _ = self.meter.tolist()
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss_sum / max(count, 1):.4f}",
+                    acc=f"{100 * correct / max(count, 1):.2f}%",
+                    lr=f"{lr:.3g}",
+                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                )
+                every = config.checkpoint_every_steps
+                if every and self.step % every == 0 and self.step < steps:
+                    self._save()
+        loss_sum, correct, count, skipped = self.meter.tolist()
+        return {
+            "train_loss": loss_sum / max(count, 1),
+            "train_top1": 100 * correct / max(count, 1),
+            "train_images": int(count),
+            "train_skipped": int(skipped),
+            "lr": lr,
+            "images_per_second": seen / (time.perf_counter() - start),
+        }
+
+    def _evaluate(self, split: str) -> EvalResult:
+        self._sync_buffers()
+        return evaluate(
+            self.net, self.eval_loaders[split], device=self.device, amp_dtype=self.amp_dtype,
+            channels_last=bool(self.config.channels_last), distributed=self.ddp,
+            progress=self.config.progress and self.main, desc=split,
+        )  # fmt: skip
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        if self.resumed is not None:
+            self.checkpointer.restore_rng(self.resumed)
+        while self.epoch < config.epochs:
+            started = time.perf_counter()
+            record = self._train_epoch()
+            self.scheduler.step()
+            val = self._evaluate("val")
+            self.epoch += 1
+            self.step = 0
+            self.meter.zero_()
+            best = val.top1 > self.best_acc1
+            if best:
+                self.best_acc1, self.best_epoch = val.top1, self.epoch
+            record = {
+                "epoch": self.epoch,
+                **record,
+                "val_loss": val.loss,
+                "val_top1": val.top1,
+                "val_top5": val.top5,
+                "val_images": val.images,
+                "val_skipped": val.skipped,
+                "seconds": time.perf_counter() - started,
+            }
+            if self.metrics is not None:
+                self.metrics.append(record)
+                log.info(
+                    "epoch %d/%d  train loss %.4f top-1 %.2f%%  val loss %.4f top-1 %.2f%% "
+                    "top-5 %.2f%%  lr %.3g  %.0f img/s%s",
+                    self.epoch, config.epochs, record["train_loss"], record["train_top1"],
+                    val.loss, val.top1, val.top5, record["lr"], record["images_per_second"],
+                    f"  ({record['train_skipped']} unreadable images skipped)"
+                    if record["train_skipped"] else "",
+                )  # fmt: skip
+            self._save(best=best)
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        paths = self.checkpointer
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "epochs": self.config.epochs,
+            "best_epoch": self.best_epoch,
+            "best_val_top1": self.best_acc1,
+            "last_checkpoint": str(paths.last_path),
+            "best_checkpoint": str(paths.best_path),
+        }
+        if "test" in self.eval_loaders:  # the model of the best validation epoch, tested once
+            if self.main:
+                self.net.load_state_dict(read_checkpoint(paths.best_path).model)
+            if self.ddp:  # from rank 0: other nodes may not see its files
+                for tensor in self.net.state_dict().values():
+                    dist.broadcast(tensor, 0)
+            summary["test"] = self._evaluate("test").to_dict()
+        if self.main:
+            write_json(self.out / "results.json", summary)
+            if self.metrics is not None:
+                self.metrics.close()
+        return summary
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or with ``resume``, continue from ``<out>/last.pth``) the training ``config``
+    describes; under ``torchrun`` every process calls this. Writes into ``config.out``:
+    ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one line per epoch),
+    ``last.pth`` and ``best.pth`` (best validation top-1), ``results.json``, and TensorBoard
+    logs when ``tensorboard`` is installed. Returns the summary in ``results.json``."""
+    with process_group(config.device) as (rank, world_size, device):
+        return Trainer(config, resume, rank, world_size, device).run()
