@@ -1,13 +1,15 @@
-"""``densenet predict``: top-k labels of image files and folders."""
+"""``densenet predict``: top-k labels of image files and folders, printed; with ``--out``, of
+every image of a folder, manifest or glob, written as resumable Parquet shards."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..bulk import BulkError, Options
 from ..images import find_images
 from ..predict import Classifier
-from .common import add_device_arg, add_model_args, print_json
+from .common import add_bulk_args, add_device_arg, add_model_args, print_json, run_bulk
 
 
 def add_parser(sub) -> None:
@@ -15,9 +17,11 @@ def add_parser(sub) -> None:
         "predict",
         help="classify images: top-k labels with probabilities",
         description="Classify images. --model also takes an exported .onnx file, run with ONNX "
-        "Runtime (class names and preprocessing from the file).",
+        "Runtime (class names and preprocessing from the file). With --out, the top-k of every "
+        "image of one INPUT (a folder, a .txt/.csv/.parquet manifest or a quoted glob) are "
+        "written as Parquet shards instead (as `densenet embed` writes embeddings).",
     )
-    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("images", nargs="+", help="image files or folders of images (one with --out)")
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     add_device_arg(p)
@@ -28,10 +32,19 @@ def add_parser(sub) -> None:
         help="run the reference module instead of the fast inference form (densenet.optimize)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_bulk_args(p, out_required=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        if len(args.images) != 1:
+            raise BulkError(
+                f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
+                f"got {len(args.images)}"
+            )
+        options = Options(task="predict", topk=args.topk, shard_size=args.shard_size)
+        return run_bulk(args, args.images[0], options)
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.images)}")
