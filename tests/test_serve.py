@@ -277,6 +277,7 @@ def test_metrics(classifier, photos):
     assert "densenet_batch_size_count 3.0" in text  # three forward passes of one image
     assert 'densenet_batch_size_bucket{le="1.0"} 3.0' in text
     assert "densenet_queue_depth 0.0" in text and "densenet_ready 1.0" in text
+    assert "densenet_decode_pixels_in_flight 0.0" in text
 
 
 def images_counted(client: TestClient) -> float:
@@ -527,11 +528,26 @@ def test_same_results_as_densenet_predict(weights_file, photos, tmp_path, capsys
             assert a["probability"] == pytest.approx(b["probability"], rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.slow
-def test_cli_defaults_and_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
+def test_cli_defaults_are_the_configs():
     defaults = build_parser().parse_args(["serve"])
-    assert (defaults.host, defaults.port, defaults.max_batch) == ("127.0.0.1", 8000, 32)
-    assert (defaults.max_wait_ms, defaults.max_upload_mb, defaults.device) == (5.0, 10.0, "auto")
+    assert (defaults.host, defaults.port, defaults.device) == ("127.0.0.1", 8000, "auto")
+    config = ServeConfig()
+    for name in (
+        "max_batch", "max_wait_ms", "max_upload_mb", "max_queue", "max_request_pixels",
+        "max_pixels_in_flight", "body_timeout_s",
+    ):  # fmt: skip
+        assert getattr(defaults, name) == getattr(config, name), name
+
+
+def test_config_refuses_limits_that_could_never_be_met():
+    with pytest.raises(ValueError, match="max_pixels_in_flight"):
+        ServeConfig(max_request_pixels=10, max_pixels_in_flight=9)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        ServeConfig(body_timeout_s=0)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
     command = [sys.executable, "-m", "densenet", "serve", "--weights", str(weights_file)]
     command += ["--port", "0", "--device", "cpu", "--max-batch", "2"]  # the system picks a port
     log_path = tmp_path / "server.log"

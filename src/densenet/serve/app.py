@@ -108,7 +108,7 @@ class UploadTooLarge(Exception):
 
 
 class _Service:
-    """What the endpoints share: the classifier, the batcher, the pools, the metrics."""
+    """What the endpoints share: the classifier, the batcher, the decoder, the metrics."""
 
     def __init__(self, classifier: Classifier, config: ServeConfig, model_name: str, weights: Any):
         self.classifier = classifier
@@ -122,7 +122,10 @@ class _Service:
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
         )
-        self.metrics = ServiceMetrics(lambda: self.batcher.depth)
+        self.metrics = ServiceMetrics(
+            lambda: self.batcher.depth,
+            lambda: self.decoder.pixels_in_flight if self.decoder is not None else 0,
+        )
         self.batcher.on_batch = self.metrics.on_batch
         self.decoder: FairDecoder | None = None
 
@@ -135,7 +138,7 @@ class _Service:
         self.batcher.start()
 
     async def stop(self) -> None:
-        """Finish the queued images, then stop the batcher and the pools."""
+        """Finish the queued images, then stop the batcher and the decoder."""
         self.ready = False
         self.metrics.ready.set(0)
         await self.batcher.close()
@@ -286,13 +289,13 @@ class _RequestMiddleware:
         metrics = self.service.metrics
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         counted = endpoint != "/metrics"
-        status = 500
+        status, responded = 500, False
         start = time.perf_counter()
 
         async def send_wrapper(message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             await send(message)
 
         limit = self.service.config.max_upload_bytes
@@ -321,6 +324,8 @@ class _RequestMiddleware:
         except asyncio.CancelledError:
             # the server cancels what is still running at the end of its shutdown grace period;
             # the answer is the last thing this request does, so the cancellation ends here
+            if responded:
+                raise
             log.warning("%s %s: cut short by the server's shutdown", scope["method"], endpoint)
             await _error(503, "the server shut down before this request finished; retry")(
                 scope, receive, send_wrapper
@@ -423,6 +428,8 @@ def create_app(
                     "max_wait_ms": config.max_wait_ms,
                     "max_upload_mb": config.max_upload_mb,
                     "max_images": config.max_images,
+                    "max_request_pixels": config.max_request_pixels,
+                    "body_timeout_s": config.body_timeout_s,
                     "ready": service.ready,
                 }
             ]

@@ -118,9 +118,10 @@ class FairDecoder:
         self._pool.shutdown(wait=True)
 
     def _dispatch(self) -> None:
-        """Start jobs while threads are idle: from each request in turn (the next one after the
-        last served), skipping those at ``per_request``; stop at a job whose pixels do not fit
-        now, so that a large image waits for memory without being overtaken forever."""
+        """Start jobs while threads are idle, from each request in turn (a new request first,
+        then the one served longest ago), skipping those at ``per_request``; stop at a job whose
+        pixels do not fit now, so that a large image waits for memory without being overtaken
+        forever."""
         while self._idle:
             key = next(
                 (k for k, r in self._requests.items() if r.jobs and r.running < self.per_request),
