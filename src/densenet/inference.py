@@ -325,7 +325,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-BACKENDS = ("eager", "inductor", "triton")
+BACKENDS = ("eager", "inductor", "triton", "onednn")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -336,12 +337,17 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _backend(backend: str | None, compile: bool | str, device: torch.device) -> str:
+def _backend(
+    backend: str | None, compile: bool | str, device: torch.device, dtype: torch.dtype
+) -> str:
     """The backend ``optimize`` builds: the one named, or the fastest that runs on ``device``."""
+    from .cpu import onednn_usable
+
+    onednn = device.type == "cpu" and dtype in ONEDNN_DTYPES and onednn_usable()
     if backend is None:
         if compile:
             return "inductor"
-        return "eager"
+        return "onednn" if onednn else "eager"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if compile and backend != "inductor":
@@ -353,6 +359,11 @@ def _backend(backend: str | None, compile: bool | str, device: torch.device) -> 
             f"backend='triton' needs a CUDA model and the triton package (model on {device}, "
             f"triton {'installed' if importlib.util.find_spec('triton') else 'missing'}); "
             "set TRITON_INTERPRET=1 to run its kernels on the CPU (slowly, for tests)"
+        )
+    if backend == "onednn" and not onednn:
+        raise RuntimeError(
+            f"backend='onednn' needs a CPU model, dtype float32 or bfloat16 and a PyTorch build "
+            f"with oneDNN (model on {device}, dtype {dtype}); use backend='eager'"
         )
     return backend
 
@@ -406,11 +417,15 @@ def optimize(
     mode = "default" if compile in (True, False) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
-    backend = _backend(backend, compile, device)
+    backend = _backend(backend, compile, device, dtype)
     if backend == "triton":
         from .kernels import TritonDenseNet
 
         return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
+    if backend == "onednn":
+        from .cpu import OneDNNDenseNet
+
+        return OneDNNDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast
