@@ -127,7 +127,7 @@ def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], 
     return _autocast(net, x, dtype)
 
 
-def _ours(backend: str | None):
+def _ours(backend: str):
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
         return optimize(model, dtype=dtype, backend=backend)
 
@@ -193,8 +193,8 @@ ENGINES: dict[str, Engine] = {
         Engine("onnxruntime", _onnxruntime, ("cpu",), reduced_precision=False),
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
         Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
-        Engine("densenet.optimize", _ours(None)),
-        Engine("densenet.optimize eager", _ours("eager")),
+        Engine("densenet.optimize", _ours("eager")),
+        Engine("densenet.optimize onednn", _ours("onednn"), ("cpu",)),
         Engine("densenet.optimize compile", _ours_compile),
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),

@@ -26,18 +26,13 @@ from torch import Tensor, nn
 
 from .inference import METADATA, InferenceBlock, InferenceDenseNet, InferenceTransition
 
-__all__ = ["OneDNNDenseNet", "default_dtype", "native_bfloat16", "onednn_usable"]
-
-
-def onednn_usable() -> bool:
-    """Whether this PyTorch build has oneDNN (MKL-DNN) for CPU tensors."""
-    return torch.backends.mkldnn.is_available()
+__all__ = ["OneDNNDenseNet", "default_dtype", "native_bfloat16"]
 
 
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX tiles), so that
     bfloat16 is about twice as fast as float32; without it oneDNN emulates bfloat16, slower."""
-    return onednn_usable() and (
+    return torch.backends.mkldnn.is_available() and (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     )
 

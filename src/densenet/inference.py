@@ -341,13 +341,10 @@ def _backend(
     backend: str | None, compile: bool | str, device: torch.device, dtype: torch.dtype
 ) -> str:
     """The backend ``optimize`` builds: the one named, or the fastest that runs on ``device``."""
-    from .cpu import onednn_usable
-
-    onednn = device.type == "cpu" and dtype in ONEDNN_DTYPES and onednn_usable()
     if backend is None:
         if compile:
             return "inductor"
-        return "onednn" if onednn else "eager"
+        return "eager"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if compile and backend != "inductor":
@@ -360,6 +357,9 @@ def _backend(
             f"triton {'installed' if importlib.util.find_spec('triton') else 'missing'}); "
             "set TRITON_INTERPRET=1 to run its kernels on the CPU (slowly, for tests)"
         )
+    onednn = (
+        device.type == "cpu" and dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    )
     if backend == "onednn" and not onednn:
         raise RuntimeError(
             f"backend='onednn' needs a CPU model, dtype float32 or bfloat16 and a PyTorch build "
