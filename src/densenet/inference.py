@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -391,16 +392,19 @@ def optimize(
             (CUDA graphs, best for small GPU batches). Shapes stay static: the first call with
             each input shape compiles (tens of seconds) a kernel for that shape only.
         backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
-            ``compile=True``), ``"triton"`` (a ``densenet.kernels.TritonDenseNet``: fused Triton
-            kernels; CUDA only, or any device under ``TRITON_INTERPRET=1``). Default: inductor
-            when ``compile`` is set, else eager. The triton backend is opt-in: its kernels are
-            checked against the eager model on the CPU (Triton's interpreter) but have not yet
-            been timed on a GPU.
+            ``compile=True``; on the CPU slower than eager, with a warning), ``"triton"`` (a
+            ``densenet.kernels.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
+            under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
+            fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
+            ``compile`` is set, else eager. The triton backend is opt-in: its kernels are checked
+            against the eager model on the CPU (Triton's interpreter) but have not yet been timed
+            on a GPU; the onednn backend is opt-in because ``densenet.export`` reads the eager
+            form's modules.
 
     Returns:
-        an ``InferenceDenseNet`` (or its compiled wrapper) or a ``TritonDenseNet``, mapping
-        (N, C, H, W) inputs of any float dtype to outputs of the same dtype; it keeps the model's
-        ``weights_entry`` (class names), ``arch`` and ``config``.
+        an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
+        ``OneDNNDenseNet``, mapping (N, C, H, W) inputs of any float dtype to outputs of the same
+        dtype; it keeps the model's ``weights_entry`` (class names), ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
@@ -429,6 +433,13 @@ def optimize(
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast
+    if device.type == "cpu":
+        warnings.warn(
+            "optimize(compile=...) on the CPU measured slower than the uncompiled forms (inductor "
+            "calls the same oneDNN convolutions and adds its own elementwise kernels); "
+            "backend='onednn' is the fastest CPU form",
+            stacklevel=2,
+        )
     options = {**torch._inductor.list_mode_options(mode), "freezing": True}
     return torch.compile(fast, options=options, dynamic=False)
 
