@@ -3,9 +3,9 @@
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
 baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
-inductor, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's output is checked
-against a float64 evaluation of the model before it is timed; float32 engines are checked and
-timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
+inductor, onednn on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's
+output is checked against a float64 evaluation of the model before it is timed; float32 engines
+are checked and timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
 Engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
 median is reported, with its ratio to both references. Used by ``densenet bench`` and
 ``benchmarks/bench_inference.py``.
@@ -194,6 +194,7 @@ ENGINES: dict[str, Engine] = {
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
         Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
         Engine("densenet.optimize", _ours("eager")),
+        Engine("densenet.optimize onednn", _ours("onednn"), ("cpu",)),
         Engine("densenet.optimize compile", _ours_compile),
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
