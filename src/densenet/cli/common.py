@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .. import bulk
+from ..runtime import COMPUTE_DTYPES
 
 
 def print_json(data) -> None:
@@ -63,6 +64,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1..."
+    )
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *COMPUTE_DTYPES],
+        help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
+        "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
+        "BF16 or AMX), else float32",
     )
 
 

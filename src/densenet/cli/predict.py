@@ -9,7 +9,14 @@ import sys
 from ..bulk import BulkError, Options
 from ..images import find_images
 from ..predict import Classifier
-from .common import add_bulk_args, add_device_arg, add_model_args, print_json, run_bulk
+from .common import (
+    add_bulk_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    print_json,
+    run_bulk,
+)
 
 
 def add_parser(sub) -> None:
@@ -25,6 +32,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument(
         "--no-optimize",
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no images found in {' '.join(args.images)}")
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
-        optimize=not args.no_optimize,
+        optimize=not args.no_optimize, dtype=args.dtype,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
     if args.json:

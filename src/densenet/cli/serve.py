@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import DenseNetError
 from ..predict import Classifier
-from .common import add_device_arg, add_model_args
+from .common import add_device_arg, add_dtype_arg, add_model_args
 
 
 def add_parser(sub) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (413)")
@@ -62,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         max_pixels_in_flight=args.max_pixels_in_flight,
         body_timeout_s=args.body_timeout_s,
     )
-    classifier = Classifier(args.model, args.weights, args.device, batch_size=args.max_batch)
+    classifier = Classifier(
+        args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype
+    )
     serve(
         classifier,
         config,
