@@ -229,7 +229,10 @@ def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     monkeypatch.setitem(ENGINES, COMPILED_REFERENCE, ENGINES["torchvision eager CL"])
     model = randomize_batchnorm(tiny_model(growth_rate=8))
     engines = ["densenet.optimize", COMPILED_REFERENCE, "wrong", "densenet.optimize triton"]
-    results = run_benchmark([model], [2], image_size=32, rounds=2, repeats=1, engines=engines)
+    said: list[str] = []
+    results = run_benchmark(
+        [model], [2], image_size=32, rounds=2, repeats=1, engines=engines, progress=said.append
+    )
     by_engine = {r.engine: r for r in results}
     # the baseline is added; the CUDA-only engine is left out on the CPU
     assert list(by_engine) == [
@@ -249,6 +252,9 @@ def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     table = format_table(results).splitlines()
     assert "vs tv eager" in table[0] and "vs tv compile" in table[0]
     assert table[-1].split()[2] == "wrong"
+    # what will run is said first; the rows as soon as they are measured
+    assert said[0].startswith("1 model(s) x 1 batch size(s) x 4 engines (torchvision eager, ")
+    assert said[-1] == format_table(results)
 
 
 def test_benchmark_rejects_unknown_engines():

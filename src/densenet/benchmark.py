@@ -336,7 +336,8 @@ def run_benchmark(
         warmup: untimed calls per engine after its check.
         shapes_vary: before its check, each engine also runs batches of 1 and 64 images in the
             same process (a compiled engine then has seen other shapes, as in a service).
-        progress: called with a line of text as the benchmark goes.
+        progress: called with text as the benchmark goes: first what will run, then each
+            engine as it is set up, then each model and batch size's rows as soon as measured.
 
     Returns:
         one ``Result`` per model, batch size and engine; ``ms`` is the median over all timed
@@ -351,6 +352,10 @@ def run_benchmark(
     names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
     if BASELINE not in names:
         names.insert(0, BASELINE)
+    say(
+        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x {len(names)} engines "
+        f"({', '.join(names)}), {rounds} timing rounds each"
+    )
     results: list[Result] = []
     for model in models:
         if isinstance(model, str):
@@ -365,6 +370,7 @@ def run_benchmark(
                 reference = model.double()(x[:CHECKED].double().to(device)).cpu()
             model.float()
             x = x.to(device)
+            first = len(results)
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
             for name in names:
                 say(f"{arch} batch {batch}: setting up {name}")
@@ -385,6 +391,7 @@ def run_benchmark(
                     result.speedup = timed[BASELINE] / result.ms
                 if COMPILED_REFERENCE in timed:
                     result.vs_compiled = timed[COMPILED_REFERENCE] / result.ms
+            say(format_table(results[first:]))
     return results
 
 
