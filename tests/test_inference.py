@@ -4,15 +4,17 @@ and spatial size; eval-only; metadata kept; the benchmark's checks and its comma
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet
 from densenet import InferenceDenseNet, optimize
-from densenet.benchmark import ENGINES, Engine, format_table, run_benchmark
+from densenet.benchmark import COMPILED_REFERENCE, ENGINES, Engine, format_table, run_benchmark
 from densenet.cli import main
 
 
@@ -83,14 +85,36 @@ def test_negative_and_zero_batchnorm_scales():
         assert rel_error(fast(x), model(x)) < 1e-5
 
 
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten operator run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_folds_and_buffer_are_in_place():
-    fast = optimize(tiny_model().eval())
+    """The eager model concatenates and normalises; the fast form runs no BatchNorm and no
+    concatenation: one copy of the block input into its buffer, one per layer into its slice,
+    and exactly the model's convolutions."""
+    model = randomize_batchnorm(tiny_model()).eval()  # blocks of 2 layers
+    fast = optimize(model)
     assert isinstance(fast, InferenceDenseNet)
-    norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert not norms  # every BatchNorm is folded or an affine buffer
-    assert fast.stem[0].bias is not None  # norm0 folded into conv0
-    assert all(layer.conv1.bias is not None for layer in fast.stages[0].layers)  # norm2 folded
     assert not any(t.requires_grad for t in [*fast.parameters(), *fast.buffers()])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode(), OpLog() as slow_log:
+        model(x)
+    with torch.inference_mode(), OpLog() as fast_log:
+        fast(x)
+    assert "cat" in slow_log.ops and "batch_norm" in slow_log.ops
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert fast_log.ops.count("conv2d") == convs == slow_log.ops.count("conv2d")
+    assert "cat" not in fast_log.ops and "batch_norm" not in fast_log.ops
+    assert fast_log.ops.count("copy_") == 2 * (1 + 2)  # per block: its input, then 2 layers
 
 
 def test_reduced_precision_within_1e2():
@@ -171,20 +195,99 @@ def test_compile_matches():
         assert rel_error(fast(x), model(x)) < 1e-5
 
 
-def test_benchmark_flags_wrong_outputs(monkeypatch):
+def test_inductor_backend_keeps_batch_static():
+    """A new batch size compiles a new static graph: three sizes, three graphs. (Dynamo's
+    default marks the batch dynamic at the second size, and then needs no third graph.)"""
+    model = randomize_batchnorm(tiny_model(block_config=(1,), num_init_features=4)).eval()
+    fast = optimize(model, backend="inductor")
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    with torch.inference_mode():
+        for batch in (1, 2, 3):
+            x = torch.randn(batch, 3, 16, 16)
+            assert rel_error(fast(x), model(x)) < 1e-5
+    assert stats["unique_graphs"] - before == 3
+
+
+def test_backend_choices():
+    model = randomize_batchnorm(tiny_model()).eval()
+    assert isinstance(optimize(model), InferenceDenseNet)  # the CPU default
+    assert isinstance(optimize(model, backend="eager"), InferenceDenseNet)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize(model, backend="tensorrt")
+    with pytest.raises(ValueError, match="backend='inductor' only"):
+        optimize(model, backend="eager", compile=True)
+
+
+def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     wrong = Engine("wrong", lambda model, x, dtype: lambda inp: model(inp) * 1.01)
     monkeypatch.setitem(ENGINES, "wrong", wrong)
+    # an uncompiled stand-in for torch.compile(torchvision), which takes a minute on this CPU
+    monkeypatch.setitem(ENGINES, COMPILED_REFERENCE, ENGINES["torchvision eager CL"])
     model = randomize_batchnorm(tiny_model(growth_rate=8))
-    results = run_benchmark(
-        [model], [2], image_size=32, rounds=2, repeats=1, engines=["densenet.optimize", "wrong"]
-    )
+    engines = ["densenet.optimize", COMPILED_REFERENCE, "wrong", "densenet.optimize triton"]
+    results = run_benchmark([model], [2], image_size=32, rounds=2, repeats=1, engines=engines)
     by_engine = {r.engine: r for r in results}
-    assert set(by_engine) == {"torchvision eager", "densenet.optimize", "wrong"}
-    assert by_engine["torchvision eager"].speedup == 1.0
+    # the baseline is added; the CUDA-only engine is left out on the CPU
+    assert list(by_engine) == [
+        "torchvision eager",
+        "densenet.optimize",
+        COMPILED_REFERENCE,
+        "wrong",
+    ]
+    base, compiled = by_engine["torchvision eager"], by_engine[COMPILED_REFERENCE]
+    for r in (base, compiled, by_engine["densenet.optimize"]):
+        assert len(r.times_ms) == 2 and r.ms == statistics.median(r.times_ms)
+        assert r.speedup == pytest.approx(base.ms / r.ms)
+        assert r.vs_compiled == pytest.approx(compiled.ms / r.ms)
+        assert r.images_per_s == pytest.approx(2e3 / r.ms)
     assert by_engine["densenet.optimize"].rel_error < 1e-5
-    assert by_engine["densenet.optimize"].ms > 0 and by_engine["densenet.optimize"].speedup > 0
     assert by_engine["wrong"].ms is None and "wrong output" in by_engine["wrong"].note
-    assert format_table(results).splitlines()[-1].split()[2] == "wrong"
+    table = format_table(results).splitlines()
+    assert "vs tv eager" in table[0] and "vs tv compile" in table[0]
+    assert table[-1].split()[2] == "wrong"
+
+
+def test_benchmark_rejects_unknown_engines():
+    with pytest.raises(ValueError, match=r"unknown engines \['nonsense'\]"):
+        run_benchmark([tiny_model()], [1], engines=["densenet.optimize", "nonsense"])
+
+
+def spy_engine(calls: list):
+    """An engine running the model eagerly that records (stage, batch, TF32 flags) per call."""
+
+    def build(model, x, dtype):
+        calls.append(("build", None, torch.backends.cudnn.allow_tf32))
+
+        def run(inp):
+            flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            calls.append(("run", inp.shape[0], flags))
+            return model(inp)
+
+        return run
+
+    return Engine("spy", build)
+
+
+def test_benchmark_shapes_vary_and_float32_without_tf32(monkeypatch):
+    """With shapes_vary the engine runs batches of 1 and 64 before the measured one; float32
+    engines are built, checked, warmed up and timed with TF32 off, and the flags restored."""
+    calls: list = []
+    monkeypatch.setitem(ENGINES, "spy", spy_engine(calls))
+    model = randomize_batchnorm(tiny_model())
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        run_benchmark(
+            [model], [3], image_size=32, rounds=1, repeats=2, engines=["spy"], shapes_vary=True
+        )
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert [batch for stage, batch, _ in calls if stage == "run"][:4] == [1, 64, 3, 3]
+    assert len(calls) == 9  # build; 1, 64, 3 at setup; check; 2 warm-up; 2 timed
+    assert all(flags in (False, (False, False)) for _, _, flags in calls)
 
 
 def test_bench_command_writes_json(tmp_path, capsys):

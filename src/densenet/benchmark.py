@@ -1,11 +1,14 @@
 """Inference speed of DenseNet implementations, measured in one process on identical inputs.
 
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
-reference every ratio is taken against: float32, NCHW), torchvision under ``torch.compile``,
-timm, ONNX Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` eager and compiled.
-Each engine's output is checked against a float64 evaluation of the model before it is timed;
-engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
-median is reported. Used by ``densenet bench`` and ``benchmarks/bench_inference.py``.
+baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
+Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
+inductor, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's output is checked
+against a float64 evaluation of the model before it is timed; float32 engines are checked and
+timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
+Engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
+median is reported, with its ratio to both references. Used by ``densenet bench`` and
+``benchmarks/bench_inference.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inference import optimize
+from .inference import BucketedModel, optimize
 from .model import DenseNet
 from .registry import get_model
 
@@ -30,6 +34,7 @@ __all__ = ["ENGINES", "Result", "machine", "run_benchmark"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKED = 8  # images of each batch whose outputs are compared with the float64 reference
+OTHER_BATCHES = (1, 64)  # what each engine also runs first with ``shapes_vary``
 FLOAT32_TOLERANCE = 1e-4  # relative error allowed against the float64 reference
 REDUCED_TOLERANCE = 2e-2  # the same for bfloat16, float16 and OpenVINO's default precision
 
@@ -44,7 +49,8 @@ class Result:
     dtype: str
     ms: float | None = None
     images_per_s: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # vs the baseline, torchvision eager float32
+    vs_compiled: float | None = None  # vs torch.compile(torchvision), when that engine ran
     rel_error: float | None = None
     setup_s: float | None = None
     note: str = ""
@@ -121,13 +127,26 @@ def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], 
     return _autocast(net, x, dtype)
 
 
-def _ours(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    return optimize(model, dtype=dtype)
+def _ours(backend: str):
+    def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        return optimize(model, dtype=dtype, backend=backend)
+
+    return build
 
 
 def _ours_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     mode = _compile_mode(x)
     return optimize(model, dtype=dtype, compile=True if mode == "default" else mode)
+
+
+def _cuda_graph(backend: str):
+    """``optimize(backend=...)`` captured as one CUDA graph per input shape and replayed."""
+
+    def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        fast = optimize(model, dtype=dtype, backend=backend)
+        return BucketedModel(fast, max_batch=x.shape[0], cuda_graphs=True)
+
+    return build
 
 
 def _onnxruntime(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -174,11 +193,15 @@ ENGINES: dict[str, Engine] = {
         Engine("onnxruntime", _onnxruntime, ("cpu",), reduced_precision=False),
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
         Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
-        Engine("densenet.optimize", _ours),
+        Engine("densenet.optimize", _ours("eager")),
         Engine("densenet.optimize compile", _ours_compile),
+        Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
+        Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
+        Engine("densenet.optimize triton CUDA graph", _cuda_graph("triton"), ("cuda",)),
     ]
 }
 BASELINE = "torchvision eager"
+COMPILED_REFERENCE = "torchvision compile CL"
 
 
 def _rel_error(y: Tensor, ref: Tensor) -> float:
@@ -224,17 +247,26 @@ def _time(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> list[float
     return times
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+@contextlib.contextmanager
+def _precision(result: Result) -> Iterator[None]:
+    """TF32 off while a float32 engine is built, checked or timed (no-op for other dtypes)."""
+    if result.dtype != "float32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _setup(
-    name: str, model: DenseNet, x: Tensor, dtype: torch.dtype
+    name: str, model: DenseNet, x: Tensor, dtype: torch.dtype, shapes_vary: bool = False
 ) -> tuple[Callable[[Tensor], Tensor] | None, Result]:
     """Build an engine, run it once (compilation), check its output; a failed check or a missing
-    package leaves a result with a note and no callable."""
+    package leaves a result with a note and no callable. With ``shapes_vary`` the engine first
+    runs batches of ``OTHER_BATCHES`` images (as a service would), then ``x``."""
     engine = ENGINES[name]
     run_dtype = dtype if engine.reduced_precision else torch.float32
     result = Result(getattr(model, "arch", None) or "custom", name, x.shape[0], str(run_dtype)[6:])
@@ -242,9 +274,12 @@ def _setup(
         result.dtype = "default"
     begin = time.perf_counter()
     try:
-        fn = engine.build(model, x, run_dtype)
-        with torch.inference_mode():
-            fn(x)
+        with _precision(result):
+            fn = engine.build(model, x, run_dtype)
+            with torch.inference_mode():
+                for batch in OTHER_BATCHES if shapes_vary else ():
+                    fn(torch.randn(batch, *x.shape[1:], device=x.device))
+                fn(x)
         _synchronize(x.device)
     except ImportError as error:
         result.note = f"not installed ({error.name})"
@@ -260,7 +295,7 @@ def _setup(
 
 
 def _check(fn, result: Result, x: Tensor, reference: Tensor) -> bool:
-    with torch.inference_mode():
+    with _precision(result), torch.inference_mode():
         result.rel_error = _rel_error(fn(x)[: len(reference)], reference)
     tolerance = FLOAT32_TOLERANCE if result.dtype == "float32" else REDUCED_TOLERANCE
     if not result.rel_error <= tolerance:
@@ -281,6 +316,7 @@ def run_benchmark(
     repeats: int | None = None,
     warmup: int = 2,
     seed: int = 0,
+    shapes_vary: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
     """Measure every engine on every model and batch size.
@@ -297,18 +333,21 @@ def run_benchmark(
         rounds: timing rounds; each round times every engine ``repeats`` times in turn.
         repeats: calls per engine per round (default: enough for about 0.2 s of work on CPU).
         warmup: untimed calls per engine after its check.
+        shapes_vary: before its check, each engine also runs batches of 1 and 64 images in the
+            same process (a compiled engine then has seen other shapes, as in a service).
         progress: called with a line of text as the benchmark goes.
 
     Returns:
         one ``Result`` per model, batch size and engine; ``ms`` is the median over all timed
-        calls and ``speedup`` the ratio of the baseline's median to it.
+        calls, ``speedup`` the ratio of the baseline's median to it and ``vs_compiled`` that of
+        torch.compile(torchvision), when it ran.
     """
     device = torch.device(device)
     say = progress or (lambda line: None)
-    names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
-    unknown = [n for n in names if n not in ENGINES]
+    unknown = [n for n in engines or () if n not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engines {unknown}; choose from {list(ENGINES)}")
+    names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
     if BASELINE not in names:
         names.insert(0, BASELINE)
     results: list[Result] = []
@@ -328,31 +367,37 @@ def run_benchmark(
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
             for name in names:
                 say(f"{arch} batch {batch}: setting up {name}")
-                fn, result = _setup(name, model, x, DTYPES[dtype])
+                fn, result = _setup(name, model, x, DTYPES[dtype], shapes_vary)
                 results.append(result)
                 if fn is not None and _check(fn, result, x, reference):
-                    with torch.inference_mode():
+                    with _precision(result), torch.inference_mode():
                         for _ in range(warmup):
                             fn(x)
                     live.append((fn, result))
             _timed_rounds(live, x, rounds, repeats, say)
-            base = next((r for _, r in live if r.engine == BASELINE), None)
             for _, result in live:
-                result.ms = _median(result.times_ms)
+                result.ms = statistics.median(result.times_ms)
                 result.images_per_s = batch * 1e3 / result.ms
-                if base is not None:
-                    result.speedup = _median(base.times_ms) / result.ms
+            timed = {r.engine: r.ms for _, r in live}
+            for _, result in live:
+                if BASELINE in timed:
+                    result.speedup = timed[BASELINE] / result.ms
+                if COMPILED_REFERENCE in timed:
+                    result.vs_compiled = timed[COMPILED_REFERENCE] / result.ms
     return results
 
 
 def _timed_rounds(live, x: Tensor, rounds: int, repeats: int | None, say) -> None:
     if repeats is None:  # about 0.2 s per engine per round, judged from the slowest
-        slowest = max((max(_time(fn, x, 1)) for fn, _ in live), default=1.0)
+        slowest = 1.0
+        for fn, result in live:
+            with _precision(result), torch.inference_mode():
+                slowest = max(slowest, *_time(fn, x, 1))
         repeats = max(1, min(20, int(200 / slowest)))
     for index in range(rounds):
         say(f"round {index + 1}/{rounds}, {repeats} calls per engine")
         for fn, result in live:
-            with torch.inference_mode():
+            with _precision(result), torch.inference_mode():
                 result.times_ms += _time(fn, x, repeats)
 
 
@@ -392,15 +437,15 @@ def _lines(path: str) -> Iterator[str]:
 
 def format_table(results: Sequence[Result]) -> str:
     """The results as an aligned text table."""
-    rows = [
-        ["model", "batch", "engine", "dtype", "ms", "img/s", "vs tv eager", "rel. error", "note"]
-    ]
+    header = ["model", "batch", "engine", "dtype", "ms", "img/s", "vs tv eager", "vs tv compile"]
+    rows = [[*header, "rel. error", "note"]]
     for r in results:
         rows.append([
             r.model, str(r.batch), r.engine, r.dtype,
             f"{r.ms:.2f}" if r.ms is not None else "-",
             f"{r.images_per_s:,.0f}" if r.images_per_s is not None else "-",
             f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+            f"{r.vs_compiled:.2f}x" if r.vs_compiled is not None else "-",
             f"{r.rel_error:.1e}" if r.rel_error is not None else "-",
             r.note or (f"setup {r.setup_s:.0f} s" if r.setup_s and r.setup_s >= 1 else ""),
         ])  # fmt: skip

@@ -1,0 +1,248 @@
+"""densenet.kernels: each Triton kernel against a float64 torch reference, the triton backend
+against the eager model, the space-to-depth stem, and the bucketed wrapper.
+
+Without a GPU the kernels run on the CPU under the Triton interpreter, which must be switched on
+before triton is first imported (importing densenet already imports it): in a plain test run,
+``test_kernels_under_the_interpreter`` runs this file again in a subprocess with
+``TRITON_INTERPRET=1``, where the kernel tests run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_batchnorm, tiny_model
+
+import densenet
+from densenet import DenseNet, optimize
+from densenet.inference import BucketedModel, SpaceToDepthConv
+
+kernels = pytest.importorskip("densenet.kernels")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS_RUN_HERE = INTERPRETED or torch.cuda.is_available()
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE, reason="run by test_kernels_under_the_interpreter"
+)
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
+def test_kernels_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-rs"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+    assert "run by test_kernels_under_the_interpreter" not in done.stdout  # none skipped there
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def buffer(n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """A random float32 (n, c, h, w) channels_last block buffer."""
+    x = torch.randn(n, c, h, w, device=DEVICE)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def clamp_bounds(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds with every case: from below, from above, both equal (a constant)."""
+    low = torch.randn(k, device=DEVICE) * 0.5
+    high = torch.full((k,), float("inf"), device=DEVICE)
+    high[::3], low[::3] = low[::3] + 0.3, float("-inf")
+    high[1::5] = low[1::5] = 0.0
+    return low, high
+
+
+@needs_kernels
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize(
+    "n, buffer_channels, k, c_out, size",
+    [(1, 37, 21, 20, (7, 9)), (2, 45, 45, 7, (13, 11)), (3, 19, 3, 33, (5, 4))],
+)
+def test_pointwise_conv_matches_torch(pool, n, buffer_channels, k, c_out, size):
+    """clamp (-> 2x2 average pool) -> 1x1 conv + bias (-> ReLU) on a buffer prefix, written into a
+    slice of another buffer at an odd channel offset."""
+    x = buffer(n, buffer_channels, *size)[:, :k]
+    low, high = clamp_bounds(k)
+    weight = torch.randn(k, c_out, device=DEVICE)
+    bias = torch.randn(c_out, device=DEVICE)
+    h, w = (size[0] // 2, size[1] // 2) if pool else size
+    target = buffer(n, c_out + 8, h, w)
+    untouched = target.clone()
+    kernels.pointwise_conv(
+        x, weight, bias, low, high, target[:, 3 : 3 + c_out], pool=pool, relu=not pool
+    )
+    ref = torch.clamp(x.double(), low.double().view(1, -1, 1, 1), high.double().view(1, -1, 1, 1))
+    if pool:
+        ref = F.avg_pool2d(ref, 2)
+    ref = F.conv2d(ref, weight.double().t()[:, :, None, None], bias.double())
+    ref = ref if pool else ref.relu()
+    assert rel_error(target[:, 3 : 3 + c_out], ref) < 1e-6
+    assert torch.equal(target[:, :3], untouched[:, :3])
+    assert torch.equal(target[:, 3 + c_out :], untouched[:, 3 + c_out :])
+
+
+@needs_kernels
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize(
+    "n, c, c_out, size, offset",
+    [(1, 20, 4, (7, 9), 5), (2, 3, 17, (13, 11), 1), (3, 33, 5, (1, 2), 0)],
+)
+def test_conv3x3_matches_torch(affine, n, c, c_out, size, offset):
+    """The implicit-GEMM 3x3 convolution (padding 1), optionally after a BN-ReLU, written into a
+    buffer slice at channel ``offset``; the rest of the buffer stays as it was."""
+    x = buffer(n, c + 2, *size)[:, 2:]  # an input view at an odd offset too
+    weight = torch.randn(c_out, c, 3, 3, device=DEVICE)
+    scale, shift = (
+        (torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)) if affine else (None, None)
+    )
+    target = buffer(n, offset + c_out + 3, *size)
+    untouched = target.clone()
+    gemm_weight = weight.permute(2, 3, 1, 0).reshape(9 * c, c_out).contiguous()
+    kernels.conv3x3(x, gemm_weight, target[:, offset : offset + c_out], scale, shift)
+    inp = x.double()
+    if affine:
+        inp = (inp * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).relu()
+    ref = F.conv2d(inp, weight.double(), padding=1)
+    assert rel_error(target[:, offset : offset + c_out], ref) < 1e-6
+    outside = torch.ones(target.shape[1], dtype=torch.bool)
+    outside[offset : offset + c_out] = False
+    assert torch.equal(target[:, outside], untouched[:, outside])
+
+
+@needs_kernels
+def test_kernels_reject_shapes_that_do_not_fit():
+    x = buffer(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.conv3x3(x, torch.randn(9 * 7, 4), buffer(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="channels_last"):
+        low, high = clamp_bounds(8)
+        kernels.pointwise_conv(
+            x.contiguous(), torch.randn(8, 4), torch.zeros(4), low, high, buffer(1, 4, 4, 4)
+        )
+
+
+@pytest.mark.parametrize("size", [(37, 45), (8, 8), (1, 1), (2, 3), (224, 223)])
+def test_space_to_depth_stem_is_exact(size):
+    """The 7x7 stride-2 convolution and its 4x4 space-to-depth form agree to float64 rounding,
+    output size included, for odd and even sizes, with and without bias."""
+    torch.manual_seed(0)
+    for bias in (True, False):
+        conv = torch.nn.Conv2d(3, 5, 7, stride=2, padding=3, bias=bias).double()
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        ref, out = conv(x), SpaceToDepthConv(conv)(x)
+        assert out.shape == ref.shape
+        assert torch.allclose(out, ref, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="7x7 stride-2"):
+        SpaceToDepthConv(torch.nn.Conv2d(3, 5, 3, padding=1))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "config, size",
+    [
+        ({"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8}, (37, 45)),
+        (
+            {"growth_rate": 5, "block_config": (2, 2), "num_init_features": 7, "stem": "cifar"},
+            (7, 9),
+        ),
+        ({"growth_rate": 3, "block_config": (3, 1), "bn_size": 0, "stem": "cifar"}, (13, 11)),
+        (
+            {
+                "growth_rate": 6,
+                "block_config": (1, 2),
+                "bn_size": 2,
+                "compression": 0.7,
+                "num_classes": 0,
+            },
+            (29, 31),
+        ),
+    ],
+)
+@pytest.mark.parametrize("growth_conv", ["triton", "cudnn"])
+def test_triton_backend_matches_eager_model(config, size, growth_conv):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(DenseNet(**config)).eval().to(DEVICE)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.weight.data[::4] *= -1  # clamps from above too
+    fast = optimize(model, dtype=torch.float32, backend="triton")
+    assert isinstance(fast, kernels.TritonDenseNet)
+    if growth_conv != "triton":
+        fast = kernels.TritonDenseNet(
+            optimize(model, dtype=torch.float32, backend="eager"), growth_conv
+        )
+    x = torch.randn(2, 3, *size, device=DEVICE)
+    with torch.inference_mode():
+        out, ref = fast(x), model(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_error(out, ref) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, size", [("densenet121", (33, 35)), ("densenet_bc_100_k12", (9, 7))])
+def test_triton_backend_matches_registry_models(name, size):
+    """Full widths (prefixes up to 1024 channels, several reduction steps per tile)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(densenet.get_model(name)).eval().to(DEVICE)
+    x = torch.randn(1, 3, *size, device=DEVICE)
+    with torch.inference_mode():
+        out, ref = optimize(model, dtype=torch.float32, backend="triton")(x), model(x)
+    assert rel_error(out, ref) < 1e-5
+
+
+@needs_kernels
+def test_triton_backend_keeps_metadata_and_refuses_training():
+    model = tiny_model(num_classes=3).eval().to(DEVICE)
+    model.arch = "tiny"
+    fast = optimize(model, backend="triton")
+    assert fast.arch == "tiny" and fast.num_classes == 3 and fast.config == model.config
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fast.train()
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA.*TRITON_INTERPRET=1"):
+        optimize(tiny_model().eval(), backend="triton")
+    assert type(optimize(tiny_model().eval())).__name__ == "InferenceDenseNet"  # CPU default
+
+
+@pytest.mark.parametrize("max_batch", [4, 6])
+def test_bucketed_model_pads_splits_and_drops_padding(max_batch):
+    model = randomize_batchnorm(tiny_model()).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    bucketed = BucketedModel(model, max_batch=max_batch)
+    assert bucketed.buckets == ((1, 2, 4) if max_batch == 4 else (1, 2, 4, 6))
+    x = torch.randn(2 * max_batch + 3, 3, 32, 32)
+    with torch.inference_mode():
+        ref = torch.cat([model(row[None]) for row in x])
+        seen.clear()
+        out = bucketed(x)
+    assert seen == [max_batch, max_batch, 4]  # two full chunks, then 3 padded to 4
+    assert out.shape == ref.shape and rel_error(out, ref) < 1e-6
+    seen.clear()
+    bucketed.warm_up((3, 32, 32))
+    assert seen == list(bucketed.buckets)
+    with pytest.raises(ValueError, match="max_batch"):
+        BucketedModel(model, max_batch=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_bucketed_model_replays_cuda_graphs():
+    model = randomize_batchnorm(tiny_model()).eval().cuda()
+    fast = optimize(model, dtype=torch.float32)
+    bucketed = BucketedModel(fast, max_batch=4, cuda_graphs=True)
+    bucketed.warm_up((3, 32, 32))
+    assert len(bucketed._graphs) == 3
+    x = torch.randn(3, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        assert rel_error(bucketed(x), model(x)) < 1e-4
