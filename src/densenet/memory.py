@@ -7,11 +7,11 @@ outputs, and a plain autograd graph keeps, for every layer, that concatenation a
 
 - forward: one buffer (N, C0 + L k, H, W) holds the block's features; layer i writes its k
   channels into the next slice, so no concatenation is kept. Layer i reads its prefix
-  ``buffer[:, :C_i]`` through a contiguous copy (a channel slice of a batch is strided), which
-  lives only while the layer runs: the copying is as quadratic in L as plain concatenation, the
-  memory kept is not. Saved for backward: the buffer (which is also the block's output, saved anyway by the
-  next layer), each bottleneck convolution's output, the dropout masks and per-channel statistics.
-  The BN-ReLU outputs (of the prefix and of the bottleneck) are not kept.
+  ``buffer[:, :C_i]`` in place (a strided view): its BN-ReLU, the first pass over it, writes the
+  contiguous input of the convolution, which lives only while the layer runs. Saved for
+  backward: the buffer (which is also the block's output, saved anyway by the next layer), each
+  bottleneck convolution's output, the dropout masks and per-channel statistics. The BN-ReLU
+  outputs (of the prefix and of the bottleneck) are not kept.
 - backward: each BN-ReLU is recomputed from the saved tensors and the statistics of the forward
   pass (an elementwise pass), never a convolution, and never touches running statistics.
 - in training mode every layer normalises channel c of the buffer with the same batch statistics,
@@ -251,9 +251,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         for i, s in enumerate(specs):
             tl = t[i * _N : (i + 1) * _N]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
-            prefix = buffer[:, :c_in].contiguous(memory_format=fmt)
-            a = _bn_relu(prefix, n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
-            del prefix
+            a = _bn_relu(buffer[:, :c_in], n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
             out = _conv(a, tl[_IX["c1w"]], tl[_IX["c1b"]], s.conv1)
             del a
             mask1 = mask2 = h = None
@@ -342,7 +340,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 g_out = g_h.to(cdtype)
             if mask1 is not None:
                 g_out = _dropout_backward(g_out, mask1, s.drop)
-            prefix = buffer[:, :c_in].contiguous(memory_format=ctx.fmt)
+            prefix = buffer[:, :c_in]
             n1w = tl[_IX["n1w"]]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
             a = _bn_relu(prefix, n1m, n1v, n1w, tl[_IX["n1b"]], s.eps1)
@@ -352,7 +350,6 @@ class _DenseBlockFunction(torch.autograd.Function):
             g_a = _aten.threshold_backward(g_a.to(a.dtype), a, 0)
             del a
             _, gw, gb = _bn_backward(g_a, prefix, n1w, n1m, n1v, s.eps1, s.batch1, False)
-            del prefix
             gl[_IX["n1w"]], gl[_IX["n1b"]] = gw, gb
             if i > 0 or ctx.needs_input_grad[1]:
                 inv = torch.rsqrt(n1v.to(sdtype) + s.eps1)
