@@ -197,6 +197,11 @@ def test_autocast_bfloat16_close_to_plain():
     assert all(g.dtype == torch.float32 for g in got[2].values())
 
 
+def test_unknown_memory_efficient_mode_raises():
+    with pytest.raises(ValueError, match='False, True or "triton"'):
+        DenseNet(**TINY, memory_efficient="Triton")
+
+
 def test_batch_of_one_value_per_channel_raises_like_batchnorm():
     _, efficient = pair("cifar")
     block = efficient.features.denseblock2

@@ -27,7 +27,10 @@ Running statistics (momentum, ``momentum=None`` cumulative averaging, unbiased v
 
 ``densenet.model.DenseBlock`` calls :func:`memory_efficient_block` with its layers when it is
 memory-efficient and gradients are enabled (this module knows no model class); ``DenseNet(memory_efficient=True)`` or ``model.set_memory_efficient()``
-switch it on.
+switch it on. ``memory_efficient="triton"`` also runs each bottleneck's BN-ReLU-Conv1x1 (forward,
+input and weight gradients) as the fused kernels of ``densenet.kernels.training`` on
+channels_last CUDA inputs: the BN-ReLU is applied as the GEMMs load the prefix, and its gradient
+is applied as the input-gradient GEMM stores into the prefix's gradient.
 """
 
 from __future__ import annotations

@@ -76,7 +76,14 @@ class DenseBlock(nn.ModuleDict):
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
-        self.memory_efficient = memory_efficient
+        self.set_memory_efficient(memory_efficient)
+
+    def set_memory_efficient(self, mode: bool | str) -> None:
+        """False, True (``densenet.memory``), or ``"triton"`` (its fused kernels on CUDA)."""
+        if mode not in (False, True, "triton"):
+            raise ValueError(f'memory_efficient must be False, True or "triton", got {mode!r}')
+        self.memory_efficient = bool(mode)
+        self.triton = mode == "triton"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -88,7 +95,7 @@ class DenseBlock(nn.ModuleDict):
 
     @torch.jit.unused
     def _forward_memory_efficient(self, x: Tensor) -> Tensor:
-        return memory_efficient_block(list(self.values()), x, self.memory_efficient == "triton")
+        return memory_efficient_block(list(self.values()), x, self.triton)
 
 
 class Transition(nn.Sequential):
@@ -194,7 +201,7 @@ class DenseNet(nn.Module):
         with the fused kernels)."""
         for block in self.modules():
             if isinstance(block, DenseBlock):
-                block.memory_efficient = enabled
+                block.set_memory_efficient(enabled)
 
     @property
     def min_input_size(self) -> int:
