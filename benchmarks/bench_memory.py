@@ -3,8 +3,9 @@ speed of densenet's dense blocks against torchvision's DenseNet, in one run.
 
 Implementations (same weights, same input, same step: forward, cross-entropy, backward, SGD with
 momentum): torchvision plain, torchvision ``memory_efficient=True`` (checkpointing), densenet plain,
-densenet ``memory_efficient=True``; with ``--compile`` also torchvision and densenet
-memory-efficient under ``torch.compile``.
+densenet ``memory_efficient=True``; on CUDA also densenet ``memory_efficient="triton"`` (the
+bottleneck's BN-ReLU-Conv1x1 as fused Triton kernels); with ``--compile`` also torchvision and
+densenet memory-efficient under ``torch.compile``.
 
 Figures, each a ratio against torchvision plain in the same run:
 - saved: bytes of the unique non-parameter storages that autograd saves for backward (seen by
@@ -14,7 +15,8 @@ Figures, each a ratio against torchvision plain in the same run:
 - peak (GPU only): ``torch.cuda.max_memory_allocated`` over a step, parameters and optimizer
   state included.
 Before timing, every implementation's loss and gradients are checked against torchvision plain
-(float64, CPU, 2 images of 64x64).
+(float64, CPU, 2 images of 64x64; the Triton path runs there as the eager one, its kernels are
+checked by tests/test_kernels_training.py).
 
 CPU:  python benchmarks/bench_memory.py --batch 8
 H100: python benchmarks/bench_memory.py --device cuda --batch 128 --compile --json out.json
@@ -40,7 +42,7 @@ import densenet
 REFERENCE = "torchvision"
 
 
-def build(arch: str, compile_: bool) -> dict[str, nn.Module]:
+def build(arch: str, compile_: bool, triton: bool) -> dict[str, nn.Module]:
     """The implementations to compare, all with the weights of one randomly initialised model."""
     torch.manual_seed(0)
     ours = densenet.get_model(arch)
@@ -51,6 +53,10 @@ def build(arch: str, compile_: bool) -> dict[str, nn.Module]:
         "densenet": ours,
         "densenet memory_efficient": densenet.get_model(arch, memory_efficient=True),
     }
+    if triton:
+        models["densenet memory_efficient triton"] = densenet.get_model(
+            arch, memory_efficient="triton"
+        )
     if compile_:
         models["torchvision compiled"] = getattr(torchvision.models, arch)()
         models["densenet memory_efficient compiled"] = densenet.get_model(
@@ -172,7 +178,7 @@ def main() -> None:
     def autocast():
         return torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
 
-    models = build(args.arch, args.compile)
+    models = build(args.arch, args.compile, triton=cuda)
     for name, model in models.items():
         model.to(args.device, memory_format=fmt).train()
         if name.endswith("compiled"):

@@ -143,7 +143,7 @@ class _CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("config", ["imagenet", "cifar"])
-def test_no_convolution_recomputed(config):
+def test_no_convolution_recomputed_no_prefix_copied(config):
     counts = []
     for model in pair(config, dtype=torch.float32):
         with _CountOps() as mode:
@@ -152,6 +152,8 @@ def test_no_convolution_recomputed(config):
     plain, efficient = counts
     assert efficient["convolution"] == plain["convolution"] > 0
     assert efficient["convolution_backward"] == plain["convolution_backward"] > 0
+    # the layers read their prefix in place: the only copies are each block's input gradient
+    assert efficient["clone"] == len(TINY["block_config"])
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -193,6 +195,11 @@ def test_autocast_bfloat16_close_to_plain():
     all_expected = torch.cat([g.flatten() for g in expected[2].values()])
     assert rel(all_got, all_expected) < 5e-2
     assert all(g.dtype == torch.float32 for g in got[2].values())
+
+
+def test_unknown_memory_efficient_mode_raises():
+    with pytest.raises(ValueError, match='False, True or "triton"'):
+        DenseNet(**TINY, memory_efficient="Triton")
 
 
 def test_batch_of_one_value_per_channel_raises_like_batchnorm():

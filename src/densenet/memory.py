@@ -7,11 +7,11 @@ outputs, and a plain autograd graph keeps, for every layer, that concatenation a
 
 - forward: one buffer (N, C0 + L k, H, W) holds the block's features; layer i writes its k
   channels into the next slice, so no concatenation is kept. Layer i reads its prefix
-  ``buffer[:, :C_i]`` through a contiguous copy (a channel slice of a batch is strided), which
-  lives only while the layer runs: the copying is as quadratic in L as plain concatenation, the
-  memory kept is not. Saved for backward: the buffer (which is also the block's output, saved anyway by the
-  next layer), each bottleneck convolution's output, the dropout masks and per-channel statistics.
-  The BN-ReLU outputs (of the prefix and of the bottleneck) are not kept.
+  ``buffer[:, :C_i]`` in place (a strided view): its BN-ReLU, the first pass over it, writes the
+  contiguous input of the convolution, which lives only while the layer runs. Saved for
+  backward: the buffer (which is also the block's output, saved anyway by the next layer), each
+  bottleneck convolution's output, the dropout masks and per-channel statistics. The BN-ReLU
+  outputs (of the prefix and of the bottleneck) are not kept.
 - backward: each BN-ReLU is recomputed from the saved tensors and the statistics of the forward
   pass (an elementwise pass), never a convolution, and never touches running statistics.
 - in training mode every layer normalises channel c of the buffer with the same batch statistics,
@@ -27,11 +27,15 @@ Running statistics (momentum, ``momentum=None`` cumulative averaging, unbiased v
 
 ``densenet.model.DenseBlock`` calls :func:`memory_efficient_block` with its layers when it is
 memory-efficient and gradients are enabled (this module knows no model class); ``DenseNet(memory_efficient=True)`` or ``model.set_memory_efficient()``
-switch it on.
+switch it on. ``memory_efficient="triton"`` also runs each bottleneck's BN-ReLU-Conv1x1 (forward,
+input and weight gradients) as the fused kernels of ``densenet.kernels.training`` on
+channels_last CUDA inputs: the BN-ReLU is applied as the GEMMs load the prefix, and its gradient
+is applied as the input-gradient GEMM stores into the prefix's gradient.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -65,18 +69,24 @@ class _Layer(NamedTuple):
     eps2: float
     conv2: _Conv | None  # None: no bottleneck, conv1 is the layer's last convolution
     drop: float  # dropout probability after each convolution (0: none)
+    fused: bool  # BN-ReLU-conv1 runs as the Triton kernels of densenet.kernels.training
 
 
-def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor, triton: bool = False) -> Tensor:
     """Run a dense block's ``layers`` (each with ``norm1``, ``conv1``, ``norm2``, ``conv2``,
     ``drop_rate``; ``norm2``/``conv2`` None without bottleneck) on ``x`` (N, C0, H, W) as one
     memory-efficient autograd function.
+
+    With ``triton``, on a channels_last CUDA input (or under ``TRITON_INTERPRET=1``), each
+    bottleneck's BN-ReLU-Conv1x1 runs as the fused kernels of ``densenet.kernels.training``
+    (forward, input and weight gradients); elsewhere ``triton`` changes nothing.
 
     Returns (N, C0 + L k, H, W), equal to the plain block's output, with exact gradients for ``x``
     and every parameter; updates the BatchNorm running statistics of training-mode norms once.
     """
     layers = list(layers)
-    specs = tuple(_layer_spec(layer) for layer in layers)
+    fused = triton and _triton_runs(x)
+    specs = tuple(_layer_spec(layer, fused) for layer in layers)
     tensors: list[Tensor | None] = []
     for layer in layers:
         tensors += [*_norm_tensors(layer.norm1), layer.conv1.weight, layer.conv1.bias]
@@ -146,18 +156,28 @@ def _conv_spec(conv: nn.Module) -> _Conv:
     )  # fmt: skip
 
 
-def _layer_spec(layer: nn.Module) -> _Layer:
+def _triton_runs(x: Tensor) -> bool:
+    """Whether the Triton kernels run on ``x``: channels_last, on CUDA or under the interpreter."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return channels_last and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _layer_spec(layer: nn.Module, fused: bool) -> _Layer:
     bottleneck = layer.conv2 is not None
+    conv1 = _conv_spec(layer.conv1)
+    pointwise = conv1 == _Conv((1, 1), (0, 0), (1, 1), 1, conv1.out_channels)
+    pointwise = pointwise and layer.conv1.kernel_size == (1, 1) and layer.conv1.bias is None
     eps2 = float(layer.norm2.eps) if bottleneck else 0.0
     drop = float(layer.drop_rate) if layer.training else 0.0
     return _Layer(
         batch1=_batch_mode(layer.norm1),
         eps1=float(layer.norm1.eps),
-        conv1=_conv_spec(layer.conv1),
+        conv1=conv1,
         batch2=_batch_mode(layer.norm2) if bottleneck else False,
         eps2=eps2,
         conv2=_conv_spec(layer.conv2) if bottleneck else None,
         drop=drop,
+        fused=fused and bottleneck and pointwise,
     )
 
 
@@ -193,6 +213,26 @@ def _var_mean(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def _bn_relu(x: Tensor, mean: Tensor, var: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     """relu(w (x - mean) / sqrt(var + eps) + b) per channel, a new tensor."""
     return F.batch_norm(x, mean, var, w, b, False, 0.0, eps).relu_()
+
+
+def _bn_stats(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(mean, 1 / sqrt(var + eps)) in ``dtype``."""
+    return mean.to(dtype), torch.rsqrt(var.to(dtype) + eps)
+
+
+def _fused() -> Any:
+    """densenet.kernels.training, imported on first use (it imports triton)."""
+    from .kernels import training
+
+    return training
+
+
+def _gemm_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` by ``weight`` computes in: autocast's, else promoted."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(x.dtype, weight.dtype)
 
 
 def _conv(x: Tensor, w: Tensor, b: Tensor | None, spec: _Conv) -> Tensor:
@@ -251,11 +291,16 @@ class _DenseBlockFunction(torch.autograd.Function):
         for i, s in enumerate(specs):
             tl = t[i * _N : (i + 1) * _N]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
-            prefix = buffer[:, :c_in].contiguous(memory_format=fmt)
-            a = _bn_relu(prefix, n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
-            del prefix
-            out = _conv(a, tl[_IX["c1w"]], tl[_IX["c1b"]], s.conv1)
-            del a
+            if s.fused:
+                c1w = tl[_IX["c1w"]]
+                out = _fused().bn_relu_conv1x1(
+                    buffer[:, :c_in], *_bn_stats(n1m, n1v, s.eps1, sdtype),
+                    tl[_IX["n1w"]], tl[_IX["n1b"]], c1w[:, :, 0, 0].to(_gemm_dtype(x, c1w)),
+                )  # fmt: skip
+            else:
+                a = _bn_relu(buffer[:, :c_in], n1m, n1v, tl[_IX["n1w"]], tl[_IX["n1b"]], s.eps1)
+                out = _conv(a, tl[_IX["c1w"]], tl[_IX["c1b"]], s.conv1)
+                del a
             mask1 = mask2 = h = None
             if s.drop:
                 out, mask1 = _aten.native_dropout(out, s.drop, True)
@@ -342,25 +387,34 @@ class _DenseBlockFunction(torch.autograd.Function):
                 g_out = g_h.to(cdtype)
             if mask1 is not None:
                 g_out = _dropout_backward(g_out, mask1, s.drop)
-            prefix = buffer[:, :c_in].contiguous(memory_format=ctx.fmt)
-            n1w = tl[_IX["n1w"]]
+            prefix = buffer[:, :c_in]
+            n1w, n1b, c1w = tl[_IX["n1w"]], tl[_IX["n1b"]], tl[_IX["c1w"]]
             n1m, n1v = (mean[:c_in], var[:c_in]) if s.batch1 else (tl[_IX["n1m"]], tl[_IX["n1v"]])
-            a = _bn_relu(prefix, n1m, n1v, n1w, tl[_IX["n1b"]], s.eps1)
-            g_a, gl[_IX["c1w"]], gl[_IX["c1b"]] = _conv_backward(
-                g_out, a, tl[_IX["c1w"]], tl[_IX["c1b"]], s.conv1
-            )
-            g_a = _aten.threshold_backward(g_a.to(a.dtype), a, 0)
-            del a
-            _, gw, gb = _bn_backward(g_a, prefix, n1w, n1m, n1v, s.eps1, s.batch1, False)
-            del prefix
-            gl[_IX["n1w"]], gl[_IX["n1b"]] = gw, gb
-            if i > 0 or ctx.needs_input_grad[1]:
-                inv = torch.rsqrt(n1v.to(sdtype) + s.eps1)
-                scale = n1w.to(sdtype) * inv
-                grad[:, :c_in].addcmul_(g_a, scale[:, None, None])
-                if s.batch1:
-                    shift[:c_in] += scale * gb.to(sdtype) / m
-                    slope[:c_in] += scale * inv * gw.to(sdtype) / m
+            mean1, inv = _bn_stats(n1m, n1v, s.eps1, sdtype)
+            scale = n1w.to(sdtype) * inv
+            if s.fused:  # the kernel adds g_a * scale to the prefix's gradient
+                g_out = g_out.contiguous(memory_format=torch.channels_last)
+                kernels = _fused()
+                gw1 = kernels.bn_relu_conv1x1_weight_grad(g_out, prefix, mean1, inv, n1w, n1b)
+                gl[_IX["c1w"]] = gw1.view_as(c1w).to(c1w.dtype)
+                gb, gw = kernels.bn_relu_conv1x1_input_grad(
+                    g_out, c1w[:, :, 0, 0].to(cdtype), prefix, mean1, inv, n1w, n1b, grad[:, :c_in]
+                )
+                gl[_IX["n1w"]], gl[_IX["n1b"]] = gw.to(n1w.dtype), gb.to(n1b.dtype)
+            else:
+                a = _bn_relu(prefix, n1m, n1v, n1w, n1b, s.eps1)
+                g_a, gl[_IX["c1w"]], gl[_IX["c1b"]] = _conv_backward(
+                    g_out, a, c1w, tl[_IX["c1b"]], s.conv1
+                )
+                g_a = _aten.threshold_backward(g_a.to(a.dtype), a, 0)
+                del a
+                _, gw, gb = _bn_backward(g_a, prefix, n1w, n1m, n1v, s.eps1, s.batch1, False)
+                gl[_IX["n1w"]], gl[_IX["n1b"]] = gw, gb
+                if i > 0 or ctx.needs_input_grad[1]:
+                    grad[:, :c_in].addcmul_(g_a, scale[:, None, None])
+            if s.batch1 and (i > 0 or ctx.needs_input_grad[1]):
+                shift[:c_in] += scale * gb.to(sdtype) / m
+                slope[:c_in] += scale * inv * gw.to(sdtype) / m
             grads[i * _N : (i + 1) * _N] = gl
         grad_x = finish(0, c0).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
         if grad_x is not None:

@@ -70,13 +70,20 @@ class DenseBlock(nn.ModuleDict):
         growth_rate: int,
         bn_size: int,
         drop_rate: float,
-        memory_efficient: bool = False,
+        memory_efficient: bool | str = False,
     ) -> None:
         super().__init__()
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
-        self.memory_efficient = memory_efficient
+        self.set_memory_efficient(memory_efficient)
+
+    def set_memory_efficient(self, mode: bool | str) -> None:
+        """False, True (``densenet.memory``), or ``"triton"`` (its fused kernels on CUDA)."""
+        if mode not in (False, True, "triton"):
+            raise ValueError(f'memory_efficient must be False, True or "triton", got {mode!r}')
+        self.memory_efficient = bool(mode)
+        self.triton = mode == "triton"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -88,7 +95,7 @@ class DenseBlock(nn.ModuleDict):
 
     @torch.jit.unused
     def _forward_memory_efficient(self, x: Tensor) -> Tensor:
-        return memory_efficient_block(list(self.values()), x)
+        return memory_efficient_block(list(self.values()), x, self.triton)
 
 
 class Transition(nn.Sequential):
@@ -120,7 +127,9 @@ class DenseNet(nn.Module):
         in_channels: image channels.
         stem: ``"imagenet"`` (7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2; input /4) or
             ``"cifar"`` (3x3 conv stride 1).
-        memory_efficient: train with activation memory linear in depth (see ``densenet.memory``).
+        memory_efficient: train with activation memory linear in depth (see ``densenet.memory``);
+            ``"triton"``: the same with each bottleneck's BN-ReLU-Conv1x1 as fused Triton kernels
+            on channels_last CUDA inputs.
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
     """
@@ -138,7 +147,7 @@ class DenseNet(nn.Module):
         num_classes: int = 1000,
         in_channels: int = 3,
         stem: str = "imagenet",
-        memory_efficient: bool = False,
+        memory_efficient: bool | str = False,
     ) -> None:
         super().__init__()
         _check_config(
@@ -187,11 +196,12 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def set_memory_efficient(self, enabled: bool = True) -> None:
-        """Switch every dense block to (or from) the memory-efficient training form."""
+    def set_memory_efficient(self, enabled: bool | str = True) -> None:
+        """Switch every dense block to (or from) the memory-efficient training form (``"triton"``:
+        with the fused kernels)."""
         for block in self.modules():
             if isinstance(block, DenseBlock):
-                block.memory_efficient = enabled
+                block.set_memory_efficient(enabled)
 
     @property
     def min_input_size(self) -> int:

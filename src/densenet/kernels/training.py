@@ -1,0 +1,258 @@
+"""Triton kernels for training a dense layer's bottleneck, BN-ReLU-Conv1x1, on a channels_last
+block buffer with the BN-ReLU fused into the GEMMs (CUDA; CPU under ``TRITON_INTERPRET=1``).
+
+Rows are pixels ``m = (n * H + h) * W + w`` of an (N, K, H, W) prefix ``x = buffer[:, :K]``,
+addressed by its strides (channel stride 1), so the prefix is read in place. With per-channel
+``mean``, ``invstd``, ``gamma``, ``beta`` (K,) the BN-ReLU is
+
+    xhat = (x - mean) * invstd,  pre = gamma * xhat + beta,  a = relu(pre)
+
+and it is recomputed where it is loaded, never stored. For a weight ``w`` (C, K) (the 1x1
+convolution's, C = bottleneck width):
+
+- :func:`bn_relu_conv1x1`: ``y = a @ w^T`` (M, C);
+- :func:`bn_relu_conv1x1_input_grad`: ``g = (dy @ w) * [pre > 0]``, accumulated as
+  ``grad += g * gamma * invstd`` into the prefix's gradient, with the column sums ``sum_m g``
+  and ``sum_m g * xhat`` (the BatchNorm bias and weight gradients);
+- :func:`bn_relu_conv1x1_weight_grad`: ``dw = dy^T @ a`` (C, K), the rows split over programs.
+
+Accumulation is in the statistics' dtype (float32, float64 for float64 inputs); the GEMM operands
+are in the weight's dtype (the autocast dtype in mixed precision).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .conv import POINTWISE_TILES, _configs, _pixel_rows, _pixel_strides, _precision
+
+__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
+
+# programs the weight gradient aims for (tiles x row splits): a few per SM of an H100
+_WEIGHT_GRAD_PROGRAMS = 512
+
+
+@triton.jit
+def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr):
+    """(xhat, pre) of a (rows, ks) tile of the prefix, in the statistics' dtype."""
+    dtype = mean_ptr.dtype.element_ty
+    x = tl.load(
+        x_ptr + rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+    )
+    mean = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + ks, mask=k_ok, other=0.0)[None, :]
+    gamma = tl.load(gamma_ptr + ks, mask=k_ok, other=0.0).to(dtype)[None, :]
+    beta = tl.load(beta_ptr + ks, mask=k_ok, other=0.0).to(dtype)[None, :]
+    xhat = (x.to(dtype) - mean) * invstd
+    return xhat, gamma * xhat + beta
+
+
+@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "C"])
+@triton.jit
+def _forward_kernel(
+    x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, w_ptr, y_ptr,
+    M, K, C, H, W,
+    sxn, sxh, sxw, syn, syh, syw,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y[m, c] = sum_k a[m, k] w[c, k]; a tile (BLOCK_M, BLOCK_N) of y per program."""
+    n, h, w, row_ok = _pixel_rows(tl.program_id(0), M, H, W, BLOCK_M)
+    rows = n * sxn + h * sxh + w * sxw
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=mean_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        _, pre = _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr,
+                               beta_ptr)  # fmt: skip
+        b_ok = k_ok[:, None] & col_ok[None, :]
+        b = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=b_ok, other=0.0)
+        acc = tl.dot(tl.maximum(pre, 0.0).to(b.dtype), b, acc, input_precision=PRECISION)
+    y_ptrs = (y_ptr + n * syn + h * syh + w * syw)[:, None] + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(
+    configs=_configs(POINTWISE_TILES), key=["M", "C"], reset_to_zero=["sums_ptr"],
+    restore_value=["grad_ptr"],
+)  # fmt: skip
+@triton.jit
+def _input_grad_kernel(
+    dy_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, grad_ptr, sums_ptr,
+    M, K, C, H, W,
+    sdn, sdh, sdw, sxn, sxh, sxw, sgn, sgh, sgw,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """g = (dy @ w) * [pre > 0] on a tile (BLOCK_M, BLOCK_N) of prefix channels, reduced over
+    the C bottleneck channels in steps of BLOCK_K; grad += g gamma invstd; sums[0] += sum_m g,
+    sums[1] += sum_m g xhat (atomically, one row of partial sums per program)."""
+    n, h, w, row_ok = _pixel_rows(tl.program_id(0), M, H, W, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = ks < K
+    dy_rows = dy_ptr + n * sdn + h * sdh + w * sdw
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=mean_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_K):
+        cs = c0 + tl.arange(0, BLOCK_K)
+        c_ok = cs < C
+        dy = tl.load(
+            dy_rows[:, None] + cs[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        b_ok = c_ok[:, None] & k_ok[None, :]
+        b = tl.load(w_ptr + cs[:, None] * K + ks[None, :], mask=b_ok, other=0.0)
+        acc = tl.dot(dy.to(b.dtype), b, acc, input_precision=PRECISION)
+    xhat, pre = _bn_relu_tile(x_ptr, n * sxn + h * sxh + w * sxw, row_ok, ks, k_ok, mean_ptr,
+                              invstd_ptr, gamma_ptr, beta_ptr)  # fmt: skip
+    g = tl.where(pre > 0, acc, 0.0)
+    scale = tl.load(gamma_ptr + ks, mask=k_ok, other=0.0).to(acc.dtype)
+    scale *= tl.load(invstd_ptr + ks, mask=k_ok, other=0.0)
+    ok = row_ok[:, None] & k_ok[None, :]
+    grad_ptrs = (grad_ptr + n * sgn + h * sgh + w * sgw)[:, None] + ks[None, :]
+    grad = tl.load(grad_ptrs, mask=ok)
+    tl.store(grad_ptrs, (grad + g * scale[None, :]).to(grad_ptr.dtype.element_ty), mask=ok)
+    tl.atomic_add(sums_ptr + ks, tl.sum(g, axis=0), mask=k_ok)
+    tl.atomic_add(sums_ptr + K + ks, tl.sum(g * xhat, axis=0), mask=k_ok)
+
+
+@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "C"], reset_to_zero=["dw_ptr"])
+@triton.jit
+def _weight_grad_kernel(
+    dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dw_ptr,
+    M, K, C, H, W,
+    sdn, sdh, sdw, sxn, sxh, sxw,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dw[c, k] += sum_m dy[m, c] a[m, k] over this program's share of the rows: a tile
+    (BLOCK_N bottleneck channels, BLOCK_K prefix channels) of dw per program on axes 0 and 1,
+    the rows split evenly (in steps of BLOCK_M) over axis 2."""
+    cs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cs < C
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    blocks = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(2))
+    first = tl.program_id(2) * blocks
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=mean_ptr.dtype.element_ty)
+    for block in range(first, first + blocks):
+        n, h, w, row_ok = _pixel_rows(block, M, H, W, BLOCK_M)
+        dy_ptrs = (dy_ptr + n * sdn + h * sdh + w * sdw)[:, None] + cs[None, :]
+        dy = tl.load(dy_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        _, pre = _bn_relu_tile(x_ptr, n * sxn + h * sxh + w * sxw, row_ok, ks, k_ok, mean_ptr,
+                               invstd_ptr, gamma_ptr, beta_ptr)  # fmt: skip
+        a = tl.maximum(pre, 0.0).to(dy.dtype)
+        acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
+    dw_ptrs = dw_ptr + cs[:, None] * K + ks[None, :]
+    tl.atomic_add(dw_ptrs, acc, mask=c_ok[:, None] & k_ok[None, :])
+
+
+def _check(x: Tensor, c: int, weight_shape: tuple[int, ...], stats: tuple[Tensor, ...]) -> int:
+    """The pixel count M, once the shapes fit a prefix ``x`` (N, K, H, W) and C output channels."""
+    k = x.shape[1]
+    if weight_shape != (c, k) or any(t.shape != (k,) for t in stats):
+        raise ValueError(
+            f"bn_relu_conv1x1: prefix {tuple(x.shape)}, weight {weight_shape} and per-channel "
+            f"tensors {[tuple(t.shape) for t in stats]} do not fit"
+        )
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def bn_relu_conv1x1(
+    x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor
+) -> Tensor:
+    """``conv1x1(relu(gamma (x - mean) invstd + beta), weight)``, the BN-ReLU applied on load.
+
+    Args:
+        x: (N, K, H, W) channels_last view, e.g. ``buffer[:, :K]``.
+        mean, invstd: (K,) in the statistics' dtype (float32, or float64); gamma, beta: (K,).
+        weight: (C, K) in the GEMM's dtype.
+
+    Returns (N, C, H, W) channels_last in the weight's dtype.
+    """
+    batch, k, height, width = x.shape
+    c = weight.shape[0]
+    m = _check(x, c, tuple(weight.shape), (mean, invstd, gamma, beta))
+    y = torch.empty(
+        (batch, c, height, width), dtype=weight.dtype, device=x.device,
+        memory_format=torch.channels_last,
+    )  # fmt: skip
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+
+    _forward_kernel[grid](
+        x, mean, invstd, gamma, beta, weight.contiguous(), y,
+        m, k, c, height, width,
+        *_pixel_strides(x, "x"), *_pixel_strides(y, "y"),
+        PRECISION=_precision(weight.dtype),
+    )  # fmt: skip
+    return y
+
+
+def bn_relu_conv1x1_input_grad(
+    dy: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    grad: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Accumulate ``g * gamma * invstd`` into ``grad`` (in place), where
+    ``g = conv1x1_input_grad(dy, weight) * [gamma (x - mean) invstd + beta > 0]`` is the gradient
+    at the BatchNorm's output, and return ``(sum_m g, sum_m g xhat)`` (K,): the BatchNorm's bias
+    and weight gradients (in the statistics' dtype).
+
+    Args:
+        dy: (N, C, H, W) channels_last, the gradient of :func:`bn_relu_conv1x1`'s output.
+        weight, x, mean, invstd, gamma, beta: as for :func:`bn_relu_conv1x1`.
+        grad: (N, K, H, W) channels_last view in the statistics' dtype, e.g. ``grad_buffer[:, :K]``.
+    """
+    batch, k, height, width = x.shape
+    c = weight.shape[0]
+    m = _check(x, c, tuple(weight.shape), (mean, invstd, gamma, beta))
+    if dy.shape != (x.shape[0], c, height, width) or grad.shape != x.shape:
+        raise ValueError(
+            f"bn_relu_conv1x1_input_grad: dy {tuple(dy.shape)} and grad {tuple(grad.shape)} do "
+            f"not fit prefix {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    sums = torch.zeros((2, k), dtype=mean.dtype, device=x.device)
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
+
+    _input_grad_kernel[grid](
+        dy, weight.contiguous(), x, mean, invstd, gamma, beta, grad, sums,
+        m, k, c, height, width,
+        *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"), *_pixel_strides(grad, "grad"),
+        PRECISION=_precision(weight.dtype),
+    )  # fmt: skip
+    return sums[0], sums[1]
+
+
+def bn_relu_conv1x1_weight_grad(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
+) -> Tensor:
+    """``dy^T @ relu(gamma (x - mean) invstd + beta)`` over pixels: the gradient (C, K) of
+    :func:`bn_relu_conv1x1`'s weight, in the statistics' dtype; arguments as there."""
+    batch, k, height, width = x.shape
+    c = dy.shape[1]
+    m = _check(x, c, (c, k), (mean, invstd, gamma, beta))
+    if dy.shape != (batch, c, height, width):
+        raise ValueError(f"bn_relu_conv1x1_weight_grad: dy {tuple(dy.shape)}, x {tuple(x.shape)}")
+    dw = torch.zeros((c, k), dtype=mean.dtype, device=x.device)
+
+    def grid(meta):
+        tiles = triton.cdiv(c, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
+        splits = min(triton.cdiv(m, meta["BLOCK_M"]), max(1, _WEIGHT_GRAD_PROGRAMS // tiles))
+        return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), splits
+
+    _weight_grad_kernel[grid](
+        dy, x, mean, invstd, gamma, beta, dw,
+        m, k, c, height, width,
+        *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"),
+        PRECISION=_precision(dy.dtype),
+    )  # fmt: skip
+    return dw
