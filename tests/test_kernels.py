@@ -23,6 +23,7 @@ from densenet import DenseNet, optimize
 from densenet.inference import BucketedModel, SpaceToDepthConv
 
 kernels = pytest.importorskip("densenet.kernels")
+gpu = pytest.importorskip("densenet.gpu")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS_RUN_HERE = INTERPRETED or torch.cuda.is_available()
@@ -174,9 +175,9 @@ def test_triton_backend_matches_eager_model(config, size, growth_conv):
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         norm.weight.data[::4] *= -1  # clamps from above too
     fast = optimize(model, dtype=torch.float32, backend="triton")
-    assert isinstance(fast, kernels.TritonDenseNet)
+    assert isinstance(fast, gpu.TritonDenseNet)
     if growth_conv != "triton":
-        fast = kernels.TritonDenseNet(
+        fast = gpu.TritonDenseNet(
             optimize(model, dtype=torch.float32, backend="eager"), growth_conv
         )
     x = torch.randn(2, 3, *size, device=DEVICE)

@@ -18,7 +18,7 @@ passes over memory and fewer multiply-accumulates. Every rewrite is exact in rea
 
 Float32 outputs match the eager model to a relative error under 1e-5 (measured: about 1e-7 on
 the CPU; on CUDA with TF32 off); bf16/fp16 to about 1e-2. ``backend="triton"`` runs the same
-folded form on the fused Triton kernels of ``densenet.kernels``.
+folded form on the fused Triton kernels of ``densenet.kernels`` (``densenet.gpu``).
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def optimize(
             each input shape compiles (tens of seconds) a kernel for that shape only.
         backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
             ``compile=True``; on the CPU slower than eager, with a warning), ``"triton"`` (a
-            ``densenet.kernels.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
+            ``densenet.gpu.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
             under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
             fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
             ``compile`` is set, else eager. The triton backend is opt-in: its kernels are checked
@@ -423,7 +423,7 @@ def optimize(
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
     backend = _backend(backend, compile, device, dtype)
     if backend == "triton":
-        from .kernels import TritonDenseNet
+        from .gpu import TritonDenseNet
 
         return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
     if backend == "onednn":

@@ -1,4 +1,5 @@
-"""``TritonDenseNet``: an ``InferenceDenseNet`` run on the Triton kernels of ``conv.py``.
+"""The GPU form of a DenseNet: ``TritonDenseNet``, an ``InferenceDenseNet`` run on the Triton
+kernels of ``densenet.kernels.conv`` (``densenet.optimize(model, backend="triton")``).
 
 Per dense layer with a bottleneck, two kernels and no elementwise pass: the 1x1 convolution reads
 the block buffer's prefix, clamps it while loading (the folded norm1 ReLU) and adds the folded
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..inference import (
+from .inference import (
     METADATA,
     InferenceBlock,
     InferenceDenseNet,
@@ -26,7 +27,7 @@ from ..inference import (
     PrefixClamp,
     SpaceToDepthConv,
 )
-from .conv import conv3x3, pointwise_conv
+from .kernels.conv import conv3x3, pointwise_conv
 
 __all__ = ["GROWTH_CONVS", "TritonDenseNet"]
 
