@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from .images import ImageError, Reason
 from .labels import imagenet_classes
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, ten_crop_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    channel_stats,
+    eval_transform,
+    ten_crop_transform,
+)
 
 __all__ = ["ModelCard", "Preprocessing", "default_classes"]
 
@@ -54,6 +60,18 @@ class Preprocessing:
                 Reason.BAD_SHAPE,
             )
         return x
+
+    @property
+    def channels(self) -> int:
+        """Image channels: one per mean."""
+        return len(self.mean)
+
+    def for_channels(self, channels: int) -> Preprocessing:
+        """The same preprocessing for ``channels`` input channels (``channel_stats``)."""
+        if channels == self.channels:
+            return self
+        mean, std = channel_stats(self.mean, channels), channel_stats(self.std, channels)
+        return dataclasses.replace(self, mean=mean, std=std)
 
     def with_crop(self, crop_size: int) -> Preprocessing:
         """The same preprocessing for another crop size, resized in the same ratio."""
@@ -102,11 +120,12 @@ class ModelCard:
         num_classes = int(getattr(model, "num_classes", 1000))
         side = getattr(model, "min_input_size", 29)
         sizes = (32, 32) if config.get("stem") == "cifar" else (256, 224)
-        preprocessing = Preprocessing(*sizes, min_size=(side, side))
+        in_channels = config.get("in_channels", 3)
+        preprocessing = Preprocessing(*sizes, min_size=(side, side)).for_channels(in_channels)
         known = {
             "classes": tuple(classes) if classes is not None else default_classes(num_classes),
             "preprocessing": preprocessing,
-            "in_channels": config.get("in_channels", 3),
+            "in_channels": in_channels,
             "arch": getattr(model, "arch", None),
         }
         return cls(**{**known, **fields})

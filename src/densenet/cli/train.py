@@ -22,6 +22,7 @@ FLAGS = {
     "drop_rate": "dropout after each convolution but the first",
     "image_size": "training and evaluation crop size, pixels",
     "weights": "start from these weights (DEFAULT, a file, or none)",
+    "in_channels": "image channels (1: grayscale); pretrained RGB stem kernels are adapted",
     "seed": "random seed",
     "accumulate": "micro-batches per optimizer step (gradient accumulation)",
     "out": "output folder (default runs/RECIPE)",

@@ -42,6 +42,7 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     holdout: int = 0  # training images held out for validation (named datasets)
     weights: str | None = None  # start from these weights (a registry name or a file)
+    in_channels: int = 3  # image channels (1: grayscale; pretrained stem kernels are adapted)
     model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
@@ -184,7 +185,7 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {config.augment!r}")
     if config.amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
-    for name in ("epochs", "batch_size", "image_size", "accumulate"):
+    for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.data is None:

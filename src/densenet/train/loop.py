@@ -30,7 +30,7 @@ from ..io import write_json
 from ..preprocessing import ModelCard, Preprocessing
 from ..registry import get_model
 from ..runtime import amp_dtype, process_group
-from ..transforms import train_transform
+from ..transforms import ChannelError, channel_stats, to_channels, train_transform
 from .checkpointer import Checkpointer
 from .config import TrainConfig, check_config, config_dict, eval_resize, milestone_epochs
 from .metrics import MetricsLog
@@ -56,6 +56,7 @@ class Trainer:
             config.data, config.data_root, config.download, config.holdout, config.seed
         )  # type: ignore[arg-type]
         self.config = config = self._resolve(config)
+        self._check_channels()
         self.out = Path(config.out)  # type: ignore[arg-type]
         self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
         if self.checkpointer.last_path.exists() and not resume:
@@ -91,14 +92,25 @@ class Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
 
+    def _check_channels(self) -> None:
+        """One clear error, before training, when the first readable training image does not
+        have the model's input channels (``to_channels``)."""
+        train = self.splits.train
+        first = next((item for i in range(len(train)) if (item := train[i]) is not None), None)
+        if first is not None:
+            try:
+                to_channels(first[0], self.config.in_channels)
+            except ChannelError as error:
+                raise TrainingError(f"training images of {self.splits.name}: {error}") from None
+
     def _resolve(self, config: TrainConfig) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
         return dataclasses.replace(
             config,
             out=config.out or os.path.join("runs", config.recipe),
             resize_size=config.resize_size or eval_resize(config),
-            mean=tuple(config.mean or self.splits.mean),
-            std=tuple(config.std or self.splits.std),
+            mean=tuple(config.mean or channel_stats(self.splits.mean, config.in_channels)),
+            std=tuple(config.std or channel_stats(self.splits.std, config.in_channels)),
             channels_last=(
                 self.device.type == "cuda" if config.channels_last is None else config.channels_last
             ),
@@ -109,6 +121,7 @@ class Trainer:
         self.model_args = {
             "num_classes": len(self.splits.classes),
             "drop_rate": config.drop_rate,
+            "in_channels": config.in_channels,
             **config.model_args,
         }
         torch.manual_seed(config.seed)
