@@ -20,6 +20,7 @@ from .transforms import (
     channel_stats,
     eval_transform,
     ten_crop_transform,
+    view_transform,
 )
 
 __all__ = ["ModelCard", "Preprocessing", "default_classes"]
@@ -43,6 +44,10 @@ class Preprocessing:
         return eval_transform(
             self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
         )
+
+    def view_transform(self) -> Callable[[Any], Any]:
+        """PIL image -> the resized, center-cropped PIL image that ``transform`` normalises."""
+        return view_transform(self.resize_size, self.crop_size, self.channels, self.interpolation)
 
     def ten_crop_transform(self) -> Callable[[Any], Tensor]:
         """PIL image -> (10, C, crop_size, crop_size): the paper's ten crops."""

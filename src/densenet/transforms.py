@@ -77,14 +77,17 @@ def eval_transform(
     """PIL image -> (C, crop_size, crop_size) float tensor, C = ``len(mean)`` channels (see
     ``to_channels``), resize the shorter side to ``resize_size`` (``interpolation``: bilinear,
     bicubic, nearest...; antialiased), center crop, scale to [0, 1], normalise."""
+    view = view_transform(resize_size, crop_size, len(mean), interpolation)
+    return T.Compose([*view.transforms, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def view_transform(
+    resize_size: int = 256, crop_size: int = 224, channels: int = 3, interpolation: str = "bilinear"
+) -> T.Compose:
+    """PIL image -> the PIL image ``eval_transform`` turns into a tensor: ``channels`` channels,
+    resized and center-cropped (what the network sees, to draw on)."""
     return T.Compose(
-        [
-            _channels(len(mean)),
-            _resize(resize_size, interpolation),
-            T.CenterCrop(crop_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
+        [_channels(channels), _resize(resize_size, interpolation), T.CenterCrop(crop_size)]
     )
 
 

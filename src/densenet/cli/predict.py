@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..images import find_images
-from ..predict import Classifier
+from ..predict import Classifier, write_overlays
 from .common import add_device_arg, add_model_args, print_json
 
 
@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
         action="store_true",
         help="run the reference module instead of the fast inference form (densenet.optimize)",
     )
+    p.add_argument(
+        "--cam",
+        metavar="OUT_DIR",
+        help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 
@@ -40,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
+    cams: dict[str, str] = {}
+    if args.cam:
+        good = [p.source for p in predictions if p.error is None]
+        cams = dict(zip(good, map(str, write_overlays(classifier.explain(good), args.cam))))
     if args.json:
-        print_json([p.to_dict() for p in predictions])
+        print_json([{**p.to_dict(), **_cam_entry(cams, p.source)} for p in predictions])
     else:
         for p in predictions:
             if p.error is not None:
@@ -50,4 +59,10 @@ def run(args: argparse.Namespace) -> int:
             print(p.source)
             for label, probability in p.top:
                 print(f"  {probability:7.2%}  {label}")
+            if p.source in cams:
+                print(f"  class activation map: {cams[p.source]}")
     return 1 if any(p.error is not None for p in predictions) else 0
+
+
+def _cam_entry(cams: dict[str, str], source: str) -> dict[str, str]:
+    return {"cam": cams[source]} if source in cams else {}
