@@ -91,6 +91,16 @@ def test_learns_digit_attributes_and_keeps_the_best_mean_auroc(tmp_path, capsys)
     checkpoint = read_checkpoint(out / "best.pth")
     assert checkpoint.card.multi_label and checkpoint.card.classes == tuple(ATTRIBUTES)
     assert checkpoint.card.in_channels == 1
+    # densenet eval: the per-label table of the best checkpoint on the CSV's val rows
+    evaluation = ["eval", str(tmp_path / "data"), "--weights", str(out / "best.pth"),
+                  "--labels", str(labels), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main([*evaluation, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 150
+    assert result["mean_auroc"] == pytest.approx(summary["best_val_mean_auroc"], abs=1e-4)
+    assert main(evaluation) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:]] == [*ATTRIBUTES, "mean"]
 
 
 def test_a_csv_naming_missing_files_is_one_error(tmp_path, capsys):
