@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from densenet import ModelCard
 from densenet.cli import main
 from densenet.multilabel import label_metrics, read_labels_csv
 from densenet.train import read_checkpoint
@@ -63,6 +64,13 @@ def test_metrics_are_torchmetrics_binary_auroc_and_ap():
     assert result["mean_auroc"] == pytest.approx(0.875)
 
 
+def test_thresholds_pick_the_labels_and_travel_with_the_card():
+    card = ModelCard(("a", "b", "c"), multi_label=True, thresholds=(0.5, 0.9, 0.1))
+    assert card.positive(torch.tensor([[0.6, 0.8, 0.2], [0.1, 0.95, 0.05]])) == [["a", "c"], ["b"]]
+    assert ModelCard.from_dict(card.to_dict()) == card
+    assert ModelCard(("a", "b"), multi_label=True).positive(torch.tensor([[0.5, 0.4]])) == [["a"]]
+
+
 def test_a_pipe_separated_labels_column_is_read(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.png").write_bytes(b"")
@@ -79,7 +87,8 @@ def test_learns_digit_attributes_and_keeps_the_best_mean_auroc(tmp_path, capsys)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        argv = train_argv(tmp_path / "data", labels, out, "--epochs", "4", "--pos-weight", "auto")
+        argv = train_argv(tmp_path / "data", labels, out, "--epochs", "4", "--pos-weight", "auto",
+                          "--set", "thresholds=0.5,0.5,0.4")  # fmt: skip
         assert main([*argv, "--json"]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -90,7 +99,7 @@ def test_learns_digit_attributes_and_keeps_the_best_mean_auroc(tmp_path, capsys)
     assert set(records[-1]["val_labels"]) == set(ATTRIBUTES)
     checkpoint = read_checkpoint(out / "best.pth")
     assert checkpoint.card.multi_label and checkpoint.card.classes == tuple(ATTRIBUTES)
-    assert checkpoint.card.in_channels == 1
+    assert checkpoint.card.in_channels == 1 and checkpoint.card.thresholds == (0.5, 0.5, 0.4)
     # densenet eval: the per-label table of the best checkpoint on the CSV's val rows
     evaluation = ["eval", str(tmp_path / "data"), "--weights", str(out / "best.pth"),
                   "--labels", str(labels), "--workers", "0", "--no-progress"]  # fmt: skip
@@ -101,6 +110,14 @@ def test_learns_digit_attributes_and_keeps_the_best_mean_auroc(tmp_path, capsys)
     assert main(evaluation) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table[2:]] == [*ATTRIBUTES, "mean"]
+    # predict: each label's probability, and the labels at or above their threshold
+    image = str(tmp_path / "data" / "images" / "599.png")
+    assert main(["predict", image, "--weights", str(out / "best.pth"), "--json"]) == 0
+    [prediction] = json.loads(capsys.readouterr().out)
+    thresholds = {"even": 0.5, "gt4": 0.5, "prime": 0.4}
+    top = prediction["top"]
+    expected = [t["label"] for t in top if t["probability"] >= thresholds[t["label"]]]
+    assert sorted(prediction["positive"]) == sorted(expected)
 
 
 def test_a_csv_naming_missing_files_is_one_error(tmp_path, capsys):

@@ -51,6 +51,7 @@ class Prediction:
     probabilities: list[float]
     error: str | None = None
     reason: Reason | None = None  # why ``error``, for programs
+    positive: list[str] | None = None  # a multi-label model's labels at or above threshold
 
     @property
     def top(self) -> list[tuple[str, float]]:
@@ -61,10 +62,13 @@ class Prediction:
             reason = self.reason.value if self.reason is not None else None
             return {"source": self.source, "error": self.error, "reason": reason}
         top = zip(self.labels, self.indices, self.probabilities)
-        return {
+        result: dict[str, Any] = {
             "source": self.source,
             "top": [{"label": n, "index": i, "probability": p} for n, i, p in top],
         }
+        if self.positive is not None:
+            result["positive"] = self.positive
+        return result
 
 
 @dataclass
@@ -262,9 +266,11 @@ class Classifier:
                 ]
                 probs = self.probabilities(torch.stack([inputs[i][1] for i in slots]))
                 names = [inputs[i][0] for i in slots]
-                for slot, prediction in zip(
-                    slots, top_predictions(names, probs, topk, self.categories)
-                ):
+                predictions = top_predictions(names, probs, topk, self.categories)
+                if self.card.multi_label:
+                    for prediction, labels in zip(predictions, self.card.positive(probs)):
+                        prediction.positive = labels
+                for slot, prediction in zip(slots, predictions):
                     chunk[slot] = prediction
             results += chunk
         return results

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .images import ImageError, Reason
@@ -100,6 +101,8 @@ class ModelCard:
         preprocessing: the input transform the model was trained or measured with.
         multi_label: outputs are independent (sigmoid) rather than one softmax.
         in_channels: image channels the network takes.
+        thresholds: a multi-label model's per-label decision thresholds on the probabilities
+            (None: 0.5 each).
         arch: the registry name, None for a custom configuration.
         weights: where the weights came from (an entry name or a file name), None for random.
     """
@@ -108,12 +111,20 @@ class ModelCard:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     multi_label: bool = False
     in_channels: int = 3
+    thresholds: tuple[float, ...] | None = None
     arch: str | None = None
     weights: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def positive(self, probabilities: Tensor) -> list[list[str]]:
+        """(N, num_classes) probabilities of a multi-label model -> each row's labels at or
+        above their threshold."""
+        thresholds = torch.tensor(self.thresholds or (0.5,) * self.num_classes)
+        above = probabilities.cpu() >= thresholds
+        return [[c for c, yes in zip(self.classes, row) if yes] for row in above.tolist()]
 
     @classmethod
     def for_model(
@@ -153,6 +164,8 @@ class ModelCard:
                 pre[name] = tuple(pre[name])
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["classes"] = tuple(known["classes"])
+        if known.get("thresholds") is not None:
+            known["thresholds"] = tuple(known["thresholds"])
         known["preprocessing"] = Preprocessing(
             **{k: v for k, v in pre.items() if k in Preprocessing.__dataclass_fields__}
         )

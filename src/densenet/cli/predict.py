@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             print(p.source)
             for label, probability in p.top:
                 print(f"  {probability:7.2%}  {label}")
+            if p.positive is not None:
+                print(f"  above threshold: {', '.join(p.positive) or '(none)'}")
             if p.source in cams:
                 print(f"  class activation map: {cams[p.source]}")
     return 1 if any(p.error is not None for p in predictions) else 0

@@ -48,6 +48,7 @@ class TrainConfig:
     labels: str | None = None
     val_labels: str | None = None  # the validation images' CSV, when labels has no split column
     pos_weight: str | None = None  # "auto": BCE weights negatives / positives per label
+    thresholds: tuple[float, ...] | None = None  # per label, stored in the card (None: 0.5)
     model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
@@ -195,8 +196,10 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.pos_weight not in (None, "auto"):
         raise ValueError(f"pos_weight must be auto or none, got {config.pos_weight!r}")
-    if config.labels is None and (config.val_labels or config.pos_weight):
-        raise ValueError("val_labels and pos_weight apply to multi-label training (--labels)")
+    if config.labels is None and (config.val_labels or config.pos_weight or config.thresholds):
+        raise ValueError(
+            "val_labels, pos_weight and thresholds apply to multi-label training (--labels)"
+        )
     if config.data is None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"

@@ -98,6 +98,15 @@ class Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
 
+    def _thresholds(self) -> tuple[float, ...] | None:
+        """The configured per-label thresholds, one per label."""
+        thresholds, labels = self.config.thresholds, self.splits.classes
+        if thresholds is not None and len(thresholds) != len(labels):
+            raise TrainingError(
+                f"{len(thresholds)} thresholds for {len(labels)} labels ({', '.join(labels)})"
+            )
+        return thresholds
+
     def _check_channels(self) -> None:
         """One clear error, before training, when the first readable training image does not
         have the model's input channels (``to_channels``)."""
@@ -138,6 +147,7 @@ class Trainer:
             Preprocessing(config.resize_size, config.image_size, mean=config.mean,
                           std=config.std, min_size=(side, side)),  # type: ignore[arg-type]
             multi_label=config.labels is not None,
+            thresholds=self._thresholds(),
             in_channels=net.config["in_channels"],
             arch=config.model,
         )  # fmt: skip
