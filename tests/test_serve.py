@@ -517,3 +517,26 @@ def test_cli_defaults_and_sigterm_finishes_requests_in_flight(weights_file, phot
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_explain_returns_the_overlay_png_or_the_map_and_the_same_errors(client, classifier, photos):
+    body = photos["chelsea.jpg"]
+    png = client.post("/v1/explain", content=body)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    size = classifier.preprocessing.crop_size
+    assert Image.open(io.BytesIO(png.content)).size == (size, size)
+    answer = client.post("/v1/explain?format=json", content=body).json()
+    [expected] = classifier.explain([Image.open(io.BytesIO(body))])
+    assert answer["label"] == expected.label
+    assert torch.tensor(answer["cam"]).shape == (size, size)
+    torch.testing.assert_close(torch.tensor(answer["cam"]), expected.cam, rtol=1e-4, atol=1e-4)
+    other = classifier.categories[-1]
+    assert (
+        client.post(f"/v1/explain?format=json&target={other}", content=body).json()["label"]
+        == other
+    )
+    assert client.post("/v1/explain?target=nothing", content=body).status_code == 422
+    text = client.post("/v1/explain", content=b"just some text, not a picture")
+    assert text.status_code == 415 and "not an image" in text.json()["detail"]
+    two = [("file", ("a.jpg", body)), ("file", ("b.jpg", body))]
+    assert client.post("/v1/explain", files=two).status_code == 422

@@ -1,6 +1,7 @@
 """The HTTP prediction service: a FastAPI application around a ``Classifier`` and a ``Batcher``.
 
-Endpoints: ``POST /v1/predict`` (images in, top-k out), ``GET /v1/models``, ``GET /healthz``,
+Endpoints: ``POST /v1/predict`` (images in, top-k out), ``POST /v1/explain`` (one image in, its
+class activation map out: an overlay PNG or JSON), ``GET /v1/models``, ``GET /healthz``,
 ``GET /readyz``, ``GET /metrics`` (Prometheus) and ``GET /`` (the web page). Images are decoded
 and preprocessed in a thread pool with the same code as ``densenet predict``; the model runs in the
 batcher's worker thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
@@ -9,6 +10,8 @@ batcher's worker thread. Bad input is answered with a 4xx and a JSON ``detail`` 
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 import logging
 import os
 import time
@@ -26,7 +29,8 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from .. import __version__
-from ..images import ImageError, Reason, open_image
+from ..explain import ExplainError
+from ..images import ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
 from .batcher import Batcher, QueueFull
 from .metrics import CONTENT_TYPE, ServiceMetrics
@@ -41,7 +45,16 @@ IMAGE_FORMATS = tuple(
     f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM") if f in Image.OPEN
 )
 RETRY_AFTER_S = 1
-ENDPOINTS = ("/", "/v1/predict", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")
+ENDPOINTS = (
+    "/",
+    "/v1/predict",
+    "/v1/explain",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+)
 
 
 @dataclass(frozen=True)
@@ -390,7 +403,57 @@ def create_app(
             return images
         return await service.classify(images, topk, start)
 
+    @app.post(
+        "/v1/explain",
+        summary="class activation map of one image: an overlay PNG, or the map as JSON",
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def explain(
+        request: Request,
+        target: str | None = Query(None, description="a class name; default the top class"),
+        format: str = Query("png", pattern="^(png|json)$", description="png or json"),
+    ) -> Response:
+        if not service.ready:
+            return _error(503, "the model is loading; retry shortly")
+        images = await _read_images(request, config)
+        if isinstance(images, JSONResponse):
+            return images
+        if len(images) != 1:
+            return _error(422, f"explain takes one image, got {len(images)}")
+        run = functools.partial(_explain, service.classifier, *images[0], target, format)
+        return await asyncio.get_running_loop().run_in_executor(service.pool, run)
+
     return app
+
+
+def _explain(
+    classifier: Classifier, name: str, data: bytes, target: str | None, format: str
+) -> Response:
+    """One upload's class activation map (``Classifier.explain``) as a PNG overlay or JSON."""
+    try:
+        image = open_image(data, formats=IMAGE_FORMATS)
+        check_pixels(image, name)
+        (explanation,) = classifier.explain([image], target)
+    except ImageError as error:
+        return _error(_status_of(error), str(error))
+    except ExplainError as error:
+        return _error(501, str(error))
+    except ValueError as error:  # an unknown target class
+        return _error(422, str(error))
+    if format == "json":
+        return JSONResponse(
+            {
+                "source": name,
+                "label": explanation.label,
+                "index": explanation.index,
+                "probability": explanation.probability,
+                "cam": explanation.cam.tolist(),
+            }
+        )
+    buffer = io.BytesIO()
+    explanation.overlay().save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
 
 
 async def _read_images(
