@@ -32,6 +32,7 @@ from .. import __version__
 from ..explain import ExplainError
 from ..images import ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
+from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .schemas import ERRORS, IMAGE_FIELD, PREDICT_BODY, PredictResponse
@@ -151,7 +152,8 @@ class _Service:
         through the whole pipeline, then ready."""
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.classifier.warm_up)
-            gray = Image.new("RGB", (256, 256), (128, 128, 128))
+            mode = CHANNEL_MODES.get(self.classifier.card.in_channels, "RGB")
+            gray = Image.new(mode, (256, 256), 128)
             x = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.classifier.preprocess, gray, "warm-up image"
             )
