@@ -14,7 +14,7 @@ from PIL import Image
 
 from densenet import ModelCard
 from densenet.cli import main
-from densenet.multilabel import label_metrics, read_labels_csv
+from densenet.multilabel import label_metrics, label_splits, read_labels_csv
 from densenet.train import read_checkpoint
 
 ATTRIBUTES = {
@@ -138,3 +138,19 @@ def test_a_label_with_one_class_only_is_one_error(tmp_path, capsys):
     assert main(train_argv(tmp_path, tmp_path / "labels.csv", tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "label(s) always have one class only" in err, err
+
+
+def test_the_validation_images_can_come_from_a_second_csv(tmp_path):
+    labels = digits_with_attributes(tmp_path, n=40)
+    rows = labels.read_text().splitlines()
+    header = rows[0].rsplit(",", 1)[0]
+    (tmp_path / "train.csv").write_text(
+        "\n".join([header] + [r.rsplit(",", 1)[0] for r in rows[1:31]])
+    )
+    (tmp_path / "val.csv").write_text(
+        "\n".join([header] + [r.rsplit(",", 1)[0] for r in rows[31:]])
+    )
+    splits = label_splits(tmp_path / "train.csv", tmp_path, tmp_path / "val.csv")
+    assert (len(splits.train), len(splits.val), splits.test) == (30, 10, None)
+    image, target = splits.val[0]
+    assert image.mode == "L" and target.shape == (3,)

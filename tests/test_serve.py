@@ -540,3 +540,12 @@ def test_explain_returns_the_overlay_png_or_the_map_and_the_same_errors(client, 
     assert text.status_code == 415 and "not an image" in text.json()["detail"]
     two = [("file", ("a.jpg", body)), ("file", ("b.jpg", body))]
     assert client.post("/v1/explain", files=two).status_code == 422
+
+
+def test_a_one_channel_model_is_served(photos):
+    grey = densenet.Classifier(randomize_batchnorm(tiny_model(in_channels=1)), device="cpu")
+    with serving(grey) as client:  # ready: the warm-up image had one channel
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(photos["chelsea.jpg"])).convert("L").save(buffer, "PNG")
+        answer = client.post("/v1/predict", content=buffer.getvalue())
+        assert answer.status_code == 200 and len(answer.json()["predictions"][0]["top"]) == 5
