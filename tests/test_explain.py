@@ -120,3 +120,12 @@ def test_classifier_explain_and_predict_cam_write_one_overlay_per_image(
     overlay = Image.open(out / "chelsea.cam.png")
     assert overlay.size == (32, 32) and overlay.mode == "RGB"
     assert overlay.tobytes() != explanations[0].view.convert("RGB").tobytes()
+
+
+def test_an_unknown_target_class_is_one_error(checkpoint):
+    classifier = densenet.Classifier("densenet_bc_100_k12", weights=checkpoint, device="cpu")
+    image = Image.fromarray(skimage.data.chelsea())
+    with pytest.raises(ValueError, match="unknown class 'dog'"):
+        classifier.explain(image, target="dog")
+    with pytest.raises(ValueError, match=r"class index 3 is not in 0..2"):
+        classifier.explain(image, target=3)

@@ -195,9 +195,11 @@ class Classifier:
         or name; default: the image's most probable class). Images are paths, bytes, PIL images
         or uint8 tensors; raises ``ImageError`` naming the first one that cannot be read."""
         images = _as_list(images)
-        index = self.categories.index(target) if isinstance(target, str) else target
         if isinstance(target, str) and target not in self.categories:
             raise ValueError(f"unknown class {target!r}; the model's classes: {self.categories}")
+        index = self.categories.index(target) if isinstance(target, str) else target
+        if index is not None and not 0 <= index < len(self.categories):
+            raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
         model = self.model.model if isinstance(self.model, BucketedModel) else self.model
         view = self.preprocessing.view_transform()
         results: list[Explanation] = []

@@ -57,12 +57,19 @@ class Preprocessing:
         )
 
     def check_input(self, x: Tensor, name: str) -> Tensor:
-        """``x`` if it is a (C, H, W) network input of at least ``min_size``, else ``ImageError``."""
+        """``x`` if it is a (C, H, W) network input of ``channels`` channels and at least
+        ``min_size``, else ``ImageError``."""
         height, width = self.min_size
         if x.dim() != 3 or x.shape[-2] < height or x.shape[-1] < width:
             raise ImageError(
                 f"{name}: input of shape {tuple(x.shape)} is not a (C, H, W) tensor of at least "
                 f"{height}x{width} (smaller than the model's minimum)",
+                Reason.BAD_SHAPE,
+            )
+        if x.shape[0] != self.channels:
+            raise ImageError(
+                f"{name}: input of shape {tuple(x.shape)} has {x.shape[0]} channels, the model "
+                f"takes {self.channels}",
                 Reason.BAD_SHAPE,
             )
         return x
