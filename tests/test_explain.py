@@ -129,3 +129,28 @@ def test_an_unknown_target_class_is_one_error(checkpoint):
         classifier.explain(image, target="dog")
     with pytest.raises(ValueError, match=r"class index 3 is not in 0..2"):
         classifier.explain(image, target=3)
+
+
+def test_grad_cam_of_the_final_layer_is_the_class_activation_map_up_to_scale():
+    """The grad-cam package on the final feature map: relu(cam - b), scaled to [0, 1] and
+    resized to the input."""
+    pytest.importorskip("pytorch_grad_cam")
+    from densenet.explain import grad_cam
+
+    model = small_model()
+    x = torch.randn(2, 3, 32, 40)
+    maps = densenet.explain(model, x)
+    bias = model.classifier.bias.detach()
+    classes = (maps.logits - bias).argmax(1)  # maps with positive parts
+    plain = (maps.select(classes) - bias[classes].view(-1, 1, 1)).relu()
+    low = plain.amin((1, 2), keepdim=True)
+    scaled = (plain - low) / (plain.amax((1, 2), keepdim=True) - low)
+    expected = torch.nn.functional.interpolate(scaled[:, None], size=(32, 40), mode="bilinear")[
+        :, 0
+    ]
+    result = grad_cam(model, x, classes)
+    # the same map; OpenCV's and PyTorch's bilinear resizes differ by about 1% at some pixels
+    assert (result - expected).abs().max() < 0.02
+    assert torch.corrcoef(torch.stack([result.flatten(), expected.flatten()]))[0, 1] > 0.999
+    inner = grad_cam(model, x, classes, layer="features.denseblock2")
+    assert inner.shape == (2, 32, 40) and inner.max() == pytest.approx(1, abs=1e-3)

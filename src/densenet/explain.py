@@ -22,7 +22,7 @@ from .errors import DenseNetError
 from .inference import InferenceDenseNet
 from .model import DenseNet
 
-__all__ = ["ActivationMaps", "ExplainError", "explain", "heat_overlay"]
+__all__ = ["ActivationMaps", "ExplainError", "explain", "grad_cam", "heat_overlay"]
 
 
 class ExplainError(DenseNetError, TypeError):
@@ -84,6 +84,47 @@ def explain(model: nn.Module, x: Tensor) -> ActivationMaps:
     maps = torch.einsum("ck,nkhw->nchw", classifier.weight, features)
     maps = (maps + classifier.bias.view(1, -1, 1, 1)).float()
     return ActivationMaps(maps.mean((2, 3)), maps)
+
+
+class _FinalFeatures(nn.Module):
+    """A DenseNet whose final ReLU is a module (``act``), so that hooks see the feature map F."""
+
+    def __init__(self, model: DenseNet) -> None:
+        super().__init__()
+        self.model, self.act = model, nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(self.act(self.model.features(x)))
+
+
+def grad_cam(
+    model: DenseNet, x: Tensor, classes: Tensor | None = None, layer: str | None = None
+) -> Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) of an inner layer, computed by the ``grad-cam``
+    package (``pip install grad-cam``, an optional extra: ``densenet[gradcam]``).
+
+    Args:
+        model: an eager ``DenseNet`` (Grad-CAM needs gradients).
+        x: (N, in_channels, H, W) preprocessed images.
+        classes: (N,) the class of each image's map; default its top class.
+        layer: a module name such as ``"features.denseblock3"``; default the final feature map
+            (after the last BN-ReLU), where Grad-CAM is ``relu(cam - b) / (h * w)``: the class
+            activation map up to scale and the bias, clipped at zero.
+
+    Returns (N, H, W) maps scaled to [0, 1] (the package's form).
+    """
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise ExplainError("Grad-CAM needs the grad-cam package: pip install grad-cam") from None
+    if not isinstance(model, DenseNet):
+        raise ExplainError(f"Grad-CAM needs an eager DenseNet, got {type(model).__name__}")
+    net = _FinalFeatures(model).eval()
+    target = net.act if layer is None else model.get_submodule(layer)
+    targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
+    with GradCAM(model=net, target_layers=[target]) as cam:
+        return torch.from_numpy(cam(input_tensor=x, targets=targets))
 
 
 def _colormap(values: Tensor) -> Tensor:
