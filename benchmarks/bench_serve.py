@@ -9,6 +9,14 @@ batch sizes the server ran (from its /metrics histogram); then the throughput ra
 
     python benchmarks/bench_serve.py                      # 2,000 requests, 32 clients per mode
     python benchmarks/bench_serve.py --requests 200 --json serve.json
+
+With ``--fairness`` it measures instead whether one client can stall the others: one batching
+server, the same small requests first alone (idle), then while ``--heavy-clients`` other clients
+send maximal requests back to back (``--heavy-images`` uniform PNGs whose pixels add up to the
+per-request limit, 100 million by default); reported: p50/p99 of the small requests in both
+phases, their ratio, and the heavy requests answered.
+
+    python benchmarks/bench_serve.py --fairness --requests 200 --concurrency 4
 """
 
 from __future__ import annotations
@@ -62,6 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where the server runs the model; on cuda the batching mode is also measured without "
         "buckets (padding to 1, 2, 4, ... max batch with a CUDA graph per size)",
     )
+    p.add_argument(
+        "--fairness",
+        action="store_true",
+        help="measure small requests' latency idle and beside clients sending maximal requests",
+    )
+    p.add_argument("--heavy-clients", type=int, default=1, help="--fairness: heavy clients")
+    p.add_argument(
+        "--heavy-images", type=int, default=4, help="--fairness: images per heavy request"
+    )
+    p.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=100_000_000,
+        help="the server's per-request pixel limit, which the heavy requests fill",
+    )
     p.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # internal: be the server
     p.add_argument("--serve-buckets", choices=["on", "off"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -85,7 +108,12 @@ def run_server(args: argparse.Namespace) -> None:
         batch_size=args.max_batch,
         buckets=args.serve_buckets == "on",
     )
-    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_request_pixels=args.max_request_pixels,
+        max_pixels_in_flight=2 * args.max_request_pixels,
+    )
     serve(
         classifier,
         config,
@@ -107,7 +135,12 @@ def start_server(args: argparse.Namespace, mode: Mode) -> tuple:
     command = [sys.executable, __file__, "--serve-port", str(port), "--model", args.model]
     command += ["--max-batch", str(mode.max_batch), "--max-wait-ms", str(mode.max_wait_ms)]
     command += ["--device", args.device, "--serve-buckets", "on" if mode.buckets else "off"]
-    command += ["--threads", str(args.threads)]
+    command += [
+        "--threads",
+        str(args.threads),
+        "--max-request-pixels",
+        str(args.max_request_pixels),
+    ]
     return subprocess.Popen(command), f"http://{HOST}:{port}"
 
 
@@ -288,11 +321,126 @@ async def measure(args: argparse.Namespace, modes: dict[str, Mode]) -> list[dict
     return [summarize(name, *modes[name][:2], rounds[name]) for name in modes]
 
 
+# ---- --fairness: small requests beside maximal ones --------------------------------------------
+
+
+def heavy_files(side: int, count: int) -> list[tuple]:
+    """Multipart files of one maximal request: ``count`` uniform RGB PNGs of ``side`` x ``side``
+    pixels (small to send, costly to decode)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 120, 150)).save(buffer, "PNG")
+    return [("file", (f"large-{i}.png", buffer.getvalue(), "image/png")) for i in range(count)]
+
+
+async def flood(client, files: list[tuple], stop: asyncio.Event, answered: list[float]) -> None:
+    """Send the maximal request back to back until ``stop``; latencies of those answered 200."""
+    while not stop.is_set():
+        sent = time.perf_counter()
+        response = await client.post("/v1/predict", files=files)
+        if response.status_code != 200:
+            raise RuntimeError(f"a heavy request got {response.status_code}: {response.text[:200]}")
+        answered.append(time.perf_counter() - sent)
+
+
+def percentiles(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    return {
+        "requests": len(ordered),
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+async def fairness(args: argparse.Namespace) -> dict:
+    """Small requests' latency on an idle server, then beside heavy clients (same server)."""
+    import httpx
+
+    images = photographs()
+    process, url = start_server(args, Mode(args.max_batch, args.max_wait_ms))
+    side = int((args.max_request_pixels / args.heavy_images) ** 0.5)  # filling the limit
+    files = heavy_files(side, args.heavy_images)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            await wait_ready(client, process)
+            await load(client, images, 2 * args.concurrency, args.concurrency, 60)  # warm-up
+            idle, idle_errors, _, _ = await load(
+                client, images, args.requests, args.concurrency, args.time_limit
+            )
+            stop, heavy = asyncio.Event(), []
+            heavy_clients = [
+                httpx.AsyncClient(base_url=url, timeout=300) for _ in range(args.heavy_clients)
+            ]
+            floods = [asyncio.create_task(flood(c, files, stop, heavy)) for c in heavy_clients]
+            loaded, loaded_errors, _, wall = await load(
+                client, images, args.requests, args.concurrency, args.time_limit
+            )
+            stop.set()
+            await asyncio.gather(*floods)
+            for c in heavy_clients:
+                await c.aclose()
+    finally:
+        process.terminate()
+        process.wait(60)
+    idle_figures, loaded_figures = percentiles(idle), percentiles(loaded)
+    return {
+        "idle": idle_figures,
+        "beside_heavy": loaded_figures,
+        "p99_ratio": loaded_figures["p99_ms"] / idle_figures["p99_ms"],
+        "errors": idle_errors + loaded_errors,
+        "heavy_request": {
+            "images": f"{args.heavy_images} PNGs of {side}x{side}",
+            "pixels": args.heavy_images * side * side,
+            "answered_during_small_load": len(heavy),
+            "p50_ms": 1000 * statistics.median(heavy) if heavy else None,
+            "seconds_of_small_load": wall,
+        },
+    }
+
+
+def report_fairness(args: argparse.Namespace) -> int:
+    """Run ``fairness``, print its figures (and write them with --json); 1 on errors."""
+    load_before = os.getloadavg()[0]
+    report = {
+        "model": args.model,
+        "concurrency": args.concurrency,
+        "heavy_clients": args.heavy_clients,
+        **asyncio.run(fairness(args)),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+    }
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    heavy = report["heavy_request"]
+    print(
+        f"model {args.model}, {args.concurrency} clients sending small requests (one JPEG each); "
+        f"{args.heavy_clients} heavy client(s): {heavy['images']} ({heavy['pixels']:,} pixels)"
+    )
+    print(f"{'small requests':<24} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for phase in ("idle", "beside_heavy"):
+        r = report[phase]
+        print(f"{phase:<24} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+    p50 = f"{heavy['p50_ms']:.0f} ms" if heavy["p50_ms"] else "-"
+    print(
+        f"p99 beside heavy / idle: {report['p99_ratio']:.2f}x; heavy requests answered meanwhile: "
+        f"{heavy['answered_during_small_load']} (p50 {p50})"
+    )
+    print(
+        f"load average (1 min) before/after: {report['load_average_1min']}, {os.cpu_count()} CPUs"
+    )
+    if report["errors"]:
+        print(f"errors: {report['errors'][:5]}")
+    return 1 if report["errors"] else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve_port is not None:
         run_server(args)
         return 0
+    if args.fairness:
+        return report_fairness(args)
     import torch
 
     import densenet

@@ -80,7 +80,8 @@ def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "densenet", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("predict", "info", "weights", "bench", "eval", "train", "export", "serve"):
+    commands = ("predict", "embed", "info", "weights", "bench", "eval", "train", "export", "serve")
+    for command in commands:
         assert command in result.stdout
 
 
@@ -112,11 +113,15 @@ def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
 
 
 def test_every_option_is_read_by_its_command():
-    """An option whose value no code reads (as ``--dynamic-batch`` once was) does nothing."""
+    """An option whose value no code reads (as ``--dynamic-batch`` once was) does nothing. A
+    command's options are read in its module or in the functions of ``cli.common`` that it
+    passes ``args`` to (``run_bulk``: the bulk options of ``embed`` and ``predict --out``)."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    shared = inspect.getmembers(densenet.cli.common, inspect.isfunction)
     for name, parser in sub.choices.items():
         module = sys.modules[parser.get_default("run").__module__]
         source = inspect.getsource(module)
+        source += "".join(inspect.getsource(f) for n, f in shared if f"{n}(args" in source)
         tables = {**getattr(module, "FLAGS", {}), **getattr(module, "SWITCHES", {})}
         parsers = [parser] + [
             p for a in parser._actions if isinstance(a, argparse._SubParsersAction)

@@ -190,7 +190,8 @@ def test_predict_optimizes_unless_told_not_to(tmp_path, monkeypatch, flags, opti
 def test_compile_matches():
     model = randomize_batchnorm(tiny_model(block_config=(1, 1))).eval()
     x = torch.randn(2, 3, 32, 32)
-    fast = optimize(model, compile=True)
+    with pytest.warns(UserWarning, match="slower.*backend='onednn'"):  # on the CPU
+        fast = optimize(model, compile=True)
     with torch.inference_mode():
         assert rel_error(fast(x), model(x)) < 1e-5
 
@@ -199,7 +200,8 @@ def test_inductor_backend_keeps_batch_static():
     """A new batch size compiles a new static graph: three sizes, three graphs. (Dynamo's
     default marks the batch dynamic at the second size, and then needs no third graph.)"""
     model = randomize_batchnorm(tiny_model(block_config=(1,), num_init_features=4)).eval()
-    fast = optimize(model, backend="inductor")
+    with pytest.warns(UserWarning, match="slower"):
+        fast = optimize(model, backend="inductor")
     torch._dynamo.reset()
     stats = torch._dynamo.utils.counters["stats"]
     before = stats["unique_graphs"]
@@ -227,7 +229,10 @@ def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     monkeypatch.setitem(ENGINES, COMPILED_REFERENCE, ENGINES["torchvision eager CL"])
     model = randomize_batchnorm(tiny_model(growth_rate=8))
     engines = ["densenet.optimize", COMPILED_REFERENCE, "wrong", "densenet.optimize triton"]
-    results = run_benchmark([model], [2], image_size=32, rounds=2, repeats=1, engines=engines)
+    said: list[str] = []
+    results = run_benchmark(
+        [model], [2], image_size=32, rounds=2, repeats=1, engines=engines, progress=said.append
+    )
     by_engine = {r.engine: r for r in results}
     # the baseline is added; the CUDA-only engine is left out on the CPU
     assert list(by_engine) == [
@@ -247,6 +252,9 @@ def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     table = format_table(results).splitlines()
     assert "vs tv eager" in table[0] and "vs tv compile" in table[0]
     assert table[-1].split()[2] == "wrong"
+    # what will run is said first; the rows as soon as they are measured
+    assert said[0].startswith("1 model(s) x 1 batch size(s) x 4 engines (torchvision eager, ")
+    assert said[-1] == format_table(results)
 
 
 def test_benchmark_rejects_unknown_engines():

@@ -241,3 +241,23 @@ def test_buckets_pad_each_batch_and_warm_every_size(images):
     seen.clear()
     bucketed.classify(paths[:3], topk=1)
     assert seen == [4]  # 3 images padded up to the next bucket
+
+
+def test_dtype_choice(images, monkeypatch, capsys):
+    """``dtype`` sets the fast form's precision; "auto" follows the hardware's bfloat16 support;
+    ``densenet predict --dtype bfloat16`` classifies with it."""
+    model = randomize_batchnorm(tiny_model(num_classes=1000)).eval()
+    assert densenet.Classifier(model, device="cpu").model.dtype == torch.float32  # exact default
+    half = densenet.Classifier(model, device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr("densenet.cpu.native_bfloat16", lambda native=native: native)
+        auto = densenet.Classifier(model, device="cpu", dtype="auto")
+        assert auto.model.dtype == (torch.bfloat16 if native else torch.float32)
+    exact = densenet.Classifier(model, device="cpu").classify([images / "chelsea.jpg"], topk=3)
+    assert half.classify([images / "chelsea.jpg"], topk=3)[0].labels[0] == exact[0].labels[0]
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        densenet.Classifier(model, device="cpu", dtype="int8")
+    args = ["predict", str(images / "chelsea.jpg"), "--weights", "none", "--device", "cpu"]
+    assert main([*args, "--dtype", "bfloat16", "--topk", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 1

@@ -1,14 +1,17 @@
 """The HTTP service (`densenet serve`): every endpoint, every bad input, dynamic batching, the
-queue limit, readiness, metrics, results equal to `densenet predict`, graceful SIGTERM."""
+queue and pixel limits, readiness, metrics, results equal to `densenet predict`, graceful SIGTERM;
+on a live server, clients that disconnect or stall and requests cut short by the shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ import httpx
 import pytest
 import skimage.data
 import torch
+import uvicorn
 from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
 
@@ -123,6 +127,9 @@ def assert_same(served: dict, expected: densenet.predict.Prediction) -> None:
 def test_health_models_page_and_openapi(client, classifier):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
+    for probe in ("/healthz", "/readyz"):  # load balancers probe with HEAD
+        head = client.head(probe)
+        assert (head.status_code, head.content) == (200, b""), probe
     model = client.get("/v1/models").json()["models"][0]
     assert model["num_classes"] == 1000 and model["device"] == "cpu" and model["ready"]
     assert model["parameters"] == sum(p.numel() for p in classifier.model.parameters())
@@ -234,6 +241,18 @@ def test_bad_requests(client, photos):
             dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
             400,
         ),
+        # two complete parts and no closing boundary: refused, not answered for one image
+        "unterminated multipart": (
+            dict(
+                content=b"".join(
+                    b'--x\r\nContent-Disposition: form-data; name="file"; filename="%d.jpg"\r\n'
+                    b"\r\n%s\r\n" % (i, jpeg)
+                    for i in range(2)
+                ),
+                headers={"content-type": "multipart/form-data; boundary=x"},
+            ),
+            400,
+        ),
     }
     for name, (kwargs, status) in cases.items():
         response = client.post("/v1/predict", **kwargs)
@@ -258,6 +277,35 @@ def test_metrics(classifier, photos):
     assert "densenet_batch_size_count 3.0" in text  # three forward passes of one image
     assert 'densenet_batch_size_bucket{le="1.0"} 3.0' in text
     assert "densenet_queue_depth 0.0" in text and "densenet_ready 1.0" in text
+    assert "densenet_decode_pixels_in_flight 0.0" in text
+
+
+def images_counted(client: TestClient) -> float:
+    """Images decoded so far, ok or not, from /metrics."""
+    found = re.findall(
+        r"^densenet_images_total\{outcome=\"\w+\"\} (\S+)$", client.get("/metrics").text, re.M
+    )
+    return sum(map(float, found))
+
+
+def test_request_limits_are_checked_before_decoding(classifier, photos):
+    """A request over its pixel budget (summed from the image headers), or with more images than
+    the queue could ever hold, gets a 413 saying which limit, and nothing of it is decoded."""
+    files = [("file", (f"{i}.jpg", photos["astronaut.jpg"])) for i in range(6)]  # 512x512 each
+    with serving(classifier, max_queue=4, max_batch=2, max_request_pixels=600_000) as client:
+        decoded = images_counted(client)
+        too_many = client.post("/v1/predict", files=files)
+        assert too_many.status_code == 413
+        assert (
+            "6 images" in too_many.json()["detail"] and "--max-queue" in too_many.json()["detail"]
+        )
+        too_large = client.post("/v1/predict", files=files[:3])
+        assert too_large.status_code == 413
+        assert "786,432 pixels" in too_large.json()["detail"]
+        assert "--max-request-pixels" in too_large.json()["detail"]
+        assert images_counted(client) == decoded
+        fits = client.post("/v1/predict", files=files[:2])
+        assert fits.status_code == 200 and images_counted(client) == decoded + 2
 
 
 # ---- dynamic batching -------------------------------------------------------------------------
@@ -480,11 +528,26 @@ def test_same_results_as_densenet_predict(weights_file, photos, tmp_path, capsys
             assert a["probability"] == pytest.approx(b["probability"], rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.slow
-def test_cli_defaults_and_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
+def test_cli_defaults_are_the_configs():
     defaults = build_parser().parse_args(["serve"])
-    assert (defaults.host, defaults.port, defaults.max_batch) == ("127.0.0.1", 8000, 32)
-    assert (defaults.max_wait_ms, defaults.max_upload_mb, defaults.device) == (5.0, 10.0, "auto")
+    assert (defaults.host, defaults.port, defaults.device) == ("127.0.0.1", 8000, "auto")
+    config = ServeConfig()
+    for name in (
+        "max_batch", "max_wait_ms", "max_upload_mb", "max_queue", "max_request_pixels",
+        "max_pixels_in_flight", "body_timeout_s",
+    ):  # fmt: skip
+        assert getattr(defaults, name) == getattr(config, name), name
+
+
+def test_config_refuses_limits_that_could_never_be_met():
+    with pytest.raises(ValueError, match="max_pixels_in_flight"):
+        ServeConfig(max_request_pixels=10, max_pixels_in_flight=9)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        ServeConfig(body_timeout_s=0)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
     command = [sys.executable, "-m", "densenet", "serve", "--weights", str(weights_file)]
     command += ["--port", "0", "--device", "cpu", "--max-batch", "2"]  # the system picks a port
     log_path = tmp_path / "server.log"
@@ -540,6 +603,9 @@ def test_explain_returns_the_overlay_png_or_the_map_and_the_same_errors(client, 
     assert text.status_code == 415 and "not an image" in text.json()["detail"]
     two = [("file", ("a.jpg", body)), ("file", ("b.jpg", body))]
     assert client.post("/v1/explain", files=two).status_code == 422
+    bomb = bomb_png()  # the same limits as /v1/predict, before decoding
+    refused = client.post("/v1/explain", content=bomb)
+    assert refused.status_code == client.post("/v1/predict", content=bomb).status_code >= 400
 
 
 def test_a_one_channel_model_is_served(photos):
@@ -549,3 +615,89 @@ def test_a_one_channel_model_is_served(photos):
         Image.open(io.BytesIO(photos["chelsea.jpg"])).convert("L").save(buffer, "PNG")
         answer = client.post("/v1/predict", content=buffer.getvalue())
         assert answer.status_code == 200 and len(answer.json()["predictions"][0]["top"]) == 5
+
+
+# ---- a live server: clients that disconnect or stall, requests cut short by the shutdown -------
+
+
+@contextmanager
+def live_server(app, **config):
+    """``app`` on uvicorn in a thread, on a free loopback port; yields (server, port) once the
+    model is ready."""
+    server = uvicorn.Server(uvicorn.Config(app, port=0, log_config=None, **config))
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60)
+        assert server.started, "the server did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            wait_for(lambda: http.get("/readyz").status_code == 200, 30)
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def start_upload(port: int, declared: int, sent: bytes) -> socket.socket:
+    """A connection that declares a body of ``declared`` bytes and sends only ``sent``."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (declared, sent)
+    )
+    return connection
+
+
+def test_a_client_disconnecting_mid_upload_is_counted_499_and_logged_at_info(
+    classifier, photos, caplog
+):
+    jpeg = photos["chelsea.jpg"]
+    app = create_app(classifier, ServeConfig())
+    with caplog.at_level(logging.INFO, logger="densenet"), live_server(app) as (_, port):
+        start_upload(port, len(jpeg), jpeg[:1000]).close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            counted = 'densenet_requests_total{endpoint="/v1/predict",status="499"} 1.0'
+            wait_for(lambda: counted in http.get("/metrics").text)
+            assert 'status="500"' not in http.get("/metrics").text
+    (record,) = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def read_response(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_stalled_upload_gets_408_and_its_connection_is_closed(classifier, photos):
+    jpeg = photos["chelsea.jpg"]
+    app = create_app(classifier, ServeConfig(body_timeout_s=0.2))
+    with live_server(app) as (_, port):
+        # the client sends part of its body, then nothing: the server answers and hangs up
+        response = read_response(start_upload(port, len(jpeg), jpeg[:1000]))
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), response[:200]
+        assert "did not arrive within 0.2 s" in json.loads(body)["detail"]
+        assert b"connection: close" in head.lower()
+
+
+def test_a_request_cut_short_by_the_shutdown_gets_a_json_503(photos):
+    model = Gated(tiny_model())
+    app = create_app(densenet.Classifier(model, device="cpu"), ServeConfig())
+    model.gate.set()
+    with live_server(app, timeout_graceful_shutdown=0.1) as (server, port):
+        model.gate.clear()
+        calls = model.calls
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        with http, ThreadPoolExecutor(1) as pool:
+            future = pool.submit(http.post, "/v1/predict", content=photos["chelsea.jpg"])
+            wait_for(lambda: model.calls == calls + 1)  # in the model, which is blocked
+            server.should_exit = True  # the request outlives the grace period: cancelled
+            response = future.result()
+        model.gate.set()  # lets the batcher finish, so the server can stop
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert "shut down" in response.json()["detail"]

@@ -3,9 +3,9 @@
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
 baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
-inductor, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's output is checked
-against a float64 evaluation of the model before it is timed; float32 engines are checked and
-timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
+inductor, onednn on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's
+output is checked against a float64 evaluation of the model before it is timed; float32 engines
+are checked and timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
 Engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
 median is reported, with its ratio to both references. Used by ``densenet bench`` and
 ``benchmarks/bench_inference.py``.
@@ -194,6 +194,7 @@ ENGINES: dict[str, Engine] = {
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
         Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
         Engine("densenet.optimize", _ours("eager")),
+        Engine("densenet.optimize onednn", _ours("onednn"), ("cpu",)),
         Engine("densenet.optimize compile", _ours_compile),
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
@@ -335,7 +336,8 @@ def run_benchmark(
         warmup: untimed calls per engine after its check.
         shapes_vary: before its check, each engine also runs batches of 1 and 64 images in the
             same process (a compiled engine then has seen other shapes, as in a service).
-        progress: called with a line of text as the benchmark goes.
+        progress: called with text as the benchmark goes: first what will run, then each
+            engine as it is set up, then each model and batch size's rows as soon as measured.
 
     Returns:
         one ``Result`` per model, batch size and engine; ``ms`` is the median over all timed
@@ -350,6 +352,10 @@ def run_benchmark(
     names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
     if BASELINE not in names:
         names.insert(0, BASELINE)
+    say(
+        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x {len(names)} engines "
+        f"({', '.join(names)}), {rounds} timing rounds each"
+    )
     results: list[Result] = []
     for model in models:
         if isinstance(model, str):
@@ -364,6 +370,7 @@ def run_benchmark(
                 reference = model.double()(x[:CHECKED].double().to(device)).cpu()
             model.float()
             x = x.to(device)
+            first = len(results)
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
             for name in names:
                 say(f"{arch} batch {batch}: setting up {name}")
@@ -384,6 +391,7 @@ def run_benchmark(
                     result.speedup = timed[BASELINE] / result.ms
                 if COMPILED_REFERENCE in timed:
                     result.vs_compiled = timed[COMPILED_REFERENCE] / result.ms
+            say(format_table(results[first:]))
     return results
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -325,7 +326,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-BACKENDS = ("eager", "inductor", "triton")
+BACKENDS = ("eager", "inductor", "triton", "onednn")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -336,7 +338,9 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _backend(backend: str | None, compile: bool | str, device: torch.device) -> str:
+def _backend(
+    backend: str | None, compile: bool | str, device: torch.device, dtype: torch.dtype
+) -> str:
     """The backend ``optimize`` builds: the one named, or the fastest that runs on ``device``."""
     if backend is None:
         if compile:
@@ -353,6 +357,14 @@ def _backend(backend: str | None, compile: bool | str, device: torch.device) -> 
             f"backend='triton' needs a CUDA model and the triton package (model on {device}, "
             f"triton {'installed' if importlib.util.find_spec('triton') else 'missing'}); "
             "set TRITON_INTERPRET=1 to run its kernels on the CPU (slowly, for tests)"
+        )
+    onednn = (
+        device.type == "cpu" and dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    )
+    if backend == "onednn" and not onednn:
+        raise RuntimeError(
+            f"backend='onednn' needs a CPU model, dtype float32 or bfloat16 and a PyTorch build "
+            f"with oneDNN (model on {device}, dtype {dtype}); use backend='eager'"
         )
     return backend
 
@@ -380,16 +392,19 @@ def optimize(
             (CUDA graphs, best for small GPU batches). Shapes stay static: the first call with
             each input shape compiles (tens of seconds) a kernel for that shape only.
         backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
-            ``compile=True``), ``"triton"`` (a ``densenet.kernels.TritonDenseNet``: fused Triton
-            kernels; CUDA only, or any device under ``TRITON_INTERPRET=1``). Default: inductor
-            when ``compile`` is set, else eager. The triton backend is opt-in: its kernels are
-            checked against the eager model on the CPU (Triton's interpreter) but have not yet
-            been timed on a GPU.
+            ``compile=True``; on the CPU slower than eager, with a warning), ``"triton"`` (a
+            ``densenet.kernels.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
+            under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
+            fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
+            ``compile`` is set, else eager. The triton backend is opt-in: its kernels are checked
+            against the eager model on the CPU (Triton's interpreter) but have not yet been timed
+            on a GPU; the onednn backend is opt-in because ``densenet.export`` reads the eager
+            form's modules.
 
     Returns:
-        an ``InferenceDenseNet`` (or its compiled wrapper) or a ``TritonDenseNet``, mapping
-        (N, C, H, W) inputs of any float dtype to outputs of the same dtype; it keeps the model's
-        ``arch`` and ``config``.
+        an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
+        ``OneDNNDenseNet``, mapping (N, C, H, W) inputs of any float dtype to outputs of the same
+        dtype; it keeps the model's ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
@@ -406,14 +421,25 @@ def optimize(
     mode = "default" if compile in (True, False) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
-    backend = _backend(backend, compile, device)
+    backend = _backend(backend, compile, device, dtype)
     if backend == "triton":
         from .kernels import TritonDenseNet
 
         return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
+    if backend == "onednn":
+        from .cpu import OneDNNDenseNet
+
+        return OneDNNDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast
+    if device.type == "cpu":
+        warnings.warn(
+            "optimize(compile=...) on the CPU measured slower than the uncompiled forms (inductor "
+            "calls the same oneDNN convolutions and adds its own elementwise kernels); "
+            "backend='onednn' is the fastest CPU form",
+            stacklevel=2,
+        )
     options = {**torch._inductor.list_mode_options(mode), "freezing": True}
     return torch.compile(fast, options=options, dynamic=False)
 

@@ -36,7 +36,7 @@ from .inference import optimize as optimize_model
 from .io import atomic_write
 from .load import load
 from .model import DenseNet
-from .runtime import resolve_device  # noqa: F401 (re-exported)
+from .runtime import compute_dtype, resolve_device
 
 __all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
 
@@ -116,8 +116,11 @@ class Classifier:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         categories: class names; default the model card's.
         batch_size: images per forward pass.
-        optimize: run a DenseNet in its fast inference form (``densenet.optimize``: float32 on
-            CPU, bfloat16 on CUDA); False runs the module as given.
+        optimize: run a DenseNet in its fast inference form (``densenet.optimize``); False runs
+            the module as given.
+        dtype: the fast form's precision: a ``torch.dtype``, a name (``"float32"``,
+            ``"bfloat16"``, ``"float16"``), ``"auto"`` (bfloat16 where the hardware computes it
+            natively), or None: float32 on CPU (exact), bfloat16 on CUDA.
         buckets: run the model only at batch sizes 1, 2, 4, ..., ``batch_size`` (a batch is
             padded up and the padding rows dropped), replaying one CUDA graph per size; default
             on for an optimized DenseNet on CUDA, where it keeps shapes static and launches
@@ -134,6 +137,7 @@ class Classifier:
         batch_size: int = 32,
         progress: bool = True,
         optimize: bool = True,
+        dtype: torch.dtype | str | None = None,
         buckets: bool | None = None,
     ) -> None:
         if batch_size < 1:
@@ -145,7 +149,9 @@ class Classifier:
         self.device = resolve_device(device)
         self.model = loaded.module
         if optimize and isinstance(self.model, DenseNet):
-            self.model = optimize_model(self.model)
+            if isinstance(dtype, str):
+                dtype = compute_dtype(dtype, self.device)
+            self.model = optimize_model(self.model, dtype=dtype)
             if self.device.type == "cuda" if buckets is None else buckets:
                 self.model = BucketedModel(
                     self.model, batch_size, cuda_graphs=self.device.type == "cuda"

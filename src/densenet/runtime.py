@@ -9,11 +9,21 @@ from contextlib import contextmanager
 
 import torch
 
+from .cpu import default_dtype
 from .errors import DenseNetError
 
-__all__ = ["AMP_MODES", "amp_dtype", "distributed_setup", "process_group", "resolve_device"]
+__all__ = [
+    "AMP_MODES",
+    "COMPUTE_DTYPES",
+    "amp_dtype",
+    "compute_dtype",
+    "distributed_setup",
+    "process_group",
+    "resolve_device",
+]
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -29,6 +39,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
         )
     return device
+
+
+def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The precision ``--dtype name`` asks of the optimized model on ``device``: a name from
+    ``COMPUTE_DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
+    with AVX-512 BF16 or AMX), else float32; None, the optimized model's own default (float32
+    on the CPU, exact; bfloat16 on CUDA)."""
+    if name is None:
+        return None
+    if name == "auto":
+        return default_dtype(device)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

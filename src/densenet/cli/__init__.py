@@ -15,16 +15,16 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DenseNetError, first_line
-from . import bench, evaluate, export, info, predict, serve, train, weights
+from . import bench, embed, evaluate, export, info, predict, serve, train, weights
 
-COMMANDS = (predict, info, weights, serve, export, evaluate, train, bench)
+COMMANDS = (predict, embed, info, weights, serve, export, evaluate, train, bench)
 EXPECTED_ERRORS = (DenseNetError, OSError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densenet",
-        description="Dense Convolutional Networks: classify, evaluate, train, export, serve.",
+        description="Dense Convolutional Networks: classify, embed, evaluate, train, export, serve.",
     )
     parser.add_argument("--version", action="version", version=f"densenet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from .. import bulk
+from ..runtime import COMPUTE_DTYPES
+
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2))
@@ -62,3 +65,48 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1..."
     )
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *COMPUTE_DTYPES],
+        help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
+        "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
+        "BF16 or AMX), else float32",
+    )
+
+
+def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
+    """The options of a bulk run into Parquet shards (``densenet embed``, ``predict --out``)."""
+    parser.add_argument(
+        "--out",
+        required=out_required,
+        help="folder of Parquet shards, written resumably (a rerun skips the complete ones)",
+    )
+    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet file")
+    parser.add_argument(
+        "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
+    )
+    parser.add_argument(
+        "--precision", choices=bulk.PRECISIONS, default="auto",
+        help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+
+
+def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
+    """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
+    summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+    summary = bulk.run(
+        source, args.out, options, args.model, args.weights, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
+        precision=args.precision, device_decode=args.device_decode, progress=args.progress,
+    )  # fmt: skip
+    print_json(summary.to_dict())
+    return 0

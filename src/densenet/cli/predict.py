@@ -1,13 +1,22 @@
-"""``densenet predict``: top-k labels of image files and folders."""
+"""``densenet predict``: top-k labels of image files and folders, printed; with ``--out``, of
+every image of a folder, manifest or glob, written as resumable Parquet shards."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..bulk import BulkError, Options
 from ..images import find_images
 from ..predict import Classifier, write_overlays
-from .common import add_device_arg, add_model_args, print_json
+from .common import (
+    add_bulk_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    print_json,
+    run_bulk,
+)
 
 
 def add_parser(sub) -> None:
@@ -15,12 +24,15 @@ def add_parser(sub) -> None:
         "predict",
         help="classify images: top-k labels with probabilities",
         description="Classify images. --model also takes an exported .onnx file, run with ONNX "
-        "Runtime (class names and preprocessing from the file).",
+        "Runtime (class names and preprocessing from the file). With --out, the top-k of every "
+        "image of one INPUT (a folder, a .txt/.csv/.parquet manifest or a quoted glob) are "
+        "written as Parquet shards instead (as `densenet embed` writes embeddings).",
     )
-    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("images", nargs="+", help="image files or folders of images (one with --out)")
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument(
         "--no-optimize",
@@ -33,16 +45,29 @@ def add_parser(sub) -> None:
         help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_bulk_args(p, out_required=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        if args.cam:
+            raise ValueError(
+                "--cam draws the maps of listed images; it does not combine with --out"
+            )
+        if len(args.images) != 1:
+            raise BulkError(
+                f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
+                f"got {len(args.images)}"
+            )
+        options = Options(task="predict", topk=args.topk, shard_size=args.shard_size)
+        return run_bulk(args, args.images[0], options)
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.images)}")
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
-        optimize=not args.no_optimize,
+        optimize=not args.no_optimize, dtype=args.dtype,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
     cams: dict[str, str] = {}

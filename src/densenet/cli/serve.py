@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import DenseNetError
 from ..predict import Classifier
-from .common import add_device_arg, add_model_args
+from .common import add_device_arg, add_dtype_arg, add_model_args
 
 
 def add_parser(sub) -> None:
@@ -20,10 +20,31 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (413)")
     p.add_argument("--max-queue", type=int, default=256, help="most images waiting (503 beyond)")
+    p.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=100_000_000,
+        help="most pixels in one request, summed over its images, read from their headers before "
+        "decoding (413 beyond; default 100,000,000)",
+    )
+    p.add_argument(
+        "--max-pixels-in-flight",
+        type=int,
+        default=200_000_000,
+        help="most pixels being decoded at once over all requests; more wait their turn "
+        "(at least --max-request-pixels; default 200,000,000)",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        help="longest time to receive a request body, seconds (408 beyond; default 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=run)
 
@@ -38,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_mb=args.max_upload_mb,
         max_queue=args.max_queue,
+        max_request_pixels=args.max_request_pixels,
+        max_pixels_in_flight=args.max_pixels_in_flight,
+        body_timeout_s=args.body_timeout_s,
     )
-    classifier = Classifier(args.model, args.weights, args.device, batch_size=args.max_batch)
+    classifier = Classifier(
+        args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype
+    )
     serve(
         classifier,
         config,

@@ -1,22 +1,22 @@
 """The HTTP prediction service: a FastAPI application around a ``Classifier`` and a ``Batcher``.
 
-Endpoints: ``POST /v1/predict`` (images in, top-k out), ``POST /v1/explain`` (one image in, its
-class activation map out: an overlay PNG or JSON), ``GET /v1/models``, ``GET /healthz``,
-``GET /readyz``, ``GET /metrics`` (Prometheus) and ``GET /`` (the web page). Images are decoded
-and preprocessed in a thread pool with the same code as ``densenet predict``; the model runs in the
-batcher's worker thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
+Endpoints: ``POST /v1/predict`` (images in, top-k out), ``POST /v1/explain`` (one image in, its class
+activation map out: an overlay PNG or JSON), ``GET /v1/models``, ``GET|HEAD /healthz``,
+``GET|HEAD /readyz``, ``GET /metrics`` (Prometheus) and ``GET /`` (the web page). A request's
+limits (images, pixels read from the headers, queue room) are checked before anything is decoded;
+images are then decoded and preprocessed by a ``FairDecoder`` (requests served in turn, pixels in
+flight bounded) with the same code as ``densenet predict``; the model runs in the batcher's worker
+thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -25,7 +25,9 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from torch import Tensor
 
 from .. import __version__
@@ -34,6 +36,7 @@ from ..images import ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
 from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
+from .decoding import FairDecoder, header_pixels
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .schemas import ERRORS, IMAGE_FIELD, PREDICT_BODY, PredictResponse
 
@@ -46,6 +49,7 @@ IMAGE_FORMATS = tuple(
     f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM") if f in Image.OPEN
 )
 RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # the status counted for a client that went away before its answer
 ENDPOINTS = (
     "/",
     "/v1/predict",
@@ -68,7 +72,13 @@ class ServeConfig:
         max_upload_mb: largest request body, MiB (413 beyond).
         max_queue: most images waiting for the model (503 with Retry-After beyond).
         max_images: most images in one request.
-        preprocess_workers: threads decoding and preprocessing images (0: one per CPU, up to 8).
+        preprocess_workers: threads decoding and preprocessing images (0: one per CPU, up to 8);
+            one request holds at most half of them (at least one) at once.
+        max_request_pixels: most pixels in one request, summed over its images as their headers
+            declare them (413 beyond, before decoding).
+        max_pixels_in_flight: most pixels being decoded at once over all requests (at least
+            ``max_request_pixels``); further images wait their turn.
+        body_timeout_s: longest time to receive a request body, seconds (408 beyond).
     """
 
     max_batch: int = 32
@@ -77,11 +87,21 @@ class ServeConfig:
     max_queue: int = 256
     max_images: int = 32
     preprocess_workers: int = 0
+    max_request_pixels: int = 100_000_000
+    max_pixels_in_flight: int = 200_000_000
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_images"):
+        for name in ("max_batch", "max_queue", "max_images", "max_request_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight:,}) must be at least "
+                f"max_request_pixels ({self.max_request_pixels:,}), or a request could never run"
+            )
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.max_wait_ms < 0 or self.max_upload_mb <= 0 or self.preprocess_workers < 0:
             raise ValueError(
                 f"max_wait_ms ({self.max_wait_ms}) and preprocess_workers "
@@ -101,7 +121,7 @@ class UploadTooLarge(Exception):
 
 
 class _Service:
-    """What the endpoints share: the classifier, the batcher, the pools, the metrics."""
+    """What the endpoints share: the classifier, the batcher, the decoder, the metrics."""
 
     def __init__(self, classifier: Classifier, config: ServeConfig, model_name: str, weights: Any):
         self.classifier = classifier
@@ -115,23 +135,28 @@ class _Service:
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
         )
-        self.metrics = ServiceMetrics(lambda: self.batcher.depth)
+        self.metrics = ServiceMetrics(
+            lambda: self.batcher.depth,
+            lambda: self.decoder.pixels_in_flight if self.decoder is not None else 0,
+        )
         self.batcher.on_batch = self.metrics.on_batch
-        self.pool: ThreadPoolExecutor | None = None
+        self.decoder: FairDecoder | None = None
 
     def start(self) -> None:
-        """Start the pools and the batcher; call from the running event loop."""
+        """Start the decoder and the batcher; call from the running event loop."""
         workers = self.config.preprocess_workers or min(8, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="densenet-decode")
+        self.decoder = FairDecoder(
+            workers, self.config.max_pixels_in_flight, per_request=max(1, workers // 2)
+        )
         self.batcher.start()
 
     async def stop(self) -> None:
-        """Finish the queued images, then stop the batcher and the pools."""
+        """Finish the queued images, then stop the batcher and the decoder."""
         self.ready = False
         self.metrics.ready.set(0)
         await self.batcher.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        if self.decoder is not None:
+            self.decoder.shutdown()
 
     def preprocess(self, data: bytes, name: str) -> Tensor | ImageError:
         """Decode (raster formats only) and preprocess one upload, or say why it cannot be."""
@@ -154,8 +179,8 @@ class _Service:
             await asyncio.get_running_loop().run_in_executor(None, self.classifier.warm_up)
             mode = CHANNEL_MODES.get(self.classifier.card.in_channels, "RGB")
             gray = Image.new(mode, (256, 256), 128)
-            x = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.classifier.preprocess, gray, "warm-up image"
+            (x,) = await self.decoder.map(
+                self.classifier.preprocess, [((gray, "warm-up image"), gray.width * gray.height)]
             )
             await self.batcher.run_once(x.unsqueeze(0))
         except Exception:
@@ -165,15 +190,36 @@ class _Service:
         self.metrics.ready.set(1)
         log.info("model %s is warmed up and ready", self.model_name)
 
+    def admit(self, images: list[tuple[str, bytes]]) -> list[int] | JSONResponse:
+        """The pixels of each image as its header declares them, or the answer refusing a
+        request that cannot run: 413 for one that never could, 503 for one that cannot now."""
+        limits = self.config
+        if len(images) > limits.max_queue:
+            return _error(
+                413,
+                f"{len(images)} images in one request can never fit the queue of "
+                f"{limits.max_queue} (--max-queue); send at most {limits.max_queue} per request",
+            )
+        pixels = [header_pixels(data, IMAGE_FORMATS) for _, data in images]
+        if sum(pixels) > limits.max_request_pixels:
+            return _error(
+                413,
+                f"the images hold {sum(pixels):,} pixels, over the limit of "
+                f"{limits.max_request_pixels:,} per request (--max-request-pixels); send fewer "
+                "or smaller images",
+            )
+        if self.batcher.depth + len(images) > limits.max_queue:
+            return _error(503, f"the queue is full ({limits.max_queue} images); retry shortly")
+        return pixels
+
     async def classify(
-        self, images: list[tuple[str, bytes]], topk: int, start: float
+        self, images: list[tuple[str, bytes]], pixels: list[int], topk: int, start: float
     ) -> JSONResponse:
-        """Decode and preprocess ``images`` (name, bytes) in the pool, batch the good ones, and
-        answer each with its top-k or its own error; the request's status is 200 when any image
-        was classified, else the first error's."""
-        loop = asyncio.get_running_loop()
-        inputs = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self.preprocess, data, src) for src, data in images)
+        """Decode and preprocess ``images`` (name, bytes; ``pixels`` each, from ``admit``), batch
+        the good ones, and answer each with its top-k or its own error; the request's status is
+        200 when any image was classified, else the first error's."""
+        inputs = await self.decoder.map(
+            self.preprocess, [((data, src), n) for (src, data), n in zip(images, pixels)]
         )
         preprocessed = time.perf_counter()
         good = [x for x in inputs if isinstance(x, Tensor)]
@@ -225,9 +271,16 @@ def _status_of(error: ImageError) -> int:
     return 415 if error.reason is Reason.NOT_AN_IMAGE else 400
 
 
+_HEADERS = {
+    503: {"Retry-After": str(RETRY_AFTER_S)},
+    408: {"Connection": "close"},  # the rest of a body that came too slowly is not awaited
+}
+
+
 def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"detail": detail, **extra}, status_code=status, headers=_HEADERS.get(status)
+    )
 
 
 # ---- middleware: request metrics and the upload limit ----------------------------------------
@@ -235,7 +288,9 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
 
 class _RequestMiddleware:
     """Counts requests by endpoint and status, times them, and refuses bodies over the limit
-    (413): at once from Content-Length, or while reading a body sent without one."""
+    (413): at once from Content-Length, or while reading a body sent without one. A client that
+    disconnects before its answer is counted as 499; a request still running when the server's
+    shutdown grace period ends (the server cancels it) is answered with a JSON 503."""
 
     def __init__(self, app, service: _Service) -> None:
         self.app = app
@@ -248,13 +303,13 @@ class _RequestMiddleware:
         metrics = self.service.metrics
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         counted = endpoint != "/metrics"
-        status = 500
+        status, responded = 500, False
         start = time.perf_counter()
 
         async def send_wrapper(message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             await send(message)
 
         limit = self.service.config.max_upload_bytes
@@ -277,6 +332,18 @@ class _RequestMiddleware:
                 await _too_large(limit)(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+            log.info("%s %s: the client disconnected before its answer", scope["method"], endpoint)
+        except asyncio.CancelledError:
+            # the server cancels what is still running at the end of its shutdown grace period;
+            # the answer is the last thing this request does, so the cancellation ends here
+            if responded:
+                raise
+            log.warning("%s %s: cut short by the server's shutdown", scope["method"], endpoint)
+            await _error(503, "the server shut down before this request finished; retry")(
+                scope, receive, send_wrapper
+            )
         finally:
             if counted:
                 metrics.in_flight.dec()
@@ -352,6 +419,9 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers use HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
@@ -372,6 +442,8 @@ def create_app(
                     "max_wait_ms": config.max_wait_ms,
                     "max_upload_mb": config.max_upload_mb,
                     "max_images": config.max_images,
+                    "max_request_pixels": config.max_request_pixels,
+                    "body_timeout_s": config.body_timeout_s,
                     "ready": service.ready,
                 }
             ]
@@ -403,7 +475,10 @@ def create_app(
         images = await _read_images(request, config)
         if isinstance(images, JSONResponse):
             return images
-        return await service.classify(images, topk, start)
+        pixels = service.admit(images)
+        if isinstance(pixels, JSONResponse):
+            return pixels
+        return await service.classify(images, pixels, topk, start)
 
     @app.post(
         "/v1/explain",
@@ -423,8 +498,13 @@ def create_app(
             return images
         if len(images) != 1:
             return _error(422, f"explain takes one image, got {len(images)}")
-        run = functools.partial(_explain, service.classifier, *images[0], target, format)
-        return await asyncio.get_running_loop().run_in_executor(service.pool, run)
+        pixels = service.admit(images)
+        if isinstance(pixels, JSONResponse):
+            return pixels
+        (name, data), (n,) = images[0], pixels
+        job = ((service.classifier, name, data, target, format), n)
+        (answer,) = await service.decoder.map(_explain, [job])
+        return answer
 
     return app
 
@@ -461,14 +541,24 @@ def _explain(
 async def _read_images(
     request: Request, config: ServeConfig
 ) -> list[tuple[str, bytes]] | JSONResponse:
-    """(name, bytes) of each image: the ``file`` parts of a multipart body, or the raw body."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "multipart/form-data":
-        return [("body", await request.body())]
+    """(name, bytes) of each image: the ``file`` parts of a multipart body, or the raw body.
+    The body must arrive within ``config.body_timeout_s`` (408)."""
+    try:
+        body = await asyncio.wait_for(request.body(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        return _error(408, f"the request body did not arrive within {config.body_timeout_s:g} s")
+    content_type = request.headers.get("content-type", "")
+    media_type, options = parse_options_header(content_type)
+    if media_type.lower() != b"multipart/form-data":
+        return [("body", body)]
     try:
         form = await request.form(max_files=config.max_images, max_fields=config.max_images)
     except HTTPException as error:  # malformed multipart, too many parts
         return _error(error.status_code, f"multipart body: {error.detail}")
+    close = b"--" + options[b"boundary"] + b"--"
+    if not (body.startswith(close) or b"\r\n" + close in body):
+        await form.close()
+        return _error(400, "multipart body: unterminated (no closing boundary); parts may be lost")
     try:
         images = []
         for key, value in form.multi_items():

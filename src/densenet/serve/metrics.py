@@ -22,9 +22,12 @@ INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 
 
 class ServiceMetrics:
-    """Requests, latency, images, batches and readiness; ``queue_depth`` is read at each scrape."""
+    """Requests, latency, images, batches and readiness; ``queue_depth`` and
+    ``pixels_in_flight`` are read at each scrape."""
 
-    def __init__(self, queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self, queue_depth: Callable[[], float], pixels_in_flight: Callable[[], float]
+    ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "densenet_requests", "HTTP requests by endpoint and status code",
@@ -53,6 +56,11 @@ class ServiceMetrics:
             "densenet_queue_depth", "images waiting for a batch", registry=registry
         )
         self.queue_depth.set_function(queue_depth)
+        self.pixels_in_flight = Gauge(
+            "densenet_decode_pixels_in_flight", "pixels of the images being decoded",
+            registry=registry,
+        )  # fmt: skip
+        self.pixels_in_flight.set_function(pixels_in_flight)
         self.ready = Gauge(
             "densenet_ready", "1 once the model is loaded and warmed up", registry=registry
         )

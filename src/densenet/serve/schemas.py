@@ -45,10 +45,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "corrupt, truncated, empty or too many pixels",
-        413: "request body over --max-upload-mb",
+        408: "the body did not arrive within --body-timeout-s",
+        413: "body over --max-upload-mb, images over --max-request-pixels, or more images "
+        "than --max-queue",
         415: "not an image",
         422: "unknown field or parameter, no image, or bad topk",
-        503: "not ready yet, or the queue is full (see Retry-After)",
+        503: "not ready yet, the queue is full, or the server shut down (see Retry-After)",
     }.items()
 }
 

@@ -1,0 +1,613 @@
+"""Bulk inference: the embeddings (pooled features) or top-k predictions of many images, written
+as Parquet shards of a fixed number of rows, resumable after a kill, split over torchrun ranks.
+
+The input (a folder, a manifest of paths, or a glob) is listed lazily in a deterministic order,
+so shard k holds the same images in every run and in every process. A shard is written to a
+temporary name, flushed to disk and renamed, so a shard file on disk is complete: a rerun skips
+the shards that exist, and under ``torchrun`` rank r writes the shards with k % world_size == r,
+the output folder being the only coordination. Every input gets a row; an unreadable image gets
+its error and a null vector.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import fnmatch
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import DenseNetError
+from .images import IMAGE_SUFFIXES, ImageError, open_image
+from .inference import optimize as optimize_model
+from .io import atomic_write, write_json
+from .load import LoadedModel, load
+from .model import DenseNet
+from .preprocessing import Preprocessing
+from .runtime import resolve_device
+from .weights import sha256_file
+
+__all__ = [
+    "DTYPES",
+    "PRECISIONS",
+    "BulkError",
+    "Options",
+    "Outputs",
+    "Summary",
+    "iter_inputs",
+    "run",
+]
+
+TASKS = ("embed", "predict")
+DTYPES = ("float32", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
+SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
+TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
+JPEG_MAGIC = b"\xff\xd8\xff"
+VERSION = version("densenet")  # the package's (its __init__ sits above this layer)
+
+
+class BulkError(DenseNetError):
+    """A bulk run that cannot start: a missing input, a bad manifest, a mismatched out folder."""
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+
+def iter_inputs(source: str | os.PathLike) -> Iterator[str]:
+    """The image paths of ``source``, lazily, in the same order on every call.
+
+    ``source``: a folder (its image files by suffix, recursively, each folder's entries sorted
+    by name); a ``.parquet`` or ``.csv`` manifest with a ``path`` column, or any other file as a
+    text manifest of one path per line (relative paths are taken from the manifest's folder); or
+    a glob (``photos/**/*.jpg``).
+    """
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_dir():
+        return _walk(path, lambda p: p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.is_file():
+        return _manifest(path)
+    if any(c in text for c in "*?["):
+        return _glob(text)
+    raise BulkError(f"{text}: no such file, folder or matching glob")
+
+
+def _walk(folder: Path, keep: Callable[[Path], bool]) -> Iterator[str]:
+    """Depth first, one folder's entries in memory at a time; symbolic links to folders are not
+    followed (no cycles)."""
+    with os.scandir(folder) as entries:
+        ordered = sorted(entries, key=lambda e: e.name)
+    for entry in ordered:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path), keep)
+        elif keep(Path(entry.path)):
+            yield entry.path
+
+
+def _manifest(path: Path) -> Iterator[str]:
+    base = path.parent
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(path)
+        if "path" not in file.schema_arrow.names:
+            raise BulkError(f"manifest {path} has no 'path' column ({file.schema_arrow.names})")
+        for batch in file.iter_batches(columns=["path"]):
+            yield from (str(base / p) for p in batch.column(0).to_pylist())
+        return
+    with open(path, newline="") as lines:
+        if path.suffix.lower() == ".csv":
+            rows = csv.DictReader(lines)
+            if "path" not in (rows.fieldnames or []):
+                raise BulkError(f"manifest {path} has no 'path' column (header: {rows.fieldnames})")
+            yield from (str(base / row["path"]) for row in rows)
+        else:
+            yield from (str(base / line.strip()) for line in lines if line.strip())
+
+
+def _glob(pattern: str) -> Iterator[str]:
+    """Files matching ``pattern`` (``*``, ``?``, ``[...]`` within a name, ``**`` for any number
+    of folders), walked lazily from the pattern's longest literal folder."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    wanted = parts[fixed:]
+    if not base.is_dir():
+        raise BulkError(f"{pattern}: no folder {base} to search")
+    return _walk(base, lambda p: _matches(p.relative_to(base).parts, wanted))
+
+
+def _matches(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])  # fmt: skip
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+def identity(loaded: LoadedModel, spec: Any, weights: Any) -> dict[str, Any]:
+    """What the rows depend on besides the options: the architecture, the weights (a name, or a
+    file's name and SHA-256), the card's preprocessing and multi-label flag."""
+    files = [f for f in (spec, weights) if isinstance(f, (str, os.PathLike)) and Path(f).is_file()]
+    card = loaded.card
+    return {
+        "model": card.arch or str(spec),
+        "weights": card.weights,
+        "weights_sha256": sha256_file(files[0]) if files else None,
+        "preprocessing": asdict(card.preprocessing),
+        "multi_label": card.multi_label,
+    }
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a run computes; a resumed run must use the same.
+
+    task: ``"embed"`` (pooled features, the input of the classifier) or ``"predict"`` (top-k).
+    normalize: embed: scale each vector to unit L2 norm.
+    dtype: embed: ``"float32"`` or ``"float16"`` storage.
+    topk: predict: the number of (label, probability) pairs per image; a multi-label model card
+        gives independent sigmoid probabilities instead of a softmax, and every label's
+        probability in a ``scores`` column.
+    shard_size: rows per Parquet file.
+    """
+
+    task: str = "embed"
+    normalize: bool = False
+    dtype: str = "float32"
+    topk: int = 5
+    shard_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.topk < 1 or self.shard_size < 1:
+            raise ValueError(
+                f"topk and shard_size must be >= 1, got {self.topk}, {self.shard_size}"
+            )
+
+
+class Outputs:
+    """The model on preprocessed batches: (N, 3, H, W) on the device -> this task's columns as
+    numpy arrays of N rows: ``embedding`` (N, D) for embed; ``indices`` (N, k) int32,
+    ``probabilities`` (N, k) float32 and, for a multi-label card, ``scores`` (N, classes) for
+    predict.
+
+    optimize: run ``densenet.optimize``'s inference form (for embed, of the model without its
+    classifier, whose output is the pooled features); ``precision`` its compute dtype
+    (``"auto"``: float32 on CPU, bfloat16 on CUDA). False runs the eager model in float32.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        options: Options,
+        device: torch.device,
+        optimize: bool = True,
+        precision: str = "auto",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.options, self.device = options, device
+        self.multi_label = model.card.multi_label
+        self.topk = min(options.topk, model.card.num_classes)
+        net = model.module.eval()
+        if not isinstance(net, DenseNet):
+            raise BulkError(
+                f"bulk inference runs a DenseNet (an architecture, weights or a training "
+                f"checkpoint), not a {type(net).__name__}; give the model it was exported from"
+            )
+        if options.task == "embed":
+            net = _headless(net)
+        net = net.to(device)
+        if optimize:
+            dtype = None if precision == "auto" else getattr(torch, precision)
+            net = optimize_model(net, dtype=dtype)
+            self.precision = str(net.dtype).removeprefix("torch.")
+        else:
+            self.precision = "float32"
+        self.net = net
+        if options.task == "embed":
+            self.widths = {"embedding": net.num_features}
+        else:
+            self.widths = {"indices": self.topk, "probabilities": self.topk}
+            if self.multi_label:
+                self.widths["scores"] = model.card.num_classes
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """The columns of zero rows (a shard of unreadable images)."""
+        dtypes = {"embedding": self.options.dtype, "indices": "int32"}
+        return {k: np.zeros((0, w), dtypes.get(k, "float32")) for k, w in self.widths.items()}
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> dict[str, np.ndarray]:
+        out = self.net(images).float()
+        if self.options.task == "embed":
+            if self.options.normalize:
+                out = F.normalize(out, dim=1)
+            return {"embedding": out.to(getattr(torch, self.options.dtype)).cpu().numpy()}
+        scores = out.sigmoid() if self.multi_label else out.softmax(dim=1)
+        top_p, top_i = scores.topk(self.topk, dim=1)
+        columns = {"indices": top_i.int(), "probabilities": top_p}
+        if self.multi_label:
+            columns["scores"] = scores
+        return {k: v.cpu().numpy() for k, v in columns.items()}
+
+
+def _headless(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` without classifier: its output is ``forward_head(pre_logits=True)``."""
+    headless = copy.deepcopy(net)
+    headless.reset_classifier(0)
+    return headless.eval()
+
+
+def decode(source: str | bytes, transform) -> tuple[Tensor | None, str | None]:
+    """A path or encoded bytes -> ((3, H, W) preprocessed tensor, None), or (None, error)."""
+    try:
+        return transform(open_image(source)), None
+    except ImageError as error:
+        return None, str(error)
+    except (OSError, ValueError) as error:  # a decoded image the transform cannot convert
+        return None, f"{source if isinstance(source, str) else 'image'}: {error}"
+
+
+# ---- Parquet -------------------------------------------------------------------------------
+
+
+def to_table(
+    paths: Sequence[str] | None,
+    errors: Sequence[str | None],
+    columns: dict[str, np.ndarray],
+    classes: Sequence[str],
+    metadata: dict[str, Any] | None = None,
+):
+    """One ``pyarrow.Table`` row per input: ``path`` (when given), ``error`` (null when fine),
+    and each of ``columns`` (rows of the inputs without error, in order) as a fixed-size list,
+    null for the inputs with an error; predict adds ``labels``, the names of ``indices``."""
+    import pyarrow as pa
+
+    ok = np.array([e is None for e in errors], dtype=bool)
+    table: dict[str, Any] = {}
+    if paths is not None:
+        table["path"] = pa.array(list(paths), pa.string())
+    table["error"] = pa.array(list(errors), pa.string())
+    if "indices" in columns:
+        names = np.asarray(classes, dtype=object)[columns["indices"]]
+        table["labels"] = _fixed_lists(names, ok, pa.string())
+    for name, values in columns.items():
+        table[name] = _fixed_lists(values, ok)
+    schema_metadata = {"densenet": json.dumps(metadata)} if metadata else None
+    return pa.table(table, metadata=schema_metadata)
+
+
+def _fixed_lists(rows: np.ndarray, ok: np.ndarray, type=None):
+    """(n_ok, width) rows -> a FixedSizeListArray of len(ok) entries, null where not ``ok``."""
+    import pyarrow as pa
+
+    width = rows.shape[1]
+    full = np.full((len(ok), width), None if rows.dtype == object else 0, dtype=rows.dtype)
+    full[ok] = rows
+    values = pa.array(full.reshape(-1), type=type)
+    return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(~ok))
+
+
+def shard_path(out: Path, shard: int) -> Path:
+    return out / f"part-{shard:06d}.parquet"
+
+
+def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Record ``settings`` in ``out``, or check that the run there used the same."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / SETTINGS_FILE
+    if record.exists():
+        before = json.loads(record.read_text())
+        differ = [
+            f"{key}: {before.get(key)!r} there, {settings.get(key)!r} now"
+            for key in sorted(set(before) | set(settings))
+            if key != "version" and before.get(key) != settings.get(key)
+        ]
+        if differ:
+            raise BulkError(
+                f"{out} holds the output of a run with other settings ({'; '.join(differ)}); "
+                "rerun with the same ones to resume, or write to a new folder"
+            )
+        return
+    # every rank writes the same settings: whichever lands is right
+    write_json(record, {**settings, "version": VERSION})
+
+
+def _done_shards(out: Path, rank: int, world_size: int) -> set[int]:
+    """The shards complete in ``out``; removes this rank's temporary files of killed runs."""
+    done = set()
+    for name in os.listdir(out):
+        if match := SHARD_NAME.fullmatch(name):
+            done.add(int(match[1]))
+        elif (match := TEMP_NAME.fullmatch(name)) and int(match[1]) % world_size == rank:
+            (out / name).unlink(missing_ok=True)
+    return done
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+class _Images(Dataset):
+    """``(shard, path)`` -> ``(shard, path, image, error)``: the preprocessed (3, H, W) tensor,
+    or with ``raw`` the file's bytes as a uint8 tensor (decoded on the device later)."""
+
+    def __init__(self, transform, raw: bool = False) -> None:
+        self.transform, self.raw = transform, raw
+
+    def __getitem__(self, key: tuple[int, str]) -> tuple[int, str, Tensor | None, str | None]:
+        shard, path = key
+        if not self.raw:
+            return (shard, path, *decode(path, self.transform))
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            return shard, path, None, f"{path}: cannot be read ({error.strerror or error})"
+        if not data:
+            return shard, path, None, f"{path}: empty file (0 bytes)"
+        return shard, path, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+
+
+class _Batches:
+    """The batches of ``(shard, path)`` keys of the shards ``wanted(k)`` selects; a batch never
+    spans two shards. Iterated lazily by the DataLoader, one shard's paths in memory."""
+
+    def __init__(self, paths: Iterable[str], shard_size: int, batch_size: int, wanted) -> None:
+        self.paths, self.shard_size, self.batch_size, self.wanted = (
+            paths, shard_size, batch_size, wanted,
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[list[tuple[int, str]]]:
+        for shard, chunk in enumerate(_chunks(self.paths, self.shard_size)):
+            if self.wanted(shard):
+                for start in range(0, len(chunk), self.batch_size):
+                    yield [(shard, p) for p in chunk[start : start + self.batch_size]]
+
+
+def _collate(items: list[tuple[int, str, Tensor | None, str | None]]):
+    """-> (shard, paths, errors, images): images stacked (n_ok, 3, H, W), or a list of encoded
+    byte tensors in device-decoding mode."""
+    images = [image for _, _, image, _ in items if image is not None]
+    if images and images[0].dim() == 3:
+        images = torch.stack(images)
+    return items[0][0], [p for _, p, _, _ in items], [e for _, _, _, e in items], images
+
+
+def _decode_on_device(
+    blobs: list[Tensor], paths: list[str], errors: list[str | None], pre: Preprocessing, device
+) -> tuple[Tensor | None, list[str | None]]:
+    """A batch's file bytes (``blobs``: one per row whose error is None, in order) ->
+    ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
+    in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
+    that decoder refuses (another format, a corrupt file) is decoded on the CPU, or gets its
+    error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:
+        try:
+            return (
+                decode_jpeg(blob_list, mode=ImageReadMode.RGB, device=device) if blob_list else []
+            )
+        except RuntimeError:  # one bad file fails them all: decode one by one
+            if len(blob_list) == 1:
+                return [None]
+            return [image for blob in blob_list for image in on_device([blob])]
+
+    def preprocess(image: Tensor) -> Tensor:
+        mode = InterpolationMode(pre.interpolation)
+        image = TF.resize(image, [pre.resize_size], mode, antialias=True)
+        image = TF.center_crop(image, [pre.crop_size])
+        return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
+
+    transform = pre.transform()
+    rows = [row for row, error in enumerate(errors) if error is None]
+    jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
+    decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
+    errors, good = list(errors), []
+    for k, row in enumerate(rows):
+        if decoded.get(k) is not None:
+            good.append(preprocess(decoded[k]))
+            continue
+        image, errors[row] = decode(paths[row], transform)
+        if image is not None:
+            good.append(image.to(device))
+    return (torch.stack(good) if good else None), errors
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What one process did: shards written and skipped (already complete), rows and error rows
+    written, wall seconds."""
+
+    rank: int
+    world_size: int
+    shards_written: int = 0
+    shards_skipped: int = 0
+    rows: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+    device: str = "cpu"
+    out: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        return {**asdict(self), "images_per_second": rate}
+
+
+def run(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    options: Options,
+    model: str | os.PathLike | nn.Module | None = None,
+    weights: Any = "DEFAULT",
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    optimize: bool = True,
+    precision: str = "auto",
+    device_decode: bool = False,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Summary:
+    """Write ``options.task``'s rows for every image of ``source`` into ``out/part-NNNNNN.parquet``.
+
+    ``model`` and ``weights`` are what ``densenet.load`` takes (an architecture name, a weights
+    file, a training checkpoint, a ``DenseNet``); the model card gives the preprocessing, the
+    class names and, for predict, softmax or (multi-label) sigmoid probabilities.
+    Shards already in ``out`` are skipped; ``out`` must have been written with the same model,
+    weights, input and options (``BulkError`` otherwise). ``rank``/``world_size`` default to
+    torchrun's ``RANK``/``WORLD_SIZE``: this process writes the shards k % world_size == rank.
+    Images are decoded and preprocessed in ``workers`` DataLoader processes (default: half the
+    CPUs, at most 8) while the model runs; ``device_decode`` reads JPEG bytes there instead and
+    decodes them on the GPU.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    target = _device(device, world_size)
+    if device_decode and target.type != "cuda":
+        raise BulkError("device decoding (--device-decode) needs a CUDA device; drop the option")
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
+    iter_inputs(source)  # a missing input fails here, before the model is loaded (or downloaded)
+    loaded = load(model, weights=weights, device=target, progress=progress)
+    outputs = Outputs(loaded, options, target, optimize, precision)
+    card = loaded.card
+    settings = {
+        "task": options.task,
+        "input": os.path.abspath(source),
+        **identity(loaded, model, weights),
+        **asdict(options),
+        "optimize": optimize,
+        "precision": outputs.precision,
+        "device_decode": device_decode,  # another decoder and resize: slightly other pixels
+    }
+    if options.task == "predict":
+        settings["classes"] = card.classes
+    settings = json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
+    out = Path(out)
+    _claim_folder(out, settings)
+    done = _done_shards(out, rank, world_size)
+    summary = Summary(rank, world_size, workers=workers, device=str(target), out=str(out))
+    summary.shards_skipped = sum(1 for k in done if k % world_size == rank)
+
+    def wanted(shard: int) -> bool:
+        return shard % world_size == rank and shard not in done
+
+    loader = DataLoader(
+        _Images(card.preprocessing.transform(), raw=device_decode),
+        batch_sampler=_Batches(iter_inputs(source), options.shard_size, batch_size, wanted),
+        num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
+    )  # fmt: skip
+    metadata = {**settings, "version": VERSION}
+    start = time.perf_counter()
+    with tqdm(desc=options.task, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        if progress:
+            _count_in_background(source, options.shard_size, wanted, bar)
+        pending: dict[str, list] = {"paths": [], "errors": [], "columns": []}
+        current = None
+        for shard, paths, errors, images in loader:
+            if current is not None and shard != current:
+                _flush(out, current, pending, outputs, card.classes, metadata, summary)
+            current = shard
+            if device_decode and images:
+                images, errors = _decode_on_device(
+                    images, paths, errors, card.preprocessing, target
+                )
+            elif len(images):
+                images = images.to(target, non_blocking=True)
+            pending["paths"] += paths
+            pending["errors"] += errors
+            if images is not None and len(images):
+                pending["columns"].append(outputs(images))
+            bar.update(len(paths))
+        if current is not None:
+            _flush(out, current, pending, outputs, card.classes, metadata, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _flush(out, shard, pending, outputs: Outputs, classes, metadata, summary: Summary) -> None:
+    """Write the pending rows as shard ``shard`` and clear them."""
+    parts = pending["columns"] or [outputs.empty()]
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    first_row = shard * metadata["shard_size"]
+    table = to_table(
+        pending["paths"], pending["errors"], columns, classes,
+        {**metadata, "shard": shard, "first_row": first_row},
+    )  # fmt: skip
+    import pyarrow.parquet as pq
+
+    atomic_write(shard_path(out, shard), lambda temp: pq.write_table(table, temp))
+    summary.shards_written += 1
+    summary.rows += table.num_rows
+    summary.errors += sum(e is not None for e in pending["errors"])
+    for values in pending.values():
+        values.clear()
+
+
+def _device(device: str, world_size: int) -> torch.device:
+    """``resolve_device``, with each torchrun process on its own GPU (``LOCAL_RANK``)."""
+    target = resolve_device(device)
+    if target.type == "cuda" and world_size > 1 and target.index is None:
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(target)
+    return target
+
+
+def _count_in_background(source, shard_size: int, wanted, bar) -> None:
+    """Give ``bar`` its total (the images of this process's shards still to write, hence an
+    ETA) once a second listing of the input, in a thread, has counted them."""
+
+    def count() -> None:
+        n = sum(1 for _ in iter_inputs(source))
+        bar.total = sum(
+            min(shard_size, n - k * shard_size) for k in range(-(-n // shard_size)) if wanted(k)
+        )
+        bar.refresh()
+
+    threading.Thread(target=count, daemon=True).start()

@@ -1,0 +1,39 @@
+"""``densenet embed``: the pooled features of every image of a folder, manifest or glob, written
+as resumable Parquet shards."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..bulk import DTYPES, Options
+from .common import add_bulk_args, add_device_arg, add_model_args, run_bulk
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embeddings (pooled features) of many images into Parquet shards",
+        description="Write every image's pooled features (the classifier's input) as Parquet "
+        "files of --shard-size rows; an unreadable image gets a row with its error. Rerun the "
+        "same command to resume; under torchrun each process writes its share of the shards.",
+    )
+    p.add_argument("input", help="a folder, a .txt/.csv/.parquet manifest, or a quoted glob")
+    add_model_args(p)
+    add_device_arg(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="run the reference module instead of the fast inference form (densenet.optimize)",
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype")
+    add_bulk_args(p, out_required=True)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = Options(
+        task="embed", normalize=args.normalize, dtype=args.dtype, shard_size=args.shard_size
+    )
+    return run_bulk(args, args.input, options)
