@@ -403,3 +403,14 @@ def test_a_multi_label_card_gives_sigmoid_probabilities(model, tmp_path):
     with torch.no_grad():
         expected = model(x).sigmoid()
     torch.testing.assert_close(classifier.probabilities(x), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_one_channel_model_exports_with_one_channel_inputs(tmp_path):
+    model = randomize_batchnorm(tiny_model(in_channels=1)).eval()
+    path = E.to_onnx(model, tmp_path / "grey.onnx", fold=True)
+    loaded = densenet.load(path)
+    assert loaded.card.in_channels == 1 and len(loaded.card.preprocessing.mean) == 1
+    x = torch.randn(2, 1, 64, 64)
+    assert rel_error(loaded.module(x), model(x).detach()) < 1e-4
+    grey = Image.new("L", (80, 80), 100)
+    assert densenet.Classifier(path, device="cpu").predict(grey, topk=1)[0][0][0]

@@ -210,6 +210,8 @@ def test_small_images_are_checked_after_preprocessing(images):
     ) as raised:
         imagenet.predict([torch.zeros(3, 4, 4)])
     assert raised.value.reason is densenet.images.Reason.BAD_SHAPE
+    with pytest.raises(densenet.ImageError, match="has 1 channels, the model takes 3"):
+        imagenet.predict([torch.zeros(1, 32, 32)])
 
 
 def test_cifar_model_without_weights_sees_32x32(images):

@@ -582,6 +582,41 @@ def test_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
             server.wait()
 
 
+def test_explain_returns_the_overlay_png_or_the_map_and_the_same_errors(client, classifier, photos):
+    body = photos["chelsea.jpg"]
+    png = client.post("/v1/explain", content=body)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    size = classifier.preprocessing.crop_size
+    assert Image.open(io.BytesIO(png.content)).size == (size, size)
+    answer = client.post("/v1/explain?format=json", content=body).json()
+    [expected] = classifier.explain([Image.open(io.BytesIO(body))])
+    assert answer["label"] == expected.label
+    assert torch.tensor(answer["cam"]).shape == (size, size)
+    torch.testing.assert_close(torch.tensor(answer["cam"]), expected.cam, rtol=1e-4, atol=1e-4)
+    other = classifier.categories[-1]
+    assert (
+        client.post(f"/v1/explain?format=json&target={other}", content=body).json()["label"]
+        == other
+    )
+    assert client.post("/v1/explain?target=nothing", content=body).status_code == 422
+    text = client.post("/v1/explain", content=b"just some text, not a picture")
+    assert text.status_code == 415 and "not an image" in text.json()["detail"]
+    two = [("file", ("a.jpg", body)), ("file", ("b.jpg", body))]
+    assert client.post("/v1/explain", files=two).status_code == 422
+    bomb = bomb_png()  # the same limits as /v1/predict, before decoding
+    refused = client.post("/v1/explain", content=bomb)
+    assert refused.status_code == client.post("/v1/predict", content=bomb).status_code >= 400
+
+
+def test_a_one_channel_model_is_served(photos):
+    grey = densenet.Classifier(randomize_batchnorm(tiny_model(in_channels=1)), device="cpu")
+    with serving(grey) as client:  # ready: the warm-up image had one channel
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(photos["chelsea.jpg"])).convert("L").save(buffer, "PNG")
+        answer = client.post("/v1/predict", content=buffer.getvalue())
+        assert answer.status_code == 200 and len(answer.json()["predictions"][0]["top"]) == 5
+
+
 # ---- a live server: clients that disconnect or stall, requests cut short by the shutdown -------
 
 

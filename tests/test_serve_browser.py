@@ -185,3 +185,34 @@ def test_page_in_chromium(server, files):
         finally:
             browser.close()
     print(f"screenshots: {ARTIFACTS}/serve-page*.png")
+
+
+def test_page_toggle_overlays_the_map_of_the_selected_class(server, files):
+    from playwright.sync_api import sync_playwright
+
+    photo = files / "astronaut.jpg"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(server + "/")
+            page.set_input_files("#file", str(photo))
+            assert len(shown_results(page)[0]) == 5
+            with page.expect_response(lambda r: "/v1/explain" in r.url) as first:
+                page.check("#cam")
+            assert first.value.status == 200 and "target" not in first.value.url
+            page.wait_for_function("document.getElementById('preview').src.startsWith('blob:')")
+            page.wait_for_function("document.getElementById('preview').naturalWidth !== 512")
+            with page.expect_response(lambda r: "/v1/explain" in r.url) as second:
+                page.locator(".result").nth(1).click()
+            assert second.value.status == 200 and "target=" in second.value.url
+            current = page.eval_on_selector_all(
+                ".result", "els => els.map(e => e.getAttribute('aria-current'))"
+            )
+            assert current == ["false", "true", "false", "false", "false"]
+            assert page.inner_text("#error") == ""
+            page.screenshot(path=ARTIFACTS / "serve-page-cam.png", full_page=True)
+            page.uncheck("#cam")  # back to the photograph
+            page.wait_for_function("document.getElementById('preview').naturalWidth === 512")
+        finally:
+            browser.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_data import digits_folder, fake_cifar10
 
 from densenet import ModelCard
@@ -389,3 +390,34 @@ def test_checkpoints_of_the_first_format_still_read(tmp_path):
     pre = checkpoint.card.preprocessing
     assert (pre.resize_size, pre.crop_size, pre.mean) == (36, 32, (0.5,) * 3)
     assert checkpoint.epoch == 4 and checkpoint.model_args == {"num_classes": 2}
+
+
+def test_grayscale_training_is_remembered_by_eval_and_predict(few_digits, tmp_path, capsys):
+    """--in-channels 1: a one-channel network, stored in the checkpoint's card, which eval and
+    predict then use (the grey PNGs are fed as they are, not turned into RGB)."""
+    out = tmp_path / "grey"
+    assert main([*_train_cli(few_digits, out), "--in-channels", "1", "--epochs", "1"]) == 0
+    checkpoint = read_checkpoint(out / "best.pth")
+    assert checkpoint.card.in_channels == 1 and checkpoint.model_args["in_channels"] == 1
+    assert len(checkpoint.card.preprocessing.mean) == 1
+    assert checkpoint.model["features.conv0.weight"].shape[1] == 1
+    capsys.readouterr()
+    assert main(["eval", str(few_digits), "--weights", str(out / "best.pth"), "--workers", "0",
+                 "--json", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["images"] == 32
+    image = next((few_digits / "val").rglob("*.png"))
+    assert main(["predict", str(image), "--weights", str(out / "best.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"]
+
+
+def test_in_channels_that_do_not_match_the_images_is_one_error(tmp_path, capsys):
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (200, 10, 10)).save(
+                tmp_path / "data" / split / name / "0.png"
+            )
+    argv = [*_train_cli(tmp_path / "data", tmp_path / "run"), "--in-channels", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has 3 channel(s), the model takes 1" in err, err

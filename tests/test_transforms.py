@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 import densenet
+from densenet.transforms import ChannelError, to_channels
 
 # The pipeline printed on the PyTorch Hub DenseNet page, applied to an RGB image.
 HUB_PAGE = transforms.Compose(
@@ -62,3 +63,13 @@ def test_imagenet_classes():
     assert (
         names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"
     )
+
+
+def test_images_keep_their_channels_and_a_colour_image_is_not_turned_grey():
+    grey, rgba = Image.new("L", (8, 8), 7), Image.new("RGBA", (8, 8))
+    assert to_channels(grey, 1) is grey
+    assert to_channels(rgba, 4) is rgba
+    assert to_channels(grey, 3).mode == "RGB"  # grey replicated, as before
+    with pytest.raises(ChannelError, match=r"RGB image has 3 channel\(s\), the model takes 1"):
+        to_channels(Image.new("RGB", (8, 8)), 1)
+    assert densenet.eval_transform(8, 8, (0.5,), (0.5,))(grey).shape == (1, 8, 8)

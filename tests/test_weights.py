@@ -11,10 +11,12 @@ import pytest
 import torch
 import torchvision
 from conftest import randomize_batchnorm
+from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
 from densenet.registry import model_info
+from densenet.transforms import IMAGENET_MEAN
 from densenet.weights import (
     WeightsError,
     convert_legacy_keys,
@@ -238,3 +240,41 @@ def test_pretrained_true_uses_the_torchvision_cache(torch_home):
     model = densenet.densenet121(pretrained=True)
     assert densenet.load("densenet121").card == get_weights("densenet121").card
     assert torch.equal(model.classifier.weight, reference.classifier.weight)
+
+
+@pytest.fixture
+def float64():
+    """Build models and files in float64 (the adapted kernels then carry no float32 rounding)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_pretrained_stem_is_adapted_to_other_input_channels(tmp_path, float64, channels):
+    """One channel: a grey image gives the RGB model's activations of that image replicated to
+    RGB (the kernels summed); C channels: an RGB image repeated to C channels gives the RGB
+    activations (kernels repeated, scaled by 3 / C). A torchvision-format file, float64."""
+    path = tmp_path / "densenet121.pth"
+    torch.save(randomize_batchnorm(torchvision.models.densenet121()).state_dict(), path)
+    rgb = densenet.densenet121(weights=path).eval()
+    model = densenet.densenet121(weights=path, in_channels=channels).eval()
+    assert model.features.conv0.weight.shape[1] == channels
+    image = torch.rand(2, 1 if channels == 1 else 3, 48, 48, dtype=torch.float64)
+    if channels == 1:
+        expected, given = rgb.forward_features(image.expand(-1, 3, -1, -1)), image
+    else:
+        index = [c % 3 for c in range(channels)]
+        expected, given = rgb.forward_features(image), image[:, index]
+    torch.testing.assert_close(model.forward_features(given), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_preprocessing_follows_the_input_channels():
+    card = densenet.ModelCard.for_model(densenet.get_model(SMALL, in_channels=1))
+    assert card.in_channels == 1
+    assert card.preprocessing.mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))
+    grey = Image.new("L", (40, 30), 128)
+    assert card.preprocessing.transform()(grey).shape == (1, 32, 32)
+    rgb = densenet.ModelCard.for_model(densenet.get_model(SMALL, in_channels=4)).preprocessing
+    assert rgb.mean == IMAGENET_MEAN + IMAGENET_MEAN[:1]

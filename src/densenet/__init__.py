@@ -6,6 +6,7 @@ and a classifier.
 """
 
 from .accuracy import EvalResult, evaluate
+from .explain import ActivationMaps, explain
 from .images import ImageError
 from .inference import InferenceDenseNet, optimize
 from .labels import imagenet_classes
@@ -34,6 +35,7 @@ from .weights import Weights, WeightsError, get_weights, list_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMaps",
     "Classifier",
     "DenseNet",
     "EvalResult",
@@ -57,6 +59,7 @@ __all__ = [
     "densenet_bc_250_k24",
     "eval_transform",
     "evaluate",
+    "explain",
     "get_model",
     "get_weights",
     "imagenet_classes",

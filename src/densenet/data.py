@@ -219,14 +219,17 @@ class TransformedDataset(Dataset):
 def collate(
     batch: Sequence[tuple[torch.Tensor, int] | None],
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Items -> ``(images (N, ...), labels (N,) int64, skipped)``, dropping unreadable items
+    """Items -> ``(images (N, ...), labels (N,) int64 or (N, L) targets, skipped)``, dropping unreadable items
     (``None``) and counting them in ``skipped``. N may be 0."""
     good = [item for item in batch if item is not None]
     skipped = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     images = torch.stack([image for image, _ in good])
-    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    if isinstance(good[0][1], torch.Tensor):  # multi-label targets (L,)
+        labels = torch.stack([label for _, label in good])
+    else:
+        labels = torch.tensor([label for _, label in good], dtype=torch.long)
     return images, labels, skipped
 
 

@@ -2,7 +2,7 @@
 names and preprocessing constants stored in the file, an ONNX Runtime wrapper that ``Classifier``
 can run, and a Triton Inference Server model repository for the ONNX file.
 
-Every format takes (N, 3, H, W) normalised images and returns (N, num_classes) logits. By default
+Every format takes (N, C, H, W) normalised images (C: the card's ``in_channels``) and returns (N, num_classes) logits. By default
 the batch size, height and width are all dynamic; ``batch_size`` / ``image_size`` fix them.
 
 - ONNX (``to_onnx``): torch's ``torch.export``-based exporter (``dynamo=True``, opset 18 or newer),
@@ -284,7 +284,7 @@ def write_triton_repo(
 def triton_config(meta: ExportMetadata, name: str, max_batch_size: int = 64) -> str:
     """The ``config.pbtxt`` text of an exported ONNX model described by ``meta``."""
     side = -1 if meta.image_size is None else meta.image_size
-    image_dims = [3, side, side]
+    image_dims = [meta.card.in_channels, side, side]
     output_dims = [meta.card.num_classes]
     if meta.batch_size is not None:  # the batch is a fixed part of the tensor shapes
         max_batch_size = 0
@@ -361,7 +361,9 @@ def _prepare(
     else:
         net = net.to(DTYPES[dtype_name])
     size = image_size or card.preprocessing.crop_size
-    example = torch.randn(batch_size or EXAMPLE_BATCH, 3, size, size, dtype=DTYPES[dtype_name])
+    example = torch.randn(
+        batch_size or EXAMPLE_BATCH, card.in_channels, size, size, dtype=DTYPES[dtype_name]
+    )
     return net, example, meta
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import to_pil_image
 
+from .explain import explain as activation_maps
+from .explain import heat_overlay
 from .images import (  # noqa: F401 (re-exported: their home before densenet.images)
     IMAGE_SUFFIXES,
     MAX_ASPECT_RATIO,
@@ -30,11 +33,12 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
 )
 from .inference import BucketedModel
 from .inference import optimize as optimize_model
+from .io import atomic_write
 from .load import load
 from .model import DenseNet
 from .runtime import compute_dtype, resolve_device
 
-__all__ = ["Classifier", "ImageError", "Prediction", "top_predictions"]
+__all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Prediction:
     probabilities: list[float]
     error: str | None = None
     reason: Reason | None = None  # why ``error``, for programs
+    positive: list[str] | None = None  # a multi-label model's labels at or above threshold
 
     @property
     def top(self) -> list[tuple[str, float]]:
@@ -57,10 +62,33 @@ class Prediction:
             reason = self.reason.value if self.reason is not None else None
             return {"source": self.source, "error": self.error, "reason": reason}
         top = zip(self.labels, self.indices, self.probabilities)
-        return {
+        result: dict[str, Any] = {
             "source": self.source,
             "top": [{"label": n, "index": i, "probability": p} for n, i, p in top],
         }
+        if self.positive is not None:
+            result["positive"] = self.positive
+        return result
+
+
+@dataclass
+class Explanation:
+    """Where the network looked for one class in one image (``Classifier.explain``).
+
+    ``cam``: (H, W) float32 class activation map on the grid of ``view``, the resized,
+    center-cropped image the network saw; ``label``/``index``/``probability``: the class.
+    """
+
+    source: str
+    label: str
+    index: int
+    probability: float
+    cam: Tensor
+    view: Image.Image
+
+    def overlay(self, alpha: float = 0.5) -> Image.Image:
+        """The map as a heat map over ``view``, labelled with the class and its probability."""
+        return heat_overlay(self.view, self.cam, f"{self.label} {self.probability:.1%}", alpha)
 
 
 def top_predictions(
@@ -150,12 +178,56 @@ class Classifier:
         the result, not on the image (which the transform resizes)."""
         if isinstance(image, Tensor) and image.is_floating_point():
             return self.preprocessing.check_input(image, name)
+        return self.preprocessing.check_input(self.transform(self._decode(image, name)), name)
+
+    def _decode(self, image: ImageInput, name: str) -> Image.Image:
+        """A path, bytes, PIL image or uint8 (C, H, W) tensor -> a checked PIL image."""
         if isinstance(image, Tensor):
+            if image.is_floating_point():
+                raise ValueError(
+                    f"{name}: a float tensor is taken as preprocessed; explain() needs the image "
+                    "(for a preprocessed batch use densenet.explain(model, batch))"
+                )
             image = to_pil_image(image)
         elif not isinstance(image, Image.Image):
             image = open_image(image)
         check_pixels(image, name)
-        return self.preprocessing.check_input(self.transform(image), name)
+        return image
+
+    def explain(
+        self, images: ImageInput | Sequence[ImageInput], target: int | str | None = None
+    ) -> list[Explanation]:
+        """Each image's class activation map (``densenet.explain``) for ``target`` (a class index
+        or name; default: the image's most probable class). Images are paths, bytes, PIL images
+        or uint8 tensors; raises ``ImageError`` naming the first one that cannot be read."""
+        images = _as_list(images)
+        if isinstance(target, str) and target not in self.categories:
+            raise ValueError(f"unknown class {target!r}; the model's classes: {self.categories}")
+        index = self.categories.index(target) if isinstance(target, str) else target
+        if index is not None and not 0 <= index < len(self.categories):
+            raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
+        model = self.model.model if isinstance(self.model, BucketedModel) else self.model
+        view = self.preprocessing.view_transform()
+        results: list[Explanation] = []
+        for start in range(0, len(images), self.batch_size):
+            views = [
+                view(self._decode(image, describe(image, start + i)))
+                for i, image in enumerate(images[start : start + self.batch_size])
+            ]
+            batch = torch.stack([self.transform(v) for v in views]).to(self.device)
+            out = activation_maps(model, batch)
+            probabilities = self._normalise(out.logits)
+            chosen = (
+                probabilities.argmax(1)
+                if index is None
+                else torch.full((len(views),), index, device=probabilities.device)
+            )
+            cams = out.select(chosen, batch.shape[-2:]).cpu()
+            for i, (picture, k) in enumerate(zip(views, chosen.tolist())):
+                name = describe(images[start + i], start + i)
+                p = float(probabilities[i, k])
+                results.append(Explanation(name, self.categories[k], k, p, cams[i], picture))
+        return results
 
     def _inputs(self, images: Sequence[ImageInput]) -> Iterator[tuple[str, Tensor | ImageError]]:
         for i, image in enumerate(images):
@@ -173,17 +245,17 @@ class Classifier:
     def probabilities(self, batch: Tensor) -> Tensor:
         """(N, 3, H, W) preprocessed images -> (N, num_classes) probabilities on the CPU:
         softmax, or each class's sigmoid for a multi-label model."""
-        logits = self.logits(batch)
-        return (logits.sigmoid() if self.card.multi_label else logits.softmax(dim=1)).cpu()
+        return self._normalise(self.logits(batch)).cpu()
+
+    def _normalise(self, logits: Tensor) -> Tensor:
+        """Logits -> probabilities: softmax, or each class's sigmoid for a multi-label model."""
+        return logits.sigmoid() if self.card.multi_label else logits.softmax(dim=1)
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], topk: int = 5
     ) -> list[Prediction]:
         """Top-k of each image, in order; a bad image gets a ``Prediction`` with its ``error``."""
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images)
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
+        images = _as_list(images)
         if topk < 1:
             raise ValueError(f"topk must be at least 1, got {topk}")
         topk = min(topk, len(self.categories))
@@ -202,9 +274,11 @@ class Classifier:
                 ]
                 probs = self.probabilities(torch.stack([inputs[i][1] for i in slots]))
                 names = [inputs[i][0] for i in slots]
-                for slot, prediction in zip(
-                    slots, top_predictions(names, probs, topk, self.categories)
-                ):
+                predictions = top_predictions(names, probs, topk, self.categories)
+                if self.card.multi_label:
+                    for prediction, labels in zip(predictions, self.card.positive(probs)):
+                        prediction.positive = labels
+                for slot, prediction in zip(slots, predictions):
                     chunk[slot] = prediction
             results += chunk
         return results
@@ -219,3 +293,28 @@ class Classifier:
             if prediction.error is not None:
                 raise ImageError(prediction.error, prediction.reason or Reason.CORRUPT)
         return [p.top for p in predictions]
+
+
+def write_overlays(explanations: Sequence[Explanation], folder: str | os.PathLike) -> list[Path]:
+    """Save each explanation's ``overlay()`` as ``folder/<image file stem>.cam.png`` (the
+    image's position added when two share a stem); returns the paths, in order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for i, explanation in enumerate(explanations):
+        stem = Path(explanation.source).stem
+        path = folder / f"{stem}.cam.png"
+        if path in paths:
+            path = folder / f"{stem}-{i}.cam.png"
+        atomic_write(path, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> Sequence[ImageInput]:
+    """One image, a sequence of images or an (N, C, H, W) batch -> a sequence of images."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return list(images)
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return images

@@ -10,11 +10,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .images import ImageError, Reason
 from .labels import imagenet_classes
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, ten_crop_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    channel_stats,
+    eval_transform,
+    ten_crop_transform,
+    view_transform,
+)
 
 __all__ = ["ModelCard", "Preprocessing", "default_classes"]
 
@@ -38,6 +46,10 @@ class Preprocessing:
             self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
         )
 
+    def view_transform(self) -> Callable[[Any], Any]:
+        """PIL image -> the resized, center-cropped PIL image that ``transform`` normalises."""
+        return view_transform(self.resize_size, self.crop_size, self.channels, self.interpolation)
+
     def ten_crop_transform(self) -> Callable[[Any], Tensor]:
         """PIL image -> (10, C, crop_size, crop_size): the paper's ten crops."""
         return ten_crop_transform(
@@ -45,7 +57,8 @@ class Preprocessing:
         )
 
     def check_input(self, x: Tensor, name: str) -> Tensor:
-        """``x`` if it is a (C, H, W) network input of at least ``min_size``, else ``ImageError``."""
+        """``x`` if it is a (C, H, W) network input of ``channels`` channels and at least
+        ``min_size``, else ``ImageError``."""
         height, width = self.min_size
         if x.dim() != 3 or x.shape[-2] < height or x.shape[-1] < width:
             raise ImageError(
@@ -53,7 +66,25 @@ class Preprocessing:
                 f"{height}x{width} (smaller than the model's minimum)",
                 Reason.BAD_SHAPE,
             )
+        if x.shape[0] != self.channels:
+            raise ImageError(
+                f"{name}: input of shape {tuple(x.shape)} has {x.shape[0]} channels, the model "
+                f"takes {self.channels}",
+                Reason.BAD_SHAPE,
+            )
         return x
+
+    @property
+    def channels(self) -> int:
+        """Image channels: one per mean."""
+        return len(self.mean)
+
+    def for_channels(self, channels: int) -> Preprocessing:
+        """The same preprocessing for ``channels`` input channels (``channel_stats``)."""
+        if channels == self.channels:
+            return self
+        mean, std = channel_stats(self.mean, channels), channel_stats(self.std, channels)
+        return dataclasses.replace(self, mean=mean, std=std)
 
     def with_crop(self, crop_size: int) -> Preprocessing:
         """The same preprocessing for another crop size, resized in the same ratio."""
@@ -77,6 +108,8 @@ class ModelCard:
         preprocessing: the input transform the model was trained or measured with.
         multi_label: outputs are independent (sigmoid) rather than one softmax.
         in_channels: image channels the network takes.
+        thresholds: a multi-label model's per-label decision thresholds on the probabilities
+            (None: 0.5 each).
         arch: the registry name, None for a custom configuration.
         weights: where the weights came from (an entry name or a file name), None for random.
     """
@@ -85,12 +118,20 @@ class ModelCard:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     multi_label: bool = False
     in_channels: int = 3
+    thresholds: tuple[float, ...] | None = None
     arch: str | None = None
     weights: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def positive(self, probabilities: Tensor) -> list[list[str]]:
+        """(N, num_classes) probabilities of a multi-label model -> each row's labels at or
+        above their threshold."""
+        thresholds = torch.tensor(self.thresholds or (0.5,) * self.num_classes)
+        above = probabilities.cpu() >= thresholds
+        return [[c for c, yes in zip(self.classes, row) if yes] for row in above.tolist()]
 
     @classmethod
     def for_model(
@@ -102,11 +143,12 @@ class ModelCard:
         num_classes = int(getattr(model, "num_classes", 1000))
         side = getattr(model, "min_input_size", 29)
         sizes = (32, 32) if config.get("stem") == "cifar" else (256, 224)
-        preprocessing = Preprocessing(*sizes, min_size=(side, side))
+        in_channels = config.get("in_channels", 3)
+        preprocessing = Preprocessing(*sizes, min_size=(side, side)).for_channels(in_channels)
         known = {
             "classes": tuple(classes) if classes is not None else default_classes(num_classes),
             "preprocessing": preprocessing,
-            "in_channels": config.get("in_channels", 3),
+            "in_channels": in_channels,
             "arch": getattr(model, "arch", None),
         }
         return cls(**{**known, **fields})
@@ -129,6 +171,8 @@ class ModelCard:
                 pre[name] = tuple(pre[name])
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["classes"] = tuple(known["classes"])
+        if known.get("thresholds") is not None:
+            known["thresholds"] = tuple(known["thresholds"])
         known["preprocessing"] = Preprocessing(
             **{k: v for k, v in pre.items() if k in Preprocessing.__dataclass_fields__}
         )

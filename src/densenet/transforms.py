@@ -4,6 +4,8 @@ ten-crop evaluation."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -12,9 +14,51 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# the PIL mode of an image with 1, 2, 3 or 4 channels
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+class ChannelError(ValueError):
+    """An image whose channels do not match the model's input channels."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (grayscale, palette, RGBA, CMYK...) as RGB; RGB images pass unchanged."""
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` with ``channels`` bands: any mode as RGB for 3 (``to_rgb``); for 1, 2 or 4 the
+    image must have that many bands already (L, LA, RGBA; a palette, 1-bit or 16-bit image is
+    expanded first), else ``ChannelError``: a colour image is not silently turned grey."""
+    if channels == 3:
+        return to_rgb(image)
+    if channels not in CHANNEL_MODES:
+        raise ChannelError(
+            f"a PIL image has 1 to 4 channels, the model takes {channels}; give tensors"
+        )
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    bands = len(image.getbands())
+    if bands != channels:
+        raise ChannelError(
+            f"a {image.mode} image has {bands} channel(s), the model takes {channels} "
+            f"(--in-channels {channels}); convert the images or give --in-channels {bands}"
+        )
+    mode = CHANNEL_MODES[channels]
+    return image if image.mode == mode else image.convert(mode)
+
+
+def channel_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """RGB per-channel statistics (a mean or a std) for ``channels`` input channels: their
+    average for one (a grey image), else repeated in turn (R, G, B, R, ...)."""
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[c % len(values)] for c in range(channels))
+
+
+def _channels(channels: int) -> T.Lambda:
+    return T.Lambda(functools.partial(to_channels, channels=channels))
 
 
 def _resize(size: int, interpolation: str) -> T.Resize:
@@ -30,17 +74,20 @@ def eval_transform(
     std: tuple[float, ...] = IMAGENET_STD,
     interpolation: str = "bilinear",
 ) -> T.Compose:
-    """PIL image -> (3, crop_size, crop_size) float tensor: RGB, resize the shorter side to
-    ``resize_size`` (``interpolation``: bilinear, bicubic, nearest...; antialiased), center crop,
-    scale to [0, 1], normalise."""
+    """PIL image -> (C, crop_size, crop_size) float tensor, C = ``len(mean)`` channels (see
+    ``to_channels``), resize the shorter side to ``resize_size`` (``interpolation``: bilinear,
+    bicubic, nearest...; antialiased), center crop, scale to [0, 1], normalise."""
+    view = view_transform(resize_size, crop_size, len(mean), interpolation)
+    return T.Compose([*view.transforms, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def view_transform(
+    resize_size: int = 256, crop_size: int = 224, channels: int = 3, interpolation: str = "bilinear"
+) -> T.Compose:
+    """PIL image -> the PIL image ``eval_transform`` turns into a tensor: ``channels`` channels,
+    resized and center-cropped (what the network sees, to draw on)."""
     return T.Compose(
-        [
-            T.Lambda(to_rgb),
-            _resize(resize_size, interpolation),
-            T.CenterCrop(crop_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
+        [_channels(channels), _resize(resize_size, interpolation), T.CenterCrop(crop_size)]
     )
 
 
@@ -91,7 +138,7 @@ def train_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> T.Compose:
-    """PIL image -> (3, crop_size, crop_size) float tensor for training.
+    """PIL image -> (C, crop_size, crop_size) float tensor for training, C = ``len(mean)``.
 
     ``augment``: ``"none"`` (resize the shorter side to ``crop_size``, center crop, normalise:
     the paper's C10/C100/SVHN), ``"crop-flip"`` (the same, then zero-pad 4 and take a random
@@ -102,14 +149,15 @@ def train_transform(
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     if augment == "imagenet":
+        rgb = len(mean) == 3  # colour noise (saturation, lighting) needs RGB
         return T.Compose(
             [
-                T.Lambda(to_rgb),
+                _channels(len(mean)),
                 T.RandomResizedCrop(crop_size, antialias=True),
                 T.RandomHorizontalFlip(),
-                T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+                T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if rgb else 0),
                 T.ToTensor(),
-                Lighting(0.1),
+                *([Lighting(0.1)] if rgb else []),
                 T.Normalize(mean, std),
             ]
         )
@@ -126,11 +174,11 @@ def ten_crop_transform(
     std: tuple[float, ...] = IMAGENET_STD,
     interpolation: str = "bilinear",
 ) -> T.Compose:
-    """PIL image -> (10, 3, crop_size, crop_size): the paper's ten-crop evaluation, the four
+    """PIL image -> (10, C, crop_size, crop_size): the paper's ten-crop evaluation, the four
     corners and the center of the resized image and their horizontal mirrors, each normalised."""
     return T.Compose(
         [
-            T.Lambda(to_rgb),
+            _channels(len(mean)),
             _resize(resize_size, interpolation),
             T.TenCrop(crop_size),
             StackCrops(T.Compose([T.ToTensor(), T.Normalize(mean, std)])),

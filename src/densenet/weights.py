@@ -308,10 +308,38 @@ def load_weights(
     return load_state(model, load_checkpoint(path), path)
 
 
+STEM_KEY = "features.conv0.weight"
+
+
+def adapt_input_channels(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor]
+) -> Mapping[str, Tensor]:
+    """``state`` with its stem convolution (out, 3, kh, kw) adapted to the ``expected`` model's
+    input channels C: the RGB kernels summed for C = 1 (so ``conv(grey, summed) ==
+    conv(grey replicated to RGB, kernels)``), else repeated R, G, B, R... and scaled by 3 / C
+    (so an RGB image repeated to C channels gives the RGB activations). Other states pass."""
+    weight, target = state.get(STEM_KEY), expected.get(STEM_KEY)
+    if weight is None or target is None or weight.shape == target.shape:
+        return state
+    if (
+        weight.shape[1] != 3
+        or weight.shape[0] != target.shape[0]
+        or weight.shape[2:] != target.shape[2:]
+    ):
+        return state
+    channels = target.shape[1]
+    if channels == 1:
+        adapted = weight.sum(1, keepdim=True)
+    else:
+        adapted = weight[:, [c % 3 for c in range(channels)]] * (3 / channels)
+    return {**state, STEM_KEY: adapted}
+
+
 def load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> nn.Module:
     """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``."""
     path = Path(path)
     expected = model.state_dict()
+    state = adapt_input_channels(state, expected)
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()

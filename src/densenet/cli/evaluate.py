@@ -32,6 +32,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--no-optimize", action="store_true", help="run the eager model, not densenet.optimize"
     )
+    p.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="multi-label models: the images (relative to DATA) and their labels",
+    )
+    p.add_argument("--split", help="with --labels: the rows of this split (default val)")
     add_data_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
@@ -42,12 +48,15 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.model, args.weights, ten_crop=args.ten_crop, batch_size=args.batch_size,
         workers=args.workers, device=args.device, amp=args.amp, data_root=args.data_root,
         download=not args.no_download, progress=not args.no_progress,
-        optimize=not args.no_optimize,
+        optimize=not args.no_optimize, labels=args.labels, split=args.split,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if args.json:
         print_json(result)
+        return 0
+    if "mean_auroc" in result:
+        _print_labels(result)
         return 0
     print(
         f"{result['model']} on {result['data']} ({result['images']} images, "
@@ -58,3 +67,15 @@ def run(args: argparse.Namespace) -> int:
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
     return 0
+
+
+def _print_labels(result: dict) -> None:
+    """The per-label table of a multi-label evaluation."""
+    width = max(len("label"), *map(len, result["labels"]))
+    print(f"{result['model']} on {result['data']} ({result['images']} images)")
+    print(f"{'label':<{width}}  {'AUROC':>6}  {'AP':>6}  positives")
+    for name, row in result["labels"].items():
+        print(f"{name:<{width}}  {row['auroc']:6.4f}  {row['ap']:6.4f}  {row['positives']:>9}")
+    print(f"{'mean':<{width}}  {result['mean_auroc']:6.4f}  {result['mean_ap']:6.4f}")
+    if result["skipped"]:
+        print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)

@@ -8,7 +8,7 @@ import sys
 
 from ..bulk import BulkError, Options
 from ..images import find_images
-from ..predict import Classifier
+from ..predict import Classifier, write_overlays
 from .common import (
     add_bulk_args,
     add_device_arg,
@@ -39,6 +39,11 @@ def add_parser(sub) -> None:
         action="store_true",
         help="run the reference module instead of the fast inference form (densenet.optimize)",
     )
+    p.add_argument(
+        "--cam",
+        metavar="OUT_DIR",
+        help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_bulk_args(p, out_required=False)
     p.set_defaults(run=run)
@@ -46,6 +51,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out is not None:
+        if args.cam:
+            raise ValueError(
+                "--cam draws the maps of listed images; it does not combine with --out"
+            )
         if len(args.images) != 1:
             raise BulkError(
                 f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
@@ -61,8 +70,12 @@ def run(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize, dtype=args.dtype,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
+    cams: dict[str, str] = {}
+    if args.cam:
+        good = [p.source for p in predictions if p.error is None]
+        cams = dict(zip(good, map(str, write_overlays(classifier.explain(good), args.cam))))
     if args.json:
-        print_json([p.to_dict() for p in predictions])
+        print_json([{**p.to_dict(), **_cam_entry(cams, p.source)} for p in predictions])
     else:
         for p in predictions:
             if p.error is not None:
@@ -71,4 +84,12 @@ def run(args: argparse.Namespace) -> int:
             print(p.source)
             for label, probability in p.top:
                 print(f"  {probability:7.2%}  {label}")
+            if p.positive is not None:
+                print(f"  above threshold: {', '.join(p.positive) or '(none)'}")
+            if p.source in cams:
+                print(f"  class activation map: {cams[p.source]}")
     return 1 if any(p.error is not None for p in predictions) else 0
+
+
+def _cam_entry(cams: dict[str, str], source: str) -> dict[str, str]:
+    return {"cam": cams[source]} if source in cams else {}

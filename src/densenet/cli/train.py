@@ -22,6 +22,10 @@ FLAGS = {
     "drop_rate": "dropout after each convolution but the first",
     "image_size": "training and evaluation crop size, pixels",
     "weights": "start from these weights (DEFAULT, a file, or none)",
+    "in_channels": "image channels (1: grayscale); pretrained RGB stem kernels are adapted",
+    "labels": "multi-label: a CSV of file (relative to --data) and 0/1 label columns",
+    "val_labels": "the validation images' CSV, when --labels has no split column",
+    "pos_weight": "auto: weigh each label's positives by negatives / positives",
     "seed": "random seed",
     "accumulate": "micro-batches per optimizer step (gradient accumulation)",
     "out": "output folder (default runs/RECIPE)",
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     print_report(summary, args.json)
-    if not args.json and "test" in summary:
+    if not args.json and "top1_error" in summary.get("test", {}):
         test = summary["test"]
         print(f"test: top-1 error {test['top1_error']:.3f}%  top-5 error {test['top5_error']:.3f}%")
     return 0

@@ -1,6 +1,7 @@
 """The HTTP prediction service: a FastAPI application around a ``Classifier`` and a ``Batcher``.
 
-Endpoints: ``POST /v1/predict`` (images in, top-k out), ``GET /v1/models``, ``GET|HEAD /healthz``,
+Endpoints: ``POST /v1/predict`` (images in, top-k out), ``POST /v1/explain`` (one image in, its class
+activation map out: an overlay PNG or JSON), ``GET /v1/models``, ``GET|HEAD /healthz``,
 ``GET|HEAD /readyz``, ``GET /metrics`` (Prometheus) and ``GET /`` (the web page). A request's
 limits (images, pixels read from the headers, queue room) are checked before anything is decoded;
 images are then decoded and preprocessed by a ``FairDecoder`` (requests served in turn, pixels in
@@ -11,6 +12,7 @@ thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -29,8 +31,10 @@ from starlette.requests import ClientDisconnect
 from torch import Tensor
 
 from .. import __version__
-from ..images import ImageError, Reason, open_image
+from ..explain import ExplainError
+from ..images import ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
+from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
 from .decoding import FairDecoder, header_pixels
 from .metrics import CONTENT_TYPE, ServiceMetrics
@@ -46,7 +50,16 @@ IMAGE_FORMATS = tuple(
 )
 RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # the status counted for a client that went away before its answer
-ENDPOINTS = ("/", "/v1/predict", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")
+ENDPOINTS = (
+    "/",
+    "/v1/predict",
+    "/v1/explain",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+)
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,8 @@ class _Service:
         through the whole pipeline, then ready."""
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.classifier.warm_up)
-            gray = Image.new("RGB", (256, 256), (128, 128, 128))
+            mode = CHANNEL_MODES.get(self.classifier.card.in_channels, "RGB")
+            gray = Image.new(mode, (256, 256), 128)
             (x,) = await self.decoder.map(
                 self.classifier.preprocess, [((gray, "warm-up image"), gray.width * gray.height)]
             )
@@ -466,7 +480,62 @@ def create_app(
             return pixels
         return await service.classify(images, pixels, topk, start)
 
+    @app.post(
+        "/v1/explain",
+        summary="class activation map of one image: an overlay PNG, or the map as JSON",
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def explain(
+        request: Request,
+        target: str | None = Query(None, description="a class name; default the top class"),
+        format: str = Query("png", pattern="^(png|json)$", description="png or json"),
+    ) -> Response:
+        if not service.ready:
+            return _error(503, "the model is loading; retry shortly")
+        images = await _read_images(request, config)
+        if isinstance(images, JSONResponse):
+            return images
+        if len(images) != 1:
+            return _error(422, f"explain takes one image, got {len(images)}")
+        pixels = service.admit(images)
+        if isinstance(pixels, JSONResponse):
+            return pixels
+        (name, data), (n,) = images[0], pixels
+        job = ((service.classifier, name, data, target, format), n)
+        (answer,) = await service.decoder.map(_explain, [job])
+        return answer
+
     return app
+
+
+def _explain(
+    classifier: Classifier, name: str, data: bytes, target: str | None, format: str
+) -> Response:
+    """One upload's class activation map (``Classifier.explain``) as a PNG overlay or JSON."""
+    try:
+        image = open_image(data, formats=IMAGE_FORMATS)
+        check_pixels(image, name)
+        (explanation,) = classifier.explain([image], target)
+    except ImageError as error:
+        return _error(_status_of(error), str(error))
+    except ExplainError as error:
+        return _error(501, str(error))
+    except ValueError as error:  # an unknown target class
+        return _error(422, str(error))
+    if format == "json":
+        return JSONResponse(
+            {
+                "source": name,
+                "label": explanation.label,
+                "index": explanation.index,
+                "probability": explanation.probability,
+                "cam": explanation.cam.tolist(),
+            }
+        )
+    buffer = io.BytesIO()
+    explanation.overlay().save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
 
 
 async def _read_images(

@@ -42,6 +42,13 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     holdout: int = 0  # training images held out for validation (named datasets)
     weights: str | None = None  # start from these weights (a registry name or a file)
+    in_channels: int = 3  # image channels (1: grayscale; pretrained stem kernels are adapted)
+    # multi-label: a CSV of files (relative to data) and labels (densenet.multilabel); sigmoid
+    # outputs, binary cross-entropy, the best epoch by mean validation AUROC
+    labels: str | None = None
+    val_labels: str | None = None  # the validation images' CSV, when labels has no split column
+    pos_weight: str | None = None  # "auto": BCE weights negatives / positives per label
+    thresholds: tuple[float, ...] | None = None  # per label, stored in the card (None: 0.5)
     model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
@@ -184,9 +191,15 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {config.augment!r}")
     if config.amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
-    for name in ("epochs", "batch_size", "image_size", "accumulate"):
+    for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.pos_weight not in (None, "auto"):
+        raise ValueError(f"pos_weight must be auto or none, got {config.pos_weight!r}")
+    if config.labels is None and (config.val_labels or config.pos_weight or config.thresholds):
+        raise ValueError(
+            "val_labels, pos_weight and thresholds apply to multi-label training (--labels)"
+        )
     if config.data is None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"

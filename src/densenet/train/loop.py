@@ -27,10 +27,11 @@ from ..checkpoint import TrainCheckpoint, read_checkpoint
 from ..data import ShardedBatchSampler, TransformedDataset, collate, load_splits, shard_indices
 from ..errors import DenseNetError
 from ..io import write_json
+from ..multilabel import label_metrics, label_splits, pos_weight, predict_labels
 from ..preprocessing import ModelCard, Preprocessing
 from ..registry import get_model
 from ..runtime import amp_dtype, process_group
-from ..transforms import train_transform
+from ..transforms import ChannelError, channel_stats, to_channels, train_transform
 from .checkpointer import Checkpointer
 from .config import TrainConfig, check_config, config_dict, eval_resize, milestone_epochs
 from .metrics import MetricsLog
@@ -52,10 +53,16 @@ class Trainer:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.main, self.ddp = rank == 0, world_size > 1
         self._seed_and_determinism(config)
-        self.splits = load_splits(
-            config.data, config.data_root, config.download, config.holdout, config.seed
-        )  # type: ignore[arg-type]
+        if config.labels is not None:
+            if self.ddp:
+                raise TrainingError("multi-label training (--labels) runs in one process")
+            self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
+        else:
+            self.splits = load_splits(
+                config.data, config.data_root, config.download, config.holdout, config.seed
+            )  # type: ignore[arg-type]
         self.config = config = self._resolve(config)
+        self._check_channels()
         self.out = Path(config.out)  # type: ignore[arg-type]
         self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
         if self.checkpointer.last_path.exists() and not resume:
@@ -91,14 +98,34 @@ class Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
 
+    def _thresholds(self) -> tuple[float, ...] | None:
+        """The configured per-label thresholds, one per label."""
+        thresholds, labels = self.config.thresholds, self.splits.classes
+        if thresholds is not None and len(thresholds) != len(labels):
+            raise TrainingError(
+                f"{len(thresholds)} thresholds for {len(labels)} labels ({', '.join(labels)})"
+            )
+        return thresholds
+
+    def _check_channels(self) -> None:
+        """One clear error, before training, when the first readable training image does not
+        have the model's input channels (``to_channels``)."""
+        train = self.splits.train
+        first = next((item for i in range(len(train)) if (item := train[i]) is not None), None)
+        if first is not None:
+            try:
+                to_channels(first[0], self.config.in_channels)
+            except ChannelError as error:
+                raise TrainingError(f"training images of {self.splits.name}: {error}") from None
+
     def _resolve(self, config: TrainConfig) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
         return dataclasses.replace(
             config,
             out=config.out or os.path.join("runs", config.recipe),
             resize_size=config.resize_size or eval_resize(config),
-            mean=tuple(config.mean or self.splits.mean),
-            std=tuple(config.std or self.splits.std),
+            mean=tuple(config.mean or channel_stats(self.splits.mean, config.in_channels)),
+            std=tuple(config.std or channel_stats(self.splits.std, config.in_channels)),
             channels_last=(
                 self.device.type == "cuda" if config.channels_last is None else config.channels_last
             ),
@@ -109,6 +136,7 @@ class Trainer:
         self.model_args = {
             "num_classes": len(self.splits.classes),
             "drop_rate": config.drop_rate,
+            "in_channels": config.in_channels,
             **config.model_args,
         }
         torch.manual_seed(config.seed)
@@ -118,9 +146,13 @@ class Trainer:
             tuple(self.splits.classes),
             Preprocessing(config.resize_size, config.image_size, mean=config.mean,
                           std=config.std, min_size=(side, side)),  # type: ignore[arg-type]
+            multi_label=config.labels is not None,
+            thresholds=self._thresholds(),
             in_channels=net.config["in_channels"],
             arch=config.model,
         )  # fmt: skip
+        weights = pos_weight(self.splits.train) if config.pos_weight == "auto" else None  # type: ignore[arg-type]
+        self.pos_weight = weights.to(self.device) if weights is not None else None
         if config.memory_efficient:
             net.set_memory_efficient(True)
         if config.sync_bn and self.ddp:
@@ -263,9 +295,15 @@ class Trainer:
             self.model.train()
             self.scaler.scale(logits.float().sum() * 0).backward()
             return torch.zeros(3, dtype=torch.float64, device=self.device)
-        loss = F.cross_entropy(logits.float(), labels)
+        if self.card.multi_label:  # correct: the fraction of labels right at 0.5, per image
+            loss = F.binary_cross_entropy_with_logits(
+                logits.float(), labels, pos_weight=self.pos_weight
+            )
+            correct = ((logits > 0) == (labels > 0.5)).float().mean(1).sum()
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+            correct = (logits.argmax(dim=1) == labels).sum()
         self.scaler.scale(loss / self.config.accumulate).backward()
-        correct = (logits.argmax(dim=1) == labels).sum()
         return torch.stack(
             [loss.detach() * labels.numel(), correct, labels.new_tensor(labels.numel())]
         ).to(torch.float64)
@@ -333,6 +371,34 @@ class Trainer:
             "images_per_second": seen / (time.perf_counter() - start),
         }
 
+    def _evaluate_labels(self, split: str) -> dict[str, Any]:
+        """Per-label and mean AUROC and average precision (``label_metrics``) on ``split``."""
+        probabilities, targets, skipped = predict_labels(
+            self.net, self.eval_loaders[split], self.device, self.amp_dtype
+        )
+        return {**label_metrics(probabilities, targets, self.splits.classes), "skipped": skipped}
+
+    def _validate(self) -> tuple[float, dict[str, Any]]:
+        """The validation score that picks the best epoch (top-1 %, or mean AUROC for a
+        multi-label model) and the epoch record's validation fields."""
+        if self.card.multi_label:
+            val = self._evaluate_labels("val")
+            fields = {"val_mean_auroc": val["mean_auroc"], "val_mean_ap": val["mean_ap"],
+                      "val_labels": val["labels"], "val_images": val["images"],
+                      "val_skipped": val["skipped"]}  # fmt: skip
+            return val["mean_auroc"], fields
+        result = self._evaluate("val")
+        fields = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5,
+                  "val_images": result.images, "val_skipped": result.skipped}  # fmt: skip
+        return result.top1, fields
+
+    @staticmethod
+    def _summary(val: dict[str, Any]) -> str:
+        if "val_mean_auroc" in val:
+            return f"val mean AUROC {val['val_mean_auroc']:.4f} mean AP {val['val_mean_ap']:.4f}"
+        return (f"val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% "
+                f"top-5 {val['val_top5']:.2f}%")  # fmt: skip
+
     def _evaluate(self, split: str) -> EvalResult:
         self._sync_buffers()
         return evaluate(
@@ -349,30 +415,21 @@ class Trainer:
             started = time.perf_counter()
             record = self._train_epoch()
             self.scheduler.step()
-            val = self._evaluate("val")
+            score, val = self._validate()
             self.epoch += 1
             self.step = 0
             self.meter.zero_()
-            best = val.top1 > self.best_acc1
+            best = score > self.best_acc1  # the best validation score: top-1, or mean AUROC
             if best:
-                self.best_acc1, self.best_epoch = val.top1, self.epoch
-            record = {
-                "epoch": self.epoch,
-                **record,
-                "val_loss": val.loss,
-                "val_top1": val.top1,
-                "val_top5": val.top5,
-                "val_images": val.images,
-                "val_skipped": val.skipped,
-                "seconds": time.perf_counter() - started,
-            }
+                self.best_acc1, self.best_epoch = score, self.epoch
+            record = {"epoch": self.epoch, **record, **val}
+            record["seconds"] = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.append(record)
-                log.info(
-                    "epoch %d/%d  train loss %.4f top-1 %.2f%%  val loss %.4f top-1 %.2f%% "
-                    "top-5 %.2f%%  lr %.3g  %.0f img/s%s",
+                log.info("epoch %d/%d  train loss %.4f top-1 %.2f%%  %s  lr %.3g  %.0f img/s%s",
                     self.epoch, config.epochs, record["train_loss"], record["train_top1"],
-                    val.loss, val.top1, val.top5, record["lr"], record["images_per_second"],
+                    self._summary(val),
+                    record["lr"], record["images_per_second"],
                     f"  ({record['train_skipped']} unreadable images skipped)"
                     if record["train_skipped"] else "",
                 )  # fmt: skip
@@ -385,7 +442,7 @@ class Trainer:
             "out": str(self.out),
             "epochs": self.config.epochs,
             "best_epoch": self.best_epoch,
-            "best_val_top1": self.best_acc1,
+            "best_val_mean_auroc" if self.card.multi_label else "best_val_top1": self.best_acc1,
             "last_checkpoint": str(paths.last_path),
             "best_checkpoint": str(paths.best_path),
         }
@@ -395,7 +452,11 @@ class Trainer:
             if self.ddp:  # from rank 0: other nodes may not see its files
                 for tensor in self.net.state_dict().values():
                     dist.broadcast(tensor, 0)
-            summary["test"] = self._evaluate("test").to_dict()
+            summary["test"] = (
+                self._evaluate_labels("test")
+                if self.card.multi_label
+                else self._evaluate("test").to_dict()
+            )
         if self.main:
             write_json(self.out / "results.json", summary)
             if self.metrics is not None:

@@ -1,0 +1,149 @@
+"""Class activation maps (Zhou et al., CVPR 2016): where a DenseNet looks for a class.
+
+A DenseNet ends in global average pooling and one linear classifier, so the logit of class c is
+the spatial mean of ``cam_c(x, y) = sum_k w_ck * F_k(x, y) + b_c`` over the final feature map F
+(after the last BN-ReLU): one forward pass, no gradients, exact. The bias ``b_c`` is a constant
+per class; it is kept so that the map's mean is the logit, and so that the fast inference form
+(``densenet.optimize``), whose classifier has the final BN-ReLU's scale and offset folded in
+(``w' = w * s``, ``b' = b + w @ t``, on the clamp ``y`` with ``F = s * y + t``), gives the same
+map: ``w' . y + b' == w . F + b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from .errors import DenseNetError
+from .inference import InferenceDenseNet
+from .model import DenseNet
+
+__all__ = ["ActivationMaps", "ExplainError", "explain", "grad_cam", "heat_overlay"]
+
+
+class ExplainError(DenseNetError, TypeError):
+    """A model whose class activation maps cannot be computed (no linear classifier, not a
+    DenseNet)."""
+
+
+@dataclass
+class ActivationMaps:
+    """The forward pass of a batch with its class activation maps.
+
+    ``logits`` (N, num_classes); ``maps`` (N, num_classes, h, w) on the final feature map's
+    grid (the input's size / 32 for the ImageNet models), ``maps.mean((2, 3)) == logits``.
+    """
+
+    logits: Tensor
+    maps: Tensor
+
+    def select(self, classes: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """(N,) class indices -> (N, h, w) their maps, or (N, *size) bilinearly upsampled."""
+        chosen = self.maps[torch.arange(len(classes)), classes.to(self.maps.device)]
+        if size is None:
+            return chosen
+        return F.interpolate(chosen[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _features_and_classifier(model: nn.Module, x: Tensor) -> tuple[Tensor, nn.Linear]:
+    """The feature map the classifier is applied to (after global pooling), and that classifier."""
+    if getattr(model, "num_classes", None) == 0 or not isinstance(
+        getattr(model, "classifier", None), nn.Linear
+    ):
+        raise ExplainError(
+            f"{type(model).__name__} has no linear classifier (num_classes=0 or another head); "
+            "class activation maps need the global-pool + Linear head of a classifier"
+        )
+    if isinstance(model, DenseNet):
+        return model.forward_features(x), model.classifier
+    if isinstance(model, InferenceDenseNet):
+        form = torch.channels_last if model.channels_last else torch.contiguous_format
+        x = x.to(model.dtype, memory_format=form)
+        return model.head_act(model.stages(model.stem(x))), model.classifier
+    raise ExplainError(
+        f"class activation maps need a DenseNet or its densenet.optimize() form, got "
+        f"{type(model).__name__} (an exported file has no feature map to read)"
+    )
+
+
+@torch.inference_mode()
+def explain(model: nn.Module, x: Tensor) -> ActivationMaps:
+    """Logits and every class's activation map of a preprocessed batch, in one forward pass.
+
+    Args:
+        model: a ``DenseNet`` with a classifier, or its ``densenet.optimize()`` form, in eval mode.
+        x: (N, in_channels, H, W) preprocessed images.
+
+    Returns float32 ``ActivationMaps`` (see the module's docstring for why they are exact).
+    """
+    features, classifier = _features_and_classifier(model, x)
+    maps = torch.einsum("ck,nkhw->nchw", classifier.weight, features)
+    maps = (maps + classifier.bias.view(1, -1, 1, 1)).float()
+    return ActivationMaps(maps.mean((2, 3)), maps)
+
+
+class _FinalFeatures(nn.Module):
+    """A DenseNet whose final ReLU is a module (``act``), so that hooks see the feature map F."""
+
+    def __init__(self, model: DenseNet) -> None:
+        super().__init__()
+        self.model, self.act = model, nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(self.act(self.model.features(x)))
+
+
+def grad_cam(
+    model: DenseNet, x: Tensor, classes: Tensor | None = None, layer: str | None = None
+) -> Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) of an inner layer, computed by the ``grad-cam``
+    package (``pip install grad-cam``, an optional extra: ``densenet[gradcam]``).
+
+    Args:
+        model: an eager ``DenseNet`` (Grad-CAM needs gradients).
+        x: (N, in_channels, H, W) preprocessed images.
+        classes: (N,) the class of each image's map; default its top class.
+        layer: a module name such as ``"features.denseblock3"``; default the final feature map
+            (after the last BN-ReLU), where Grad-CAM is ``relu(cam - b) / (h * w)``: the class
+            activation map up to scale and the bias, clipped at zero.
+
+    Returns (N, H, W) maps scaled to [0, 1] (the package's form).
+    """
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise ExplainError("Grad-CAM needs the grad-cam package: pip install grad-cam") from None
+    if not isinstance(model, DenseNet):
+        raise ExplainError(f"Grad-CAM needs an eager DenseNet, got {type(model).__name__}")
+    net = _FinalFeatures(model).eval()
+    target = net.act if layer is None else model.get_submodule(layer)
+    targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
+    with GradCAM(model=net, target_layers=[target]) as cam:
+        return torch.from_numpy(cam(input_tensor=x, targets=targets))
+
+
+def _colormap(values: Tensor) -> Tensor:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8: blue (low) through green to red (high)."""
+    red = (1.5 - (4 * values - 3).abs()).clamp(0, 1)
+    green = (1.5 - (4 * values - 2).abs()).clamp(0, 1)
+    blue = (1.5 - (4 * values - 1).abs()).clamp(0, 1)
+    return (torch.stack([red, green, blue], -1) * 255).round().to(torch.uint8)
+
+
+def heat_overlay(image: Image.Image, cam: Tensor, label: str, alpha: float = 0.5) -> Image.Image:
+    """An RGB picture of ``image`` with ``cam`` (H, W, the image's size) drawn over it as a heat
+    map (its minimum blue, its maximum red; ``alpha`` its weight) and ``label`` in the corner."""
+    low, high = cam.min(), cam.max()
+    scaled = (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
+    heat = Image.fromarray(_colormap(scaled.float().cpu()).numpy(), "RGB")
+    blended = Image.blend(image.convert("RGB"), heat.resize(image.size), alpha)
+    draw = ImageDraw.Draw(blended)
+    box = draw.textbbox((0, 0), label)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
+    draw.text((2, 2), label, fill=(255, 255, 255))
+    return blended

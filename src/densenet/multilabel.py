@@ -1,0 +1,204 @@
+"""Multi-label data and metrics: a labels CSV naming images and their labels (several per
+image), its splits as datasets, and per-label AUROC and average precision (``torchmetrics``).
+
+The CSV has a ``file`` column (a path relative to the data folder) and either one 0/1 column per
+label or a ``labels`` column of ``|``-separated label names; an optional ``split`` column
+(``train``, ``val``, ``test``) splits it, else a second CSV gives the validation images.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .data import DataError, DataSplits
+from .images import ImageError, open_image
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["LabelTable", "LabelledImages", "label_metrics", "label_splits", "read_labels_csv"]
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelTable:
+    """The rows of a labels CSV: image paths, label names, (N, L) 0/1 float targets, and each
+    row's split (None without a ``split`` column)."""
+
+    files: list[Path]
+    names: list[str]
+    targets: Tensor
+    splits: list[str] | None
+
+    def subset(self, split: str) -> LabelTable:
+        """The rows of one split."""
+        rows = [i for i, s in enumerate(self.splits or []) if s == split]
+        return LabelTable([self.files[i] for i in rows], self.names, self.targets[rows], None)
+
+
+def read_labels_csv(path: str | os.PathLike, root: str | os.PathLike) -> LabelTable:
+    """Read and check a labels CSV whose ``file`` column is relative to ``root``: every file
+    exists, every value of a 0/1 column is 0 or 1, every split named is known."""
+    path, root = Path(path), Path(root)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"labels file {path} cannot be read: {error}") from None
+    columns = list(rows[0]) if rows else []
+    if "file" not in columns:
+        raise DataError(
+            f"{path} needs a 'file' column and rows (found columns: {', '.join(columns) or 'none'})"
+        )
+    files = [root / row["file"] for row in rows]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{path} names {len(missing)} file(s) that do not exist under {root} "
+            f"(first: {', '.join(missing[:3])}); fix the file column or --data"
+        )
+    splits = [row["split"].strip() for row in rows] if "split" in columns else None
+    unknown = sorted(set(splits or []) - set(SPLITS))
+    if unknown:
+        raise DataError(f"{path}: unknown split(s) {', '.join(unknown)}; use {', '.join(SPLITS)}")
+    names, targets = _targets(path, rows, [c for c in columns if c not in ("file", "split")])
+    return LabelTable(files, names, targets, splits)
+
+
+def _targets(
+    path: Path, rows: list[dict[str, str]], columns: list[str]
+) -> tuple[list[str], Tensor]:
+    if columns == ["labels"]:
+        sets = [{n.strip() for n in row["labels"].split("|") if n.strip()} for row in rows]
+        names = sorted(set().union(*sets))
+        values = [[float(n in s) for n in names] for s in sets]
+        return names, torch.tensor(values)
+    values = [[row[c].strip() for c in columns] for row in rows]
+    bad = next(((i, v) for i, row in enumerate(values) for v in row if v not in ("0", "1")), None)
+    if bad is not None or not columns:
+        raise DataError(
+            f"{path}: expected one 0/1 column per label or a 'labels' column of |-separated names"
+            + (f"; row {bad[0] + 1} holds {bad[1]!r}" if bad is not None else "")
+        )
+    return columns, torch.tensor([[float(v) for v in row] for row in values])
+
+
+def check_both_classes(table: LabelTable, what: str) -> None:
+    """Each label must be both present and absent in ``table`` (else AUROC is undefined and the
+    label cannot be learnt)."""
+    positives = table.targets.sum(0)
+    single = [n for n, p in zip(table.names, positives.tolist()) if p in (0, len(table.files))]
+    if single:
+        raise DataError(
+            f"label(s) {', '.join(single)} have one class only in the {what} images (every image "
+            "has them, or none has); drop them or add images of the other class"
+        )
+
+
+class LabelledImages(Dataset):
+    """Items ``(PIL image, (L,) float targets)``, or ``None`` for an unreadable image."""
+
+    def __init__(self, table: LabelTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor] | None:
+        try:
+            return open_image(self.table.files[index]), self.table.targets[index]
+        except ImageError as error:
+            log.warning("skipped unreadable image: %s", error)
+            return None
+
+
+def label_splits(
+    labels: str | os.PathLike, root: str | os.PathLike, val_labels: str | os.PathLike | None
+) -> DataSplits:
+    """Training splits from a labels CSV (its ``split`` column, or ``val_labels`` for the
+    validation images); each label must have both classes in the training and validation sets."""
+    table = read_labels_csv(labels, root)
+    if val_labels is not None:
+        train, val, test = table, read_labels_csv(val_labels, root), None
+        if val.names != train.names:
+            raise DataError(f"{val_labels} has labels {val.names}, {labels} has {train.names}")
+    elif table.splits is None:
+        raise DataError(f"{labels} has no 'split' column; add one or give --val-labels")
+    else:
+        train, val = table.subset("train"), table.subset("val")
+        test = table.subset("test") if "test" in table.splits else None
+    for part, what in ((train, "training"), (val, "validation")):
+        if not part.files:
+            raise DataError(f"{labels}: no {what} images")
+        check_both_classes(part, what)
+    return DataSplits(
+        str(labels),
+        LabelledImages(train),
+        LabelledImages(val),
+        LabelledImages(test) if test is not None else None,
+        train.names,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
+
+
+def pos_weight(dataset: LabelledImages) -> Tensor:
+    """``negatives / positives`` per label: BCE's weight that balances rare labels."""
+    targets = dataset.table.targets
+    return (len(targets) - targets.sum(0)) / targets.sum(0)
+
+
+def label_metrics(probabilities: Tensor, targets: Tensor, names: Iterable[str]) -> dict[str, Any]:
+    """Per-label and mean AUROC and average precision of (N, L) ``probabilities`` against 0/1
+    ``targets`` (torchmetrics' binary definitions), as a JSON-ready dict."""
+    from torchmetrics.functional.classification import (
+        multilabel_auroc,
+        multilabel_average_precision,
+    )
+
+    names = list(names)
+    targets = targets.long()
+    auroc = multilabel_auroc(probabilities, targets, len(names), average="none")
+    ap = multilabel_average_precision(probabilities, targets, len(names), average="none")
+    return {
+        "images": len(targets),
+        "mean_auroc": float(auroc.mean()),
+        "mean_ap": float(ap.mean()),
+        "labels": {
+            n: {"auroc": float(a), "ap": float(p), "positives": int(t)}
+            for n, a, p, t in zip(names, auroc, ap, targets.sum(0))
+        },
+    }
+
+
+@torch.no_grad()
+def predict_labels(
+    model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """Sigmoid probabilities (N, L) and targets (N, L) of a loader of ``collate`` batches, and
+    the number of unreadable images skipped; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    probabilities, targets, skipped = [], [], 0
+    try:
+        for images, labels, dropped in loader:
+            skipped += dropped
+            if labels.numel() == 0:
+                continue
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images.to(device, non_blocking=True))
+            probabilities.append(logits.float().sigmoid().cpu())
+            targets.append(labels)
+    finally:
+        model.train(was_training)
+    return torch.cat(probabilities), torch.cat(targets), skipped
