@@ -185,8 +185,8 @@ def test_training_checkpoint_brings_its_classes_and_transform(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_new_classifier_drops_the_imagenet_names(torch_home):
-    torch.save(densenet.densenet121().state_dict(), torch_home / "densenet121-a639ec97.pth")
+def test_new_classifier_drops_the_imagenet_names(publish):
+    publish("densenet121", densenet.densenet121().state_dict())
     with pytest.warns(UserWarning, match="classifier"):
         model = densenet.densenet121(weights="DEFAULT", num_classes=3)
     assert densenet.Classifier(model, device="cpu").categories == ["class 0", "class 1", "class 2"]

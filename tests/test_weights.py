@@ -4,44 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batchnorm
+from conftest import legacy, randomize_batchnorm, save_published_like
 from safetensors.torch import save_file
 
 import densenet
+from densenet import weights
 from densenet.registry import model_info
 from densenet.weights import (
     WeightsError,
     convert_legacy_keys,
     get_weights,
     load_checkpoint,
+    sha256_file,
     verify_file,
 )
 
 SMALL = "densenet_bc_100_k12"  # a small architecture to stand in for a published one
-
-
-def legacy(state: dict) -> dict:
-    """The original files' key spelling: denselayerM.norm.1.weight instead of norm1.weight."""
-    return {
-        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
-        for k, v in state.items()
-    }
-
-
-def save_published_like(directory: Path, arch: str, state: dict) -> Path:
-    """Save ``state`` in the old key format under a name carrying its SHA-256 prefix."""
-    tmp = directory / "tmp.pth"
-    torch.save(legacy(state), tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path = directory / f"{arch}-{digest[:8]}.pth"
-    tmp.rename(path)
-    return path
 
 
 def small_entry(file_name: str) -> densenet.Weights:
@@ -189,7 +171,7 @@ def test_download_verify_cache_then_offline(torch_home, file_server, monkeypatch
     model = densenet.get_model(SMALL, weights=entry, progress=False)
     cached = torch_home / path.name
     assert cached.read_bytes() == path.read_bytes()
-    assert [p.name for p in torch_home.iterdir()] == [path.name]  # no temporary file left
+    assert not list(torch_home.glob("*.tmp*"))  # no temporary file left
     assert torch.equal(model.classifier.weight, source.classifier.weight)
     server.shutdown()  # the second load must not touch the network
     again = densenet.get_model(SMALL, weights=entry, progress=False)
@@ -231,10 +213,34 @@ def test_no_network_names_the_url_and_the_cache_path(torch_home, monkeypatch):
     assert list(torch_home.iterdir()) == []
 
 
-def test_pretrained_true_uses_the_torchvision_cache(torch_home):
+def test_pretrained_true_uses_the_torchvision_cache(publish):
     torch.manual_seed(0)
     reference = torchvision.models.densenet121()
-    torch.save(legacy(reference.state_dict()), torch_home / "densenet121-a639ec97.pth")
+    publish("densenet121", reference.state_dict())
     model = densenet.densenet121(pretrained=True)
     assert densenet.load("densenet121").card == get_weights("densenet121").card
     assert torch.equal(model.classifier.weight, reference.classifier.weight)
+
+
+def test_a_cached_file_that_fails_its_hash_is_refused(torch_home):
+    entry = get_weights("densenet121")
+    torch.save(densenet.densenet121().state_dict(), entry.cache_path)
+    digest = hashlib.sha256(entry.cache_path.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError) as raised:
+        densenet.densenet121(pretrained=True)
+    message = str(raised.value)
+    assert str(entry.cache_path) in message and digest[:8] in message
+    assert "--weights FILE" in message
+
+
+def test_a_cached_file_is_hashed_once_until_it_changes(publish, monkeypatch):
+    path = publish(SMALL, densenet.get_model(SMALL, num_classes=1000).state_dict())
+    hashed = []
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    densenet.get_model(SMALL, weights="DEFAULT")
+    densenet.get_model(SMALL, weights="DEFAULT")
+    assert hashed == [path]
+    with open(path, "ab") as file:  # the file changed since it was verified
+        file.write(b"x")
+    with pytest.raises(WeightsError, match="not the published"):
+        densenet.get_model(SMALL, weights="DEFAULT")
