@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 
 import pytest
 import torch
@@ -115,6 +116,16 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": densenet.get_model(SMALL).state_dict(), "payload": Foreign()}, path)
     with pytest.raises(WeightsError, match="code execution.*refused"):
+        load_checkpoint(path)
+
+
+def test_a_pickle_that_calls_a_function_is_refused(tmp_path):
+    path = tmp_path / "system.pth"
+    # protocol 2: GLOBAL posix.system (or nt.system), then REDUCE on ("true",)
+    path.write_bytes(
+        b"\x80\x02c" + os.system.__module__.encode() + b"\nsystem\nX\x04\x00\x00\x00true\x85R."
+    )
+    with pytest.raises(WeightsError, match=r"needs code execution.*system.*refused"):
         load_checkpoint(path)
 
 

@@ -80,7 +80,9 @@ def read_torch_file(
             return load_safetensors(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as problem:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(problem))
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module
+        # x is blocked"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(problem), re.IGNORECASE)
         if found is None:
             raise error(f"{unreadable} (unreadable pickle data)") from None
         raise error(
