@@ -74,6 +74,10 @@ def bad_images(folder):
     folder.mkdir()
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("not an image")
+    # EPS under a .jpg name: never handed to Pillow's Ghostscript plugin
+    (folder / "vector.jpg").write_text(
+        "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    )
     buffer = folder / "full.jpg"
     Image.fromarray(skimage.data.astronaut()).save(buffer)
     (folder / "truncated.jpg").write_bytes(buffer.read_bytes()[:2000])
@@ -83,6 +87,7 @@ def bad_images(folder):
     return {
         "empty.jpg": "empty",
         "notes.jpg": "not an image",
+        "vector.jpg": "not an image",
         "truncated.jpg": "truncated",
         "wide.png": "wider than 100:1",
         "bomb.png": "pixels",
