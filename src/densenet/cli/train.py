@@ -29,12 +29,15 @@ FLAGS = {
     "device": "auto (GPU when present), cpu, cuda...",
     "amp": "auto (bf16 on GPUs that have it), none, bf16, fp16",
     "checkpoint_every_steps": "also checkpoint every N steps inside epochs",
+    "max_unreadable": "fail an epoch when more than this fraction of its training images "
+    "cannot be read",
 }
 SWITCHES = {
     "compile": "torch.compile the model",
     "memory_efficient": "memory-efficient blocks",
     "sync_bn": "SyncBatchNorm across processes (GPU)",
     "deterministic": "reproducible",
+    "allow_empty_classes": "accept class folders without training images (refused otherwise)",
 }
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     holdout: int = 0  # training images held out for validation (named datasets)
     weights: str | None = None  # start from these weights (a registry name or a file)
     model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
+    allow_empty_classes: bool = False  # a folder's classes without training images (refused)
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
     sync_bn: bool = False
@@ -60,6 +61,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int | None = None  # None: batch_size
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs every this many steps
+    # an epoch fails when more than this fraction of its training images cannot be read
+    max_unreadable: float = 0.1
     progress: bool = True
 
 
@@ -67,7 +70,7 @@ RUN_OPTIONS = frozenset(
     {
         "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
         "data_root", "download", "workers", "device", "eval_batch_size",
-        "checkpoint_every_steps", "progress",
+        "checkpoint_every_steps", "progress", "max_unreadable",
     }
 )  # fmt: skip
 
@@ -187,6 +190,8 @@ def check_config(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "accumulate"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if not 0 <= config.max_unreadable < 1:
+        raise ValueError(f"max_unreadable must be in [0, 1), got {config.max_unreadable}")
     if config.data is None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"

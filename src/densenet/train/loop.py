@@ -53,8 +53,9 @@ class Trainer:
         self.main, self.ddp = rank == 0, world_size > 1
         self._seed_and_determinism(config)
         self.splits = load_splits(
-            config.data, config.data_root, config.download, config.holdout, config.seed
-        )  # type: ignore[arg-type]
+            config.data, config.data_root, config.download, config.holdout, config.seed,
+            config.allow_empty_classes,
+        )  # type: ignore[arg-type]  # fmt: skip
         self.config = config = self._resolve(config)
         self.out = Path(config.out)  # type: ignore[arg-type]
         self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
@@ -333,6 +334,17 @@ class Trainer:
             "images_per_second": seen / (time.perf_counter() - start),
         }
 
+    def _check_readable(self, images: int, skipped: int) -> None:
+        """Fail an epoch that read no training image, or skipped more than ``max_unreadable``."""
+        total, limit = images + skipped, self.config.max_unreadable
+        if images and skipped <= limit * total:
+            return
+        raise TrainingError(
+            f"epoch {self.epoch + 1}: {skipped} of {total} training images could not be read "
+            f"(over the limit of {limit:.0%}); the warnings above name them. Fix or remove them, "
+            "or raise --max-unreadable"
+        )
+
     def _evaluate(self, split: str) -> EvalResult:
         self._sync_buffers()
         return evaluate(
@@ -348,6 +360,7 @@ class Trainer:
         while self.epoch < config.epochs:
             started = time.perf_counter()
             record = self._train_epoch()
+            self._check_readable(record["train_images"], record["train_skipped"])
             self.scheduler.step()
             val = self._evaluate("val")
             self.epoch += 1
