@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 from conftest import legacy, save_published_like, tiny_model
+from PIL import Image
 from safetensors.torch import load_file
 from test_weights import SMALL
 
@@ -173,3 +174,37 @@ def test_every_option_is_read_by_its_command():
             if action.dest in ("help", "run") or isinstance(action, argparse._SubParsersAction):
                 continue
             assert f"args.{action.dest}" in source or action.dest in tables, (name, action.dest)
+
+
+def command_help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_shows_defaults_choices_and_recipe_values(capsys):
+    assert "(default: 16)" in command_help(capsys, "predict")  # --batch-size
+    assert "(default: 256)" in command_help(capsys, "serve")  # --max-queue
+    bench = command_help(capsys, "bench")
+    assert "(default: 224)" in bench and "densenet.optimize" in bench
+    assert "List the architectures" in command_help(capsys, "info")
+    train = command_help(capsys, "train")
+    assert "--amp {auto,none,bf16,fp16}" in train
+    assert "{cifar10,cifar10+,cifar100,cifar100+,svhn,imagenet,finetune}" in train
+    recipe = " ".join(command_help(capsys, "train", "--recipe", "imagenet").split())
+    assert "(recipe imagenet: 90)" in recipe and "(recipe imagenet: densenet121)" in recipe
+
+
+def test_random_weights_are_announced(tmp_path, capsys):
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (40, 40), "grey").save(image)
+    argv = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "densenet predict: warning: --weights none: random weights" in capsys.readouterr().err
+
+
+def test_a_mistyped_image_is_reported_before_any_download(torch_home, monkeypatch, capsys):
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", "http://127.0.0.1:9/")
+    assert main(["predict", "phto.jpg"]) == 2
+    assert capsys.readouterr().err == "densenet predict: error: phto.jpg: no such file or folder\n"
+    assert list(torch_home.iterdir()) == []

@@ -138,7 +138,7 @@ def test_cli_predict_bad_images_among_good(weights_file, images, tmp_path, capsy
     assert "coffee.png" in captured.out
     errors = captured.err.strip().splitlines()
     assert len(errors) == len(expected)
-    assert all(line.startswith("error: ") for line in errors)
+    assert all(line.startswith("densenet predict: error: ") for line in errors)
 
 
 @pytest.mark.parametrize(
@@ -168,6 +168,7 @@ def test_cli_no_weights_offline_names_url_and_path(images, torch_home, monkeypat
     assert main(["predict", str(images / "coffee.png"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/densenet121-a639ec97.pth" in err
+    assert "--weights FILE" in err and "--weights none" in err
     assert str(torch_home / "densenet121-a639ec97.pth") in err
 
 

@@ -9,7 +9,7 @@ import tempfile
 from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
 from ..io import check_regular_file
 from ..load import load
-from .common import add_model_args, print_report
+from .common import add_model_args, print_report, warn_if_random
 
 
 def add_parser(sub) -> None:
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
+    warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     name = loaded.card.arch or args.model
     with tempfile.TemporaryDirectory() as scratch:
