@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import http.server
+import re
 import threading
 from functools import partial
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 import densenet
-from densenet import DenseNet
+from densenet import DenseNet, weights
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
 
@@ -43,6 +46,39 @@ def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "densenet121-random.pth"
     torch.save(randomize_batchnorm(densenet.densenet121()).state_dict(), path)
     return path
+
+
+def legacy(state: dict) -> dict:
+    """The original files' key spelling: denselayerM.norm.1.weight instead of norm1.weight."""
+    return {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in state.items()
+    }
+
+
+def save_published_like(directory: Path, arch: str, state: dict) -> Path:
+    """Save ``state`` in the old key format under a name carrying its SHA-256 prefix."""
+    tmp = directory / "tmp.pth"
+    torch.save(legacy(state), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = directory / f"{arch}-{digest[:8]}.pth"
+    tmp.rename(path)
+    return path
+
+
+@pytest.fixture
+def publish(torch_home, monkeypatch):
+    """``publish(arch, state)``: put ``state`` in the cache as ``arch``'s published weights (a file
+    named with its own SHA-256 prefix, the registry entry pointed at it); returns its path."""
+
+    def cache(arch: str, state: dict) -> Path:
+        path = save_published_like(torch_home, arch, state)
+        published = weights.get_weights("densenet121")
+        entry = dataclasses.replace(published, arch=arch, file_name=path.name)
+        monkeypatch.setitem(weights.WEIGHTS, arch, {entry.name: entry, "DEFAULT": entry})
+        return path
+
+    return cache
 
 
 @pytest.fixture

@@ -6,14 +6,18 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from conftest import legacy, save_published_like, tiny_model
+from PIL import Image
 from safetensors.torch import load_file
-from test_weights import SMALL, legacy, save_published_like
+from test_weights import SMALL
 
 import densenet
 from densenet.cli import build_parser, main
@@ -56,7 +60,7 @@ def test_weights_download_into_the_cache(torch_home, file_server, monkeypatch, c
     monkeypatch.setitem(WEIGHTS, "densenet121", {"DEFAULT": wrong})
     assert main(["weights", "download", "densenet121"]) == 2
     assert "corrupt" in capsys.readouterr().err
-    assert [p.name for p in torch_home.iterdir()] == [served.name]
+    assert [p.name for p in torch_home.glob("[!.]*")] == [served.name]  # the stamp is hidden
 
 
 def test_weights_verify_and_convert(tmp_path, capsys):
@@ -74,6 +78,45 @@ def test_weights_verify_and_convert(tmp_path, capsys):
     torch.save(legacy(model.state_dict()), other)
     assert main(["weights", "verify", str(other)]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+class RunsCode:
+    """Unpickling it would run ``os.system``."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize(
+    "name, save",
+    [
+        ("garbage.pth", lambda path: path.write_bytes(bytes(range(256)) * 4)),
+        ("payload.pth", lambda path: torch.save(RunsCode(), path)),
+        ("resnet.pth", lambda path: torch.save(torchvision.models.resnet18().state_dict(), path)),
+        ("list.pth", lambda path: torch.save([1, 2, 3], path)),
+        ("garbage.safetensors", lambda path: path.write_bytes(b"\xff" * 64)),
+    ],
+)
+def test_verify_fails_on_files_that_do_not_load(tmp_path, capsys, name, save):
+    save(tmp_path / name)
+    assert main(["weights", "verify", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / name) in err and err.count("truncated or corrupt") <= 1
+
+
+def test_verify_infers_the_architecture_from_keys_and_shapes(tmp_path, capsys):
+    torch.save(densenet.get_model(SMALL, num_classes=7).state_dict(), tmp_path / "mine.pth")
+    torch.save(tiny_model(num_classes=3).state_dict(), tmp_path / "tiny.pth")
+    assert main(["weights", "verify", str(tmp_path / "mine.pth"), "--json"]) == 0
+    assert main(["weights", "verify", str(tmp_path / "tiny.pth"), "--json"]) == 0
+    reports = capsys.readouterr().out.replace("]\n[", ",")
+    small, tiny = json.loads(reports)
+    assert small["loads_into"] == SMALL and small["config"]["num_classes"] == 7
+    assert tiny["loads_into"] == "DenseNet"
+    built = tiny_model(num_classes=3).config
+    assert tiny["config"] == {k: v for k, v in built.items() if k != "drop_rate"} | {
+        "block_config": [2, 2]
+    }
 
 
 def test_console_script_runs():
@@ -131,3 +174,37 @@ def test_every_option_is_read_by_its_command():
             if action.dest in ("help", "run") or isinstance(action, argparse._SubParsersAction):
                 continue
             assert f"args.{action.dest}" in source or action.dest in tables, (name, action.dest)
+
+
+def command_help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_shows_defaults_choices_and_recipe_values(capsys):
+    assert "(default: 16)" in command_help(capsys, "predict")  # --batch-size
+    assert "(default: 256)" in command_help(capsys, "serve")  # --max-queue
+    bench = command_help(capsys, "bench")
+    assert "(default: 224)" in bench and "densenet.optimize" in bench
+    assert "List the architectures" in command_help(capsys, "info")
+    train = command_help(capsys, "train")
+    assert "--amp {auto,none,bf16,fp16}" in train
+    assert "{cifar10,cifar10+,cifar100,cifar100+,svhn,imagenet,finetune}" in train
+    recipe = " ".join(command_help(capsys, "train", "--recipe", "imagenet").split())
+    assert "(recipe imagenet: 90)" in recipe and "(recipe imagenet: densenet121)" in recipe
+
+
+def test_random_weights_are_announced(tmp_path, capsys):
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (40, 40), "grey").save(image)
+    argv = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "densenet predict: warning: --weights none: random weights" in capsys.readouterr().err
+
+
+def test_a_mistyped_image_is_reported_before_any_download(torch_home, monkeypatch, capsys):
+    monkeypatch.setenv("DENSENET_WEIGHTS_URL", "http://127.0.0.1:9/")
+    assert main(["predict", "phto.jpg"]) == 2
+    assert capsys.readouterr().err == "densenet predict: error: phto.jpg: no such file or folder\n"
+    assert list(torch_home.iterdir()) == []

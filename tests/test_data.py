@@ -81,19 +81,23 @@ def test_named_dataset_splits_and_holdout(cifar_root):
         load_splits("cifar10", cifar_root, holdout=40)
 
 
-def test_folder_classes_in_sorted_order_and_unreadable_images_skipped(tmp_path):
+def test_folder_classes_in_sorted_order_and_unreadable_images_skipped(tmp_path, caplog):
     for name in ("n02", "n01"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8), "red").save(tmp_path / name / "a.png")
     (tmp_path / "n02" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "n02" / "vector.jpg").write_text(
+        "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    )
     data = ImageFolderData(tmp_path)
     assert data.classes == ["n01", "n02"]
     items = [data[i] for i in range(len(data))]
-    assert sum(item is None for item in items) == 1
+    assert sum(item is None for item in items) == 2
+    assert "vector.jpg: not an image" in caplog.text  # refused by format, Ghostscript never run
     images, labels, skipped = collate(
         [TransformedDataset(data, train_transform("none", 8))[i] for i in range(len(data))]
     )
-    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1] and skipped == 1
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1] and skipped == 2
 
 
 def test_folder_errors(tmp_path):

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from test_weights import legacy
 
 import densenet
 
@@ -22,10 +21,10 @@ def test_every_model_loads_through_torch_hub(name):
     assert isinstance(model, torch.nn.Module) and model.config == reference.config
 
 
-def test_pretrained_through_torch_hub(torch_home):
+def test_pretrained_through_torch_hub(publish):
     torch.manual_seed(1)
     state = torchvision.models.densenet121().state_dict()
-    torch.save(legacy(state), torch_home / "densenet121-a639ec97.pth")
+    publish("densenet121", state)
     model = torch.hub.load(REPO, "densenet121", source="local", pretrained=True)
     assert torch.equal(model.features.norm5.running_var, state["features.norm5.running_var"])
     again = torch.hub.load(REPO, "densenet121", source="local", weights="IMAGENET1K_V1")

@@ -74,6 +74,10 @@ def bad_images(folder):
     folder.mkdir()
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("not an image")
+    # EPS under a .jpg name: never handed to Pillow's Ghostscript plugin
+    (folder / "vector.jpg").write_text(
+        "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    )
     buffer = folder / "full.jpg"
     Image.fromarray(skimage.data.astronaut()).save(buffer)
     (folder / "truncated.jpg").write_bytes(buffer.read_bytes()[:2000])
@@ -83,6 +87,7 @@ def bad_images(folder):
     return {
         "empty.jpg": "empty",
         "notes.jpg": "not an image",
+        "vector.jpg": "not an image",
         "truncated.jpg": "truncated",
         "wide.png": "wider than 100:1",
         "bomb.png": "pixels",
@@ -133,7 +138,7 @@ def test_cli_predict_bad_images_among_good(weights_file, images, tmp_path, capsy
     assert "coffee.png" in captured.out
     errors = captured.err.strip().splitlines()
     assert len(errors) == len(expected)
-    assert all(line.startswith("error: ") for line in errors)
+    assert all(line.startswith("densenet predict: error: ") for line in errors)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +168,7 @@ def test_cli_no_weights_offline_names_url_and_path(images, torch_home, monkeypat
     assert main(["predict", str(images / "coffee.png"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/densenet121-a639ec97.pth" in err
+    assert "--weights FILE" in err and "--weights none" in err
     assert str(torch_home / "densenet121-a639ec97.pth") in err
 
 
@@ -185,8 +191,8 @@ def test_training_checkpoint_brings_its_classes_and_transform(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_new_classifier_drops_the_imagenet_names(torch_home):
-    torch.save(densenet.densenet121().state_dict(), torch_home / "densenet121-a639ec97.pth")
+def test_new_classifier_drops_the_imagenet_names(publish):
+    publish("densenet121", densenet.densenet121().state_dict())
     with pytest.warns(UserWarning, match="classifier"):
         model = densenet.densenet121(weights="DEFAULT", num_classes=3)
     assert densenet.Classifier(model, device="cpu").categories == ["class 0", "class 1", "class 2"]

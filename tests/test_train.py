@@ -20,6 +20,7 @@ from test_data import digits_folder, fake_cifar10
 
 from densenet import ModelCard
 from densenet.cli import main
+from densenet.data import DataError
 from densenet.train import (
     RECIPES,
     CheckpointError,
@@ -253,13 +254,18 @@ def test_held_out_validation_then_the_best_model_is_tested(tmp_path, monkeypatch
     assert resolved["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # CIFAR-10's statistics
 
 
-def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):
-    data = tmp_path / "data"
+def copy_digits(few_digits: Path, data: Path) -> Path:
+    """A writable copy of the digits folder."""
     for split in ("train", "val"):
         for folder in (few_digits / split).iterdir():
             (data / split / folder.name).mkdir(parents=True)
             for image in folder.iterdir():
                 (data / split / folder.name / image.name).write_bytes(image.read_bytes())
+    return data
+
+
+def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):
+    data = copy_digits(few_digits, tmp_path / "data")
     (data / "train" / "3" / "corrupt.png").write_bytes(b"\x89PNG broken")
     (data / "train" / "4" / "empty.jpg").write_bytes(b"")
     (data / "val" / "5" / "text.png").write_text("not an image")
@@ -267,6 +273,29 @@ def test_unreadable_images_are_skipped_and_counted(few_digits, tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert (record["train_skipped"], record["train_images"]) == (2, 96)
     assert (record["val_skipped"], record["val_images"]) == (1, 32)
+    with pytest.raises(TrainingError, match="2 of 98 training images could not be read"):
+        train(tiny_config(data, tmp_path / "strict", batch_size=98, max_unreadable=0.01))
+
+
+def test_an_epoch_without_a_readable_training_image_fails(few_digits, tmp_path):
+    data = copy_digits(few_digits, tmp_path / "data")
+    for image in (data / "train").rglob("*.png"):
+        image.write_bytes(b"\x89PNG broken")
+    with pytest.raises(TrainingError, match="epoch 1: 96 of 96 training images could not be read"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "best.pth").exists()
+
+
+def test_an_empty_class_folder_is_refused_unless_allowed(few_digits, tmp_path, caplog):
+    data = copy_digits(few_digits, tmp_path / "data")
+    for split in ("train", "val"):
+        (data / split / "z").mkdir()
+    with pytest.raises(DataError, match=r"1 class folder\(s\) without images \(z\)"):
+        train(tiny_config(data, tmp_path / "run"))
+    summary = train(tiny_config(data, tmp_path / "run", allow_empty_classes=True))
+    assert "class folders without images (z)" in caplog.text
+    assert read_checkpoint(tmp_path / "run" / "last.pth").card.classes[-1] == "z"
+    assert summary["epochs"] == 1
 
 
 def test_resume_refuses_another_models_or_recipes_checkpoint(few_digits, tmp_path):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
-from pathlib import Path
+import os
 
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batchnorm
+from conftest import legacy, randomize_batchnorm, save_published_like
 from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
+from densenet import weights
 from densenet.registry import model_info
 from densenet.transforms import IMAGENET_MEAN
 from densenet.weights import (
@@ -22,28 +22,11 @@ from densenet.weights import (
     convert_legacy_keys,
     get_weights,
     load_checkpoint,
+    sha256_file,
     verify_file,
 )
 
 SMALL = "densenet_bc_100_k12"  # a small architecture to stand in for a published one
-
-
-def legacy(state: dict) -> dict:
-    """The original files' key spelling: denselayerM.norm.1.weight instead of norm1.weight."""
-    return {
-        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
-        for k, v in state.items()
-    }
-
-
-def save_published_like(directory: Path, arch: str, state: dict) -> Path:
-    """Save ``state`` in the old key format under a name carrying its SHA-256 prefix."""
-    tmp = directory / "tmp.pth"
-    torch.save(legacy(state), tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path = directory / f"{arch}-{digest[:8]}.pth"
-    tmp.rename(path)
-    return path
 
 
 def small_entry(file_name: str) -> densenet.Weights:
@@ -138,6 +121,16 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_pickle_that_calls_a_function_is_refused(tmp_path):
+    path = tmp_path / "system.pth"
+    # protocol 2: GLOBAL posix.system (or nt.system), then REDUCE on ("true",)
+    path.write_bytes(
+        b"\x80\x02c" + os.system.__module__.encode() + b"\nsystem\nX\x04\x00\x00\x00true\x85R."
+    )
+    with pytest.raises(WeightsError, match=r"needs code execution.*system.*refused"):
+        load_checkpoint(path)
+
+
 def test_truncated_file(tmp_path):
     good = tmp_path / "good.pth"
     torch.save(densenet.get_model(SMALL).state_dict(), good)
@@ -191,7 +184,7 @@ def test_download_verify_cache_then_offline(torch_home, file_server, monkeypatch
     model = densenet.get_model(SMALL, weights=entry, progress=False)
     cached = torch_home / path.name
     assert cached.read_bytes() == path.read_bytes()
-    assert [p.name for p in torch_home.iterdir()] == [path.name]  # no temporary file left
+    assert not list(torch_home.glob("*.tmp*"))  # no temporary file left
     assert torch.equal(model.classifier.weight, source.classifier.weight)
     server.shutdown()  # the second load must not touch the network
     again = densenet.get_model(SMALL, weights=entry, progress=False)
@@ -233,10 +226,10 @@ def test_no_network_names_the_url_and_the_cache_path(torch_home, monkeypatch):
     assert list(torch_home.iterdir()) == []
 
 
-def test_pretrained_true_uses_the_torchvision_cache(torch_home):
+def test_pretrained_true_uses_the_torchvision_cache(publish):
     torch.manual_seed(0)
     reference = torchvision.models.densenet121()
-    torch.save(legacy(reference.state_dict()), torch_home / "densenet121-a639ec97.pth")
+    publish("densenet121", reference.state_dict())
     model = densenet.densenet121(pretrained=True)
     assert densenet.load("densenet121").card == get_weights("densenet121").card
     assert torch.equal(model.classifier.weight, reference.classifier.weight)
@@ -278,3 +271,27 @@ def test_preprocessing_follows_the_input_channels():
     assert card.preprocessing.transform()(grey).shape == (1, 32, 32)
     rgb = densenet.ModelCard.for_model(densenet.get_model(SMALL, in_channels=4)).preprocessing
     assert rgb.mean == IMAGENET_MEAN + IMAGENET_MEAN[:1]
+
+
+def test_a_cached_file_that_fails_its_hash_is_refused(torch_home):
+    entry = get_weights("densenet121")
+    torch.save(densenet.densenet121().state_dict(), entry.cache_path)
+    digest = hashlib.sha256(entry.cache_path.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError) as raised:
+        densenet.densenet121(pretrained=True)
+    message = str(raised.value)
+    assert str(entry.cache_path) in message and digest[:8] in message
+    assert "--weights FILE" in message
+
+
+def test_a_cached_file_is_hashed_once_until_it_changes(publish, monkeypatch):
+    path = publish(SMALL, densenet.get_model(SMALL, num_classes=1000).state_dict())
+    hashed = []
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    densenet.get_model(SMALL, weights="DEFAULT")
+    densenet.get_model(SMALL, weights="DEFAULT")
+    assert hashed == [path]
+    with open(path, "ab") as file:  # the file changed since it was verified
+        file.write(b"x")
+    with pytest.raises(WeightsError, match="not the published"):
+        densenet.get_model(SMALL, weights="DEFAULT")

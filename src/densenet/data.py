@@ -333,12 +333,28 @@ def _check_same_classes(train_dir: Path, val_dir: Path, train: list[str], val: l
     )
 
 
+def _check_no_empty_class(train_dir: Path, train: ImageFolderData, allowed: bool) -> None:
+    """Refuse (or, when ``allowed``, warn about) class folders holding no training image."""
+    used = {label for _, label in train.samples}
+    empty = [name for i, name in enumerate(train.classes) if i not in used]
+    if not empty:
+        return
+    listed = f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
+    if not allowed:
+        raise DataError(
+            f"{train_dir} has {len(empty)} class folder(s) without images ({listed}); remove "
+            "them, or pass --allow-empty-classes to train a classifier with outputs for them"
+        )
+    log.warning("%s: class folders without images (%s) still get an output", train_dir, listed)
+
+
 def load_splits(
     data: str,
     root: str | os.PathLike | None = None,
     download: bool = False,
     holdout: int = 0,
     seed: int = 0,
+    allow_empty_classes: bool = False,
 ) -> DataSplits:
     """The train/validation(/test) splits of ``data``.
 
@@ -351,6 +367,8 @@ def load_splits(
         download: allow downloading a named dataset that is not in ``root``.
         holdout: training images held out for validation (chosen by a permutation seeded with
             ``seed``), named datasets only.
+        allow_empty_classes: accept class folders without training images (the model still
+            gets an output for each, with a warning); refused by default.
     """
     if data in NAMED_DATASETS:
         spec = NAMED_DATASETS[data]
@@ -381,6 +399,7 @@ def load_splits(
     train = ImageFolderData(folder / "train")
     val = ImageFolderData(folder / "val")
     _check_same_classes(folder / "train", folder / "val", train.classes, val.classes)
+    _check_no_empty_class(folder / "train", train, allow_empty_classes)
     return DataSplits(
         str(folder), train, val, None, list(train.classes), IMAGENET_MEAN, IMAGENET_STD
     )

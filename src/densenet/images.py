@@ -21,6 +21,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_ASPECT_RATIO",
     "MAX_PIXELS",
+    "RASTER_FORMATS",
     "ImageError",
     "ImageInput",
     "Reason",
@@ -35,6 +36,13 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image, Tensor]  # noqa: UP007
 MAX_PIXELS = 100_000_000  # decoded images larger than this are refused (decompression bombs)
 # Longer side / shorter side: beyond this, resizing the shorter side to 256 explodes in memory.
 MAX_ASPECT_RATIO = 100
+# The formats every opener accepts: raster formats only, those this Pillow reads (MPO: some
+# cameras' JPEG). Never a decoder that runs an interpreter (EPS through Ghostscript), whatever
+# the file's suffix says.
+Image.init()
+RASTER_FORMATS = tuple(
+    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM") if f in Image.OPEN
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -67,10 +75,10 @@ def describe(image: ImageInput, index: int) -> str:
 
 
 def open_image(
-    source: str | os.PathLike | bytes, formats: Sequence[str] | None = None
+    source: str | os.PathLike | bytes, formats: Sequence[str] = RASTER_FORMATS
 ) -> Image.Image:
     """Decode a file or bytes fully into an RGB-convertible PIL image, or raise ``ImageError``.
-    ``formats``: the PIL format names to accept (default: every format PIL reads)."""
+    ``formats``: the PIL format names to accept, a subset of ``RASTER_FORMATS``."""
     name = "uploaded image" if isinstance(source, bytes) else str(source)
     try:
         if isinstance(source, bytes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -18,14 +19,15 @@ from safetensors.torch import load_file as load_safetensors
 
 from .errors import DenseNetError, first_line
 
-__all__ = ["atomic_write", "read_torch_file", "write_json", "write_text"]
+__all__ = ["atomic_write", "check_regular_file", "read_torch_file", "write_json", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(temporary path)``, flush the file to disk and rename it over ``path``:
     ``path`` holds either its previous content or the complete new one, even after a crash. The
-    file gets the usual permissions (0666 less the umask). Returns ``path`` as a ``Path``."""
-    path = Path(path)
+    file gets the usual permissions (0666 less the umask). Returns ``path`` as a ``Path``.
+    ``path`` must be a regular file or not exist (``check_regular_file``)."""
+    path = check_regular_file(path)
     # ".<name>.<random>.tmp<suffix>": hidden, and formats that check the suffix accept it
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
@@ -50,6 +52,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
             os.close(folder)
     except OSError:  # a file system without directory fsync
         pass
+    return path
+
+
+def check_regular_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a regular file or does not exist; raises ``DenseNetError``
+    for a symbolic link, a folder, a device, a pipe or a socket, which a write by renaming would
+    replace."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a symbolic link" if stat.S_ISLNK(mode)
+            else "a folder" if stat.S_ISDIR(mode)
+            else "a device, pipe or socket"
+        )  # fmt: skip
+        raise DenseNetError(
+            f"{path} is {kind}, not a regular file; refusing to replace it. Write to a regular "
+            "file path"
+        )
     return path
 
 
@@ -80,7 +104,9 @@ def read_torch_file(
             return load_safetensors(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as problem:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(problem))
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module
+        # x is blocked"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(problem), re.IGNORECASE)
         if found is None:
             raise error(f"{unreadable} (unreadable pickle data)") from None
         raise error(

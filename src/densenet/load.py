@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import TrainCheckpoint, is_train_checkpoint
 from .exported import EXTRA_FILE, OnnxModel, read_metadata
 from .io import atomic_write
+from .model import DenseNet
 from .preprocessing import ModelCard
 from .registry import get_model, list_models, model_config
 from .runtime import resolve_device
@@ -35,7 +38,14 @@ from .weights import (
     verify_file,
 )
 
-__all__ = ["LoadedModel", "arch_of_file", "convert_weights", "load", "verify_weights"]
+__all__ = [
+    "LoadedModel",
+    "arch_of_file",
+    "config_of_state",
+    "convert_weights",
+    "load",
+    "verify_weights",
+]
 
 DEFAULT_ARCH = "densenet121"
 
@@ -163,9 +173,44 @@ def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None
     return stem if stem in list_models() else None
 
 
+def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``DenseNet(...)`` arguments a state_dict (current key names) was saved from, read from
+    its keys and shapes: stem, init features, growth rate, bottleneck, block configuration,
+    compression, classes. Raises ``WeightsError`` when it is not a DenseNet's."""
+    stem = state.get("features.conv0.weight")
+    first = state.get("features.denseblock1.denselayer1.conv1.weight")
+    if stem is None or first is None or stem.dim() != 4 or first.dim() != 4:
+        raise WeightsError(
+            f"cannot tell the architecture of {path} from its keys (no DenseNet stem and first "
+            "dense layer); name it with --model"
+        )
+    layers: dict[int, int] = {}
+    for key in state:
+        found = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
+        if found:
+            block, layer = int(found.group(1)), int(found.group(2))
+            layers[block] = max(layers.get(block, 0), layer)
+    second = state.get("features.denseblock1.denselayer1.conv2.weight")
+    growth_rate = (second if second is not None else first).shape[0]
+    transition = state.get("features.transition1.conv.weight")
+    classifier = state.get("classifier.weight")
+    return {
+        "growth_rate": growth_rate,
+        "block_config": tuple(layers[b] for b in sorted(layers)),
+        "num_init_features": stem.shape[0],
+        "bn_size": first.shape[0] // growth_rate if second is not None else 0,
+        "compression": transition.shape[0] / transition.shape[1] if transition is not None else 0.5,
+        "num_classes": classifier.shape[0] if classifier is not None else 0,
+        "in_channels": stem.shape[1],
+        "stem": "imagenet" if stem.shape[-1] == 7 else "cifar",
+    }
+
+
 def verify_weights(target: str, arch: str | None = None) -> dict[str, Any]:
     """Check a weights file (or an architecture's cached official file): its SHA-256 against the
-    hex part of its name, and that it loads into its architecture. Returns what was checked."""
+    hex part of its name, and that it loads strictly into its architecture (``arch``, else the
+    one its name starts with, else the one its keys and shapes describe). Returns what was
+    checked; raises ``WeightsError`` for a file that does not load."""
     if target in list_models():
         entry = get_weights(target)
         if not entry.cache_path.is_file():
@@ -177,9 +222,28 @@ def verify_weights(target: str, arch: str | None = None) -> dict[str, Any]:
     else:
         arch = arch_of_file(target, arch)
     digest = verify_file(target)
+    state = load_checkpoint(target)
     if arch is not None:
-        get_model(arch, weights=target)
-    return {"path": target, "sha256": digest, "loads_into": arch}
+        config = model_config(arch)
+        classifier = state.get("classifier.weight")
+        config["num_classes"] = classifier.shape[0] if classifier is not None else 0
+    else:
+        config = config_of_state(state, target)
+        arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
+    try:
+        module = DenseNet(**config)
+    except ValueError as error:
+        raise WeightsError(f"{target} describes no valid DenseNet ({error})") from None
+    load_state(module, state, target)
+    return {"path": target, "sha256": digest, "loads_into": arch or "DenseNet", "config": config}
+
+
+def _same_network(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two configurations build the same network up to the classifier."""
+    ignored = ("num_classes", "drop_rate", "in_channels")
+    return {k: v for k, v in a.items() if k not in ignored} == {
+        k: v for k, v in b.items() if k not in ignored
+    }
 
 
 def convert_weights(source: str, dest: str, arch: str | None = None) -> dict[str, Any]:

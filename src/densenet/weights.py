@@ -7,6 +7,7 @@ torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import DenseNetError
-from .io import atomic_write
+from .io import atomic_write, write_text
 from .io import read_torch_file as _read_torch_file
 from .labels import imagenet_classes
 from .preprocessing import ModelCard, Preprocessing
@@ -199,12 +200,16 @@ def download(url: str, path: Path, sha256_prefix: str | None = None, progress: b
             )
 
     try:
-        return atomic_write(path, write)
+        atomic_write(path, write)
     except urllib.error.URLError as error:
         raise WeightsError(
             f"cannot download {url} ({getattr(error, 'reason', error)}); "
-            f"to use the weights offline, put the file at {path}"
+            f"to use the weights offline, put the file at {path}, or pass a weights file with "
+            "--weights FILE (--weights none: random weights, for a smoke test)"
         ) from None
+    if sha256_prefix:
+        _remember_verified(path, sha256_prefix)
+    return path
 
 
 def _copy_url(url: str, out, progress: bool) -> str:
@@ -232,10 +237,46 @@ def _copy_url(url: str, out, progress: bool) -> str:
 
 
 def fetch(entry: Weights, progress: bool = True) -> Path:
-    """The cached file of ``entry``, downloaded first if it is not in the cache."""
-    if entry.cache_path.is_file():
-        return entry.cache_path
-    return download(entry.url, entry.cache_path, entry.sha256_prefix, progress)
+    """The cached file of ``entry``, downloaded first if it is not in the cache. A cached file is
+    checked against the SHA-256 prefix in its name the first time it is used (and again whenever
+    its size or modification time changes); raises ``WeightsError`` if it differs."""
+    path = entry.cache_path
+    if not path.is_file():
+        return download(entry.url, path, entry.sha256_prefix, progress)
+    if _verified_stamp(path, entry.sha256_prefix) != _read_stamp(path):
+        digest = sha256_file(path)
+        if not digest.startswith(entry.sha256_prefix):
+            raise WeightsError(
+                f"cached weights file {path} is not the published {entry.arch} {entry.name}: its "
+                f"SHA-256 starts with {digest[:8]}, not {entry.sha256_prefix}. Delete it to "
+                "download it again; offline, or if the file is meant to differ, pass it with "
+                "--weights FILE"
+            )
+        _remember_verified(path, entry.sha256_prefix)
+    return path
+
+
+def _stamp_path(path: Path) -> Path:
+    """The sidecar file recording that ``path`` was verified: ``.<name>.verified``."""
+    return path.with_name(f".{path.name}.verified")
+
+
+def _verified_stamp(path: Path, sha256_prefix: str) -> str:
+    """What the sidecar holds once ``path``, as it is now, matched ``sha256_prefix``."""
+    stat = path.stat()
+    return f"{stat.st_size} {stat.st_mtime_ns} {sha256_prefix}\n"
+
+
+def _read_stamp(path: Path) -> str | None:
+    try:
+        return _stamp_path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _remember_verified(path: Path, sha256_prefix: str) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache: the file is hashed on every use
+        write_text(_stamp_path(path), _verified_stamp(path, sha256_prefix))
 
 
 def _hash_prefix(file_name: str) -> str | None:

@@ -2,8 +2,9 @@
 with ``--help``.
 
 Expected errors (the package's own, a file that cannot be read, a bad value) are reported as one
-line on stderr (exit status 2; ``DENSENET_DEBUG=1`` shows the traceback); anything else is a bug
-and keeps its traceback.
+line on stderr, ``densenet COMMAND: error: ...`` like argparse's own (exit status 2;
+``DENSENET_DEBUG=1`` shows the traceback); anything else is a bug and keeps its traceback.
+Every ``--help`` shows the options' defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import DenseNetError, first_line
 from . import bench, embed, evaluate, export, info, predict, serve, train, weights
+from .common import CommandParser, print_problem
 
 COMMANDS = (predict, embed, info, weights, serve, export, evaluate, train, bench)
 EXPECTED_ERRORS = (DenseNetError, OSError, ValueError)
@@ -27,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dense Convolutional Networks: classify, embed, evaluate, train, export, serve.",
     )
     parser.add_argument("--version", action="version", version=f"densenet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
+    )
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
@@ -43,5 +47,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EXPECTED_ERRORS as error:
         if os.environ.get("DENSENET_DEBUG", "") not in ("", "0"):
             raise
-        print(f"densenet {args.command}: error: {first_line(error)}", file=sys.stderr)
+        print_problem(args, "error", first_line(error))
         return 2

@@ -27,7 +27,11 @@ def add_parser(sub) -> None:
         help="precision of the engines that support it (default float32 on CPU, bfloat16 on "
         "CUDA); the torchvision eager baseline is always float32",
     )
-    p.add_argument("--engines", nargs="+", help="engines to run (default all installed)")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        help=f"engines to run, of {', '.join(ENGINES)} (default all installed)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="input height and width")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--repeats", type=int, help="calls per engine per round (default: ~0.2 s)")

@@ -4,9 +4,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .. import bulk
 from ..runtime import COMPUTE_DTYPES
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless that is None or off, or the help already
+    names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser (and its sub-commands'): ``HelpFormatter`` unless told otherwise."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def print_problem(args: argparse.Namespace, kind: str, message: str) -> None:
+    """``message`` on stderr after the command's prefix: ``densenet predict: error: ...``, the
+    same as argparse's own errors."""
+    print(f"densenet {args.command}: {kind}: {message}", file=sys.stderr)
+
+
+def warn_if_random(args: argparse.Namespace) -> None:
+    """Say on stderr that ``--weights none`` gives random weights (a smoke test, not a model)."""
+    if args.weights is None:
+        print_problem(args, "warning", "--weights none: random weights, the outputs mean nothing")
 
 
 def print_json(data) -> None:

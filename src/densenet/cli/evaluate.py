@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..evaluate import evaluate_dataset
-from .common import add_data_args, add_device_arg, add_model_args, print_json
+from .common import add_data_args, add_device_arg, add_model_args, print_json, warn_if_random
 
 
 def add_parser(sub) -> None:
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    warn_if_random(args)
     result = evaluate_dataset(
         args.data, args.model, args.weights, ten_crop=args.ten_crop, batch_size=args.batch_size,
         workers=args.workers, device=args.device, amp=args.amp, data_root=args.data_root,

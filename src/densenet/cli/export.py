@@ -7,8 +7,9 @@ import os
 import tempfile
 
 from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
+from ..io import check_regular_file
 from ..load import load
-from .common import add_model_args, print_report
+from .common import add_model_args, print_report, warn_if_random
 
 
 def add_parser(sub) -> None:
@@ -48,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--triton-max-batch applies with --triton-repo DIR only")
     if args.out is None and args.triton_repo is None:
         raise ValueError("give the output file with --out FILE")
+    if args.out is not None:
+        check_regular_file(args.out)  # before the model is loaded and exported
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
+    warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     name = loaded.card.arch or args.model
     with tempfile.TemporaryDirectory() as scratch:

@@ -10,7 +10,12 @@ from .common import print_json, table
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="the models: parameters, GFLOPs, weights, accuracy")
+    p = sub.add_parser(
+        "info",
+        help="the models: parameters, GFLOPs, weights, accuracy",
+        description="List the architectures (or those named): parameters, GFLOPs at 224x224, "
+        "input size, classes, and the published weights with their ImageNet top-1/top-5.",
+    )
     p.add_argument("models", nargs="*", help="architectures (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)

@@ -4,7 +4,7 @@ every image of a folder, manifest or glob, written as resumable Parquet shards."
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 from ..bulk import BulkError, Options
 from ..images import find_images
@@ -15,7 +15,9 @@ from .common import (
     add_dtype_arg,
     add_model_args,
     print_json,
+    print_problem,
     run_bulk,
+    warn_if_random,
 )
 
 
@@ -50,6 +52,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    warn_if_random(args)
     if args.out is not None:
         if args.cam:
             raise ValueError(
@@ -62,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
             )
         options = Options(task="predict", topk=args.topk, shard_size=args.shard_size)
         return run_bulk(args, args.images[0], options)
+    missing = [path for path in args.images if not os.path.exists(path)]
+    if missing:  # before any model is loaded or downloaded
+        raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.images)}")
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for p in predictions:
             if p.error is not None:
-                print(f"error: {p.error}", file=sys.stderr)
+                print_problem(args, "error", p.error)
                 continue
             print(p.source)
             for label, probability in p.top:

@@ -7,8 +7,9 @@ import argparse
 import logging
 import os
 
+from ..runtime import AMP_MODES
 from ..train import make_config, parse_override, train
-from ..train.config import parse_value
+from ..train.config import RECIPES, parse_value
 from .common import add_data_args, print_report
 
 # TrainConfig fields with a flag of their own (text parsed as the field's type)
@@ -31,20 +32,43 @@ FLAGS = {
     "out": "output folder (default runs/RECIPE)",
     "workers": "data loading processes per training process",
     "device": "auto (GPU when present), cpu, cuda...",
-    "amp": "auto (bf16 on GPUs that have it), none, bf16, fp16",
+    "amp": "autocast: auto is bf16 on GPUs that have it, else none",
     "checkpoint_every_steps": "also checkpoint every N steps inside epochs",
+    "max_unreadable": "fail an epoch when more than this fraction of its training images "
+    "cannot be read",
 }
 SWITCHES = {
     "compile": "torch.compile the model",
     "memory_efficient": "memory-efficient blocks",
     "sync_bn": "SyncBatchNorm across processes (GPU)",
     "deterministic": "reproducible",
+    "allow_empty_classes": "accept class folders without training images (refused otherwise)",
 }
+
+
+class RecipeHelp(argparse.Action):
+    """``--help``: given after ``--recipe R``, each setting's help ends with R's value."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        recipe = RECIPES.get(getattr(namespace, "recipe", None) or "")
+        if recipe is not None:
+            for action in parser._actions:
+                if action.dest in FLAGS or action.dest in SWITCHES:
+                    value = getattr(recipe, action.dest)
+                    action.help = f"{action.help} (recipe {recipe.recipe}: {value})"
+        parser.print_help()
+        parser.exit()
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
+        add_help=False,
         help="train with one of the paper's recipes; resume after any crash",
         description="Train a DenseNet. Recipes: cifar10, cifar10+, cifar100, cifar100+, svhn, "
         "imagenet (the paper's, section 4.2) and finetune (official weights, new classifier). "
@@ -52,9 +76,14 @@ def add_parser(sub) -> None:
         "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
         "torchrun --nproc-per-node N -m densenet train ...",
     )
-    p.add_argument("--recipe", required=True, help="cifar10, cifar10+, cifar100, cifar100+, ...")
+    p.add_argument("-h", "--help", action=RecipeHelp, help="show this help (after --recipe R: "
+                   "with R's values) and exit")  # fmt: skip
+    p.add_argument(
+        "--recipe", required=True, choices=list(RECIPES), help="the settings to start from"
+    )
     for name, text in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
+        choices = AMP_MODES if name == "amp" else None
+        p.add_argument("--" + name.replace("_", "-"), dest=name, choices=choices, help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name, text in SWITCHES.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=text)

@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
     d.add_argument("--weights", default="DEFAULT", help="weights name (default DEFAULT)")
     v = actions.add_parser("verify", help="check a file's SHA-256 and that it loads")
     v.add_argument("target", help="a weights file, or an architecture (its cached file)")
-    v.add_argument("--model", help="architecture the file is for (default: from its name)")
+    v.add_argument(
+        "--model",
+        help="architecture the file is for (default: from its name, else from its keys and shapes)",
+    )
     c = actions.add_parser("convert", help="convert a checkpoint to safetensors, current keys")
     c.add_argument("source", help="a .pth/.pt/.safetensors file (old or new key names)")
     c.add_argument("dest", help="output .safetensors file")

@@ -50,6 +50,7 @@ class TrainConfig:
     pos_weight: str | None = None  # "auto": BCE weights negatives / positives per label
     thresholds: tuple[float, ...] | None = None  # per label, stored in the card (None: 0.5)
     model_args: dict[str, Any] = field(default_factory=dict)  # DenseNet(...) arguments to override
+    allow_empty_classes: bool = False  # a folder's classes without training images (refused)
     seed: int = 0
     accumulate: int = 1  # micro-batches per optimizer step, per process
     sync_bn: bool = False
@@ -67,6 +68,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int | None = None  # None: batch_size
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs every this many steps
+    # an epoch fails when more than this fraction of its training images cannot be read
+    max_unreadable: float = 0.1
     progress: bool = True
 
 
@@ -74,7 +77,7 @@ RUN_OPTIONS = frozenset(
     {
         "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
         "data_root", "download", "workers", "device", "eval_batch_size",
-        "checkpoint_every_steps", "progress",
+        "checkpoint_every_steps", "progress", "max_unreadable",
     }
 )  # fmt: skip
 
@@ -200,6 +203,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(
             "val_labels, pos_weight and thresholds apply to multi-label training (--labels)"
         )
+    if not 0 <= config.max_unreadable < 1:
+        raise ValueError(f"max_unreadable must be in [0, 1), got {config.max_unreadable}")
     if config.data is None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"

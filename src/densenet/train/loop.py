@@ -59,8 +59,9 @@ class Trainer:
             self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
         else:
             self.splits = load_splits(
-                config.data, config.data_root, config.download, config.holdout, config.seed
-            )  # type: ignore[arg-type]
+                config.data, config.data_root, config.download, config.holdout, config.seed,
+                config.allow_empty_classes,
+            )  # type: ignore[arg-type]  # fmt: skip
         self.config = config = self._resolve(config)
         self._check_channels()
         self.out = Path(config.out)  # type: ignore[arg-type]
@@ -399,6 +400,17 @@ class Trainer:
         return (f"val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% "
                 f"top-5 {val['val_top5']:.2f}%")  # fmt: skip
 
+    def _check_readable(self, images: int, skipped: int) -> None:
+        """Fail an epoch that read no training image, or skipped more than ``max_unreadable``."""
+        total, limit = images + skipped, self.config.max_unreadable
+        if images and skipped <= limit * total:
+            return
+        raise TrainingError(
+            f"epoch {self.epoch + 1}: {skipped} of {total} training images could not be read "
+            f"(over the limit of {limit:.0%}); the warnings above name them. Fix or remove them, "
+            "or raise --max-unreadable"
+        )
+
     def _evaluate(self, split: str) -> EvalResult:
         self._sync_buffers()
         return evaluate(
@@ -414,6 +426,7 @@ class Trainer:
         while self.epoch < config.epochs:
             started = time.perf_counter()
             record = self._train_epoch()
+            self._check_readable(record["train_images"], record["train_skipped"])
             self.scheduler.step()
             score, val = self._validate()
             self.epoch += 1
