@@ -201,6 +201,17 @@ def test_random_weights_are_announced(tmp_path, capsys):
     argv = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]
     assert main([*argv, "--device", "cpu"]) == 0
     assert "densenet predict: warning: --weights none: random weights" in capsys.readouterr().err
+    argv = [
+        "embed",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--workers",
+        "0",
+    ]
+    assert main([*argv, "--model", "densenet_40_k12", "--weights", "none", "--device", "cpu"]) == 0
+    assert "densenet embed: warning: --weights none: random weights" in capsys.readouterr().err
 
 
 def test_a_mistyped_image_is_reported_before_any_download(torch_home, monkeypatch, capsys):

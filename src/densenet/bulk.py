@@ -39,12 +39,11 @@ from .io import atomic_write, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
-from .runtime import resolve_device
+from .runtime import compute_dtype, resolve_device
 from .weights import sha256_file
 
 __all__ = [
     "DTYPES",
-    "PRECISIONS",
     "BulkError",
     "Options",
     "Outputs",
@@ -55,7 +54,6 @@ __all__ = [
 
 TASKS = ("embed", "predict")
 DTYPES = ("float32", "float16")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
@@ -207,8 +205,9 @@ class Outputs:
     predict.
 
     optimize: run ``densenet.optimize``'s inference form (for embed, of the model without its
-    classifier, whose output is the pooled features); ``precision`` its compute dtype
-    (``"auto"``: float32 on CPU, bfloat16 on CUDA). False runs the eager model in float32.
+    classifier, whose output is the pooled features); ``precision`` its compute dtype, a name
+    that ``densenet.runtime.compute_dtype`` takes (None: float32 on CPU, bfloat16 on CUDA).
+    False runs the eager model in float32.
     """
 
     def __init__(
@@ -217,10 +216,8 @@ class Outputs:
         options: Options,
         device: torch.device,
         optimize: bool = True,
-        precision: str = "auto",
+        precision: str | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.options, self.device = options, device
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
@@ -234,8 +231,7 @@ class Outputs:
             net = _headless(net)
         net = net.to(device)
         if optimize:
-            dtype = None if precision == "auto" else getattr(torch, precision)
-            net = optimize_model(net, dtype=dtype)
+            net = optimize_model(net, dtype=compute_dtype(precision, device))
             self.precision = str(net.dtype).removeprefix("torch.")
         else:
             self.precision = "float32"
@@ -486,7 +482,7 @@ def run(
     batch_size: int = 64,
     workers: int | None = None,
     optimize: bool = True,
-    precision: str = "auto",
+    precision: str | None = None,
     device_decode: bool = False,
     progress: bool = True,
     rank: int | None = None,

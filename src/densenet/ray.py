@@ -77,7 +77,7 @@ class Embedder(_MapBatches):
     def __init__(
         self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
         normalize: bool = False, dtype: str = "float32", device: str = "auto",
-        optimize: bool = True, precision: str = "auto",
+        optimize: bool = True, precision: str | None = None,
     ) -> None:  # fmt: skip
         options = Options(task="embed", normalize=normalize, dtype=dtype)
         super().__init__(model, weights, options, device, optimize, precision)
@@ -91,7 +91,7 @@ class Predictor(_MapBatches):
 
     def __init__(
         self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
-        topk: int = 5, device: str = "auto", optimize: bool = True, precision: str = "auto",
+        topk: int = 5, device: str = "auto", optimize: bool = True, precision: str | None = None,
     ) -> None:  # fmt: skip
         options = Options(task="predict", topk=topk)
         super().__init__(model, weights, options, device, optimize, precision)

@@ -121,10 +121,6 @@ def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
         "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
     )
     parser.add_argument(
-        "--precision", choices=bulk.PRECISIONS, default="auto",
-        help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
-    )  # fmt: skip
-    parser.add_argument(
         "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
     )
     parser.add_argument(
@@ -138,7 +134,7 @@ def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> in
     summary = bulk.run(
         source, args.out, options, args.model, args.weights, device=args.device,
         batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
-        precision=args.precision, device_decode=args.device_decode, progress=args.progress,
+        precision=args.dtype, device_decode=args.device_decode, progress=args.progress,
     )  # fmt: skip
     print_json(summary.to_dict())
     return 0

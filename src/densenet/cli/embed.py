@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 
 from ..bulk import DTYPES, Options
-from .common import add_bulk_args, add_device_arg, add_model_args, run_bulk
+from .common import (
+    add_bulk_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    run_bulk,
+    warn_if_random,
+)
 
 
 def add_parser(sub) -> None:
@@ -20,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("input", help="a folder, a .txt/.csv/.parquet manifest, or a quoted glob")
     add_model_args(p)
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument(
         "--no-optimize",
@@ -27,13 +35,16 @@ def add_parser(sub) -> None:
         help="run the reference module instead of the fast inference form (densenet.optimize)",
     )
     p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype")
+    p.add_argument(
+        "--vector-dtype", choices=DTYPES, default="float32", help="storage dtype of the vectors"
+    )
     add_bulk_args(p, out_required=True)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    warn_if_random(args)
     options = Options(
-        task="embed", normalize=args.normalize, dtype=args.dtype, shard_size=args.shard_size
+        task="embed", normalize=args.normalize, dtype=args.vector_dtype, shard_size=args.shard_size
     )
     return run_bulk(args, args.input, options)

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import DenseNetError
 from ..predict import Classifier
-from .common import add_device_arg, add_dtype_arg, add_model_args
+from .common import add_device_arg, add_dtype_arg, add_model_args, warn_if_random
 
 
 def add_parser(sub) -> None:
@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    warn_if_random(args)
     try:
         from ..serve import ServeConfig, serve, weights_metadata
     except ImportError as error:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..explain import ExplainError
-from ..images import ImageError, Reason, check_pixels, open_image
+from ..images import RASTER_FORMATS, ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
 from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
@@ -42,12 +42,6 @@ from .schemas import ERRORS, IMAGE_FIELD, PREDICT_BODY, PredictResponse
 
 log = logging.getLogger(__name__)
 
-# Raster formats only, those this Pillow reads (MPO: some cameras' JPEG, in older Pillows): never
-# hand an upload to a decoder that runs an interpreter (EPS through Ghostscript).
-Image.init()
-IMAGE_FORMATS = tuple(
-    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM") if f in Image.OPEN
-)
 RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # the status counted for a client that went away before its answer
 ENDPOINTS = (
@@ -161,7 +155,7 @@ class _Service:
     def preprocess(self, data: bytes, name: str) -> Tensor | ImageError:
         """Decode (raster formats only) and preprocess one upload, or say why it cannot be."""
         try:
-            return self.classifier.preprocess(open_image(data, formats=IMAGE_FORMATS), name)
+            return self.classifier.preprocess(open_image(data), name)
         except ImageError as error:
             return error
         except (
@@ -200,7 +194,7 @@ class _Service:
                 f"{len(images)} images in one request can never fit the queue of "
                 f"{limits.max_queue} (--max-queue); send at most {limits.max_queue} per request",
             )
-        pixels = [header_pixels(data, IMAGE_FORMATS) for _, data in images]
+        pixels = [header_pixels(data, RASTER_FORMATS) for _, data in images]
         if sum(pixels) > limits.max_request_pixels:
             return _error(
                 413,
@@ -514,7 +508,7 @@ def _explain(
 ) -> Response:
     """One upload's class activation map (``Classifier.explain``) as a PNG overlay or JSON."""
     try:
-        image = open_image(data, formats=IMAGE_FORMATS)
+        image = open_image(data)
         check_pixels(image, name)
         (explanation,) = classifier.explain([image], target)
     except ImageError as error:
