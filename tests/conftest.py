@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.server
+import os
 import re
+import subprocess
+import sys
 import threading
 from functools import partial
 from pathlib import Path
@@ -17,6 +20,27 @@ import densenet
 from densenet import DenseNet, weights
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
+
+# Triton kernels run on a GPU, or on the CPU under Triton's interpreter, which must be switched
+# on before triton is first imported (and importing densenet imports torch, which imports it):
+# without a GPU, a kernel test file runs itself again in a subprocess with TRITON_INTERPRET=1.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS_RUN_HERE = TRITON_INTERPRETED or torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRETED else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE, reason="run by test_kernels_under_the_interpreter"
+)
+
+
+def run_under_the_interpreter(test_file: str) -> None:
+    """Run ``test_file`` in a subprocess under Triton's interpreter; it must pass and skip none
+    of the tests marked ``needs_kernels``."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", test_file, "-o", "addopts=", "-q", "-rs"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+    assert "run by test_kernels_under_the_interpreter" not in done.stdout  # none skipped there
 
 
 def tiny_model(**kwargs) -> DenseNet:

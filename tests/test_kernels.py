@@ -9,14 +9,17 @@ before triton is first imported (importing densenet already imports it): in a pl
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_batchnorm, tiny_model
+from conftest import (
+    KERNEL_DEVICE,
+    KERNELS_RUN_HERE,
+    needs_kernels,
+    randomize_batchnorm,
+    run_under_the_interpreter,
+    tiny_model,
+)
 
 import densenet
 from densenet import DenseNet, optimize
@@ -25,22 +28,12 @@ from densenet.inference import BucketedModel, SpaceToDepthConv
 kernels = pytest.importorskip("densenet.kernels")
 gpu = pytest.importorskip("densenet.gpu")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS_RUN_HERE = INTERPRETED or torch.cuda.is_available()
-needs_kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="run by test_kernels_under_the_interpreter"
-)
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-rs"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout
-    assert "run by test_kernels_under_the_interpreter" not in done.stdout  # none skipped there
+    run_under_the_interpreter(__file__)
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,33 +7,26 @@ Without a GPU they run on the CPU under the Triton interpreter, in a subprocess 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    KERNEL_DEVICE,
+    KERNELS_RUN_HERE,
+    TRITON_INTERPRETED,
+    needs_kernels,
+    run_under_the_interpreter,
+)
 from test_memory import _CountOps, assert_same_run, inputs, pair, run, set_mode
 
 pytest.importorskip("triton")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS_RUN_HERE = INTERPRETED or torch.cuda.is_available()
-needs_kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="run by test_kernels_under_the_interpreter"
-)
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-rs"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout
-    assert "run by test_kernels_under_the_interpreter" not in done.stdout  # none skipped there
+    run_under_the_interpreter(__file__)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +91,7 @@ def test_forward_and_gradients_equal_autograd(dtype):
 
 
 @needs_kernels
-@pytest.mark.skipif(INTERPRETED, reason="the Triton interpreter has no bfloat16 arithmetic")
+@pytest.mark.skipif(TRITON_INTERPRETED, reason="the Triton interpreter has no bfloat16 arithmetic")
 def test_bfloat16_operands_accumulate_in_float32():
     from densenet.kernels import training
 
