@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inference import METADATA, InferenceBlock, InferenceDenseNet, InferenceTransition
+from .inference import InferenceBlock, InferenceDenseNet, InferenceOnly, InferenceTransition
 
 __all__ = ["OneDNNDenseNet", "default_dtype", "native_bfloat16"]
 
@@ -79,7 +79,7 @@ class PackedConv(nn.Module):
         )
 
 
-class OneDNNDenseNet(nn.Module):
+class OneDNNDenseNet(InferenceOnly):
     """An ``InferenceDenseNet`` (folded weights, on the CPU, channels_last) run on oneDNN's fused
     convolutions with prepacked weights.
 
@@ -106,19 +106,7 @@ class OneDNNDenseNet(nn.Module):
                 self.transitions.append(nn.ModuleList([stage.act, PackedConv(stage.conv)]))
         self.head_act = fast.head_act
         self.classifier = copy.deepcopy(fast.classifier).float()
-        for name in METADATA:
-            if hasattr(fast, name):
-                setattr(self, name, getattr(fast, name))
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> OneDNNDenseNet:
-        if mode:
-            raise RuntimeError(
-                "OneDNNDenseNet is inference-only; train the original DenseNet and call "
-                "densenet.optimize() on it again"
-            )
-        return super().train(False)
+        self._finish(fast)
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype

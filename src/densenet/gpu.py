@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .inference import (
-    METADATA,
     InferenceBlock,
     InferenceDenseNet,
     InferenceLayer,
+    InferenceOnly,
     InferenceTransition,
     PrefixClamp,
     SpaceToDepthConv,
@@ -127,7 +127,7 @@ class _Layer(nn.Module):
         self.grow(x, buffer[:, c : c + self.grow.out_channels])
 
 
-class TritonDenseNet(nn.Module):
+class TritonDenseNet(InferenceOnly):
     """An ``InferenceDenseNet`` (folded weights, same device and dtype) run on Triton kernels.
 
     Args:
@@ -156,23 +156,11 @@ class TritonDenseNet(nn.Module):
                 self.transitions.append(_Pointwise(stage.act, stage.conv, pool=True, relu=False))
         self.head_act = fast.head_act
         self.classifier = fast.classifier
-        for name in METADATA:
-            if hasattr(fast, name):
-                setattr(self, name, getattr(fast, name))
-        self.requires_grad_(False)
-        self.eval()
+        self._finish(fast)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.classifier.weight.dtype
-
-    def train(self, mode: bool = True) -> TritonDenseNet:
-        if mode:
-            raise RuntimeError(
-                "TritonDenseNet is inference-only; train the original DenseNet and call "
-                "densenet.optimize() on it again"
-            )
-        return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype

@@ -252,7 +252,28 @@ class SpaceToDepthConv(nn.Module):
         return F.conv2d(x, self.weight, self.bias)
 
 
-class InferenceDenseNet(nn.Module):
+class InferenceOnly(nn.Module):
+    """The common ground of the inference forms: no gradients, always in eval mode, and the
+    source model's ``METADATA`` (architecture, configuration, widths) carried over."""
+
+    def _finish(self, source: nn.Module) -> None:
+        """Call last in ``__init__``: copy ``source``'s metadata, freeze, switch to eval."""
+        for name in METADATA:
+            if hasattr(source, name):
+                setattr(self, name, getattr(source, name))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> InferenceOnly:
+        if mode:
+            raise RuntimeError(
+                f"{type(self).__name__} is inference-only; train the original DenseNet and call "
+                "densenet.optimize() on it again"
+            )
+        return super().train(False)
+
+
+class InferenceDenseNet(InferenceOnly):
     """A DenseNet in inference-only form, built from an eval-mode ``DenseNet`` (weights copied).
 
     Args:
@@ -283,26 +304,13 @@ class InferenceDenseNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head_act = PrefixClamp(features["norm5"])
         self.classifier = _classifier(model.classifier, features["norm5"])
-        for name in METADATA:
-            if hasattr(model, name):
-                setattr(self, name, getattr(model, name))
         self.channels_last = channels_last
-        self.requires_grad_(False)
-        device = next(model.parameters()).device
-        self.to(device=device, dtype=dtype)
-        self.eval()
+        self.to(device=next(model.parameters()).device, dtype=dtype)
+        self._finish(model)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.stem[0].weight.dtype
-
-    def train(self, mode: bool = True) -> InferenceDenseNet:
-        if mode:
-            raise RuntimeError(
-                "InferenceDenseNet is inference-only; train the original DenseNet and call "
-                "densenet.optimize() on it again"
-            )
-        return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
