@@ -109,6 +109,20 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_inference_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Where and how a command runs its model: --device, --dtype, --batch-size, --no-optimize."""
+    add_device_arg(parser)
+    add_dtype_arg(parser)
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="run the reference module instead of the fast inference form (densenet.optimize)",
+    )
+
+
 def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
     """The options of a bulk run into Parquet shards (``densenet embed``, ``predict --out``)."""
     parser.add_argument(

@@ -8,8 +8,7 @@ import argparse
 from ..bulk import DTYPES, Options
 from .common import (
     add_bulk_args,
-    add_device_arg,
-    add_dtype_arg,
+    add_inference_args,
     add_model_args,
     run_bulk,
     warn_if_random,
@@ -26,14 +25,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("input", help="a folder, a .txt/.csv/.parquet manifest, or a quoted glob")
     add_model_args(p)
-    add_device_arg(p)
-    add_dtype_arg(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="run the reference module instead of the fast inference form (densenet.optimize)",
-    )
+    add_inference_args(p, batch_size=64)
     p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     p.add_argument(
         "--vector-dtype", choices=DTYPES, default="float32", help="storage dtype of the vectors"

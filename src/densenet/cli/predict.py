@@ -11,8 +11,7 @@ from ..images import find_images
 from ..predict import Classifier, write_overlays
 from .common import (
     add_bulk_args,
-    add_device_arg,
-    add_dtype_arg,
+    add_inference_args,
     add_model_args,
     print_json,
     print_problem,
@@ -33,14 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", help="image files or folders of images (one with --out)")
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
-    add_device_arg(p)
-    add_dtype_arg(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="run the reference module instead of the fast inference form (densenet.optimize)",
-    )
+    add_inference_args(p, batch_size=16)
     p.add_argument(
         "--cam",
         metavar="OUT_DIR",
