@@ -10,8 +10,10 @@ from conftest import randomize_batchnorm, tiny_model
 from test_inference import OpLog, rel_error
 
 import densenet.cpu
+import densenet.inference
 from densenet import optimize
 from densenet.cpu import OneDNNDenseNet, default_dtype, native_bfloat16
+from densenet.inference import onednn_bfloat16
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN"
@@ -53,9 +55,17 @@ def test_new_input_shapes_reorder_the_weights_again():
     assert fast.stem._packed[0] == torch.Size((1, 3, 32, 32))
 
 
+@pytest.mark.skipif(not onednn_bfloat16(), reason="this CPU's oneDNN has no bfloat16 (AVX2 only)")
 def test_bfloat16_within_1e2():
     fast = check_same(tiny_model(), torch.randn(2, 3, 40, 40), dtype=torch.bfloat16, tolerance=1e-2)
     assert fast.dtype == torch.bfloat16 and fast.classifier.weight.dtype == torch.float32
+
+
+def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
+    """Where oneDNN cannot run bfloat16, optimize says so before oneDNN crashes mid-reorder."""
+    monkeypatch.setattr(densenet.inference, "onednn_bfloat16", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CPU whose oneDNN runs bfloat16"):
+        optimize(tiny_model().eval(), dtype=torch.bfloat16, backend="onednn")
 
 
 def test_relu_fused_no_batchnorm_no_concatenation():

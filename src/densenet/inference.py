@@ -338,6 +338,15 @@ BACKENDS = ("eager", "inductor", "triton", "onednn")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def onednn_bfloat16() -> bool:
+    """Whether oneDNN can run bfloat16 convolutions on this CPU (it refuses on AVX2-only ones)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run for a model on ``device``: CUDA with triton installed,
     or any device under the Triton interpreter (``TRITON_INTERPRET=1``, for tests)."""
@@ -373,6 +382,12 @@ def _backend(
         raise RuntimeError(
             f"backend='onednn' needs a CPU model, dtype float32 or bfloat16 and a PyTorch build "
             f"with oneDNN (model on {device}, dtype {dtype}); use backend='eager'"
+        )
+    if backend == "onednn" and dtype == torch.bfloat16 and not onednn_bfloat16():
+        raise RuntimeError(
+            "backend='onednn' with dtype bfloat16 needs a CPU whose oneDNN runs bfloat16 "
+            f"(AVX-512 BW/VL/DQ or AVX-NE-CONVERT); this one has {_cpu_capability()}: use "
+            "dtype float32, or backend='eager' (bfloat16 emulated, slower than float32)"
         )
     return backend
 
