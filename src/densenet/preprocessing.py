@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .calibration import Calibration
 from .images import ImageError, Reason
 from .labels import imagenet_classes
 from .transforms import (
@@ -110,6 +111,8 @@ class ModelCard:
         in_channels: image channels the network takes.
         thresholds: a multi-label model's per-label decision thresholds on the probabilities
             (None: 0.5 each).
+        calibration: the map of the logits fitted by ``densenet calibrate`` (temperature or
+            Platt scaling) that ``probabilities`` applies; None: the logits as they are.
         arch: the registry name, None for a custom configuration.
         weights: where the weights came from (an entry name or a file name), None for random.
     """
@@ -121,10 +124,17 @@ class ModelCard:
     thresholds: tuple[float, ...] | None = None
     arch: str | None = None
     weights: str | None = None
+    calibration: Calibration | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """(N, num_classes) logits -> float32 probabilities: the calibration, then a softmax, or
+        for a multi-label model a sigmoid per label."""
+        z = logits.float() if self.calibration is None else self.calibration.apply(logits)
+        return z.sigmoid() if self.multi_label else z.softmax(-1)
 
     def positive(self, probabilities: Tensor) -> list[list[str]]:
         """(N, num_classes) probabilities of a multi-label model -> each row's labels at or
@@ -173,6 +183,12 @@ class ModelCard:
         known["classes"] = tuple(known["classes"])
         if known.get("thresholds") is not None:
             known["thresholds"] = tuple(known["thresholds"])
+        if known.get("calibration") is not None:
+            fit = known["calibration"]
+            bias = fit.get("bias")
+            known["calibration"] = Calibration(
+                tuple(fit["scale"]), tuple(bias) if bias is not None else None
+            )
         known["preprocessing"] = Preprocessing(
             **{k: v for k, v in pre.items() if k in Preprocessing.__dataclass_fields__}
         )

@@ -1,0 +1,278 @@
+"""Probabilities that mean what they say, and thresholds chosen by a rule.
+
+``fit_calibration`` fits, on a labelled validation set's logits, a per-output affine map of the
+logits that the model card then applies before its softmax or sigmoid (``ModelCard.calibrated``):
+
+- single-label: temperature scaling, ``softmax(z / T)`` (one ``T`` for all classes);
+- multi-label: per label, temperature scaling ``sigmoid(z / T)`` or Platt scaling
+  ``sigmoid(a z + b)``; Platt's extra offset is kept only where it pays for its parameter
+  (Bayesian information criterion on the validation images).
+
+Both maps are increasing, so they change no ranking: accuracy, AUROC and average precision stay as
+they were. ``choose_thresholds`` picks each label's decision threshold on the calibrated
+probabilities by a named rule; ``calibration_metrics`` reports expected calibration error, Brier
+score and negative log-likelihood, per label and overall; ``reliability_diagram`` draws them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import DenseNetError
+
+__all__ = [
+    "BINS",
+    "Calibration",
+    "CalibrationError",
+    "ThresholdRule",
+    "calibration_metrics",
+    "choose_thresholds",
+    "few_positives",
+    "fit_calibration",
+    "reliability_diagram",
+]
+
+BINS = 15  # equal-width confidence bins of the expected calibration error
+FEW_POSITIVES = 30  # below this many positives (or negatives) a label's fit is unreliable
+
+
+class CalibrationError(DenseNetError, ValueError):
+    """Data that calibration cannot use (no images, one class only, an unknown rule)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrated logits ``z * scale + bias``, per output: ``scale`` has one value for a
+    single-label model (1 / temperature) or one per label; ``bias`` is None or one per label."""
+
+    scale: tuple[float, ...]
+    bias: tuple[float, ...] | None = None
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """(N, K) logits -> (N, K) calibrated logits, in float32."""
+        z = logits.float() * torch.tensor(self.scale, device=logits.device)
+        return z if self.bias is None else z + torch.tensor(self.bias, device=logits.device)
+
+    @property
+    def temperatures(self) -> list[float]:
+        return [1 / s for s in self.scale]
+
+
+def fit_calibration(logits: Tensor, targets: Tensor, multi_label: bool) -> Calibration:
+    """Fit the calibration of (N, K) validation ``logits``.
+
+    Args:
+        targets: (N,) class indices for a single-label model, (N, K) 0/1 for a multi-label one.
+    """
+    logits = logits.detach().double().cpu()
+    if len(logits) == 0:
+        raise CalibrationError("no validation images to calibrate on")
+    if not multi_label:
+        log_t = _minimise(lambda p: F.cross_entropy(logits / p.exp(), targets.long().cpu()), 1)
+        return Calibration((math.exp(-float(log_t)),))
+    targets = targets.double().cpu()
+    n = len(logits)
+
+    def nll(scale: Tensor, bias: Tensor | float) -> Tensor:  # (K,) sums over images
+        z = logits * scale + bias
+        return F.binary_cross_entropy_with_logits(z, targets, reduction="none").sum(0)
+
+    log_s = _minimise(lambda p: nll(p.exp(), 0.0).sum(), logits.shape[1])
+    platt = _minimise(lambda p: nll(p[0].exp(), p[1]).sum(), (2, logits.shape[1]))
+    temperature_nll, platt_nll = nll(log_s.exp(), 0.0), nll(platt[0].exp(), platt[1])
+    use_platt = 2 * (temperature_nll - platt_nll) > math.log(n)  # BIC: one parameter more
+    scale = torch.where(use_platt, platt[0].exp(), log_s.exp())
+    bias = torch.where(use_platt, platt[1], torch.zeros_like(platt[1]))
+    return Calibration(
+        tuple(scale.tolist()), tuple(bias.tolist()) if bool(use_platt.any()) else None
+    )
+
+
+def _minimise(loss, shape: int | tuple[int, ...]) -> Tensor:
+    """The parameters (zeros to start) minimising a smooth convex ``loss``, by L-BFGS in float64."""
+    params = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS(
+        [params], lr=1, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        value = loss(params)
+        value.backward()
+        return value
+
+    optimiser.step(closure)
+    return params.detach()
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How a label's threshold is chosen: ``f1`` (the best F1), ``youden`` (the best sensitivity +
+    specificity - 1), ``sensitivity=S`` (the highest threshold that keeps sensitivity >= S) or
+    ``precision=P`` (the lowest threshold whose precision is >= P)."""
+
+    kind: str
+    target: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ThresholdRule:
+        match = re.fullmatch(r"(f1|youden)|(sensitivity|precision)=([0-9.]+)", text.strip())
+        target = float(match.group(3)) if match and match.group(3) else None
+        if match is None or (target is not None and not 0 < target <= 1):
+            raise CalibrationError(
+                f"threshold rule {text!r}: use f1, youden, sensitivity=S or precision=P "
+                "(S, P in (0, 1])"
+            )
+        return cls(match.group(1) or match.group(2), target)
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}={self.target:g}"
+
+
+def choose_thresholds(
+    probabilities: Tensor, targets: Tensor, rule: ThresholdRule
+) -> tuple[float, ...]:
+    """Each label's threshold on its (N, L) calibrated ``probabilities`` by ``rule``; a label
+    is positive when its probability is at least the threshold."""
+    return tuple(
+        _threshold(probabilities[:, j].double(), targets[:, j].bool(), rule)
+        for j in range(probabilities.shape[1])
+    )
+
+
+def _threshold(scores: Tensor, positive: Tensor, rule: ThresholdRule) -> float:
+    """One label: every distinct score is a candidate threshold; counts at each by cumulative
+    sums over the scores in decreasing order."""
+    order = scores.argsort(descending=True)
+    scores, positive = scores[order], positive[order]
+    last = torch.ones_like(scores, dtype=torch.bool)  # the last of each run of equal scores
+    last[:-1] = scores[1:] != scores[:-1]
+    tp = positive.double().cumsum(0)[last]
+    fp = (~positive).double().cumsum(0)[last]
+    candidates = scores[last]
+    positives, negatives = max(float(positive.sum()), 1.0), max(float((~positive).sum()), 1.0)
+    sensitivity, precision = tp / positives, tp / (tp + fp)
+    if rule.kind == "f1":
+        best = int((2 * tp / (tp + fp + positives)).argmax())
+    elif rule.kind == "youden":
+        best = int((sensitivity - fp / negatives).argmax())
+    elif rule.kind == "sensitivity":  # sensitivity grows as the threshold falls: the first one
+        best = int((sensitivity >= rule.target - 1e-12).nonzero()[0])
+    else:  # the lowest threshold meeting the precision, else the highest one
+        meets = (precision >= rule.target - 1e-12).nonzero()
+        best = int(meets[-1]) if len(meets) else 0
+    return float(candidates[best])
+
+
+def calibration_metrics(
+    probabilities: Tensor, targets: Tensor, multi_label: bool, names: Sequence[str]
+) -> dict[str, Any]:
+    """Expected calibration error (``BINS`` equal-width bins), Brier score and negative
+    log-likelihood of (N, K) ``probabilities``: overall, and per label for a multi-label model
+    (overall = the mean over labels). Single-label ECE is over the top class's confidence."""
+    p = probabilities.double().cpu().clamp(1e-12, 1 - 1e-12)
+    if not multi_label:
+        y = targets.long().cpu()
+        confidence, predicted = p.max(1)
+        onehot = F.one_hot(y, p.shape[1]).double()
+        return {
+            "ece": _ece(confidence, (predicted == y).double()),
+            "brier": float(((p - onehot) ** 2).sum(1).mean()),
+            "nll": float(-p.gather(1, y[:, None]).log().mean()),
+        }
+    y = targets.double().cpu()
+    labels = {
+        name: {
+            "ece": _ece(p[:, j], y[:, j]),
+            "brier": float(((p[:, j] - y[:, j]) ** 2).mean()),
+            "nll": float(F.binary_cross_entropy(p[:, j], y[:, j])),
+            "positives": int(y[:, j].sum()),
+        }
+        for j, name in enumerate(names)
+    }
+    overall = {
+        key: sum(label[key] for label in labels.values()) / len(labels)
+        for key in ("ece", "brier", "nll")
+    }
+    return {**overall, "labels": labels}
+
+
+def _ece(confidence: Tensor, outcome: Tensor) -> float:
+    """Sum over bins of (bin share) x |mean confidence - observed frequency|."""
+    counts, mean_confidence, frequency = _bins(confidence, outcome)
+    return float((counts * (mean_confidence - frequency).abs()).sum() / max(len(confidence), 1))
+
+
+def _bins(confidence: Tensor, outcome: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per bin of [0, 1] (``BINS`` of equal width): the count, the mean confidence and the
+    observed frequency of the outcome."""
+    confidence, outcome = confidence.double().cpu(), outcome.double().cpu()
+    index = (confidence * BINS).long().clamp(0, BINS - 1)
+
+    def total(values: Tensor) -> Tensor:
+        return torch.zeros(BINS, dtype=torch.float64).index_add_(0, index, values)
+
+    counts = total(torch.ones_like(outcome))
+    return counts, total(confidence) / counts.clamp(min=1), total(outcome) / counts.clamp(min=1)
+
+
+def few_positives(targets: Tensor, names: Sequence[str]) -> list[str]:
+    """The labels of (N, L) 0/1 ``targets`` with fewer than ``FEW_POSITIVES`` positives or
+    negatives: their calibration and thresholds rest on too few images."""
+    positives = targets.sum(0)
+    negatives = len(targets) - positives
+    return [
+        name
+        for name, pos, neg in zip(names, positives.tolist(), negatives.tolist())
+        if min(pos, neg) < FEW_POSITIVES
+    ]
+
+
+def reliability_diagram(
+    curves: dict[str, tuple[Tensor, Tensor]], path: str, title: str = "reliability"
+) -> None:
+    """Write a PNG of observed frequency against confidence per bin, one coloured line per
+    ``name -> (confidence, outcome)`` (e.g. before and after calibration), over the diagonal of
+    perfect calibration."""
+    from PIL import Image, ImageDraw
+
+    size, margin = 480, 48
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    span = size - 2 * margin
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return margin + x * span, size - margin - y * span
+
+    draw.rectangle([point(0, 1), point(1, 0)], outline="black")
+    draw.line([point(0, 0), point(1, 1)], fill=(170, 170, 170), width=1)
+    for tick in range(0, 11, 2):
+        x, y = point(tick / 10, 0)
+        draw.text((x - 8, y + 6), f"{tick / 10:.1f}", fill="black")
+        x, y = point(0, tick / 10)
+        draw.text((x - 30, y - 6), f"{tick / 10:.1f}", fill="black")
+    draw.text((margin, 12), title, fill="black")
+    draw.text((size / 2 - 30, size - 20), "confidence", fill="black")
+    colours = [(200, 60, 40), (40, 90, 200), (40, 160, 70), (140, 60, 160)]
+    for k, (name, (confidence, outcome)) in enumerate(curves.items()):
+        counts, mean_confidence, frequency = _bins(confidence, outcome)
+        points = [
+            point(float(c), float(f))
+            for c, f, n in zip(mean_confidence, frequency, counts)
+            if n > 0
+        ]
+        colour = colours[k % len(colours)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((margin + 8, margin + 8 + 14 * k), name, fill=colour)
+    image.save(path)

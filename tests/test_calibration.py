@@ -1,0 +1,140 @@
+"""densenet.calibration: temperature and Platt scaling recover a known miscalibration, change no
+ranking, and halve the calibration error on held-out data; thresholds follow their rule exactly;
+the card carries the fit and applies it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.functional.classification import multilabel_auroc
+
+from densenet import ModelCard
+from densenet.calibration import (
+    Calibration,
+    CalibrationError,
+    ThresholdRule,
+    calibration_metrics,
+    choose_thresholds,
+    fit_calibration,
+    reliability_diagram,
+)
+
+
+def single_label(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits 4x too confident: labels drawn from softmax(z), the model reports 4 z."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 5, generator=generator, dtype=torch.float64) * 1.5
+    labels = torch.multinomial(z.softmax(1), 1, generator=generator).squeeze(1)
+    return 4 * z, labels
+
+
+def multi_label(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label 0 is 3x too confident; label 1 is 3x too confident and shifted by +2."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 2, generator=generator, dtype=torch.float64) * 1.5
+    targets = torch.bernoulli(z.sigmoid(), generator=generator)
+    return 3 * z + torch.tensor([0.0, 2.0 * 3]), targets
+
+
+def test_temperature_recovers_the_overconfidence_and_halves_the_held_out_error():
+    logits, labels = single_label(4000, seed=0)
+    fit = fit_calibration(logits, labels, multi_label=False)
+    assert fit.temperatures[0] == pytest.approx(4, rel=0.1) and fit.bias is None
+    test_logits, test_labels = single_label(4000, seed=1)
+    before = calibration_metrics(test_logits.softmax(1), test_labels, False, [])
+    calibrated = fit.apply(test_logits).softmax(1)
+    after = calibration_metrics(calibrated, test_labels, False, [])
+    assert after["ece"] < before["ece"] / 2
+    assert after["nll"] < before["nll"] and after["brier"] < before["brier"]
+    assert torch.equal(calibrated.argmax(1), test_logits.argmax(1))  # accuracy unchanged
+
+
+def test_platt_only_where_the_offset_pays_and_rankings_unchanged():
+    logits, targets = multi_label(4000, seed=0)
+    fit = fit_calibration(logits, targets, multi_label=True)
+    assert fit.bias is not None
+    assert fit.bias[0] == 0  # temperature was enough for label 0
+    assert fit.scale[0] == pytest.approx(1 / 3, rel=0.1)
+    assert fit.scale[1] == pytest.approx(1 / 3, rel=0.1) and fit.bias[1] == pytest.approx(-2, 0.15)
+    test_logits, test_targets = multi_label(4000, seed=1)
+    before_p, after_p = test_logits.sigmoid(), fit.apply(test_logits).sigmoid()
+    before = calibration_metrics(before_p, test_targets, True, ["a", "b"])
+    after = calibration_metrics(after_p, test_targets, True, ["a", "b"])
+    for label in ("a", "b"):
+        assert after["labels"][label]["ece"] < before["labels"][label]["ece"] / 2
+    auroc = [multilabel_auroc(p.float(), test_targets.long(), 2) for p in (before_p, after_p)]
+    assert abs(float(auroc[0] - auroc[1])) < 1e-4  # float32 rounding only
+
+
+def brute_force(scores, positive, score):
+    """The candidate threshold with the best ``score(tp, fp, fn, tn)``, first in decreasing order."""
+    best = None
+    for t in sorted(set(scores.tolist()), reverse=True):
+        predicted = scores >= t
+        counts = [int((predicted & positive).sum()), int((predicted & ~positive).sum())]
+        counts += [int((~predicted & positive).sum()), int((~predicted & ~positive).sum())]
+        value = score(*counts)
+        if best is None or value > best[0]:
+            best = (value, t)
+    return best[1]
+
+
+def test_thresholds_follow_their_rule():
+    generator = torch.Generator().manual_seed(0)
+    positive = torch.rand(300, generator=generator) < 0.3
+    scores = positive.double() * 0.3 + torch.rand(300, generator=generator, dtype=torch.float64)
+    scores = (scores * 20).round() / 20  # ties
+    probabilities, targets = scores[:, None], positive[:, None].double()
+
+    def one(rule: str) -> float:
+        return choose_thresholds(probabilities, targets, ThresholdRule.parse(rule))[0]
+
+    assert one("f1") == brute_force(
+        scores, positive, lambda tp, fp, fn, tn: 2 * tp / (2 * tp + fp + fn)
+    )
+    youden = brute_force(scores, positive, lambda tp, fp, fn, tn: tp / (tp + fn) - fp / (fp + tn))
+    assert one("youden") == youden
+    for s in (0.5, 0.9, 1.0):
+        t = one(f"sensitivity={s}")
+        assert (scores[positive] >= t).double().mean() >= s
+        higher = scores[scores > t]
+        if len(higher):  # the next higher threshold would miss the target
+            assert (scores[positive] >= higher.min()).double().mean() < s
+    t = one("precision=0.8")
+    assert positive[scores >= t].double().mean() >= 0.8
+    lower = scores[scores < t]
+    if len(lower):
+        assert positive[scores >= lower.max()].double().mean() < 0.8
+
+
+@pytest.mark.parametrize("text", ["f2", "sensitivity=1.5", "precision=", "youden=0.3", ""])
+def test_unknown_threshold_rules_are_refused(text):
+    with pytest.raises(CalibrationError, match="use f1, youden"):
+        ThresholdRule.parse(text)
+
+
+def test_no_images_is_an_error():
+    with pytest.raises(CalibrationError, match="no validation images"):
+        fit_calibration(torch.zeros(0, 3), torch.zeros(0), multi_label=False)
+
+
+def test_the_card_carries_the_fit_and_applies_it():
+    fit = Calibration((0.5, 2.0), (0.0, -1.0))
+    card = ModelCard(("a", "b"), multi_label=True, calibration=fit)
+    assert ModelCard.from_dict(card.to_dict()) == card
+    logits = torch.tensor([[2.0, 1.0]])
+    assert torch.allclose(card.probabilities(logits), torch.tensor([[1.0, 1.0]]).sigmoid())
+    single = ModelCard(("a", "b"), calibration=Calibration((0.5,)))
+    assert torch.allclose(single.probabilities(logits), torch.tensor([[1.0, 0.5]]).softmax(1))
+    assert torch.allclose(ModelCard(("a", "b")).probabilities(logits), logits.softmax(1))
+
+
+def test_reliability_diagram_is_a_png(tmp_path):
+    logits, labels = single_label(500, seed=0)
+    confidence, predicted = logits.softmax(1).max(1)
+    path = tmp_path / "reliability.png"
+    reliability_diagram({"before": (confidence, (predicted == labels).double())}, str(path))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (480, 480)
+        assert len(image.getcolors(1 << 16)) > 3  # more than axes on white
