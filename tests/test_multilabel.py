@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ ATTRIBUTES = {
     "gt4": lambda d: d > 4,
     "prime": lambda d: d in (2, 3, 5, 7),
 }
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"growth_rate": 8, "block_config": [2, 2, 2], "num_init_features": 16}
 
 
@@ -118,6 +122,33 @@ def test_learns_digit_attributes_and_keeps_the_best_mean_auroc(tmp_path, capsys)
     top = prediction["top"]
     expected = [t["label"] for t in top if t["probability"] >= thresholds[t["label"]]]
     assert sorted(prediction["positive"]) == sorted(expected)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_model_of_one(tmp_path, capsys):
+    """torchrun, 2 gloo processes x 16 images vs 1 process with the same global batch of 32 in
+    2 micro-batches of 16: the same weights; validation sharded over both processes gives the
+    metrics of `densenet eval` of the same checkpoint in one process."""
+    labels = digits_with_attributes(tmp_path / "data", n=96)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for name, launcher, extra in (("one", [], ["--accumulate", "2"]), ("two", torchrun, [])):
+        argv = train_argv(tmp_path / "data", labels, tmp_path / name, "--epochs", "1",
+                          "--drop-rate", "0", *extra)  # fmt: skip
+        subprocess.run([sys.executable, *launcher, "-m", "densenet", *argv], env=env, check=True,
+                       timeout=300)  # fmt: skip
+    a, b = (read_checkpoint(tmp_path / name / "last.pth") for name in ("one", "two"))
+    for name, value in a.model.items():
+        if value.is_floating_point() and "running" not in name:  # BN statistics are per process
+            torch.testing.assert_close(b.model[name], value, rtol=1e-4, atol=1e-5)
+    distributed = json.loads((tmp_path / "two" / "metrics.jsonl").read_text())
+    assert distributed["val_images"] == 24
+    evaluation = ["eval", str(tmp_path / "data"), "--weights", str(tmp_path / "two" / "last.pth"),
+                  "--labels", str(labels), "--workers", "0", "--no-progress", "--json"]  # fmt: skip
+    assert main(evaluation) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["images"] == 24
+    assert single["mean_auroc"] == pytest.approx(distributed["val_mean_auroc"], abs=1e-5)
 
 
 def test_a_csv_naming_missing_files_is_one_error(tmp_path, capsys):

@@ -54,8 +54,6 @@ class Trainer:
         self.main, self.ddp = rank == 0, world_size > 1
         self._seed_and_determinism(config)
         if config.labels is not None:
-            if self.ddp:
-                raise TrainingError("multi-label training (--labels) runs in one process")
             self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
         else:
             self.splits = load_splits(
@@ -373,10 +371,18 @@ class Trainer:
         }
 
     def _evaluate_labels(self, split: str) -> dict[str, Any]:
-        """Per-label and mean AUROC and average precision (``label_metrics``) on ``split``."""
+        """Per-label and mean AUROC and average precision (``label_metrics``) on ``split``; under
+        ``torchrun`` each process predicts its shard and the metrics are of all shards."""
+        self._sync_buffers()
         probabilities, targets, skipped = predict_labels(
             self.net, self.eval_loaders[split], self.device, self.amp_dtype
         )
+        if self.ddp:
+            shards: list[Any] = [None] * self.world_size
+            dist.all_gather_object(shards, (probabilities, targets, skipped))
+            probabilities = torch.cat([shard[0] for shard in shards])
+            targets = torch.cat([shard[1] for shard in shards])
+            skipped = sum(shard[2] for shard in shards)
         return {**label_metrics(probabilities, targets, self.splits.classes), "skipped": skipped}
 
     def _validate(self) -> tuple[float, dict[str, Any]]:
