@@ -11,7 +11,7 @@ from .images import ImageError
 from .inference import InferenceDenseNet, optimize
 from .labels import imagenet_classes
 from .load import LoadedModel, load
-from .model import DenseNet
+from .model import DenseNet, DenseNetFeatures
 from .predict import Classifier
 from .preprocessing import ModelCard, Preprocessing
 from .registry import (
@@ -38,6 +38,7 @@ __all__ = [
     "ActivationMaps",
     "Classifier",
     "DenseNet",
+    "DenseNetFeatures",
     "EvalResult",
     "ImageError",
     "InferenceDenseNet",

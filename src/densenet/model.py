@@ -216,6 +216,30 @@ class DenseNet(nn.Module):
         """(N, in_channels, H, W) -> (N, num_features, h, w) after the final BN-ReLU."""
         return F.relu(self.features(x))
 
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Per dense block, what ``forward_intermediates`` returns for it: ``num_chs`` channels,
+        ``reduction`` (input pixels per feature-map pixel: 4, 8, 16, 32 for the ImageNet stem;
+        1, 2, 4 for the CIFAR stem) and ``module``, the module whose output it is."""
+        reduction = 1 if self.config["stem"] == "cifar" else 4
+        info = []
+        children = list(self.features.named_children())
+        for (name, module), (after_name, after) in zip(children, children[1:]):
+            if isinstance(module, Transition):
+                reduction *= 2
+            elif isinstance(module, DenseBlock):  # a transition or norm5 follows: its BN's width
+                norm = after.norm if isinstance(after, Transition) else after
+                last = after_name == "norm5"  # the last block's map is after the final BN-ReLU
+                info.append({"num_chs": norm.num_features, "reduction": reduction,
+                             "module": f"features.{after_name if last else name}"})  # fmt: skip
+        return info
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """(N, in_channels, H, W) -> the feature map after each dense block, (N, num_chs, H /
+        reduction, W / reduction) as ``feature_info`` says: each block's output (its input and
+        every layer's new features), the last one after the final BN-ReLU (``forward_features``)."""
+        return _block_outputs(self.features, x)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(N, num_features, h, w) -> global average pool -> (N, num_features), then logits
         (N, num_classes) unless ``pre_logits``."""
@@ -233,6 +257,48 @@ class DenseNet(nn.Module):
         self.classifier = _classifier(self.num_features, num_classes)
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
+
+
+def _block_outputs(features: nn.Sequential, x: Tensor) -> list[Tensor]:
+    maps = []
+    for module in features:
+        x = module(x)
+        if isinstance(module, DenseBlock):
+            maps.append(x)
+    maps[-1] = F.relu(x)  # after norm5
+    return maps
+
+
+class DenseNetFeatures(nn.Module):
+    """A DenseNet as a backbone for detection or segmentation: the feature maps after the dense
+    blocks ``out_indices`` (default all; negative counts from the end), as
+    ``DenseNet.forward_intermediates`` computes them, without the classifier.
+
+    ``features`` is the DenseNet's own (the same parameters, state_dict keys ``features.*``);
+    ``feature_info`` lists the maps returned: channels, reduction and source module.
+    Input (N, in_channels, H, W); output a list of (N, num_chs, H / reduction, W / reduction).
+    """
+
+    def __init__(self, model: DenseNet, out_indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        info = model.feature_info
+        blocks = range(len(info))
+        try:
+            self.out_indices = tuple(
+                blocks[i] for i in (blocks if out_indices is None else out_indices)
+            )
+        except (IndexError, TypeError):
+            raise ValueError(
+                f"out_indices must be dense-block indices in 0..{len(info) - 1} (or negative), "
+                f"got {out_indices!r}"
+            ) from None
+        self.features = model.features
+        self.feature_info = [info[i] for i in self.out_indices]
+        self.config = {**model.config, "num_classes": 0}
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        maps = _block_outputs(self.features, x)
+        return [maps[i] for i in self.out_indices]
 
 
 def _stem(stem: str, in_channels: int, num_init_features: int) -> OrderedDict[str, nn.Module]:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from .model import DenseNet
+from .model import DenseNet, DenseNetFeatures
 
 __all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config"]
 
@@ -70,8 +71,10 @@ def get_model(
     weights: Any = None,
     progress: bool = True,
     pretrained: bool = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **kwargs: Any,
-) -> DenseNet:
+) -> DenseNet | DenseNetFeatures:
     """Build the named architecture, optionally with weights.
 
     Args:
@@ -80,6 +83,8 @@ def get_model(
             a ``densenet.Weights`` entry, or the path of a local checkpoint (.pth/.pt/.safetensors).
         progress: show a progress bar while downloading.
         pretrained: legacy spelling of ``weights="DEFAULT"``.
+        features_only: return the backbone (``densenet.DenseNetFeatures``): the feature maps
+            after the dense blocks ``out_indices`` (default all), with its ``feature_info``.
         kwargs: ``DenseNet`` arguments overriding the architecture's (``num_classes``,
             ``drop_rate``, ``memory_efficient``, ``in_channels``, ...).
     """
@@ -95,13 +100,13 @@ def get_model(
     if weights is not None:
         load_weights(model, entry if entry is not None else weights, progress=progress)
     model.arch = name
-    return model
+    return DenseNetFeatures(model, out_indices) if features_only else model
 
 
 def _make_builder(name: str):
     def builder(
         *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
-    ) -> DenseNet:
+    ) -> DenseNet | DenseNetFeatures:
         return get_model(name, weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
     config = ARCHITECTURES[name]
