@@ -4,9 +4,15 @@ the card carries the fit and applies it."""
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_multilabel import ATTRIBUTES, train_argv
 from torchmetrics.functional.classification import multilabel_auroc
 
 from densenet import ModelCard
@@ -18,7 +24,10 @@ from densenet.calibration import (
     choose_thresholds,
     fit_calibration,
     reliability_diagram,
+    wilson_lower_bound,
 )
+from densenet.checkpoint import read_checkpoint, save_checkpoint
+from densenet.cli import main
 
 
 def single_label(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,17 +104,31 @@ def test_thresholds_follow_their_rule():
     )
     youden = brute_force(scores, positive, lambda tp, fp, fn, tn: tp / (tp + fn) - fp / (fp + tn))
     assert one("youden") == youden
-    for s in (0.5, 0.9, 1.0):
+    for s in (0.5, 0.8):  # met with 95% confidence: the Wilson bound at the threshold
         t = one(f"sensitivity={s}")
-        assert (scores[positive] >= t).double().mean() >= s
+        rate = wilson_lower_bound(
+            torch.tensor(float((scores[positive] >= t).sum())), positive.sum()
+        )
+        assert rate >= s
         higher = scores[scores > t]
-        if len(higher):  # the next higher threshold would miss the target
-            assert (scores[positive] >= higher.min()).double().mean() < s
-    t = one("precision=0.8")
-    assert positive[scores >= t].double().mean() >= 0.8
+        if len(higher):  # the next higher threshold would not promise it
+            hits = float((scores[positive] >= higher.min()).sum())
+            assert wilson_lower_bound(torch.tensor(hits), positive.sum()) < s
+    assert one("sensitivity=1.0") == scores.min()  # no threshold can promise it: the most lenient
+    t = one("precision=0.6")
+    called = positive[scores >= t]
+    assert wilson_lower_bound(called.double().sum(), len(called)) >= 0.6
     lower = scores[scores < t]
     if len(lower):
-        assert positive[scores >= lower.max()].double().mean() < 0.8
+        called = positive[scores >= lower.max()]
+        assert wilson_lower_bound(called.double().sum(), len(called)) < 0.6
+
+
+def test_the_wilson_bound_is_below_the_rate_and_tightens_with_more_images():
+    few = wilson_lower_bound(torch.tensor(9.0), 10)
+    many = wilson_lower_bound(torch.tensor(900.0), 1000)
+    assert 0.6 < float(few) < float(many) < 0.9
+    assert float(wilson_lower_bound(torch.tensor(0.0), 10)) == 0.0
 
 
 @pytest.mark.parametrize("text", ["f2", "sensitivity=1.5", "precision=", "youden=0.3", ""])
@@ -138,3 +161,61 @@ def test_reliability_diagram_is_a_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (480, 480)
         assert len(image.getcolors(1 << 16)) > 3  # more than axes on white
+
+
+def digits_in_three_splits(root: Path, n: int = 1050) -> Path:
+    """scikit-learn's digits as grey 32x32 PNGs with attribute labels, rows spread over train,
+    val and test (3:2:2, interleaved so that each split has every writer)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (root / "images").mkdir(parents=True)
+    splits = ["train", "val", "train", "test", "train", "val", "test"]
+    with (root / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", *ATTRIBUTES, "split"])
+        for i in range(n):
+            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
+            image = Image.fromarray(pixels, "L").resize((32, 32), Image.BILINEAR)
+            image.save(root / "images" / f"{i}.png")
+            flags = [int(rule(int(digits.target[i]))) for rule in ATTRIBUTES.values()]
+            writer.writerow([f"images/{i}.png", *flags, splits[i % len(splits)]])
+    return root / "labels.csv"
+
+
+@pytest.mark.slow
+def test_calibration_halves_the_held_out_error_and_thresholds_keep_their_promise(tmp_path, capsys):
+    """A multi-label model trained on digits, made overconfident (its logits x8), calibrated on
+    the val rows with sensitivity=0.9: on the test rows the calibration error halves, AUROC
+    stays, and every label keeps at least 0.9 sensitivity."""
+    labels = digits_in_three_splits(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(train_argv(tmp_path, labels, tmp_path / "run", "--epochs", "4")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    checkpoint = read_checkpoint(tmp_path / "run" / "best.pth")
+    for name in ("classifier.weight", "classifier.bias"):
+        checkpoint.model[name] *= 8
+    overconfident = tmp_path / "overconfident.pth"
+    save_checkpoint(checkpoint, overconfident)
+    common = ["--labels", str(labels), "--workers", "0", "--no-progress", "--json"]
+    assert main(["calibrate", str(overconfident), str(tmp_path), *common,
+                 "--threshold", "sensitivity=0.9"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 300 and report["after"]["ece"] < report["before"]["ece"]
+    assert Path(report["diagram"]).is_file() and overconfident.is_file()
+    results = []
+    for model in (overconfident, tmp_path / "overconfident.calibrated.pth"):
+        assert (
+            main(["eval", str(tmp_path), "--weights", str(model), "--split", "test", *common]) == 0
+        )
+        results.append(json.loads(capsys.readouterr().out))
+    before, after = results
+    assert after["calibrated"] and not before["calibrated"]
+    assert after["ece"] <= before["ece"] / 2, (before["ece"], after["ece"])
+    assert abs(after["mean_auroc"] - before["mean_auroc"]) <= 0.005
+    for name, row in after["labels"].items():
+        assert row["positives"] >= 30 and row["sensitivity"] >= 0.9, (name, row)

@@ -21,7 +21,7 @@ from densenet.data import (
     named_dataset,
     shard_indices,
 )
-from densenet.transforms import Lighting, ten_crop_transform, train_transform
+from densenet.transforms import Lighting, eval_transform, train_transform, views_transform
 
 
 def digits_folder(root: Path, n: int = 1797, size: int = 16, val_fraction: float = 0.25) -> Path:
@@ -195,11 +195,17 @@ def test_train_transforms_shapes_and_normalisation():
     with pytest.raises(ValueError, match="augment must be one of"):
         train_transform("mixup")
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (36, 40, 3), np.uint8))
-    crops = ten_crop_transform(36, 32)(noise)
+    crops = views_transform("ten-crop", 36, 32)(noise)
     assert crops.shape == (10, 3, 32, 32)
     assert not torch.allclose(crops[0], crops[1])  # corners differ
     assert torch.allclose(crops[1].flip(-1), crops[5])  # the mirrors: top-right <-> top-left
     assert torch.allclose(crops[4].flip(-1), crops[9])  # center
+    assert torch.equal(views_transform("five-crop", 36, 32)(noise), crops[:5])
+    flipped = views_transform("hflip", 36, 32)(noise)
+    assert torch.equal(flipped[0], eval_transform(36, 32)(noise))
+    assert torch.equal(flipped[1], flipped[0].flip(-1))
+    with pytest.raises(ValueError, match="views must be one of hflip, five-crop, ten-crop"):
+        views_transform("twenty-crop")
 
 
 def test_lighting_adds_one_colour_offset_per_image():

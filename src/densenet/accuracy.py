@@ -1,6 +1,7 @@
-"""Top-1 and top-5 accuracy of a model over a loader of labelled images (single crops, or ten
-crops with the softmax averaged as in the paper), alone or sharded over distributed processes:
-what ``densenet eval`` reports and what training validates with."""
+"""Top-1 and top-5 accuracy and calibration error of a model over a loader of labelled images
+(single crops, or test-time views such as the paper's ten crops with the softmax averaged), alone
+or sharded over distributed processes: what ``densenet eval`` reports and what training validates
+with."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import BINS, Calibration, bin_sums, ece_of_bins
+
 __all__ = ["EvalResult", "evaluate"]
 
 
 @dataclass
 class EvalResult:
-    """Accuracies in %, ``loss`` the mean cross-entropy (nats), ``seconds`` the wall time of the
+    """Accuracies in %, ``loss`` the mean negative log-likelihood of the true class (nats),
+    ``ece`` the expected calibration error of the top class's probability (``BINS`` bins),
+    ``brier`` the mean squared error of the probability vector, ``seconds`` the wall time of the
     whole loop (decoding and transfers included)."""
 
     top1: float
@@ -28,6 +33,8 @@ class EvalResult:
     images: int
     skipped: int
     seconds: float
+    ece: float = 0.0
+    brier: float = 0.0
 
     @property
     def top1_error(self) -> float:
@@ -61,23 +68,28 @@ def evaluate(
     distributed: bool = False,
     progress: bool = False,
     desc: str = "eval",
+    calibration: Calibration | None = None,
 ) -> EvalResult:
-    """Top-1/top-5 accuracy of ``model`` (in eval mode; its mode is restored afterwards).
+    """Top-1/top-5 accuracy and calibration of ``model`` (in eval mode; its mode is restored
+    afterwards).
 
     Args:
         loader: batches ``(images, labels)`` or ``(images, labels, skipped)`` (what
-            ``densenet.data.collate`` makes): images (N, C, H, W), or (N, crops, C, H, W) for
-            multi-crop evaluation, whose softmax outputs are averaged over the crops; labels (N,).
+            ``densenet.data.collate`` makes): images (N, C, H, W), or (N, V, C, H, W) for
+            test-time views (``densenet.transforms.VIEWS``), whose probabilities are averaged
+            over the views; labels (N,).
         device: where to run (default: the model's).
         amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), None for float32.
         distributed: each process holds a disjoint share of the data; the counts are summed
             over the default process group, every process gets the total.
         progress: show a progress bar.
+        calibration: applied to the logits before the softmax (a model card's).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # top-1, top-5, nll, brier, images
+    bins = torch.zeros(3, BINS, dtype=torch.float64, device=device)
     skipped = 0
     start = time.perf_counter()
     try:
@@ -93,35 +105,44 @@ def evaluate(
                 continue
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            crops = images.shape[1] if images.dim() == 5 else 0
-            if crops:
+            views = images.shape[1] if images.dim() == 5 else 0
+            if views:
                 images = images.flatten(0, 1)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(images)
-            logits = logits.float()
-            if crops:
-                probs = logits.softmax(dim=1).view(labels.numel(), crops, -1).mean(dim=1)
-                scores = probs
-                loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+            logits = logits.float() if calibration is None else calibration.apply(logits)
+            if views:
+                probs = logits.softmax(dim=1).view(labels.numel(), views, -1).mean(dim=1)
+                log_probs = probs.clamp_min(1e-12).log()
             else:
-                scores = logits
-                loss = F.cross_entropy(logits, labels, reduction="sum")
-            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+                log_probs = logits.log_softmax(dim=1)
+                probs = log_probs.exp()
+            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
             hits = top == labels[:, None]
+            onehot = F.one_hot(labels, probs.shape[1])
             sums += torch.stack(
-                [hits[:, 0].sum(), hits.any(dim=1).sum(), loss, labels.new_tensor(labels.numel())]
+                [
+                    hits[:, 0].sum(),
+                    hits.any(dim=1).sum(),
+                    F.nll_loss(log_probs, labels, reduction="sum"),
+                    (probs - onehot).square().sum(),
+                    labels.new_tensor(labels.numel()),
+                ]
             ).to(sums)
+            bins += bin_sums(probs.max(dim=1).values, hits[:, 0])
     if distributed:
-        counts = torch.cat([sums, torch.tensor([skipped], dtype=torch.float64, device=device)])
+        counts = torch.cat(
+            [sums, bins.flatten(), torch.tensor([skipped], dtype=torch.float64, device=device)]
+        )
         dist.all_reduce(counts)
-        sums, skipped = counts[:4], int(counts[4].item())
+        sums, bins, skipped = counts[:5], counts[5:-1].view(3, BINS), int(counts[-1].item())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    correct1, correct5, loss_sum, count = sums.tolist()
+    correct1, correct5, loss_sum, brier_sum, count = sums.tolist()
     n = max(count, 1.0)
     return EvalResult(
         top1=100.0 * correct1 / n,
@@ -130,4 +151,6 @@ def evaluate(
         images=int(count),
         skipped=skipped,
         seconds=seconds,
+        ece=ece_of_bins(bins),
+        brier=brier_sum / n,
     )

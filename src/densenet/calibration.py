@@ -33,11 +33,14 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "ThresholdRule",
+    "bin_sums",
     "calibration_metrics",
     "choose_thresholds",
+    "ece_of_bins",
     "few_positives",
     "fit_calibration",
     "reliability_diagram",
+    "wilson_lower_bound",
 ]
 
 BINS = 15  # equal-width confidence bins of the expected calibration error
@@ -116,8 +119,13 @@ def _minimise(loss, shape: int | tuple[int, ...]) -> Tensor:
 @dataclass(frozen=True)
 class ThresholdRule:
     """How a label's threshold is chosen: ``f1`` (the best F1), ``youden`` (the best sensitivity +
-    specificity - 1), ``sensitivity=S`` (the highest threshold that keeps sensitivity >= S) or
-    ``precision=P`` (the lowest threshold whose precision is >= P)."""
+    specificity - 1), ``sensitivity=S`` (the highest threshold whose sensitivity is >= S) or
+    ``precision=P`` (the lowest threshold whose precision is >= P).
+
+    A sensitivity or precision target is met with 95% confidence, not just on the validation
+    images: the one-sided Wilson lower bound of the rate must reach it, so that new images like
+    them meet it too (with 200 positives, sensitivity=0.9 needs about 0.935 on the validation
+    images). Where no threshold can promise it (too few images), the most lenient is taken."""
 
     kind: str
     target: float | None = None
@@ -159,17 +167,27 @@ def _threshold(scores: Tensor, positive: Tensor, rule: ThresholdRule) -> float:
     fp = (~positive).double().cumsum(0)[last]
     candidates = scores[last]
     positives, negatives = max(float(positive.sum()), 1.0), max(float((~positive).sum()), 1.0)
-    sensitivity, precision = tp / positives, tp / (tp + fp)
     if rule.kind == "f1":
         best = int((2 * tp / (tp + fp + positives)).argmax())
     elif rule.kind == "youden":
-        best = int((sensitivity - fp / negatives).argmax())
-    elif rule.kind == "sensitivity":  # sensitivity grows as the threshold falls: the first one
-        best = int((sensitivity >= rule.target - 1e-12).nonzero()[0])
-    else:  # the lowest threshold meeting the precision, else the highest one
-        meets = (precision >= rule.target - 1e-12).nonzero()
+        best = int((tp / positives - fp / negatives).argmax())
+    elif rule.kind == "sensitivity":  # grows as the threshold falls: the first that meets it
+        meets = (wilson_lower_bound(tp, positives) >= rule.target).nonzero()
+        best = int(meets[0]) if len(meets) else len(candidates) - 1
+    else:  # precision: the lowest threshold that meets it, else the highest one
+        meets = (wilson_lower_bound(tp, tp + fp) >= rule.target).nonzero()
         best = int(meets[-1]) if len(meets) else 0
     return float(candidates[best])
+
+
+def wilson_lower_bound(successes: Tensor, trials: Tensor | float, z: float = 1.645) -> Tensor:
+    """The one-sided lower confidence bound (95% for ``z`` = 1.645) of a rate
+    ``successes / trials`` (Wilson's score interval)."""
+    n = torch.as_tensor(trials, dtype=torch.float64).clamp(min=1)
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * torch.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 def calibration_metrics(
@@ -206,22 +224,30 @@ def calibration_metrics(
 
 
 def _ece(confidence: Tensor, outcome: Tensor) -> float:
-    """Sum over bins of (bin share) x |mean confidence - observed frequency|."""
-    counts, mean_confidence, frequency = _bins(confidence, outcome)
-    return float((counts * (mean_confidence - frequency).abs()).sum() / max(len(confidence), 1))
+    return ece_of_bins(bin_sums(confidence, outcome))
+
+
+def bin_sums(confidence: Tensor, outcome: Tensor) -> Tensor:
+    """(3, ``BINS``) float64 sums per confidence bin of [0, 1] (equal widths): the count, the
+    confidences and the outcomes (1 right, 0 wrong). Sums over batches or processes add up."""
+    confidence, outcome = confidence.detach().double(), outcome.detach().double()
+    index = (confidence * BINS).long().clamp(0, BINS - 1)
+    sums = torch.zeros(3, BINS, dtype=torch.float64, device=confidence.device)
+    for row, values in enumerate((torch.ones_like(outcome), confidence, outcome)):
+        sums[row].index_add_(0, index, values)
+    return sums
+
+
+def ece_of_bins(sums: Tensor) -> float:
+    """Expected calibration error of ``bin_sums``: the mean over images of |confidence -
+    observed frequency| in their bin."""
+    return float((sums[1] - sums[2]).abs().sum() / sums[0].sum().clamp(min=1))
 
 
 def _bins(confidence: Tensor, outcome: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per bin of [0, 1] (``BINS`` of equal width): the count, the mean confidence and the
-    observed frequency of the outcome."""
-    confidence, outcome = confidence.double().cpu(), outcome.double().cpu()
-    index = (confidence * BINS).long().clamp(0, BINS - 1)
-
-    def total(values: Tensor) -> Tensor:
-        return torch.zeros(BINS, dtype=torch.float64).index_add_(0, index, values)
-
-    counts = total(torch.ones_like(outcome))
-    return counts, total(confidence) / counts.clamp(min=1), total(outcome) / counts.clamp(min=1)
+    """Per bin: the count, the mean confidence and the observed frequency of the outcome."""
+    counts, confidences, outcomes = bin_sums(confidence.cpu(), outcome.cpu())
+    return counts, confidences / counts.clamp(min=1), outcomes / counts.clamp(min=1)
 
 
 def few_positives(targets: Tensor, names: Sequence[str]) -> list[str]:
@@ -259,8 +285,9 @@ def reliability_diagram(
         draw.text((x - 8, y + 6), f"{tick / 10:.1f}", fill="black")
         x, y = point(0, tick / 10)
         draw.text((x - 30, y - 6), f"{tick / 10:.1f}", fill="black")
-    draw.text((margin, 12), title, fill="black")
+    draw.text((margin, 8), title, fill="black")
     draw.text((size / 2 - 30, size - 20), "confidence", fill="black")
+    draw.text((margin, margin - 14), "observed frequency", fill="black")
     colours = [(200, 60, 40), (40, 90, 200), (40, 160, 70), (140, 60, 160)]
     for k, (name, (confidence, outcome)) in enumerate(curves.items()):
         counts, mean_confidence, frequency = _bins(confidence, outcome)

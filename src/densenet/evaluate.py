@@ -1,27 +1,52 @@
-"""``densenet eval``: ``evaluate_dataset`` measures top-1/top-5 on a folder or named data set
-with the model's own preprocessing, for official weights, a weights file or a training
-checkpoint (``evaluate``, the counting itself, lives in ``densenet.accuracy``).
+"""``densenet eval`` and ``densenet calibrate``: ``evaluate_dataset`` measures top-1/top-5 (or
+per-label AUROC) and calibration error on a folder or named data set with the model's own
+preprocessing, for official weights, a weights file or a training checkpoint (``evaluate``, the
+counting itself, lives in ``densenet.accuracy``); ``calibrate_dataset`` fits the calibration and
+thresholds on the same data and writes a calibrated copy of the model.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from .accuracy import EvalResult, evaluate
+from .calibration import (
+    FEW_POSITIVES,
+    ThresholdRule,
+    calibration_metrics,
+    choose_thresholds,
+    few_positives,
+    fit_calibration,
+    reliability_diagram,
+)
+from .checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
 from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
 from .inference import BucketedModel
 from .inference import optimize as optimize_model
-from .load import load
-from .multilabel import LabelledImages, label_metrics, predict_labels, read_labels_csv
+from .load import LoadedModel, load
+from .model import DenseNet
+from .multilabel import (
+    LabelledImages,
+    decision_metrics,
+    label_metrics,
+    predict_labels,
+    read_labels_csv,
+)
 from .preprocessing import ModelCard, default_classes
-from .runtime import amp_dtype, process_group
+from .registry import model_config
+from .runtime import amp_dtype, process_group, resolve_device
+from .transforms import VIEWS
 
-__all__ = ["EvalResult", "evaluate", "evaluate_dataset"]
+__all__ = ["EvalResult", "calibrate_dataset", "evaluate", "evaluate_dataset"]
 
 
 def _label_map(
@@ -53,6 +78,7 @@ def evaluate_dataset(
     weights: str | None = "DEFAULT",
     *,
     ten_crop: bool = False,
+    tta: str | None = None,
     batch_size: int = 64,
     workers: int = 4,
     device: str = "auto",
@@ -66,6 +92,9 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Evaluate on a folder or named data set (see ``densenet.data.eval_dataset``) with the
     model's own preprocessing; under ``torchrun`` the data is sharded over the processes.
+    ``tta`` averages the probabilities of test-time views (``densenet.transforms.VIEWS``:
+    hflip, five-crop, ten-crop; ``ten_crop`` is ``tta="ten-crop"``), after the card's
+    calibration.
     ``model`` and ``weights`` as ``densenet.load`` (None: the training checkpoint ``weights``
     names, else densenet121). Returns ``EvalResult.to_dict()`` plus what was evaluated.
     ``optimize`` runs the fast inference form (``densenet.optimize``). A multi-label model is
@@ -76,19 +105,12 @@ def evaluate_dataset(
         loaded = load(model, weights=weights, device=target)
         card = loaded.card
         pre = card.preprocessing
-        transform = pre.ten_crop_transform() if ten_crop else pre.transform()
-        if card.multi_label or labels is not None:
-            if ten_crop or world_size > 1:
-                raise DataError("a multi-label model is evaluated on one crop, in one process")
-            dataset = TransformedDataset(_labelled_images(data, labels, split, card), transform)
-        else:
-            dataset, classes = eval_dataset(data, data_root, download)
-            # default names (ImageNet's, "class i") are matched by index: the data's folder order
-            named = card.classes != default_classes(card.num_classes)
-            label_map = _label_map(
-                data, classes, list(card.classes) if named else None, card.num_classes
-            )
-            dataset = TransformedDataset(dataset, transform, target_transform=label_map)
+        tta = "ten-crop" if ten_crop else tta
+        views = VIEWS[tta] if tta is not None else 1
+        transform = pre.views_transform(tta) if tta is not None else pre.transform()
+        if (card.multi_label or labels is not None) and world_size > 1:
+            raise DataError("a multi-label model is evaluated in one process")
+        dataset = _labelled_set(data, card, transform, labels, split, data_root, download)
         if world_size > 1:
             dataset = Subset(dataset, list(shard_indices(len(dataset), rank, world_size)))
         loader = DataLoader(
@@ -101,26 +123,180 @@ def evaluate_dataset(
         if optimize:  # the inference form computes in the asked precision and memory format
             net = optimize_model(net, dtype=autocast or torch.float32, channels_last=channels_last)
             if target.type == "cuda":  # static shapes, one CUDA graph per batch size
-                net = BucketedModel(net, batch_size * (10 if ten_crop else 1), cuda_graphs=True)
+                net = BucketedModel(net, batch_size * views, cuda_graphs=True)
             autocast, channels_last = None, False
         elif channels_last:
             net = net.to(memory_format=torch.channels_last)
         if card.multi_label:
-            probabilities, targets, skipped = predict_labels(net, loader, target, autocast)
-            scores = {**label_metrics(probabilities, targets, card.classes), "skipped": skipped}
+            probabilities, targets, skipped = predict_labels(
+                net, loader, target, autocast, card.probabilities
+            )
+            calibration = calibration_metrics(probabilities, targets, True, card.classes)
+            scores = label_metrics(probabilities, targets, card.classes)
+            decided = decision_metrics(probabilities, targets, card.thresholds)
+            for name, row, at in zip(card.classes, calibration.pop("labels").values(), decided):
+                scores["labels"][name].update(
+                    ece=row["ece"], brier=row["brier"], nll=row["nll"], **at
+                )
+            scores = {**scores, **calibration, "skipped": skipped}
         else:
             scores = evaluate(
                 net, loader, device=target, amp_dtype=autocast, channels_last=channels_last,
                 distributed=world_size > 1, progress=progress and rank == 0,
+                calibration=card.calibration,
             ).to_dict()  # fmt: skip
         return {
             "data": os.fspath(data),
             "model": card.arch or model,
             "weights": weights,
-            "crops": 10 if ten_crop else 1,
+            "crops": views,
+            "tta": tta,
+            "calibrated": card.calibration is not None,
             "processes": world_size,
             **scores,
         }
+
+
+def _labelled_set(
+    data: str,
+    card: ModelCard,
+    transform: Callable,
+    labels: str | None,
+    split: str | None,
+    data_root: str | None,
+    download: bool,
+) -> TransformedDataset:
+    """The labelled images to measure a model on, transformed: a labels CSV's rows for a
+    multi-label model, else a class folder or named data set with the card's class order."""
+    if card.multi_label or labels is not None:
+        return TransformedDataset(_labelled_images(data, labels, split, card), transform)
+    dataset, classes = eval_dataset(data, data_root, download)
+    # default names (ImageNet's, "class i") are matched by index: the data's folder order
+    named = card.classes != default_classes(card.num_classes)
+    label_map = _label_map(data, classes, list(card.classes) if named else None, card.num_classes)
+    return TransformedDataset(dataset, transform, target_transform=label_map)
+
+
+def calibrate_dataset(
+    data: str,
+    model: str | None = None,
+    weights: str | None = "DEFAULT",
+    *,
+    out: str | os.PathLike | None = None,
+    threshold: str | None = None,
+    labels: str | None = None,
+    split: str | None = None,
+    diagram: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    device: str = "auto",
+    data_root: str | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit the calibration of a model's probabilities on labelled validation images (the same
+    data as ``evaluate_dataset``) and write a copy of the model with it in its card.
+
+    Single-label: one temperature; multi-label: per label a temperature or Platt scaling
+    (``densenet.calibration.fit_calibration``), and with a ``threshold`` rule (``f1``,
+    ``youden``, ``sensitivity=S``, ``precision=P``) each label's decision threshold. ``out``:
+    the calibrated copy, a training checkpoint (default ``<weights>.calibrated.pth`` beside a
+    weights file; the original is never written); ``diagram``: a reliability diagram (PNG,
+    default beside ``out``). Returns the fit, the expected calibration error, Brier score and
+    negative log-likelihood before and after (per label and overall), the thresholds, and
+    warnings for labels with too few positives or negatives to trust."""
+    rule = ThresholdRule.parse(threshold) if threshold is not None else None
+    out = _calibrated_path(model, weights, out)
+    target = resolve_device(device)
+    loaded = load(model, weights=weights, device=target)
+    card = loaded.card.replace(calibration=None)
+    if rule is not None and not card.multi_label:
+        raise DataError("--threshold is for multi-label models; a single-label one takes the top")
+    dataset = _labelled_set(
+        data, card, card.preprocessing.transform(), labels, split, data_root, download
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    net = loaded.module
+    if isinstance(net, DenseNet):
+        net = optimize_model(net, dtype=torch.float32)
+    batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
+    logits, targets, skipped = predict_labels(net, batches, target, probabilities=lambda z: z)
+    fit = fit_calibration(logits, targets, card.multi_label)
+    calibrated = card.replace(calibration=fit)
+    if rule is not None:
+        calibrated = calibrated.replace(
+            thresholds=choose_thresholds(calibrated.probabilities(logits), targets, rule)
+        )
+    report = {
+        "data": os.fspath(data),
+        "images": len(targets),
+        "skipped": skipped,
+        "temperatures": fit.temperatures,
+        "bias": fit.bias,
+        "threshold_rule": str(rule) if rule is not None else None,
+        "thresholds": dict(zip(card.classes, calibrated.thresholds)) if rule else None,
+        "warnings": [
+            f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
+            "images: its calibration and threshold rest on too few"
+            for name in (few_positives(targets, card.classes) if card.multi_label else [])
+        ],
+    }
+    curves = {}
+    for when, which in (("before", card), ("after", calibrated)):
+        probabilities = which.probabilities(logits)
+        report[when] = calibration_metrics(probabilities, targets, card.multi_label, card.classes)
+        curves[f"{when} (ECE {report[when]['ece']:.3f})"] = _reliability(
+            probabilities, targets, card.multi_label
+        )
+    diagram = Path(diagram) if diagram is not None else out.with_suffix(".reliability.png")
+    reliability_diagram(curves, str(diagram), title=f"reliability on {len(targets)} images")
+    _save_calibrated(loaded, weights, calibrated, out)
+    return {**report, "out": str(out), "diagram": str(diagram)}
+
+
+def _reliability(
+    probabilities: Tensor, targets: Tensor, multi_label: bool
+) -> tuple[Tensor, Tensor]:
+    """(confidence, outcome) pairs to draw: every label's probability against its 0/1 target
+    for a multi-label model, else the top class's probability against being right."""
+    if multi_label:
+        return probabilities.flatten(), targets.flatten()
+    confidence, predicted = probabilities.max(1)
+    return confidence, (predicted == targets).double()
+
+
+def _calibrated_path(model: str | None, weights: str | None, out: str | os.PathLike | None) -> Path:
+    """Where the calibrated copy goes: ``out``, else beside the weights file; never the file
+    itself."""
+    source = next((Path(s) for s in (weights, model) if s and Path(s).is_file()), None)
+    if out is None:
+        if source is None:
+            raise DataError("give --out FILE: where to write the calibrated model")
+        return source.with_name(f"{source.stem}.calibrated.pth")
+    if source is not None and Path(out).resolve() == source.resolve():
+        raise DataError(f"--out {out} is the model file itself; the original stays untouched")
+    return Path(out)
+
+
+def _save_calibrated(loaded: LoadedModel, weights: str | None, card: ModelCard, out: Path) -> None:
+    """A training checkpoint with ``card``: the source checkpoint's (all of it), or a new one
+    holding the DenseNet's weights and configuration."""
+    checkpoint = None
+    if weights is not None and Path(weights).is_file():
+        try:
+            checkpoint = replace(read_checkpoint(weights), card=card)
+        except CheckpointError:  # a plain weights file
+            checkpoint = None
+    if checkpoint is None and isinstance(loaded.module, DenseNet) and card.arch is not None:
+        arch_config = model_config(card.arch)
+        model_args = {k: v for k, v in loaded.module.config.items() if arch_config.get(k) != v}
+        checkpoint = TrainCheckpoint(card, loaded.module.state_dict(), model_args)
+    if checkpoint is None:
+        raise DataError(
+            "calibrate writes a densenet checkpoint: give a checkpoint of `densenet train` or a "
+            "named architecture with weights (not an exported file or a custom configuration)"
+        )
+    save_checkpoint(checkpoint, out)
 
 
 def _labelled_images(

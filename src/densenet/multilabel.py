@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,14 @@ from .data import DataError, DataSplits
 from .images import ImageError, open_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["LabelTable", "LabelledImages", "label_metrics", "label_splits", "read_labels_csv"]
+__all__ = [
+    "LabelTable",
+    "LabelledImages",
+    "decision_metrics",
+    "label_metrics",
+    "label_splits",
+    "read_labels_csv",
+]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -181,24 +188,56 @@ def label_metrics(probabilities: Tensor, targets: Tensor, names: Iterable[str]) 
     }
 
 
+def decision_metrics(
+    probabilities: Tensor, targets: Tensor, thresholds: tuple[float, ...] | None
+) -> list[dict[str, float | None]]:
+    """Per label, the decisions at its threshold (``probability >= threshold``; None: 0.5 each):
+    the threshold, sensitivity, specificity and precision (None where undefined)."""
+    cut = torch.tensor(thresholds or (0.5,) * probabilities.shape[1])
+    decided, actual = probabilities >= cut, targets.bool()
+    tp = (decided & actual).sum(0).double()
+    rows = []
+    for j, threshold in enumerate(cut.tolist()):
+        positives, negatives = actual[:, j].sum(), (~actual[:, j]).sum()
+        called = decided[:, j].sum()
+        true_negatives = (~decided[:, j] & ~actual[:, j]).sum()
+        rows.append({
+            "threshold": threshold,
+            "sensitivity": float(tp[j] / positives) if positives else None,
+            "specificity": float(true_negatives / negatives) if negatives else None,
+            "precision": float(tp[j] / called) if called else None,
+        })  # fmt: skip
+    return rows
+
+
 @torch.no_grad()
 def predict_labels(
-    model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    probabilities: Callable[[Tensor], Tensor] = torch.sigmoid,
 ) -> tuple[Tensor, Tensor, int]:
-    """Sigmoid probabilities (N, L) and targets (N, L) of a loader of ``collate`` batches, and
-    the number of unreadable images skipped; the model's mode is restored afterwards."""
+    """Probabilities (N, L) and targets (N, L) of a loader of ``collate`` batches, and the
+    number of unreadable images skipped; the model's mode is restored afterwards.
+
+    Images are (N, C, H, W), or (N, V, C, H, W) test-time views whose probabilities are
+    averaged; ``probabilities`` turns logits into probabilities (a card's, with its
+    calibration; default a sigmoid)."""
     was_training = model.training
     model.eval()
-    probabilities, targets, skipped = [], [], 0
+    outputs, targets, skipped = [], [], 0
     try:
         for images, labels, dropped in loader:
             skipped += dropped
             if labels.numel() == 0:
                 continue
+            views = images.shape[1] if images.dim() == 5 else 1
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images.to(device, non_blocking=True))
-            probabilities.append(logits.float().sigmoid().cpu())
+                logits = model(images.flatten(0, images.dim() - 4).to(device, non_blocking=True))
+            p = probabilities(logits.float()).view(len(labels), views, -1).mean(1)
+            outputs.append(p.cpu())
             targets.append(labels)
     finally:
         model.train(was_training)
-    return torch.cat(probabilities), torch.cat(targets), skipped
+    return torch.cat(outputs), torch.cat(targets), skipped

@@ -21,8 +21,8 @@ from .transforms import (
     IMAGENET_STD,
     channel_stats,
     eval_transform,
-    ten_crop_transform,
     view_transform,
+    views_transform,
 )
 
 __all__ = ["ModelCard", "Preprocessing", "default_classes"]
@@ -51,10 +51,11 @@ class Preprocessing:
         """PIL image -> the resized, center-cropped PIL image that ``transform`` normalises."""
         return view_transform(self.resize_size, self.crop_size, self.channels, self.interpolation)
 
-    def ten_crop_transform(self) -> Callable[[Any], Tensor]:
-        """PIL image -> (10, C, crop_size, crop_size): the paper's ten crops."""
-        return ten_crop_transform(
-            self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
+    def views_transform(self, views: str) -> Callable[[Any], Tensor]:
+        """PIL image -> (V, C, crop_size, crop_size): the views of test-time augmentation
+        (``densenet.transforms.VIEWS``: hflip, five-crop, ten-crop)."""
+        return views_transform(
+            views, self.resize_size, self.crop_size, self.mean, self.std, self.interpolation
         )
 
     def check_input(self, x: Tensor, name: str) -> Tensor:

@@ -1,6 +1,6 @@
 """Image transforms: the evaluation pipeline of the PyTorch Hub page (PIL image -> normalised
-tensor) and the constants it uses; the training augmentations of the paper's recipes and
-ten-crop evaluation."""
+tensor) and the constants it uses; the training augmentations of the paper's recipes and the
+views of test-time augmentation (the paper's ten crops among them)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def view_transform(
     )
 
 
-# ---- training and ten-crop evaluation ------------------------------------------------------
+# ---- training, and test-time views ------------------------------------------------------
 
 # Per-channel statistics of the training sets, for the paper's "normalise with the channel means
 # and standard deviations" (CIFAR). SVHN is only divided by 255 in the paper: mean 0, std 1.
@@ -167,23 +167,42 @@ def train_transform(
     return T.Compose(steps)
 
 
-def ten_crop_transform(
+# Test-time augmentation: the views of one image whose probabilities are averaged, and their
+# number (the cost: that many forward passes per image).
+VIEWS = {"hflip": 2, "five-crop": 5, "ten-crop": 10}
+
+
+def views_transform(
+    views: str,
     resize_size: int = 256,
     crop_size: int = 224,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     interpolation: str = "bilinear",
 ) -> T.Compose:
-    """PIL image -> (10, C, crop_size, crop_size): the paper's ten-crop evaluation, the four
-    corners and the center of the resized image and their horizontal mirrors, each normalised."""
+    """PIL image -> (V, C, crop_size, crop_size), the ``VIEWS[views]`` views of test-time
+    augmentation, each normalised: ``"hflip"`` the center crop and its mirror; ``"five-crop"``
+    the four corners and the center of the resized image; ``"ten-crop"`` (the paper's) those
+    five and their mirrors."""
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {', '.join(VIEWS)}, got {views!r}")
+    crops = {
+        "hflip": T.Compose([T.CenterCrop(crop_size), T.Lambda(_with_mirror)]),
+        "five-crop": T.FiveCrop(crop_size),
+        "ten-crop": T.TenCrop(crop_size),
+    }[views]
     return T.Compose(
         [
             _channels(len(mean)),
             _resize(resize_size, interpolation),
-            T.TenCrop(crop_size),
+            crops,
             StackCrops(T.Compose([T.ToTensor(), T.Normalize(mean, std)])),
         ]
     )
+
+
+def _with_mirror(image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    return image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 class StackCrops:

@@ -8,6 +8,7 @@ import sys
 
 from .. import bulk
 from ..runtime import COMPUTE_DTYPES
+from ..transforms import VIEWS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,6 +107,16 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
         "BF16 or AMX), else float32",
+    )
+
+
+def add_tta_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        choices=list(VIEWS),
+        help="test-time augmentation: average the probabilities (after calibration) of the "
+        "center crop and its mirror (hflip: 2x the compute), the four corners and the center "
+        "(five-crop: 5x) or those and their mirrors (ten-crop: 10x)",
     )
 
 

@@ -7,7 +7,14 @@ import os
 import sys
 
 from ..evaluate import evaluate_dataset
-from .common import add_data_args, add_device_arg, add_model_args, print_json, warn_if_random
+from .common import (
+    add_data_args,
+    add_device_arg,
+    add_model_args,
+    add_tta_arg,
+    print_json,
+    warn_if_random,
+)
 
 
 def add_parser(sub) -> None:
@@ -26,7 +33,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
-    p.add_argument("--ten-crop", action="store_true", help="ten crops, softmax averaged")
+    p.add_argument("--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop")
+    add_tta_arg(p)
     add_device_arg(p)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
     p.add_argument(
@@ -46,7 +54,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
     result = evaluate_dataset(
-        args.data, args.model, args.weights, ten_crop=args.ten_crop, batch_size=args.batch_size,
+        args.data, args.model, args.weights, ten_crop=args.ten_crop, tta=args.tta,
+        batch_size=args.batch_size,
         workers=args.workers, device=args.device, amp=args.amp, data_root=args.data_root,
         download=not args.no_download, progress=not args.no_progress,
         optimize=not args.no_optimize, labels=args.labels, split=args.split,
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result['model']} on {result['data']} ({result['images']} images, "
         f"{result['crops']} crop{'s' if result['crops'] > 1 else ''}): "
         f"top-1 error {result['top1_error']:.3f}%  top-5 error {result['top5_error']:.3f}%  "
-        f"{result['images_per_second']:.1f} images/s"
+        f"ECE {result['ece']:.4f}  {result['images_per_second']:.1f} images/s"
     )
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
@@ -74,9 +83,15 @@ def _print_labels(result: dict) -> None:
     """The per-label table of a multi-label evaluation."""
     width = max(len("label"), *map(len, result["labels"]))
     print(f"{result['model']} on {result['data']} ({result['images']} images)")
-    print(f"{'label':<{width}}  {'AUROC':>6}  {'AP':>6}  positives")
+    print(f"{'label':<{width}}  {'AUROC':>6}  {'AP':>6}  {'ECE':>6}  positives")
     for name, row in result["labels"].items():
-        print(f"{name:<{width}}  {row['auroc']:6.4f}  {row['ap']:6.4f}  {row['positives']:>9}")
-    print(f"{'mean':<{width}}  {result['mean_auroc']:6.4f}  {result['mean_ap']:6.4f}")
+        print(
+            f"{name:<{width}}  {row['auroc']:6.4f}  {row['ap']:6.4f}  {row['ece']:6.4f}  "
+            f"{row['positives']:>9}"
+        )
+    print(
+        f"{'mean':<{width}}  {result['mean_auroc']:6.4f}  {result['mean_ap']:6.4f}  "
+        f"{result['ece']:6.4f}"
+    )
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
