@@ -219,3 +219,24 @@ def test_calibration_halves_the_held_out_error_and_thresholds_keep_their_promise
     assert abs(after["mean_auroc"] - before["mean_auroc"]) <= 0.005
     for name, row in after["labels"].items():
         assert row["positives"] >= 30 and row["sensitivity"] >= 0.9, (name, row)
+
+
+def test_predict_and_bulk_apply_the_cards_calibration(tmp_path):
+    from densenet import Classifier, get_model, load
+    from densenet.bulk import Options, Outputs
+    from densenet.checkpoint import TrainCheckpoint
+
+    torch.manual_seed(0)
+    model = get_model("densenet_bc_100_k12", num_classes=4).eval()
+    card = ModelCard.for_model(model, calibration=Calibration((0.25,)))
+    path = tmp_path / "calibrated.pth"
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), {"num_classes": 4}), path)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(images) * 0.25).softmax(1)
+    classifier = Classifier(weights=str(path), device="cpu", optimize=False)
+    torch.testing.assert_close(classifier.probabilities(images), expected)
+    loaded = load(weights=str(path))
+    columns = Outputs(loaded, Options(task="predict", topk=4), torch.device("cpu"), False)(images)
+    top = torch.from_numpy(columns["probabilities"])
+    torch.testing.assert_close(top, expected.sort(1, descending=True).values)

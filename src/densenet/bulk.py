@@ -218,7 +218,7 @@ class Outputs:
         optimize: bool = True,
         precision: str | None = None,
     ) -> None:
-        self.options, self.device = options, device
+        self.options, self.device, self.card = options, device, model.card
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
         net = model.module.eval()
@@ -255,7 +255,7 @@ class Outputs:
             if self.options.normalize:
                 out = F.normalize(out, dim=1)
             return {"embedding": out.to(getattr(torch, self.options.dtype)).cpu().numpy()}
-        scores = out.sigmoid() if self.multi_label else out.softmax(dim=1)
+        scores = self.card.probabilities(out)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}
         if self.multi_label:

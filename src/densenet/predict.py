@@ -216,7 +216,7 @@ class Classifier:
             ]
             batch = torch.stack([self.transform(v) for v in views]).to(self.device)
             out = activation_maps(model, batch)
-            probabilities = self._normalise(out.logits)
+            probabilities = self.card.probabilities(out.logits)
             chosen = (
                 probabilities.argmax(1)
                 if index is None
@@ -243,13 +243,10 @@ class Classifier:
         return self.model(batch.to(self.device, non_blocking=True)).float()
 
     def probabilities(self, batch: Tensor) -> Tensor:
-        """(N, 3, H, W) preprocessed images -> (N, num_classes) probabilities on the CPU:
-        softmax, or each class's sigmoid for a multi-label model."""
-        return self._normalise(self.logits(batch)).cpu()
-
-    def _normalise(self, logits: Tensor) -> Tensor:
-        """Logits -> probabilities: softmax, or each class's sigmoid for a multi-label model."""
-        return logits.sigmoid() if self.card.multi_label else logits.softmax(dim=1)
+        """(N, 3, H, W) preprocessed images -> (N, num_classes) probabilities on the CPU, as
+        the card says (``ModelCard.probabilities``: its calibration, then a softmax, or each
+        class's sigmoid for a multi-label model)."""
+        return self.card.probabilities(self.logits(batch)).cpu()
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], topk: int = 5
