@@ -108,6 +108,14 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
     ten = json.loads(capsys.readouterr().out)
     assert (ten["crops"], ten["images"]) == (10, 4)
     assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), "--json",
+                 "--workers", "0", "--no-progress", "--tta", "ten-crop"]) == 0  # fmt: skip
+    tta = json.loads(capsys.readouterr().out)
+    same = ("top1", "top5", "loss", "ece", "brier", "crops", "tta")
+    assert {k: tta[k] for k in same} == {k: ten[k] for k in same}
+    assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), "--json",
+                 "--workers", "0", "--no-progress", "--tta", "hflip"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["crops"] == 2
+    assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), "--json",
                  "--workers", "0", "--no-progress", "--no-optimize"]) == 0  # fmt: skip
     eager = json.loads(capsys.readouterr().out)
     assert (eager["top1"], eager["top5"]) == (result["top1"], result["top5"])

@@ -267,3 +267,27 @@ def test_dtype_choice(images, monkeypatch, capsys):
     args = ["predict", str(images / "chelsea.jpg"), "--weights", "none", "--device", "cpu"]
     assert main([*args, "--dtype", "bfloat16", "--topk", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 1
+
+
+def test_test_time_augmentation_averages_the_views_and_changes_nothing_when_off(tmp_path):
+    """tta=None is the single view; hflip averages the probabilities of the center crop and its
+    mirror; ten-crop those of the paper's ten crops."""
+    from densenet.transforms import views_transform
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), np.uint8))
+    plain = densenet.Classifier(model, device="cpu", optimize=False)
+    single = plain.probabilities(plain.preprocess(image, "x")[None])
+    with torch.no_grad():
+        center = plain.transform(image)
+        expected = model(torch.stack([center, center.flip(-1)])).softmax(1).mean(0)
+        pre = plain.preprocessing
+        crops = views_transform("ten-crop", pre.resize_size, pre.crop_size, pre.mean, pre.std)
+        ten = model(crops(image)).softmax(1).mean(0)
+    for tta, want in ((None, single[0]), ("hflip", expected), ("ten-crop", ten)):
+        classifier = densenet.Classifier(model, device="cpu", optimize=False, tta=tta)
+        [prediction] = classifier.classify([image], topk=5)
+        got = torch.tensor(prediction.probabilities)
+        torch.testing.assert_close(got, want.sort(descending=True).values)
+    assert not torch.allclose(expected, single[0])  # the mirror changed something

@@ -125,6 +125,9 @@ class Classifier:
             padded up and the padding rows dropped), replaying one CUDA graph per size; default
             on for an optimized DenseNet on CUDA, where it keeps shapes static and launches
             cheap. ``warm_up()`` captures every size ahead of the first images.
+        tta: test-time augmentation (``densenet.transforms.VIEWS``): ``"hflip"``,
+            ``"five-crop"`` or ``"ten-crop"`` average each image's probabilities over that many
+            views (and cost that many forward passes); None, one view.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class Classifier:
         optimize: bool = True,
         dtype: torch.dtype | str | None = None,
         buckets: bool | None = None,
+        tta: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -159,6 +163,7 @@ class Classifier:
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
         self.transform = self.preprocessing.transform()
+        self.views = self.preprocessing.views_transform(tta) if tta is not None else None
         self.min_size = self.preprocessing.min_size
         self.batch_size = batch_size
 
@@ -173,12 +178,17 @@ class Classifier:
             self.logits(torch.zeros((1, *shape)))
 
     def preprocess(self, image: ImageInput, name: str) -> Tensor:
-        """One image -> (3, H, W) model input. A float tensor is taken as already preprocessed;
-        a uint8 tensor (C, H, W) as a decoded image. The network's smallest input is checked on
-        the result, not on the image (which the transform resizes)."""
+        """One image -> (C, H, W) model input, or (V, C, H, W) test-time views (``tta``). A
+        float tensor is taken as already preprocessed (one view); a uint8 tensor (C, H, W) as a
+        decoded image. The network's smallest input is checked on the result, not on the image
+        (which the transform resizes)."""
         if isinstance(image, Tensor) and image.is_floating_point():
             return self.preprocessing.check_input(image, name)
-        return self.preprocessing.check_input(self.transform(self._decode(image, name)), name)
+        if self.views is None:
+            return self.preprocessing.check_input(self.transform(self._decode(image, name)), name)
+        views = self.views(self._decode(image, name))
+        self.preprocessing.check_input(views[0], name)
+        return views
 
     def _decode(self, image: ImageInput, name: str) -> Image.Image:
         """A path, bytes, PIL image or uint8 (C, H, W) tensor -> a checked PIL image."""
@@ -243,10 +253,13 @@ class Classifier:
         return self.model(batch.to(self.device, non_blocking=True)).float()
 
     def probabilities(self, batch: Tensor) -> Tensor:
-        """(N, 3, H, W) preprocessed images -> (N, num_classes) probabilities on the CPU, as
-        the card says (``ModelCard.probabilities``: its calibration, then a softmax, or each
-        class's sigmoid for a multi-label model)."""
-        return self.card.probabilities(self.logits(batch)).cpu()
+        """(N, C, H, W) preprocessed images, or (N, V, C, H, W) views of each -> (N,
+        num_classes) probabilities on the CPU, as the card says (``ModelCard.probabilities``:
+        its calibration, then a softmax, or each class's sigmoid for a multi-label model),
+        averaged over the views."""
+        views = batch.shape[1] if batch.dim() == 5 else 1
+        logits = self.logits(batch.flatten(0, batch.dim() - 4))
+        return self.card.probabilities(logits).view(len(batch), views, -1).mean(1).cpu()
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], topk: int = 5

@@ -13,6 +13,7 @@ from .common import (
     add_model_args,
     add_tta_arg,
     print_json,
+    table,
     warn_if_random,
 )
 
@@ -80,18 +81,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_labels(result: dict) -> None:
-    """The per-label table of a multi-label evaluation."""
-    width = max(len("label"), *map(len, result["labels"]))
-    print(f"{result['model']} on {result['data']} ({result['images']} images)")
-    print(f"{'label':<{width}}  {'AUROC':>6}  {'AP':>6}  {'ECE':>6}  positives")
+    """The per-label table of a multi-label evaluation; the decisions at each label's
+    threshold (sensitivity, specificity) beside the threshold-free AUROC and AP."""
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [["label", "AUROC", "AP", "ECE", "threshold", "sens.", "spec.", "positives"]]
     for name, row in result["labels"].items():
-        print(
-            f"{name:<{width}}  {row['auroc']:6.4f}  {row['ap']:6.4f}  {row['ece']:6.4f}  "
-            f"{row['positives']:>9}"
-        )
-    print(
-        f"{'mean':<{width}}  {result['mean_auroc']:6.4f}  {result['mean_ap']:6.4f}  "
-        f"{result['ece']:6.4f}"
-    )
+        rows.append([
+            name, f"{row['auroc']:.4f}", f"{row['ap']:.4f}", f"{row['ece']:.4f}",
+            f"{row['threshold']:.4f}", rate(row["sensitivity"]), rate(row["specificity"]),
+            str(row["positives"]),
+        ])  # fmt: skip
+    means = (result["mean_auroc"], result["mean_ap"], result["ece"])
+    rows.append(["mean", *(f"{v:.4f}" for v in means), "", "", "", ""])
+    print(f"{result['model']} on {result['data']} ({result['images']} images)")
+    print(table(rows))
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)

@@ -13,6 +13,7 @@ from .common import (
     add_bulk_args,
     add_inference_args,
     add_model_args,
+    add_tta_arg,
     print_json,
     print_problem,
     run_bulk,
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     add_inference_args(p, batch_size=16)
+    add_tta_arg(p)
     p.add_argument(
         "--cam",
         metavar="OUT_DIR",
@@ -46,10 +48,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
     if args.out is not None:
-        if args.cam:
-            raise ValueError(
-                "--cam draws the maps of listed images; it does not combine with --out"
-            )
+        for flag in ("cam", "tta"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} is for listed images; it does not combine with --out")
         if len(args.images) != 1:
             raise BulkError(
                 f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no images found in {' '.join(args.images)}")
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
-        optimize=not args.no_optimize, dtype=args.dtype,
+        optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
     cams: dict[str, str] = {}
