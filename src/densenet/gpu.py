@@ -132,14 +132,15 @@ class TritonDenseNet(InferenceOnly):
 
     Args:
         fast: the source, built by ``densenet.optimize(..., backend="eager")``; channels_last.
-        growth_conv: ``"triton"`` (implicit GEMM writing into the buffer) or ``"cudnn"`` (cuDNN,
-            then a copy into the buffer) for the 3x3 convolutions.
+        growth_conv: ``"cudnn"`` (cuDNN, then a copy into the buffer; the default until a GPU
+            measures the Triton kernel at least as fast) or ``"triton"`` (implicit GEMM writing
+            into the buffer) for the 3x3 convolutions.
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits, or (N, num_features)
     pooled features for a model without classifier, in the input's dtype.
     """
 
-    def __init__(self, fast: InferenceDenseNet, growth_conv: str = "triton") -> None:
+    def __init__(self, fast: InferenceDenseNet, growth_conv: str = "cudnn") -> None:
         super().__init__()
         conv0 = fast.stem[0]
         self.stem = nn.Sequential(

@@ -399,6 +399,7 @@ def optimize(
     channels_last: bool | None = None,
     compile: bool | str = False,
     backend: str | None = None,
+    growth_conv: str = "cudnn",
 ) -> nn.Module:
     """The inference-only form of ``model``, with the same outputs.
 
@@ -423,6 +424,9 @@ def optimize(
             against the eager model on the CPU (Triton's interpreter) but have not yet been timed
             on a GPU; the onednn backend is opt-in because ``densenet.export`` reads the eager
             form's modules.
+        growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
+            copy into the block buffer; the default until a GPU measures the Triton kernel at
+            least as fast) or ``"triton"`` (the implicit GEMM writing straight into the buffer).
 
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
@@ -448,7 +452,7 @@ def optimize(
     if backend == "triton":
         from .gpu import TritonDenseNet
 
-        return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
+        return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True), growth_conv)
     if backend == "onednn":
         from .cpu import OneDNNDenseNet
 
