@@ -134,7 +134,7 @@ class DenseNet(nn.Module):
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
     """
 
-    __jit_unused_properties__ = ["min_input_size"]  # noqa: RUF012 (TorchScript's hook)
+    __jit_unused_properties__ = ["min_input_size", "feature_info"]  # noqa: RUF012 (TorchScript's hook)
 
     def __init__(
         self,
