@@ -452,16 +452,13 @@ def create_app(
     )
     async def predict(
         request: Request,
-        topk: int = Query(5, ge=1, description="labels per image"),
+        topk: int = Query(5, ge=1, description="labels per image (at most the class count)"),
     ) -> JSONResponse:
         start = time.perf_counter()
         unknown = sorted(set(request.query_params) - {"topk"})
         if unknown:
             return _error(422, f"unknown query parameter {unknown[0]!r}; the only one is 'topk'")
-        if topk > len(service.classifier.categories):
-            return _error(
-                422, f"topk {topk} is more than the {len(service.classifier.categories)} classes"
-            )
+        topk = min(topk, len(service.classifier.categories))  # as the CLI and bulk cap it
         if not service.ready:
             return _error(503, "the model is loading; retry shortly")
         if service.batcher.depth >= config.max_queue:
