@@ -74,7 +74,7 @@ def test_weights_verify_and_convert(tmp_path, capsys):
     converted = load_file(out)
     assert set(converted) == set(model.state_dict())
     assert torch.equal(converted["features.conv0.weight"], model.features.conv0.weight)
-    other = tmp_path / "densenet121-00000000.pth"
+    other = tmp_path / "densenet121-a639ec97.pth"
     torch.save(legacy(model.state_dict()), other)
     assert main(["weights", "verify", str(other)]) == 2
     assert "corrupt" in capsys.readouterr().err
