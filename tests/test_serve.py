@@ -558,9 +558,21 @@ def test_cli_defaults_are_the_configs():
 
 def test_config_refuses_limits_that_could_never_be_met():
     with pytest.raises(ValueError, match="max_pixels_in_flight"):
-        ServeConfig(max_request_pixels=10, max_pixels_in_flight=9)
+        ServeConfig(max_request_pixels=100_000, max_pixels_in_flight=90_000)
     with pytest.raises(ValueError, match="body_timeout_s"):
         ServeConfig(body_timeout_s=0)
+    with pytest.raises(ValueError, match="at least 65,536, the 256x256 warm-up image"):
+        ServeConfig(max_request_pixels=6000, max_pixels_in_flight=6000)
+    for name in ("max_wait_ms", "max_upload_mb", "body_timeout_s"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                ServeConfig(**{name: value})
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_loading(port, capsys):
+    assert main(["serve", "--port", port, "--model", "densenet121", "--weights", "none"]) == 2
+    assert "--port must be 0..65535" in capsys.readouterr().err
 
 
 @pytest.mark.slow

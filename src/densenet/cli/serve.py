@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
+    if not 0 <= args.port <= 65535:
+        raise DenseNetError(f"--port must be 0..65535, got {args.port}")
     try:
         from ..serve import ServeConfig, serve, weights_metadata
     except ImportError as error:
