@@ -90,13 +90,19 @@ def _print_labels(result: dict) -> None:
     rows = [["label", "AUROC", "AP", "ECE", "threshold", "sens.", "spec.", "positives"]]
     for name, row in result["labels"].items():
         rows.append([
-            name, f"{row['auroc']:.4f}", f"{row['ap']:.4f}", f"{row['ece']:.4f}",
+            name, rate(row["auroc"]), rate(row["ap"]), f"{row['ece']:.4f}",
             f"{row['threshold']:.4f}", rate(row["sensitivity"]), rate(row["specificity"]),
             str(row["positives"]),
         ])  # fmt: skip
     means = (result["mean_auroc"], result["mean_ap"], result["ece"])
-    rows.append(["mean", *(f"{v:.4f}" for v in means), "", "", "", ""])
+    rows.append(["mean", *map(rate, means), "", "", "", ""])
     print(f"{result['model']} on {result['data']} ({result['images']} images)")
     print(table(rows))
+    if result["undefined"]:
+        print(
+            f"densenet eval: warning: label(s) {', '.join(result['undefined'])} have one class "
+            "only in these images: no AUROC or AP, left out of the means",
+            file=sys.stderr,
+        )
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)
