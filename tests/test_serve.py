@@ -569,12 +569,6 @@ def test_config_refuses_limits_that_could_never_be_met():
                 ServeConfig(**{name: value})
 
 
-@pytest.mark.parametrize("port", ["70000", "-1"])
-def test_serve_refuses_a_port_out_of_range_before_loading(port, capsys):
-    assert main(["serve", "--port", port, "--model", "densenet121", "--weights", "none"]) == 2
-    assert "--port must be 0..65535" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_sigterm_finishes_requests_in_flight(weights_file, photos, tmp_path):
     command = [sys.executable, "-m", "densenet", "serve", "--weights", str(weights_file)]

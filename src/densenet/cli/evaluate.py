@@ -12,6 +12,7 @@ from .common import (
     add_device_arg,
     add_model_args,
     add_tta_arg,
+    integer,
     print_json,
     table,
     warn_if_random,
@@ -32,8 +33,8 @@ def add_parser(sub) -> None:
         "or cifar10, cifar100, svhn (their test sets)",
     )
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    p.add_argument("--batch-size", type=integer(), default=64, help="images per batch")
+    p.add_argument("--workers", type=integer(0, 64), default=4, help="data loading processes")
     p.add_argument("--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop")
     add_tta_arg(p)
     add_device_arg(p)
