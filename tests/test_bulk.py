@@ -229,6 +229,36 @@ def test_refuses_to_resume_with_other_settings(folder, tmp_path, checkpoint):
         bulk.run(manifest, out, Options(shard_size=4), other, progress=False)
 
 
+def test_only_this_runs_complete_shards_count_and_a_changed_input_set_is_rewritten(
+    folder, tmp_path, checkpoint
+):
+    """A foreign part file is refused, a truncated or empty shard is written again, and after
+    images are added and removed the output holds each current input once."""
+    images = sorted(str(p) for p in (folder / "1").glob("*.png"))[:10]
+    manifest, out = tmp_path / "list.txt", tmp_path / "out"
+
+    def run(paths):
+        manifest.write_text("\n".join(paths))
+        return bulk.run(manifest, out, Options(shard_size=3), checkpoint, workers=0, progress=False)
+
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "part-000000.parquet")  # unrelated
+    with pytest.raises(BulkError, match="part-000000.parquet is not the output of this run"):
+        run(images[:8])
+    (out / "part-000000.parquet").unlink()
+    run(images[:8])
+    (out / "part-000001.parquet").write_bytes((out / "part-000001.parquet").read_bytes()[:100])
+    (out / "part-000002.parquet").write_bytes(b"")
+    again = run(images[:8])
+    assert (again.shards_skipped, again.shards_written) == (1, 2)
+    assert read(out)["path"].to_pylist() == images[:8]
+    changed = [images[0], *images[2:8], images[8], images[9]]  # one removed, two added
+    run(changed)
+    assert read(out)["path"].to_pylist() == changed
+    shrunk = run(changed[:4])
+    assert read(out)["path"].to_pylist() == changed[:4] and shrunk.shards_skipped == 1
+
+
 def test_device_decoding_needs_a_gpu(folder, checkpoint, tmp_path):
     with pytest.raises(BulkError, match="CUDA"):
         bulk.run(folder, tmp_path / "out", Options(), checkpoint, device="cpu", device_decode=True)

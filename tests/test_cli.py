@@ -74,7 +74,7 @@ def test_weights_verify_and_convert(tmp_path, capsys):
     converted = load_file(out)
     assert set(converted) == set(model.state_dict())
     assert torch.equal(converted["features.conv0.weight"], model.features.conv0.weight)
-    other = tmp_path / "densenet121-00000000.pth"
+    other = tmp_path / "densenet121-a639ec97.pth"
     torch.save(legacy(model.state_dict()), other)
     assert main(["weights", "verify", str(other)]) == 2
     assert "corrupt" in capsys.readouterr().err
@@ -219,3 +219,29 @@ def test_a_mistyped_image_is_reported_before_any_download(torch_home, monkeypatc
     assert main(["predict", "phto.jpg"]) == 2
     assert capsys.readouterr().err == "densenet predict: error: phto.jpg: no such file or folder\n"
     assert list(torch_home.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--batch-sizes", "-1"], "--batch-sizes: -1 is out of range (1..4096)"),
+        (["bench", "--batch-sizes", "0"], "--batch-sizes: 0 is out of range (1..4096)"),
+        (["bench", "--image-size", "0"], "--image-size: 0 is out of range (1..4096)"),
+        (["bench", "--rounds", "0"], "--rounds: 0 is out of range (>= 1)"),
+        (["export", "--format", "onnx", "--image-size", "100000"], "out of range (1..4096)"),
+        (["serve", "--port", "70000"], "--port: 70000 is out of range (0..65535)"),
+        (["serve", "--port", "-1"], "--port: -1 is out of range (0..65535)"),
+        (["serve", "--max-upload-mb", "nan"], "--max-upload-mb: nan must be a finite number"),
+        (["serve", "--max-wait-ms", "inf"], "--max-wait-ms: inf must be a finite number"),
+        (["predict", "x.png", "--topk", "0"], "--topk: 0 is out of range (>= 1)"),
+        (["embed", "x", "--out", "o", "--workers", "100"], "--workers: 100 is out of range"),
+        (["eval", "d", "--batch-size", "two"], "--batch-size: 'two' is not a whole number"),
+    ],
+)
+def test_every_numeric_flag_is_range_checked_before_any_work(argv, message, capsys):
+    """A value out of range is a one-line usage error, exit status 2, before anything loads."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith(f"densenet {argv[0]}: error: argument")

@@ -122,6 +122,21 @@ def test_classifier_explain_and_predict_cam_write_one_overlay_per_image(
     assert overlay.tobytes() != explanations[0].view.convert("RGB").tobytes()
 
 
+def test_images_sharing_a_file_name_get_distinct_maps(checkpoint, tmp_path, capsys):
+    """a/x.png, e/x-2.png, b/x.png: three maps, none overwriting another."""
+    paths = []
+    for folder, name, value in (("a", "x", 30), ("e", "x-2", 120), ("b", "x", 220)):
+        (tmp_path / folder).mkdir()
+        paths.append(str(tmp_path / folder / f"{name}.png"))
+        Image.new("RGB", (40, 40), (value, 255 - value, value // 2)).save(paths[-1])
+    out = tmp_path / "cams"
+    assert main(["predict", *paths, "--weights", checkpoint, "--cam", str(out), "--json"]) == 0
+    cams = [r["cam"] for r in json.loads(capsys.readouterr().out)]
+    assert cams == [str(out / "x.cam.png"), str(out / "x-2.cam.png"), str(out / "x-3.cam.png")]
+    pictures = {Image.open(path).tobytes() for path in cams}
+    assert len(pictures) == 3
+
+
 def test_an_unknown_target_class_is_one_error(checkpoint):
     classifier = densenet.Classifier("densenet_bc_100_k12", weights=checkpoint, device="cpu")
     image = Image.fromarray(skimage.data.chelsea())

@@ -185,3 +185,40 @@ def test_the_validation_images_can_come_from_a_second_csv(tmp_path):
     assert (len(splits.train), len(splits.val), splits.test) == (30, 10, None)
     image, target = splits.val[0]
     assert image.mode == "L" and target.shape == (3,)
+
+
+def test_a_label_without_positives_has_no_auroc_and_stays_out_of_the_means(tmp_path, capsys):
+    """eval on rows where one label never occurs: its AUROC and AP are undefined (None, with a
+    warning), not 0.0 averaged into the mean."""
+    from densenet import get_model
+    from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+
+    labels = digits_with_attributes(tmp_path, n=40)
+    rows = labels.read_text().splitlines()
+    columns = rows[0].split(",")
+    prime = columns.index("prime")
+    fixed = [rows[0]] + [
+        ",".join(
+            "0" if i == prime and r.endswith(",val") else v for i, v in enumerate(r.split(","))
+        )
+        for r in rows[1:]
+    ]
+    labels.write_text("\n".join(fixed) + "\n")
+    model = get_model("densenet_bc_100_k12", num_classes=3, in_channels=1, **SMALL)
+    card = ModelCard.for_model(model, classes=tuple(ATTRIBUTES), multi_label=True)
+    args = {"num_classes": 3, "in_channels": 1, **SMALL}
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), args), tmp_path / "m.pth")
+    evaluation = ["eval", str(tmp_path), "--weights", str(tmp_path / "m.pth"), "--labels",
+                  str(labels), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main([*evaluation, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["undefined"] == ["prime"]
+    assert result["labels"]["prime"]["auroc"] is None and result["labels"]["prime"]["ap"] is None
+    defined = [result["labels"][n]["auroc"] for n in ("even", "gt4")]
+    assert result["mean_auroc"] == pytest.approx(sum(defined) / 2)
+    assert main(evaluation) == 0
+    out, err = capsys.readouterr()
+    assert "prime" in err and "one class only" in err
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("prime")] == [
+        ["prime", "-"]
+    ]

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -258,10 +259,26 @@ def test_bad_requests(client, photos):
         response = client.post("/v1/predict", **kwargs)
         assert response.status_code == status, (name, response.text)
         assert isinstance(response.json()["detail"], str), name
-    for query in ("topk=0", "topk=1001", "topk=five", "colour=red"):
+    for query in ("topk=0", "topk=five", "colour=red"):
         response = client.post(f"/v1/predict?{query}", content=jpeg)
         assert response.status_code == 422, (query, response.text)
         assert response.json()["detail"]
+
+
+def test_a_two_class_model_answers_default_requests_and_16_bit_images(photos):
+    """topk is capped at the class count (the page sends topk=5), as the CLI and bulk cap it;
+    a 16-bit grey PNG is scaled by its bit depth, so it classifies as its 8-bit twin."""
+    torch.manual_seed(0)
+    two = densenet.Classifier(randomize_batchnorm(tiny_model(num_classes=2)), device="cpu")
+    grey16 = encode_image(Image.fromarray(np.full((64, 64), 32768, np.uint16)), "PNG")
+    grey8 = encode_image(Image.new("L", (64, 64), 128), "PNG")
+    with serving(two) as client:
+        for url in ("/v1/predict", "/v1/predict?topk=5"):
+            response = client.post(url, content=photos["coffee.png"])
+            assert response.status_code == 200, response.text
+            assert len(response.json()["predictions"][0]["top"]) == 2
+        sixteen, eight = (client.post("/v1/predict", content=b).json() for b in (grey16, grey8))
+    assert top(sixteen["predictions"][0]) == top(eight["predictions"][0])
 
 
 def test_metrics(classifier, photos):
@@ -541,9 +558,15 @@ def test_cli_defaults_are_the_configs():
 
 def test_config_refuses_limits_that_could_never_be_met():
     with pytest.raises(ValueError, match="max_pixels_in_flight"):
-        ServeConfig(max_request_pixels=10, max_pixels_in_flight=9)
+        ServeConfig(max_request_pixels=100_000, max_pixels_in_flight=90_000)
     with pytest.raises(ValueError, match="body_timeout_s"):
         ServeConfig(body_timeout_s=0)
+    with pytest.raises(ValueError, match="at least 65,536, the 256x256 warm-up image"):
+        ServeConfig(max_request_pixels=6000, max_pixels_in_flight=6000)
+    for name in ("max_wait_ms", "max_upload_mb", "body_timeout_s"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                ServeConfig(**{name: value})
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 import densenet
-from densenet.transforms import ChannelError, to_channels
+from densenet.transforms import ChannelError, to_channels, to_rgb
 
 # The pipeline printed on the PyTorch Hub DenseNet page, applied to an RGB image.
 HUB_PAGE = transforms.Compose(
@@ -73,3 +73,21 @@ def test_images_keep_their_channels_and_a_colour_image_is_not_turned_grey():
     with pytest.raises(ChannelError, match=r"RGB image has 3 channel\(s\), the model takes 1"):
         to_channels(Image.new("RGB", (8, 8)), 1)
     assert densenet.eval_transform(8, 8, (0.5,), (0.5,))(grey).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path, mode):
+    """A 16-bit grey image at half its range is mid-grey, not white (PIL's own conversion
+    clips at 255), from a file as from a PIL image, for 1- and 3-channel models."""
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    image = Image.fromarray(values).convert(mode) if mode != "I;16" else Image.fromarray(values)
+    expected = [0, 1, 128, 255]
+    assert np.asarray(to_channels(image, 1))[0].tolist() == expected
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == expected
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)
+    eight = Image.new("L", (32, 32), 128)
+    transform = densenet.eval_transform(32, 32)
+    from densenet.images import open_image
+
+    torch.testing.assert_close(transform(open_image(path)), transform(eight))

@@ -165,13 +165,38 @@ def test_files_without_a_state_dict(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
 
 
-def test_verify_file_checks_the_name_hash(tmp_path):
+def test_verify_file_checks_a_published_names_hash_only(tmp_path):
+    """A published file's name carries its hash prefix; another name's hex digits (a date) are
+    not taken for one."""
     path = save_published_like(tmp_path, SMALL, densenet.get_model(SMALL).state_dict())
-    assert verify_file(path).startswith(path.stem.split("-")[-1])
+    digest = verify_file(path)
+    assert verify_file(path, path.stem.split("-")[-1]) == digest
     with open(path, "ab") as file:
         file.write(b"x")
     with pytest.raises(WeightsError, match="corrupt"):
-        verify_file(path)
+        verify_file(path, digest[:8])
+    official = path.rename(tmp_path / "densenet121-a639ec97.pth")
+    with pytest.raises(WeightsError, match="corrupt"):
+        verify_file(official)
+    dated = official.rename(tmp_path / "mymodel-20240101.pth")
+    assert len(verify_file(dated)) == 64
+
+
+def test_nan_weights_are_refused_and_convert_writes_only_safetensors(tmp_path):
+    from densenet.load import convert_weights, verify_weights
+
+    state = densenet.get_model(SMALL, num_classes=3).state_dict()
+    state["classifier.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    for check in (lambda: verify_weights(str(path)), lambda: densenet.load(path)):
+        with pytest.raises(WeightsError, match="NaN or infinite values.*classifier.weight"):
+            check()
+    with pytest.raises(WeightsError, match="NaN or infinite"):
+        convert_weights(str(path), str(tmp_path / "out.safetensors"))
+    with pytest.raises(WeightsError, match="name the file \\*.safetensors"):
+        convert_weights(str(path), str(tmp_path / "converted.pth"))
+    assert not (tmp_path / "converted.pth").exists()
 
 
 def test_download_verify_cache_then_offline(torch_home, file_server, monkeypatch):

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import csv
 import fnmatch
+import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -55,6 +57,7 @@ __all__ = [
 TASKS = ("embed", "predict")
 DTYPES = ("float32", "float16")
 SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
+log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -345,12 +348,34 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
     write_json(record, {**settings, "version": VERSION})
 
 
-def _done_shards(out: Path, rank: int, world_size: int) -> set[int]:
-    """The shards complete in ``out``; removes this rank's temporary files of killed runs."""
-    done = set()
-    for name in os.listdir(out):
+def _digest(paths: Sequence[str]) -> str:
+    """The fingerprint of a shard's input paths, in order."""
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+def _done_shards(out: Path, rank: int, world_size: int, settings: dict[str, Any]) -> dict[int, str]:
+    """This run's complete shards in ``out`` -> the digest of their input paths (a shard is done
+    only if its paths still are the shard's, checked when listing); removes this rank's
+    temporary files of killed runs. A shard that cannot be read or lacks rows is rewritten; a
+    readable one written with other settings, or not by densenet, is refused (``BulkError``)."""
+    import pyarrow.parquet as pq
+
+    done = {}
+    for name in sorted(os.listdir(out)):
         if match := SHARD_NAME.fullmatch(name):
-            done.add(int(match[1]))
+            try:
+                info = pq.ParquetFile(out / name).metadata
+                meta = json.loads((info.metadata or {}).get(b"densenet", b"null"))
+            except (OSError, ValueError) as error:
+                log.warning("%s: unreadable (%s), written again", out / name, error)
+                continue
+            if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in settings.items()):
+                raise BulkError(
+                    f"{out / name} is not the output of this run (other settings, or not "
+                    "written by densenet); remove it or write to a new folder"
+                )
+            if meta.get("shard") == int(match[1]) and meta.get("rows") == info.num_rows:
+                done[int(match[1])] = meta.get("paths_sha256")
         elif (match := TEMP_NAME.fullmatch(name)) and int(match[1]) % world_size == rank:
             (out / name).unlink(missing_ok=True)
     return done
@@ -389,8 +414,10 @@ class _Batches:
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[list[tuple[int, str]]]:
+        self.shards = 0
         for shard, chunk in enumerate(_chunks(self.paths, self.shard_size)):
-            if self.wanted(shard):
+            self.shards = shard + 1
+            if self.wanted(shard, chunk):
                 for start in range(0, len(chunk), self.batch_size):
                     yield [(shard, p) for p in chunk[start : start + self.batch_size]]
 
@@ -527,16 +554,23 @@ def run(
     settings = json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
     out = Path(out)
     _claim_folder(out, settings)
-    done = _done_shards(out, rank, world_size)
+    done = _done_shards(out, rank, world_size, settings)
     summary = Summary(rank, world_size, workers=workers, device=str(target), out=str(out))
-    summary.shards_skipped = sum(1 for k in done if k % world_size == rank)
 
-    def wanted(shard: int) -> bool:
-        return shard % world_size == rank and shard not in done
+    def wanted(shard: int, chunk: Sequence[str] | None = None) -> bool:
+        """Whether this process writes ``shard`` (of input paths ``chunk``, when listing)."""
+        if shard % world_size != rank:
+            return False
+        if chunk is None:  # the progress bar's estimate
+            return shard not in done
+        finished = done.get(shard) == _digest(chunk)
+        summary.shards_skipped += finished
+        return not finished
 
+    batches = _Batches(iter_inputs(source), options.shard_size, batch_size, wanted)
     loader = DataLoader(
         _Images(card.preprocessing.transform(), raw=device_decode),
-        batch_sampler=_Batches(iter_inputs(source), options.shard_size, batch_size, wanted),
+        batch_sampler=batches,
         num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
     )  # fmt: skip
     metadata = {**settings, "version": VERSION}
@@ -563,6 +597,9 @@ def run(
             bar.update(len(paths))
         if current is not None:
             _flush(out, current, pending, outputs, card.classes, metadata, summary)
+    for shard in done:  # shards of inputs no longer there (the input set shrank)
+        if shard >= batches.shards and shard % world_size == rank:
+            shard_path(out, shard).unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -574,7 +611,10 @@ def _flush(out, shard, pending, outputs: Outputs, classes, metadata, summary: Su
     first_row = shard * metadata["shard_size"]
     table = to_table(
         pending["paths"], pending["errors"], columns, classes,
-        {**metadata, "shard": shard, "first_row": first_row},
+        {
+            **metadata, "shard": shard, "first_row": first_row,
+            "rows": len(pending["paths"]), "paths_sha256": _digest(pending["paths"]),
+        },
     )  # fmt: skip
     import pyarrow.parquet as pq
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .errors import DenseNetError
 from .inference import InferenceDenseNet
 from .model import DenseNet
+from .transforms import to_rgb
 
 __all__ = ["ActivationMaps", "ExplainError", "explain", "grad_cam", "heat_overlay"]
 
@@ -141,7 +142,7 @@ def heat_overlay(image: Image.Image, cam: Tensor, label: str, alpha: float = 0.5
     low, high = cam.min(), cam.max()
     scaled = (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
     heat = Image.fromarray(_colormap(scaled.float().cpu()).numpy(), "RGB")
-    blended = Image.blend(image.convert("RGB"), heat.resize(image.size), alpha)
+    blended = Image.blend(to_rgb(image), heat.resize(image.size), alpha)
     draw = ImageDraw.Draw(blended)
     box = draw.textbbox((0, 0), label)
     draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))

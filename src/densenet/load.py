@@ -28,6 +28,7 @@ from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
     WeightsError,
+    check_finite,
     get_weights,
     is_path,
     load_checkpoint,
@@ -251,7 +252,10 @@ def convert_weights(source: str, dest: str, arch: str | None = None) -> dict[str
     keys), after checking it loads strictly into its architecture when that is known."""
     from safetensors.torch import save_file
 
+    if Path(dest).suffix != ".safetensors":
+        raise WeightsError(f"{dest}: convert writes safetensors; name the file *.safetensors")
     state = load_checkpoint(source)
+    check_finite(state, source)
     arch = arch_of_file(source, arch)
     if arch is not None:
         get_model(arch).load_state_dict(state, strict=True)

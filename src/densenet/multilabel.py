@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,9 @@ def pos_weight(dataset: LabelledImages) -> Tensor:
 
 def label_metrics(probabilities: Tensor, targets: Tensor, names: Iterable[str]) -> dict[str, Any]:
     """Per-label and mean AUROC and average precision of (N, L) ``probabilities`` against 0/1
-    ``targets`` (torchmetrics' binary definitions), as a JSON-ready dict."""
+    ``targets`` (torchmetrics' binary definitions), as a JSON-ready dict. A label whose images
+    are all positive or all negative has neither (None, listed in ``undefined``) and is left out
+    of the means (None when no label has both classes)."""
     from torchmetrics.functional.classification import (
         multilabel_auroc,
         multilabel_average_precision,
@@ -175,15 +178,28 @@ def label_metrics(probabilities: Tensor, targets: Tensor, names: Iterable[str]) 
 
     names = list(names)
     targets = targets.long()
-    auroc = multilabel_auroc(probabilities, targets, len(names), average="none")
-    ap = multilabel_average_precision(probabilities, targets, len(names), average="none")
+    positives = targets.sum(0)
+    defined = (positives > 0) & (positives < len(targets))
+    with warnings.catch_warnings():  # torchmetrics warns of the labels reported as undefined
+        warnings.simplefilter("ignore", UserWarning)
+        auroc = multilabel_auroc(probabilities, targets, len(names), average="none")
+        ap = multilabel_average_precision(probabilities, targets, len(names), average="none")
+
+    def mean(values: Tensor) -> float | None:
+        return float(values[defined].mean()) if bool(defined.any()) else None
+
     return {
         "images": len(targets),
-        "mean_auroc": float(auroc.mean()),
-        "mean_ap": float(ap.mean()),
+        "mean_auroc": mean(auroc),
+        "mean_ap": mean(ap),
+        "undefined": [n for n, ok in zip(names, defined.tolist()) if not ok],
         "labels": {
-            n: {"auroc": float(a), "ap": float(p), "positives": int(t)}
-            for n, a, p, t in zip(names, auroc, ap, targets.sum(0))
+            n: {
+                "auroc": float(a) if ok else None,
+                "ap": float(p) if ok else None,
+                "positives": int(t),
+            }
+            for n, a, p, t, ok in zip(names, auroc, ap, positives, defined.tolist())
         },
     }
 

@@ -306,16 +306,18 @@ class Classifier:
 
 
 def write_overlays(explanations: Sequence[Explanation], folder: str | os.PathLike) -> list[Path]:
-    """Save each explanation's ``overlay()`` as ``folder/<image file stem>.cam.png`` (the
-    image's position added when two share a stem); returns the paths, in order."""
+    """Save each explanation's ``overlay()`` as ``folder/<image file stem>.cam.png``, or
+    ``<stem>-2.cam.png``, ``-3``... when an earlier image of the call took the name; returns the
+    paths, in order, all distinct."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    for i, explanation in enumerate(explanations):
+    for explanation in explanations:
         stem = Path(explanation.source).stem
-        path = folder / f"{stem}.cam.png"
-        if path in paths:
-            path = folder / f"{stem}-{i}.cam.png"
+        path, copy = folder / f"{stem}.cam.png", 1
+        while path in paths:
+            copy += 1
+            path = folder / f"{stem}-{copy}.cam.png"
         atomic_write(path, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
         paths.append(path)
     return paths

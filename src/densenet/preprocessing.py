@@ -32,7 +32,9 @@ __all__ = ["ModelCard", "Preprocessing", "default_classes"]
 class Preprocessing:
     """PIL image -> network input: resize the shorter side to ``resize_size`` (pixels, with
     ``interpolation``), center-crop ``crop_size``, scale to [0, 1], normalise with ``mean`` and
-    ``std`` (per channel). ``min_size`` (height, width) is the smallest input the network takes."""
+    ``std`` (per channel). ``min_size`` (height, width) is the smallest input the network takes.
+    ``value_scale`` says how pixel values reach [0, 1]: divided by the largest value of their bit
+    depth (255; 65535 for a 16-bit grey image, ``densenet.transforms.to_8bit``)."""
 
     resize_size: int = 256
     crop_size: int = 224
@@ -40,6 +42,7 @@ class Preprocessing:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     min_size: tuple[int, int] = (29, 29)
+    value_scale: str = "bit depth"
 
     def transform(self) -> Callable[[Any], Tensor]:
         """PIL image -> (C, crop_size, crop_size) float tensor."""

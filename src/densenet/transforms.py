@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -22,8 +23,23 @@ class ChannelError(ValueError):
     """An image whose channels do not match the model's input channels."""
 
 
+# PIL modes of 16-bit grey images (``I`` is how older Pillow and some TIFFs hold them)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image scaled by its bit depth to 8-bit ``L`` (0..65535 -> 0..255, not
+    clipped at 255 as PIL's own conversion does); other modes pass unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (grayscale, palette, RGBA, CMYK...) as RGB; RGB images pass unchanged."""
+    """Any PIL mode (grayscale, palette, RGBA, CMYK, 16-bit grey...) as RGB; RGB images pass
+    unchanged."""
+    image = to_8bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -37,6 +53,7 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
         raise ChannelError(
             f"a PIL image has 1 to 4 channels, the model takes {channels}; give tensors"
         )
+    image = to_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     bands = len(image.getbands())

@@ -284,6 +284,14 @@ def _hash_prefix(file_name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _official_prefix(path: str | os.PathLike) -> str | None:
+    """The hash prefix in ``path``'s name if it is a published file's name (``densenet121-
+    a639ec97.pth``); another file's name may end in hex digits that are no hash (a date)."""
+    name = os.path.basename(path)
+    official = {w.file_name for entries in WEIGHTS.values() for w in entries.values()}
+    return _hash_prefix(name) if name in official else None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     sha256 = hashlib.sha256()
     with open(path, "rb") as file:
@@ -293,10 +301,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def verify_file(path: str | os.PathLike, sha256_prefix: str | None = None) -> str:
-    """Check ``path``'s SHA-256 against ``sha256_prefix`` (default: the hex part of its name);
+    """Check ``path``'s SHA-256 against ``sha256_prefix`` (default: the hex part of a published
+    file's name; other files are only hashed);
     returns the full digest, raises ``WeightsError`` on a mismatch."""
     digest = sha256_file(path)
-    expected = sha256_prefix or _hash_prefix(str(path))
+    expected = sha256_prefix or _official_prefix(path)
     if expected and not digest.startswith(expected):
         raise WeightsError(
             f"{path} is corrupt: SHA-256 {digest[:8]}... does not start with {expected}; "
@@ -376,9 +385,20 @@ def adapt_input_channels(
     return {**state, STEM_KEY: adapted}
 
 
+def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Raise ``WeightsError`` if a floating-point tensor of ``state`` holds NaN or infinity."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(
+            f"{path}: {len(bad)} tensors hold NaN or infinite values (first: "
+            f"{', '.join(bad[:3])}); the weights are unusable"
+        )
+
+
 def load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> nn.Module:
     """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``."""
     path = Path(path)
+    check_finite(state, path)
     expected = model.state_dict()
     state = adapt_input_channels(state, expected)
     mismatched = {

@@ -7,7 +7,7 @@ import sys
 
 from ..benchmark import ENGINES, format_table, run_benchmark, to_json
 from ..io import write_json
-from .common import print_json
+from .common import MAX_IMAGE_SIZE, integer, print_json
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
         "eager float32, print a table last.",
     )
     p.add_argument("--models", nargs="+", default=["densenet121"], help="architectures")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batch sizes")
+    p.add_argument(
+        "--batch-sizes", nargs="+", type=integer(1, 4096), default=[1, 16], help="batch sizes"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--dtype",
@@ -32,9 +34,11 @@ def add_parser(sub) -> None:
         nargs="+",
         help=f"engines to run, of {', '.join(ENGINES)} (default all installed)",
     )
-    p.add_argument("--image-size", type=int, default=224, help="input height and width")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    p.add_argument("--repeats", type=int, help="calls per engine per round (default: ~0.2 s)")
+    p.add_argument(
+        "--image-size", type=integer(1, MAX_IMAGE_SIZE), default=224, help="input height and width"
+    )
+    p.add_argument("--rounds", type=integer(), default=5, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=integer(), help="calls per engine per round (default: ~0.2 s)")
     p.add_argument(
         "--shapes-vary",
         action="store_true",

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..evaluate import calibrate_dataset
-from .common import add_data_args, add_device_arg, print_json, table
+from .common import add_data_args, add_device_arg, integer, print_json, table
 
 
 def add_parser(sub) -> None:
@@ -44,8 +44,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", help="the calibrated model (default MODEL.calibrated.pth beside it)")
     p.add_argument("--diagram", help="the reliability diagram, PNG (default beside --out)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--batch-size", type=integer(), default=64, help="images per batch")
+    p.add_argument("--workers", type=integer(0, 64), default=4, help="data loading processes")
     add_device_arg(p)
     add_data_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")

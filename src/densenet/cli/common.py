@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 
 from .. import bulk
 from ..runtime import COMPUTE_DTYPES
@@ -61,6 +63,43 @@ def print_report(report: dict | list[dict], as_json: bool) -> None:
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+MAX_IMAGE_SIZE = 4096  # pixels per side of an exported or benchmarked input
+
+
+def integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[minimum, maximum]``; anything else is a usage
+    error naming the range (exit status 2), before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({bound})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(minimum: float = 0.0) -> Callable[[str], float]:
+    """An argparse type: a finite number of at least ``minimum`` (no nan, no inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= {minimum:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def weights_value(text: str) -> str | None:
@@ -125,7 +164,7 @@ def add_inference_args(parser: argparse.ArgumentParser, batch_size: int) -> None
     add_device_arg(parser)
     add_dtype_arg(parser)
     parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help="images per forward pass"
+        "--batch-size", type=integer(), default=batch_size, help="images per forward pass"
     )
     parser.add_argument(
         "--no-optimize",
@@ -141,9 +180,13 @@ def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
         required=out_required,
         help="folder of Parquet shards, written resumably (a rerun skips the complete ones)",
     )
-    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet file")
     parser.add_argument(
-        "--workers", type=int, help="decoding processes (default: half the CPUs, at most 8)"
+        "--shard-size", type=integer(), default=10_000, help="rows per Parquet file"
+    )
+    parser.add_argument(
+        "--workers",
+        type=integer(0, 64),
+        help="decoding processes, 0..64 (default: half the CPUs, at most 8)",
     )
     parser.add_argument(
         "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"

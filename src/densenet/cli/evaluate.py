@@ -12,6 +12,7 @@ from .common import (
     add_device_arg,
     add_model_args,
     add_tta_arg,
+    integer,
     print_json,
     table,
     warn_if_random,
@@ -32,8 +33,8 @@ def add_parser(sub) -> None:
         "or cifar10, cifar100, svhn (their test sets)",
     )
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    p.add_argument("--batch-size", type=integer(), default=64, help="images per batch")
+    p.add_argument("--workers", type=integer(0, 64), default=4, help="data loading processes")
     p.add_argument("--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop")
     add_tta_arg(p)
     add_device_arg(p)
@@ -90,13 +91,19 @@ def _print_labels(result: dict) -> None:
     rows = [["label", "AUROC", "AP", "ECE", "threshold", "sens.", "spec.", "positives"]]
     for name, row in result["labels"].items():
         rows.append([
-            name, f"{row['auroc']:.4f}", f"{row['ap']:.4f}", f"{row['ece']:.4f}",
+            name, rate(row["auroc"]), rate(row["ap"]), f"{row['ece']:.4f}",
             f"{row['threshold']:.4f}", rate(row["sensitivity"]), rate(row["specificity"]),
             str(row["positives"]),
         ])  # fmt: skip
     means = (result["mean_auroc"], result["mean_ap"], result["ece"])
-    rows.append(["mean", *(f"{v:.4f}" for v in means), "", "", "", ""])
+    rows.append(["mean", *map(rate, means), "", "", "", ""])
     print(f"{result['model']} on {result['data']} ({result['images']} images)")
     print(table(rows))
+    if result["undefined"]:
+        print(
+            f"densenet eval: warning: label(s) {', '.join(result['undefined'])} have one class "
+            "only in these images: no AUROC or AP, left out of the means",
+            file=sys.stderr,
+        )
     if result["skipped"]:
         print(f"skipped {result['skipped']} unreadable images", file=sys.stderr)

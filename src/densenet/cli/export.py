@@ -9,7 +9,7 @@ import tempfile
 from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
 from ..io import check_regular_file
 from ..load import load
-from .common import add_model_args, print_report, warn_if_random
+from .common import MAX_IMAGE_SIZE, add_model_args, integer, print_report, warn_if_random
 
 
 def add_parser(sub) -> None:
@@ -25,17 +25,25 @@ def add_parser(sub) -> None:
     p.add_argument("--format", required=True, choices=list(FORMATS))
     p.add_argument("--out", help="output file (.onnx, .pt, .pt2); optional with --triton-repo")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, help="fix the batch size (default: dynamic)")
+    batch.add_argument(
+        "--batch-size", type=integer(1, 4096), help="fix the batch size (default: dynamic)"
+    )
     batch.add_argument(
         "--dynamic-batch", dest="batch_size", action="store_const", const=None,
         help="dynamic batch axis (the default)",
     )  # fmt: skip
-    p.add_argument("--image-size", type=int, help="fix height and width (default: any size)")
+    p.add_argument(
+        "--image-size",
+        type=integer(1, MAX_IMAGE_SIZE),
+        help="fix height and width (default: any size)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
-    p.add_argument("--opset", type=int, help="ONNX operator set, 18 or newer (default 18)")
+    p.add_argument(
+        "--opset", type=integer(18, 99), help="ONNX operator set, 18 or newer (default 18)"
+    )
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
-    p.add_argument("--triton-max-batch", type=int, help="Triton max_batch_size (default 64)")
+    p.add_argument("--triton-max-batch", type=integer(), help="Triton max_batch_size (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 

@@ -14,6 +14,7 @@ from .common import (
     add_inference_args,
     add_model_args,
     add_tta_arg,
+    integer,
     print_json,
     print_problem,
     run_bulk,
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("images", nargs="+", help="image files or folders of images (one with --out)")
     add_model_args(p)
-    p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--topk", type=integer(), default=5, help="labels per image")
     add_inference_args(p, batch_size=16)
     add_tta_arg(p)
     p.add_argument(

@@ -6,7 +6,14 @@ import argparse
 
 from ..errors import DenseNetError
 from ..predict import Classifier
-from .common import add_device_arg, add_dtype_arg, add_model_args, warn_if_random
+from .common import (
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    integer,
+    number,
+    warn_if_random,
+)
 
 
 def add_parser(sub) -> None:
@@ -18,30 +25,34 @@ def add_parser(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port")
     add_device_arg(p)
     add_dtype_arg(p)
-    p.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (413)")
-    p.add_argument("--max-queue", type=int, default=256, help="most images waiting (503 beyond)")
+    p.add_argument("--max-batch", type=integer(), default=32, help="most images per forward pass")
+    p.add_argument("--max-wait-ms", type=number(), default=5.0, help="longest wait to fill a batch")
+    p.add_argument(
+        "--max-upload-mb", type=number(0.001), default=10.0, help="largest request body (413)"
+    )
+    p.add_argument(
+        "--max-queue", type=integer(), default=256, help="most images waiting (503 beyond)"
+    )
     p.add_argument(
         "--max-request-pixels",
-        type=int,
+        type=integer(),
         default=100_000_000,
         help="most pixels in one request, summed over its images, read from their headers before "
         "decoding (413 beyond; default 100,000,000)",
     )
     p.add_argument(
         "--max-pixels-in-flight",
-        type=int,
+        type=integer(),
         default=200_000_000,
         help="most pixels being decoded at once over all requests; more wait their turn "
         "(at least --max-request-pixels; default 200,000,000)",
     )
     p.add_argument(
         "--body-timeout-s",
-        type=float,
+        type=number(0.001),
         default=30.0,
         help="longest time to receive a request body, seconds (408 beyond; default 30)",
     )

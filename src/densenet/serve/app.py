@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -56,6 +57,9 @@ ENDPOINTS = (
 )
 
 
+WARM_UP_SIDE = 256  # pixels: the side of the grey image run through the pipeline at start-up
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Limits of the service.
@@ -86,9 +90,17 @@ class ServeConfig:
     body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        for name in ("max_wait_ms", "max_upload_mb", "body_timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("max_batch", "max_queue", "max_images", "max_request_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_request_pixels < WARM_UP_SIDE**2:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels:,}) must be at least "
+                f"{WARM_UP_SIDE**2:,}, the {WARM_UP_SIDE}x{WARM_UP_SIDE} warm-up image"
+            )
         if self.max_pixels_in_flight < self.max_request_pixels:
             raise ValueError(
                 f"max_pixels_in_flight ({self.max_pixels_in_flight:,}) must be at least "
@@ -172,7 +184,7 @@ class _Service:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.classifier.warm_up)
             mode = CHANNEL_MODES.get(self.classifier.card.in_channels, "RGB")
-            gray = Image.new(mode, (256, 256), 128)
+            gray = Image.new(mode, (WARM_UP_SIDE, WARM_UP_SIDE), 128)
             (x,) = await self.decoder.map(
                 self.classifier.preprocess, [((gray, "warm-up image"), gray.width * gray.height)]
             )
@@ -452,16 +464,13 @@ def create_app(
     )
     async def predict(
         request: Request,
-        topk: int = Query(5, ge=1, description="labels per image"),
+        topk: int = Query(5, ge=1, description="labels per image (at most the class count)"),
     ) -> JSONResponse:
         start = time.perf_counter()
         unknown = sorted(set(request.query_params) - {"topk"})
         if unknown:
             return _error(422, f"unknown query parameter {unknown[0]!r}; the only one is 'topk'")
-        if topk > len(service.classifier.categories):
-            return _error(
-                422, f"topk {topk} is more than the {len(service.classifier.categories)} classes"
-            )
+        topk = min(topk, len(service.classifier.categories))  # as the CLI and bulk cap it
         if not service.ready:
             return _error(503, "the model is loading; retry shortly")
         if service.batcher.depth >= config.max_queue:
