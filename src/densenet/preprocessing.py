@@ -21,6 +21,7 @@ from .transforms import (
     IMAGENET_STD,
     channel_stats,
     eval_transform,
+    to_input,
     view_transform,
     views_transform,
 )
@@ -50,6 +51,11 @@ class Preprocessing:
     def view_transform(self) -> Callable[[Any], Any]:
         """PIL image -> the resized, center-cropped PIL image that ``transform`` normalises."""
         return view_transform(self.resize_size, self.crop_size, self.channels, self.interpolation)
+
+    def view_to_input(self) -> Callable[[Any], Tensor]:
+        """``view_transform``'s PIL image -> the (C, crop_size, crop_size) tensor ``transform``
+        gives: ``transform == view_to_input . view_transform``."""
+        return to_input(self.mean, self.std)
 
     def views_transform(self, views: str) -> Callable[[Any], Tensor]:
         """PIL image -> (V, C, crop_size, crop_size): the views of test-time augmentation
