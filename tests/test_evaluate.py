@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 import densenet
+from densenet import evaluate
 from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet import evaluate
 from densenet.weights import WeightsError
 
 TINY = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
