@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
 from .runtime import compute_dtype, resolve_device
+from .version import __version__
 from .weights import sha256_file
 
 __all__ = [
@@ -58,7 +58,6 @@ SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
 JPEG_MAGIC = b"\xff\xd8\xff"
-VERSION = version("densenet")  # the package's (its __init__ sits above this layer)
 
 
 class BulkError(DenseNetError):
@@ -342,7 +341,7 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
             )
         return
     # every rank writes the same settings: whichever lands is right
-    write_json(record, {**settings, "version": VERSION})
+    write_json(record, {**settings, "version": __version__})
 
 
 def _done_shards(out: Path, rank: int, world_size: int) -> set[int]:
@@ -539,7 +538,7 @@ def run(
         batch_sampler=_Batches(iter_inputs(source), options.shard_size, batch_size, wanted),
         num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
     )  # fmt: skip
-    metadata = {**settings, "version": VERSION}
+    metadata = {**settings, "version": __version__}
     start = time.perf_counter()
     with tqdm(desc=options.task, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         if progress:
