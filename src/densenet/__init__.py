@@ -33,8 +33,8 @@ from .transforms import eval_transform
 from .version import __version__
 from .weights import Weights, WeightsError, get_weights, list_weights
 
-
 __all__ = [
+    "__version__",
     "ActivationMaps",
     "Classifier",
     "DenseNet",
