@@ -73,3 +73,18 @@ def test_images_keep_their_channels_and_a_colour_image_is_not_turned_grey():
     with pytest.raises(ChannelError, match=r"RGB image has 3 channel\(s\), the model takes 1"):
         to_channels(Image.new("RGB", (8, 8)), 1)
     assert densenet.eval_transform(8, 8, (0.5,), (0.5,))(grey).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_tensor_path_of_device_decoding_gives_the_pil_paths_input(channels):
+    """``Preprocessing.tensor_transform`` (what --device-decode runs on decoded pixels) and the
+    PIL transform agree on a 256/224 card, for the model's own channel count."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    pre = densenet.Preprocessing().for_channels(channels)
+    image = Image.fromarray(skimage.data.chelsea()).convert("L" if channels == 1 else "RGB")
+    pil = pre.transform()(image)
+    tensor = pre.tensor_transform()(pil_to_tensor(image))
+    assert tensor.shape == pil.shape == (channels, 224, 224)
+    step = 1 / 255 / min(pre.std)  # one uint8 level after normalisation
+    assert (tensor - pil).abs().mean() < 1e-3 and (tensor - pil).abs().max() <= step + 1e-5

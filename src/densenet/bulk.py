@@ -409,35 +409,27 @@ def _decode_on_device(
     """A batch's file bytes (``blobs``: one per row whose error is None, in order) ->
     ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
     in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
-    that decoder refuses (another format, a corrupt file) is decoded on the CPU, or gets its
-    error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
+    that decoder refuses (another format, a corrupt file) or with other channels than the model's
+    is decoded on the CPU (which converts or refuses it as for any file), or gets its error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
 
     def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:
         try:
-            return (
-                decode_jpeg(blob_list, mode=ImageReadMode.RGB, device=device) if blob_list else []
-            )
+            return decode_jpeg(blob_list, mode=mode, device=device) if blob_list else []
         except RuntimeError:  # one bad file fails them all: decode one by one
             if len(blob_list) == 1:
                 return [None]
             return [image for blob in blob_list for image in on_device([blob])]
 
-    def preprocess(image: Tensor) -> Tensor:
-        mode = InterpolationMode(pre.interpolation)
-        image = TF.resize(image, [pre.resize_size], mode, antialias=True)
-        image = TF.center_crop(image, [pre.crop_size])
-        return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
-
+    preprocess = pre.tensor_transform()
+    mode = ImageReadMode.RGB if pre.channels == 3 else ImageReadMode.UNCHANGED
     transform = pre.transform()
     rows = [row for row, error in enumerate(errors) if error is None]
     jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
     decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
     errors, good = list(errors), []
     for k, row in enumerate(rows):
-        if decoded.get(k) is not None:
+        if decoded.get(k) is not None and len(decoded[k]) == pre.channels:
             good.append(preprocess(decoded[k]))
             continue
         image, errors[row] = decode(paths[row], transform)
