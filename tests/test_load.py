@@ -38,3 +38,10 @@ def test_predict_takes_the_weights_file_alone(finetuned, tmp_path, capsys):
     _, path = finetuned
     assert main(["predict", str(tmp_path / "red.png"), "--weights", str(path), "--json"]) == 0
     assert len(capsys.readouterr().out) > 0
+
+
+def test_a_builder_keeps_the_head_of_a_weights_file(finetuned):
+    reference, path = finetuned
+    model = densenet.densenet169(weights=str(path)).eval()
+    assert model.num_classes == 5
+    torch.testing.assert_close(model.classifier.weight, reference.classifier.weight)
