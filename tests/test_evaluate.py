@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 import densenet
+from densenet import evaluate
 from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet.evaluate import evaluate
 from densenet.weights import WeightsError
 
 TINY = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
@@ -157,3 +157,26 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
                  "--no-progress"])  # fmt: skip
     assert code == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+def test_eval_takes_an_onnx_file_as_load_does(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from densenet.export import to_onnx
+
+    model = _checkpoint(tmp_path / "best.pth", ["a", "b", "c"])
+    card = densenet.load(weights=str(tmp_path / "best.pth")).card
+    onnx_path = to_onnx(model.eval(), tmp_path / "model.onnx", card=card)
+    data = _folder(tmp_path / "val", ["a", "c"])
+    args = ["--json", "--workers", "0", "--no-progress"]
+    assert main(["eval", str(data), "--weights", str(tmp_path / "best.pth"), *args]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(data), "--model", str(onnx_path), *args]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert (exported["images"], exported["top1"]) == (eager["images"], eager["top1"])
+    assert exported["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+
+
+def test_densenet_evaluate_stays_the_function_once_the_cli_is_imported():
+    import densenet.cli  # noqa: F401  (imports the `densenet eval` code)
+
+    assert callable(densenet.evaluate) and densenet.evaluate.__module__ == "densenet.accuracy"

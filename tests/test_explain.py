@@ -169,3 +169,19 @@ def test_grad_cam_of_the_final_layer_is_the_class_activation_map_up_to_scale():
     assert torch.corrcoef(torch.stack([result.flatten(), expected.flatten()]))[0, 1] > 0.999
     inner = grad_cam(model, x, classes, layer="features.denseblock2")
     assert inner.shape == (2, 32, 40) and inner.max() == pytest.approx(1, abs=1e-3)
+
+
+def test_classifier_explain_sees_the_image_predict_sees_on_a_resize_256_crop_224_card():
+    """The card resizes to 256 and crops 224: explain must not apply that to its 224 view again."""
+    torch.manual_seed(0)
+    model = densenet.DenseNet(
+        growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8, num_classes=4
+    )
+    torch.nn.init.normal_(model.classifier.weight, std=5.0)
+    classifier = densenet.Classifier(model.eval(), device="cpu", optimize=False)
+    assert (classifier.preprocessing.resize_size, classifier.preprocessing.crop_size) == (256, 224)
+    image = Image.fromarray(skimage.data.chelsea())
+    [explanation] = classifier.explain(image)
+    [[(label, probability)]] = classifier.predict(image, topk=1)
+    assert explanation.label == label
+    assert explanation.probability == pytest.approx(probability, rel=1e-5, abs=1e-7)

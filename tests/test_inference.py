@@ -311,3 +311,13 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert engines == ["torchvision eager", "densenet.optimize"]
     assert all(len(r["times_ms"]) == 2 and r["rel_error"] < 1e-5 for r in report["results"])
     assert main(["bench", "--engines", "nonsense", "--quiet"]) == 2
+
+
+def test_reset_classifier_leaves_the_config_of_an_inference_form_made_before():
+    model = densenet.DenseNet(
+        growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3
+    )
+    fast = densenet.optimize(model.eval())
+    model.reset_classifier(7)
+    assert (model.config["num_classes"], fast.config["num_classes"]) == (7, 3)
+    assert fast.num_classes == fast.config["num_classes"] == fast.classifier.out_features

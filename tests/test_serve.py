@@ -724,3 +724,17 @@ def test_a_request_cut_short_by_the_shutdown_gets_a_json_503(photos):
         model.gate.set()  # lets the batcher finish, so the server can stop
     assert response.status_code == 503 and response.headers["retry-after"]
     assert "shut down" in response.json()["detail"]
+
+
+def test_explain_runs_the_network_in_the_model_thread(client, classifier, photos, monkeypatch):
+    body = photos["chelsea.jpg"]
+    threads = []
+    original = type(classifier).explain
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(classifier), "explain", recording)
+    assert client.post("/v1/explain?format=json", content=body).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("densenet-model")

@@ -91,3 +91,18 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path, mode):
     from densenet.images import open_image
 
     torch.testing.assert_close(transform(open_image(path)), transform(eight))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_tensor_path_of_device_decoding_gives_the_pil_paths_input(channels):
+    """``Preprocessing.tensor_transform`` (what --device-decode runs on decoded pixels) and the
+    PIL transform agree on a 256/224 card, for the model's own channel count."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    pre = densenet.Preprocessing().for_channels(channels)
+    image = Image.fromarray(skimage.data.chelsea()).convert("L" if channels == 1 else "RGB")
+    pil = pre.transform()(image)
+    tensor = pre.tensor_transform()(pil_to_tensor(image))
+    assert tensor.shape == pil.shape == (channels, 224, 224)
+    step = 1 / 255 / min(pre.std)  # one uint8 level after normalisation
+    assert (tensor - pil).abs().mean() < 1e-3 and (tensor - pil).abs().max() <= step + 1e-5

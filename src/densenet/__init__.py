@@ -30,11 +30,11 @@ from .registry import (
     list_models,
 )
 from .transforms import eval_transform
+from .version import __version__
 from .weights import Weights, WeightsError, get_weights, list_weights
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "ActivationMaps",
     "Classifier",
     "DenseNet",

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
 from .runtime import compute_dtype, resolve_device
+from .version import __version__
 from .weights import sha256_file
 
 __all__ = [
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
 TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
 JPEG_MAGIC = b"\xff\xd8\xff"
-VERSION = version("densenet")  # the package's (its __init__ sits above this layer)
 
 
 class BulkError(DenseNetError):
@@ -345,7 +344,7 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
             )
         return
     # every rank writes the same settings: whichever lands is right
-    write_json(record, {**settings, "version": VERSION})
+    write_json(record, {**settings, "version": __version__})
 
 
 def _digest(paths: Sequence[str]) -> str:
@@ -437,35 +436,27 @@ def _decode_on_device(
     """A batch's file bytes (``blobs``: one per row whose error is None, in order) ->
     ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
     in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
-    that decoder refuses (another format, a corrupt file) is decoded on the CPU, or gets its
-    error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
+    that decoder refuses (another format, a corrupt file) or with other channels than the model's
+    is decoded on the CPU (which converts or refuses it as for any file), or gets its error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
 
     def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:
         try:
-            return (
-                decode_jpeg(blob_list, mode=ImageReadMode.RGB, device=device) if blob_list else []
-            )
+            return decode_jpeg(blob_list, mode=mode, device=device) if blob_list else []
         except RuntimeError:  # one bad file fails them all: decode one by one
             if len(blob_list) == 1:
                 return [None]
             return [image for blob in blob_list for image in on_device([blob])]
 
-    def preprocess(image: Tensor) -> Tensor:
-        mode = InterpolationMode(pre.interpolation)
-        image = TF.resize(image, [pre.resize_size], mode, antialias=True)
-        image = TF.center_crop(image, [pre.crop_size])
-        return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
-
+    preprocess = pre.tensor_transform()
+    mode = ImageReadMode.RGB if pre.channels == 3 else ImageReadMode.UNCHANGED
     transform = pre.transform()
     rows = [row for row, error in enumerate(errors) if error is None]
     jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
     decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
     errors, good = list(errors), []
     for k, row in enumerate(rows):
-        if decoded.get(k) is not None:
+        if decoded.get(k) is not None and len(decoded[k]) == pre.channels:
             good.append(preprocess(decoded[k]))
             continue
         image, errors[row] = decode(paths[row], transform)
@@ -573,7 +564,7 @@ def run(
         batch_sampler=batches,
         num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
     )  # fmt: skip
-    metadata = {**settings, "version": VERSION}
+    metadata = {**settings, "version": __version__}
     start = time.perf_counter()
     with tqdm(desc=options.task, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         if progress:

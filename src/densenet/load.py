@@ -154,7 +154,7 @@ def _load_file(path: Path, device: torch.device) -> LoadedModel:
     content = read_torch_file(path)
     if is_train_checkpoint(content):
         return _from_checkpoint(TrainCheckpoint.from_state(content, path), path)
-    return _from_state(arch_of_file(path) or DEFAULT_ARCH, content, path)
+    return _from_state(arch_of_file(path) or arch_of_state(content, path), content, path)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -172,6 +172,19 @@ def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None
         return arch
     stem = Path(path).name.split("-")[0].split(".")[0]
     return stem if stem in list_models() else None
+
+
+def arch_of_state(content: Any, path: str | os.PathLike) -> str:
+    """The registry architecture a weights file's keys and shapes describe (a torchvision or
+    timm DenseNet state_dict of any class count), else ``WeightsError``."""
+    config = config_of_state(state_dict_of(content, path), path)
+    arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
+    if arch is None:
+        raise WeightsError(
+            f"{path} is a DenseNet of no registered architecture ({config}); name it with "
+            "--model, or load it with densenet.DenseNet(**config)"
+        )
+    return arch
 
 
 def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:

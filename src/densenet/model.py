@@ -256,7 +256,7 @@ class DenseNet(nn.Module):
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs."""
         self.classifier = _classifier(self.num_features, num_classes)
         self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
+        self.config = {**self.config, "num_classes": num_classes}  # forms made before keep theirs
 
 
 def _block_outputs(features: nn.Sequential, x: Tensor) -> list[Tensor]:

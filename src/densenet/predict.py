@@ -218,13 +218,14 @@ class Classifier:
             raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
         model = self.model.model if isinstance(self.model, BucketedModel) else self.model
         view = self.preprocessing.view_transform()
+        to_input = self.preprocessing.view_to_input()
         results: list[Explanation] = []
         for start in range(0, len(images), self.batch_size):
             views = [
                 view(self._decode(image, describe(image, start + i)))
                 for i, image in enumerate(images[start : start + self.batch_size])
             ]
-            batch = torch.stack([self.transform(v) for v in views]).to(self.device)
+            batch = torch.stack([to_input(v) for v in views]).to(self.device)
             out = activation_maps(model, batch)
             probabilities = self.card.probabilities(out.logits)
             chosen = (

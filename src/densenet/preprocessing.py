@@ -6,12 +6,14 @@ files all carry a card; ``densenet.load`` returns one beside every module."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 from .calibration import Calibration
 from .images import ImageError, Reason
@@ -21,6 +23,7 @@ from .transforms import (
     IMAGENET_STD,
     channel_stats,
     eval_transform,
+    to_input,
     view_transform,
     views_transform,
 )
@@ -53,6 +56,17 @@ class Preprocessing:
     def view_transform(self) -> Callable[[Any], Any]:
         """PIL image -> the resized, center-cropped PIL image that ``transform`` normalises."""
         return view_transform(self.resize_size, self.crop_size, self.channels, self.interpolation)
+
+    def tensor_transform(self) -> Callable[[Tensor], Tensor]:
+        """(C, H, W) uint8 image tensor (on any device) -> the (C, crop_size, crop_size) float
+        tensor ``transform`` gives for the same pixels, up to the resize's rounding (a tensor
+        resize, antialiased as PIL's)."""
+        return functools.partial(tensor_to_input, pre=self)
+
+    def view_to_input(self) -> Callable[[Any], Tensor]:
+        """``view_transform``'s PIL image -> the (C, crop_size, crop_size) tensor ``transform``
+        gives: ``transform == view_to_input . view_transform``."""
+        return to_input(self.mean, self.std)
 
     def views_transform(self, views: str) -> Callable[[Any], Tensor]:
         """PIL image -> (V, C, crop_size, crop_size): the views of test-time augmentation
@@ -95,6 +109,14 @@ class Preprocessing:
         """The same preprocessing for another crop size, resized in the same ratio."""
         resize = round(crop_size * self.resize_size / self.crop_size)
         return dataclasses.replace(self, resize_size=resize, crop_size=crop_size)
+
+
+def tensor_to_input(image: Tensor, pre: Preprocessing) -> Tensor:
+    """``Preprocessing.tensor_transform`` of ``image`` (C, H, W) uint8."""
+    mode = TF.InterpolationMode(pre.interpolation)
+    image = TF.resize(image, [pre.resize_size], mode, antialias=True)
+    image = TF.center_crop(image, [pre.crop_size])
+    return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), pre.mean, pre.std)
 
 
 def default_classes(num_classes: int) -> tuple[str, ...]:

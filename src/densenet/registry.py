@@ -88,7 +88,7 @@ def get_model(
         kwargs: ``DenseNet`` arguments overriding the architecture's (``num_classes``,
             ``drop_rate``, ``memory_efficient``, ``in_channels``, ...).
     """
-    from .weights import load_weights, resolve_weights
+    from .weights import load_checkpoint, load_state, load_weights, resolve_weights
 
     config = model_config(name)
     if pretrained and weights is None:
@@ -96,9 +96,15 @@ def get_model(
     entry = resolve_weights(name, weights)
     if entry is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(entry.categories)
+    state = load_checkpoint(weights) if entry is None and weights is not None else None
+    if state is not None and "num_classes" not in kwargs:  # a file keeps its own head
+        classifier = state.get("classifier.weight")
+        kwargs["num_classes"] = classifier.shape[0] if classifier is not None else 0
     model = DenseNet(**{**config, **kwargs})
-    if weights is not None:
-        load_weights(model, entry if entry is not None else weights, progress=progress)
+    if state is not None:
+        load_state(model, state, weights)
+    elif entry is not None:
+        load_weights(model, entry, progress=progress)
     model.arch = name
     return DenseNetFeatures(model, out_indices) if features_only else model
 

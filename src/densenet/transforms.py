@@ -95,7 +95,13 @@ def eval_transform(
     ``to_channels``), resize the shorter side to ``resize_size`` (``interpolation``: bilinear,
     bicubic, nearest...; antialiased), center crop, scale to [0, 1], normalise."""
     view = view_transform(resize_size, crop_size, len(mean), interpolation)
-    return T.Compose([*view.transforms, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*view.transforms, *to_input(mean, std).transforms])
+
+
+def to_input(mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """The view (PIL image, ``view_transform``'s output) -> (C, H, W) float tensor: scale to
+    [0, 1], normalise with ``mean`` and ``std``."""
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
 
 def view_transform(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..evaluate import calibrate_dataset
+from ..evaluation import calibrate_dataset
 from .common import add_data_args, add_device_arg, integer, print_json, table
 
 

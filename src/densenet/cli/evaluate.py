@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..evaluate import evaluate_dataset
+from ..evaluation import evaluate_dataset
 from .common import (
     add_data_args,
     add_device_arg,

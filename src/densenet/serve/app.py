@@ -496,6 +496,8 @@ def create_app(
     ) -> Response:
         if not service.ready:
             return _error(503, "the model is loading; retry shortly")
+        if service.batcher.depth >= config.max_queue:
+            return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
         images = await _read_images(request, config)
         if isinstance(images, JSONResponse):
             return images
@@ -504,10 +506,8 @@ def create_app(
         pixels = service.admit(images)
         if isinstance(pixels, JSONResponse):
             return pixels
-        (name, data), (n,) = images[0], pixels
-        job = ((service.classifier, name, data, target, format), n)
-        (answer,) = await service.decoder.map(_explain, [job])
-        return answer
+        (name, data) = images[0]  # the network runs in the model's thread, as predict's
+        return await service.batcher.call(_explain, service.classifier, name, data, target, format)
 
     return app
 

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,6 +115,11 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self.function, batch
         )
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the model's worker thread, between batches (a request that
+        runs the network another way, such as a class activation map)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def close(self) -> None:
         """Finish every queued input, then stop the worker."""

@@ -120,7 +120,8 @@ def evaluate_dataset(
         net = loaded.module
         autocast = amp_dtype(amp, target)
         channels_last = target.type == "cuda"
-        if optimize:  # the inference form computes in the asked precision and memory format
+        if optimize and isinstance(net, DenseNet):  # the inference form: the asked precision
+            # and memory format (an exported file runs as it was exported)
             net = optimize_model(net, dtype=autocast or torch.float32, channels_last=channels_last)
             if target.type == "cuda":  # static shapes, one CUDA graph per batch size
                 net = BucketedModel(net, batch_size * views, cuda_graphs=True)
