@@ -73,6 +73,7 @@ def get_model(
     pretrained: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
+    inflate: str = "mean",
     **kwargs: Any,
 ) -> DenseNet | DenseNetFeatures:
     """Build the named architecture, optionally with weights.
@@ -85,8 +86,13 @@ def get_model(
         pretrained: legacy spelling of ``weights="DEFAULT"``.
         features_only: return the backbone (``densenet.DenseNetFeatures``): the feature maps
             after the dense blocks ``out_indices`` (default all), with its ``feature_info``.
+        inflate: how 2D weights enter a ``spatial_dims=3`` model: ``"mean"`` (I3D: each kernel
+            repeated along depth and divided by its depth) or ``"centre"`` (the kernel in the
+            middle depth slice; a volume of identical slices then gives the 2D logits exactly).
+            A 1D model takes each kernel's centre row. See ``densenet.weights.inflate_kernels``.
         kwargs: ``DenseNet`` arguments overriding the architecture's (``num_classes``,
-            ``drop_rate``, ``memory_efficient``, ``in_channels``, ...).
+            ``drop_rate``, ``memory_efficient``, ``in_channels``, ``spatial_dims``,
+            ``stem_stride``, ...).
     """
     from .weights import load_weights, resolve_weights
 
@@ -98,7 +104,7 @@ def get_model(
         kwargs["num_classes"] = len(entry.categories)
     model = DenseNet(**{**config, **kwargs})
     if weights is not None:
-        load_weights(model, entry if entry is not None else weights, progress=progress)
+        load_weights(model, entry if entry is not None else weights, progress, inflate)
     model.arch = name
     return DenseNetFeatures(model, out_indices) if features_only else model
 

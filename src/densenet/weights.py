@@ -41,6 +41,7 @@ __all__ = [
     "is_path",
     "list_weights",
     "load_checkpoint",
+    "inflate_kernels",
     "load_state",
     "load_weights",
     "read_torch_file",
@@ -338,15 +339,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_weights(
-    model: nn.Module, weights: Weights | str | os.PathLike, progress: bool = True
+    model: nn.Module,
+    weights: Weights | str | os.PathLike,
+    progress: bool = True,
+    inflate: str = "mean",
 ) -> nn.Module:
     """Load a registry entry or a local checkpoint into ``model`` strictly.
 
     When only the classifier's shape differs (another number of classes), the backbone is loaded
     and the classifier keeps its fresh initialisation, with a warning: the fine-tuning case.
+    2D weights loaded into a 3D or 1D model are inflated (``inflate_kernels``, mode ``inflate``).
     """
     path = fetch(weights, progress) if isinstance(weights, Weights) else Path(weights)
-    return load_state(model, load_checkpoint(path), path)
+    return load_state(model, load_checkpoint(path), path, inflate)
 
 
 STEM_KEY = "features.conv0.weight"
@@ -376,11 +381,50 @@ def adapt_input_channels(
     return {**state, STEM_KEY: adapted}
 
 
-def load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> nn.Module:
-    """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``."""
+INFLATE_MODES = ("mean", "centre")
+
+
+def inflate_kernels(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], mode: str = "mean"
+) -> Mapping[str, Tensor]:
+    """``state``'s 2D convolution kernels (out, in, kh, kw) in the ``expected`` model's number of
+    spatial axes: for 3D (out, in, kd, kh, kw), ``"mean"`` repeats each kernel kd times along depth
+    divided by kd (I3D's inflation: on a volume of identical slices every depth position away
+    from the borders, within kd // 2 of a face of zero padding, computes the 2D activations), or
+    ``"centre"`` puts it in the middle depth slice, zeros elsewhere (identical slices give the 2D
+    activations at every position, so the 2D logits exactly); for 1D (out, in, kw), the kernel's
+    centre row (a signal is read as the middle row of an image). Other tensors pass."""
+    if mode not in INFLATE_MODES:
+        raise ValueError(f"inflate must be one of {INFLATE_MODES}, got {mode!r}")
+    out = dict(state)
+    for key, weight in state.items():
+        target = expected.get(key)
+        if target is None or weight.dim() != 4 or target.dim() == 4 or target.dim() not in (3, 5):
+            continue
+        if target.dim() == 3:
+            out[key] = weight[:, :, weight.shape[2] // 2]
+        elif mode == "mean":
+            depth = target.shape[2]
+            out[key] = weight.unsqueeze(2).expand(-1, -1, depth, -1, -1) / depth
+        else:
+            depth = target.shape[2]
+            inflated = weight.new_zeros(*weight.shape[:2], depth, *weight.shape[2:])
+            inflated[:, :, depth // 2] = weight
+            out[key] = inflated
+    return out
+
+
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    inflate: str = "mean",
+) -> nn.Module:
+    """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``;
+    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``."""
     path = Path(path)
     expected = model.state_dict()
-    state = adapt_input_channels(state, expected)
+    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected)
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
