@@ -348,3 +348,65 @@ def test_1d_takes_each_kernels_centre_row(tmp_path, float64):
     assert signal(x).shape == (2, TINY_NET["num_classes"])
     with pytest.raises(ValueError, match="inflate must be one of"):
         weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=3), path, inflate="x")
+
+
+MONAI_KEYS = {  # MONAI DenseNet keys -> ours
+    "features.conv0.weight": "features.conv0.weight",
+    "features.norm0.running_var": "features.norm0.running_var",
+    "features.denseblock1.denselayer1.layers.norm1.weight": (
+        "features.denseblock1.denselayer1.norm1.weight"
+    ),
+    "features.denseblock4.denselayer16.layers.conv2.weight": (
+        "features.denseblock4.denselayer16.conv2.weight"
+    ),
+    "features.denseblock2.denselayer3.layers.norm2.num_batches_tracked": (
+        "features.denseblock2.denselayer3.norm2.num_batches_tracked"
+    ),
+    "features.transition3.norm.bias": "features.transition3.norm.bias",
+    "features.transition1.conv.weight": "features.transition1.conv.weight",
+    "features.norm5.running_mean": "features.norm5.running_mean",
+    "class_layers.out.weight": "classifier.weight",
+    "class_layers.out.bias": "classifier.bias",
+}
+
+
+def test_monai_keys_map_to_ours_strictly():
+    state = {key: torch.zeros(1) for key in MONAI_KEYS}
+    assert weights.is_monai_state(state)
+    assert list(weights.convert_monai_keys(state)) == list(MONAI_KEYS.values())
+    with pytest.raises(weights.WeightsError, match="features.denseblock1.extra.weight"):
+        weights.convert_monai_keys({**state, "features.denseblock1.extra.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 3])
+def test_monai_style_file_loads_strictly(tmp_path, spatial_dims):
+    """A file with our model's tensors under MONAI's names loads into an equal model."""
+    torch.manual_seed(0)
+    model = densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims)
+    inverse = {ours: theirs for theirs, ours in MONAI_KEYS.items()}
+
+    def monai_name(key: str) -> str:
+        for layer in ("norm1", "conv1", "norm2", "conv2"):
+            key = key.replace(f".{layer}.", f".layers.{layer}.") if "denselayer" in key else key
+        return inverse.get(key, key)
+
+    path = tmp_path / "monai.pth"
+    torch.save({monai_name(k): v for k, v in model.state_dict().items()}, path)
+    loaded = weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_monai_densenet121_outputs_equal_in_float64(tmp_path, float64, spatial_dims):
+    nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")
+    torch.manual_seed(0)
+    theirs = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=2)
+    randomize_batchnorm(theirs).eval()
+    path = tmp_path / "monai.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = densenet.densenet121(
+        weights=path, spatial_dims=spatial_dims, in_channels=1, num_classes=2
+    ).eval()
+    x = torch.randn(2, 1, *(32,) * spatial_dims)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)

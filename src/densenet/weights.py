@@ -41,6 +41,7 @@ __all__ = [
     "is_path",
     "list_weights",
     "load_checkpoint",
+    "convert_monai_keys",
     "inflate_kernels",
     "load_state",
     "load_weights",
@@ -317,18 +318,51 @@ def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
+_MONAI_LAYER = re.compile(
+    r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$"
+)
+_MONAI_OTHER = re.compile(r"^features\.(?:(?:conv0|norm0|norm5)\.|transition\d+\.(?:norm|conv)\.)")
+
+
+def is_monai_state(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` is MONAI's ``DenseNet`` (``DenseNet121/169/201/264``)."""
+    return any(k.startswith("class_layers.") or ".layers." in k for k in state_dict)
+
+
+def convert_monai_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """MONAI's ``DenseNet`` state_dict (any ``spatial_dims``) in this package's key names:
+    ``denselayerM.layers.norm1`` -> ``denselayerM.norm1``, ``class_layers.out`` -> ``classifier``;
+    the stem, transitions and ``norm5`` share our names. Any other key raises ``WeightsError``
+    naming it (the file is then not MONAI's DenseNet)."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("class_layers.out."):
+            new = "classifier." + key.removeprefix("class_layers.out.")
+        elif (match := _MONAI_LAYER.match(key)) is not None:
+            new = f"{match[1]}.{match[2]}"
+        elif _MONAI_OTHER.match(key):
+            new = key
+        else:
+            raise WeightsError(f"{key!r} is not a key of MONAI's DenseNet; cannot map it")
+        converted[new] = value
+    return converted
+
+
 def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
     """``densenet.io.read_torch_file`` raising ``WeightsError``."""
     return _read_torch_file(path, what, WeightsError)
 
 
 def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, Tensor]:
-    """The model state_dict in a torch file's ``content``, in current key names. A training
-    checkpoint's ``"model"`` entry is taken."""
+    """The model state_dict in a torch file's ``content``, in current key names (legacy
+    torchvision and MONAI ``DenseNet`` keys converted). A training checkpoint's ``"model"`` entry
+    is taken."""
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
         raise WeightsError(f"weights file {path} holds no state_dict of tensors")
+    if is_monai_state(content):
+        return convert_monai_keys(content)
     return convert_legacy_keys(content)
 
 
