@@ -24,6 +24,15 @@ CONFIGS = {
     "cifar": ({"bn_size": 0, "compression": 1.0, "stem": "cifar"}, (3, 3, 12, 12)),
     "cifar_bc": ({"stem": "cifar"}, (3, 3, 12, 12)),
 }
+# volumes and signals: the same block with 3 and 1 spatial axes
+CONFIGS_ND = {
+    "volume": ({"spatial_dims": 3}, (2, 3, 9, 9, 9)),
+    "thin_volume": ({"spatial_dims": 3, "stem_stride": (1, 2, 2)}, (2, 3, 3, 10, 10)),
+    "cifar_bc_volume": ({"spatial_dims": 3, "stem": "cifar"}, (2, 3, 4, 4, 4)),
+    "signal": ({"spatial_dims": 1}, (3, 3, 24)),
+    "cifar_signal": ({"spatial_dims": 1, "bn_size": 0, "stem": "cifar"}, (3, 3, 10)),
+}
+CONFIGS.update(CONFIGS_ND)
 
 
 def pair(config: str, dtype=torch.float64, **kwargs) -> tuple[DenseNet, DenseNet]:
@@ -44,7 +53,7 @@ def set_mode(model: DenseNet, mode: str) -> None:
     model.train(mode != "eval")
     if mode == "frozen_bn":
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
 
@@ -72,7 +81,7 @@ def assert_same_run(got, expected, tol: float = 1e-8) -> None:
         assert rel(got[2][name], g) < tol, name
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CONFIGS_ND])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 @pytest.mark.parametrize("mode", ["train", "eval", "frozen_bn"])
 def test_gradients_equal_plain_float64(config, drop_rate, mode):
@@ -89,6 +98,32 @@ def test_gradients_equal_plain_float64(config, drop_rate, mode):
     assert type(out.grad_fn).__name__ == "_DenseBlockFunctionBackward"
 
 
+@pytest.mark.parametrize("config", list(CONFIGS_ND))
+@pytest.mark.parametrize("mode", ["train", "frozen_bn"])
+def test_volume_and_signal_gradients_equal_plain_float64(config, mode):
+    plain, efficient = pair(config, drop_rate=0.2)
+    for model in (plain, efficient):
+        set_mode(model, mode)
+    assert_same_run(run(efficient, inputs(config)), run(plain, inputs(config)), tol=1e-10)
+    block = efficient.features.denseblock1
+    x = torch.randn(2, block.denselayer1.norm1.num_features, *(4,) * efficient.spatial_dims)
+    assert type(block(x.double()).grad_fn).__name__ == "_DenseBlockFunctionBackward"
+
+
+def test_channels_last_3d_gradients_equal_plain():
+    plain, efficient = pair("volume")
+    plain.to(memory_format=torch.channels_last_3d)
+    efficient.to(memory_format=torch.channels_last_3d)
+    x = inputs("volume").contiguous(memory_format=torch.channels_last_3d)
+    assert_same_run(run(efficient, x), run(plain, x), tol=1e-10)
+
+
+def test_triton_mode_refuses_volumes():
+    model = DenseNet(**TINY, spatial_dims=3, memory_efficient="triton")
+    with pytest.raises(ValueError, match="2D dense blocks only"):
+        model(torch.randn(2, 3, 9, 9, 9))
+
+
 def test_channels_last_gradients_equal_plain():
     plain, efficient = pair("imagenet")
     plain.to(memory_format=torch.channels_last)
@@ -97,14 +132,17 @@ def test_channels_last_gradients_equal_plain():
     assert_same_run(run(efficient, x), run(plain, x))
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_running_statistics_equal_after_steps(momentum):
-    plain, efficient = pair("cifar_bc", drop_rate=0.2)
+@pytest.mark.parametrize(
+    ("config", "momentum"), [("cifar_bc", 0.1), ("cifar_bc", None), ("cifar_bc_volume", 0.1),
+                             ("signal", None)],
+)  # fmt: skip
+def test_running_statistics_equal_after_steps(config, momentum):
+    plain, efficient = pair(config, drop_rate=0.2)
     for model in (plain, efficient):
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = momentum
-    x = inputs("cifar_bc")
+    x = inputs(config)
     for model in (plain, efficient):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for step in range(3):
@@ -120,7 +158,7 @@ def test_running_statistics_equal_after_steps(momentum):
             assert rel(got[name], value) < 1e-10, name
     # the statistics moved, so a missing update would be caught too
     key = "features.denseblock2.denselayer3.norm1.running_var"
-    assert rel(expected[key], pair("cifar_bc")[0].state_dict()[key]) > 1e-3
+    assert rel(expected[key], pair(config)[0].state_dict()[key]) > 1e-3
 
 
 def test_eval_model_updates_no_running_statistics():
@@ -142,7 +180,7 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("config", ["imagenet", "cifar"])
+@pytest.mark.parametrize("config", ["imagenet", "cifar", "volume", "cifar_signal"])
 def test_no_convolution_recomputed_no_prefix_copied(config):
     counts = []
     for model in pair(config, dtype=torch.float32):

@@ -145,3 +145,56 @@ def test_builder_keyword_arguments():
     model = densenet.densenet_bc_100_k12(num_classes=100, drop_rate=0.2, in_channels=1)
     assert model.num_classes == 100 and model.config["drop_rate"] == 0.2
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
+
+
+SMALL_ND = {"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "num_classes": 5}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "conv0"),
+    [
+        ({"spatial_dims": 3}, (2, 3, 9, 9, 9), (8, 3, 7, 7, 7)),
+        ({"spatial_dims": 3, "stem": "cifar", "in_channels": 1}, (2, 1, 4, 4, 4), (8, 1, 3, 3, 3)),
+        ({"spatial_dims": 1}, (2, 3, 17), (8, 3, 7)),
+    ],
+)
+def test_volume_and_signal_models(kwargs, shape, conv0):
+    model = DenseNet(**SMALL_ND, **kwargs).eval()
+    assert model.features.conv0.weight.shape == conv0
+    assert model(torch.randn(shape)).shape == (2, 5)
+    assert model.config["spatial_dims"] == kwargs["spatial_dims"]
+    # the same keys as the 2D model: checkpoints differ only in kernel shapes
+    flat = DenseNet(**SMALL_ND, stem=kwargs.get("stem", "imagenet"))
+    assert model.state_dict().keys() == flat.state_dict().keys()
+
+
+def test_2d_config_and_modules_unchanged():
+    model = densenet.densenet121()
+    assert "spatial_dims" not in model.config and "stem_stride" not in model.config
+    assert repr(model.features.conv0) == repr(torchvision.models.densenet121().features.conv0)
+
+
+def test_thin_volume_stem_keeps_depth():
+    model = densenet.densenet121(spatial_dims=3, in_channels=1, num_classes=2,
+                                 stem_stride=(1, 2, 2)).eval()  # fmt: skip
+    stem = model.features[:4](torch.randn(1, 1, 8, 32, 32))
+    assert stem.shape[2:] == (8, 8, 8)
+    assert model.config["stem_stride"] == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"spatial_dims": 4}, "spatial_dims must be 1, 2 or 3"),
+        ({"spatial_dims": 3, "stem_stride": (2, 2)}, "stem_stride must be 3 values"),
+        ({"stem_stride": (3, 2)}, "stem_stride must be 2 values"),
+    ],
+)
+def test_bad_spatial_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DenseNet(**SMALL_ND, **kwargs)
+
+
+def test_optimize_refuses_volumes():
+    with pytest.raises(ValueError, match="2D models only"):
+        densenet.optimize(DenseNet(**SMALL_ND, spatial_dims=3).eval())

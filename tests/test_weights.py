@@ -27,6 +27,7 @@ from densenet.weights import (
 )
 
 SMALL = "densenet_bc_100_k12"  # a small architecture to stand in for a published one
+TINY_NET = {"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "num_classes": 5}
 
 
 def small_entry(file_name: str) -> densenet.Weights:
@@ -320,3 +321,117 @@ def test_a_cached_file_is_hashed_once_until_it_changes(publish, monkeypatch):
         file.write(b"x")
     with pytest.raises(WeightsError, match="not the published"):
         densenet.get_model(SMALL, weights="DEFAULT")
+
+
+def test_default_weights_inflated_to_3d_give_the_2d_logits(publish, float64):
+    """weights="DEFAULT" with spatial_dims=3 and in_channels=1, centre inflation: a volume of
+    identical grey slices gives the 2D RGB model's logits of that slice replicated to RGB."""
+    torch.manual_seed(0)
+    publish(SMALL, randomize_batchnorm(densenet.get_model(SMALL, num_classes=1000)).state_dict())
+    rgb = densenet.get_model(SMALL, weights="DEFAULT").eval()
+    volume = densenet.get_model(
+        SMALL, weights="DEFAULT", spatial_dims=3, in_channels=1, inflate="centre"
+    ).eval()
+    assert volume.features.conv0.weight.shape == (24, 1, 3, 3, 3)
+    grey = torch.rand(2, 1, 8, 8)
+    slices = grey.unsqueeze(2).expand(-1, -1, 4, -1, -1)
+    expected = rgb(grey.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(volume(slices), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_mean_inflation_is_i3d_and_exact_away_from_the_depth_borders(tmp_path, float64):
+    torch.manual_seed(0)
+    flat = randomize_batchnorm(densenet.DenseNet(**TINY_NET)).eval()
+    path = tmp_path / "tiny.pth"
+    torch.save(flat.state_dict(), path)
+    volume = densenet.DenseNet(**TINY_NET, spatial_dims=3)
+    weights.load_weights(volume, path)  # inflate="mean", the default
+    w2, w3 = flat.features.conv0.weight, volume.features.conv0.weight
+    torch.testing.assert_close(w3, w2.unsqueeze(2).expand_as(w3) / 7, rtol=0, atol=0)
+    image = torch.rand(1, 3, 16, 16)
+    stem2 = flat.features.conv0(image)
+    stem3 = volume.features.conv0(image.unsqueeze(2).expand(-1, -1, 12, -1, -1))
+    # output depth j reads input slices 2j-3..2j+3: all inside the volume for j = 2, 3, 4
+    for j in (2, 3, 4):
+        torch.testing.assert_close(stem3[:, :, j], stem2, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(stem3[:, :, 0], stem2)  # the border sees zero padding
+
+
+def test_1d_takes_each_kernels_centre_row(tmp_path, float64):
+    torch.manual_seed(0)
+    flat = randomize_batchnorm(densenet.DenseNet(**TINY_NET)).eval()
+    path = tmp_path / "tiny.pth"
+    torch.save(flat.state_dict(), path)
+    signal = weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=1), path).eval()
+    torch.testing.assert_close(
+        signal.features.conv0.weight, flat.features.conv0.weight[:, :, 3], rtol=0, atol=0
+    )
+    x = torch.rand(2, 3, 20)  # a signal is an image of one row: the stems agree
+    torch.testing.assert_close(
+        signal.features[:3](x), flat.features[:3](x.unsqueeze(2))[:, :, 0], rtol=1e-10, atol=1e-10
+    )
+    assert signal(x).shape == (2, TINY_NET["num_classes"])
+    with pytest.raises(ValueError, match="inflate must be one of"):
+        weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=3), path, inflate="x")
+
+
+MONAI_KEYS = {  # MONAI DenseNet keys -> ours
+    "features.conv0.weight": "features.conv0.weight",
+    "features.norm0.running_var": "features.norm0.running_var",
+    "features.denseblock1.denselayer1.layers.norm1.weight": (
+        "features.denseblock1.denselayer1.norm1.weight"
+    ),
+    "features.denseblock4.denselayer16.layers.conv2.weight": (
+        "features.denseblock4.denselayer16.conv2.weight"
+    ),
+    "features.denseblock2.denselayer3.layers.norm2.num_batches_tracked": (
+        "features.denseblock2.denselayer3.norm2.num_batches_tracked"
+    ),
+    "features.transition3.norm.bias": "features.transition3.norm.bias",
+    "features.transition1.conv.weight": "features.transition1.conv.weight",
+    "features.norm5.running_mean": "features.norm5.running_mean",
+    "class_layers.out.weight": "classifier.weight",
+    "class_layers.out.bias": "classifier.bias",
+}
+
+
+def test_monai_keys_map_to_ours_strictly():
+    state = {key: torch.zeros(1) for key in MONAI_KEYS}
+    assert weights.is_monai_state(state)
+    assert list(weights.convert_monai_keys(state)) == list(MONAI_KEYS.values())
+    with pytest.raises(weights.WeightsError, match="features.denseblock1.extra.weight"):
+        weights.convert_monai_keys({**state, "features.denseblock1.extra.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 3])
+def test_monai_style_file_loads_strictly(tmp_path, spatial_dims):
+    """A file with our model's tensors under MONAI's names loads into an equal model."""
+    torch.manual_seed(0)
+    model = densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims)
+    inverse = {ours: theirs for theirs, ours in MONAI_KEYS.items()}
+
+    def monai_name(key: str) -> str:
+        for layer in ("norm1", "conv1", "norm2", "conv2"):
+            key = key.replace(f".{layer}.", f".layers.{layer}.") if "denselayer" in key else key
+        return inverse.get(key, key)
+
+    path = tmp_path / "monai.pth"
+    torch.save({monai_name(k): v for k, v in model.state_dict().items()}, path)
+    loaded = weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_monai_densenet121_outputs_equal_in_float64(tmp_path, float64, spatial_dims):
+    nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")
+    torch.manual_seed(0)
+    theirs = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=2)
+    randomize_batchnorm(theirs).eval()
+    path = tmp_path / "monai.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = densenet.densenet121(
+        weights=path, spatial_dims=spatial_dims, in_channels=1, num_classes=2
+    ).eval()
+    x = torch.randn(2, 1, *(32,) * spatial_dims)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)

@@ -440,6 +440,11 @@ def optimize(
             "optimize() needs a model in eval mode (its BatchNorm running statistics are folded "
             "into the weights); call model.eval() first"
         )
+    if model.spatial_dims != 2:
+        raise ValueError(
+            f"optimize() folds 2D models only, got spatial_dims={model.spatial_dims}; "
+            "run the model itself (model.eval()) for volumes and signals"
+        )
     device = next(model.parameters()).device
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -5,6 +5,9 @@ A dense block of L layers feeds layer i the concatenation of the block input and
 outputs, and a plain autograd graph keeps, for every layer, that concatenation and its BN-ReLU
 (memory quadratic in L). Here the whole block is one autograd function:
 
+The block may be 1D, 2D or 3D (signals, images, volumes): every statement below holds per
+spatial position, whatever the number of spatial axes.
+
 - forward: one buffer (N, C0 + L k, H, W) holds the block's features; layer i writes its k
   channels into the next slice, so no concatenation is kept. Layer i reads its prefix
   ``buffer[:, :C_i]`` in place (a strided view): its BN-ReLU, the first pass over it, writes the
@@ -35,6 +38,7 @@ is applied as the input-gradient GEMM stores into the prefix's gradient.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -81,10 +85,18 @@ def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor, triton: bool 
     bottleneck's BN-ReLU-Conv1x1 runs as the fused kernels of ``densenet.kernels.training``
     (forward, input and weight gradients); elsewhere ``triton`` changes nothing.
 
-    Returns (N, C0 + L k, H, W), equal to the plain block's output, with exact gradients for ``x``
+    ``x`` may have 1, 2 or 3 spatial axes ((N, C0, L), (N, C0, H, W), (N, C0, D, H, W)) with
+    layers of the same dimension; ``triton`` needs 2.
+
+    Returns (N, C0 + L k, *spatial), equal to the plain block's output, with exact gradients for ``x``
     and every parameter; updates the BatchNorm running statistics of training-mode norms once.
     """
     layers = list(layers)
+    if triton and x.dim() != 4:
+        raise ValueError(
+            f'memory_efficient="triton" runs 2D dense blocks only, got input of shape '
+            f"{tuple(x.shape)}; use memory_efficient=True"
+        )
     fused = triton and _triton_runs(x)
     specs = tuple(_layer_spec(layer, fused) for layer in layers)
     tensors: list[Tensor | None] = []
@@ -94,7 +106,7 @@ def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor, triton: bool 
             tensors += [*_norm_tensors(layer.norm2), layer.conv2.weight, layer.conv2.bias]
         else:
             tensors += [None] * 6
-    m = x.shape[0] * x.shape[2] * x.shape[3]
+    m = x.shape[0] * math.prod(x.shape[2:])
     if m == 1 and any(s.batch1 or s.batch2 for s in specs):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
@@ -112,9 +124,9 @@ def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor, triton: bool 
 
 
 def _norm_tensors(norm: nn.Module | None) -> list[Tensor | None]:
-    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) or not norm.affine:
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.affine:
         raise TypeError(
-            f"memory-efficient dense blocks need affine BatchNorm2d norms, got {norm!r}; "
+            f"memory-efficient dense blocks need affine BatchNorm norms, got {norm!r}; "
             "build the model with memory_efficient=False"
         )
     if _batch_mode(norm):
@@ -146,14 +158,31 @@ def _growth(spec: _Layer) -> int:
 
 
 def _conv_spec(conv: nn.Module) -> _Conv:
-    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or conv.padding == "same":
+    if (
+        not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        or conv.padding_mode != "zeros"
+        or conv.padding == "same"
+    ):
         raise TypeError(
-            f"memory-efficient dense blocks need nn.Conv2d with explicit zero padding, got {conv!r}"
+            f"memory-efficient dense blocks need convolutions with explicit zero padding, got {conv!r}"
         )
     return _Conv(
         tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
         conv.out_channels,
     )  # fmt: skip
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last (channels_last_3d) for such a 4D (5D) ``x``, else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+        return fmt
+    return torch.contiguous_format
+
+
+def _per_channel(t: Tensor, dims: int) -> Tensor:
+    """(C,) ``t`` viewed (C, 1, ...) to broadcast over ``dims`` spatial axes."""
+    return t.view(-1, *(1,) * dims)
 
 
 def _triton_runs(x: Tensor) -> bool:
@@ -188,7 +217,8 @@ def _updates_running_stats(norm: nn.BatchNorm2d) -> bool:
 def _update_running_stats(
     norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int
 ) -> None:
-    """What ``nn.BatchNorm2d`` does to its buffers in a training forward on M = N H W values."""
+    """What ``nn.BatchNorm2d`` does to its buffers in a training forward on M = N H W values
+    (N D H W in 3D, N L in 1D)."""
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
     factor: Tensor | float = 0.0 if norm.momentum is None else norm.momentum
@@ -205,7 +235,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _var_mean(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-channel biased variance and mean of (N, C, H, W) ``x``, computed in ``dtype``."""
+    """Per-channel biased variance and mean of (N, C, *spatial) ``x``, computed in ``dtype``."""
     mean, var = torch.batch_norm_update_stats(x.to(dtype), None, None, 0.0)
     return var, mean
 
@@ -235,8 +265,12 @@ def _gemm_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def _conv(x: Tensor, w: Tensor, b: Tensor | None, spec: _Conv) -> Tensor:
-    return F.conv2d(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups)
+    conv = _CONV[len(spec.stride)]
+    return conv(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups)
 
 
 def _conv_backward(
@@ -246,7 +280,8 @@ def _conv_backward(
     dtype = grad.dtype  # the dtype the forward convolution computed in (autocast or not)
     gx, gw, gb = _aten.convolution_backward(
         grad, x.to(dtype), w.to(dtype), None if b is None else [b.shape[0]],
-        list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0], spec.groups,
+        list(spec.stride), list(spec.padding), list(spec.dilation), False,
+        [0] * len(spec.stride), spec.groups,
         [True, w.requires_grad, b is not None and b.requires_grad],
     )  # fmt: skip
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
@@ -267,12 +302,11 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, specs: tuple[_Layer, ...], x: Tensor, *t: Tensor | None) -> Any:
-        n, c0, height, width = x.shape
+        n, c0, *spatial = x.shape
         growth = [_growth(s) for s in specs]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = _memory_format(x)
         buffer = torch.empty(
-            (n, c0 + sum(growth), height, width), dtype=x.dtype, device=x.device,
+            (n, c0 + sum(growth), *spatial), dtype=x.dtype, device=x.device,
             memory_format=fmt,
         )  # fmt: skip
         buffer[:, :c0].copy_(x)
@@ -341,8 +375,9 @@ class _DenseBlockFunction(torch.autograd.Function):
         num = len(specs)
         buffer, mean, var, mean2, var2, *rest = ctx.saved_tensors
         saved, t = rest[: 3 * num], rest[3 * num :]
-        n, channels, height, width = buffer.shape
-        m = n * height * width
+        n, channels, *spatial = buffer.shape
+        m = n * math.prod(spatial)
+        dims = len(spatial)
         c0 = channels - sum(growth)
         sdtype = _stats_dtype(buffer.dtype)
         cdtype = ctx.conv_dtype
@@ -358,8 +393,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         def finish(lo: int, hi: int) -> Tensor:
             g = grad[:, lo:hi]
             if any_batch1:
-                g.addcmul_(buffer[:, lo:hi], slope[lo:hi, None, None], value=-1)
-                g.sub_((shift[lo:hi] - mean[lo:hi] * slope[lo:hi])[:, None, None])
+                g.addcmul_(buffer[:, lo:hi], _per_channel(slope[lo:hi], dims), value=-1)
+                g.sub_(_per_channel(shift[lo:hi] - mean[lo:hi] * slope[lo:hi], dims))
             return g
 
         c_in = channels
@@ -411,7 +446,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 _, gw, gb = _bn_backward(g_a, prefix, n1w, n1m, n1v, s.eps1, s.batch1, False)
                 gl[_IX["n1w"]], gl[_IX["n1b"]] = gw, gb
                 if i > 0 or ctx.needs_input_grad[1]:
-                    grad[:, :c_in].addcmul_(g_a, scale[:, None, None])
+                    grad[:, :c_in].addcmul_(g_a, _per_channel(scale, dims))
             if s.batch1 and (i > 0 or ctx.needs_input_grad[1]):
                 shift[:c_in] += scale * gb.to(sdtype) / m
                 slope[:c_in] += scale * inv * gw.to(sdtype) / m

@@ -23,6 +23,13 @@ from torch import Tensor, nn
 from .memory import memory_efficient_block
 
 STEMS = ("imagenet", "cifar")
+SPATIAL_DIMS = (1, 2, 3)
+
+
+def nd(name: str, spatial_dims: int) -> type[nn.Module]:
+    """The ``spatial_dims``-D form of a layer: ``nd("Conv", 3)`` is ``nn.Conv3d``; name one of
+    Conv, BatchNorm, MaxPool, AvgPool."""
+    return getattr(nn, f"{name}{spatial_dims}d")
 
 
 class DenseLayer(nn.Module):
@@ -31,21 +38,30 @@ class DenseLayer(nn.Module):
     Without a bottleneck (``bn_size=0``) the layer is a single BN-ReLU-Conv3x3, stored as
     ``norm1/relu1/conv1``. Dropout (the paper's, after each convolution) is applied only in training.
 
-    Input (N, C_in, H, W); output (N, growth_rate, H, W): the layer's new features.
+    Input (N, C_in, *spatial); output (N, growth_rate, *spatial): the layer's new features
+    (``spatial_dims`` spatial axes: (H, W) in 2D, (D, H, W) in 3D, (L,) in 1D).
     """
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        spatial_dims: int = 2,
+    ) -> None:
         super().__init__()
+        conv, norm = nd("Conv", spatial_dims), nd("BatchNorm", spatial_dims)
         width = bn_size * growth_rate if bn_size else growth_rate
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = norm(in_channels)
         self.relu1 = nn.ReLU(inplace=True)
         if bn_size:
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(width)
+            self.conv1 = conv(in_channels, width, kernel_size=1, bias=False)
+            self.norm2 = norm(width)
             self.relu2 = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.conv2 = conv(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False)
+            self.conv1 = conv(in_channels, width, kernel_size=3, padding=1, bias=False)
             self.norm2 = self.relu2 = self.conv2 = None
         self.drop_rate = float(drop_rate)
 
@@ -71,10 +87,13 @@ class DenseBlock(nn.ModuleDict):
         bn_size: int,
         drop_rate: float,
         memory_efficient: bool | str = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         for i in range(num_layers):
-            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
+            layer = DenseLayer(
+                in_channels + i * growth_rate, growth_rate, bn_size, drop_rate, spatial_dims
+            )
             self.add_module(f"denselayer{i + 1}", layer)
         self.set_memory_efficient(memory_efficient)
 
@@ -100,17 +119,20 @@ class DenseBlock(nn.ModuleDict):
 
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1 (to ``out_channels``) then 2x2 average pooling, stride 2; dropout after the
-    convolution in training. Input (N, C_in, H, W); output (N, out_channels, H // 2, W // 2).
+    convolution in training. Input (N, C_in, H, W); output (N, out_channels, H // 2, W // 2)
+    (likewise every spatial axis in 1D and 3D).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, drop_rate: float, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
+        self.norm = nd("BatchNorm", spatial_dims)(in_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.conv = nd("Conv", spatial_dims)(in_channels, out_channels, kernel_size=1, bias=False)
         if drop_rate > 0:
             self.drop = nn.Dropout(drop_rate)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.pool = nd("AvgPool", spatial_dims)(kernel_size=2, stride=2)
 
 
 class DenseNet(nn.Module):
@@ -129,9 +151,15 @@ class DenseNet(nn.Module):
             ``"cifar"`` (3x3 conv stride 1).
         memory_efficient: train with activation memory linear in depth (see ``densenet.memory``);
             ``"triton"``: the same with each bottleneck's BN-ReLU-Conv1x1 as fused Triton kernels
-            on channels_last CUDA inputs.
+            on channels_last CUDA inputs (2D only).
+        spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W), 1 for signals
+            (N, C, L); every convolution, norm and pooling takes that many spatial axes (the 2D
+            model is torchvision's, key for key).
+        stem_stride: per spatial axis, the ImageNet stem's downsampling: 1 keeps that axis (its
+            convolution and max-pool run with stride 1 along it), 2 (default) halves it in each.
+            ``(1, 2, 2)`` suits thin volumes (few slices). None: 2 along every axis.
 
-    Input (N, in_channels, H, W) float; output (N, num_classes) logits.
+    Input (N, in_channels, *spatial) float; output (N, num_classes) logits.
     """
 
     __jit_unused_properties__ = ["min_input_size", "feature_info"]  # noqa: RUF012 (TorchScript's hook)
@@ -148,12 +176,15 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
         memory_efficient: bool | str = False,
+        spatial_dims: int = 2,
+        stem_stride: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         _check_config(
             growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
             num_classes, in_channels, stem,
         )  # fmt: skip
+        stem_stride = _check_spatial(spatial_dims, stem_stride)
         self.config: dict[str, Any] = {
             "growth_rate": growth_rate,
             "block_config": tuple(block_config),
@@ -165,21 +196,30 @@ class DenseNet(nn.Module):
             "in_channels": in_channels,
             "stem": stem,
         }
-        self.features = nn.Sequential(_stem(stem, in_channels, num_init_features))
+        if spatial_dims != 2:  # the 2D config stays as it was (saved cards and checkpoints)
+            self.config["spatial_dims"] = spatial_dims
+        if stem_stride != (2,) * spatial_dims:
+            self.config["stem_stride"] = stem_stride
+        self.spatial_dims = spatial_dims
+        self.features = nn.Sequential(
+            _stem(stem, in_channels, num_init_features, spatial_dims, stem_stride)
+        )
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(
-                num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient
-            )
+                num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient,
+                spatial_dims,
+            )  # fmt: skip
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out_channels = math.floor(channels * compression)
                 self.features.add_module(
-                    f"transition{i + 1}", Transition(channels, out_channels, drop_rate)
+                    f"transition{i + 1}",
+                    Transition(channels, out_channels, drop_rate, spatial_dims),
                 )
                 channels = out_channels
-        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features.add_module("norm5", nd("BatchNorm", spatial_dims)(channels))
         self.num_features = channels
         self.num_classes = num_classes
         self.classifier: nn.Module = _classifier(channels, num_classes)
@@ -188,9 +228,9 @@ class DenseNet(nn.Module):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -241,9 +281,11 @@ class DenseNet(nn.Module):
         return _block_outputs(self.features, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(N, num_features, h, w) -> global average pool -> (N, num_features), then logits
+        """(N, num_features, *spatial) -> global average pool -> (N, num_features), then logits
         (N, num_classes) unless ``pre_logits``."""
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.spatial_dims == 2:
+            x = F.adaptive_avg_pool2d(x, 1)
+        x = torch.flatten(x, 1) if self.spatial_dims == 2 else torch.flatten(x, 2).mean(2)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,16 +343,37 @@ class DenseNetFeatures(nn.Module):
         return [maps[i] for i in self.out_indices]
 
 
-def _stem(stem: str, in_channels: int, num_init_features: int) -> OrderedDict[str, nn.Module]:
+def _stem(
+    stem: str, in_channels: int, num_init_features: int, dims: int, stride: tuple[int, ...]
+) -> OrderedDict[str, nn.Module]:
+    """The CIFAR stem (3^d conv) or the ImageNet stem (7^d conv, BN, ReLU, 3^d max-pool), each of
+    the latter two downsampling by ``stride`` per axis."""
+    conv = nd("Conv", dims)
     if stem == "cifar":
-        conv = nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False)
-        return OrderedDict(conv0=conv)
+        return OrderedDict(conv0=conv(in_channels, num_init_features, 3, padding=1, bias=False))
+    if stride == (2,) * dims:  # the plain ints keep the 2D modules' repr torchvision's
+        stride = 2
     return OrderedDict(
-        conv0=nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False),
-        norm0=nn.BatchNorm2d(num_init_features),
+        conv0=conv(in_channels, num_init_features, 7, stride=stride, padding=3, bias=False),
+        norm0=nd("BatchNorm", dims)(num_init_features),
         relu0=nn.ReLU(inplace=True),
-        pool0=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        pool0=nd("MaxPool", dims)(kernel_size=3, stride=stride, padding=1),
     )
+
+
+def _check_spatial(spatial_dims: int, stem_stride: Sequence[int] | None) -> tuple[int, ...]:
+    """The stem stride per axis, after checking ``spatial_dims`` and ``stem_stride``."""
+    if spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    if stem_stride is None:
+        return (2,) * spatial_dims
+    stride = tuple(stem_stride)
+    if len(stride) != spatial_dims or any(s not in (1, 2) for s in stride):
+        raise ValueError(
+            f"stem_stride must be {spatial_dims} values of 1 or 2 (one per spatial axis), "
+            f"got {stem_stride!r}"
+        )
+    return stride
 
 
 def _classifier(num_features: int, num_classes: int) -> nn.Module:

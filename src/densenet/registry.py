@@ -73,6 +73,7 @@ def get_model(
     pretrained: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
+    inflate: str = "mean",
     **kwargs: Any,
 ) -> DenseNet | DenseNetFeatures:
     """Build the named architecture, optionally with weights.
@@ -85,8 +86,13 @@ def get_model(
         pretrained: legacy spelling of ``weights="DEFAULT"``.
         features_only: return the backbone (``densenet.DenseNetFeatures``): the feature maps
             after the dense blocks ``out_indices`` (default all), with its ``feature_info``.
+        inflate: how 2D weights enter a ``spatial_dims=3`` model: ``"mean"`` (I3D: each kernel
+            repeated along depth and divided by its depth) or ``"centre"`` (the kernel in the
+            middle depth slice; a volume of identical slices then gives the 2D logits exactly).
+            A 1D model takes each kernel's centre row. See ``densenet.weights.inflate_kernels``.
         kwargs: ``DenseNet`` arguments overriding the architecture's (``num_classes``,
-            ``drop_rate``, ``memory_efficient``, ``in_channels``, ...).
+            ``drop_rate``, ``memory_efficient``, ``in_channels``, ``spatial_dims``,
+            ``stem_stride``, ...).
     """
     from .weights import load_checkpoint, load_state, load_weights, resolve_weights
 
@@ -102,9 +108,9 @@ def get_model(
         kwargs["num_classes"] = classifier.shape[0] if classifier is not None else 0
     model = DenseNet(**{**config, **kwargs})
     if state is not None:
-        load_state(model, state, weights)
+        load_state(model, state, weights, inflate)
     elif entry is not None:
-        load_weights(model, entry, progress=progress)
+        load_weights(model, entry, progress, inflate)
     model.arch = name
     return DenseNetFeatures(model, out_indices) if features_only else model
 

@@ -41,6 +41,8 @@ __all__ = [
     "is_path",
     "list_weights",
     "load_checkpoint",
+    "convert_monai_keys",
+    "inflate_kernels",
     "load_state",
     "load_weights",
     "read_torch_file",
@@ -325,18 +327,51 @@ def convert_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state_dict.items()}
 
 
+_MONAI_LAYER = re.compile(
+    r"^(features\.denseblock\d+\.denselayer\d+)\.layers\.((?:norm|conv)[12]\..+)$"
+)
+_MONAI_OTHER = re.compile(r"^features\.(?:(?:conv0|norm0|norm5)\.|transition\d+\.(?:norm|conv)\.)")
+
+
+def is_monai_state(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` is MONAI's ``DenseNet`` (``DenseNet121/169/201/264``)."""
+    return any(k.startswith("class_layers.") or ".layers." in k for k in state_dict)
+
+
+def convert_monai_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """MONAI's ``DenseNet`` state_dict (any ``spatial_dims``) in this package's key names:
+    ``denselayerM.layers.norm1`` -> ``denselayerM.norm1``, ``class_layers.out`` -> ``classifier``;
+    the stem, transitions and ``norm5`` share our names. Any other key raises ``WeightsError``
+    naming it (the file is then not MONAI's DenseNet)."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("class_layers.out."):
+            new = "classifier." + key.removeprefix("class_layers.out.")
+        elif (match := _MONAI_LAYER.match(key)) is not None:
+            new = f"{match[1]}.{match[2]}"
+        elif _MONAI_OTHER.match(key):
+            new = key
+        else:
+            raise WeightsError(f"{key!r} is not a key of MONAI's DenseNet; cannot map it")
+        converted[new] = value
+    return converted
+
+
 def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
     """``densenet.io.read_torch_file`` raising ``WeightsError``."""
     return _read_torch_file(path, what, WeightsError)
 
 
 def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, Tensor]:
-    """The model state_dict in a torch file's ``content``, in current key names. A training
-    checkpoint's ``"model"`` entry is taken."""
+    """The model state_dict in a torch file's ``content``, in current key names (legacy
+    torchvision and MONAI ``DenseNet`` keys converted). A training checkpoint's ``"model"`` entry
+    is taken."""
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
         raise WeightsError(f"weights file {path} holds no state_dict of tensors")
+    if is_monai_state(content):
+        return convert_monai_keys(content)
     return convert_legacy_keys(content)
 
 
@@ -347,15 +382,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_weights(
-    model: nn.Module, weights: Weights | str | os.PathLike, progress: bool = True
+    model: nn.Module,
+    weights: Weights | str | os.PathLike,
+    progress: bool = True,
+    inflate: str = "mean",
 ) -> nn.Module:
     """Load a registry entry or a local checkpoint into ``model`` strictly.
 
     When only the classifier's shape differs (another number of classes), the backbone is loaded
     and the classifier keeps its fresh initialisation, with a warning: the fine-tuning case.
+    2D weights loaded into a 3D or 1D model are inflated (``inflate_kernels``, mode ``inflate``).
     """
     path = fetch(weights, progress) if isinstance(weights, Weights) else Path(weights)
-    return load_state(model, load_checkpoint(path), path)
+    return load_state(model, load_checkpoint(path), path, inflate)
 
 
 STEM_KEY = "features.conv0.weight"
@@ -395,12 +434,51 @@ def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
         )
 
 
-def load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> nn.Module:
-    """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``."""
+INFLATE_MODES = ("mean", "centre")
+
+
+def inflate_kernels(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], mode: str = "mean"
+) -> Mapping[str, Tensor]:
+    """``state``'s 2D convolution kernels (out, in, kh, kw) in the ``expected`` model's number of
+    spatial axes: for 3D (out, in, kd, kh, kw), ``"mean"`` repeats each kernel kd times along depth
+    divided by kd (I3D's inflation: on a volume of identical slices every depth position away
+    from the borders, within kd // 2 of a face of zero padding, computes the 2D activations), or
+    ``"centre"`` puts it in the middle depth slice, zeros elsewhere (identical slices give the 2D
+    activations at every position, so the 2D logits exactly); for 1D (out, in, kw), the kernel's
+    centre row (a signal is read as the middle row of an image). Other tensors pass."""
+    if mode not in INFLATE_MODES:
+        raise ValueError(f"inflate must be one of {INFLATE_MODES}, got {mode!r}")
+    out = dict(state)
+    for key, weight in state.items():
+        target = expected.get(key)
+        if target is None or weight.dim() != 4 or target.dim() == 4 or target.dim() not in (3, 5):
+            continue
+        if target.dim() == 3:
+            out[key] = weight[:, :, weight.shape[2] // 2]
+        elif mode == "mean":
+            depth = target.shape[2]
+            out[key] = weight.unsqueeze(2).expand(-1, -1, depth, -1, -1) / depth
+        else:
+            depth = target.shape[2]
+            inflated = weight.new_zeros(*weight.shape[:2], depth, *weight.shape[2:])
+            inflated[:, :, depth // 2] = weight
+            out[key] = inflated
+    return out
+
+
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    inflate: str = "mean",
+) -> nn.Module:
+    """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``;
+    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``."""
     path = Path(path)
     check_finite(state, path)
     expected = model.state_dict()
-    state = adapt_input_channels(state, expected)
+    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected)
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
