@@ -66,7 +66,7 @@ def test_digits_int8_error_within_half_a_point(tmp_path, capsys):
     """densenet_bc_100_k12 trained on digits by `densenet train`: int8 top-1 error on the
     held-out digits within 0.5 points of float32's."""
     data = digits_folder(tmp_path / "digits", size=32)
-    argv = ["train", "--arch", "densenet_bc_100_k12", "--data", str(data), "--out",
+    argv = ["train", "--recipe", "cifar10", "--model", "densenet_bc_100_k12", "--drop-rate", "0", "--data", str(data), "--out",
             str(tmp_path / "run"), "--image-size", "32", "--epochs", "3", "--batch-size", "64",
             "--workers", "0", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
