@@ -14,6 +14,7 @@ from .load import LoadedModel, load
 from .model import DenseNet, DenseNetFeatures
 from .predict import Classifier
 from .preprocessing import ModelCard, Preprocessing
+from .quantization import QuantizedModel, quantize, save_quantized
 from .registry import (
     densenet121,
     densenet161,
@@ -45,6 +46,7 @@ __all__ = [
     "LoadedModel",
     "ModelCard",
     "Preprocessing",
+    "QuantizedModel",
     "Weights",
     "WeightsError",
     "densenet121",
@@ -68,4 +70,6 @@ __all__ = [
     "list_weights",
     "load",
     "optimize",
+    "quantize",
+    "save_quantized",
 ]

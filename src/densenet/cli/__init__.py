@@ -16,10 +16,34 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DenseNetError, first_line
-from . import bench, calibrate, embed, evaluate, export, info, predict, serve, train, weights
+from . import (
+    bench,
+    calibrate,
+    embed,
+    evaluate,
+    export,
+    info,
+    predict,
+    quantize,
+    serve,
+    train,
+    weights,
+)
 from .common import CommandParser, print_problem
 
-COMMANDS = (predict, embed, info, weights, serve, export, evaluate, calibrate, train, bench)
+COMMANDS = (
+    predict,
+    embed,
+    info,
+    weights,
+    serve,
+    export,
+    evaluate,
+    calibrate,
+    train,
+    bench,
+    quantize,
+)
 EXPECTED_ERRORS = (DenseNetError, OSError, ValueError)
 
 

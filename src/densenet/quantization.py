@@ -1,0 +1,184 @@
+"""Post-training static int8 quantization of a DenseNet on the CPU (``densenet.quantize``).
+
+PyTorch's FX graph mode with the x86 backend (oneDNN/FBGEMM quantized kernels, run eagerly):
+per-channel symmetric int8 weights, per-tensor uint8 activations calibrated on the user's
+images, each ``conv1 -> norm2 -> relu2`` folded into one int8 convolution with its ReLU, each
+``norm1 -> relu1`` an int8 BatchNorm-ReLU. The file written is TorchScript with the card and
+the quantization report, which ``densenet.load`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import DenseNetError, first_line
+from .exported import EXTRA_FILE, ExportMetadata
+from .images import ImageError, find_images, open_image
+from .io import atomic_write
+from .load import LoadedModel, load
+from .preprocessing import ModelCard
+
+__all__ = ["QuantizeError", "QuantizedModel", "compare", "quantize", "save_quantized"]
+
+# int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
+warnings.filterwarnings("ignore", message="All inputs of this cat operator")
+
+
+class QuantizeError(DenseNetError, ValueError):
+    """Quantization that cannot be done: no calibration images, or a layer int8 cannot run."""
+
+
+@dataclass
+class QuantizedModel:
+    """The int8 ``module`` (input float32 (N, C, H, W), output float32 logits (N, classes)), its
+    ``card`` and the ``report`` of what was lost against float32."""
+
+    module: nn.Module
+    card: ModelCard
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(paths: list[str], card: ModelCard, batch_size: int, desc: str, progress: bool):
+    """(N, C, H, W) float32 batches of the images at ``paths`` through the card's transform."""
+    transform = card.preprocessing.transform()
+    with tqdm(total=len(paths), desc=desc, unit="image", disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    images.append(transform(open_image(path)))
+                except (ImageError, OSError) as error:
+                    raise QuantizeError(f"calibration image {first_line(error)}") from None
+            bar.update(len(images))
+            yield torch.stack(images)
+
+
+def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
+    if not Path(calibration).exists():
+        raise QuantizeError(f"calibration folder {calibration} does not exist")
+    paths = find_images([calibration])
+    if not paths:
+        raise QuantizeError(f"no calibration images in {calibration} (png, jpg, ...)")
+    return paths[:limit]
+
+
+def _labelled(folder: str | os.PathLike, card: ModelCard, batch_size: int):
+    """(images, labels) batches of ``folder/<class name>/*`` for the card's classes."""
+    items = [(p, i) for i, name in enumerate(card.classes)
+             for p in find_images([Path(folder) / name]) if (Path(folder) / name).is_dir()]  # fmt: skip
+    if not items:
+        raise QuantizeError(f"no images in {folder}/<class> for the classes {card.classes[:3]}...")
+    paths, labels = zip(*items)
+    for start, x in zip(range(0, len(paths), batch_size),
+                        _batches(list(paths), card, batch_size, "validating", False)):  # fmt: skip
+        yield x, torch.tensor(labels[start : start + batch_size])
+
+
+def _convert(module: nn.Module, example: Tensor, batches) -> nn.Module:
+    """FX prepare, observe ``batches``, convert; a layer FX or int8 cannot handle is named."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = get_default_qconfig_mapping("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prepared = prepare_fx(copy.deepcopy(module).eval(), mapping, (example,))
+        except Exception as error:  # the traced code names the module it cannot trace
+            raise QuantizeError(
+                f"cannot quantize {type(module).__name__}: {first_line(error)}"
+            ) from error
+        with torch.no_grad():
+            for x in batches:
+                prepared(x)
+        return convert_fx(prepared)
+
+
+def compare(reference: nn.Module, quantized: nn.Module, batches) -> dict[str, Any]:
+    """Top-1 agreement and relative logit error ||q - f|| / ||f|| of ``quantized`` against
+    ``reference`` on ``batches``, and the labels' accuracy of both when given (x, y) pairs."""
+    agree = total = 0
+    err = norm = 0.0
+    correct, labelled = [0, 0], False
+    with torch.no_grad():
+        for batch in batches:
+            x, y = batch if isinstance(batch, tuple) else (batch, None)
+            f, q = reference(x).float(), quantized(x).float()
+            agree += int((f.argmax(1) == q.argmax(1)).sum())
+            total += len(x)
+            err += float((q - f).pow(2).sum())
+            norm += float(f.pow(2).sum())
+            if y is not None:
+                labelled = True
+                correct[0] += int((f.argmax(1) == y).sum())
+                correct[1] += int((q.argmax(1) == y).sum())
+    report = {"images": total, "top1_agreement": agree / max(total, 1),
+              "relative_logit_error": (err / max(norm, 1e-30)) ** 0.5}  # fmt: skip
+    if labelled:
+        report["accuracy_float32"] = correct[0] / total
+        report["accuracy_int8"] = correct[1] / total
+    return report
+
+
+def quantize(
+    model: str | os.PathLike | nn.Module | LoadedModel,
+    calibration: str | os.PathLike,
+    *,
+    weights: Any = "DEFAULT",
+    num_images: int = 300,
+    holdout: int = 50,
+    validation: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Post-training static int8 quantization calibrated on the images in ``calibration``.
+
+    Args:
+        model: a name, a file or a module (``densenet.load``), or a ``LoadedModel``.
+        weights: for a name, its weights (``densenet.load``; None: random).
+        calibration: a folder of images (searched recursively); the first ``num_images`` are
+            read, the last ``holdout`` of them (when more than ``holdout`` remain) are not used
+            for calibration but for the report against float32.
+        validation: a folder with one sub-folder per class name of the card: the accuracy of
+            float32 and int8 on its images goes into the report too.
+        batch_size: images per calibration batch.
+        progress: show progress bars.
+    """
+    paths = _calibration_paths(calibration, num_images)
+    if not isinstance(model, LoadedModel):
+        model = load(model, weights=weights, progress=progress)
+    card, module = model.card, model.module.cpu().float().eval()
+    held = paths[-holdout:] if len(paths) > holdout else []
+    fit = paths[: len(paths) - len(held)]
+    batches = list(_batches(fit, card, batch_size, "calibrating", progress))
+    quantized = _convert(module, batches[0][:1], batches)
+    report = compare(
+        module, quantized, _batches(held or fit, card, batch_size, "comparing", progress)
+    )
+    if validation is not None:
+        report["validation"] = compare(module, quantized, _labelled(validation, card, batch_size))
+    report.update(calibration_images=len(fit), held_out=bool(held), backend="fx-x86")
+    return QuantizedModel(quantized, card, report)
+
+
+def save_quantized(quantized: QuantizedModel, path: str | os.PathLike) -> Path:
+    """Write ``quantized`` as TorchScript with its card and report (read by ``densenet.load``)."""
+    side = max(quantized.card.preprocessing.min_size or (32, 32))
+    example = torch.randn(1, quantized.card.in_channels, side, side)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(quantized.module, example, check_trace=False)
+        meta = ExportMetadata(quantized.card, "int8", extra={"quantization": quantized.report})
+        extra = {EXTRA_FILE: json.dumps(meta.to_dict())}
+        atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra))
+    return Path(path)

@@ -1,0 +1,64 @@
+"""int8 post-training quantization: the report, the file densenet.load reads, the errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_batchnorm, tiny_model
+from PIL import Image
+
+import densenet
+from densenet.cli import main
+from densenet.quantization import QuantizeError, quantize, save_quantized
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """24 small crops of scikit-image's photos."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea"):
+        image = getattr(data, name)()
+        for i in range(8):
+            crop = image[i * 20 : i * 20 + 160, i * 25 : i * 25 + 160]
+            Image.fromarray(np.ascontiguousarray(crop)).resize((48, 48)).save(
+                root / f"{name}{i}.png"
+            )
+    return root
+
+
+def test_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
+    model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
+    result = quantize(model, photos, holdout=8, batch_size=8, progress=False)
+    convs = [m for m in result.module.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
+    assert len(convs) >= 4  # the convolutions run in int8
+    assert result.report["images"] == 8 and result.report["calibration_images"] == 16
+    assert result.report["relative_logit_error"] < 0.1
+    assert result.report["top1_agreement"] >= 0.75
+    path = save_quantized(result, tmp_path / "tiny.int8.pt")
+    loaded = densenet.load(path)
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(loaded.module(x), result.module(x))
+    assert loaded.card.classes == result.card.classes
+
+
+def test_errors_are_one_line(tmp_path, photos, capsys):
+    with pytest.raises(QuantizeError, match="no calibration images in"):
+        quantize(tiny_model(), tmp_path, progress=False)
+    with pytest.raises(QuantizeError, match="does not exist"):
+        quantize(tiny_model(), tmp_path / "missing", progress=False)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(QuantizeError, match=r"calibration image .*broken\.png"):
+        quantize(tiny_model(), tmp_path, progress=False)
+    assert main(["quantize", "densenet121", str(tmp_path / "missing")]) == 2
+    assert "densenet quantize: error: calibration folder" in capsys.readouterr().err
+
+
+def test_the_function_stays_callable_after_the_command_line_is_imported():
+    import densenet.cli  # noqa: F401 (imports the quantize command and the quantization module)
+
+    assert callable(densenet.quantize) and densenet.quantize is quantize
