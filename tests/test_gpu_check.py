@@ -1,0 +1,67 @@
+"""densenet.gpu_check: the launches recorded under the interpreter, a launch compiled for sm90
+and sm80 on the CPU with registers, shared memory and tensor-core instructions read back, and
+the problems it reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from densenet.gpu_check import (
+    ARCHS,
+    CompiledLaunch,
+    _compile,
+    _kernels,
+    _resource_usage,
+    launches_in_subprocess,
+)
+
+pytest.importorskip("triton")
+
+
+def row(**changes) -> CompiledLaunch:
+    fields = dict(kernel="_pointwise_kernel", dtype="bf16", variant="POOL=False RELU=True",
+                  arch="sm90", tile="128x128x64 w8 s3", registers=168, spilled=0,
+                  shared=96 * 1024, mma=4)  # fmt: skip
+    return CompiledLaunch(**{**fields, **changes})
+
+
+def test_problems_are_over_shared_memory_spills_no_tensor_cores_and_compile_errors():
+    assert row().problems == []
+    assert row(shared=228 * 1024).problems == ["shared memory 228 KB > sm90's"]
+    assert row(arch="sm80", shared=164 * 1024, mma=2).problems == ["shared memory 164 KB > sm80's"]
+    assert row(spilled=424).problems == ["spills 424 B"]
+    assert row(mma=0).problems == ["no HGMMA"]
+    assert row(dtype="fp32", mma=0).problems == []  # float32 without TF32 uses FMA
+    assert row(error="does not compile: x").problems == ["does not compile: x"]
+
+
+def test_resource_usage_is_read_from_cuobjdump():
+    text = " Function _k:\n  REG:255 STACK:528 SHARED:1024 LOCAL:16 CONSTANT[0]:640 TEXTURE:0"
+    fields = _resource_usage(text)
+    assert (fields["REG"], fields["STACK"], fields["LOCAL"], fields["SHARED"]) == (
+        255,
+        528,
+        16,
+        1024,
+    )
+
+
+@pytest.mark.slow
+def test_every_kernel_is_launched_and_a_launch_compiles_for_both_targets():
+    launches = launches_in_subprocess()
+    assert {launch.kernel for launch in launches} == set(_kernels())
+    dtypes = {(launch.kernel, launch.dtype) for launch in launches}
+    assert ("_pointwise_kernel", "bf16") in dtypes and ("_conv3x3_kernel", "fp16") in dtypes
+    assert ("_forward_kernel", "fp32") in dtypes and ("_input_grad_kernel", "bf16") in dtypes
+    bottleneck = next(
+        launch for launch in launches
+        if launch.kernel == "_pointwise_kernel" and launch.dtype == "bf16"
+    )  # fmt: skip
+    smallest = min(
+        range(len(_kernels()["_pointwise_kernel"].configs)),
+        key=lambda i: _kernels()["_pointwise_kernel"].configs[i].kwargs["BLOCK_M"],
+    )
+    for arch in ARCHS:
+        compiled = _compile((bottleneck, smallest, arch))
+        assert compiled.error is None and compiled.registers > 0 and compiled.shared > 0
+        assert compiled.mma > 0  # bf16 GEMMs on tensor cores: HGMMA on sm90, HMMA on sm80
