@@ -461,3 +461,13 @@ def test_ray_embedder_and_predictor_match_the_bulk_output(local_ray, folder, che
         )
         if task == "predict":
             assert list(rows["labels"].iloc[0]) == list(reference[task]["labels"].iloc[0])
+
+
+def test_a_manifest_with_a_short_row_is_one_error(folder, tmp_path, capsys):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,note\nimg0.png,a\nimg1.png\n")
+    out = tmp_path / "out"
+    assert main(["embed", str(manifest), "--out", str(out), "--weights", "none",
+                 "--model", "densenet_bc_100_k12", "--workers", "0", "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "manifest" in err[-1] and "line 3 has 1 fields, the header 2" in err[-1]

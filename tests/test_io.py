@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
 from densenet.cli import main
 from densenet.errors import DenseNetError
-from densenet.io import atomic_write, write_text
+from densenet.io import atomic_write, csv_rows, write_text
 
 
 def test_atomic_write_replaces_a_regular_file(tmp_path):
@@ -41,3 +42,34 @@ def test_export_refuses_a_device_before_exporting(capsys, monkeypatch):
     assert f"{os.devnull} is a device, pipe or socket" in capsys.readouterr().err
     with pytest.raises(DenseNetError):
         atomic_write(os.devnull, lambda tmp: None)
+
+
+class CsvError(ValueError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,label\na.png,1\nb.png\n", "line 3 has 1 fields, the header 2"),
+        ("path,label\na.png,1,extra\n", "line 2 has 3 fields, the header 2"),
+        ("path,label,label\na.png,1,0\n", "column(s) label appear twice in the header"),
+        ("file,label\na.png,1\n", "has no 'path' column (header: file, label)"),
+        ("", "has no 'path' column (header: none)"),
+    ],
+)
+def test_csv_rows_refuse_ragged_rows_and_bad_headers(tmp_path, text, message):
+    path = tmp_path / "manifest.csv"
+    path.write_text(text)
+    with pytest.raises(CsvError, match=re.escape(message)):
+        list(csv_rows(path, "manifest", CsvError, required=("path",)))
+
+
+def test_csv_rows_skip_a_byte_order_mark_and_blank_lines(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes("\ufeffpath,label\r\na.png,1\r\n\r\nb.png,0\r\n".encode())
+    rows = list(csv_rows(path, "manifest", CsvError, required=("path",)))
+    assert rows == [{"path": "a.png", "label": "1"}, {"path": "b.png", "label": "0"}]
+    (tmp_path / "latin1.csv").write_bytes(b"path\n\xe9.png\n")
+    with pytest.raises(CsvError, match="cannot be read"):
+        list(csv_rows(tmp_path / "latin1.csv", "manifest", CsvError))

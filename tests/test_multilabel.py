@@ -222,3 +222,26 @@ def test_a_label_without_positives_has_no_auroc_and_stays_out_of_the_means(tmp_p
     assert [line.split()[:2] for line in out.splitlines() if line.startswith("prime")] == [
         ["prime", "-"]
     ]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda rows: rows[:2] + [rows[2].rsplit(",", 2)[0]] + rows[3:], "line 3 has"),
+        (lambda rows: rows[:2] + [rows[2] + ",1"] + rows[3:], "line 3 has 6 fields"),
+        (
+            lambda rows: [
+                r.split(",", 1)[0] + "," + r.split(",")[1] + "," + r.rsplit(",", 1)[1] for r in rows
+            ],
+            "1 label(s) (even)",
+        ),  # fmt: skip
+        (lambda rows: [rows[0].replace("gt4", "even")] + rows[1:], "even appear twice"),
+    ],
+)
+def test_a_malformed_labels_csv_is_one_error_before_training(tmp_path, capsys, edit, message):
+    labels = digits_with_attributes(tmp_path / "data", n=40)
+    labels.write_text("\n".join(edit(labels.read_text().splitlines())) + "\n")
+    assert main(train_argv(tmp_path / "data", labels, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "run" / "last.pth").exists()

@@ -12,7 +12,6 @@ its error and a null vector.
 from __future__ import annotations
 
 import copy
-import csv
 import fnmatch
 import hashlib
 import json
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from .errors import DenseNetError
 from .images import IMAGE_SUFFIXES, ImageError, open_image
 from .inference import optimize as optimize_model
-from .io import atomic_write, write_json
+from .io import atomic_write, csv_rows, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
@@ -112,14 +111,12 @@ def _manifest(path: Path) -> Iterator[str]:
         for batch in file.iter_batches(columns=["path"]):
             yield from (str(base / p) for p in batch.column(0).to_pylist())
         return
-    with open(path, newline="") as lines:
-        if path.suffix.lower() == ".csv":
-            rows = csv.DictReader(lines)
-            if "path" not in (rows.fieldnames or []):
-                raise BulkError(f"manifest {path} has no 'path' column (header: {rows.fieldnames})")
-            yield from (str(base / row["path"]) for row in rows)
-        else:
-            yield from (str(base / line.strip()) for line in lines if line.strip())
+    if path.suffix.lower() == ".csv":
+        rows = csv_rows(path, "manifest", BulkError, required=("path",))
+        yield from (str(base / row["path"]) for row in rows)
+        return
+    with open(path, newline="", encoding="utf-8-sig") as lines:
+        yield from (str(base / line.strip()) for line in lines if line.strip())
 
 
 def _glob(pattern: str) -> Iterator[str]:

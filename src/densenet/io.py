@@ -1,15 +1,17 @@
 """Files on disk: one atomic write (temporary file in the same folder, fsync, rename, fsync of the
-folder) used for every file the package writes, and the safe reader of torch files."""
+folder) used for every file the package writes, the safe reader of torch files, and the one
+checked reader of CSV files (labels, manifests)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,14 @@ from safetensors.torch import load_file as load_safetensors
 
 from .errors import DenseNetError, first_line
 
-__all__ = ["atomic_write", "check_regular_file", "read_torch_file", "write_json", "write_text"]
+__all__ = [
+    "atomic_write",
+    "check_regular_file",
+    "csv_rows",
+    "read_torch_file",
+    "write_json",
+    "write_text",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -117,3 +126,41 @@ def read_torch_file(
         SafetensorError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
     ) as problem:  # fmt: skip
         raise error(f"{unreadable} ({first_line(problem)[:160]})") from None
+
+
+def csv_rows(
+    path: str | os.PathLike,
+    what: str,
+    error: type[Exception],
+    required: Sequence[str] = (),
+) -> Iterator[dict[str, str]]:
+    """The rows of a UTF-8 CSV file (a byte-order mark is skipped, blank lines too) as dicts by
+    the header's column names, read lazily. ``error(message)``, naming ``what`` and the line, for
+    a file that cannot be read, a header without the ``required`` columns or with a name twice,
+    and a row with fewer or more fields than the header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise error(
+                    f"{what} {path}: column(s) {', '.join(twice)} appear twice in the header"
+                )
+            missing = [name for name in required if name not in header]
+            if missing:
+                raise error(
+                    f"{what} {path} has no {', '.join(repr(m) for m in missing)} column "
+                    f"(header: {', '.join(header) or 'none'})"
+                )
+            for values in reader:
+                if not values:
+                    continue
+                if len(values) != len(header):
+                    raise error(
+                        f"{what} {path}: line {reader.line_num} has {len(values)} fields, the "
+                        f"header {len(header)}"
+                    )
+                yield dict(zip(header, values))
+    except (OSError, UnicodeDecodeError, csv.Error) as problem:
+        raise error(f"{what} {path} cannot be read: {problem}") from None

@@ -8,7 +8,6 @@ label or a ``labels`` column of ``|``-separated label names; an optional ``split
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import warnings
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .data import DataError, DataSplits
 from .images import ImageError, open_image
+from .io import csv_rows
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -58,16 +58,10 @@ def read_labels_csv(path: str | os.PathLike, root: str | os.PathLike) -> LabelTa
     """Read and check a labels CSV whose ``file`` column is relative to ``root``: every file
     exists, every value of a 0/1 column is 0 or 1, every split named is known."""
     path, root = Path(path), Path(root)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"labels file {path} cannot be read: {error}") from None
-    columns = list(rows[0]) if rows else []
-    if "file" not in columns:
-        raise DataError(
-            f"{path} needs a 'file' column and rows (found columns: {', '.join(columns) or 'none'})"
-        )
+    rows = list(csv_rows(path, "labels file", DataError, required=("file",)))
+    if not rows:
+        raise DataError(f"labels file {path} has no rows")
+    columns = list(rows[0])
     files = [root / row["file"] for row in rows]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -84,6 +78,19 @@ def read_labels_csv(path: str | os.PathLike, root: str | os.PathLike) -> LabelTa
 
 
 def _targets(
+    path: Path, rows: list[dict[str, str]], columns: list[str]
+) -> tuple[list[str], Tensor]:
+    names, targets = _read_targets(path, rows, columns)
+    if len(names) < 2:
+        raise DataError(
+            f"{path} has {len(names)} label(s) ({', '.join(names) or 'none'}); multi-label "
+            "training needs two or more. One yes/no label is single-label classification: "
+            "put the images in two class folders"
+        )
+    return names, targets
+
+
+def _read_targets(
     path: Path, rows: list[dict[str, str]], columns: list[str]
 ) -> tuple[list[str], Tensor]:
     if columns == ["labels"]:
