@@ -80,6 +80,32 @@ def test_weights_verify_and_convert(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
 
 
+def test_convert_takes_a_files_own_classes_and_refuses_what_is_not_a_densenet(tmp_path, capsys):
+    """A 10-class densenet_bc_100_k12 file converts (named or inferred); a 100-class CIFAR file
+    named densenet121 and a torchvision ResNet are one-line errors, and nothing is written."""
+    model = densenet.get_model(SMALL, num_classes=10)
+    source = tmp_path / "mine.pth"
+    torch.save(model.state_dict(), source)
+    for named in ([], ["--model", SMALL]):
+        out = tmp_path / f"out{len(named)}.safetensors"
+        assert main(["weights", "convert", str(source), str(out), *named]) == 0
+        assert load_file(out)["classifier.weight"].shape == (10, model.num_features)
+    for name, save in (
+        (
+            "cifar.pth",
+            lambda p: torch.save(densenet.get_model(SMALL, num_classes=100).state_dict(), p),
+        ),
+        ("resnet.pth", lambda p: torch.save(torchvision.models.resnet18().state_dict(), p)),
+    ):
+        save(tmp_path / name)
+        out = tmp_path / f"{name}.safetensors"
+        command = ["weights", "convert", str(tmp_path / name), str(out), "--model", "densenet121"]
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("densenet weights: error:"), err
+        assert not out.exists()
+
+
 class RunsCode:
     """Unpickling it would run ``os.system``."""
 

@@ -28,7 +28,6 @@ from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
     WeightsError,
-    check_finite,
     get_weights,
     is_path,
     load_checkpoint,
@@ -236,20 +235,32 @@ def verify_weights(target: str, arch: str | None = None) -> dict[str, Any]:
     else:
         arch = arch_of_file(target, arch)
     digest = verify_file(target)
-    state = load_checkpoint(target)
+    state, arch, config = _checked_state(target, arch)
+    return {"path": target, "sha256": digest, "loads_into": arch or "DenseNet", "config": config}
+
+
+def _checked_state(
+    path: str | os.PathLike, arch: str | None
+) -> tuple[dict[str, Tensor], str | None, dict[str, Any]]:
+    """A weights file's state_dict, once it loaded strictly into its network: ``arch`` (with
+    the file's number of classes and input channels), else the one its keys and shapes describe;
+    returns the state, the architecture (None for a custom configuration) and the configuration.
+    ``WeightsError`` names what does not fit."""
+    state = load_checkpoint(path)
     if arch is not None:
         config = model_config(arch)
-        classifier = state.get("classifier.weight")
+        classifier, stem = state.get("classifier.weight"), state.get("features.conv0.weight")
         config["num_classes"] = classifier.shape[0] if classifier is not None else 0
+        config["in_channels"] = stem.shape[1] if stem is not None else 3
     else:
-        config = config_of_state(state, target)
+        config = config_of_state(state, path)
         arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
     try:
         module = DenseNet(**config)
     except ValueError as error:
-        raise WeightsError(f"{target} describes no valid DenseNet ({error})") from None
-    load_state(module, state, target)
-    return {"path": target, "sha256": digest, "loads_into": arch or "DenseNet", "config": config}
+        raise WeightsError(f"{path} describes no valid DenseNet ({error})") from None
+    load_state(module, state, path)
+    return state, arch, config
 
 
 def _same_network(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -262,15 +273,12 @@ def _same_network(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def convert_weights(source: str, dest: str, arch: str | None = None) -> dict[str, Any]:
     """Write ``source``'s state_dict (old or new key names) as ``dest`` (.safetensors, current
-    keys), after checking it loads strictly into its architecture when that is known."""
+    keys), once it loaded strictly into its architecture (``arch``, the file's name, or its keys
+    and shapes), with the file's number of classes."""
     from safetensors.torch import save_file
 
     if Path(dest).suffix != ".safetensors":
         raise WeightsError(f"{dest}: convert writes safetensors; name the file *.safetensors")
-    state = load_checkpoint(source)
-    check_finite(state, source)
-    arch = arch_of_file(source, arch)
-    if arch is not None:
-        get_model(arch).load_state_dict(state, strict=True)
+    state, arch, _ = _checked_state(source, arch_of_file(source, arch))
     atomic_write(dest, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
     return {"source": source, "dest": dest, "checked_against": arch}
