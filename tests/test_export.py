@@ -414,3 +414,18 @@ def test_a_one_channel_model_exports_with_one_channel_inputs(tmp_path):
     assert rel_error(loaded.module(x), model(x).detach()) < 1e-4
     grey = Image.new("L", (80, 80), 100)
     assert densenet.Classifier(path, device="cpu").predict(grey, topk=1)[0][0][0]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported"])
+def test_a_float16_export_classifies_float32_images(model, tmp_path, fmt):
+    """A float16 TorchScript or .pt2 file is fed float16 inputs: the same top class as the model."""
+    path = tmp_path / ("m.pt" if fmt == "torchscript" else "m.pt2")
+    write = E.to_torchscript if fmt == "torchscript" else E.to_exported
+    write(model, path, dtype="float16")
+    classifier = densenet.Classifier(path, device="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images).softmax(1)
+    probabilities = classifier.probabilities(images)
+    assert probabilities.dtype == torch.float32
+    torch.testing.assert_close(probabilities, expected, atol=2e-3, rtol=2e-2)

@@ -152,6 +152,9 @@ class Classifier:
             self.card = self.card.replace(classes=tuple(categories))
         self.device = resolve_device(device)
         self.model = loaded.module
+        # a DenseNet and its inference forms take any float input; an exported module (a
+        # float16 TorchScript or .pt2 file) takes its own weights' dtype
+        self.input_dtype = None if isinstance(self.model, DenseNet) else _weights_dtype(self.model)
         if optimize and isinstance(self.model, DenseNet):
             if isinstance(dtype, str):
                 dtype = compute_dtype(dtype, self.device)
@@ -251,7 +254,7 @@ class Classifier:
     @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:
         """(N, 3, H, W) preprocessed images -> (N, num_classes) float32 logits."""
-        return self.model(batch.to(self.device, non_blocking=True)).float()
+        return self.model(batch.to(self.device, self.input_dtype, non_blocking=True)).float()
 
     def probabilities(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images, or (N, V, C, H, W) views of each -> (N,
@@ -322,6 +325,15 @@ def write_overlays(explanations: Sequence[Explanation], folder: str | os.PathLik
         atomic_write(path, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
         paths.append(path)
     return paths
+
+
+def _weights_dtype(module: object) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (None: no such tensor,
+    e.g. an ONNX Runtime session, which converts its inputs itself)."""
+    if not isinstance(module, nn.Module):
+        return None
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> Sequence[ImageInput]:
