@@ -86,6 +86,14 @@ def test_recipes_are_the_papers():
     assert RECIPES["finetune"].weights == "DEFAULT"
 
 
+def test_an_unknown_model_argument_is_one_error_before_training(tmp_path, capsys):
+    argv = ["train", "--recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+            "--set", 'model_args={"bogus": 1}']  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown DenseNet argument(s) bogus" in err, err
+
+
 def test_every_setting_can_be_overridden():
     assert parse_override("lr=0.5") == ("lr", 0.5)
     assert parse_override("lr_milestones=0.3,0.6") == ("lr_milestones", (0.3, 0.6))

@@ -5,12 +5,14 @@ for text from the command line)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model import DenseNet
 from ..runtime import AMP_MODES
 from ..transforms import AUGMENTATIONS
 
@@ -202,6 +204,13 @@ def check_config(config: TrainConfig) -> None:
     if config.labels is None and (config.val_labels or config.pos_weight or config.thresholds):
         raise ValueError(
             "val_labels, pos_weight and thresholds apply to multi-label training (--labels)"
+        )
+    accepted = set(inspect.signature(DenseNet).parameters)
+    unknown = sorted(set(config.model_args) - accepted)
+    if unknown:
+        raise ValueError(
+            f"model_args: unknown DenseNet argument(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(accepted))}"
         )
     if not 0 <= config.max_unreadable < 1:
         raise ValueError(f"max_unreadable must be in [0, 1), got {config.max_unreadable}")
