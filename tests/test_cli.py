@@ -271,3 +271,13 @@ def test_every_numeric_flag_is_range_checked_before_any_work(argv, message, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith(f"densenet {argv[0]}: error: argument")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_bench_on_cuda_without_a_gpu_is_one_error(capsys):
+    assert main(["bench", "--device", "cuda", "--batch-sizes", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "densenet bench: error: device 'cuda' was asked for but no CUDA GPU is available; use "
+        "--device cpu"
+    )

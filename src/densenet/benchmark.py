@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .inference import BucketedModel, optimize
 from .model import DenseNet
 from .registry import get_model
+from .runtime import resolve_device
 
 __all__ = ["ENGINES", "Result", "machine", "run_benchmark"]
 
@@ -344,7 +345,7 @@ def run_benchmark(
         calls, ``speedup`` the ratio of the baseline's median to it and ``vs_compiled`` that of
         torch.compile(torchvision), when it ran.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     say = progress or (lambda line: None)
     unknown = [n for n in engines or () if n not in ENGINES]
     if unknown:
