@@ -5,8 +5,10 @@ ratio), and ``ImageError``, whose ``reason`` says what is wrong in a form caller
 from __future__ import annotations
 
 import enum
+import errno
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -86,11 +88,19 @@ def open_image(
                 raise ImageError(f"{name}: empty (0 bytes)", Reason.EMPTY)
             stream = io.BytesIO(source)
         else:
-            if os.path.getsize(source) == 0:
+            status = os.stat(source)
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError(source)
+            if not stat.S_ISREG(status.st_mode):
+                raise ImageError(
+                    f"{name}: not a regular file (a device, pipe or socket)", Reason.UNREADABLE
+                )
+            if status.st_size == 0:
                 raise ImageError(f"{name}: empty file (0 bytes)", Reason.EMPTY)
             stream = open(source, "rb")  # noqa: SIM115 (closed below)
         with stream, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # the limit is MAX_PIXELS (check_pixels), not Pillow's lower warning threshold
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream, formats=formats)
             check_pixels(image, name)
             image.load()
@@ -106,11 +116,13 @@ def open_image(
         raise ImageError(
             f"{name}: not an image (unrecognised format)", Reason.NOT_AN_IMAGE
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(
-            f"{name}: too many pixels (possible decompression bomb)", Reason.TOO_MANY_PIXELS
+            f"{name}: too many pixels (over the limit of {MAX_PIXELS:,})", Reason.TOO_MANY_PIXELS
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
+        if getattr(error, "errno", None) == errno.ELOOP:
+            raise ImageError(f"{name}: a loop of symbolic links", Reason.UNREADABLE) from None
         raise ImageError(f"{name}: corrupt or truncated image ({error})", Reason.CORRUPT) from None
     return image
 

@@ -1,0 +1,40 @@
+"""densenet.images: what the openers refuse, each with its reason: devices, pipes and symbolic
+link loops by name; Pillow's decompression-bomb warning below the documented pixel limit is not
+a refusal."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image
+
+from densenet.images import MAX_PIXELS, ImageError, Reason, open_image
+
+
+def refusal(path) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        open_image(path)
+    return caught.value
+
+
+def test_a_pipe_a_device_and_a_link_loop_are_named_for_what_they_are(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    assert "not a regular file" in str(refusal(tmp_path / "pipe.png"))  # and it does not block
+    assert refusal("/dev/zero").reason == Reason.UNREADABLE
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    error = refusal(tmp_path / "a.png")
+    assert "a loop of symbolic links" in str(error) and error.reason == Reason.UNREADABLE
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert refusal(tmp_path / "empty.png").reason == Reason.EMPTY
+
+
+def test_images_up_to_the_documented_pixel_limit_open(tmp_path):
+    """95 million pixels: over Pillow's warning threshold (89.5 million), under MAX_PIXELS."""
+    assert Image.MAX_IMAGE_PIXELS < 95_000_000 < MAX_PIXELS
+    path = tmp_path / "large.png"
+    Image.new("1", (9_500, 10_000)).save(path)
+    assert open_image(path).size == (9_500, 10_000)
+    Image.new("1", (10_001, 10_000)).save(path)
+    assert refusal(path).reason == Reason.TOO_MANY_PIXELS
