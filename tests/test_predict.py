@@ -291,3 +291,16 @@ def test_test_time_augmentation_averages_the_views_and_changes_nothing_when_off(
         got = torch.tensor(prediction.probabilities)
         torch.testing.assert_close(got, want.sort(descending=True).values)
     assert not torch.allclose(expected, single[0])  # the mirror changed something
+
+
+def test_a_colour_image_among_grey_ones_is_that_images_error(tmp_path, capsys):
+    """A one-channel model: the RGB image gets its own error naming it, the grey ones are
+    classified, the run exits 1."""
+    model = tiny_model(in_channels=1, num_classes=3).eval()
+    classifier = densenet.Classifier(model, device="cpu", optimize=False)
+    grey = [Image.new("L", (40, 40), v) for v in (30, 200)]
+    colour = Image.new("RGB", (40, 40), (10, 200, 30))
+    results = classifier.classify([grey[0], colour, grey[1]], topk=2)
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].reason == "bad_shape" and "image 1" in results[1].error
+    assert "channel" in results[1].error

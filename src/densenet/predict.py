@@ -37,6 +37,7 @@ from .io import atomic_write
 from .load import load
 from .model import DenseNet
 from .runtime import compute_dtype, resolve_device
+from .transforms import ChannelError
 
 __all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
 
@@ -250,6 +251,8 @@ class Classifier:
                 yield name, self.preprocess(image, name)
             except ImageError as error:
                 yield name, error
+            except ChannelError as error:  # e.g. a colour image for a grey model
+                yield name, ImageError(f"{name}: {error}", Reason.BAD_SHAPE)
 
     @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:
