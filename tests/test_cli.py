@@ -281,3 +281,20 @@ def test_bench_on_cuda_without_a_gpu_is_one_error(capsys):
         "densenet bench: error: device 'cuda' was asked for but no CUDA GPU is available; use "
         "--device cpu"
     )
+
+
+def test_an_output_folder_that_is_a_file_is_one_error_before_any_work(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), "red").save(image)
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    model = ["--model", SMALL, "--weights", "none"]
+    for argv, flag in (
+        (["predict", str(image), *model, "--cam", str(taken)], "--cam"),
+        (["embed", str(tmp_path), *model, "--out", str(taken), "--workers", "0"], "--out"),
+        (["train", "--recipe", "cifar10", "--data", str(tmp_path), "--out", str(taken)], "out"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"{flag} {taken} is a file" in err[-1], err
+    assert taken.read_text() == "a file"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import bulk
 from ..runtime import COMPUTE_DTYPES
@@ -196,9 +198,24 @@ def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
     )
 
 
+def output_folder(path: str, flag: str) -> None:
+    """Make sure ``path`` is a folder the command can write into (created if need be), before
+    any work: a file there, or a folder that cannot be created, is one error naming ``flag``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder is not writable")
+
+
 def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
     """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
     summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+    output_folder(args.out, "--out")
     summary = bulk.run(
         source, args.out, options, args.model, args.weights, device=args.device,
         batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,

@@ -15,6 +15,7 @@ from .common import (
     add_model_args,
     add_tta_arg,
     integer,
+    output_folder,
     print_json,
     print_problem,
     run_bulk,
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.images)}")
+    if args.cam:
+        output_folder(args.cam, "--cam")
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
         optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,

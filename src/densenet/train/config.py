@@ -10,6 +10,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..model import DenseNet
@@ -212,6 +213,8 @@ def check_config(config: TrainConfig) -> None:
             f"model_args: unknown DenseNet argument(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(accepted))}"
         )
+    if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ValueError(f"out {config.out} is a file; give a folder for the run")
     if not 0 <= config.max_unreadable < 1:
         raise ValueError(f"max_unreadable must be in [0, 1), got {config.max_unreadable}")
     if config.data is None:
