@@ -471,3 +471,13 @@ def test_a_manifest_with_a_short_row_is_one_error(folder, tmp_path, capsys):
                  "--model", "densenet_bc_100_k12", "--workers", "0", "--no-progress"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert "manifest" in err[-1] and "line 3 has 1 fields, the header 2" in err[-1]
+
+
+def test_an_input_without_images_is_one_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "none.txt").write_text("\n")
+    for source in (tmp_path / "empty", tmp_path / "none.txt", str(tmp_path / "*.jpg")):
+        assert main(["embed", str(source), "--out", str(tmp_path / "out"), "--weights", "none",
+                     "--model", "densenet_bc_100_k12", "--workers", "0"]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "no images in" in err[-1], err

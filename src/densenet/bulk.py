@@ -524,7 +524,9 @@ def run(
         workers = min(8, max(1, (os.cpu_count() or 2) // 2))
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
-    iter_inputs(source)  # a missing input fails here, before the model is loaded (or downloaded)
+    # a missing or empty input fails here, before the model is loaded (or downloaded)
+    if next(iter_inputs(source), None) is None:
+        raise BulkError(f"no images in {os.fspath(source)} (an empty folder, manifest or glob)")
     loaded = load(model, weights=weights, device=target, progress=progress)
     outputs = Outputs(loaded, options, target, optimize, precision)
     card = loaded.card

@@ -199,17 +199,15 @@ def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
 
 
 def output_folder(path: str, flag: str) -> None:
-    """Make sure ``path`` is a folder the command can write into (created if need be), before
-    any work: a file there, or a folder that cannot be created, is one error naming ``flag``."""
-    folder = Path(path)
+    """Check, before any work, that ``path`` is a folder the command can write into or create:
+    a file there, or a folder (or nearest existing parent) that is not writable, is one error
+    naming ``flag``. Nothing is created."""
+    folder = Path(path).absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: the folder is not writable")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not a writable folder")
 
 
 def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
