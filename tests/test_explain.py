@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import randomize_batchnorm
+from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
 from skimage.filters import threshold_otsu
 
@@ -140,6 +140,10 @@ def test_images_sharing_a_file_name_get_distinct_maps(checkpoint, tmp_path, caps
 def test_an_unknown_target_class_is_one_error(checkpoint):
     classifier = densenet.Classifier("densenet_bc_100_k12", weights=checkpoint, device="cpu")
     image = Image.fromarray(skimage.data.chelsea())
+    many = densenet.Classifier(tiny_model(num_classes=1000).eval(), device="cpu")
+    with pytest.raises(ValueError) as caught:
+        many.explain(image, target="dog")
+    assert len(str(caught.value)) < 300 and str(caught.value).endswith("and 990 more")
     with pytest.raises(ValueError, match="unknown class 'dog'"):
         classifier.explain(image, target="dog")
     with pytest.raises(ValueError, match=r"class index 3 is not in 0..2"):

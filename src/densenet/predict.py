@@ -216,7 +216,9 @@ class Classifier:
         or uint8 tensors; raises ``ImageError`` naming the first one that cannot be read."""
         images = _as_list(images)
         if isinstance(target, str) and target not in self.categories:
-            raise ValueError(f"unknown class {target!r}; the model's classes: {self.categories}")
+            shown = ", ".join(self.categories[:10])
+            more = f" and {len(self.categories) - 10} more" if len(self.categories) > 10 else ""
+            raise ValueError(f"unknown class {target!r}; the model's classes: {shown}{more}")
         index = self.categories.index(target) if isinstance(target, str) else target
         if index is not None and not 0 <= index < len(self.categories):
             raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
