@@ -39,9 +39,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
-    p.add_argument(
-        "--opset", type=integer(18, 99), help="ONNX operator set, 18 or newer (default 18)"
-    )
+    p.add_argument("--opset", type=integer(), help="ONNX operator set, 18 or newer (default 18)")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
     p.add_argument("--triton-max-batch", type=integer(), help="Triton max_batch_size (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
