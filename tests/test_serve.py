@@ -738,3 +738,18 @@ def test_explain_runs_the_network_in_the_model_thread(client, classifier, photos
     monkeypatch.setattr(type(classifier), "explain", recording)
     assert client.post("/v1/explain?format=json", content=body).status_code == 200
     assert len(threads) == 1 and threads[0].startswith("densenet-model")
+
+
+def test_a_service_that_cannot_warm_up_stops_with_the_reason(monkeypatch):
+    """Not up and unready for good: the server stops and serve() raises, naming the failure."""
+    from densenet.errors import DenseNetError
+    from densenet.serve import serve
+
+    classifier = densenet.Classifier(tiny_model().eval(), device="cpu", optimize=False)
+
+    def broken() -> None:
+        raise RuntimeError("out of memory while compiling")
+
+    monkeypatch.setattr(classifier, "warm_up", broken)
+    with pytest.raises(DenseNetError, match="could not warm up .*out of memory while compiling"):
+        serve(classifier, port=0, log_level="error")

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import DenseNetError
 from ..predict import Classifier
 from ..weights import get_weights, list_weights, sha256_file
 from .app import ServeConfig, create_app
@@ -40,22 +41,36 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve ``classifier`` on ``host:port`` until SIGTERM or SIGINT, which stop new connections,
-    finish the requests in flight (up to 30 s), then return."""
+    finish the requests in flight (up to 30 s), then return. A service that cannot warm up stops
+    at once and raises ``DenseNetError`` with the reason (never up and unready for good)."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    app = create_app(classifier, config, model_name=model_name, weights=weights)
+    failures: list[str] = []
+
+    def stop(reason: str) -> None:
+        failures.append(reason)
+        server.should_exit = True
+
+    app = create_app(
+        classifier, config, model_name=model_name, weights=weights, on_warm_up_failure=stop
+    )
     # the service's own messages (ready, warm-up or inference failures) beside uvicorn's
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["densenet"] = {"handlers": ["default"], "level": log_level.upper()}
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=log_config,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            log_config=log_config,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
     )
+    server.run()
+    if failures:
+        raise DenseNetError(f"the service could not warm up ({failures[0]}); it stopped")
 
 
 def weights_metadata(classifier: Classifier, weights: Any) -> dict[str, Any] | None:

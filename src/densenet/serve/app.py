@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -135,6 +135,7 @@ class _Service:
         self.model_name = model_name
         self.weights = weights
         self.ready = False
+        self.on_warm_up_failure: Callable[[str], None] = lambda reason: None
         self.batcher = Batcher(
             classifier.probabilities,
             max_batch=config.max_batch,
@@ -189,8 +190,9 @@ class _Service:
                 self.classifier.preprocess, [((gray, "warm-up image"), gray.width * gray.height)]
             )
             await self.batcher.run_once(x.unsqueeze(0))
-        except Exception:
+        except Exception as error:
             log.exception("warm-up failed; the service stays not ready")
+            self.on_warm_up_failure(f"{type(error).__name__}: {error}")
             return
         self.ready = True
         self.metrics.ready.set(1)
@@ -370,6 +372,7 @@ def create_app(
     *,
     model_name: str | None = None,
     weights: dict[str, Any] | None = None,
+    on_warm_up_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The service for ``classifier``; it is ready (``/readyz``) after a warm-up batch.
 
@@ -378,10 +381,14 @@ def create_app(
         config: limits (batch size, wait, upload size, queue).
         model_name: shown in responses; default the model's architecture name.
         weights: JSON-ready metadata of the weights, shown by ``GET /v1/models``.
+        on_warm_up_failure: called with the reason when the warm-up fails (``serve`` stops the
+            server then); by default the service stays up, not ready.
     """
     config = config or ServeConfig()
     name = model_name or classifier.card.arch or type(classifier.model).__name__
     service = _Service(classifier, config, name, weights)
+    if on_warm_up_failure is not None:
+        service.on_warm_up_failure = on_warm_up_failure
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
