@@ -753,3 +753,59 @@ def test_a_service_that_cannot_warm_up_stops_with_the_reason(monkeypatch):
     monkeypatch.setattr(classifier, "warm_up", broken)
     with pytest.raises(DenseNetError, match="could not warm up .*out of memory while compiling"):
         serve(classifier, port=0, log_level="error")
+
+
+def conforms(spec: dict, path: str, method: str, response) -> None:
+    """``response`` is documented by the OpenAPI ``spec`` for ``method path``: its status, its
+    content type and (JSON) its body against the schema of that status."""
+    import jsonschema
+
+    answers = spec["paths"][path][method]["responses"]
+    status = str(response.status_code)
+    assert status in answers, f"{method.upper()} {path} answered {status}, not documented"
+    content_type = response.headers["content-type"].split(";")[0]
+    documented = answers[status].get("content", {})
+    assert content_type in documented, f"{path} {status}: {content_type} not in {list(documented)}"
+    if content_type == "application/json":
+        schema = {**documented[content_type]["schema"], "components": spec["components"]}
+        jsonschema.validate(response.json(), schema)
+
+
+def test_openapi_documents_every_answer_of_every_route(photos):
+    """Each route's answers, good and bad, as the OpenAPI document describes them; a multi-label
+    model's predictions carry their positive labels, in the schema too."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
+    card = densenet.ModelCard.for_model(model, classes=("cat", "dog", "tree"), multi_label=True)
+    classifier = densenet.Classifier(model, device="cpu")
+    classifier.card = card
+    photo = {"file": ("chelsea.jpg", photos["chelsea.jpg"])}
+    text = {"file": ("notes.png", b"not an image at all")}
+    with serving(classifier, max_upload_mb=1, max_images=4) as client:
+        spec = client.get("/openapi.json").json()
+        answers = [
+            ("/healthz", "get", client.get("/healthz")),
+            ("/readyz", "get", client.get("/readyz")),
+            ("/v1/models", "get", client.get("/v1/models")),
+            ("/v1/predict", "post", client.post("/v1/predict", files=photo)),
+            ("/v1/predict", "post", client.post("/v1/predict?topk=2&x=1", files=photo)),
+            ("/v1/predict", "post", client.post("/v1/predict", files=text)),
+            ("/v1/predict", "post", client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n")),
+            ("/v1/predict", "post", client.post("/v1/predict", content=b"x" * 2_000_000)),
+            ("/v1/explain", "post", client.post("/v1/explain", files=photo)),
+            ("/v1/explain", "post", client.post("/v1/explain?format=json", files=photo)),
+            ("/v1/explain", "post", client.post("/v1/explain?target=oak", files=photo)),
+            ("/v1/explain", "post", client.post("/v1/explain?colour=red", files=photo)),
+            ("/v1/explain", "post", client.post("/v1/explain", files=text)),
+        ]
+    statuses = {(path, r.status_code) for path, _, r in answers}
+    assert {("/v1/predict", 200), ("/v1/predict", 415), ("/v1/predict", 413),
+            ("/v1/explain", 200), ("/v1/explain", 422), ("/v1/explain", 415)} <= statuses  # fmt: skip
+    for path, method, response in answers:
+        conforms(spec, path, method, response)
+    explained = answers[8][2]
+    assert explained.headers["content-type"] == "image/png"
+    assert "colour" in answers[11][2].json()["detail"]
+    [prediction] = answers[3][2].json()["predictions"]
+    assert set(prediction["positive"]) <= {"cat", "dog", "tree"}
+    assert "positive" in spec["components"]["schemas"]["ImageResult"]["properties"]

@@ -39,7 +39,7 @@ from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
 from .decoding import FairDecoder, header_pixels
 from .metrics import CONTENT_TYPE, ServiceMetrics
-from .schemas import ERRORS, IMAGE_FIELD, PREDICT_BODY, PredictResponse
+from .schemas import ERRORS, EXPLAIN_RESPONSES, IMAGE_FIELD, PREDICT_BODY, PredictResponse
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,8 @@ class _Service:
                 predictions.append({**entry, "status": status})
                 continue
             (prediction,) = top_predictions([source], result.output[None], topk, categories)
+            if self.classifier.card.multi_label:
+                (prediction.positive,) = self.classifier.card.positive(result.output[None])
             predictions.append({**prediction.to_dict(), "batch_size": result.batch_size})
             queue_s, inference_s = (
                 max(queue_s, result.queue_s),
@@ -493,7 +495,7 @@ def create_app(
     @app.post(
         "/v1/explain",
         summary="class activation map of one image: an overlay PNG, or the map as JSON",
-        responses=ERRORS,
+        responses=EXPLAIN_RESPONSES,
         openapi_extra=PREDICT_BODY,
     )
     async def explain(
@@ -501,6 +503,11 @@ def create_app(
         target: str | None = Query(None, description="a class name; default the top class"),
         format: str = Query("png", pattern="^(png|json)$", description="png or json"),
     ) -> Response:
+        unknown = sorted(set(request.query_params) - {"target", "format"})
+        if unknown:
+            return _error(
+                422, f"unknown query parameter {unknown[0]!r}; the parameters: target, format"
+            )
         if not service.ready:
             return _error(503, "the model is loading; retry shortly")
         if service.batcher.depth >= config.max_queue:

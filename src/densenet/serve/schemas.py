@@ -18,6 +18,7 @@ class TopEntry(BaseModel):
 class ImageResult(BaseModel):
     source: str
     top: list[TopEntry] | None = None
+    positive: list[str] | None = None  # a multi-label model: the labels at their thresholds
     batch_size: int | None = None
     error: str | None = None
     reason: str | None = None  # densenet.images.Reason of an image that was refused
@@ -41,6 +42,14 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class ExplainResponse(BaseModel):
+    source: str
+    label: str
+    index: int
+    probability: float
+    cam: list[list[float]]  # (H, W) on the network's input grid
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -50,8 +59,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "than --max-queue",
         415: "not an image",
         422: "unknown field or parameter, no image, or bad topk",
+        500: "the model failed on every image of the request",
         503: "not ready yet, the queue is full, or the server shut down (see Retry-After)",
     }.items()
+}
+
+EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ExplainResponse,
+        "description": "the overlay PNG (format=png, the default), or the map as JSON "
+        "(format=json)",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **ERRORS,
+    422: {"model": ErrorResponse, "description": "unknown parameter or class, not one image"},
+    501: {"model": ErrorResponse, "description": "this model form has no class activation map"},
 }
 
 PREDICT_BODY = {
