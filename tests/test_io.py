@@ -73,3 +73,16 @@ def test_csv_rows_skip_a_byte_order_mark_and_blank_lines(tmp_path):
     (tmp_path / "latin1.csv").write_bytes(b"path\n\xe9.png\n")
     with pytest.raises(CsvError, match="cannot be read"):
         list(csv_rows(tmp_path / "latin1.csv", "manifest", CsvError))
+
+
+def test_a_torch_file_that_would_expand_far_beyond_its_size_is_refused(tmp_path):
+    """A 300 KB zip holding a 300 MiB compressed storage: refused before it is read."""
+    import zipfile
+
+    from densenet.io import read_torch_file
+
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", b"\0" * (300 * 2**20))
+    with pytest.raises(DenseNetError, match="would expand from .* to 314,572,800 bytes"):
+        read_torch_file(path, "weights file")

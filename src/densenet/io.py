@@ -111,6 +111,7 @@ def read_torch_file(
     try:
         if path.suffix == ".safetensors":
             return load_safetensors(str(path))
+        _check_expansion(path, what, error)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as problem:
         # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module
@@ -126,6 +127,24 @@ def read_torch_file(
         SafetensorError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
     ) as problem:  # fmt: skip
         raise error(f"{unreadable} ({first_line(problem)[:160]})") from None
+
+
+# torch stores a file's tensors uncompressed in its zip archive: one that would expand far beyond
+# its own size (a compressed storage) is refused before anything is read into memory
+MAX_EXPANSION = 4
+MIN_SUSPECT_BYTES = 256 * 2**20
+
+
+def _check_expansion(path: Path, what: str, error: type[Exception]) -> None:
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(entry.file_size for entry in archive.infolist())
+    if unpacked > MIN_SUSPECT_BYTES and unpacked > MAX_EXPANSION * path.stat().st_size:
+        raise error(
+            f"{what} {path} would expand from {path.stat().st_size:,} to {unpacked:,} bytes "
+            "(compressed tensors); refused. Re-save it with torch.save"
+        )
 
 
 def csv_rows(
