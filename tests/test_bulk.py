@@ -481,3 +481,16 @@ def test_an_input_without_images_is_one_error(tmp_path, capsys):
                      "--model", "densenet_bc_100_k12", "--workers", "0"]) == 2  # fmt: skip
         err = capsys.readouterr().err.strip().splitlines()
         assert "no images in" in err[-1], err
+
+
+def test_a_small_input_gets_no_more_workers_than_batches(tmp_path, capsys):
+    """14 images in batches of 8: 2 decoding processes, not the 32 asked for."""
+    (tmp_path / "images").mkdir()
+    for i in range(14):
+        Image.new("RGB", (32, 32), (i * 15, 80, 160)).save(tmp_path / "images" / f"{i}.png")
+    argv = ["embed", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--weights",
+            "none", "--model", "densenet_bc_100_k12", "--workers", "32", "--batch-size", "8",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["workers"], summary["rows"]) == (2, 14)

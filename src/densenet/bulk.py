@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -524,9 +525,12 @@ def run(
         workers = min(8, max(1, (os.cpu_count() or 2) // 2))
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
-    # a missing or empty input fails here, before the model is loaded (or downloaded)
-    if next(iter_inputs(source), None) is None:
+    # a missing or empty input fails here, before the model is loaded (or downloaded); a small
+    # one gets no more decoding processes than it has batches
+    first = sum(1 for _ in itertools.islice(iter_inputs(source), max(workers, 1) * batch_size))
+    if first == 0:
         raise BulkError(f"no images in {os.fspath(source)} (an empty folder, manifest or glob)")
+    workers = min(workers, -(-first // batch_size))
     loaded = load(model, weights=weights, device=target, progress=progress)
     outputs = Outputs(loaded, options, target, optimize, precision)
     card = loaded.card
