@@ -32,6 +32,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def test_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
+    torch.manual_seed(0)  # a tiny random model: its int8 error varies with the draw (0.02-0.2)
     model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
     result = quantize(model, photos, holdout=8, batch_size=8, progress=False)
     convs = [m for m in result.module.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
