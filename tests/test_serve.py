@@ -751,8 +751,15 @@ def test_a_service_that_cannot_warm_up_stops_with_the_reason(monkeypatch):
         raise RuntimeError("out of memory while compiling")
 
     monkeypatch.setattr(classifier, "warm_up", broken)
-    with pytest.raises(DenseNetError, match="could not warm up .*out of memory while compiling"):
-        serve(classifier, port=0, log_level="error")
+    logger = logging.getLogger("densenet")  # serve() configures it, as a server process does
+    saved = (logger.level, logger.handlers[:], logger.propagate)
+    try:
+        with pytest.raises(DenseNetError, match="could not warm up .*out of memory while comp"):
+            serve(classifier, port=0, log_level="error")
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]
+        logger.propagate = saved[2]
 
 
 def conforms(spec: dict, path: str, method: str, response) -> None:
