@@ -27,11 +27,12 @@ def small_model(**kwargs) -> densenet.DenseNet:
     return model.eval()
 
 
-def test_maps_average_to_the_logits_and_the_inference_form_gives_the_same_maps():
+@pytest.mark.parametrize("backend", ["eager", "onednn"])
+def test_maps_average_to_the_logits_and_the_inference_form_gives_the_same_maps(backend):
     model = small_model()
     x = torch.randn(3, 3, 40, 48)
     eager = densenet.explain(model, x)
-    fast = densenet.explain(densenet.optimize(model), x)
+    fast = densenet.explain(densenet.optimize(model, backend=backend), x)
     assert eager.maps.shape == (3, 4, 10, 12)
     torch.testing.assert_close(eager.logits, model(x).detach(), rtol=1e-5, atol=1e-5)
     # the final BN-ReLU's scale and offset sit in the inference form's classifier: same maps

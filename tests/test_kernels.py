@@ -202,11 +202,39 @@ def test_triton_backend_keeps_metadata_and_refuses_training():
         fast.train()
 
 
+@needs_kernels
+def test_triton_backend_gives_the_eager_models_activation_maps():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=3)).eval().to(DEVICE)
+    x = torch.randn(2, 3, 32, 36, device=DEVICE)
+    ref = densenet.explain(model, x)
+    out = densenet.explain(optimize(model, dtype=torch.float32, backend="triton"), x)
+    assert out.maps.shape == ref.maps.shape
+    assert rel_error(out.maps, ref.maps) < 1e-5 and rel_error(out.logits, ref.logits) < 1e-5
+
+
 def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="CUDA.*TRITON_INTERPRET=1"):
         optimize(tiny_model().eval(), backend="triton")
     assert type(optimize(tiny_model().eval())).__name__ == "InferenceDenseNet"  # CPU default
+
+
+@pytest.mark.parametrize(
+    "device, dtype, compile_, expected",
+    [
+        ("cuda", torch.bfloat16, False, "triton"),  # measured fastest on an H200
+        ("cuda", torch.float16, False, "triton"),
+        ("cuda", torch.float32, False, "eager"),  # no tensor cores in the kernels' float32
+        ("cuda", torch.bfloat16, True, "inductor"),
+        ("cpu", torch.float32, False, "eager"),
+        ("cpu", torch.bfloat16, False, "eager"),
+    ],
+)
+def test_default_backend_follows_the_device_and_precision(device, dtype, compile_, expected):
+    from densenet.inference import _backend
+
+    assert _backend(None, compile_, torch.device(device), dtype) == expected
 
 
 @pytest.mark.parametrize("max_batch", [4, 6])

@@ -108,8 +108,10 @@ class OneDNNDenseNet(InferenceOnly):
         self.classifier = copy.deepcopy(fast.classifier).float()
         self._finish(fast)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out_dtype = x.dtype
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
+        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
+        in the compute dtype."""
         x = self.pool(self.stem(x.to(self.dtype, memory_format=torch.channels_last)))
         for index, layers in enumerate(self.blocks):
             n, c, h, w = x.shape
@@ -122,8 +124,11 @@ class OneDNNDenseNet(InferenceOnly):
             if index < len(self.transitions):
                 act, conv = self.transitions[index]
                 x = conv(F.avg_pool2d(act(buffer), 2))
-        pooled = self.head_act(buffer).float().mean((2, 3))
-        return self.classifier(pooled).to(out_dtype)
+        return self.head_act(buffer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.forward_features(x).float().mean((2, 3))
+        return self.classifier(pooled).to(x.dtype)
 
 
 class _Layer(nn.Module):

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from .errors import DenseNetError
-from .inference import InferenceDenseNet
+from .inference import InferenceOnly
 from .model import DenseNet
 from .transforms import to_rgb
 
@@ -59,12 +59,9 @@ def _features_and_classifier(model: nn.Module, x: Tensor) -> tuple[Tensor, nn.Li
             f"{type(model).__name__} has no linear classifier (num_classes=0 or another head); "
             "class activation maps need the global-pool + Linear head of a classifier"
         )
-    if isinstance(model, DenseNet):
-        return model.forward_features(x), model.classifier
-    if isinstance(model, InferenceDenseNet):
-        form = torch.channels_last if model.channels_last else torch.contiguous_format
-        x = x.to(model.dtype, memory_format=form)
-        return model.head_act(model.stages(model.stem(x))), model.classifier
+    if isinstance(model, (DenseNet, InferenceOnly)) and hasattr(model, "forward_features"):
+        classifier = model.classifier
+        return model.forward_features(x).to(classifier.weight.dtype), classifier
     raise ExplainError(
         f"class activation maps need a DenseNet or its densenet.optimize() form, got "
         f"{type(model).__name__} (an exported file has no feature map to read)"

@@ -142,6 +142,7 @@ class TritonDenseNet(InferenceOnly):
 
     def __init__(self, fast: InferenceDenseNet, growth_conv: str = "cudnn") -> None:
         super().__init__()
+        self.dtype = fast.dtype
         conv0 = fast.stem[0]
         self.stem = nn.Sequential(
             SpaceToDepthConv(conv0) if conv0.kernel_size == (7, 7) else conv0, *fast.stem[1:]
@@ -159,12 +160,10 @@ class TritonDenseNet(InferenceOnly):
         self.classifier = fast.classifier
         self._finish(fast)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.classifier.weight.dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        out_dtype = x.dtype
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
+        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
+        in the compute dtype."""
         x = self.stem(x.to(self.dtype, memory_format=torch.channels_last))
         buffer = _channels_last_empty(x, self.widths[0], *x.shape[2:])
         buffer[:, : x.shape[1]].copy_(x)
@@ -177,5 +176,8 @@ class TritonDenseNet(InferenceOnly):
                 following = _channels_last_empty(buffer, self.widths[index + 1], h, w)
                 transition(buffer, following[:, : transition.out_channels])
                 buffer = following
-        x = torch.flatten(F.adaptive_avg_pool2d(self.head_act(buffer), 1), 1)
-        return self.classifier(x).to(out_dtype)
+        return self.head_act(buffer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
+        return self.classifier(pooled).to(x.dtype)
