@@ -170,16 +170,16 @@ def test_keeps_metadata_and_predict_output():
 
 @pytest.mark.parametrize("flags, optimized", [([], True), (["--no-optimize"], False)])
 def test_predict_optimizes_unless_told_not_to(tmp_path, monkeypatch, flags, optimized):
-    import densenet.predict
+    import densenet.runner
 
     models = []
-    original = densenet.predict.Classifier.logits
+    original = densenet.runner.Runner.logits
 
     def spy(self, batch):
-        models.append(self.model)
+        models.append(self.module)
         return original(self, batch)
 
-    monkeypatch.setattr(densenet.predict.Classifier, "logits", spy)
+    monkeypatch.setattr(densenet.runner.Runner, "logits", spy)
     image = tmp_path / "a.png"
     Image.new("RGB", (40, 40), "orange").save(image)
     args = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]

@@ -30,6 +30,7 @@ from .registry import (
     get_model,
     list_models,
 )
+from .runner import Runner
 from .transforms import eval_transform
 from .version import __version__
 from .weights import Weights, WeightsError, get_weights, list_weights
@@ -44,6 +45,7 @@ __all__ = [
     "ImageError",
     "InferenceDenseNet",
     "LoadedModel",
+    "Runner",
     "ModelCard",
     "Preprocessing",
     "QuantizedModel",

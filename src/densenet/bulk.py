@@ -11,7 +11,6 @@ its error and a null vector.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 import itertools
@@ -35,12 +34,12 @@ from tqdm.auto import tqdm
 
 from .errors import DenseNetError
 from .images import IMAGE_SUFFIXES, ImageError, open_image
-from .inference import optimize as optimize_model
 from .io import atomic_write, csv_rows, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
-from .runtime import compute_dtype, resolve_device
+from .runner import Runner
+from .runtime import resolve_device
 from .version import __version__
 from .weights import sha256_file
 
@@ -221,23 +220,17 @@ class Outputs:
         self.options, self.device, self.card = options, device, model.card
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
-        net = model.module.eval()
-        if not isinstance(net, DenseNet):
+        if not isinstance(model.module, DenseNet):
             raise BulkError(
                 f"bulk inference runs a DenseNet (an architecture, weights or a training "
-                f"checkpoint), not a {type(net).__name__}; give the model it was exported from"
+                f"checkpoint), not a {type(model.module).__name__}; give the model it was "
+                "exported from"
             )
-        if options.task == "embed":
-            net = _headless(net)
-        net = net.to(device)
-        if optimize:
-            net = optimize_model(net, dtype=compute_dtype(precision, device))
-            self.precision = str(net.dtype).removeprefix("torch.")
-        else:
-            self.precision = "float32"
-        self.net = net
-        if options.task == "embed":
-            self.widths = {"embedding": net.num_features}
+        embed = options.task == "embed"
+        self.runner = Runner(model, device, optimize=optimize, dtype=precision, headless=embed)
+        self.precision = self.runner.precision
+        if embed:
+            self.widths = {"embedding": self.runner.model.num_features}
         else:
             self.widths = {"indices": self.topk, "probabilities": self.topk}
             if self.multi_label:
@@ -248,26 +241,18 @@ class Outputs:
         dtypes = {"embedding": self.options.dtype, "indices": "int32"}
         return {k: np.zeros((0, w), dtypes.get(k, "float32")) for k, w in self.widths.items()}
 
-    @torch.inference_mode()
     def __call__(self, images: Tensor) -> dict[str, np.ndarray]:
-        out = self.net(images).float()
         if self.options.task == "embed":
+            out = self.runner.logits(images)
             if self.options.normalize:
                 out = F.normalize(out, dim=1)
             return {"embedding": out.to(getattr(torch, self.options.dtype)).cpu().numpy()}
-        scores = self.card.probabilities(out)
+        scores = self.runner.probabilities(images)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}
         if self.multi_label:
             columns["scores"] = scores
         return {k: v.cpu().numpy() for k, v in columns.items()}
-
-
-def _headless(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` without classifier: its output is ``forward_head(pre_logits=True)``."""
-    headless = copy.deepcopy(net)
-    headless.reset_classifier(0)
-    return headless.eval()
 
 
 def decode(source: str | bytes, transform) -> tuple[Tensor | None, str | None]:

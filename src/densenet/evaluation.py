@@ -30,8 +30,6 @@ from .calibration import (
 )
 from .checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
 from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
-from .inference import BucketedModel
-from .inference import optimize as optimize_model
 from .load import LoadedModel, load
 from .model import DenseNet
 from .multilabel import (
@@ -43,6 +41,7 @@ from .multilabel import (
 )
 from .preprocessing import ModelCard, default_classes
 from .registry import model_config
+from .runner import Runner
 from .runtime import amp_dtype, process_group, resolve_device
 from .transforms import VIEWS
 
@@ -122,9 +121,11 @@ def evaluate_dataset(
         channels_last = target.type == "cuda"
         if optimize and isinstance(net, DenseNet):  # the inference form: the asked precision
             # and memory format (an exported file runs as it was exported)
-            net = optimize_model(net, dtype=autocast or torch.float32, channels_last=channels_last)
-            if target.type == "cuda":  # static shapes, one CUDA graph per batch size
-                net = BucketedModel(net, batch_size * views, cuda_graphs=True)
+            # on CUDA static shapes, one CUDA graph per batch size
+            max_batch = batch_size * views if target.type == "cuda" else None
+            net = Runner(
+                loaded, target, dtype=autocast or torch.float32, max_batch=max_batch
+            ).module
             autocast, channels_last = None, False
         elif channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -217,11 +218,11 @@ def calibrate_dataset(
         data, card, card.preprocessing.transform(), labels, split, data_root, download
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    net = loaded.module
-    if isinstance(net, DenseNet):
-        net = optimize_model(net, dtype=torch.float32)
+    runner = Runner(loaded, target, dtype=torch.float32)
     batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
-    logits, targets, skipped = predict_labels(net, batches, target, probabilities=lambda z: z)
+    logits, targets, skipped = predict_labels(
+        runner.module, batches, target, probabilities=lambda z: z
+    )
     fit = fit_calibration(logits, targets, card.multi_label)
     calibrated = card.replace(calibration=fit)
     if rule is not None:

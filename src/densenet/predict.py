@@ -17,7 +17,6 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import to_pil_image
 
-from .explain import explain as activation_maps
 from .explain import heat_overlay
 from .images import (  # noqa: F401 (re-exported: their home before densenet.images)
     IMAGE_SUFFIXES,
@@ -31,12 +30,10 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
     find_images,
     open_image,
 )
-from .inference import BucketedModel
-from .inference import optimize as optimize_model
 from .io import atomic_write
-from .load import load
-from .model import DenseNet
-from .runtime import compute_dtype, resolve_device
+from .load import LoadedModel, load
+from .runner import Runner
+from .runtime import resolve_device
 from .transforms import ChannelError
 
 __all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
@@ -152,18 +149,11 @@ class Classifier:
         if categories is not None:
             self.card = self.card.replace(classes=tuple(categories))
         self.device = resolve_device(device)
-        self.model = loaded.module
-        # a DenseNet and its inference forms take any float input; an exported module (a
-        # float16 TorchScript or .pt2 file) takes its own weights' dtype
-        self.input_dtype = None if isinstance(self.model, DenseNet) else _weights_dtype(self.model)
-        if optimize and isinstance(self.model, DenseNet):
-            if isinstance(dtype, str):
-                dtype = compute_dtype(dtype, self.device)
-            self.model = optimize_model(self.model, dtype=dtype)
-            if self.device.type == "cuda" if buckets is None else buckets:
-                self.model = BucketedModel(
-                    self.model, batch_size, cuda_graphs=self.device.type == "cuda"
-                )
+        cuda = self.device.type == "cuda"
+        self.runner = Runner(
+            LoadedModel(loaded.module, self.card), self.device, optimize=optimize, dtype=dtype,
+            max_batch=batch_size if (cuda if buckets is None else buckets) else None,
+        )  # fmt: skip
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
         self.transform = self.preprocessing.transform()
@@ -171,15 +161,15 @@ class Classifier:
         self.min_size = self.preprocessing.min_size
         self.batch_size = batch_size
 
+    @property
+    def model(self) -> nn.Module:
+        """What runs: the module (or its bucketed inference form)."""
+        return self.runner.module
+
     def warm_up(self) -> None:
-        """Run the model once at every batch size it will see (every bucket, or one image), so
-        compilation, autotuning and graph capture happen before the first real images."""
-        size = self.preprocessing.crop_size
-        shape = (self.card.in_channels, size, size)
-        if isinstance(self.model, BucketedModel):
-            self.model.warm_up(shape)
-        else:
-            self.logits(torch.zeros((1, *shape)))
+        """Run the model once at every batch size it will see, so compilation, autotuning and
+        graph capture happen before the first real images."""
+        self.runner.warm_up()
 
     def preprocess(self, image: ImageInput, name: str) -> Tensor:
         """One image -> (C, H, W) model input, or (V, C, H, W) test-time views (``tta``). A
@@ -222,7 +212,6 @@ class Classifier:
         index = self.categories.index(target) if isinstance(target, str) else target
         if index is not None and not 0 <= index < len(self.categories):
             raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
-        model = self.model.model if isinstance(self.model, BucketedModel) else self.model
         view = self.preprocessing.view_transform()
         to_input = self.preprocessing.view_to_input()
         results: list[Explanation] = []
@@ -231,8 +220,8 @@ class Classifier:
                 view(self._decode(image, describe(image, start + i)))
                 for i, image in enumerate(images[start : start + self.batch_size])
             ]
-            batch = torch.stack([to_input(v) for v in views]).to(self.device)
-            out = activation_maps(model, batch)
+            batch = torch.stack([to_input(v) for v in views])
+            out = self.runner.activation_maps(batch)
             probabilities = self.card.probabilities(out.logits)
             chosen = (
                 probabilities.argmax(1)
@@ -256,19 +245,14 @@ class Classifier:
             except ChannelError as error:  # e.g. a colour image for a grey model
                 yield name, ImageError(f"{name}: {error}", Reason.BAD_SHAPE)
 
-    @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:
-        """(N, 3, H, W) preprocessed images -> (N, num_classes) float32 logits."""
-        return self.model(batch.to(self.device, self.input_dtype, non_blocking=True)).float()
+        """(N, C, H, W) preprocessed images -> (N, num_classes) float32 logits."""
+        return self.runner.logits(batch)
 
     def probabilities(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images, or (N, V, C, H, W) views of each -> (N,
-        num_classes) probabilities on the CPU, as the card says (``ModelCard.probabilities``:
-        its calibration, then a softmax, or each class's sigmoid for a multi-label model),
-        averaged over the views."""
-        views = batch.shape[1] if batch.dim() == 5 else 1
-        logits = self.logits(batch.flatten(0, batch.dim() - 4))
-        return self.card.probabilities(logits).view(len(batch), views, -1).mean(1).cpu()
+        num_classes) probabilities on the CPU (``Runner.probabilities``)."""
+        return self.runner.probabilities(batch).cpu()
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], topk: int = 5
@@ -330,15 +314,6 @@ def write_overlays(explanations: Sequence[Explanation], folder: str | os.PathLik
         atomic_write(path, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
         paths.append(path)
     return paths
-
-
-def _weights_dtype(module: object) -> torch.dtype | None:
-    """The dtype of a module's first floating-point parameter or buffer (None: no such tensor,
-    e.g. an ONNX Runtime session, which converts its inputs itself)."""
-    if not isinstance(module, nn.Module):
-        return None
-    tensors = [*module.parameters(), *module.buffers()]
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> Sequence[ImageInput]:

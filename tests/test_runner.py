@@ -1,0 +1,78 @@
+"""densenet.runner.Runner: the one way Classifier, bulk, Ray and evaluation run a loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_batchnorm, tiny_model
+
+import densenet
+from densenet.inference import BucketedModel, InferenceDenseNet
+from densenet.runner import Runner
+
+CPU = torch.device("cpu")
+
+
+def loaded_tiny(**kwargs) -> densenet.LoadedModel:
+    torch.manual_seed(0)
+    return densenet.load(randomize_batchnorm(tiny_model(num_classes=5, **kwargs)).eval())
+
+
+def test_logits_and_probabilities_are_the_models_as_the_card_says():
+    loaded = loaded_tiny()
+    runner = Runner(loaded, CPU)
+    assert isinstance(runner.module, InferenceDenseNet) and runner.precision == "float32"
+    x = torch.randn(3, 3, 40, 44)
+    with torch.inference_mode():
+        reference = loaded.module(x)
+    logits = runner.logits(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runner.probabilities(x), reference.softmax(1), rtol=1e-4, atol=1e-6)
+    # (N, V, C, H, W) views: each image's probabilities averaged over its views
+    views = torch.stack([x, x.flip(-1)], 1)
+    expected = (reference.softmax(1) + runner.probabilities(x.flip(-1))) / 2
+    torch.testing.assert_close(runner.probabilities(views), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_multi_label_card_gives_sigmoids():
+    loaded = loaded_tiny()
+    loaded = densenet.LoadedModel(loaded.module, loaded.card.replace(multi_label=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = loaded.module(x).sigmoid()
+    torch.testing.assert_close(Runner(loaded, CPU).probabilities(x), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_headless_gives_the_pooled_features_and_keeps_the_loaded_model():
+    loaded = loaded_tiny()
+    runner = Runner(loaded, CPU, headless=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = loaded.module.forward_head(loaded.module.forward_features(x), pre_logits=True)
+    features = runner.logits(x)
+    assert features.shape == (2, loaded.module.num_features)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    assert loaded.module.num_classes == 5  # the classifier was dropped from a copy
+    with pytest.raises(TypeError, match="pooled features need a DenseNet"):
+        Runner(densenet.LoadedModel(torch.nn.Identity(), loaded.card), CPU, headless=True)
+
+
+def test_activation_maps_come_from_the_model_that_runs():
+    runner = Runner(loaded_tiny(), CPU, max_batch=4)
+    assert isinstance(runner.module, BucketedModel) and not runner.module.cuda_graphs
+    x = torch.randn(3, 3, 64, 64)
+    maps = runner.activation_maps(x)
+    assert maps.maps.shape[:2] == (3, 5)
+    torch.testing.assert_close(maps.logits, runner.logits(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unoptimized_and_exported_modules_run_as_given():
+    loaded = loaded_tiny()
+    plain = Runner(loaded, CPU, optimize=False)
+    assert plain.module is loaded.module
+    half = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(5)).half()
+    half(torch.zeros(1, 3 * 8 * 8, dtype=torch.float16))  # materialise the float16 weights
+    runner = Runner(densenet.LoadedModel(half, loaded.card), CPU)
+    assert runner.precision == "float16"
+    assert runner.logits(torch.randn(2, 3, 8, 8)).dtype == torch.float32  # fed its own dtype
