@@ -12,8 +12,8 @@ from test_inference import OpLog, rel_error
 import densenet.cpu
 import densenet.inference
 from densenet import optimize
+from densenet.backends import onednn_bfloat16
 from densenet.cpu import OneDNNDenseNet, default_dtype, native_bfloat16
-from densenet.inference import onednn_bfloat16
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN"
@@ -63,7 +63,7 @@ def test_bfloat16_within_1e2():
 
 def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
     """Where oneDNN cannot run bfloat16, optimize says so before oneDNN crashes mid-reorder."""
-    monkeypatch.setattr(densenet.inference, "onednn_bfloat16", lambda: False)
+    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CPU whose oneDNN runs bfloat16"):
         optimize(tiny_model().eval(), dtype=torch.bfloat16, backend="onednn")
 

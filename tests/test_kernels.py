@@ -232,7 +232,7 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch
     ],
 )
 def test_default_backend_follows_the_device_and_precision(device, dtype, compile_, expected):
-    from densenet.inference import _backend
+    from densenet.backends import _backend
 
     assert _backend(None, compile_, torch.device(device), dtype) == expected
 

@@ -6,9 +6,10 @@ and a classifier.
 """
 
 from .accuracy import EvalResult, evaluate
+from .backends import optimize
 from .explain import ActivationMaps, explain
 from .images import ImageError
-from .inference import InferenceDenseNet, optimize
+from .inference import InferenceDenseNet
 from .labels import imagenet_classes
 from .load import LoadedModel, load
 from .model import DenseNet, DenseNetFeatures

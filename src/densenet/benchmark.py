@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inference import BucketedModel, optimize
+from .backends import optimize
+from .inference import BucketedModel
 from .model import DenseNet
 from .registry import get_model
 from .runtime import resolve_device

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import optimize
 from .errors import first_line
 from .exported import (
     DTYPES,
@@ -46,7 +47,7 @@ from .exported import (
     read_metadata,
     require,
 )
-from .inference import BNReLU, InferenceBlock, optimize
+from .inference import BNReLU, InferenceBlock
 from .io import atomic_write, write_text
 from .preprocessing import ModelCard
 

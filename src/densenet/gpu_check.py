@@ -110,7 +110,7 @@ def record_launches() -> list[Launch]:
     import torch
     from triton.runtime.autotuner import Autotuner
 
-    from .inference import optimize
+    from .backends import optimize
     from .model import DenseNet
     from .registry import densenet121
 

@@ -15,9 +15,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .backends import optimize as optimize_model
 from .explain import ActivationMaps, explain
 from .inference import BucketedModel
-from .inference import optimize as optimize_model
 from .load import LoadedModel
 from .model import DenseNet
 from .runtime import compute_dtype
