@@ -429,3 +429,20 @@ def test_a_float16_export_classifies_float32_images(model, tmp_path, fmt):
     probabilities = classifier.probabilities(images)
     assert probabilities.dtype == torch.float32
     torch.testing.assert_close(probabilities, expected, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported"])
+def test_an_exported_file_is_read_once_by_load(model, tmp_path, fmt, monkeypatch):
+    """The module and its metadata come from one read of the archive."""
+    path = tmp_path / ("m.pt" if fmt == "torchscript" else "m.pt2")
+    (E.to_torchscript if fmt == "torchscript" else E.to_exported)(model, path)
+    target = (torch.jit, "load") if fmt == "torchscript" else (torch.export, "load")
+    original, reads = getattr(*target), []
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(*target, counted)
+    loaded = densenet.load(path)
+    assert len(reads) == 1 and loaded.card.num_classes == model.num_classes

@@ -86,3 +86,21 @@ def test_a_torch_file_that_would_expand_far_beyond_its_size_is_refused(tmp_path)
         archive.writestr("archive/data/0", b"\0" * (300 * 2**20))
     with pytest.raises(DenseNetError, match="would expand from .* to 314,572,800 bytes"):
         read_torch_file(path, "weights file")
+
+
+def test_the_temporary_files_of_an_interrupted_write_are_recognised(tmp_path, monkeypatch):
+    """``temporary_of`` names the file a killed ``atomic_write`` was writing, and nothing else."""
+    from densenet.io import temporary_of
+
+    kept: list[str] = []
+
+    def killed(tmp: str) -> None:
+        kept.append(os.path.basename(tmp))
+        raise KeyboardInterrupt
+
+    for name in ("part-000003.parquet", "last.pth", "settings"):
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(tmp_path / name, killed)
+    assert [temporary_of(name) for name in kept] == ["part-000003.parquet", "last.pth", "settings"]
+    for name in ("part-000003.parquet", ".hidden", ".a.b.tmp.c", ".x.tmp", "a.tmp.parquet"):
+        assert temporary_of(name) is None

@@ -27,14 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from .backends import optimize
+from .dtypes import DTYPES
 from .inference import BucketedModel
+from .io import text_table
 from .model import DenseNet
 from .registry import get_model
 from .runtime import resolve_device
 
 __all__ = ["ENGINES", "Result", "machine", "run_benchmark"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKED = 8  # images of each batch whose outputs are compared with the float64 reference
 OTHER_BATCHES = (1, 64)  # what each engine also runs first with ``shapes_vary``
 FLOAT32_TOLERANCE = 1e-4  # relative error allowed against the float64 reference
@@ -459,8 +460,7 @@ def format_table(results: Sequence[Result]) -> str:
             f"{r.rel_error:.1e}" if r.rel_error is not None else "-",
             r.note or (f"setup {r.setup_s:.0f} s" if r.setup_s and r.setup_s >= 1 else ""),
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return text_table(rows)
 
 
 def to_json(results: Sequence[Result], device: str | torch.device = "cpu") -> dict[str, Any]:

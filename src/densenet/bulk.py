@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 
 from .errors import DenseNetError
 from .images import IMAGE_SUFFIXES, ImageError, open_image
-from .io import atomic_write, csv_rows, write_json
+from .io import atomic_write, csv_rows, temporary_of, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
 from .runner import Runner
-from .runtime import resolve_device
+from .runtime import local_device
 from .version import __version__
 from .weights import sha256_file
 
@@ -58,7 +58,6 @@ DTYPES = ("float32", "float16")
 SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
 log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")
-TEMP_NAME = re.compile(r"\.part-(\d{6,})\.parquet\.\w+\.tmp\.parquet")  # atomic_write's
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -358,7 +357,9 @@ def _done_shards(out: Path, rank: int, world_size: int, settings: dict[str, Any]
                 )
             if meta.get("shard") == int(match[1]) and meta.get("rows") == info.num_rows:
                 done[int(match[1])] = meta.get("paths_sha256")
-        elif (match := TEMP_NAME.fullmatch(name)) and int(match[1]) % world_size == rank:
+        elif (match := SHARD_NAME.fullmatch(temporary_of(name) or "")) and int(
+            match[1]
+        ) % world_size == rank:
             (out / name).unlink(missing_ok=True)
     return done
 
@@ -503,7 +504,7 @@ def run(
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    target = _device(device, world_size)
+    target = local_device(device)
     if device_decode and target.type != "cuda":
         raise BulkError("device decoding (--device-decode) needs a CUDA device; drop the option")
     if workers is None:
@@ -603,15 +604,6 @@ def _flush(out, shard, pending, outputs: Outputs, classes, metadata, summary: Su
     summary.errors += sum(e is not None for e in pending["errors"])
     for values in pending.values():
         values.clear()
-
-
-def _device(device: str, world_size: int) -> torch.device:
-    """``resolve_device``, with each torchrun process on its own GPU (``LOCAL_RANK``)."""
-    target = resolve_device(device)
-    if target.type == "cuda" and world_size > 1 and target.index is None:
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(target)
-    return target
 
 
 def _count_in_background(source, shard_size: int, wanted, bar) -> None:

@@ -18,12 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .dtypes import DTYPES
 from .errors import DenseNetError, first_line
 from .preprocessing import ModelCard, Preprocessing
 
-__all__ = ["DTYPES", "EXTRA_FILE", "ExportError", "ExportMetadata", "OnnxModel", "read_metadata"]
+__all__ = [
+    "DTYPES",
+    "EXTRA_FILE",
+    "ExportError",
+    "ExportMetadata",
+    "OnnxModel",
+    "load_exported",
+    "read_metadata",
+]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 EXTRA_FILE = "densenet.json"  # metadata inside TorchScript and .pt2 archives
 ORT_TYPES = {
@@ -99,16 +107,22 @@ def read_metadata(path: str | os.PathLike) -> ExportMetadata:
         onnx = require("onnx", "reading ONNX metadata", "pip install onnx")
         proto = onnx.load(str(path), load_external_data=False)
         return _from_props({p.key: p.value for p in proto.metadata_props}, path)
+    return load_exported(path)[1]
+
+
+def load_exported(path: Path) -> tuple[nn.Module, ExportMetadata]:
+    """A TorchScript or ``.pt2`` file written by ``densenet export``, read once: its module (in
+    eval mode, on the CPU) and its metadata."""
     files = {EXTRA_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if path.suffix == ".pt2":
-            torch.export.load(path, extra_files=files)
+            module = torch.export.load(path, extra_files=files).module()
         else:
-            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=files).eval()
     if not files[EXTRA_FILE]:
         raise ExportError(f"{path} has no {EXTRA_FILE}: it was not written by densenet export")
-    return ExportMetadata.from_dict(json.loads(files[EXTRA_FILE]))
+    return module, ExportMetadata.from_dict(json.loads(files[EXTRA_FILE]))
 
 
 class OnnxModel(nn.Module):

@@ -282,8 +282,9 @@ def _table(rows: Sequence[CompiledLaunch]) -> str:
          f"{r.shared / 1024:.0f}", str(r.mma), "; ".join(r.problems) or "ok"]
         for r in rows
     ]  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    from .io import text_table
+
+    return text_table(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,8 @@ from safetensors.torch import load_file as load_safetensors
 from .errors import DenseNetError, first_line
 
 __all__ = [
+    "temporary_of",
+    "text_table",
     "atomic_write",
     "check_regular_file",
     "csv_rows",
@@ -29,6 +31,25 @@ __all__ = [
     "write_json",
     "write_text",
 ]
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.\w+\.tmp(?P<suffix>.*)")
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name that an interrupted ``atomic_write`` was writing, when ``name`` is one of
+    its temporary files (``.<name>.<random>.tmp<suffix>``, or ``.tmp`` alone as earlier
+    versions wrote), else None."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or match["suffix"] not in ("", Path(match["name"]).suffix):
+        return None
+    return match["name"]
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the first is the header) as left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

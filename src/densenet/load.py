@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import TrainCheckpoint, is_train_checkpoint
-from .exported import EXTRA_FILE, OnnxModel, read_metadata
+from .exported import EXTRA_FILE, OnnxModel, load_exported
 from .io import atomic_write
 from .model import DenseNet
 from .preprocessing import ModelCard
@@ -139,12 +138,8 @@ def _load_file(path: Path, device: torch.device) -> LoadedModel:
         onnx = OnnxModel(path, device)
         return LoadedModel(onnx, onnx.metadata.card)
     if path.suffix == ".pt2" or _is_torchscript(path):
-        card = read_metadata(path).card
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            if path.suffix == ".pt2":
-                return LoadedModel(torch.export.load(path).module(), card)
-            return LoadedModel(torch.jit.load(str(path), map_location="cpu").eval(), card)
+        module, metadata = load_exported(path)
+        return LoadedModel(module, metadata.card)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "

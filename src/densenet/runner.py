@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import optimize as optimize_model
+from .dtypes import dtype_name
 from .explain import ActivationMaps, explain
 from .inference import BucketedModel
 from .load import LoadedModel
@@ -67,12 +68,12 @@ class Runner:
         # a DenseNet and its inference forms take any float input; an exported module (a
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
-        self.precision = _name(self.input_dtype or torch.float32)
+        self.precision = dtype_name(self.input_dtype or torch.float32)
         if optimize and isinstance(module, DenseNet):
             if isinstance(dtype, str):
                 dtype = compute_dtype(dtype, device)
             module = optimize_model(module.to(device), dtype=dtype)
-            self.precision = _name(module.dtype)
+            self.precision = dtype_name(module.dtype)
             if max_batch is not None:
                 module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")
         elif isinstance(module, DenseNet):
@@ -123,7 +124,3 @@ def _weights_dtype(module: object) -> torch.dtype | None:
         return None
     tensors = [*module.parameters(), *module.buffers()]
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 import torch
 
 from .cpu import default_dtype
+from .dtypes import DTYPES
 from .errors import DenseNetError
 
 __all__ = [
     "AMP_MODES",
-    "COMPUTE_DTYPES",
     "amp_dtype",
     "compute_dtype",
     "distributed_setup",
@@ -23,7 +23,6 @@ __all__ = [
 ]
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -43,16 +42,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     """The precision ``--dtype name`` asks of the optimized model on ``device``: a name from
-    ``COMPUTE_DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
+    ``densenet.dtypes.DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
     with AVX-512 BF16 or AMX), else float32; None, the optimized model's own default (float32
     on the CPU, exact; bfloat16 on CUDA)."""
     if name is None:
         return None
     if name == "auto":
         return default_dtype(device)
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
-    return COMPUTE_DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -73,16 +72,20 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device | No
         return 0, 1, None
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
-    if cuda:
-        target = torch.device("cuda", local_rank)
-        torch.cuda.set_device(target)
-    else:
-        target = torch.device("cpu")
+    target = local_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), target
+
+
+def local_device(device: str = "auto") -> torch.device:
+    """``resolve_device(device)``; under ``torchrun`` (``WORLD_SIZE`` > 1) a CUDA device without
+    an index is this process's own GPU (``LOCAL_RANK``), made the current one."""
+    target = resolve_device(device)
+    if target.type == "cuda" and target.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(target)
+    return target
 
 
 @contextmanager

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from ..evaluation import calibrate_dataset
-from .common import add_data_args, add_device_arg, integer, print_json, table
+from ..io import text_table
+from .common import add_data_args, add_device_arg, integer, print_json
 
 
 def add_parser(sub) -> None:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for name, metrics in (("before", before), ("after", after)):
         rows.append([name, *(f"{metrics[k]:.4f}" for k in ("ece", "brier", "nll"))])
     print(f"calibrated on {report['images']} images of {report['data']}")
-    print(table(rows))
+    print(text_table(rows))
     if "labels" in after:
         rows = [["label", "temperature", "bias", "ECE before", "ECE after", "threshold"]]
         for i, name in enumerate(after["labels"]):
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{before['labels'][name]['ece']:.4f}", f"{after['labels'][name]['ece']:.4f}",
                 f"{threshold:.4f}" if threshold is not None else "-",
             ])  # fmt: skip
-        print(table(rows))
+        print(text_table(rows))
     else:
         print(f"temperature {report['temperatures'][0]:.4f}")
     print(f"wrote {report['out']} and {report['diagram']}")

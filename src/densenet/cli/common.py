@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import bulk
-from ..runtime import COMPUTE_DTYPES
+from ..dtypes import DTYPES
 from ..transforms import VIEWS
 
 
@@ -60,11 +60,6 @@ def print_report(report: dict | list[dict], as_json: bool) -> None:
             f"{k}: {v}" for k, v in record.items() if v is not None and not isinstance(v, dict)
         )
         print("  ".join(fields))
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 MAX_IMAGE_SIZE = 4096  # pixels per side of an exported or benchmarked input
@@ -144,7 +139,7 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=["auto", *COMPUTE_DTYPES],
+        choices=["auto", *DTYPES],
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
         "BF16 or AMX), else float32",

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..evaluation import evaluate_dataset
+from ..io import text_table
 from .common import (
     add_data_args,
     add_device_arg,
@@ -14,7 +15,6 @@ from .common import (
     add_tta_arg,
     integer,
     print_json,
-    table,
     warn_if_random,
 )
 
@@ -98,7 +98,7 @@ def _print_labels(result: dict) -> None:
     means = (result["mean_auroc"], result["mean_ap"], result["ece"])
     rows.append(["mean", *map(rate, means), "", "", "", ""])
     print(f"{result['model']} on {result['data']} ({result['images']} images)")
-    print(table(rows))
+    print(text_table(rows))
     if result["undefined"]:
         print(
             f"densenet eval: warning: label(s) {', '.join(result['undefined'])} have one class "

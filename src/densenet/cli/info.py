@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..io import text_table
 from ..registry import list_models, model_info
 from ..weights import WEIGHTS
-from .common import print_json, table
+from .common import print_json
 
 
 def add_parser(sub) -> None:
@@ -39,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
             str(info["input_size"]), str(info["num_classes"]), w["name"] if w else "-",
             f"{w['acc1']:.3f}" if w else "-", f"{w['acc5']:.3f}" if w else "-",
         ])  # fmt: skip
-    print(table(lines))
+    print(text_table(lines))
     return 0

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..io import text_table
 from ..quantization import quantize, save_quantized
-from .common import print_json, table
+from .common import print_json
 
 
 def add_parser(sub) -> None:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [["images", "top-1 agreement", "relative logit error"]]
     rows.append([str(report["images"]), f"{report['top1_agreement']:.4f}",
                  f"{report['relative_logit_error']:.4f}"])  # fmt: skip
-    print(table(rows))
+    print(text_table(rows))
     if "validation" in report:
         v = report["validation"]
         print(f"accuracy float32 {v['accuracy_float32']:.4f}  int8 {v['accuracy_int8']:.4f}")

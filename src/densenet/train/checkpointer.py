@@ -13,6 +13,7 @@ import torch
 
 from .. import checkpoint as checkpoints
 from ..checkpoint import CheckpointError, TrainCheckpoint
+from ..io import temporary_of
 from .config import RUN_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class Checkpointer:
                 "resume with that run's settings or choose another --out"
             )
         if self.main:  # temporary files of writes a kill interrupted
-            for stale in self.out.glob(".*.tmp*"):
-                stale.unlink(missing_ok=True)
+            for stale in self.out.iterdir():
+                if temporary_of(stale.name):
+                    stale.unlink(missing_ok=True)
         log.info(
             "resuming %s at epoch %d, step %d",
             self.last_path,
