@@ -112,6 +112,52 @@ def test_conv3x3_matches_torch(affine, n, c, c_out, size, offset):
     assert torch.equal(target[:, outside], untouched[:, outside])
 
 
+def force_tile(monkeypatch, kernel, tile: tuple[int, int, int, int, int]) -> None:
+    """Make an autotuned kernel launch with one production tile (BLOCK_M, BLOCK_N, BLOCK_K,
+    warps, stages) instead of the interpreter's small one."""
+    import triton
+
+    m, n, k, warps, stages = tile
+    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps)
+    config.num_stages = stages
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", kernels.conv.POINTWISE_TILES, ids=str)
+def test_pointwise_conv_with_every_production_tile(monkeypatch, tile, dtype):
+    """Each tile the GPU can pick, on a problem with several K steps, two N tiles and masked
+    rows, columns and channels; float16 as the GPU runs it (float32 accumulation)."""
+    force_tile(monkeypatch, kernels.conv._pointwise_kernel, tile)
+    k, c_out = 2 * tile[2] + 5, tile[1] + 9
+    x = buffer(2, k + 3, 5, 7)[:, :k].to(dtype)
+    low, high = clamp_bounds(k)
+    weight, bias = torch.randn(k, c_out, device=DEVICE), torch.randn(c_out, device=DEVICE)
+    out = buffer(2, c_out, 5, 7).to(dtype)
+    kernels.pointwise_conv(x, weight.to(dtype), bias, low, high, out, relu=True)
+    assert kernels.conv._pointwise_kernel.best_config.kwargs["BLOCK_N"] == tile[1]
+    ref = torch.clamp(x.double(), low.double().view(1, -1, 1, 1), high.double().view(1, -1, 1, 1))
+    ref = F.conv2d(ref, weight.to(dtype).double().t()[:, :, None, None], bias.double()).relu()
+    assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", kernels.conv.GROWTH_TILES, ids=str)
+def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype):
+    force_tile(monkeypatch, kernels.conv._conv3x3_kernel, tile)
+    c, c_out = tile[2] + 7, tile[1] + 5
+    x = buffer(1, c, 6, 5).to(dtype)
+    weight = torch.randn(c_out, c, 3, 3, device=DEVICE).to(dtype)
+    out = buffer(1, c_out, 6, 5).to(dtype)
+    kernels.conv3x3(x, weight.permute(2, 3, 1, 0).reshape(9 * c, c_out).contiguous(), out)
+    assert kernels.conv._conv3x3_kernel.best_config.kwargs["BLOCK_K"] == tile[2]
+    ref = F.conv2d(x.double(), weight.double(), padding=1)
+    assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
 @needs_kernels
 def test_kernels_reject_shapes_that_do_not_fit():
     x = buffer(1, 8, 4, 4)

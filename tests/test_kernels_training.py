@@ -20,6 +20,7 @@ from conftest import (
 from test_memory import _CountOps, assert_same_run, inputs, pair, run, set_mode
 
 pytest.importorskip("triton")
+from densenet.kernels.conv import POINTWISE_TILES  # noqa: E402 (needs triton)
 
 DEVICE = KERNEL_DEVICE
 
@@ -88,6 +89,38 @@ def test_forward_and_gradients_equal_autograd(dtype):
 
     dw = training.bn_relu_conv1x1_weight_grad(dy, x, mean, invstd, gamma, beta)
     assert rel(dw, wr.grad) < tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", POINTWISE_TILES, ids=str)
+def test_float16_operands_with_every_production_tile(monkeypatch, tile):
+    """Forward, input and weight gradients with each tile the GPU can pick (several K steps,
+    two N tiles, masked edges), float16 operands as autocast gives them, float32 statistics."""
+    from test_kernels import force_tile
+
+    from densenet.kernels import training
+
+    for kernel in (
+        training._forward_kernel,
+        training._input_grad_kernel,
+        training._weight_grad_kernel,
+    ):
+        force_tile(monkeypatch, kernel, tile)
+    k, c = 2 * tile[2] + 5, tile[1] + 9
+    x, mean, invstd, var, gamma, beta, weight = problem(torch.float32, k, c)
+    x, weight = x.half(), weight.half()
+    exact = (t.double() for t in (x, mean, var, gamma, beta, weight))
+    y_ref, (xr, gr, br, wr) = reference(*exact)
+    dy = torch.randn_like(y_ref).half().contiguous(memory_format=torch.channels_last)
+    y_ref.backward(dy.double())
+
+    assert rel(training.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight), y_ref) < 2e-3
+    grad = torch.zeros(x.shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    db, dg = training.bn_relu_conv1x1_input_grad(dy, weight, x, mean, invstd, gamma, beta, grad)
+    assert rel(grad, xr.grad) < 2e-3 and rel(db, br.grad) < 2e-3 and rel(dg, gr.grad) < 2e-3
+    assert (
+        rel(training.bn_relu_conv1x1_weight_grad(dy, x, mean, invstd, gamma, beta), wr.grad) < 2e-3
+    )
 
 
 @needs_kernels
