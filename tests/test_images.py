@@ -38,3 +38,18 @@ def test_images_up_to_the_documented_pixel_limit_open(tmp_path):
     assert open_image(path).size == (9_500, 10_000)
     Image.new("1", (10_001, 10_000)).save(path)
     assert refusal(path).reason == Reason.TOO_MANY_PIXELS
+
+
+def test_predict_and_bulk_walk_a_folder_the_same_way(tmp_path):
+    """One walker: image files by suffix, depth first, sorted per folder; a link back to a
+    parent folder is not followed."""
+    from densenet.bulk import iter_inputs
+    from densenet.images import find_images
+
+    for name in ("b/2.png", "b/1.JPG", "a.jpg", "a-b/3.webp", "c/notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "b" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    expected = [str(tmp_path / n) for n in ("a-b/3.webp", "a.jpg", "b/1.JPG", "b/2.png")]
+    assert find_images([tmp_path]) == expected
+    assert list(iter_inputs(tmp_path)) == expected

@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import DenseNetError
-from .images import IMAGE_SUFFIXES, ImageError, open_image
+from .images import ImageError, open_image, walk_files
 from .io import atomic_write, csv_rows, temporary_of, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
@@ -79,24 +79,12 @@ def iter_inputs(source: str | os.PathLike) -> Iterator[str]:
     text = os.fspath(source)
     path = Path(text)
     if path.is_dir():
-        return _walk(path, lambda p: p.suffix.lower() in IMAGE_SUFFIXES)
+        return walk_files(path)
     if path.is_file():
         return _manifest(path)
     if any(c in text for c in "*?["):
         return _glob(text)
     raise BulkError(f"{text}: no such file, folder or matching glob")
-
-
-def _walk(folder: Path, keep: Callable[[Path], bool]) -> Iterator[str]:
-    """Depth first, one folder's entries in memory at a time; symbolic links to folders are not
-    followed (no cycles)."""
-    with os.scandir(folder) as entries:
-        ordered = sorted(entries, key=lambda e: e.name)
-    for entry in ordered:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), keep)
-        elif keep(Path(entry.path)):
-            yield entry.path
 
 
 def _manifest(path: Path) -> Iterator[str]:
@@ -127,7 +115,7 @@ def _glob(pattern: str) -> Iterator[str]:
     wanted = parts[fixed:]
     if not base.is_dir():
         raise BulkError(f"{pattern}: no folder {base} to search")
-    return _walk(base, lambda p: _matches(p.relative_to(base).parts, wanted))
+    return walk_files(base, lambda p: _matches(p.relative_to(base).parts, wanted))
 
 
 def _matches(parts: Sequence[str], pattern: Sequence[str]) -> bool:

@@ -10,7 +10,7 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -30,7 +30,9 @@ __all__ = [
     "check_pixels",
     "describe",
     "find_images",
+    "is_image_file",
     "open_image",
+    "walk_files",
 ]
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, Tensor]  # noqa: UP007
@@ -144,11 +146,28 @@ def check_pixels(image: Image.Image, name: str) -> None:
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Paths as given; a directory contributes its image files (by suffix), sorted, recursively."""
+    """Paths as given; a directory contributes its image files (``walk_images``)."""
     found: list[str] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found.append(str(path))
+        found += walk_files(path) if path.is_dir() else [str(path)]
     return found
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has an image file's suffix (``IMAGE_SUFFIXES``)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def walk_files(
+    folder: str | os.PathLike, keep: Callable[[Path], bool] = is_image_file
+) -> Iterator[str]:
+    """The files under ``folder`` that ``keep`` accepts (default: image files by suffix), lazily,
+    depth first, each folder's entries sorted by name, in the same order on every call;
+    symbolic links to folders are not followed (no cycles)."""
+    with os.scandir(folder) as entries:
+        ordered = sorted(entries, key=lambda e: e.name)
+    for entry in ordered:
+        if entry.is_dir(follow_symlinks=False):
+            yield from walk_files(entry.path, keep)
+        elif keep(Path(entry.path)):
+            yield entry.path
