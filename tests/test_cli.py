@@ -24,6 +24,7 @@ from densenet.cli import build_parser, main
 from densenet.weights import WEIGHTS
 
 
+@pytest.mark.slow
 def test_info_table_and_json(capsys):
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -145,6 +146,7 @@ def test_verify_infers_the_architecture_from_keys_and_shapes(tmp_path, capsys):
     }
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "densenet", "--help"], capture_output=True, text=True, check=True

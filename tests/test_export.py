@@ -225,6 +225,7 @@ for name in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_torchscript_reloads_in_a_process_without_the_package(model, tmp_path):
     cases = {"script": {}, "folded": {"fold": True}}
     inputs = {"script": torch.randn(3, 3, 97, 131), "folded": torch.randn(1, 3, 240, 256)}

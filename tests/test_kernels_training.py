@@ -25,6 +25,7 @@ from densenet.kernels.conv import POINTWISE_TILES  # noqa: E402 (needs triton)
 DEVICE = KERNEL_DEVICE
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_under_the_interpreter():
     run_under_the_interpreter(__file__)

@@ -264,6 +264,7 @@ def test_torchscript_of_eval_model_still_works():
         assert torch.allclose(scripted(x), efficient(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_and_matches():
     # aot_eager traces the autograd function (forward and backward) like inductor does, without
     # the minute of C++ compilation; benchmarks/bench_memory.py --compile runs inductor.

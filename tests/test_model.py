@@ -51,6 +51,24 @@ def test_matches_torchvision_in_float64(name):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_a_tiny_configuration_matches_torchvisions_in_float64():
+    """The quick set's parity check: the same tiny configuration built by both, in train and eval
+    mode, outputs and running statistics (the full-size models: the slow test above)."""
+    config = {"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "bn_size": 2}
+    torch.manual_seed(0)
+    reference = randomize_batchnorm(torchvision.models.DenseNet(**config, num_classes=7)).double()
+    model = densenet.DenseNet(**config, num_classes=7).double()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 40, 44, dtype=torch.float64)
+    with torch.no_grad():
+        for train in (False, True):
+            model.train(train)
+            reference.train(train)
+            assert relative_error(model(x), reference(x)) < 1e-12
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("name, params", IMAGENET_PARAMS.items())
 def test_imagenet_parameter_counts(name, params):
     with torch.device("meta"):

@@ -7,7 +7,7 @@ import torch
 from conftest import randomize_batchnorm, tiny_model
 
 import densenet
-from densenet.inference import BucketedModel, InferenceDenseNet
+from densenet.inference import BucketedModel, InferenceOnly
 from densenet.runner import Runner
 
 CPU = torch.device("cpu")
@@ -21,7 +21,7 @@ def loaded_tiny(**kwargs) -> densenet.LoadedModel:
 def test_logits_and_probabilities_are_the_models_as_the_card_says():
     loaded = loaded_tiny()
     runner = Runner(loaded, CPU)
-    assert isinstance(runner.module, InferenceDenseNet) and runner.precision == "float32"
+    assert isinstance(runner.module, InferenceOnly) and runner.precision == "float32"
     x = torch.randn(3, 3, 40, 44)
     with torch.inference_mode():
         reference = loaded.module(x)

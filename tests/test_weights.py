@@ -34,6 +34,7 @@ def small_entry(file_name: str) -> densenet.Weights:
     return dataclasses.replace(get_weights("densenet121"), arch=SMALL, file_name=file_name)
 
 
+@pytest.mark.slow
 def test_registry_metadata_is_consistent():
     for arch in ("densenet121", "densenet161", "densenet169", "densenet201"):
         entry = get_weights(arch)

@@ -356,7 +356,9 @@ def _prepare(
     meta = ExportMetadata(card, dtype_name, fold, batch_size, image_size)
     net = copy.deepcopy(model).cpu().eval()
     if fold:
-        net = optimize(net, dtype=DTYPES[dtype_name], channels_last=not for_onnx)
+        net = optimize(
+            net, dtype=DTYPES[dtype_name], channels_last=not for_onnx, backend="eager"
+        )  # the form whose modules export reads
         if for_onnx:
             _onnx_form(net)
     else:
