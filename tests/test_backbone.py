@@ -135,6 +135,7 @@ class DenseNetFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
 
 
+@pytest.mark.slow
 def test_a_torchvision_detector_on_the_backbone_trains():
     from torchvision.models.detection import FasterRCNN
 

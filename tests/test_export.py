@@ -145,6 +145,7 @@ def test_onnx_float16_runs_close(model, tmp_path):
         assert rel_error(E.OnnxModel(path)(x), model(x)) < 1e-2
 
 
+@pytest.mark.slow
 def test_onnx_bfloat16_exports_and_cpu_runtime_says_why_it_cannot_run(model, tmp_path):
     path = E.to_onnx(model, tmp_path / "bf16.onnx", dtype="bfloat16")
     proto = onnx.load(str(path))
@@ -262,6 +263,7 @@ def test_torchscript_trace_and_bfloat16(model, tmp_path):
 # ---- torch.export -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"fold": True, "dtype": "float16"}])
 def test_exported_program_reloads_with_dynamic_batch(model, tmp_path, options):
     path = E.to_exported(model, tmp_path / "m.pt2", **options)
@@ -344,6 +346,7 @@ def test_predict_runs_an_onnx_file(onnx_file, model, tmp_path, capsys):
     assert [t["label"] for t in result["top"][:3]] == [label for label, _ in reference[0]]
 
 
+@pytest.mark.slow
 def test_cli_export_onnx_with_triton_repo(model, tmp_path, monkeypatch, capsys):
     card = densenet.ModelCard.for_model(model, arch="densenet121")
     loaded = densenet.LoadedModel(model, card)
