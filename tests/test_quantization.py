@@ -63,3 +63,30 @@ def test_the_function_stays_callable_after_the_command_line_is_imported():
     import densenet.cli  # noqa: F401 (imports the quantize command and the quantization module)
 
     assert callable(densenet.quantize) and densenet.quantize is quantize
+
+
+def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, capsys):
+    """``--dtype int8 --calibration DIR`` quantizes on the fly (the Runner), for the Python API,
+    predict and embed alike; without calibration images it is one error."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
+    images = sorted(str(p) for p in photos.iterdir())[:6]
+    exact = densenet.Classifier(model, device="cpu")
+    int8 = densenet.Classifier(model, device="cpu", dtype="int8", calibration=photos)
+    assert int8.runner.precision == "int8"
+    assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in int8.model.modules())
+    agree = [a[0][0] == b[0][0] for a, b in zip(exact.predict(images), int8.predict(images))]
+    assert sum(agree) >= 4
+    with pytest.raises(densenet.errors.DenseNetError, match="int8 needs calibration images"):
+        densenet.Classifier(model, device="cpu", dtype="int8")
+
+    args = ["--model", "densenet121", "--weights", "none", "--device", "cpu", "--dtype", "int8"]
+    assert main(["predict", images[0], *args]) == 2
+    assert "int8 needs calibration images" in capsys.readouterr().err
+    out = tmp_path / "vectors"
+    assert main(["embed", str(photos), "--out", str(out), *args, "--calibration", str(photos)]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.num_rows == 24 and table.schema.metadata  # one row per image
+    assert '"precision": "int8"' in (out / "_densenet_bulk.json").read_text()

@@ -165,6 +165,8 @@ class Options:
         gives independent sigmoid probabilities instead of a softmax, and every label's
         probability in a ``scores`` column.
     shard_size: rows per Parquet file.
+    calibration: with precision ``"int8"``, the folder of images the quantization is
+        calibrated on.
     """
 
     task: str = "embed"
@@ -172,6 +174,7 @@ class Options:
     dtype: str = "float32"
     topk: int = 5
     shard_size: int = 10_000
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -214,10 +217,13 @@ class Outputs:
                 "exported from"
             )
         embed = options.task == "embed"
-        self.runner = Runner(model, device, optimize=optimize, dtype=precision, headless=embed)
+        self.runner = Runner(
+            model, device, optimize=optimize, dtype=precision, headless=embed,
+            calibration=options.calibration,
+        )  # fmt: skip
         self.precision = self.runner.precision
         if embed:
-            self.widths = {"embedding": self.runner.model.num_features}
+            self.widths = {"embedding": model.module.num_features}
         else:
             self.widths = {"indices": self.topk, "probabilities": self.topk}
             if self.multi_label:

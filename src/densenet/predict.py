@@ -118,7 +118,8 @@ class Classifier:
             the module as given.
         dtype: the fast form's precision: a ``torch.dtype``, a name (``"float32"``,
             ``"bfloat16"``, ``"float16"``), ``"auto"`` (bfloat16 where the hardware computes it
-            natively), or None: float32 on CPU (exact), bfloat16 on CUDA.
+            natively), ``"int8"`` (quantized on the CPU, calibrated on ``calibration``, a folder
+            of images), or None: float32 on CPU (exact), bfloat16 on CUDA.
         buckets: run the model only at batch sizes 1, 2, 4, ..., ``batch_size`` (a batch is
             padded up and the padding rows dropped), replaying one CUDA graph per size; default
             on for an optimized DenseNet on CUDA, where it keeps shapes static and launches
@@ -141,6 +142,7 @@ class Classifier:
         dtype: torch.dtype | str | None = None,
         buckets: bool | None = None,
         tta: str | None = None,
+        calibration: str | os.PathLike | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -153,6 +155,7 @@ class Classifier:
         self.runner = Runner(
             LoadedModel(loaded.module, self.card), self.device, optimize=optimize, dtype=dtype,
             max_batch=batch_size if (cuda if buckets is None else buckets) else None,
+            calibration=calibration,
         )  # fmt: skip
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing

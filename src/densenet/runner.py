@@ -11,19 +11,25 @@ activation maps.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 
 import torch
 from torch import Tensor, nn
 
 from .backends import optimize as optimize_model
 from .dtypes import dtype_name
+from .errors import DenseNetError
 from .explain import ActivationMaps, explain
 from .inference import BucketedModel
 from .load import LoadedModel
 from .model import DenseNet
+from .quantization import quantize
 from .runtime import compute_dtype
 
 __all__ = ["Runner"]
+
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -35,12 +41,14 @@ class Runner:
         optimize: run a DenseNet in its inference form (``densenet.optimize``); False runs the
             module as given (float32). An exported file always runs as it was exported.
         dtype: the inference form's precision: a ``torch.dtype``, a name that
-            ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), or None:
-            float32 on CPU, bfloat16 on CUDA.
+            ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), ``"int8"``
+            (with ``calibration``), or None: float32 on CPU, bfloat16 on CUDA.
         max_batch: run the inference form only at batch sizes 1, 2, 4, ..., ``max_batch``
             (``BucketedModel``), each replayed as a CUDA graph on CUDA; None: as batches come.
         headless: drop the classifier: ``logits`` are then the (N, num_features) pooled
             features (embeddings).
+        calibration: for ``dtype="int8"`` (CPU only): a folder of images to calibrate the
+            post-training int8 quantization on (``densenet.quantize``).
 
     Attributes: ``card``, ``device``, ``module`` (what runs), ``precision`` (its dtype's name).
     """
@@ -54,6 +62,7 @@ class Runner:
         dtype: torch.dtype | str | None = None,
         max_batch: int | None = None,
         headless: bool = False,
+        calibration: str | os.PathLike | None = None,
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
@@ -69,7 +78,10 @@ class Runner:
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
         self.precision = dtype_name(self.input_dtype or torch.float32)
-        if optimize and isinstance(module, DenseNet):
+        if optimize and isinstance(module, DenseNet) and dtype == "int8":
+            module = _int8(LoadedModel(module, self.card), device, calibration)
+            self.precision = "int8"
+        elif optimize and isinstance(module, DenseNet):
             if isinstance(dtype, str):
                 dtype = compute_dtype(dtype, device)
             module = optimize_model(module.to(device), dtype=dtype)
@@ -115,6 +127,20 @@ class Runner:
         """(N, C, H, W) preprocessed images -> their logits and every class's activation map
         (``densenet.explain``), computed by the model that ``logits`` runs."""
         return explain(self.model, batch.to(self.device))
+
+
+def _int8(loaded: LoadedModel, device: torch.device, calibration: str | os.PathLike | None):
+    """``loaded``'s module quantized to int8 on the images in ``calibration``."""
+    if device.type != "cpu":
+        raise DenseNetError(f"int8 runs on the CPU (PyTorch's x86 int8 kernels), not on {device}")
+    if calibration is None:
+        raise DenseNetError(
+            "int8 needs calibration images: give a folder of a few hundred of your images "
+            "(--calibration DIR), or quantize once with densenet quantize and load its file"
+        )
+    quantized = quantize(loaded, calibration)
+    log.info("int8 against float32: %s", quantized.report)
+    return quantized.module
 
 
 def _weights_dtype(module: object) -> torch.dtype | None:

@@ -139,10 +139,15 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=["auto", *DTYPES],
+        choices=["auto", *DTYPES, "int8"],
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
-        "BF16 or AMX), else float32",
+        "BF16 or AMX), else float32; int8: quantized on the CPU, calibrated on --calibration",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="with --dtype int8: a folder of a few hundred of your images to calibrate on",
     )
 
 

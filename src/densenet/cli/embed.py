@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
     options = Options(
-        task="embed", normalize=args.normalize, dtype=args.vector_dtype, shard_size=args.shard_size
-    )
+        task="embed", normalize=args.normalize, dtype=args.vector_dtype,
+        shard_size=args.shard_size, calibration=args.calibration,
+    )  # fmt: skip
     return run_bulk(args, args.input, options)

@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
                 f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
                 f"got {len(args.images)}"
             )
-        options = Options(task="predict", topk=args.topk, shard_size=args.shard_size)
+        options = Options(
+            task="predict", topk=args.topk, shard_size=args.shard_size,
+            calibration=args.calibration,
+        )  # fmt: skip
         return run_bulk(args, args.images[0], options)
     missing = [path for path in args.images if not os.path.exists(path)]
     if missing:  # before any model is loaded or downloaded
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
         optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
+        calibration=args.calibration,
     )  # fmt: skip
     predictions = classifier.classify(paths, topk=args.topk)
     cams: dict[str, str] = {}

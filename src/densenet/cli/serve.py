@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout_s,
     )
     classifier = Classifier(
-        args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype
-    )
+        args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype,
+        calibration=args.calibration,
+    )  # fmt: skip
     serve(
         classifier,
         config,
