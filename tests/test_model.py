@@ -33,40 +33,36 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(IMAGENET_PARAMS))
-def test_matches_torchvision_in_float64(name):
-    torch.manual_seed(0)
-    reference = randomize_batchnorm(getattr(torchvision.models, name)()).double()
-    model = getattr(densenet, name)().double()
+def assert_matches(model: torch.nn.Module, reference: torch.nn.Module, size: tuple[int, int]):
+    """``model`` with ``reference``'s (randomised) state, in float64: the same keys, outputs in
+    eval and train mode, and running-statistics update."""
+    reference = randomize_batchnorm(reference).double()
+    model = model.double()
     assert list(model.state_dict()) == list(reference.state_dict())
     model.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         for train in (False, True):
             model.train(train)
             reference.train(train)
             assert relative_error(model(x), reference(x)) < 1e-10
-    for key, value in reference.state_dict().items():  # the same running-statistics update
+    for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(IMAGENET_PARAMS))
+def test_matches_torchvision_in_float64(name):
+    torch.manual_seed(0)
+    assert_matches(getattr(densenet, name)(), getattr(torchvision.models, name)(), (64, 64))
 
 
 def test_a_tiny_configuration_matches_torchvisions_in_float64():
-    """The quick set's parity check: the same tiny configuration built by both, in train and eval
-    mode, outputs and running statistics (the full-size models: the slow test above)."""
+    """The quick set's parity check (the full-size models: the slow test above)."""
     config = {"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "bn_size": 2}
     torch.manual_seed(0)
-    reference = randomize_batchnorm(torchvision.models.DenseNet(**config, num_classes=7)).double()
-    model = densenet.DenseNet(**config, num_classes=7).double()
-    model.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(2, 3, 40, 44, dtype=torch.float64)
-    with torch.no_grad():
-        for train in (False, True):
-            model.train(train)
-            reference.train(train)
-            assert relative_error(model(x), reference(x)) < 1e-12
-    for key, value in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+    reference = torchvision.models.DenseNet(**config, num_classes=7)
+    assert_matches(densenet.DenseNet(**config, num_classes=7), reference, (40, 44))
 
 
 @pytest.mark.parametrize("name, params", IMAGENET_PARAMS.items())
