@@ -263,7 +263,7 @@ def test_dtype_choice(images, monkeypatch, capsys):
     exact = densenet.Classifier(model, device="cpu").classify([images / "chelsea.jpg"], topk=3)
     assert half.classify([images / "chelsea.jpg"], topk=3)[0].labels[0] == exact[0].labels[0]
     with pytest.raises(ValueError, match="dtype must be auto or one of"):
-        densenet.Classifier(model, device="cpu", dtype="int8")
+        densenet.Classifier(model, device="cpu", dtype="int4")
     args = ["predict", str(images / "chelsea.jpg"), "--weights", "none", "--device", "cpu"]
     assert main([*args, "--dtype", "bfloat16", "--topk", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 1
