@@ -351,9 +351,9 @@ def _done_shards(out: Path, rank: int, world_size: int, settings: dict[str, Any]
                 )
             if meta.get("shard") == int(match[1]) and meta.get("rows") == info.num_rows:
                 done[int(match[1])] = meta.get("paths_sha256")
-        elif (match := SHARD_NAME.fullmatch(temporary_of(name) or "")) and int(
-            match[1]
-        ) % world_size == rank:
+        elif (match := SHARD_NAME.fullmatch(temporary_of(name) or "")) and (
+            int(match[1]) % world_size == rank
+        ):  # this rank's interrupted write
             (out / name).unlink(missing_ok=True)
     return done
 

@@ -109,9 +109,6 @@ class OneDNNDenseNet(InferenceOnly):
         self._finish(fast)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
-        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
-        in the compute dtype."""
         x = self.pool(self.stem(x.to(self.dtype, memory_format=torch.channels_last)))
         for index, layers in enumerate(self.blocks):
             n, c, h, w = x.shape
@@ -126,7 +123,7 @@ class OneDNNDenseNet(InferenceOnly):
                 x = conv(F.avg_pool2d(act(buffer), 2))
         return self.head_act(buffer)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # pooled and classified in float32
         pooled = self.forward_features(x).float().mean((2, 3))
         return self.classifier(pooled).to(x.dtype)
 

@@ -59,7 +59,7 @@ def _features_and_classifier(model: nn.Module, x: Tensor) -> tuple[Tensor, nn.Li
             f"{type(model).__name__} has no linear classifier (num_classes=0 or another head); "
             "class activation maps need the global-pool + Linear head of a classifier"
         )
-    if isinstance(model, (DenseNet, InferenceOnly)) and hasattr(model, "forward_features"):
+    if isinstance(model, (DenseNet, InferenceOnly)):
         classifier = model.classifier
         return model.forward_features(x).to(classifier.weight.dtype), classifier
     raise ExplainError(

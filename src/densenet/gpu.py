@@ -161,9 +161,6 @@ class TritonDenseNet(InferenceOnly):
         self._finish(fast)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
-        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
-        in the compute dtype."""
         x = self.stem(x.to(self.dtype, memory_format=torch.channels_last))
         buffer = _channels_last_empty(x, self.widths[0], *x.shape[2:])
         buffer[:, : x.shape[1]].copy_(x)
@@ -177,7 +174,3 @@ class TritonDenseNet(InferenceOnly):
                 transition(buffer, following[:, : transition.out_channels])
                 buffer = following
         return self.head_act(buffer)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
-        return self.classifier(pooled).to(x.dtype)

@@ -250,8 +250,21 @@ class SpaceToDepthConv(nn.Module):
 
 
 class InferenceOnly(nn.Module):
-    """The common ground of the inference forms: no gradients, always in eval mode, and the
-    source model's ``METADATA`` (architecture, configuration, widths) carried over."""
+    """The common ground of the inference forms: no gradients, always in eval mode, the source
+    model's ``METADATA`` (architecture, configuration, widths) carried over, and a ``forward``
+    that pools ``forward_features`` (which each form defines) into its ``classifier``."""
+
+    classifier: nn.Module
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
+        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
+        in the compute dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
+        return self.classifier(pooled).to(x.dtype)
 
     def _finish(self, source: nn.Module) -> None:
         """Call last in ``__init__``: copy ``source``'s metadata, freeze, switch to eval."""
@@ -310,15 +323,8 @@ class InferenceDenseNet(InferenceOnly):
         return self.stem[0].weight.dtype
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_channels, H, W) -> (N, num_features, h, w), the final feature map as the
-        classifier reads it (the last BN-ReLU's clamp; its scale is folded into the classifier),
-        in the compute dtype."""
         x = x.to(self.dtype, memory_format=self._input_format())
         return self.head_act(self.stages(self.stem(x)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
-        return self.classifier(pooled).to(x.dtype)
 
     def _input_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
