@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,11 +21,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .errors import DenseNetError
-from .io import atomic_write, write_text
 from .io import read_torch_file as _read_torch_file
+from .io import write_text
 from .labels import imagenet_classes
 from .preprocessing import ModelCard, Preprocessing
 
@@ -187,22 +185,17 @@ def cache_dir() -> Path:
 
 
 def download(url: str, path: Path, sha256_prefix: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` to ``path`` through a temporary file that is renamed only once complete
-    and, if ``sha256_prefix`` is given, verified: an interrupted or corrupt download leaves nothing."""
+    """Download ``url`` to ``path`` with ``torch.hub.download_url_to_file`` (a temporary file,
+    renamed once complete and, if ``sha256_prefix`` is given, verified): an interrupted download,
+    or a truncated or corrupt one with a hash to check, leaves nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as out:
-            digest = _copy_url(url, out, progress)
-        if sha256_prefix and not digest.startswith(sha256_prefix):
-            raise WeightsError(
-                f"download of {url} is corrupt: SHA-256 {digest[:8]}... does not start with "
-                f"{sha256_prefix}; nothing was cached, retry"
-            )
-
     try:
-        atomic_write(path, write)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=progress)
+    except RuntimeError as error:  # torch.hub's 'invalid hash value (expected ..., got ...)'
+        raise WeightsError(
+            f"download of {url} is corrupt or truncated ({error}); nothing was cached, retry"
+        ) from None
     except urllib.error.URLError as error:
         raise WeightsError(
             f"cannot download {url} ({getattr(error, 'reason', error)}); "
@@ -212,30 +205,6 @@ def download(url: str, path: Path, sha256_prefix: str | None = None, progress: b
     if sha256_prefix:
         _remember_verified(path, sha256_prefix)
     return path
-
-
-def _copy_url(url: str, out, progress: bool) -> str:
-    """Stream ``url`` into the open file ``out``; returns the SHA-256 hex digest."""
-    sha256 = hashlib.sha256()
-    request = urllib.request.Request(url, headers={"User-Agent": "densenet"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-            desc=os.path.basename(url),
-        ) as bar:  # fmt: skip
-            received = 0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                sha256.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if total is not None and received != total:
-            raise WeightsError(
-                f"download of {url} is truncated ({received} of {total} bytes); "
-                "nothing was cached, retry"
-            )
-    return sha256.hexdigest()
 
 
 def fetch(entry: Weights, progress: bool = True) -> Path:
