@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import DenseNetError
 from .images import ImageError, open_image, walk_files
-from .io import atomic_write, csv_rows, temporary_of, write_json
+from .io import atomic_write, csv_rows, settings_differences, temporary_of, write_json
 from .load import LoadedModel, load
 from .model import DenseNet
 from .preprocessing import Preprocessing
@@ -308,11 +308,7 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
     record = out / SETTINGS_FILE
     if record.exists():
         before = json.loads(record.read_text())
-        differ = [
-            f"{key}: {before.get(key)!r} there, {settings.get(key)!r} now"
-            for key in sorted(set(before) | set(settings))
-            if key != "version" and before.get(key) != settings.get(key)
-        ]
+        differ = settings_differences(before, settings, ignore={"version"})
         if differ:
             raise BulkError(
                 f"{out} holds the output of a run with other settings ({'; '.join(differ)}); "
@@ -415,7 +411,8 @@ def _decode_on_device(
     ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
     in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
     that decoder refuses (another format, a corrupt file) or with other channels than the model's
-    is decoded on the CPU (which converts or refuses it as for any file), or gets its error. The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
+    is decoded on the CPU (which converts or refuses it as for any file), or gets its error.
+    The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:

@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,18 @@ def text_table(rows: Sequence[Sequence[str]]) -> str:
     """Rows of cells (the first is the header) as left-aligned columns two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def settings_differences(
+    before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = ()
+) -> list[str]:
+    """What differs between the settings a resumed run wrote (``before``) and this run's:
+    ``"key: <before> there, <now> now"`` for each key outside ``ignore``, in key order."""
+    return [
+        f"{key}: {before.get(key)!r} there, {now.get(key)!r} now"
+        for key in sorted(set(before) | set(now))
+        if key not in ignore and before.get(key) != now.get(key)
+    ]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from .. import checkpoint as checkpoints
 from ..checkpoint import CheckpointError, TrainCheckpoint
-from ..io import temporary_of
+from ..io import settings_differences, temporary_of
 from .config import RUN_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,10 @@ class Checkpointer:
         options aside) on data with these ``classes``."""
         checkpoint = checkpoints.read_checkpoint(self.last_path)
         saved = checkpoint.config
-        differences = [
-            f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-            for key, value in config.items()
-            if key not in RUN_OPTIONS and saved.get(key) != value
-        ]
+        differences = settings_differences(saved, config, ignore=RUN_OPTIONS)
         if list(checkpoint.card.classes) != classes:
             differences.append(
-                f"classes: checkpoint {list(checkpoint.card.classes[:5])}, data {classes[:5]}"
+                f"classes: {list(checkpoint.card.classes[:5])} there, {classes[:5]} now"
             )
         if differences:
             raise CheckpointError(
