@@ -20,3 +20,12 @@ def test_a_torchrun_process_runs_on_its_own_gpu(monkeypatch):
     assert runtime.local_device("cpu") == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert runtime.local_device("auto") == torch.device("cuda")
+
+
+def test_a_process_given_its_rank_runs_on_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert runtime.local_device("cuda", rank=3) == torch.device("cuda", 1)
+    assert runtime.local_device("cuda:0", rank=3) == torch.device("cuda", 0)

@@ -488,14 +488,15 @@ def run(
     class names and, for predict, softmax or (multi-label) sigmoid probabilities.
     Shards already in ``out`` are skipped; ``out`` must have been written with the same model,
     weights, input and options (``BulkError`` otherwise). ``rank``/``world_size`` default to
-    torchrun's ``RANK``/``WORLD_SIZE``: this process writes the shards k % world_size == rank.
+    torchrun's ``RANK``/``WORLD_SIZE``: this process writes the shards k % world_size == rank
+    (on GPU ``rank`` % the GPU count unless torchrun says which).
     Images are decoded and preprocessed in ``workers`` DataLoader processes (default: half the
     CPUs, at most 8) while the model runs; ``device_decode`` reads JPEG bytes there instead and
     decodes them on the GPU.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    target = local_device(device)
+    target = local_device(device, rank if world_size > 1 else None)
     if device_decode and target.type != "cuda":
         raise BulkError("device decoding (--device-decode) needs a CUDA device; drop the option")
     if workers is None:

@@ -78,13 +78,21 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device | No
     return dist.get_rank(), dist.get_world_size(), target
 
 
-def local_device(device: str = "auto") -> torch.device:
-    """``resolve_device(device)``; under ``torchrun`` (``WORLD_SIZE`` > 1) a CUDA device without
-    an index is this process's own GPU (``LOCAL_RANK``), made the current one."""
+def local_device(device: str = "auto", rank: int | None = None) -> torch.device:
+    """``resolve_device(device)``, where a CUDA device without an index becomes this process's
+    own GPU (made the current one): under ``torchrun`` (``WORLD_SIZE`` > 1) ``LOCAL_RANK``'s, else
+    for a process given its ``rank`` among several on one machine, GPU ``rank % device_count``."""
     target = resolve_device(device)
-    if target.type == "cuda" and target.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(target)
+    if target.type != "cuda" or target.index is not None:
+        return target
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        index = int(os.environ.get("LOCAL_RANK", 0))
+    elif rank is not None:
+        index = rank % torch.cuda.device_count()
+    else:
+        return target
+    target = torch.device("cuda", index)
+    torch.cuda.set_device(target)
     return target
 
 
