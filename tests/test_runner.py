@@ -7,6 +7,7 @@ import torch
 from conftest import randomize_batchnorm, tiny_model
 
 import densenet
+from densenet.errors import DenseNetError
 from densenet.inference import BucketedModel, InferenceOnly
 from densenet.runner import Runner
 
@@ -76,3 +77,12 @@ def test_unoptimized_and_exported_modules_run_as_given():
     runner = Runner(densenet.LoadedModel(half, loaded.card), CPU)
     assert runner.precision == "float16"
     assert runner.logits(torch.randn(2, 3, 8, 8)).dtype == torch.float32  # fed its own dtype
+    assert Runner(densenet.LoadedModel(half, loaded.card), CPU, dtype="float16").module is half
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", torch.float16])
+def test_a_precision_the_module_will_not_run_in_is_refused(dtype):
+    loaded = loaded_tiny()
+    with pytest.raises(DenseNetError, match="cannot run this DenseNet in .*--no-optimize"):
+        Runner(loaded, CPU, optimize=False, dtype=dtype)
+    assert Runner(loaded, CPU, optimize=False, dtype="float32").module is loaded.module

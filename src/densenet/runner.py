@@ -39,7 +39,8 @@ class Runner:
         loaded: what ``densenet.load`` returns; its module may be on any device.
         device: where the model runs; inputs are moved there.
         optimize: run a DenseNet in its inference form (``densenet.optimize``); False runs the
-            module as given (float32). An exported file always runs as it was exported.
+            module as given (float32). An exported file always runs as it was exported; a
+            ``dtype`` that the module will not run in is an error.
         dtype: the inference form's precision: a ``torch.dtype``, a name that
             ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), ``"int8"``
             (with ``calibration``), or None: float32 on CPU, bfloat16 on CUDA.
@@ -78,6 +79,8 @@ class Runner:
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
         self.precision = dtype_name(self.input_dtype or torch.float32)
+        if not (optimize and isinstance(module, DenseNet)):
+            _check_runs_in(dtype, self.precision, module)
         if optimize and isinstance(module, DenseNet) and dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration)
             self.precision = "int8"
@@ -141,6 +144,22 @@ def _int8(loaded: LoadedModel, device: torch.device, calibration: str | os.PathL
     quantized = quantize(loaded, calibration)
     log.info("int8 against float32: %s", quantized.report)
     return quantized.module
+
+
+def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.Module) -> None:
+    """Raise unless asking for ``dtype`` is met by a module that runs as given, in
+    ``precision`` (``None`` and ``"auto"`` take what there is)."""
+    asked = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if asked in (None, "auto", precision):
+        return
+    how = (
+        "optimize it (drop --no-optimize)"
+        if isinstance(module, DenseNet)
+        else "it runs in the precision it was exported in; export it again in that one"
+    )
+    raise DenseNetError(
+        f"cannot run this {type(module).__name__} in {asked}, only {precision}: {how}"
+    )
 
 
 def _weights_dtype(module: object) -> torch.dtype | None:
