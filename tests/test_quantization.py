@@ -12,6 +12,7 @@ from PIL import Image
 
 import densenet
 from densenet.cli import main
+from densenet.evaluation import evaluate_dataset
 from densenet.quantization import QuantizeError, quantize, save_quantized
 
 
@@ -90,3 +91,20 @@ def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, cap
     table = pq.read_table(out)
     assert table.num_rows == 24 and table.schema.metadata  # one row per image
     assert '"precision": "int8"' in (out / "_densenet_bulk.json").read_text()
+
+
+def test_eval_measures_the_int8_model_next_to_float32(photos, tmp_path):
+    """``evaluate_dataset(dtype="int8", calibration=DIR)`` (``densenet eval --dtype int8``)
+    scores the quantized model: the same images, a loss near float32's."""
+    data = tmp_path / "val"
+    for photo in photos.iterdir():
+        (data / photo.stem.rstrip("0123456789")).mkdir(parents=True, exist_ok=True)
+        (data / photo.stem.rstrip("0123456789") / photo.name).symlink_to(photo)
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
+    common = {"model": model, "weights": None, "device": "cpu", "workers": 0, "progress": False}
+    exact = evaluate_dataset(str(data), **common)
+    int8 = evaluate_dataset(str(data), **common, dtype="int8", calibration=photos)
+    assert (exact["precision"], int8["precision"]) == ("float32", "int8")
+    assert exact["images"] == int8["images"] == 24
+    assert int8["loss"] == pytest.approx(exact["loss"], rel=0.2)

@@ -6,18 +6,20 @@ with."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibration import BINS, Calibration, bin_sums, ece_of_bins
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "ModuleProbabilities", "Predictor", "evaluate"]
 
 
 @dataclass
@@ -57,9 +59,49 @@ class EvalResult:
         }
 
 
+class Predictor(Protocol):
+    """What ``evaluate`` scores: ``probabilities`` of (N, C, H, W) images, or of (N, V, C, H, W)
+    test-time views of each, -> (N, num_classes) on ``device``, averaged over the views
+    (``densenet.Runner``, or ``ModuleProbabilities`` around a module)."""
+
+    device: torch.device
+
+    def probabilities(self, batch: Tensor) -> Tensor: ...
+
+
+@dataclass
+class ModuleProbabilities:
+    """A module's probabilities in eval mode (its mode is restored after each batch), under
+    autocast to ``amp_dtype`` (None: float32): ``calibration`` (if any) on its logits, then
+    ``normalise`` (a softmax over classes, or e.g. ``torch.sigmoid`` for multi-label models)."""
+
+    module: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    calibration: Calibration | None = None
+    normalise: Callable[[Tensor], Tensor] = partial(torch.softmax, dim=-1)
+
+    @torch.no_grad()
+    def probabilities(self, batch: Tensor) -> Tensor:
+        views = batch.shape[1] if batch.dim() == 5 else 1
+        images = batch.flatten(0, batch.dim() - 4).to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.autocast(self.device.type, self.amp_dtype, self.amp_dtype is not None):
+                logits = self.module(images)
+        finally:
+            self.module.train(was_training)
+        logits = logits.float() if self.calibration is None else self.calibration.apply(logits)
+        return self.normalise(logits).view(len(batch), views, -1).mean(1)
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     loader: Iterable,
     *,
     device: torch.device | str | None = None,
@@ -70,24 +112,27 @@ def evaluate(
     desc: str = "eval",
     calibration: Calibration | None = None,
 ) -> EvalResult:
-    """Top-1/top-5 accuracy and calibration of ``model`` (in eval mode; its mode is restored
-    afterwards).
+    """Top-1/top-5 accuracy and calibration of ``model``'s softmax probabilities.
 
     Args:
+        model: a module (run in eval mode, its mode restored afterwards) or a ``Predictor``
+            (such as ``densenet.Runner``, which applies its card's calibration itself).
         loader: batches ``(images, labels)`` or ``(images, labels, skipped)`` (what
             ``densenet.data.collate`` makes): images (N, C, H, W), or (N, V, C, H, W) for
             test-time views (``densenet.transforms.VIEWS``), whose probabilities are averaged
             over the views; labels (N,).
-        device: where to run (default: the model's).
-        amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), None for float32.
+        device: where a module runs (default: the module's).
+        amp_dtype: a module's autocast dtype (``torch.bfloat16``/``torch.float16``), None for
+            float32.
         distributed: each process holds a disjoint share of the data; the counts are summed
             over the default process group, every process gets the total.
         progress: show a progress bar.
-        calibration: applied to the logits before the softmax (a model card's).
+        calibration: applied to a module's logits before the softmax (a model card's).
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    if isinstance(model, nn.Module):
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model = ModuleProbabilities(model, device, amp_dtype, channels_last, calibration)
+    device = model.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # top-1, top-5, nll, brier, images
     bins = torch.zeros(3, BINS, dtype=torch.float64, device=device)
     skipped = 0
@@ -103,31 +148,17 @@ def evaluate(
             bar.update(1)
             if labels.numel() == 0:
                 continue
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            views = images.shape[1] if images.dim() == 5 else 0
-            if views:
-                images = images.flatten(0, 1)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            logits = logits.float() if calibration is None else calibration.apply(logits)
-            if views:
-                probs = logits.softmax(dim=1).view(labels.numel(), views, -1).mean(dim=1)
-                log_probs = probs.clamp_min(1e-12).log()
-            else:
-                log_probs = logits.log_softmax(dim=1)
-                probs = log_probs.exp()
+            probs = model.probabilities(images).float()
+            labels = labels.to(probs.device, non_blocking=True)
             top = probs.topk(min(5, probs.shape[1]), dim=1).indices
             hits = top == labels[:, None]
-            onehot = F.one_hot(labels, probs.shape[1])
+            true_class = probs.gather(1, labels[:, None]).squeeze(1)
             sums += torch.stack(
                 [
                     hits[:, 0].sum(),
                     hits.any(dim=1).sum(),
-                    F.nll_loss(log_probs, labels, reduction="sum"),
-                    (probs - onehot).square().sum(),
+                    -true_class.clamp_min(torch.finfo(torch.float32).tiny).log().sum(),
+                    (probs - F.one_hot(labels, probs.shape[1])).square().sum(),
                     labels.new_tensor(labels.numel()),
                 ]
             ).to(sums)
@@ -141,7 +172,6 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    model.train(was_training)
     correct1, correct5, loss_sum, brier_sum, count = sums.tolist()
     n = max(count, 1.0)
     return EvalResult(

@@ -42,7 +42,7 @@ from .multilabel import (
 from .preprocessing import ModelCard, default_classes
 from .registry import model_config
 from .runner import Runner
-from .runtime import amp_dtype, process_group, resolve_device
+from .runtime import process_group, resolve_device
 from .transforms import VIEWS
 
 __all__ = ["EvalResult", "calibrate_dataset", "evaluate", "evaluate_dataset"]
@@ -81,7 +81,8 @@ def evaluate_dataset(
     batch_size: int = 64,
     workers: int = 4,
     device: str = "auto",
-    amp: str = "none",
+    dtype: str | None = None,
+    calibration: str | os.PathLike | None = None,
     data_root: str | None = None,
     download: bool = False,
     progress: bool = True,
@@ -96,7 +97,9 @@ def evaluate_dataset(
     calibration.
     ``model`` and ``weights`` as ``densenet.load`` (None: the training checkpoint ``weights``
     names, else densenet121). Returns ``EvalResult.to_dict()`` plus what was evaluated.
-    ``optimize`` runs the fast inference form (``densenet.optimize``). A multi-label model is
+    The model runs as ``densenet.Runner`` runs it: ``optimize`` (the fast inference form,
+    ``densenet.optimize``), ``dtype`` (its precision; ``"int8"`` quantized on the images in the
+    ``calibration`` folder) and the card's calibrated probabilities. A multi-label model is
     evaluated on the images of a ``labels`` CSV (files relative to ``data``; the rows of
     ``split``, default its ``val`` rows when it has a split column): per-label and mean AUROC
     and average precision (``densenet.multilabel.label_metrics``)."""
@@ -116,37 +119,27 @@ def evaluate_dataset(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False,
         )  # fmt: skip
-        net = loaded.module
-        autocast = amp_dtype(amp, target)
-        channels_last = target.type == "cuda"
-        if optimize and isinstance(net, DenseNet):  # the inference form: the asked precision
-            # and memory format (an exported file runs as it was exported)
-            # on CUDA static shapes, one CUDA graph per batch size
-            max_batch = batch_size * views if target.type == "cuda" else None
-            net = Runner(
-                loaded, target, dtype=autocast or torch.float32, max_batch=max_batch
-            ).module
-            autocast, channels_last = None, False
-        elif channels_last:
-            net = net.to(memory_format=torch.channels_last)
+        # on CUDA the inference form runs static shapes, one CUDA graph per batch size
+        max_batch = batch_size * views if target.type == "cuda" else None
+        runner = Runner(
+            loaded, target, optimize=optimize, dtype=dtype, max_batch=max_batch,
+            calibration=calibration,
+        )  # fmt: skip
         if card.multi_label:
-            probabilities, targets, skipped = predict_labels(
-                net, loader, target, autocast, card.probabilities
-            )
-            calibration = calibration_metrics(probabilities, targets, True, card.classes)
+            probabilities, targets, skipped = predict_labels(runner.probabilities, loader)
+            calibration_scores = calibration_metrics(probabilities, targets, True, card.classes)
             scores = label_metrics(probabilities, targets, card.classes)
             decided = decision_metrics(probabilities, targets, card.thresholds)
-            for name, row, at in zip(card.classes, calibration.pop("labels").values(), decided):
+            per_label = calibration_scores.pop("labels").values()
+            for name, row, at in zip(card.classes, per_label, decided):
                 scores["labels"][name].update(
                     ece=row["ece"], brier=row["brier"], nll=row["nll"], **at
                 )
-            scores = {**scores, **calibration, "skipped": skipped}
+            scores = {**scores, **calibration_scores, "skipped": skipped}
         else:
             scores = evaluate(
-                net, loader, device=target, amp_dtype=autocast, channels_last=channels_last,
-                distributed=world_size > 1, progress=progress and rank == 0,
-                calibration=card.calibration,
-            ).to_dict()  # fmt: skip
+                runner, loader, distributed=world_size > 1, progress=progress and rank == 0
+            ).to_dict()
         return {
             "data": os.fspath(data),
             "model": card.arch or model,
@@ -154,6 +147,7 @@ def evaluate_dataset(
             "crops": views,
             "tta": tta,
             "calibrated": card.calibration is not None,
+            "precision": runner.precision,
             "processes": world_size,
             **scores,
         }
@@ -220,9 +214,7 @@ def calibrate_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     runner = Runner(loaded, target, dtype=torch.float32)
     batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
-    logits, targets, skipped = predict_labels(
-        runner.module, batches, target, probabilities=lambda z: z
-    )
+    logits, targets, skipped = predict_labels(runner.logits, batches)
     fit = fit_calibration(logits, targets, card.multi_label)
     calibrated = card.replace(calibration=fit)
     if rule is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from .data import DataError, DataSplits
@@ -235,32 +235,18 @@ def decision_metrics(
 
 @torch.no_grad()
 def predict_labels(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    probabilities: Callable[[Tensor], Tensor] = torch.sigmoid,
+    predict: Callable[[Tensor], Tensor], loader: Iterable
 ) -> tuple[Tensor, Tensor, int]:
-    """Probabilities (N, L) and targets (N, L) of a loader of ``collate`` batches, and the
-    number of unreadable images skipped; the model's mode is restored afterwards.
-
-    Images are (N, C, H, W), or (N, V, C, H, W) test-time views whose probabilities are
-    averaged; ``probabilities`` turns logits into probabilities (a card's, with its
-    calibration; default a sigmoid)."""
-    was_training = model.training
-    model.eval()
+    """``predict``'s outputs (N, L) and the targets (N, L) of a loader of ``collate`` batches,
+    and the number of unreadable images skipped. ``predict`` takes the images, (N, C, H, W) or
+    (N, V, C, H, W) test-time views: ``densenet.Runner.probabilities`` (the card's, averaged
+    over the views), ``densenet.accuracy.ModuleProbabilities(...).probabilities`` (a module's,
+    e.g. sigmoids), or ``Runner.logits``."""
     outputs, targets, skipped = [], [], 0
-    try:
-        for images, labels, dropped in loader:
-            skipped += dropped
-            if labels.numel() == 0:
-                continue
-            views = images.shape[1] if images.dim() == 5 else 1
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images.flatten(0, images.dim() - 4).to(device, non_blocking=True))
-            p = probabilities(logits.float()).view(len(labels), views, -1).mean(1)
-            outputs.append(p.cpu())
-            targets.append(labels)
-    finally:
-        model.train(was_training)
+    for images, labels, dropped in loader:
+        skipped += dropped
+        if labels.numel() == 0:
+            continue
+        outputs.append(predict(images).float().cpu())
+        targets.append(labels)
     return torch.cat(outputs), torch.cat(targets), skipped

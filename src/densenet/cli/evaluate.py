@@ -11,6 +11,7 @@ from ..io import text_table
 from .common import (
     add_data_args,
     add_device_arg,
+    add_dtype_arg,
     add_model_args,
     add_tta_arg,
     integer,
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop")
     add_tta_arg(p)
     add_device_arg(p)
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    add_dtype_arg(p)
     p.add_argument(
         "--no-optimize", action="store_true", help="run the eager model, not densenet.optimize"
     )
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         args.data, args.model, args.weights, ten_crop=args.ten_crop, tta=args.tta,
         batch_size=args.batch_size,
-        workers=args.workers, device=args.device, amp=args.amp, data_root=args.data_root,
+        workers=args.workers, device=args.device, dtype=args.dtype, calibration=args.calibration,
+        data_root=args.data_root,
         download=not args.no_download, progress=not args.no_progress,
         optimize=not args.no_optimize, labels=args.labels, split=args.split,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..accuracy import EvalResult, evaluate
+from ..accuracy import EvalResult, ModuleProbabilities, evaluate
 from ..checkpoint import TrainCheckpoint, read_checkpoint
 from ..data import ShardedBatchSampler, TransformedDataset, collate, load_splits, shard_indices
 from ..errors import DenseNetError
@@ -374,8 +374,11 @@ class Trainer:
         """Per-label and mean AUROC and average precision (``label_metrics``) on ``split``; under
         ``torchrun`` each process predicts its shard and the metrics are of all shards."""
         self._sync_buffers()
+        sigmoids = ModuleProbabilities(
+            self.net, self.device, self.amp_dtype, normalise=torch.sigmoid
+        )
         probabilities, targets, skipped = predict_labels(
-            self.net, self.eval_loaders[split], self.device, self.amp_dtype
+            sigmoids.probabilities, self.eval_loaders[split]
         )
         if self.ddp:
             shards: list[Any] = [None] * self.world_size
