@@ -86,12 +86,16 @@ def test_local_checkpoint_loads_with_torchvision_parity(tmp_path, fmt):
     assert error < 1e-10
 
 
-def test_other_num_classes_keeps_the_backbone(tmp_path):
-    source = densenet.get_model(SMALL, num_classes=1000)
-    path = tmp_path / "imagenet.pth"
+def test_a_files_head_is_kept_and_another_num_classes_needs_new_head(tmp_path):
+    source = randomize_batchnorm(densenet.get_model(SMALL, num_classes=7))
+    path = tmp_path / "my_finetuned.pth"
     torch.save(source.state_dict(), path)
+    own = densenet.get_model(SMALL, weights=path)
+    assert torch.equal(own.classifier.weight, source.classifier.weight)
+    with pytest.raises(WeightsError, match="7-class classifier, not num_classes=5.*new_head=True"):
+        densenet.get_model(SMALL, weights=path, num_classes=5)
     with pytest.warns(UserWarning, match="classifier"):
-        model = densenet.get_model(SMALL, weights=path, num_classes=5)
+        model = densenet.get_model(SMALL, weights=path, num_classes=5, new_head=True)
     assert model.classifier.out_features == 5
     assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)
 

@@ -74,6 +74,7 @@ def get_model(
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
     inflate: str = "mean",
+    new_head: bool = False,
     **kwargs: Any,
 ) -> DenseNet | DenseNetFeatures:
     """Build the named architecture, optionally with weights.
@@ -90,11 +91,15 @@ def get_model(
             repeated along depth and divided by its depth) or ``"centre"`` (the kernel in the
             middle depth slice; a volume of identical slices then gives the 2D logits exactly).
             A 1D model takes each kernel's centre row. See ``densenet.weights.inflate_kernels``.
+        new_head: with a weights file whose classifier has another number of classes than
+            ``num_classes``: load its backbone under a new classifier (fine-tuning); without
+            it that conflict is an error. A file with no ``num_classes`` keeps its own head;
+            published weights with another ``num_classes`` always load as a backbone.
         kwargs: ``DenseNet`` arguments overriding the architecture's (``num_classes``,
             ``drop_rate``, ``memory_efficient``, ``in_channels``, ``spatial_dims``,
             ``stem_stride``, ...).
     """
-    from .weights import load_checkpoint, load_state, load_weights, resolve_weights
+    from .weights import WeightsError, load_checkpoint, load_state, load_weights, resolve_weights
 
     config = model_config(name)
     if pretrained and weights is None:
@@ -103,9 +108,16 @@ def get_model(
     if entry is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(entry.categories)
     state = load_checkpoint(weights) if entry is None and weights is not None else None
-    if state is not None and "num_classes" not in kwargs:  # a file keeps its own head
+    if state is not None:  # a file keeps its own head unless a new one is asked for
         classifier = state.get("classifier.weight")
-        kwargs["num_classes"] = classifier.shape[0] if classifier is not None else 0
+        own = classifier.shape[0] if classifier is not None else 0
+        asked = kwargs.setdefault("num_classes", own)
+        if asked != own and not new_head:
+            raise WeightsError(
+                f"{weights} holds a {own}-class classifier, not num_classes={asked}: drop "
+                f"num_classes to keep it, or pass new_head=True to fine-tune its backbone under "
+                f"a new {asked}-class classifier"
+            )
     model = DenseNet(**{**config, **kwargs})
     if state is not None:
         load_state(model, state, weights, inflate)

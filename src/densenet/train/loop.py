@@ -139,7 +139,7 @@ class Trainer:
             **config.model_args,
         }
         torch.manual_seed(config.seed)
-        net = get_model(config.model, weights=config.weights, **self.model_args)
+        net = get_model(config.model, weights=config.weights, new_head=True, **self.model_args)
         side = net.min_input_size
         self.card = ModelCard(
             tuple(self.splits.classes),
