@@ -165,8 +165,7 @@ def test_weights_are_copied_and_source_untouched():
 
 
 def test_keeps_metadata_and_predict_output():
-    model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
-    model.arch = "tiny"
+    model = randomize_batchnorm(tiny_model(num_classes=3, arch="tiny")).eval()
     fast = optimize(model)
     assert fast.arch == "tiny" and fast.config == model.config and fast.num_classes == 3
     images = torch.rand(4, 3, 40, 40)

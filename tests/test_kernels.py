@@ -241,8 +241,7 @@ def test_triton_backend_matches_registry_models(name, size):
 
 @needs_kernels
 def test_triton_backend_keeps_metadata_and_refuses_training():
-    model = tiny_model(num_classes=3).eval().to(DEVICE)
-    model.arch = "tiny"
+    model = tiny_model(num_classes=3, arch="tiny").eval().to(DEVICE)
     fast = optimize(model, backend="triton")
     assert fast.arch == "tiny" and fast.num_classes == 3 and fast.config == model.config
     with pytest.raises(RuntimeError, match="inference-only"):

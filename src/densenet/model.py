@@ -158,6 +158,8 @@ class DenseNet(nn.Module):
         stem_stride: per spatial axis, the ImageNet stem's downsampling: 1 keeps that axis (its
             convolution and max-pool run with stride 1 along it), 2 (default) halves it in each.
             ``(1, 2, 2)`` suits thin volumes (few slices). None: 2 along every axis.
+        arch: the registry name of this configuration (``densenet.get_model`` gives it), or
+            None for a custom one.
 
     Input (N, in_channels, *spatial) float; output (N, num_classes) logits.
     """
@@ -178,6 +180,7 @@ class DenseNet(nn.Module):
         memory_efficient: bool | str = False,
         spatial_dims: int = 2,
         stem_stride: Sequence[int] | None = None,
+        arch: str | None = None,
     ) -> None:
         super().__init__()
         _check_config(
@@ -223,7 +226,7 @@ class DenseNet(nn.Module):
         self.num_features = channels
         self.num_classes = num_classes
         self.classifier: nn.Module = _classifier(channels, num_classes)
-        self.arch = None  # the registry name, set by densenet.get_model
+        self.arch = arch
         self._init_weights()
 
     def _init_weights(self) -> None:

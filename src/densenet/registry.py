@@ -118,12 +118,11 @@ def get_model(
                 f"num_classes to keep it, or pass new_head=True to fine-tune its backbone under "
                 f"a new {asked}-class classifier"
             )
-    model = DenseNet(**{**config, **kwargs})
+    model = DenseNet(**{**config, **kwargs}, arch=name)
     if state is not None:
         load_state(model, state, weights, inflate)
     elif entry is not None:
         load_weights(model, entry, progress, inflate)
-    model.arch = name
     return DenseNetFeatures(model, out_indices) if features_only else model
 
 
