@@ -4,6 +4,10 @@ or concatenation left; the precision helpers."""
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_model
@@ -90,7 +94,11 @@ def test_onednn_refusals():
 
 
 def test_default_dtype(monkeypatch):
-    assert isinstance(native_bfloat16(), bool)
+    if sys.platform == "linux":  # the kernel's CPU flags say the same
+        flags = set(
+            re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split()
+        )
+        assert native_bfloat16() == bool(flags & {"avx512_bf16", "amx_tile"})
     assert default_dtype("cuda") == torch.bfloat16
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(densenet.cpu, "native_bfloat16", lambda native=native: native)
