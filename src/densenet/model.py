@@ -66,11 +66,14 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
 
     def forward(self, x: Tensor) -> Tensor:
+        dropout = self.training and self.drop_rate > 0  # none traced for inference (FX, int8)
         out = self.conv1(self.relu1(self.norm1(x)))
-        out = F.dropout(out, self.drop_rate, self.training)
+        if dropout:
+            out = F.dropout(out, self.drop_rate, True)
         if self.conv2 is not None and self.norm2 is not None and self.relu2 is not None:
             out = self.conv2(self.relu2(self.norm2(out)))
-            out = F.dropout(out, self.drop_rate, self.training)
+            if dropout:
+                out = F.dropout(out, self.drop_rate, True)
         return out
 
 
