@@ -11,6 +11,7 @@ from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
+from densenet.benchmark import run_benchmark
 from densenet.cli import main
 from densenet.evaluation import evaluate_dataset
 from densenet.quantization import QuantizeError, quantize, save_quantized
@@ -108,3 +109,21 @@ def test_eval_measures_the_int8_model_next_to_float32(photos, tmp_path):
     assert (exact["precision"], int8["precision"]) == ("float32", "int8")
     assert exact["images"] == int8["images"] == 24
     assert int8["loss"] == pytest.approx(exact["loss"], rel=0.2)
+
+
+def test_bench_times_int8_next_to_onnxruntime_and_openvino_int8():
+    """``densenet bench --dtype int8``: the int8 engines beside float32 torchvision, each checked
+    against float64 and its error reported (OpenVINO's when installed)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(growth_rate=8))
+    results = run_benchmark([model], [2], dtype="int8", image_size=32, rounds=1, repeats=1)
+    by_engine = {r.engine: r for r in results}
+    assert list(by_engine) == [
+        "torchvision eager", "densenet int8", "onnxruntime int8", "openvino int8"
+    ]  # fmt: skip
+    assert by_engine["torchvision eager"].dtype == "float32"
+    for name in ("densenet int8", "onnxruntime int8"):
+        r = by_engine[name]
+        assert r.dtype == "int8" and 0 < r.rel_error < 0.15 and r.ms > 0, r
+    openvino = by_engine["openvino int8"]
+    assert openvino.note.startswith("not installed") or 0 < openvino.rel_error < 0.15

@@ -3,7 +3,9 @@
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
 baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
-inductor, onednn on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs. Each engine's
+inductor, onednn on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs; with dtype
+``"int8"``, densenet's int8 form beside ONNX Runtime's static QDQ int8 and OpenVINO's NNCF int8
+(CPU, each calibrated on the same random-normal images). Each engine's
 output is checked against a float64 evaluation of the model before it is timed; float32 engines
 are checked and timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
 Engines are then timed in interleaved rounds (so a noisy machine slows all of them alike) and the
@@ -27,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .backends import optimize
-from .dtypes import DTYPES
+from .dtypes import DTYPES, dtype_name
 from .inference import BucketedModel
 from .io import text_table
 from .model import DenseNet
+from .quantization import quantize_module
 from .registry import get_model
 from .runtime import resolve_device
 
@@ -40,6 +43,8 @@ CHECKED = 8  # images of each batch whose outputs are compared with the float64 
 OTHER_BATCHES = (1, 64)  # what each engine also runs first with ``shapes_vary``
 FLOAT32_TOLERANCE = 1e-4  # relative error allowed against the float64 reference
 REDUCED_TOLERANCE = 2e-2  # the same for bfloat16, float16 and OpenVINO's default precision
+INT8_TOLERANCE = 0.15  # the same for int8 (random weights and inputs; the error is reported)
+CALIBRATION_IMAGES = 32  # random-normal images the int8 engines calibrate on
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Engine:
     build: Callable[[DenseNet, Tensor, torch.dtype], Callable[[Tensor], Tensor]]
     devices: tuple[str, ...] = ("cpu", "cuda")
     reduced_precision: bool = True  # runs at the requested dtype (else always float32)
+    int8: bool = False  # runs int8, calibrated on ``_calibration``: only with dtype "int8"
 
 
 def _autocast(fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype):
@@ -152,38 +158,87 @@ def _cuda_graph(backend: str):
     return build
 
 
+def _export_onnx(model: DenseNet, x: Tensor, path: str) -> None:
+    torch.onnx.export(
+        model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )  # fmt: skip
+
+
+def _ort_session(ort: Any, path: str) -> Callable[[Tensor], Tensor]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+
+
 def _onnxruntime(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        torch.onnx.export(
-            model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,
-            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-        )  # fmt: skip
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+        _export_onnx(model, x, path)
+        return _ort_session(ort, path)
+
+
+def _ov_request(ov: Any, ov_model: Any, precision: str | None) -> Callable[[Tensor], Tensor]:
+    config = {"NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    request = ov.Core().compile_model(ov_model, "CPU", config).create_infer_request()
+    return lambda inp: torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
 
 
 def _openvino(precision: str | None):
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
         import openvino as ov
 
-        config = {"NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
-        if precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        compiled = ov.Core().compile_model(ov.convert_model(model, example_input=x), "CPU", config)
-        request = compiled.create_infer_request()
-
-        def run(inp: Tensor) -> Tensor:
-            return torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
-
-        return run
+        return _ov_request(ov, ov.convert_model(model, example_input=x), precision)
 
     return build
+
+
+def _calibration(x: Tensor) -> list[Tensor]:
+    """What the int8 engines calibrate on: ``CALIBRATION_IMAGES`` random-normal images of
+    ``x``'s size (one generator for all engines), in batches of 8."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(CALIBRATION_IMAGES, *x.shape[1:], generator=generator)
+    return list(images.split(8))
+
+
+def _densenet_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return quantize_module(model.cpu(), _calibration(x))
+
+
+def _onnxruntime_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """ONNX Runtime's static QDQ quantization (per-channel int8 weights, uint8 activations)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(_calibration(x))
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "int8.onnx")
+        _export_onnx(model, x, fp32)
+        quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        return _ort_session(ort, int8)
+
+
+def _openvino_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """OpenVINO's model quantized by NNCF's post-training ``quantize``."""
+    import nncf
+    import openvino as ov
+
+    calibration = nncf.Dataset([batch.numpy() for batch in _calibration(x)])
+    quantized = nncf.quantize(ov.convert_model(model, example_input=x), calibration)
+    return _ov_request(ov, quantized, None)
 
 
 ENGINES: dict[str, Engine] = {
@@ -202,6 +257,9 @@ ENGINES: dict[str, Engine] = {
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
         Engine("densenet.optimize triton CUDA graph", _cuda_graph("triton"), ("cuda",)),
+        Engine("densenet int8", _densenet_int8, ("cpu",), int8=True),
+        Engine("onnxruntime int8", _onnxruntime_int8, ("cpu",), int8=True),
+        Engine("openvino int8", _openvino_int8, ("cpu",), int8=True),
     ]
 }
 BASELINE = "torchvision eager"
@@ -273,7 +331,8 @@ def _setup(
     runs batches of ``OTHER_BATCHES`` images (as a service would), then ``x``."""
     engine = ENGINES[name]
     run_dtype = dtype if engine.reduced_precision else torch.float32
-    result = Result(getattr(model, "arch", None) or "custom", name, x.shape[0], str(run_dtype)[6:])
+    precision = "int8" if engine.int8 else dtype_name(run_dtype)
+    result = Result(getattr(model, "arch", None) or "custom", name, x.shape[0], precision)
     if name == "openvino default":
         result.dtype = "default"
     begin = time.perf_counter()
@@ -301,9 +360,11 @@ def _setup(
 def _check(fn, result: Result, x: Tensor, reference: Tensor) -> bool:
     with _precision(result), torch.inference_mode():
         result.rel_error = _rel_error(fn(x)[: len(reference)], reference)
-    tolerance = FLOAT32_TOLERANCE if result.dtype == "float32" else REDUCED_TOLERANCE
+    tolerance = {"float32": FLOAT32_TOLERANCE, "int8": INT8_TOLERANCE}.get(
+        result.dtype, REDUCED_TOLERANCE
+    )
     if not result.rel_error <= tolerance:
-        result.note = f"wrong output: relative error {result.rel_error:.2e} > {tolerance:.0e}"
+        result.note = f"wrong output: relative error {result.rel_error:.2e} > {tolerance:.2g}"
         return False
     return True
 
@@ -331,8 +392,10 @@ def run_benchmark(
         batch_sizes: images per forward pass.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: the precision of the engines that support reduced precision (float32, bfloat16,
-            float16); the torchvision eager baseline always runs float32 NCHW.
-        engines: names from ``ENGINES`` (default: all that run on ``device``).
+            float16), or ``"int8"``: the int8 engines (CPU: densenet's FX int8, ONNX Runtime's
+            static QDQ, OpenVINO with NNCF; each calibrated on the same random-normal images);
+            the torchvision eager baseline always runs float32 NCHW.
+        engines: names from ``ENGINES`` (default: all that run on ``device`` and in ``dtype``).
         image_size: input height and width in pixels.
         rounds: timing rounds; each round times every engine ``repeats`` times in turn.
         repeats: calls per engine per round (default: enough for about 0.2 s of work on CPU).
@@ -348,11 +411,16 @@ def run_benchmark(
         torch.compile(torchvision), when it ran.
     """
     device = resolve_device(device)
+    precision = torch.float32 if dtype == "int8" else DTYPES[dtype]
     say = progress or (lambda line: None)
     unknown = [n for n in engines or () if n not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engines {unknown}; choose from {list(ENGINES)}")
-    names = [n for n in engines or ENGINES if device.type in ENGINES[n].devices]
+    int8 = dtype == "int8"  # the int8 engines (CPU), else the others, unless named
+    names = [
+        n for n in engines or ENGINES
+        if device.type in ENGINES[n].devices and (engines or ENGINES[n].int8 == int8)
+    ]  # fmt: skip
     if BASELINE not in names:
         names.insert(0, BASELINE)
     say(
@@ -377,7 +445,7 @@ def run_benchmark(
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
             for name in names:
                 say(f"{arch} batch {batch}: setting up {name}")
-                fn, result = _setup(name, model, x, DTYPES[dtype], shapes_vary)
+                fn, result = _setup(name, model, x, precision, shapes_vary)
                 results.append(result)
                 if fn is not None and _check(fn, result, x, reference):
                     with _precision(result), torch.inference_mode():

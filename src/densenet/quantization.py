@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from .io import atomic_write
 from .load import LoadedModel, load
 from .preprocessing import ModelCard
 
-__all__ = ["QuantizeError", "QuantizedModel", "compare", "quantize", "save_quantized"]
+__all__ = [
+    "QuantizeError", "QuantizedModel", "compare", "quantize", "quantize_module", "save_quantized",
+]  # fmt: skip
 
 # int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
 warnings.filterwarnings("ignore", message="All inputs of this cat operator")
@@ -84,8 +87,9 @@ def _labelled(folder: str | os.PathLike, card: ModelCard, batch_size: int):
         yield x, torch.tensor(labels[start : start + batch_size])
 
 
-def _convert(module: nn.Module, example: Tensor, batches) -> nn.Module:
-    """FX prepare, observe ``batches``, convert; a layer FX or int8 cannot handle is named."""
+def quantize_module(module: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
+    """``module`` (float32, CPU) in int8: FX prepare, observe the (N, C, H, W) ``batches``,
+    convert; a layer FX or int8 cannot handle is named in the ``QuantizeError``."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -93,7 +97,7 @@ def _convert(module: nn.Module, example: Tensor, batches) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            prepared = prepare_fx(copy.deepcopy(module).eval(), mapping, (example,))
+            prepared = prepare_fx(copy.deepcopy(module).eval(), mapping, (batches[0][:1],))
         except Exception as error:  # the traced code names the module it cannot trace
             raise QuantizeError(
                 f"cannot quantize {type(module).__name__}: {first_line(error)}"
@@ -161,7 +165,7 @@ def quantize(
     held = paths[-holdout:] if len(paths) > holdout else []
     fit = paths[: len(paths) - len(held)]
     batches = list(_batches(fit, card, batch_size, "calibrating", progress))
-    quantized = _convert(module, batches[0][:1], batches)
+    quantized = quantize_module(module, batches)
     report = compare(
         module, quantized, _batches(held or fit, card, batch_size, "comparing", progress)
     )

@@ -25,9 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "int8"],
         help="precision of the engines that support it (default float32 on CPU, bfloat16 on "
-        "CUDA); the torchvision eager baseline is always float32",
+        "CUDA); int8: densenet's int8 next to ONNX Runtime's and OpenVINO's (CPU, each "
+        "calibrated on the same images); the torchvision eager baseline is always float32",
     )
     p.add_argument(
         "--engines",
