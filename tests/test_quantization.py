@@ -11,6 +11,7 @@ from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
+from densenet import quantization
 from densenet.benchmark import run_benchmark
 from densenet.cli import main
 from densenet.evaluation import evaluate_dataset
@@ -127,3 +128,33 @@ def test_bench_times_int8_next_to_onnxruntime_and_openvino_int8():
         assert r.dtype == "int8" and 0 < r.rel_error < 0.15 and r.ms > 0, r
     openvino = by_engine["openvino int8"]
     assert openvino.note.startswith("not installed") or 0 < openvino.rel_error < 0.15
+
+
+def test_int8_onnx_export_runs_in_onnxruntime_and_openvino_alike(photos, tmp_path, capsys):
+    """``export --format onnx --dtype int8 --calibration DIR``: a QDQ model whose int8 logits
+    are near float32's in ONNX Runtime (through ``densenet.load``) and the same in OpenVINO."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
+    weights = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "tiny.int8.onnx"
+    assert main(["export", "--format", "onnx", "--dtype", "int8", "--model", "densenet121",
+                 "--weights", "none", "--out", str(out)]) == 2  # fmt: skip
+    assert "needs calibration images" in capsys.readouterr().err
+    densenet.export.to_onnx(model, out, dtype="int8", calibration=photos, fold=True)
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    loaded = densenet.load(out)
+    assert loaded.card.num_classes == 10
+    x = torch.cat(quantization.calibration_batches(photos, loaded.card, progress=False))[:8]
+    with torch.no_grad():
+        exact, int8 = model(x), loaded.module(x)
+    assert (int8 - exact).norm() / exact.norm() < 0.15
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(str(out), "CPU")
+    by_openvino = torch.from_numpy(compiled(x.numpy())[0])
+    assert torch.equal(by_openvino.argmax(1), int8.argmax(1))
+    assert (by_openvino - int8).norm() / int8.norm() < 0.05

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from .backends import optimize
 from .dtypes import DTYPES, dtype_name
+from .exported import INPUT_NAME
 from .inference import BucketedModel
 from .io import text_table
 from .model import DenseNet
-from .quantization import quantize_module
+from .quantization import quantize_module, quantize_onnx
 from .registry import get_model
 from .runtime import resolve_device
 
@@ -160,8 +161,8 @@ def _cuda_graph(backend: str):
 
 def _export_onnx(model: DenseNet, x: Tensor, path: str) -> None:
     torch.onnx.export(
-        model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,
-        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        model, (x,), path, input_names=[INPUT_NAME], output_names=["y"], dynamo=False,
+        dynamic_axes={INPUT_NAME: {0: "n"}, "y": {0: "n"}},
     )  # fmt: skip
 
 
@@ -170,7 +171,7 @@ def _ort_session(ort: Any, path: str) -> Callable[[Tensor], Tensor]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+    return lambda inp: torch.from_numpy(session.run(None, {INPUT_NAME: inp.numpy()})[0])
 
 
 def _onnxruntime(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -212,22 +213,13 @@ def _densenet_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[
 
 
 def _onnxruntime_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    """ONNX Runtime's static QDQ quantization (per-channel int8 weights, uint8 activations)."""
+    """ONNX Runtime's static QDQ quantization (``densenet.quantization.quantize_onnx``)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(_calibration(x))
-
-        def get_next(self) -> dict[str, Any] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"x": batch.numpy()}
 
     with tempfile.TemporaryDirectory() as folder:
         fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "int8.onnx")
         _export_onnx(model, x, fp32)
-        quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        quantize_onnx(fp32, int8, _calibration(x))
         return _ort_session(ort, int8)
 
 

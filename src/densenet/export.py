@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from .exported import (
 from .inference import BNReLU, InferenceBlock
 from .io import atomic_write, write_text
 from .preprocessing import ModelCard
+from .quantization import calibration_batches, quantize_onnx
 
 __all__ = [
     "DTYPES",
@@ -86,6 +88,7 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     card: ModelCard | None = None,
     categories: Sequence[str] | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file (weights inside, one file).
 
@@ -95,7 +98,10 @@ def to_onnx(
         batch_size: a fixed batch size; default None (dynamic axis ``batch``).
         image_size: a fixed square input size in pixels; default None (dynamic ``height`` and
             ``width``).
-        dtype: float32, float16 or bfloat16: the weights, the input and the output.
+        dtype: float32, float16 or bfloat16: the weights, the input and the output; or int8:
+            a QDQ model (``densenet.quantization.quantize_onnx``: ONNX Runtime's static
+            quantization, calibrated on the images in ``calibration``) with float32 input and
+            output, which ONNX Runtime and OpenVINO run in int8.
         fold: export the inference form (``densenet.optimize``, BatchNorm folded).
         opset: the ONNX operator set, at least 18.
         card: the model card to store (class names, preprocessing; ``densenet.load`` returns
@@ -115,9 +121,16 @@ def to_onnx(
             f"; use an opset from {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})"
         )
     path = _writable(path)
+    int8 = dtype == "int8"
+    if int8 and calibration is None:
+        raise ExportError(
+            "an int8 ONNX model needs calibration images: give a folder of a few hundred of "
+            "your images (--calibration DIR)"
+        )
     net, example, meta = _prepare(
-        model, card, categories, batch_size, image_size, dtype, fold, for_onnx=True
-    )
+        model, card, categories, batch_size, image_size, "float32" if int8 else dtype, fold,
+        for_onnx=True,
+    )  # fmt: skip
     axes: dict[int, str] = {}
     if batch_size is None:
         axes[0] = "batch"
@@ -137,6 +150,10 @@ def to_onnx(
             optimize=True,
         )
     proto = program.model_proto
+    if int8:
+        batches = calibration_batches(calibration, meta.card, progress=False)
+        proto = _quantized(onnx, proto, batches)
+        meta = _with_extra(meta, quantization="int8 QDQ: per-channel weights, uint8 activations")
     proto.producer_name = "densenet"
     proto.doc_string = (
         f"{meta.card.arch or 'DenseNet'}: {INPUT_NAME} (N, 3, H, W) -> {OUTPUT_NAME} (N, classes)"
@@ -317,6 +334,20 @@ def triton_config(meta: ExportMetadata, name: str, max_batch_size: int = 64) -> 
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+
+def _quantized(onnx: Any, proto: Any, batches: list[Tensor]) -> Any:
+    """The float32 ONNX model ``proto`` as ONNX Runtime's static QDQ int8 model."""
+    require(
+        "onnxruntime", "int8 ONNX export (ONNX Runtime's quantization)", "pip install onnxruntime"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = os.path.join(folder, "float32.onnx"), os.path.join(folder, "int8.onnx")
+        onnx.save(proto, source)
+        quantize_onnx(source, target, batches)
+        quantized = onnx.load(target)
+    del quantized.metadata_props[:]  # the quantizer's own note; the caller writes the card
+    return quantized
 
 
 def _prepare(

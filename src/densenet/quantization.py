@@ -23,14 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import DenseNetError, first_line
-from .exported import EXTRA_FILE, ExportMetadata
+from .exported import EXTRA_FILE, INPUT_NAME, ExportMetadata
 from .images import ImageError, find_images, open_image
 from .io import atomic_write
 from .load import LoadedModel, load
 from .preprocessing import ModelCard
 
 __all__ = [
-    "QuantizeError", "QuantizedModel", "compare", "quantize", "quantize_module", "save_quantized",
+    "QuantizeError", "QuantizedModel", "calibration_batches", "compare", "quantize",
+    "quantize_module", "quantize_onnx", "save_quantized",
 ]  # fmt: skip
 
 # int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
@@ -73,6 +74,41 @@ def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
     if not paths:
         raise QuantizeError(f"no calibration images in {calibration} (png, jpg, ...)")
     return paths[:limit]
+
+
+def calibration_batches(
+    calibration: str | os.PathLike,
+    card: ModelCard,
+    *,
+    num_images: int = 300,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Tensor]:
+    """The first ``num_images`` images of the folder ``calibration`` through the card's
+    transform, as (N, C, H, W) float32 batches; ``QuantizeError`` if there are none or one
+    cannot be read."""
+    paths = _calibration_paths(calibration, num_images)
+    return list(_batches(paths, card, batch_size, "calibrating", progress))
+
+
+def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, batches: Sequence[Tensor]):
+    """ONNX Runtime's static QDQ int8 quantization of the float32 ONNX file ``source`` (input
+    ``images``) into ``target``: per-channel int8 weights, uint8 activations calibrated on
+    ``batches``; ONNX Runtime and OpenVINO run the result."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch.numpy()}
+
+    quantize_static(
+        os.fspath(source), os.fspath(target), Reader(), quant_format=QuantFormat.QDQ,
+        per_channel=True,
+    )  # fmt: skip
 
 
 def _labelled(folder: str | os.PathLike, card: ModelCard, batch_size: int):

@@ -37,7 +37,17 @@ def add_parser(sub) -> None:
         type=integer(1, MAX_IMAGE_SIZE),
         help="fix height and width (default: any size)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        help="precision (int8: --format onnx, a QDQ model calibrated on --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="with --dtype int8: a folder of a few hundred of your images to calibrate on",
+    )
     p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
     p.add_argument("--opset", type=integer(), help="ONNX operator set, 18 or newer (default 18)")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
@@ -47,7 +57,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    onnx_only = {"--opset": args.opset is not None, "--triton-repo": args.triton_repo is not None}
+    onnx_only = {
+        "--opset": args.opset is not None,
+        "--triton-repo": args.triton_repo is not None,
+        "--dtype int8": args.dtype == "int8",
+    }
     for flag, given in onnx_only.items():
         if given and args.format != "onnx":
             raise ValueError(f"{flag} applies to --format onnx only")
@@ -61,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
+        options["calibration"] = args.calibration
+    elif args.calibration is not None:
+        raise ValueError("--calibration applies with --format onnx --dtype int8 only")
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     name = loaded.card.arch or args.model
