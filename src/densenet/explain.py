@@ -36,18 +36,21 @@ class ActivationMaps:
     """The forward pass of a batch with its class activation maps.
 
     ``logits`` (N, num_classes); ``maps`` (N, num_classes, h, w) on the final feature map's
-    grid (the input's size / 32 for the ImageNet models), ``maps.mean((2, 3)) == logits``.
+    grid (the input's size / 32 for the ImageNet models), ``maps.mean((2, 3)) == logits``; for
+    a volume model (N, num_classes, d, h, w), for a signal model (N, num_classes, l).
     """
 
     logits: Tensor
     maps: Tensor
 
-    def select(self, classes: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """(N,) class indices -> (N, h, w) their maps, or (N, *size) bilinearly upsampled."""
+    def select(self, classes: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+        """(N,) class indices -> (N, h, w) their maps (volumes (N, d, h, w)), or (N, *size)
+        upsampled (linearly along each axis)."""
         chosen = self.maps[torch.arange(len(classes)), classes.to(self.maps.device)]
         if size is None:
             return chosen
-        return F.interpolate(chosen[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[chosen.dim() - 1]
+        return F.interpolate(chosen[:, None], size=size, mode=mode, align_corners=False)[:, 0]
 
 
 def _features_and_classifier(model: nn.Module, x: Tensor) -> tuple[Tensor, nn.Linear]:
@@ -74,14 +77,16 @@ def explain(model: nn.Module, x: Tensor) -> ActivationMaps:
 
     Args:
         model: a ``DenseNet`` with a classifier, or its ``densenet.optimize()`` form, in eval mode.
-        x: (N, in_channels, H, W) preprocessed images.
+        x: (N, in_channels, H, W) preprocessed images ((N, C, D, H, W) volumes, (N, C, L)
+            signals for a model of that many spatial axes).
 
     Returns float32 ``ActivationMaps`` (see the module's docstring for why they are exact).
     """
     features, classifier = _features_and_classifier(model, x)
-    maps = torch.einsum("ck,nkhw->nchw", classifier.weight, features)
-    maps = (maps + classifier.bias.view(1, -1, 1, 1)).float()
-    return ActivationMaps(maps.mean((2, 3)), maps)
+    maps = torch.einsum("ck,nk...->nc...", classifier.weight, features)
+    spatial = tuple(range(2, maps.dim()))
+    maps = (maps + classifier.bias.view(1, -1, *(1 for _ in spatial))).float()
+    return ActivationMaps(maps.mean(spatial), maps)
 
 
 class _FinalFeatures(nn.Module):
@@ -103,7 +108,8 @@ def grad_cam(
 
     Args:
         model: an eager ``DenseNet`` (Grad-CAM needs gradients).
-        x: (N, in_channels, H, W) preprocessed images.
+        x: (N, in_channels, H, W) preprocessed images ((N, C, D, H, W) volumes, (N, C, L)
+            signals for a model of that many spatial axes).
         classes: (N,) the class of each image's map; default its top class.
         layer: a module name such as ``"features.denseblock3"``; default the final feature map
             (after the last BN-ReLU), where Grad-CAM is ``relu(cam - b) / (h * w)``: the class
