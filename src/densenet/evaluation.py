@@ -123,7 +123,7 @@ def evaluate_dataset(
         max_batch = batch_size * views if target.type == "cuda" else None
         runner = Runner(
             loaded, target, optimize=optimize, dtype=dtype, max_batch=max_batch,
-            calibration=calibration,
+            calibration=calibration, progress=progress and rank == 0,
         )  # fmt: skip
         if card.multi_label:
             probabilities, targets, skipped = predict_labels(runner.probabilities, loader)

@@ -73,7 +73,15 @@ def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
     paths = find_images([calibration])
     if not paths:
         raise QuantizeError(f"no calibration images in {calibration} (png, jpg, ...)")
-    return paths[:limit]
+    return _spread(paths, limit)
+
+
+def _spread(items: list[str], count: int) -> list[str]:
+    """``count`` of ``items`` evenly spaced over the whole list, in order (all if fewer): from
+    class folders, every class rather than the first few."""
+    if len(items) <= count:
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def calibration_batches(
@@ -84,7 +92,7 @@ def calibration_batches(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[Tensor]:
-    """The first ``num_images`` images of the folder ``calibration`` through the card's
+    """``num_images`` images spread evenly over the folder ``calibration`` through the card's
     transform, as (N, C, H, W) float32 batches; ``QuantizeError`` if there are none or one
     cannot be read."""
     paths = _calibration_paths(calibration, num_images)
@@ -186,9 +194,10 @@ def quantize(
     Args:
         model: a name, a file or a module (``densenet.load``), or a ``LoadedModel``.
         weights: for a name, its weights (``densenet.load``; None: random).
-        calibration: a folder of images (searched recursively); the first ``num_images`` are
-            read, the last ``holdout`` of them (when more than ``holdout`` remain) are not used
-            for calibration but for the report against float32.
+        calibration: a folder of images (searched recursively): ``num_images`` of them, spread
+            evenly over its sorted images (every class of class folders), are read; ``holdout``
+            of those, spread alike (when more remain), are not calibrated on but compared with
+            float32 for the report.
         validation: a folder with one sub-folder per class name of the card: the accuracy of
             float32 and int8 on its images goes into the report too.
         batch_size: images per calibration batch.
@@ -198,8 +207,9 @@ def quantize(
     if not isinstance(model, LoadedModel):
         model = load(model, weights=weights, progress=progress)
     card, module = model.card, model.module.cpu().float().eval()
-    held = paths[-holdout:] if len(paths) > holdout else []
-    fit = paths[: len(paths) - len(held)]
+    held = _spread(paths, holdout) if len(paths) > holdout else []
+    compared = set(held)
+    fit = [path for path in paths if path not in compared]
     batches = list(_batches(fit, card, batch_size, "calibrating", progress))
     quantized = quantize_module(module, batches)
     report = compare(

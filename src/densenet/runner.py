@@ -50,6 +50,7 @@ class Runner:
             features (embeddings).
         calibration: for ``dtype="int8"`` (CPU only): a folder of images to calibrate the
             post-training int8 quantization on (``densenet.quantize``).
+        progress: show progress bars while the int8 quantization reads its images.
 
     Attributes: ``card``, ``device``, ``module`` (what runs), ``precision`` (its dtype's name).
     """
@@ -64,6 +65,7 @@ class Runner:
         max_batch: int | None = None,
         headless: bool = False,
         calibration: str | os.PathLike | None = None,
+        progress: bool = True,
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
@@ -82,7 +84,7 @@ class Runner:
         if not (optimize and isinstance(module, DenseNet)):
             _check_runs_in(dtype, self.precision, module)
         if optimize and isinstance(module, DenseNet) and dtype == "int8":
-            module = _int8(LoadedModel(module, self.card), device, calibration)
+            module = _int8(LoadedModel(module, self.card), device, calibration, progress)
             self.precision = "int8"
         elif optimize and isinstance(module, DenseNet):
             if isinstance(dtype, str):
@@ -132,7 +134,12 @@ class Runner:
         return explain(self.model, batch.to(self.device))
 
 
-def _int8(loaded: LoadedModel, device: torch.device, calibration: str | os.PathLike | None):
+def _int8(
+    loaded: LoadedModel,
+    device: torch.device,
+    calibration: str | os.PathLike | None,
+    progress: bool,
+) -> nn.Module:
     """``loaded``'s module quantized to int8 on the images in ``calibration``."""
     if device.type != "cpu":
         raise DenseNetError(f"int8 runs on the CPU (PyTorch's x86 int8 kernels), not on {device}")
@@ -141,7 +148,7 @@ def _int8(loaded: LoadedModel, device: torch.device, calibration: str | os.PathL
             "int8 needs calibration images: give a folder of a few hundred of your images "
             "(--calibration DIR), or quantize once with densenet quantize and load its file"
         )
-    quantized = quantize(loaded, calibration)
+    quantized = quantize(loaded, calibration, progress=progress)
     log.info("int8 against float32: %s", quantized.report)
     return quantized.module
 
