@@ -52,7 +52,7 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     """Give every BatchNorm non-trivial affine parameters and running statistics."""
     generator = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.weight.data = torch.rand(n, generator=generator, dtype=m.weight.dtype) + 0.5
             m.bias.data = torch.randn(n, generator=generator, dtype=m.bias.dtype) * 0.1

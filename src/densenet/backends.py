@@ -133,7 +133,8 @@ def optimize(
             form's 10,800; about 4.5 s of autotuning at each new input shape against inductor's
             20 s of compiling); onednn for a CPU model in float32 or bfloat16 on an AVX-512
             CPU (where it measured at least as fast as eager; on AVX2-only CPUs it is slower);
-            else eager (``densenet.export`` always reads the eager form).
+            else eager (``densenet.export`` always reads the eager form). A 1D or 3D model
+            (``spatial_dims``) runs eager or inductor only.
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit
@@ -141,8 +142,9 @@ def optimize(
 
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
-        ``OneDNNDenseNet``, mapping (N, C, H, W) inputs of any float dtype to outputs of the same
-        dtype; it keeps the model's ``arch`` and ``config``.
+        ``OneDNNDenseNet``, mapping (N, C, H, W) inputs ((N, C, L), (N, C, D, H, W) for 1D and
+        3D models) of any float dtype to outputs of the same dtype; it keeps the model's
+        ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
@@ -150,11 +152,6 @@ def optimize(
         raise RuntimeError(
             "optimize() needs a model in eval mode (its BatchNorm running statistics are folded "
             "into the weights); call model.eval() first"
-        )
-    if model.spatial_dims != 2:
-        raise ValueError(
-            f"optimize() folds 2D models only, got spatial_dims={model.spatial_dims}; "
-            "run the model itself (model.eval()) for volumes and signals"
         )
     device = next(model.parameters()).device
     if dtype is None:
@@ -164,6 +161,13 @@ def optimize(
     mode = "default" if compile in (True, False) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    if model.spatial_dims != 2:  # the eager form (or it compiled) folds volumes and signals
+        backend = backend or ("inductor" if compile else "eager")
+        if backend not in ("eager", "inductor"):
+            raise ValueError(
+                f"backend={backend!r} runs 2D models only, got spatial_dims={model.spatial_dims}; "
+                "use backend='eager' or 'inductor'"
+            )
     backend = _backend(backend, compile, device, dtype, channels_last)
     if backend == "triton":
         from .gpu import TritonDenseNet  # imports triton, which some platforms lack

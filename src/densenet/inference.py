@@ -35,6 +35,8 @@ from .model import DenseNet
 __all__ = ["BucketedModel", "InferenceDenseNet", "InferenceOnly", "SpaceToDepthConv"]
 
 METADATA = ("arch", "config", "num_classes", "num_features")
+AVG_POOL = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}  # by input dimensions
+GLOBAL_AVG_POOL = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
 
 
 def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -43,6 +45,11 @@ def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     scale = norm.weight.detach().double() / torch.sqrt(var + norm.eps)
     shift = norm.bias.detach().double() - norm.running_mean.detach().double() * scale
     return scale, shift
+
+
+def _spatial_dims(norm: nn.Module) -> int:
+    """1, 2 or 3: the spatial axes of a BatchNorm1d, 2d or 3d's input."""
+    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}[type(norm)]
 
 
 def _relu_bn_as_clamp(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -59,23 +66,29 @@ def _relu_bn_as_clamp(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor, Ten
     return low, high, scale, offset
 
 
+def _per_channel(values: Tensor, spatial_dims: int) -> Tensor:
+    """(C,) -> (1, C, 1, ...) with ``spatial_dims`` trailing ones, to broadcast over a batch."""
+    return values.view(1, -1, *(1,) * spatial_dims)
+
+
 def _conv(
     conv: nn.Conv2d, before: nn.BatchNorm2d | None = None, after: nn.BatchNorm2d | None = None
 ) -> nn.Conv2d:
-    """A copy of ``conv`` with BatchNorms folded into its weight and a bias: ``before``, a BN-ReLU
-    on its input that ``PrefixClamp(before)`` reduces to a clamp (1x1 convolutions only: the
-    offset becomes a bias), and ``after``, a BatchNorm on its output."""
+    """A copy of ``conv`` (1D, 2D or 3D) with BatchNorms folded into its weight and a bias:
+    ``before``, a BN-ReLU on its input that ``PrefixClamp(before)`` reduces to a clamp (1x1
+    convolutions only: the offset becomes a bias), and ``after``, a BatchNorm on its output."""
     weight = conv.weight.detach().double()
+    spatial_dims = weight.dim() - 2
     bias = torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
     if before is not None:
         _, _, scale, offset = _relu_bn_as_clamp(before)
-        bias = bias + weight.sum((2, 3)) @ offset
-        weight = weight * scale.view(1, -1, 1, 1)
+        bias = bias + weight.flatten(2).sum(2) @ offset
+        weight = weight * _per_channel(scale, spatial_dims)
     if after is not None:
         scale, shift = _bn_affine(after)
-        weight = weight * scale.view(-1, 1, 1, 1)
+        weight = weight * scale.view(-1, 1, *(1,) * spatial_dims)
         bias = bias * scale + shift
-    folded = nn.Conv2d(
+    folded = type(conv)(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
@@ -113,16 +126,17 @@ class PrefixClamp(nn.Module):
     """A BN-ReLU whose per-channel scale and offset the next (1x1) linear map absorbs, leaving
     ``clamp(x, low, high)``: one pass over memory, ``maximum`` when every scale is positive.
 
-    Input (N, C, H, W); output (N, C, H, W), a new tensor.
+    Input (N, C, H, W) (1D: (N, C, L), 3D: (N, C, D, H, W)); output the same shape, a new tensor.
     """
 
     def __init__(self, norm: nn.BatchNorm2d) -> None:
         super().__init__()
         low, high, _, _ = _relu_bn_as_clamp(norm)
-        dtype = norm.weight.dtype
-        self.register_buffer("low", low.to(dtype).view(1, -1, 1, 1))
+        dtype, spatial_dims = norm.weight.dtype, _spatial_dims(norm)
+        self.register_buffer("low", _per_channel(low.to(dtype), spatial_dims))
         bounded = not torch.all(high == math.inf)
-        self.register_buffer("high", high.to(dtype).view(1, -1, 1, 1) if bounded else None)
+        high = _per_channel(high.to(dtype), spatial_dims)
+        self.register_buffer("high", high if bounded else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.high is None:
@@ -134,15 +148,15 @@ class BNReLU(nn.Module):
     """An eval-mode BatchNorm followed by ReLU, as one multiply-add and an in-place ReLU (for a
     3x3 convolution's input, whose zero padding keeps the offset from becoming a bias).
 
-    Input (N, C, H, W); output (N, C, H, W), a new tensor.
+    Input (N, C, H, W) (1D: (N, C, L), 3D: (N, C, D, H, W)); output the same shape, a new tensor.
     """
 
     def __init__(self, norm: nn.BatchNorm2d) -> None:
         super().__init__()
         scale, shift = _bn_affine(norm)
-        dtype = norm.weight.dtype
-        self.register_buffer("scale", scale.to(dtype).view(1, -1, 1, 1))
-        self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))
+        dtype, spatial_dims = norm.weight.dtype, _spatial_dims(norm)
+        self.register_buffer("scale", _per_channel(scale.to(dtype), spatial_dims))
+        self.register_buffer("shift", _per_channel(shift.to(dtype), spatial_dims))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.shift, x, self.scale).relu_()
@@ -188,9 +202,9 @@ class InferenceBlock(nn.Module):
         self.out_channels = last.in_channels + _out_channels(last)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
+        n, c, *spatial = x.shape
         buffer = torch.empty(
-            (n, self.out_channels, h, w),
+            (n, self.out_channels, *spatial),
             dtype=x.dtype,
             device=x.device,
             memory_format=_memory_format(x),
@@ -215,7 +229,7 @@ class InferenceTransition(nn.Module):
         self.conv = _conv(transition.conv, before=transition.norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.avg_pool2d(self.act(x), 2))
+        return self.conv(AVG_POOL[x.dim()](self.act(x), 2))
 
 
 class SpaceToDepthConv(nn.Module):
@@ -263,7 +277,8 @@ class InferenceOnly(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
+        features = self.forward_features(x)
+        pooled = torch.flatten(GLOBAL_AVG_POOL[features.dim()](features, 1), 1)
         return self.classifier(pooled).to(x.dtype)
 
     def _finish(self, source: nn.Module) -> None:
@@ -323,11 +338,13 @@ class InferenceDenseNet(InferenceOnly):
         return self.stem[0].weight.dtype
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = x.to(self.dtype, memory_format=self._input_format())
+        x = x.to(self.dtype, memory_format=self._input_format(x.dim()))
         return self.head_act(self.stages(self.stem(x)))
 
-    def _input_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+    def _input_format(self, dims: int) -> torch.memory_format:
+        """Channels last (4D and 5D inputs) if asked, else contiguous."""
+        last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(dims)
+        return last if self.channels_last and last is not None else torch.contiguous_format
 
 
 def _out_channels(layer: InferenceLayer) -> int:
@@ -336,8 +353,9 @@ def _out_channels(layer: InferenceLayer) -> int:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
+        return last
     return torch.contiguous_format
 
 
