@@ -10,6 +10,7 @@ import torch
 import densenet
 from densenet.explain import explain
 from densenet.images import ImageError, Reason
+from densenet.runner import Runner
 from densenet.volumes import VolumeFolder, VolumeTransform, read_volume, write_map
 
 nibabel = pytest.importorskip("nibabel")
@@ -106,3 +107,28 @@ def test_class_activation_map_of_a_3d_model_is_written_aligned_with_the_nifti(tm
     np.testing.assert_array_equal(written.affine, source.affine)
     constant = write_map(torch.full((4, 4, 4), 3.0), ANATOMICAL, tmp_path / "constant.nii")
     np.testing.assert_allclose(nibabel.load(constant).get_fdata(), 3.0, rtol=1e-6)
+
+
+def test_volumes_are_scored_and_run_as_volumes_not_as_views():
+    """A 5D batch is volumes for a 3D model (views of images only for a 2D one): accuracy and the
+    Runner average over views only when there are some."""
+    torch.manual_seed(0)
+    model = densenet.DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3,
+        in_channels=1, spatial_dims=3,
+    ).eval()  # fmt: skip
+    volumes, labels = torch.randn(4, 1, 16, 16, 16), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        expected = model(volumes).softmax(1)
+    result = densenet.evaluate(model, [(volumes, labels)])
+    assert result.images == 4
+    nll = -expected[torch.arange(4), labels].log().mean().item()
+    assert result.loss == pytest.approx(nll, rel=1e-5)
+    runner = Runner(densenet.load(model), torch.device("cpu"))
+    torch.testing.assert_close(runner.probabilities(volumes), expected, rtol=1e-4, atol=1e-6)
+    views = torch.stack([volumes, volumes.flip(-1)], 1)  # (N, V, C, D, H, W)
+    with torch.no_grad():
+        mirrored = model(volumes.flip(-1)).softmax(1)
+    torch.testing.assert_close(
+        runner.probabilities(views), (expected + mirrored) / 2, rtol=1e-4, atol=1e-6
+    )

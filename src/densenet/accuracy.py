@@ -84,9 +84,10 @@ class ModuleProbabilities:
 
     @torch.no_grad()
     def probabilities(self, batch: Tensor) -> Tensor:
-        views = batch.shape[1] if batch.dim() == 5 else 1
-        images = batch.flatten(0, batch.dim() - 4).to(self.device, non_blocking=True)
-        if self.channels_last:
+        one = 1 + getattr(self.module, "spatial_dims", 2)  # an input's dimensions: C and axes
+        views = batch.shape[1] if batch.dim() == one + 2 else 1
+        images = batch.flatten(0, batch.dim() - one - 1).to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         was_training = self.module.training
         self.module.eval()

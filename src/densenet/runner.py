@@ -69,6 +69,7 @@ class Runner:
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
+        self.spatial_dims = getattr(module, "spatial_dims", 2)  # exported files: images
         if headless:
             if not isinstance(module, DenseNet):
                 raise TypeError(
@@ -124,8 +125,9 @@ class Runner:
         num_classes) probabilities on the device, as the card says (``ModelCard.probabilities``:
         its calibration, then a softmax, or each class's sigmoid for a multi-label model),
         averaged over the views."""
-        views = batch.shape[1] if batch.dim() == 5 else 1
-        logits = self.logits(batch.flatten(0, batch.dim() - 4))
+        one = 1 + self.spatial_dims  # an input's dimensions: channels and spatial axes
+        views = batch.shape[1] if batch.dim() == one + 2 else 1
+        logits = self.logits(batch.flatten(0, batch.dim() - one - 1))
         return self.card.probabilities(logits).view(len(batch), views, -1).mean(1)
 
     def activation_maps(self, batch: Tensor) -> ActivationMaps:
