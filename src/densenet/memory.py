@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["memory_efficient_block"]
+__all__ = ["memory_efficient_block", "memory_efficient_bn_relu"]
 
 _aten = torch.ops.aten
 # Tensors handed to the autograd function per layer, in this order (None where a part is absent).
@@ -121,6 +121,103 @@ def memory_efficient_block(layers: Sequence[nn.Module], x: Tensor, triton: bool 
                 _update_running_stats(layer.norm2, mean2[i], var2[i], m)
             c_in += _growth(specs[i])
     return buffer
+
+
+def memory_efficient_bn_relu(
+    norm: nn.Module, x: Tensor, *, conv: nn.Module | None = None, pool: nn.Module | None = None
+) -> Tensor:
+    """``conv(relu(norm(x)))`` (a transition's convolution) or ``pool(relu(norm(x)))`` (the
+    stem's max-pool) as one autograd function that keeps ``x`` and the batch statistics but not
+    the BN-ReLU output: backward recomputes it (an elementwise pass) and re-runs the pool, never
+    the convolution. Exact gradients; running statistics updated as ``norm`` would. ``x`` is
+    (N, C, *spatial) with 1, 2 or 3 spatial axes."""
+    if (conv is None) == (pool is None):
+        raise ValueError("give one of conv and pool")
+    weight, bias, running_mean, running_var = _norm_tensors(norm)
+    batch = _batch_mode(norm)
+    m = x.shape[0] * math.prod(x.shape[2:])
+    if batch and m == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    spec = _conv_spec(conv) if conv is not None else None
+    out, mean, var = _BNReLUFunction.apply(
+        x, weight, bias, running_mean, running_var, None if conv is None else conv.weight,
+        float(norm.eps), batch, spec, pool,
+    )  # fmt: skip
+    if _updates_running_stats(norm):
+        with torch.no_grad():
+            _update_running_stats(norm, mean, var, m)
+    return out
+
+
+class _BNReLUFunction(torch.autograd.Function):
+    """(x, norm weight, bias, running mean, var (None in batch mode), conv weight or None, eps,
+    batch, conv spec or None, pool or None) -> (conv or pool of relu(norm(x)), mean, var)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, rm: Tensor | None, rv: Tensor | None,
+                cw: Tensor | None, eps: float, batch: bool, spec: _Conv | None,
+                pool: nn.Module | None) -> Any:  # fmt: skip
+        if batch:
+            var, mean = _var_mean(x, _stats_dtype(x.dtype))
+        else:
+            mean, var = rm, rv
+        a = _bn_relu(x, mean, var, w, b, eps)
+        indices = None
+        if spec is not None:
+            out = _conv(a, cw, None, spec)
+        elif x.dim() in _MAX_POOL_BACKWARD:  # 2D, 3D: keep the argmax, not the pool's input
+            out, indices = pool(a) if pool.return_indices else _max_pool_indices(pool, a)
+        else:
+            out = pool(a)
+        ctx.save_for_backward(x, w, b, mean, var, cw, indices)
+        ctx.eps, ctx.batch, ctx.spec, ctx.pool = eps, batch, spec, pool
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> Any:
+        x, w, b, mean, var, cw, indices = ctx.saved_tensors
+        a = _bn_relu(x, mean, var, w, b, ctx.eps)  # recomputed: never saved
+        grad_cw = None
+        if ctx.spec is not None:
+            grad_a, grad_cw, _ = _conv_backward(grad, a, cw, None, ctx.spec)
+        elif indices is not None:
+            p = ctx.pool
+            grad_a = _MAX_POOL_BACKWARD[a.dim()](
+                grad, a, _tuple(p.kernel_size, a), _tuple(p.stride, a), _tuple(p.padding, a),
+                _tuple(p.dilation, a), p.ceil_mode, indices,
+            )  # fmt: skip
+        else:
+            with torch.enable_grad():
+                leaf = a.detach().requires_grad_()
+                (grad_a,) = torch.autograd.grad(ctx.pool(leaf), leaf, grad)
+        grad_a = grad_a.to(x.dtype).masked_fill_(a <= 0, 0)
+        grad_x, grad_w, grad_b = _bn_backward(
+            grad_a, x, w, mean, var, ctx.eps, ctx.batch, ctx.needs_input_grad[0]
+        )
+        return grad_x, grad_w, grad_b, None, None, grad_cw, None, None, None, None
+
+
+_MAX_POOL_BACKWARD = {
+    4: _aten.max_pool2d_with_indices_backward,
+    5: _aten.max_pool3d_with_indices_backward,
+}
+_MAX_POOL_INDICES = {4: F.max_pool2d, 5: F.max_pool3d}
+
+
+def _max_pool_indices(pool: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``pool(a)`` (a 2D or 3D max-pool module) and the argmax of each output."""
+    return _MAX_POOL_INDICES[a.dim()](
+        a, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, True
+    )
+
+
+def _tuple(value: int | tuple[int, ...], a: Tensor) -> list[int]:
+    """A pooling argument per spatial axis of ``a``."""
+    return list(value) if isinstance(value, tuple) else [value] * (a.dim() - 2)
 
 
 def _norm_tensors(norm: nn.Module | None) -> list[Tensor | None]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .memory import memory_efficient_block
+from .memory import memory_efficient_block, memory_efficient_bn_relu
 
 STEMS = ("imagenet", "cifar")
 SPATIAL_DIMS = (1, 2, 3)
@@ -136,6 +136,21 @@ class Transition(nn.Sequential):
         if drop_rate > 0:
             self.drop = nn.Dropout(drop_rate)
         self.pool = nd("AvgPool", spatial_dims)(kernel_size=2, stride=2)
+        self.memory_efficient = False  # BN-ReLU output not kept for backward (densenet.memory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_memory_efficient(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_memory_efficient(self, x: Tensor) -> Tensor:
+        x = memory_efficient_bn_relu(self.norm, x, conv=self.conv)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        return self.pool(x)
 
 
 class DenseNet(nn.Module):
@@ -231,6 +246,7 @@ class DenseNet(nn.Module):
         self.classifier: nn.Module = _classifier(channels, num_classes)
         self.arch = arch
         self._init_weights()
+        self.set_memory_efficient(memory_efficient)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -244,10 +260,13 @@ class DenseNet(nn.Module):
 
     def set_memory_efficient(self, enabled: bool | str = True) -> None:
         """Switch every dense block to (or from) the memory-efficient training form (``"triton"``:
-        with the fused kernels)."""
-        for block in self.modules():
-            if isinstance(block, DenseBlock):
-                block.set_memory_efficient(enabled)
+        with the fused kernels), and the stem's and transitions' BN-ReLUs with them."""
+        for module in self.modules():
+            if isinstance(module, DenseBlock):
+                module.set_memory_efficient(enabled)
+            elif isinstance(module, Transition):
+                module.memory_efficient = bool(enabled)
+        self.memory_efficient = bool(enabled)
 
     @property
     def min_input_size(self) -> int:
@@ -260,7 +279,22 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) -> (N, num_features, h, w) after the final BN-ReLU."""
+        if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return F.relu(self._features_memory_efficient(x))
         return F.relu(self.features(x))
+
+    @torch.jit.unused
+    def _features_memory_efficient(self, x: Tensor) -> Tensor:
+        """``features(x)`` with the ImageNet stem's BN-ReLU output not kept for backward."""
+        f = self.features
+        if not hasattr(f, "norm0"):  # the CIFAR stem: a convolution only
+            return f(x)
+        stem = ("conv0", "norm0", "relu0", "pool0")
+        x = memory_efficient_bn_relu(f.norm0, f.conv0(x), pool=f.pool0)
+        for name, module in f.named_children():
+            if name not in stem:
+                x = module(x)
+        return x
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
