@@ -219,6 +219,32 @@ def test_saves_less_for_backward():
     assert saved_bytes(efficient, x) < 0.35 * saved_bytes(plain, x)
 
 
+def saved_storages(model: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """How many distinct storages of tensors of ``shape`` autograd saves in one forward pass."""
+    seen = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) == shape:
+            seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return len(seen)
+
+
+@pytest.mark.parametrize("config", ["imagenet", "volume", "signal"])
+def test_the_stem_keeps_no_bn_relu_output(config):
+    """The ImageNet stem keeps its convolution's output (the BatchNorm's input) but not its
+    BN-ReLU output (the max-pool's input), in 1D, 2D and 3D."""
+    plain, efficient = pair(config, dtype=torch.float32)
+    x = inputs(config, torch.float32)
+    with torch.no_grad():
+        stem = tuple(efficient.features.conv0(x).shape)
+    assert saved_storages(plain, x, stem) == 2  # the BatchNorm's input and the ReLU's output
+    assert saved_storages(efficient, x, stem) == 1
+
+
 def test_autocast_bfloat16_close_to_plain():
     plain, efficient = pair("imagenet", dtype=torch.float32)
     x = inputs("imagenet", torch.float32)
