@@ -107,6 +107,10 @@ def test_class_activation_map_of_a_3d_model_is_written_aligned_with_the_nifti(tm
     np.testing.assert_array_equal(written.affine, source.affine)
     constant = write_map(torch.full((4, 4, 4), 3.0), ANATOMICAL, tmp_path / "constant.nii")
     np.testing.assert_allclose(nibabel.load(constant).get_fdata(), 3.0, rtol=1e-6)
+    np.save(tmp_path / "two.npy", np.zeros((2, 5, 6, 7), dtype=np.float32))  # (C, D, H, W)
+    on_npy = nibabel.load(write_map(maps.maps[0, 0], tmp_path / "two.npy", tmp_path / "n.nii"))
+    assert on_npy.shape == (5, 6, 7)
+    np.testing.assert_array_equal(on_npy.affine, np.eye(4))
 
 
 def test_volumes_are_scored_and_run_as_volumes_not_as_views():

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibration import BINS, Calibration, bin_sums, ece_of_bins
+from .transforms import flatten_views
 
 __all__ = ["EvalResult", "ModuleProbabilities", "Predictor", "evaluate"]
 
@@ -84,9 +85,8 @@ class ModuleProbabilities:
 
     @torch.no_grad()
     def probabilities(self, batch: Tensor) -> Tensor:
-        one = 1 + getattr(self.module, "spatial_dims", 2)  # an input's dimensions: C and axes
-        views = batch.shape[1] if batch.dim() == one + 2 else 1
-        images = batch.flatten(0, batch.dim() - one - 1).to(self.device, non_blocking=True)
+        images, views = flatten_views(batch, getattr(self.module, "spatial_dims", 2))
+        images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         was_training = self.module.training

@@ -168,7 +168,7 @@ class _BNReLUFunction(torch.autograd.Function):
         if spec is not None:
             out = _conv(a, cw, None, spec)
         elif x.dim() in _MAX_POOL_BACKWARD:  # 2D, 3D: keep the argmax, not the pool's input
-            out, indices = pool(a) if pool.return_indices else _max_pool_indices(pool, a)
+            out, indices = _max_pool_indices(pool, a)
         else:
             out = pool(a)
         ctx.save_for_backward(x, w, b, mean, var, cw, indices)

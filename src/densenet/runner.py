@@ -26,6 +26,7 @@ from .load import LoadedModel
 from .model import DenseNet
 from .quantization import quantize
 from .runtime import compute_dtype
+from .transforms import flatten_views
 
 __all__ = ["Runner"]
 
@@ -82,20 +83,20 @@ class Runner:
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
         self.precision = dtype_name(self.input_dtype or torch.float32)
-        if not (optimize and isinstance(module, DenseNet)):
+        if not (optimize and isinstance(module, DenseNet)):  # runs as given
             _check_runs_in(dtype, self.precision, module)
-        if optimize and isinstance(module, DenseNet) and dtype == "int8":
+            if isinstance(module, DenseNet):
+                module = module.to(device)
+        elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
             self.precision = "int8"
-        elif optimize and isinstance(module, DenseNet):
+        else:
             if isinstance(dtype, str):
                 dtype = compute_dtype(dtype, device)
             module = optimize_model(module.to(device), dtype=dtype)
             self.precision = dtype_name(module.dtype)
             if max_batch is not None:
                 module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")
-        elif isinstance(module, DenseNet):
-            module = module.to(device)
         self.module = module
 
     @property
@@ -125,9 +126,8 @@ class Runner:
         num_classes) probabilities on the device, as the card says (``ModelCard.probabilities``:
         its calibration, then a softmax, or each class's sigmoid for a multi-label model),
         averaged over the views."""
-        one = 1 + self.spatial_dims  # an input's dimensions: channels and spatial axes
-        views = batch.shape[1] if batch.dim() == one + 2 else 1
-        logits = self.logits(batch.flatten(0, batch.dim() - one - 1))
+        images, views = flatten_views(batch, self.spatial_dims)
+        logits = self.logits(images)
         return self.card.probabilities(logits).view(len(batch), views, -1).mean(1)
 
     def activation_maps(self, batch: Tensor) -> ActivationMaps:

@@ -224,6 +224,14 @@ def views_transform(
     )
 
 
+def flatten_views(batch: torch.Tensor, spatial_dims: int = 2) -> tuple[torch.Tensor, int]:
+    """(N, C, *spatial) inputs, or (N, V, C, *spatial) test-time views of each (``VIEWS``) ->
+    (N * V, C, *spatial) and V (1 without views); ``spatial_dims`` axes per input (3: volumes)."""
+    if batch.dim() == spatial_dims + 3:
+        return batch.flatten(0, 1), batch.shape[1]
+    return batch, 1
+
+
 def _with_mirror(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     return image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 

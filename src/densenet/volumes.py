@@ -112,7 +112,7 @@ def _channels_first(array: np.ndarray, name: str, nifti: bool) -> Tensor:
     _check_size(array.shape, name)
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise ImageError(f"{name}: {array.dtype} values, not real numbers", Reason.CORRUPT)
-    data = torch.from_numpy(np.array(array, dtype=np.float32))
+    data = torch.from_numpy(np.asarray(array, dtype=np.float32))  # no copy if float32
     if data.dim() == 3:
         data = data[None]
     elif nifti:
@@ -183,13 +183,24 @@ def write_map(values: Tensor, like: str | os.PathLike, out: str | os.PathLike) -
     its affine (the identity for a ``.npy`` volume). Returns the path written."""
     import nibabel
 
-    volume = read_volume(like)
+    size, affine = _grid(like)
     resampled = F.interpolate(
-        values.detach().float().cpu()[None, None], size=tuple(volume.data.shape[1:]),
-        mode="trilinear", align_corners=False,
+        values.detach().float().cpu()[None, None], size=size, mode="trilinear",
+        align_corners=False,
     )[0, 0]  # fmt: skip
-    affine = volume.affine if volume.affine is not None else np.eye(4)
     image = nibabel.Nifti1Image(resampled.numpy(), affine)
     out = Path(out)
     nibabel.save(image, os.fspath(out))
     return out
+
+
+def _grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The (D, H, W) voxel grid of a volume file and its affine (the identity for ``.npy``),
+    from the header alone (the voxels are not read)."""
+    if str(path).lower().endswith(".npy"):
+        shape = np.load(path, mmap_mode="r").shape
+        return tuple(shape[-3:]), np.eye(4)
+    import nibabel
+
+    image = nibabel.load(os.fspath(path))
+    return tuple(image.shape[:3]), image.affine
