@@ -3,15 +3,23 @@ class folders of volumes, and class activation maps written back aligned with th
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import densenet
+from densenet import ModelCard
+from densenet.checkpoint import read_checkpoint
+from densenet.cli import main
+from densenet.data import ImageFolderData, TransformedDataset
 from densenet.explain import explain
 from densenet.images import ImageError, Reason
 from densenet.runner import Runner
-from densenet.volumes import VolumeFolder, VolumeTransform, read_volume, write_map
+from densenet.volumes import VolumeAugment, VolumeTransform, read_volume, write_map
 
 nibabel = pytest.importorskip("nibabel")
 from nibabel.testing import data_path  # noqa: E402 (after the skip)
@@ -84,8 +92,9 @@ def test_class_folders_of_volumes(tmp_path):
         for i in range(2):
             np.save(tmp_path / name / f"{i}.npy", np.full((6, 6, 6), label * 10.0 + i))
     (tmp_path / "normal" / "readme.txt").write_text("not a volume")
-    dataset = VolumeFolder(tmp_path, VolumeTransform((4, 4, 4), window=(0.0, 20.0)), channels=1)
-    assert dataset.classes == ["lesion", "normal"] and len(dataset) == 4
+    folder = ImageFolderData(tmp_path)
+    dataset = TransformedDataset(folder, VolumeTransform((4, 4, 4), window=(0.0, 20.0)))
+    assert folder.classes == ["lesion", "normal"] and len(dataset) == 4
     x, label = dataset[3]
     assert x.shape == (1, 4, 4, 4) and label == 1 and torch.allclose(x, torch.tensor(11 / 20))
 
@@ -136,3 +145,180 @@ def test_volumes_are_scored_and_run_as_volumes_not_as_views():
     torch.testing.assert_close(
         runner.probabilities(views), (expected + mirrored) / 2, rtol=1e-4, atol=1e-6
     )
+
+
+def digit_volumes(root: Path, n: int = 1797, depth: int = 8, val_fraction: float = 0.25) -> Path:
+    """scikit-learn's 8x8 handwritten digits as (depth, 8, 8) volumes in ``root/train`` and
+    ``root/val``, one sub-folder per digit: each image times a Gaussian depth profile of random
+    centre and width, plus unit noise, so the class is decided by the image alone. Training
+    volumes are ``.npy``, held-out ones NIfTI (``.nii.gz``) with 2 mm voxels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    z = np.arange(depth)[:, None, None]
+    split = round(n * (1 - val_fraction))
+    for i, (image, label) in enumerate(zip(digits.images[:n], digits.target[:n])):
+        centre, width = rng.uniform(2, depth - 3), rng.uniform(1, 3)
+        profile = np.exp(-0.5 * ((z - centre) / width) ** 2)
+        volume = (image[None] * profile + rng.normal(0, 1, (depth, 8, 8))).astype(np.float32)
+        folder = root / ("train" if i < split else "val") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        if i < split:
+            np.save(folder / f"{i}.npy", volume)
+        else:
+            nibabel.save(nibabel.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])),
+                         folder / f"{i}.nii.gz")  # fmt: skip
+    return root
+
+
+SMALL_3D = '{"growth_rate": 8, "block_config": [2, 2, 2], "num_init_features": 16}'
+
+
+@pytest.mark.slow
+def test_a_3d_model_learns_digit_volumes_through_the_cli(tmp_path, capsys):
+    """train, eval and predict --cam on volumes: a 3D DenseNet-BC learns digit volumes (>= 90%
+    held out, chance 10%), eval reads its checkpoint's volume card, and the activation maps are
+    written as NIfTI aligned with each volume and as a picture of three slices."""
+    data = digit_volumes(tmp_path / "digits")
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fastest on 2 shared cores for so small a model
+    try:
+        assert main(["train", "--recipe", "cifar10", "--data", str(data), "--volume-size",
+                     "8,8,8", "--epochs", "6", "--batch-size", "32", "--drop-rate", "0",
+                     "--workers", "0", "--set", f"model_args={SMALL_3D}", "--out", str(out),
+                     "--no-progress", "--json"]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["best_val_top1"] >= 90.0, summary
+    card = read_checkpoint(out / "best.pth").card
+    assert card.volume == VolumeTransform((8, 8, 8)) and card.in_channels == 1
+    assert main(["eval", str(data), "--weights", str(out / "best.pth"), "--workers", "0",
+                 "--json", "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 449 and result["top1"] == pytest.approx(summary["best_val_top1"])
+    held_out = sorted((data / "val" / "3").glob("*.nii.gz"))[:2]
+    cams = tmp_path / "cams"
+    assert main(["predict", *map(str, held_out), ANATOMICAL, "--weights", str(out / "best.pth"),
+                 "--cam", str(cams), "--json"]) == 0  # fmt: skip
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["top"][0]["label"] for a in answers[:2]] == ["3", "3"]
+    for answer, source in zip(answers, [*held_out, ANATOMICAL]):
+        written, volume = nibabel.load(answer["cam"]), nibabel.load(source)
+        assert written.shape == volume.shape[:3]
+        np.testing.assert_array_equal(written.affine, volume.affine)
+        assert Image.open(answer["cam_slices"]).size[1] == 192
+    assert answers[0]["cam"] == str(cams / f"{held_out[0].name[:-7]}.cam.nii.gz")
+
+
+def test_volume_runs_refuse_the_wrong_data_in_one_line(tmp_path, capsys):
+    """Volumes without --volume-size, images with it, a window alone, another channel count:
+    each one line before training; ``--window -1000,400`` is read as a value."""
+    volumes, images = tmp_path / "volumes", tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (volumes / split / label).mkdir(parents=True)
+            np.save(volumes / split / label / "0.npy", np.zeros((2, 4, 4, 4), np.float32))
+            (images / split / label).mkdir(parents=True)
+            Image.new("L", (8, 8)).save(images / split / label / "0.png")
+    base = ["train", "--recipe", "cifar10", "--workers", "0", "--out", str(tmp_path / "r")]
+    cases = {
+        "are volumes: give --volume-size": ["--data", str(volumes)],
+        "are images, not volumes": ["--data", str(images), "--volume-size", "4,4,4"],
+        "window applies to volumes": ["--data", str(images), "--window", "-1000,400"],
+        "have 2 channel(s), the model takes 1": [
+            "--data", str(volumes), "--volume-size", "4,4,4", "--window", "-1000,400",
+            "--in-channels", "1",
+        ],
+        "three positive lengths": ["--data", str(volumes), "--volume-size", "4,4"],
+    }  # fmt: skip
+    for message, argv in cases.items():
+        assert main(base + argv) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+
+
+def test_volume_cards_round_trip_and_predict_refuses_images(tmp_path):
+    model = densenet.DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=2,
+        in_channels=1, spatial_dims=3,
+    ).eval()  # fmt: skip
+    card = ModelCard.for_model(model, ("no", "yes")).replace(
+        volume=VolumeTransform((16, 16, 16), window=(-1000.0, 400.0))
+    )
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+    assert card.input_shape == (1, 16, 16, 16)
+    assert ModelCard.for_model(model).volume == VolumeTransform((96, 96, 96))
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).normal(size=(12, 12, 12)))
+    Image.new("L", (16, 16)).save(tmp_path / "photo.png")
+    classifier = densenet.Classifier(model, device="cpu", categories=("no", "yes"))
+    scan, photo, picture = classifier.classify(
+        [str(tmp_path / "scan.npy"), str(tmp_path / "photo.png"), Image.new("L", (16, 16))]
+    )
+    assert scan.error is None and sorted(scan.labels) == ["no", "yes"]
+    assert photo.reason == Reason.NOT_AN_IMAGE and "not a volume" in photo.error, photo
+    assert picture.reason == Reason.NOT_AN_IMAGE and "takes volumes" in picture.error, picture
+    with torch.no_grad():
+        x = VolumeTransform((96, 96, 96))(read_volume(tmp_path / "scan.npy").data)
+        expected = model(x[None]).softmax(1)[0]
+    assert scan.probabilities == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
+    with pytest.raises(ValueError, match="this model takes volumes"):
+        densenet.Classifier(model, device="cpu", tta="hflip")
+    # an exported volume model keeps its card: the same answer from the ONNX file
+    exported = densenet.export.export(model, tmp_path / "m.onnx", "onnx", card=classifier.card)
+    (again,) = densenet.Classifier(exported, device="cpu").classify(str(tmp_path / "scan.npy"))
+    assert again.labels == scan.labels
+    assert again.probabilities == pytest.approx(scan.probabilities, abs=1e-5)
+
+
+def test_augmented_volumes_shift_and_flip_within_bounds():
+    x = torch.arange(8 * 8 * 8, dtype=torch.float32).view(1, 8, 8, 8)
+    torch.manual_seed(0)
+    seen = [VolumeAugment()(x) for _ in range(20)]
+    assert all(v.shape == x.shape for v in seen)
+    assert any(not torch.equal(v, x) for v in seen)
+    # a shift of at most one voxel (1/8 of 8) along each axis, then maybe a mirror along W
+    for v in seen:
+        inner = v[0, 1:-1, 1:-1, 1:-1]
+        candidates = [
+            x[0, 1 + a : 7 + a, 1 + b : 7 + b, 1 + c : 7 + c]
+            for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)
+        ]  # fmt: skip
+        assert any(torch.equal(inner, t) or torch.equal(inner, t.flip(-1)) for t in candidates)
+    assert torch.equal(VolumeAugment(shift=0, flip=False)(x), x)
+
+
+def test_a_labels_csv_of_volumes_trains_a_multi_label_3d_model(tmp_path, capsys):
+    """A labels CSV may name volumes: multi-label training, evaluation and prediction run on
+    them (one epoch of a tiny model: the path, not the accuracy), an unreadable one skipped."""
+    rng = np.random.default_rng(0)
+    rows = ["file,bright,striped,split"]
+    for i in range(16):
+        bright, striped = i % 2, (i // 2) % 2
+        volume = rng.normal(size=(6, 6, 6)) + 3 * bright
+        volume[:, ::2] += 2 * striped
+        np.save(tmp_path / f"{i}.npy", volume.astype(np.float32))
+        rows.append(f"{i}.npy,{bright},{striped},{'train' if i < 12 else 'val'}")
+    (tmp_path / "99.npy").write_bytes(b"damaged")
+    rows.append("99.npy,1,1,train")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "cifar10+", "--data", str(tmp_path), "--labels",
+                 str(tmp_path / "labels.csv"), "--volume-size", "8,8,8", "--epochs", "1",
+                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress",
+                 "--set", 'model_args={"growth_rate": 4, "block_config": [1, 1], '
+                 '"num_init_features": 8}', "--json"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["best_val_mean_auroc"] <= 1
+    card = read_checkpoint(out / "best.pth").card
+    assert card.multi_label and card.classes == ("bright", "striped") and card.volume is not None
+    assert main(["eval", str(tmp_path), "--weights", str(out / "best.pth"), "--labels",
+                 str(tmp_path / "labels.csv"), "--workers", "0", "--json",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["images"] == 4
+    assert main(["predict", str(tmp_path / "0.npy"), "--weights", str(out / "best.pth"),
+                 "--json"]) == 0  # fmt: skip
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert {t["label"] for t in answer["top"]} == {"bright", "striped"} and "positive" in answer

@@ -510,8 +510,13 @@ def run(
         raise BulkError(f"no images in {os.fspath(source)} (an empty folder, manifest or glob)")
     workers = min(workers, -(-first // batch_size))
     loaded = load(model, weights=weights, device=target, progress=progress)
-    outputs = Outputs(loaded, options, target, optimize, precision)
     card = loaded.card
+    if card.volume is not None:
+        raise BulkError(
+            "bulk runs read images; a volume model classifies volume files with densenet predict "
+            "(without --out) or densenet eval"
+        )
+    outputs = Outputs(loaded, options, target, optimize, precision)
     settings = {
         "task": options.task,
         "input": os.path.abspath(source),

@@ -1,5 +1,5 @@
 """Datasets and loaders for training and evaluation: ImageNet-style folders (one sub-folder per
-class), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN), deterministic per-sample
+class, of images or of volumes), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN), deterministic per-sample
 augmentation, and the batch sampler that shards each global batch over processes.
 
 Unreadable images do not stop a run: a folder dataset yields ``None`` for them, and ``collate``
@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset, Sampler, Subset
 from torchvision import datasets
 
 from .errors import DenseNetError
-from .images import IMAGE_SUFFIXES, ImageError, open_image
+from .images import IMAGE_SUFFIXES, ImageError
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -32,6 +32,7 @@ from .transforms import (
     UNIT_MEAN,
     UNIT_STD,
 )
+from .volumes import VOLUME_SUFFIXES, is_sample_file, open_sample
 
 __all__ = [
     "NAMED_DATASETS",
@@ -135,15 +136,12 @@ def named_dataset(
         ) from None
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_SUFFIXES)
-
-
 class ImageFolderData(datasets.ImageFolder):
     """An ImageNet-style folder: one sub-folder per class, classes in sorted folder-name order
     (for ImageNet, the 1000 synset folders: the class index order of the official weights).
 
-    Items are ``(PIL image, label)``, or ``None`` for an image that cannot be read (logged with
+    Items are ``(PIL image, label)`` (for volume files, ``((C, D, H, W) voxels, label)``:
+    ``densenet.volumes.open_sample``), or ``None`` for a file that cannot be read (logged with
     its path and reason), so that one bad file never stops a run.
     """
 
@@ -152,21 +150,22 @@ class ImageFolderData(datasets.ImageFolder):
         if not root.is_dir():
             raise DataError(f"{root} is not a folder")
         try:
-            super().__init__(str(root), is_valid_file=_is_image, allow_empty=True)
+            super().__init__(str(root), is_valid_file=is_sample_file, allow_empty=True)
         except FileNotFoundError:
             raise DataError(
                 f"{root} has no class sub-folders; expected one sub-folder of images per class"
             ) from None
         if not self.samples:
+            suffixes = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
             raise DataError(
-                f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class sub-folders "
+                f"{root} holds no images or volumes ({suffixes}) in its class sub-folders "
                 f"({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
             )
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
         try:
-            return open_image(path), label
+            return open_sample(path), label
         except ImageError as error:
             log.warning("skipped unreadable image: %s", error)
             return None

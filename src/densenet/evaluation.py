@@ -106,10 +106,11 @@ def evaluate_dataset(
     with process_group(device) as (rank, world_size, target):
         loaded = load(model, weights=weights, device=target)
         card = loaded.card
-        pre = card.preprocessing
         tta = "ten-crop" if ten_crop else tta
+        if tta is not None and card.volume is not None:
+            raise DataError("test-time views (--tta) are of images; this model takes volumes")
         views = VIEWS[tta] if tta is not None else 1
-        transform = pre.views_transform(tta) if tta is not None else pre.transform()
+        transform = card.preprocessing.views_transform(tta) if tta is not None else card.transform()
         if (card.multi_label or labels is not None) and world_size > 1:
             raise DataError("a multi-label model is evaluated in one process")
         dataset = _labelled_set(data, card, transform, labels, split, data_root, download)
@@ -208,9 +209,7 @@ def calibrate_dataset(
     card = loaded.card.replace(calibration=None)
     if rule is not None and not card.multi_label:
         raise DataError("--threshold is for multi-label models; a single-label one takes the top")
-    dataset = _labelled_set(
-        data, card, card.preprocessing.transform(), labels, split, data_root, download
-    )
+    dataset = _labelled_set(data, card, card.transform(), labels, split, data_root, download)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     runner = Runner(loaded, target, dtype=torch.float32)
     batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)

@@ -23,7 +23,14 @@ from .inference import InferenceOnly
 from .model import DenseNet
 from .transforms import to_rgb
 
-__all__ = ["ActivationMaps", "ExplainError", "explain", "grad_cam", "heat_overlay"]
+__all__ = [
+    "ActivationMaps",
+    "ExplainError",
+    "explain",
+    "grad_cam",
+    "heat_overlay",
+    "slices_overlay",
+]
 
 
 class ExplainError(DenseNetError, TypeError):
@@ -139,15 +146,49 @@ def _colormap(values: Tensor) -> Tensor:
     return (torch.stack([red, green, blue], -1) * 255).round().to(torch.uint8)
 
 
-def heat_overlay(image: Image.Image, cam: Tensor, label: str, alpha: float = 0.5) -> Image.Image:
+def heat_overlay(
+    image: Image.Image,
+    cam: Tensor,
+    label: str,
+    alpha: float = 0.5,
+    limits: tuple[float, float] | None = None,
+) -> Image.Image:
     """An RGB picture of ``image`` with ``cam`` (H, W, the image's size) drawn over it as a heat
-    map (its minimum blue, its maximum red; ``alpha`` its weight) and ``label`` in the corner."""
-    low, high = cam.min(), cam.max()
-    scaled = (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
+    map (``limits`` (low, high), default the map's minimum and maximum, blue through red;
+    ``alpha`` its weight) and ``label``, when not empty, in the corner."""
+    low, high = limits if limits is not None else (float(cam.min()), float(cam.max()))
+    scaled = ((cam - low) / (high - low)).clamp(0, 1) if high > low else torch.zeros_like(cam)
     heat = Image.fromarray(_colormap(scaled.float().cpu()).numpy(), "RGB")
     blended = Image.blend(to_rgb(image), heat.resize(image.size), alpha)
-    draw = ImageDraw.Draw(blended)
-    box = draw.textbbox((0, 0), label)
-    draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
-    draw.text((2, 2), label, fill=(255, 255, 255))
+    if label:
+        draw = ImageDraw.Draw(blended)
+        box = draw.textbbox((0, 0), label)
+        draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
+        draw.text((2, 2), label, fill=(255, 255, 255))
     return blended
+
+
+def slices_overlay(
+    volume: Tensor, cam: Tensor, label: str, alpha: float = 0.5, height: int = 192
+) -> Image.Image:
+    """The three central slices of ``volume`` (C, D, H, W; its first channel, in grey), across
+    D, H and W in turn, side by side, each ``height`` pixels high with ``cam`` (D, H, W, the
+    volume's grid) drawn over it as ``heat_overlay`` draws it (one colour scale for all three)
+    and ``label`` on the first."""
+    limits = (float(cam.min()), float(cam.max()))
+    grey = volume[0].float().cpu()
+    grey = ((grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-12) * 255).round()
+    panels = []
+    for axis in range(3):
+        middle = grey.shape[axis] // 2
+        picture = Image.fromarray(grey.select(axis, middle).to(torch.uint8).numpy(), "L")
+        picture = picture.resize(
+            (max(1, round(height * picture.width / picture.height)), height), Image.BILINEAR
+        )
+        panel = heat_overlay(picture, cam.select(axis, middle), label, alpha, limits)
+        panels.append(panel)
+        label = ""
+    sheet = Image.new("RGB", (sum(p.width for p in panels), height))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (sum(p.width for p in panels[:i]), 0))
+    return sheet

@@ -378,6 +378,8 @@ def _prepare(
             f"give exactly {num_classes}"
         )
     pre = card.preprocessing
+    if image_size is not None and card.volume is not None:
+        raise ExportError("image_size is for image models; a volume model's size is its card's")
     if image_size is not None:  # a fixed input size: crop to it, resize in the same ratio
         if image_size < min(pre.min_size):
             raise ExportError(
@@ -394,10 +396,7 @@ def _prepare(
             _onnx_form(net)
     else:
         net = net.to(DTYPES[dtype_name])
-    size = image_size or card.preprocessing.crop_size
-    example = torch.randn(
-        batch_size or EXAMPLE_BATCH, card.in_channels, size, size, dtype=DTYPES[dtype_name]
-    )
+    example = torch.randn(batch_size or EXAMPLE_BATCH, *card.input_shape, dtype=DTYPES[dtype_name])
     return net, example, meta
 
 

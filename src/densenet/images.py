@@ -145,17 +145,20 @@ def check_pixels(image: Image.Image, name: str) -> None:
         )
 
 
-def find_images(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Paths as given; a directory contributes its image files (``walk_images``)."""
-    found: list[str] = []
-    for path in map(Path, paths):
-        found += walk_files(path) if path.is_dir() else [str(path)]
-    return found
-
-
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` has an image file's suffix (``IMAGE_SUFFIXES``)."""
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def find_images(
+    paths: Iterable[str | os.PathLike], keep: Callable[[Path], bool] = is_image_file
+) -> list[str]:
+    """Paths as given; a directory contributes the files under it that ``keep`` accepts
+    (default: image files by suffix; ``walk_files``)."""
+    found: list[str] = []
+    for path in map(Path, paths):
+        found += walk_files(path, keep) if path.is_dir() else [str(path)]
+    return found
 
 
 def walk_files(

@@ -21,9 +21,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .data import DataError, DataSplits
-from .images import ImageError, open_image
+from .images import ImageError
 from .io import csv_rows
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .volumes import open_sample
 
 __all__ = [
     "LabelTable",
@@ -121,7 +122,8 @@ def check_both_classes(table: LabelTable, what: str) -> None:
 
 
 class LabelledImages(Dataset):
-    """Items ``(PIL image, (L,) float targets)``, or ``None`` for an unreadable image."""
+    """Items ``(PIL image, (L,) float targets)`` (volume files: ``((C, D, H, W) voxels,
+    targets)``), or ``None`` for an unreadable file."""
 
     def __init__(self, table: LabelTable) -> None:
         self.table = table
@@ -131,7 +133,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Tensor] | None:
         try:
-            return open_image(self.table.files[index]), self.table.targets[index]
+            return open_sample(self.table.files[index]), self.table.targets[index]
         except ImageError as error:
             log.warning("skipped unreadable image: %s", error)
             return None

@@ -1,4 +1,5 @@
 """Classify images: paths, bytes, PIL images or tensors in; top-k (label, probability) out.
+A volume model (``ModelCard.volume``) classifies volume files (NIfTI, ``.npy``) the same way.
 
 Images are decoded and checked one by one, so a broken image reports its own error while the
 good ones in the same call are still classified.
@@ -17,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import to_pil_image
 
-from .explain import heat_overlay
+from .explain import heat_overlay, slices_overlay
 from .images import (  # noqa: F401 (re-exported: their home before densenet.images)
     IMAGE_SUFFIXES,
     MAX_ASPECT_RATIO,
@@ -35,6 +36,7 @@ from .load import LoadedModel, load
 from .runner import Runner
 from .runtime import resolve_device
 from .transforms import ChannelError
+from .volumes import VOLUME_SUFFIXES, is_volume_file, read_volume, write_map
 
 __all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
 
@@ -71,10 +73,11 @@ class Prediction:
 
 @dataclass
 class Explanation:
-    """Where the network looked for one class in one image (``Classifier.explain``).
+    """Where the network looked for one class in one image or volume (``Classifier.explain``).
 
     ``cam``: (H, W) float32 class activation map on the grid of ``view``, the resized,
-    center-cropped image the network saw; ``label``/``index``/``probability``: the class.
+    center-cropped image the network saw (a volume model: (D, H, W) on the grid of ``view``,
+    the (C, D, H, W) volume the network saw); ``label``/``index``/``probability``: the class.
     """
 
     source: str
@@ -82,11 +85,15 @@ class Explanation:
     index: int
     probability: float
     cam: Tensor
-    view: Image.Image
+    view: Image.Image | Tensor
 
     def overlay(self, alpha: float = 0.5) -> Image.Image:
-        """The map as a heat map over ``view``, labelled with the class and its probability."""
-        return heat_overlay(self.view, self.cam, f"{self.label} {self.probability:.1%}", alpha)
+        """The map as a heat map over ``view`` (a volume's: over its three central slices,
+        ``densenet.explain.slices_overlay``), labelled with the class and its probability."""
+        label = f"{self.label} {self.probability:.1%}"
+        if isinstance(self.view, Tensor):
+            return slices_overlay(self.view, self.cam, label, alpha)
+        return heat_overlay(self.view, self.cam, label, alpha)
 
 
 def top_predictions(
@@ -159,7 +166,9 @@ class Classifier:
         )  # fmt: skip
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
-        self.transform = self.preprocessing.transform()
+        self.transform = self.card.transform()
+        if tta is not None and self.card.volume is not None:
+            raise ValueError("test-time views (tta) are of images; this model takes volumes")
         self.views = self.preprocessing.views_transform(tta) if tta is not None else None
         self.min_size = self.preprocessing.min_size
         self.batch_size = batch_size
@@ -175,17 +184,30 @@ class Classifier:
         self.runner.warm_up()
 
     def preprocess(self, image: ImageInput, name: str) -> Tensor:
-        """One image -> (C, H, W) model input, or (V, C, H, W) test-time views (``tta``). A
-        float tensor is taken as already preprocessed (one view); a uint8 tensor (C, H, W) as a
-        decoded image. The network's smallest input is checked on the result, not on the image
-        (which the transform resizes)."""
+        """One image -> (C, H, W) model input, or (V, C, H, W) test-time views (``tta``); for a
+        volume model, a volume file's path -> (C, D, H, W). A float tensor is taken as already
+        preprocessed (one view); a uint8 tensor (C, H, W) as a decoded image. The network's
+        smallest input is checked on the result, not on the image (which the transform
+        resizes)."""
         if isinstance(image, Tensor) and image.is_floating_point():
-            return self.preprocessing.check_input(image, name)
+            return self.card.check_input(image, name)
+        if self.card.volume is not None:
+            return self.card.check_input(self.transform(self._read_volume(image, name)), name)
         if self.views is None:
-            return self.preprocessing.check_input(self.transform(self._decode(image, name)), name)
+            return self.card.check_input(self.transform(self._decode(image, name)), name)
         views = self.views(self._decode(image, name))
-        self.preprocessing.check_input(views[0], name)
+        self.card.check_input(views[0], name)
         return views
+
+    def _read_volume(self, source: ImageInput, name: str) -> Tensor:
+        """A volume file's path -> its (C, D, H, W) voxels, checked."""
+        if not isinstance(source, (str, os.PathLike)):
+            raise ImageError(
+                f"{name}: this model takes volumes: give the path of a volume file "
+                f"({', '.join(VOLUME_SUFFIXES)})",
+                Reason.NOT_AN_IMAGE,
+            )
+        return read_volume(source, self.card.in_channels).data
 
     def _decode(self, image: ImageInput, name: str) -> Image.Image:
         """A path, bytes, PIL image or uint8 (C, H, W) tensor -> a checked PIL image."""
@@ -206,7 +228,8 @@ class Classifier:
     ) -> list[Explanation]:
         """Each image's class activation map (``densenet.explain``) for ``target`` (a class index
         or name; default: the image's most probable class). Images are paths, bytes, PIL images
-        or uint8 tensors; raises ``ImageError`` naming the first one that cannot be read."""
+        or uint8 tensors (a volume model: volume files); raises ``ImageError`` naming the first
+        one that cannot be read."""
         images = _as_list(images)
         if isinstance(target, str) and target not in self.categories:
             shown = ", ".join(self.categories[:10])
@@ -215,15 +238,13 @@ class Classifier:
         index = self.categories.index(target) if isinstance(target, str) else target
         if index is not None and not 0 <= index < len(self.categories):
             raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
-        view = self.preprocessing.view_transform()
-        to_input = self.preprocessing.view_to_input()
         results: list[Explanation] = []
         for start in range(0, len(images), self.batch_size):
             views = [
-                view(self._decode(image, describe(image, start + i)))
+                self._view(image, describe(image, start + i))
                 for i, image in enumerate(images[start : start + self.batch_size])
             ]
-            batch = torch.stack([to_input(v) for v in views])
+            batch = torch.stack([self._view_input(v) for v in views])
             out = self.runner.activation_maps(batch)
             probabilities = self.card.probabilities(out.logits)
             chosen = (
@@ -231,12 +252,23 @@ class Classifier:
                 if index is None
                 else torch.full((len(views),), index, device=probabilities.device)
             )
-            cams = out.select(chosen, batch.shape[-2:]).cpu()
+            cams = out.select(chosen, batch.shape[2:]).cpu()
             for i, (picture, k) in enumerate(zip(views, chosen.tolist())):
                 name = describe(images[start + i], start + i)
                 p = float(probabilities[i, k])
                 results.append(Explanation(name, self.categories[k], k, p, cams[i], picture))
         return results
+
+    def _view(self, image: ImageInput, name: str) -> Image.Image | Tensor:
+        """What the network sees of ``image``: the resized, center-cropped picture (a volume
+        model: the network input itself)."""
+        if self.card.volume is not None:
+            return self.preprocess(image, name)
+        return self.preprocessing.view_transform()(self._decode(image, name))
+
+    def _view_input(self, view: Image.Image | Tensor) -> Tensor:
+        """A ``_view`` -> the network input."""
+        return view if isinstance(view, Tensor) else self.preprocessing.view_to_input()(view)
 
     def _inputs(self, images: Sequence[ImageInput]) -> Iterator[tuple[str, Tensor | ImageError]]:
         for i, image in enumerate(images):
@@ -301,22 +333,44 @@ class Classifier:
         return [p.top for p in predictions]
 
 
-def write_overlays(explanations: Sequence[Explanation], folder: str | os.PathLike) -> list[Path]:
-    """Save each explanation's ``overlay()`` as ``folder/<image file stem>.cam.png``, or
-    ``<stem>-2.cam.png``, ``-3``... when an earlier image of the call took the name; returns the
-    paths, in order, all distinct."""
+def write_overlays(
+    explanations: Sequence[Explanation], folder: str | os.PathLike
+) -> list[dict[str, Path]]:
+    """Save each explanation's ``overlay()`` as ``folder/<file stem>.cam.png`` (``cam``), or
+    ``<stem>-2.cam.png``, ``-3``... when an earlier one of the call took the name; for a volume,
+    also the map itself as ``<stem>.cam.nii.gz`` (``cam``; the picture is then ``cam_slices``),
+    aligned with the volume file it was computed on (``densenet.volumes.write_map``). Returns
+    the paths of each, in order, all distinct."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    written: list[dict[str, Path]] = []
+    stems: set[str] = set()
     for explanation in explanations:
-        stem = Path(explanation.source).stem
-        path, copy = folder / f"{stem}.cam.png", 1
-        while path in paths:
+        stem = base = _stem(explanation.source)
+        copy = 1
+        while stem in stems:
             copy += 1
-            path = folder / f"{stem}-{copy}.cam.png"
-        atomic_write(path, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
-        paths.append(path)
-    return paths
+            stem = f"{base}-{copy}"
+        stems.add(stem)
+        picture = folder / f"{stem}.cam.png"
+        atomic_write(picture, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
+        if not isinstance(explanation.view, Tensor):
+            written.append({"cam": picture})
+            continue
+        source = explanation.source
+        like = source if is_volume_file(source) and os.path.isfile(source) else None
+        nifti = write_map(explanation.cam, like, folder / f"{stem}.cam.nii.gz")
+        written.append({"cam": nifti, "cam_slices": picture})
+    return written
+
+
+def _stem(source: str) -> str:
+    """A file's name without its suffix (``.nii.gz`` counted as one)."""
+    name = Path(source).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(source).stem
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> Sequence[ImageInput]:

@@ -1,6 +1,6 @@
 """What a model needs and what its outputs mean, described once: ``Preprocessing`` (the evaluation
 transform's constants and the smallest input the network accepts) inside a ``ModelCard`` (class
-names, multi-label or not, input channels). Weights entries, training checkpoints and exported
+names, multi-label or not, input channels; for a volume model, ``VolumeTransform``). Weights entries, training checkpoints and exported
 files all carry a card; ``densenet.load`` returns one beside every module."""
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from .transforms import (
     view_transform,
     views_transform,
 )
+from .volumes import VolumeTransform
 
-__all__ = ["ModelCard", "Preprocessing", "default_classes"]
+__all__ = ["DEFAULT_VOLUME_SIZE", "ModelCard", "Preprocessing", "default_classes"]
+
+DEFAULT_VOLUME_SIZE = (96, 96, 96)  # (D, H, W) voxels, for 3D models without a card
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class ModelCard:
             Platt scaling) that ``probabilities`` applies; None: the logits as they are.
         arch: the registry name, None for a custom configuration.
         weights: where the weights came from (an entry name or a file name), None for random.
+        volume: a volume model's input (``VolumeTransform``: size and intensity scale); its
+            inputs are then volume files, not images, and ``preprocessing`` is unused.
     """
 
     classes: tuple[str, ...]
@@ -151,10 +156,37 @@ class ModelCard:
     arch: str | None = None
     weights: str | None = None
     calibration: Calibration | None = None
+    volume: VolumeTransform | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One network input's shape: (C, D, H, W) for a volume model, else (C, H, W)."""
+        if self.volume is not None:
+            return (self.in_channels, *self.volume.size)
+        side = self.preprocessing.crop_size
+        return (self.in_channels, side, side)
+
+    def check_input(self, x: Tensor, name: str) -> Tensor:
+        """``x`` if it is one network input (``Preprocessing.check_input`` for an image model; a
+        (C, D, H, W) volume of ``in_channels`` channels for a volume model), else ``ImageError``."""
+        if self.volume is None:
+            return self.preprocessing.check_input(x, name)
+        if x.dim() != 4 or x.shape[0] != self.in_channels:
+            raise ImageError(
+                f"{name}: input of shape {tuple(x.shape)} is not a ({self.in_channels}, D, H, W) "
+                "volume",
+                Reason.BAD_SHAPE,
+            )
+        return x
+
+    def transform(self) -> Callable[[Any], Tensor]:
+        """What a file holds (a PIL image; a volume model: (C, D, H, W) voxels) -> the network
+        input: ``preprocessing.transform()``, or the ``volume`` transform."""
+        return self.volume if self.volume is not None else self.preprocessing.transform()
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """(N, num_classes) logits -> float32 probabilities: the calibration, then a softmax, or
@@ -174,7 +206,8 @@ class ModelCard:
         cls, model: nn.Module, classes: Sequence[str] | None = None, **fields: Any
     ) -> ModelCard:
         """The card of a model known only by its configuration: ImageNet names for 1000 classes,
-        256/224 preprocessing, or 32/32 for a CIFAR-stem DenseNet (the paper's 32x32 inputs)."""
+        256/224 preprocessing, or 32/32 for a CIFAR-stem DenseNet (the paper's 32x32 inputs); a
+        3D model takes volumes resampled to ``DEFAULT_VOLUME_SIZE``, z-scored."""
         config = getattr(model, "config", {})
         num_classes = int(getattr(model, "num_classes", 1000))
         side = getattr(model, "min_input_size", 29)
@@ -187,6 +220,8 @@ class ModelCard:
             "in_channels": in_channels,
             "arch": getattr(model, "arch", None),
         }
+        if getattr(model, "spatial_dims", 2) == 3:
+            known["volume"] = VolumeTransform(DEFAULT_VOLUME_SIZE)
         return cls(**{**known, **fields})
 
     def replace(self, **changes: Any) -> ModelCard:
@@ -218,4 +253,10 @@ class ModelCard:
         known["preprocessing"] = Preprocessing(
             **{k: v for k, v in pre.items() if k in Preprocessing.__dataclass_fields__}
         )
+        if known.get("volume") is not None:
+            volume = known["volume"]
+            window = volume.get("window")
+            known["volume"] = VolumeTransform(
+                tuple(volume["size"]), tuple(window) if window is not None else None
+            )
         return cls(**known)

@@ -70,7 +70,8 @@ class Runner:
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
-        self.spatial_dims = getattr(module, "spatial_dims", 2)  # exported files: images
+        # an exported file's from its card: volumes or images
+        self.spatial_dims = getattr(module, "spatial_dims", len(self.card.input_shape) - 1)
         if headless:
             if not isinstance(module, DenseNet):
                 raise TypeError(
@@ -108,8 +109,7 @@ class Runner:
     def warm_up(self) -> None:
         """Run every batch size the model will see once (each bucket, else one image), so that
         compiling, autotuning and graph capture happen before the first real images."""
-        size = self.card.preprocessing.crop_size
-        shape = (self.card.in_channels, size, size)
+        shape = self.card.input_shape
         if isinstance(self.module, BucketedModel):
             self.module.warm_up(shape)
         else:
@@ -145,6 +145,8 @@ def _int8(
     """``loaded``'s module quantized to int8 on the images in ``calibration``."""
     if device.type != "cpu":
         raise DenseNetError(f"int8 runs on the CPU (PyTorch's x86 int8 kernels), not on {device}")
+    if loaded.card.volume is not None:
+        raise DenseNetError("int8 is calibrated on images; this model takes volumes")
     if calibration is None:
         raise DenseNetError(
             "int8 needs calibration images: give a folder of a few hundred of your images "

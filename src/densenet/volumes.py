@@ -1,8 +1,9 @@
 """Volumes in (CT, MRI: NIfTI through nibabel, or NumPy ``.npy``) for 3D DenseNets
 (``spatial_dims=3``): reading with the same per-file errors as images (``ImageError``), a fixed
-shape and intensity scale (``VolumeTransform``: a CT window or a z-score), class folders of
-volumes as a dataset, and maps (class activation maps) written back as NIfTI aligned with the
-volume they were computed on.
+shape and intensity scale (``VolumeTransform``: a CT window or a z-score), random shifts and
+flips for training (``VolumeAugment``), and maps (class activation maps) written back as NIfTI
+aligned with the volume they were computed on. Class folders and labels CSVs may hold volumes
+as they hold images (``open_sample``).
 
 Axes: a volume is (C, D, H, W) in the file's own voxel order (NIfTI's i, j, k become D, H, W;
 a 4D NIfTI's fourth axis is the channels); a 3D ``.npy`` array is (D, H, W), a 4D one (C, D, H, W).
@@ -10,6 +11,7 @@ a 4D NIfTI's fourth axis is the channels); a 3D ``.npy`` array is (D, H, W), a 4
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,17 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from .images import ImageError, Reason, walk_files
+from .images import ImageError, Reason, is_image_file, open_image
+from .io import atomic_write
 
 __all__ = [
     "VOLUME_SUFFIXES",
     "Volume",
-    "VolumeFolder",
+    "VolumeAugment",
     "VolumeTransform",
+    "is_sample_file",
     "is_volume_file",
+    "open_sample",
     "read_volume",
     "write_map",
 ]
@@ -40,6 +45,17 @@ MAX_VOXELS = 1_000_000_000  # volumes larger than this are refused (memory)
 def is_volume_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a volume file's suffix (``VOLUME_SUFFIXES``)."""
     return str(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_sample_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image or a volume file, by its suffix."""
+    return is_volume_file(path) or is_image_file(Path(path))
+
+
+def open_sample(path: str | os.PathLike) -> Image.Image | Tensor:
+    """The content of an image file (a PIL image, ``densenet.images.open_image``) or of a volume
+    file (its (C, D, H, W) float32 voxels, ``read_volume``); ``ImageError`` if unreadable."""
+    return read_volume(path).data if is_volume_file(path) else open_image(path)
 
 
 @dataclass
@@ -151,47 +167,43 @@ class VolumeTransform:
         return x
 
 
-class VolumeFolder(Dataset):
-    """Volumes in class folders (``root/<class>/*.nii.gz``, ``.nii``, ``.npy``; classes sorted
-    by name, as ``torchvision.datasets.ImageFolder``): item i is (transformed volume, label)."""
+@dataclass(frozen=True)
+class VolumeAugment:
+    """Random training changes of a (C, D, H, W) network input: a shift by up to ``shift`` of
+    each side (a fraction; the uncovered voxels are zero, the mean of a z-scored volume) and,
+    with ``flip``, a mirror along the last axis (W: left-right in most scans) half the time.
+    Draws from torch's random generator (``densenet.data.TransformedDataset`` seeds it)."""
 
-    def __init__(
-        self, root: str | os.PathLike, transform: VolumeTransform, channels: int | None = None
-    ) -> None:
-        root = Path(root)
-        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in walk_files(root / name, is_volume_file)
-        ]
-        if not self.samples:
-            raise ImageError(f"{root}: no volumes ({', '.join(VOLUME_SUFFIXES)}) in class folders")
-        self.transform, self.channels = transform, channels
+    shift: float = 0.125
+    flip: bool = True
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(read_volume(path, self.channels).data), label
+    def __call__(self, x: Tensor) -> Tensor:
+        sizes = x.shape[1:]
+        pads = [round(self.shift * size) for size in sizes]
+        padded = F.pad(x, [p for pad in reversed(pads) for p in (pad, pad)])
+        starts = [int(torch.randint(0, 2 * pad + 1, ())) for pad in pads]
+        x = padded[(slice(None), *(slice(a, a + n) for a, n in zip(starts, sizes)))]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return x.contiguous()
 
 
-def write_map(values: Tensor, like: str | os.PathLike, out: str | os.PathLike) -> Path:
+def write_map(values: Tensor, like: str | os.PathLike | None, out: str | os.PathLike) -> Path:
     """Write ``values`` (d, h, w), a map over a network input such as a class activation map, as
-    a NIfTI file aligned with the volume file ``like``: resampled trilinearly to its shape, with
-    its affine (the identity for a ``.npy`` volume). Returns the path written."""
+    a NIfTI file (``.nii``, or gzipped ``.nii.gz``) aligned with the volume file ``like``:
+    resampled trilinearly to its shape, with its affine (the identity for a ``.npy`` volume);
+    ``like=None``: as it is, with the identity. Written atomically; returns the path."""
     import nibabel
 
-    size, affine = _grid(like)
+    values = values.detach().float().cpu()
+    size, affine = _grid(like) if like is not None else (tuple(values.shape), np.eye(4))
     resampled = F.interpolate(
-        values.detach().float().cpu()[None, None], size=size, mode="trilinear",
-        align_corners=False,
+        values[None, None], size=size, mode="trilinear", align_corners=False
     )[0, 0]  # fmt: skip
-    image = nibabel.Nifti1Image(resampled.numpy(), affine)
-    out = Path(out)
-    nibabel.save(image, os.fspath(out))
-    return out
+    content = nibabel.Nifti1Image(resampled.numpy(), affine).to_bytes()
+    if str(out).endswith(".gz"):
+        content = gzip.compress(content, mtime=0)
+    return atomic_write(out, lambda tmp: Path(tmp).write_bytes(content))
 
 
 def _grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,13 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
         help="weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.pt/.safetensors file, "
         "a checkpoint of `densenet train`, or none (random initialisation)",
     )
+
+
+def accept_negative_lists(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` take a value that starts with a negative number, such as ``--window
+    -1000,400``, as a value: argparse takes only a lone negative number (``-1000``) for one and
+    reads any other word that starts with ``-`` as an unknown option."""
+    parser._negative_number_matcher = re.compile(r"^-\.?\d[\d.,e+-]*$")  # argparse's own hook
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

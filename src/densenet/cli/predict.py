@@ -7,8 +7,9 @@ import argparse
 import os
 
 from ..bulk import BulkError, Options
-from ..images import find_images
+from ..images import find_images, is_image_file
 from ..predict import Classifier, write_overlays
+from ..volumes import is_volume_file
 from .common import (
     add_bulk_args,
     add_inference_args,
@@ -32,7 +33,10 @@ def add_parser(sub) -> None:
         "image of one INPUT (a folder, a .txt/.csv/.parquet manifest or a quoted glob) are "
         "written as Parquet shards instead (as `densenet embed` writes embeddings).",
     )
-    p.add_argument("images", nargs="+", help="image files or folders of images (one with --out)")
+    p.add_argument(
+        "images", nargs="+", help="image files or folders of images (one with --out); a volume "
+        "model's: volume files (.nii, .nii.gz, .npy) or folders of them",
+    )  # fmt: skip
     add_model_args(p)
     p.add_argument("--topk", type=integer(), default=5, help="labels per image")
     add_inference_args(p, batch_size=16)
@@ -40,7 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--cam",
         metavar="OUT_DIR",
-        help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image",
+        help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image "
+        "(a volume's: OUT_DIR/<volume>.cam.nii.gz, aligned with it, and its three central "
+        "slices as the .cam.png)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_bulk_args(p, out_required=False)
@@ -66,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
     missing = [path for path in args.images if not os.path.exists(path)]
     if missing:  # before any model is loaded or downloaded
         raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
-    paths = find_images(args.images)
-    if not paths:
-        raise ValueError(f"no images found in {' '.join(args.images)}")
     if args.cam:
         output_folder(args.cam, "--cam")
     classifier = Classifier(
@@ -76,13 +79,19 @@ def run(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
         calibration=args.calibration,
     )  # fmt: skip
+    volumes = classifier.card.volume is not None
+    paths = find_images(args.images, is_volume_file if volumes else is_image_file)
+    if not paths:
+        kind = "volumes" if volumes else "images"
+        raise ValueError(f"no {kind} found in {' '.join(args.images)}")
     predictions = classifier.classify(paths, topk=args.topk)
-    cams: dict[str, str] = {}
+    cams: dict[str, dict[str, str]] = {}
     if args.cam:
         good = [p.source for p in predictions if p.error is None]
-        cams = dict(zip(good, map(str, write_overlays(classifier.explain(good), args.cam))))
+        written = write_overlays(classifier.explain(good), args.cam)
+        cams = {s: {k: str(path) for k, path in w.items()} for s, w in zip(good, written)}
     if args.json:
-        print_json([{**p.to_dict(), **_cam_entry(cams, p.source)} for p in predictions])
+        print_json([{**p.to_dict(), **cams.get(p.source, {})} for p in predictions])
     else:
         for p in predictions:
             if p.error is not None:
@@ -93,10 +102,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {probability:7.2%}  {label}")
             if p.positive is not None:
                 print(f"  above threshold: {', '.join(p.positive) or '(none)'}")
-            if p.source in cams:
-                print(f"  class activation map: {cams[p.source]}")
+            for key, path in cams.get(p.source, {}).items():
+                print(f"  {_CAM_NAMES[key]}: {path}")
     return 1 if any(p.error is not None for p in predictions) else 0
 
 
-def _cam_entry(cams: dict[str, str], source: str) -> dict[str, str]:
-    return {"cam": cams[source]} if source in cams else {}
+_CAM_NAMES = {"cam": "class activation map", "cam_slices": "its central slices"}

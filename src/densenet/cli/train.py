@@ -10,7 +10,7 @@ import os
 from ..runtime import AMP_MODES
 from ..train import make_config, parse_override, train
 from ..train.config import RECIPES, parse_value
-from .common import add_data_args, print_report
+from .common import accept_negative_lists, add_data_args, print_report
 
 # TrainConfig fields with a flag of their own (text parsed as the field's type)
 FLAGS = {
@@ -23,7 +23,12 @@ FLAGS = {
     "drop_rate": "dropout after each convolution but the first",
     "image_size": "training and evaluation crop size, pixels",
     "weights": "start from these weights (DEFAULT, a file, or none)",
-    "in_channels": "image channels (1: grayscale); pretrained RGB stem kernels are adapted",
+    "in_channels": "input channels (1: grayscale); pretrained RGB stem kernels are adapted "
+    "(default: 3 for images, the volumes' own for volumes)",
+    "volume_size": "volumes (NIfTI .nii/.nii.gz or .npy files) for a 3D model: resample each to "
+    "D,H,W voxels",
+    "window": "volumes: clip to LOW,HIGH (e.g. a CT window: -1000,400) and scale to [0, 1] "
+    "instead of z-scoring each",
     "labels": "multi-label: a CSV of file (relative to --data) and 0/1 label columns",
     "val_labels": "the validation images' CSV, when --labels has no split column",
     "pos_weight": "auto: weigh each label's positives by negatives / positives",
@@ -93,6 +98,7 @@ def add_parser(sub) -> None:
     )
     add_data_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    accept_negative_lists(p)
     p.set_defaults(run=run)
 
 

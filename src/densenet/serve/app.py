@@ -386,6 +386,8 @@ def create_app(
         on_warm_up_failure: called with the reason when the warm-up fails (``serve`` stops the
             server then); by default the service stays up, not ready.
     """
+    if classifier.card.volume is not None:
+        raise ValueError("the service classifies uploaded images; this model takes volumes")
     config = config or ServeConfig()
     name = model_name or classifier.card.arch or type(classifier.model).__name__
     service = _Service(classifier, config, name, weights)

@@ -16,6 +16,7 @@ from typing import Any
 from ..model import DenseNet
 from ..runtime import AMP_MODES
 from ..transforms import AUGMENTATIONS
+from ..volumes import VolumeTransform
 
 
 @dataclass
@@ -36,7 +37,8 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.5, 0.75)
     lr_gamma: float = 0.1
     drop_rate: float = 0.0
-    augment: str = "crop-flip"  # see densenet.transforms.train_transform
+    augment: str = "crop-flip"  # see densenet.transforms.train_transform (volumes: "none", or
+    # any other for densenet.volumes.VolumeAugment's random shifts and flips)
     image_size: int = 32  # training crop and evaluation crop, pixels
     # evaluation: resize the shorter side to this, then crop image_size (None: image_size *
     # 256 / 224 with "imagenet" augmentation, else image_size)
@@ -45,7 +47,14 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     holdout: int = 0  # training images held out for validation (named datasets)
     weights: str | None = None  # start from these weights (a registry name or a file)
-    in_channels: int = 3  # image channels (1: grayscale; pretrained stem kernels are adapted)
+    # input channels (1: grayscale; pretrained stem kernels are adapted); None: 3 for images,
+    # the first training volume's for volumes
+    in_channels: int | None = None
+    # volumes (NIfTI or .npy files in the class folders or the labels CSV) for a 3D model: each
+    # resampled to volume_size (D, H, W voxels; None: the data are images) and z-scored, or
+    # clipped to a window (low, high), e.g. a CT window in Hounsfield units, and scaled to [0, 1]
+    volume_size: tuple[int, ...] | None = None
+    window: tuple[float, ...] | None = None
     # multi-label: a CSV of files (relative to data) and labels (densenet.multilabel); sigmoid
     # outputs, binary cross-entropy, the best epoch by mean validation AUROC
     labels: str | None = None
@@ -156,7 +165,8 @@ def parse_value(name: str, text: str) -> Any:
             return text.strip().lower() in ("true", "1", "yes", "on")
         if origin is tuple:
             items = json.loads(text) if text.strip().startswith("[") else text.split(",")
-            return tuple(float(x) for x in items)
+            item = typing.get_args(kind)[0]  # tuple[int, ...] or tuple[float, ...]
+            return tuple(item(x) for x in items)
         if origin is dict:
             value = json.loads(text)
             if not isinstance(value, dict):
@@ -198,8 +208,9 @@ def check_config(config: TrainConfig) -> None:
     if config.amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
     for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    _check_volume(config)
     if config.pos_weight not in (None, "auto"):
         raise ValueError(f"pos_weight must be auto or none, got {config.pos_weight!r}")
     if config.labels is None and (config.val_labels or config.pos_weight or config.thresholds):
@@ -220,6 +231,21 @@ def check_config(config: TrainConfig) -> None:
     if config.data is None:
         raise ValueError(
             f"recipe {config.recipe} needs data: a named dataset or a folder with train/ and val/"
+        )
+
+
+def _check_volume(config: TrainConfig) -> None:
+    if config.volume_size is None:
+        if config.window is not None:
+            raise ValueError("window applies to volumes: give volume_size (D,H,W) too")
+        return
+    if config.window is not None and len(config.window) != 2:
+        raise ValueError(f"window takes two values, low,high; got {config.window}")
+    VolumeTransform(config.volume_size, config.window)  # type: ignore[arg-type]  # checks both
+    if config.model_args.get("spatial_dims", 3) != 3:
+        raise ValueError(
+            f"volume_size trains a 3D model; model_args has spatial_dims="
+            f"{config.model_args['spatial_dims']}"
         )
 
 

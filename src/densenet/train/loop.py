@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import Compose
 from tqdm.auto import tqdm
 
 from ..accuracy import EvalResult, ModuleProbabilities, evaluate
@@ -32,6 +34,7 @@ from ..preprocessing import ModelCard, Preprocessing
 from ..registry import get_model
 from ..runtime import amp_dtype, process_group
 from ..transforms import ChannelError, channel_stats, to_channels, train_transform
+from ..volumes import VolumeAugment, VolumeTransform
 from .checkpointer import Checkpointer
 from .config import TrainConfig, check_config, config_dict, eval_resize, milestone_epochs
 from .metrics import MetricsLog
@@ -60,8 +63,9 @@ class Trainer:
                 config.data, config.data_root, config.download, config.holdout, config.seed,
                 config.allow_empty_classes,
             )  # type: ignore[arg-type]  # fmt: skip
-        self.config = config = self._resolve(config)
-        self._check_channels()
+        first = self._first_sample()
+        self.config = config = self._resolve(config, first)
+        self._check_sample(first)
         self.out = Path(config.out)  # type: ignore[arg-type]
         self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
         if self.checkpointer.last_path.exists() and not resume:
@@ -106,25 +110,48 @@ class Trainer:
             )
         return thresholds
 
-    def _check_channels(self) -> None:
-        """One clear error, before training, when the first readable training image does not
-        have the model's input channels (``to_channels``)."""
+    def _first_sample(self) -> Any:
+        """The first readable training image (PIL) or volume ((C, D, H, W) tensor), or None."""
         train = self.splits.train
         first = next((item for i in range(len(train)) if (item := train[i]) is not None), None)
-        if first is not None:
-            try:
-                to_channels(first[0], self.config.in_channels)
-            except ChannelError as error:
-                raise TrainingError(f"training images of {self.splits.name}: {error}") from None
+        return None if first is None else first[0]
 
-    def _resolve(self, config: TrainConfig) -> TrainConfig:
+    def _check_sample(self, sample: Any) -> None:
+        """One clear error, before training, when the first readable training file is not what
+        the run takes: a volume for a volume run (``volume_size``), else an image, with the
+        model's input channels (``to_channels``)."""
+        if sample is None:
+            return
+        where, channels = f"training data of {self.splits.name}", self.config.in_channels
+        volumes = self.config.volume_size is not None
+        if isinstance(sample, Tensor) != volumes:
+            raise TrainingError(
+                f"the {where} are volumes: give --volume-size D,H,W to train a 3D model on them"
+                if isinstance(sample, Tensor)
+                else f"the {where} are images, not volumes: drop --volume-size"
+            )
+        if volumes and sample.shape[0] != channels:
+            raise TrainingError(
+                f"the {where} have {sample.shape[0]} channel(s), the model takes {channels}; "
+                "drop --in-channels to take the volumes' own"
+            )
+        try:
+            if not volumes:
+                to_channels(sample, channels)  # type: ignore[arg-type]
+        except ChannelError as error:
+            raise TrainingError(f"{where}: {error}") from None
+
+    def _resolve(self, config: TrainConfig, sample: Any) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
+        volumes = isinstance(sample, Tensor) and config.volume_size is not None
+        channels = config.in_channels or (sample.shape[0] if volumes else 3)
         return dataclasses.replace(
             config,
             out=config.out or os.path.join("runs", config.recipe),
             resize_size=config.resize_size or eval_resize(config),
-            mean=tuple(config.mean or channel_stats(self.splits.mean, config.in_channels)),
-            std=tuple(config.std or channel_stats(self.splits.std, config.in_channels)),
+            in_channels=channels,
+            mean=tuple(config.mean or channel_stats(self.splits.mean, channels)),
+            std=tuple(config.std or channel_stats(self.splits.std, channels)),
             channels_last=(
                 self.device.type == "cuda" if config.channels_last is None else config.channels_last
             ),
@@ -136,6 +163,7 @@ class Trainer:
             "num_classes": len(self.splits.classes),
             "drop_rate": config.drop_rate,
             "in_channels": config.in_channels,
+            **({"spatial_dims": 3} if config.volume_size is not None else {}),
             **config.model_args,
         }
         torch.manual_seed(config.seed)
@@ -149,7 +177,16 @@ class Trainer:
             thresholds=self._thresholds(),
             in_channels=net.config["in_channels"],
             arch=config.model,
+            volume=(
+                VolumeTransform(config.volume_size, config.window)  # type: ignore[arg-type]
+                if config.volume_size is not None
+                else None
+            ),
         )  # fmt: skip
+        # channels last: NDHWC for volumes
+        self.memory_format = (
+            torch.channels_last_3d if self.card.volume is not None else torch.channels_last
+        )
         weights = pos_weight(self.splits.train) if config.pos_weight == "auto" else None  # type: ignore[arg-type]
         self.pos_weight = weights.to(self.device) if weights is not None else None
         if config.memory_efficient:
@@ -160,7 +197,7 @@ class Trainer:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = net.to(self.device)
         if config.channels_last:
-            net = net.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=self.memory_format)
         self.net = net
         self.optimizer = torch.optim.SGD(
             net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
@@ -183,11 +220,7 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         config, splits = self.config, self.splits
-        train_set = TransformedDataset(
-            splits.train,
-            train_transform(config.augment, config.image_size, config.mean, config.std),  # type: ignore[arg-type]
-            seed=config.seed,
-        )
+        train_set = TransformedDataset(splits.train, self._train_transform(), seed=config.seed)
         self.sampler = ShardedBatchSampler(
             len(train_set), config.batch_size, seed=config.seed, rank=self.rank,
             world_size=self.world_size, accumulate=config.accumulate,
@@ -198,12 +231,21 @@ class Trainer:
             pin_memory=cuda, persistent_workers=config.workers > 0,
             generator=torch.Generator().manual_seed(config.seed),
         )  # fmt: skip
-        evaluation = self.card.preprocessing.transform()
+        evaluation = self.card.transform()
         self.eval_loaders = {
             name: self._eval_loader(dataset, evaluation)
             for name, dataset in (("val", splits.val), ("test", splits.test))
             if dataset is not None
         }
+
+    def _train_transform(self) -> Callable[[Any], Tensor]:
+        """A training image or volume -> the network input, randomly changed as ``augment``
+        says (volumes: resampled and scaled as the card says, then ``VolumeAugment`` unless
+        ``augment`` is ``"none"``)."""
+        config, volume = self.config, self.card.volume
+        if volume is None:
+            return train_transform(config.augment, config.image_size, config.mean, config.std)  # type: ignore[arg-type]
+        return volume if config.augment == "none" else Compose([volume, VolumeAugment()])
 
     def _eval_loader(self, dataset, transform) -> DataLoader:
         dataset = TransformedDataset(dataset, transform)
@@ -279,13 +321,12 @@ class Trainer:
         joins DDP's gradient all-reduce (contributing zeros) and GradScaler sees gradients."""
         empty = labels.numel() == 0
         if empty:
-            size = self.config.image_size
-            images = torch.zeros(1, self.card.in_channels, size, size, device=self.device)
+            images = torch.zeros(1, *self.card.input_shape, device=self.device)
             self.model.eval()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         if self.config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         ):
