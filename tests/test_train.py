@@ -110,6 +110,19 @@ def test_every_setting_can_be_overridden():
         make_config("mnist")
     with pytest.raises(ValueError, match="needs data"):
         make_config("imagenet")
+    assert parse_override("memory_efficient=triton") == ("memory_efficient", "triton")
+    assert parse_override("memory_efficient=yes") == ("memory_efficient", True)
+    with pytest.raises(ValueError, match='true, false or "triton"'):
+        make_config("imagenet", data="x", memory_efficient="fast")
+
+
+def test_the_trainer_reaches_the_triton_memory_efficient_blocks(few_digits, tmp_path):
+    """``--set memory_efficient=triton`` selects the fused kernels (they run on CUDA and under
+    the interpreter; elsewhere the memory-efficient block runs in PyTorch)."""
+    config = tiny_config(few_digits, tmp_path / "run", memory_efficient="triton")
+    trainer = Trainer(config, resume=False, rank=0, world_size=1, device=torch.device("cpu"))
+    blocks = [m for m in trainer.net.modules() if hasattr(m, "triton")]
+    assert blocks and all(b.triton and b.memory_efficient for b in blocks)
 
 
 @pytest.mark.slow

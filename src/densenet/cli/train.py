@@ -44,7 +44,8 @@ FLAGS = {
 }
 SWITCHES = {
     "compile": "torch.compile the model",
-    "memory_efficient": "memory-efficient blocks",
+    "memory_efficient": "memory-efficient blocks (--set memory_efficient=triton: with the fused "
+    "Triton kernels on CUDA)",
     "sync_bn": "SyncBatchNorm across processes (GPU)",
     "deterministic": "reproducible",
     "allow_empty_classes": "accept class folders without training images (refused otherwise)",

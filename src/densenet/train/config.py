@@ -71,7 +71,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on a GPU that has it, else float32), none, bf16, fp16
     channels_last: bool | None = None  # None: on GPU
     compile: bool = False
-    memory_efficient: bool = False
+    memory_efficient: bool | str = False  # True (densenet.memory); "triton": its CUDA kernels
     deterministic: bool = False
     out: str | None = None  # None: runs/<recipe>
     data_root: str | None = None
@@ -145,36 +145,43 @@ RECIPES: dict[str, TrainConfig] = {
 
 def parse_value(name: str, text: str) -> Any:
     """``text`` (a command-line flag's or ``--set``'s) as a value of ``TrainConfig.<name>``'s
-    type: the one parser behind every way of overriding a setting."""
+    type: the one parser behind every way of overriding a setting. For a union (``X | None``,
+    ``bool | str``) the first type that reads the text wins; "none" is None where allowed."""
     hints = typing.get_type_hints(TrainConfig)
     if name not in hints:
         raise ValueError(
             f"unknown setting {name!r}; settings: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}"
         )
     hint = hints[name]
-    kind = hint
-    if isinstance(hint, types.UnionType):  # X | None
-        if text.strip().lower() in ("none", "null", ""):
-            return None
-        kind = next(a for a in typing.get_args(hint) if a is not type(None))
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in kinds and text.strip().lower() in ("none", "null", ""):
+        return None
+    for kind in kinds:
+        try:
+            return _parse_as(kind, text)
+        except (ValueError, json.JSONDecodeError):
+            continue
+    raise ValueError(f"setting {name}={text!r} is not a valid {hint}")
+
+
+def _parse_as(kind: Any, text: str) -> Any:
     origin = typing.get_origin(kind) or kind
-    try:
-        if origin is bool:
-            if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return text.strip().lower() in ("true", "1", "yes", "on")
-        if origin is tuple:
-            items = json.loads(text) if text.strip().startswith("[") else text.split(",")
-            item = typing.get_args(kind)[0]  # tuple[int, ...] or tuple[float, ...]
-            return tuple(item(x) for x in items)
-        if origin is dict:
-            value = json.loads(text)
-            if not isinstance(value, dict):
-                raise ValueError(text)
-            return value
-        return origin(text)
-    except (ValueError, json.JSONDecodeError):
-        raise ValueError(f"setting {name}={text!r} is not a valid {hint}") from None
+    if origin is type(None):
+        raise ValueError(text)
+    if origin is bool:
+        if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(text)
+        return text.strip().lower() in ("true", "1", "yes", "on")
+    if origin is tuple:
+        items = json.loads(text) if text.strip().startswith("[") else text.split(",")
+        item = typing.get_args(kind)[0]  # tuple[int, ...] or tuple[float, ...]
+        return tuple(item(x) for x in items)
+    if origin is dict:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    return origin(text)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -205,6 +212,10 @@ def make_config(recipe: str, **overrides: Any) -> TrainConfig:
 def check_config(config: TrainConfig) -> None:
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {config.augment!r}")
+    if config.memory_efficient not in (False, True, "triton"):
+        raise ValueError(
+            f'memory_efficient must be true, false or "triton", got {config.memory_efficient!r}'
+        )
     if config.amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
     for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels"):

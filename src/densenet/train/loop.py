@@ -190,7 +190,7 @@ class Trainer:
         weights = pos_weight(self.splits.train) if config.pos_weight == "auto" else None  # type: ignore[arg-type]
         self.pos_weight = weights.to(self.device) if weights is not None else None
         if config.memory_efficient:
-            net.set_memory_efficient(True)
+            net.set_memory_efficient(config.memory_efficient)
         if config.sync_bn and self.ddp:
             if self.device.type != "cuda":
                 raise TrainingError("sync_bn needs CUDA GPUs; SyncBatchNorm does not run on CPU")
