@@ -63,6 +63,16 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 comparisons at 1e-5 and tighter hold on a GPU only without TF32 (cuDNN's default
+    for convolutions): every test runs with it off."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory):
     """A randomly initialised densenet121 (non-trivial BatchNorm) saved as a local file."""

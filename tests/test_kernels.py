@@ -126,36 +126,53 @@ def force_tile(monkeypatch, kernel, tile: tuple[int, int, int, int, int]) -> Non
 
 
 @needs_kernels
+@pytest.mark.parametrize("pool", [False, True], ids=["bottleneck", "transition"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tile", kernels.conv.POINTWISE_TILES, ids=str)
-def test_pointwise_conv_with_every_production_tile(monkeypatch, tile, dtype):
-    """Each tile the GPU can pick, on a problem with several K steps, two N tiles and masked
-    rows, columns and channels; float16 as the GPU runs it (float32 accumulation)."""
+def test_pointwise_conv_with_every_production_tile(monkeypatch, tile, dtype, pool):
+    """Each tile the GPU can pick, on a problem with several K steps, two N tiles, two or more
+    M tiles and masked rows, columns and channels, as the bottleneck (ReLU after) and as the
+    transition (2x2 average pool first); float16 as the GPU runs it (float32 accumulation)."""
     force_tile(monkeypatch, kernels.conv._pointwise_kernel, tile)
     k, c_out = 2 * tile[2] + 5, tile[1] + 9
-    x = buffer(2, k + 3, 5, 7)[:, :k].to(dtype)
+    side = 2 * (tile[0] // 8 + 3)  # rows: 2 x (side / 2)^2 > BLOCK_M after pooling
+    x = buffer(2, k + 3, side, side)[:, :k].to(dtype)
     low, high = clamp_bounds(k)
     weight, bias = torch.randn(k, c_out, device=DEVICE), torch.randn(c_out, device=DEVICE)
-    out = buffer(2, c_out, 5, 7).to(dtype)
-    kernels.pointwise_conv(x, weight.to(dtype), bias, low, high, out, relu=True)
+    out_side = side // 2 if pool else side
+    out = buffer(2, c_out, out_side, out_side).to(dtype)
+    kernels.pointwise_conv(x, weight.to(dtype), bias, low, high, out, pool=pool, relu=not pool)
     assert kernels.conv._pointwise_kernel.best_config.kwargs["BLOCK_N"] == tile[1]
     ref = torch.clamp(x.double(), low.double().view(1, -1, 1, 1), high.double().view(1, -1, 1, 1))
-    ref = F.conv2d(ref, weight.to(dtype).double().t()[:, :, None, None], bias.double()).relu()
+    if pool:
+        ref = F.avg_pool2d(ref, 2)
+    ref = F.conv2d(ref, weight.to(dtype).double().t()[:, :, None, None], bias.double())
+    ref = ref if pool else ref.relu()
     assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 @needs_kernels
+@pytest.mark.parametrize("affine", [False, True], ids=["folded", "bn-relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tile", kernels.conv.GROWTH_TILES, ids=str)
-def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype):
+def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype, affine):
+    """Each tile, with two or more M tiles, masked channels and both forms: the input as it is
+    (the BN-ReLU folded before it) and with the BN-ReLU applied on load."""
     force_tile(monkeypatch, kernels.conv._conv3x3_kernel, tile)
     c, c_out = tile[2] + 7, tile[1] + 5
-    x = buffer(1, c, 6, 5).to(dtype)
+    x = buffer(2, c, 6, 7).to(dtype)  # 84 rows > BLOCK_M
     weight = torch.randn(c_out, c, 3, 3, device=DEVICE).to(dtype)
-    out = buffer(1, c_out, 6, 5).to(dtype)
-    kernels.conv3x3(x, weight.permute(2, 3, 1, 0).reshape(9 * c, c_out).contiguous(), out)
+    out = buffer(2, c_out, 6, 7).to(dtype)
+    scale, shift = (torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE))
+    kernels.conv3x3(
+        x, weight.permute(2, 3, 1, 0).reshape(9 * c, c_out).contiguous(), out,
+        *((scale, shift) if affine else ()),
+    )  # fmt: skip
     assert kernels.conv._conv3x3_kernel.best_config.kwargs["BLOCK_K"] == tile[2]
-    ref = F.conv2d(x.double(), weight.double(), padding=1)
+    act = x.double()
+    if affine:
+        act = (act * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).relu()
+    ref = F.conv2d(act, weight.double(), padding=1)
     assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 

@@ -20,7 +20,7 @@ from conftest import (
 from test_memory import _CountOps, assert_same_run, inputs, pair, run, set_mode
 
 pytest.importorskip("triton")
-from densenet.kernels.conv import POINTWISE_TILES  # noqa: E402 (needs triton)
+from densenet.kernels import training as kernels  # noqa: E402 (needs triton)
 
 DEVICE = KERNEL_DEVICE
 
@@ -35,15 +35,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def problem(dtype: torch.dtype, k: int = 40, c: int = 24):
-    """A prefix of K channels of a channels_last (2, K + 8, 5, 5) buffer (M = 50 pixels, not a
-    multiple of the tile), BatchNorm statistics and affine parameters, a 1x1 weight (C, K)."""
+def problem(dtype: torch.dtype, k: int = 40, c: int = 24, side: int = 5):
+    """A prefix of K channels of a channels_last (2, K + 8, side, side) buffer (M = 50 pixels by
+    default, not a multiple of the tile), BatchNorm statistics and affine parameters, a 1x1
+    weight (C, K)."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype).to(DEVICE)
 
-    buffer = randn(2, k + 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    buffer = randn(2, k + 8, side, side).contiguous(memory_format=torch.channels_last)
     x = buffer[:, :k]
     mean, var = randn(k) * 0.3, randn(k).abs() + 0.5
     gamma, beta = randn(k), randn(k)
@@ -92,36 +93,49 @@ def test_forward_and_gradients_equal_autograd(dtype):
     assert rel(dw, wr.grad) < tol
 
 
+PRODUCTION = [(torch.float16, t) for t in kernels.FORWARD_TILES] + [
+    (torch.float32, t) for t in kernels.FORWARD_FLOAT32_TILES
+]
+
+
 @needs_kernels
-@pytest.mark.parametrize("tile", POINTWISE_TILES, ids=str)
-def test_float16_operands_with_every_production_tile(monkeypatch, tile):
-    """Forward, input and weight gradients with each tile the GPU can pick (several K steps,
-    two N tiles, masked edges), float16 operands as autocast gives them, float32 statistics."""
+@pytest.mark.parametrize(("dtype", "tile"), PRODUCTION, ids=str)
+def test_production_tiles_in_float16_and_float32(monkeypatch, tile, dtype):
+    """The forward with each tile the GPU can pick for the operands' dtype, the gradients with
+    theirs (several K steps, two N tiles, masked edges, several row blocks and weight-gradient
+    row splits), in float16 operands as autocast gives them and in float32, with float32
+    statistics."""
     from test_kernels import force_tile
 
     from densenet.kernels import training
 
-    for kernel in (
-        training._forward_kernel,
-        training._input_grad_kernel,
-        training._weight_grad_kernel,
-    ):
-        force_tile(monkeypatch, kernel, tile)
+    width = "16-bit" if dtype == torch.float16 else "float32"
+    force_tile(monkeypatch, training._forward_kernel, tile)
+    force_tile(monkeypatch, training._input_grad_kernel, training.INPUT_GRAD_TILE)
+    force_tile(monkeypatch, training._weight_grad_kernel, training.WEIGHT_GRAD_TILES[width])
     k, c = 2 * tile[2] + 5, tile[1] + 9
-    x, mean, invstd, var, gamma, beta, weight = problem(torch.float32, k, c)
-    x, weight = x.half(), weight.half()
+    x, mean, invstd, var, gamma, beta, weight = problem(torch.float32, k, c, side=13)
+    x, weight = x.to(dtype), weight.to(dtype)
     exact = (t.double() for t in (x, mean, var, gamma, beta, weight))
     y_ref, (xr, gr, br, wr) = reference(*exact)
-    dy = torch.randn_like(y_ref).half().contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y_ref).to(dtype).contiguous(memory_format=torch.channels_last)
     y_ref.backward(dy.double())
 
-    assert rel(training.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight), y_ref) < 2e-3
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert rel(training.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight), y_ref) < tol
     grad = torch.zeros(x.shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
     db, dg = training.bn_relu_conv1x1_input_grad(dy, weight, x, mean, invstd, gamma, beta, grad)
-    assert rel(grad, xr.grad) < 2e-3 and rel(db, br.grad) < 2e-3 and rel(dg, gr.grad) < 2e-3
-    assert (
-        rel(training.bn_relu_conv1x1_weight_grad(dy, x, mean, invstd, gamma, beta), wr.grad) < 2e-3
+    assert rel(grad, xr.grad) < tol and rel(db, br.grad) < tol and rel(dg, gr.grad) < tol
+    dw = training.bn_relu_conv1x1_weight_grad(dy, x, mean, invstd, gamma, beta)
+    assert rel(dw, wr.grad) < tol
+    # no atomics: the same gradients, bit for bit, every time
+    again = torch.zeros_like(grad)
+    assert torch.equal(
+        training.bn_relu_conv1x1_input_grad(dy, weight, x, mean, invstd, gamma, beta, again)[1],
+        dg,
     )
+    assert torch.equal(again, grad)
+    assert torch.equal(training.bn_relu_conv1x1_weight_grad(dy, x, mean, invstd, gamma, beta), dw)
 
 
 @needs_kernels

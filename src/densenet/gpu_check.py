@@ -4,7 +4,8 @@
 kernels (by running densenet121's triton inference form in bfloat16 and float16, and a
 memory-efficient training step with ``memory_efficient="triton"`` under bfloat16 autocast and in
 float32, on the CPU under Triton's interpreter with the launches recorded, not executed), then
-compiles each launch with each configuration its autotuner can pick for the GPU architectures
+compiles each launch with each configuration its autotuner can pick (after its pruning by
+dtype) for the GPU architectures
 asked (``triton.compile`` with a ``GPUTarget``; no GPU needed) and reads back from the cubin:
 registers, spilled bytes (``cuobjdump -res-usage``: stack frame and local memory), shared memory
 (the compiled metadata) and the tensor-core instructions it uses (``nvdisasm``: ``HGMMA`` on
@@ -28,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ARCHS", "CompiledLaunch", "Launch", "check", "record_launches"]
+__all__ = ["ARCHS", "CompiledLaunch", "Launch", "check", "reachable", "record_launches"]
 
 # shared memory a block may use (bytes) and the tensor-core instruction of each target
 ARCHS = {
@@ -41,11 +42,14 @@ _TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "f
 @dataclass(frozen=True)
 class Launch:
     """One distinct launch of an autotuned kernel: the pointer dtypes and constexpr values of
-    its arguments (integers are compiled as unspecialised i32/i64)."""
+    its arguments, and which integer arguments are multiples of 16 (``aligned``: Triton's JIT
+    compiles those as known to be, and so can vectorise the loads they address; never the pixel
+    counts, which the kernels do not specialise)."""
 
     kernel: str
     signature: tuple[tuple[str, str], ...]  # (argument, "*bf16" | "i32" | "constexpr")
     constants: tuple[tuple[str, Any], ...]
+    aligned: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> str:
@@ -111,6 +115,7 @@ def record_launches() -> list[Launch]:
     from triton.runtime.autotuner import Autotuner
 
     from .backends import optimize
+    from .kernels.conv import PIXEL_ARGUMENTS
     from .model import DenseNet
     from .registry import densenet121
 
@@ -126,7 +131,11 @@ def record_launches() -> list[Launch]:
             for n in names
         )  # fmt: skip
         constants = tuple((n, values[n]) for n in names if n in values and _is_constexpr(self, n))
-        seen.setdefault(Launch(self.fn.__name__, signature, constants))
+        aligned = tuple(
+            n for n, kind in signature
+            if kind in ("i32", "i64") and n not in PIXEL_ARGUMENTS and values[n] % 16 == 0
+        )  # fmt: skip
+        seen.setdefault(Launch(self.fn.__name__, signature, constants, aligned))
 
     original = Autotuner.run
     Autotuner.run = record  # type: ignore[method-assign]
@@ -197,8 +206,12 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
     constants = dict(launch.constants) | block
     variant = " ".join(f"{k}={v}" for k, v in launch.constants if k != "PRECISION")
     fn = tuner.fn
+    # as the JIT specialises: every pointer 16-byte aligned (the buffers' channel offsets are
+    # multiples of 8), and the integers that are multiples of 16
     pointers = [n for n, t in launch.signature if t.startswith("*")]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    attrs = {
+        (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *launch.aligned]
+    }
     row = {"kernel": launch.kernel, "dtype": launch.dtype, "variant": variant, "arch": arch,
            "tile": tile}  # fmt: skip
     try:
@@ -240,10 +253,27 @@ def _resource_usage(text: str) -> dict[str, int]:
     return fields
 
 
+def reachable(launch: Launch) -> list[int]:
+    """The indices of the configurations the autotuner can pick for ``launch``: those its
+    ``early_config_prune`` keeps for the launch's pointer dtypes (all, without one)."""
+    import torch
+
+    tuner = _kernels()[launch.kernel]
+    configs = tuner.configs
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is None:
+        return list(range(len(configs)))
+    torch_dtypes = {v: getattr(torch, k) for k, v in _TORCH_TO_TRITON.items()}
+    args = {
+        n: torch.empty(0, dtype=torch_dtypes[t[1:]]) for n, t in launch.signature if t[0] == "*"
+    }
+    kept = prune(configs, args | dict(launch.constants))
+    return [i for i, config in enumerate(configs) if any(config is k for k in kept)]
+
+
 def _jobs(launches: Sequence[Launch], archs: Sequence[str]) -> Iterator[tuple[Launch, int, str]]:
-    kernels = _kernels()
     for launch in launches:
-        for index in range(len(kernels[launch.kernel].configs)):
+        for index in reachable(launch):
             for arch in archs:
                 yield launch, index, arch
 
@@ -258,18 +288,27 @@ def launches_in_subprocess() -> list[Launch]:
     if done.returncode != 0:
         raise RuntimeError(f"recording the kernel launches failed:\n{done.stderr[-3000:]}")
     return [
-        Launch(r["kernel"], tuple(map(tuple, r["signature"])), tuple(map(tuple, r["constants"])))
+        Launch(
+            r["kernel"],
+            tuple(map(tuple, r["signature"])),
+            tuple(map(tuple, r["constants"])),
+            tuple(r["aligned"]),
+        )  # fmt: skip
         for r in json.loads(done.stdout)
     ]
 
 
-def check(archs: Sequence[str] = tuple(ARCHS), workers: int | None = None) -> list[CompiledLaunch]:
-    """Every recorded launch compiled with every configuration for every architecture in
-    ``archs``, in ``workers`` processes (default: the CPUs)."""
+def check(
+    archs: Sequence[str] = tuple(ARCHS),
+    workers: int | None = None,
+    launches: Sequence[Launch] | None = None,
+) -> list[CompiledLaunch]:
+    """Every launch (default: every recorded one) compiled with every configuration it can reach
+    for every architecture in ``archs``, in ``workers`` processes (default: the CPUs)."""
     unknown = sorted(set(archs) - set(ARCHS))
     if unknown:
         raise ValueError(f"unknown architecture(s) {', '.join(unknown)}; use {', '.join(ARCHS)}")
-    jobs = list(_jobs(launches_in_subprocess(), archs))
+    jobs = list(_jobs(launches_in_subprocess() if launches is None else launches, archs))
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         return list(pool.map(_compile, jobs))
 

@@ -13,6 +13,7 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly), which is h
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -35,24 +36,37 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
+def _configs_by_width(
+    narrow: list[tuple[int, int, int, int, int]],
+    wide: list[tuple[int, int, int, int, int]],
+    operand: str,
+) -> tuple[list[triton.Config], Callable[..., list[triton.Config]]]:
+    """Autotuning candidates for 16-bit GEMM operands (``narrow``) and for float32 or float64
+    ones (``wide``, which take more registers), and the ``early_config_prune`` that keeps those
+    of the launch's ``operand`` dtype (a list that tests replaced is kept whole)."""
+    sixteen, thirty_two = _configs(narrow), _configs(wide)
+
+    def prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
+        if len(configs) != len(sixteen) + len(thirty_two):
+            return configs
+        wide_operands = named_args[operand].element_size() >= 4
+        return configs[len(sixteen) :] if wide_operands else configs[: len(sixteen)]
+
+    return sixteen + thirty_two, prune
+
+
 # Hopper-sized tiles: wide N for the bottleneck (4k = 128 or 192 channels) and the transitions,
-# narrow N for the growth convolution (k = 12 ... 48 channels).
-POINTWISE_TILES = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (256, 128, 64, 8, 3),
-    (64, 64, 32, 4, 4),
-]
-GROWTH_TILES = [
-    (128, 32, 64, 4, 4),
-    (256, 32, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 32, 64, 4, 4),
-    (128, 32, 128, 4, 3),
-    (64, 64, 32, 4, 4),
-]
+# narrow N for the growth convolution (k = 12 ... 48 channels). Each compiles for sm80 and sm90
+# within their shared memory and 255 registers, without spilling, for channel counts that are
+# multiples of 16 (``python -m densenet.gpu_check``); larger tiles spilled or overflowed.
+POINTWISE_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+GROWTH_TILES = [(64, 32, 64, 4, 4), (64, 64, 32, 4, 4)]
+
+
+# The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or
+# image size then reuses the compiled kernels, whose loads are vectorised by the channel counts
+# and strides (multiples of 16 in every DenseNet here) instead.
+PIXEL_ARGUMENTS = ("M", "H", "W", "H_OUT", "W_OUT")
 
 
 @triton.jit
@@ -69,7 +83,7 @@ def _pixel_rows(pid_m, M, H_OUT, W_OUT, BLOCK_M: tl.constexpr):
 # Tuned per pixel count and output width, not per input width: the layers of a block differ only
 # in K, and tuning each (about 0.1 s per candidate) would cost minutes per batch size.
 @triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "N", "POOL"])
-@triton.jit
+@triton.jit(do_not_specialize=["M", "H_OUT", "W_OUT"])
 def _pointwise_kernel(
     x_ptr, w_ptr, bias_ptr, low_ptr, high_ptr, y_ptr,
     M, K, N, H_OUT, W_OUT,
@@ -116,7 +130,7 @@ def _pointwise_kernel(
 
 
 @triton.autotune(configs=_configs(GROWTH_TILES), key=["M", "C", "N", "AFFINE_RELU"])
-@triton.jit
+@triton.jit(do_not_specialize=["M", "H", "W"])
 def _conv3x3_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
     M, C, N, H, W,

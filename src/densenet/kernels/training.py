@@ -18,21 +18,41 @@ convolution's, C = bottleneck width):
 
 Accumulation is in the statistics' dtype (float32, float64 for float64 inputs); the GEMM operands
 are in the weight's dtype (the autocast dtype in mixed precision).
+
+The gradients are deterministic: no atomics; each program writes its partial sums (of the
+BatchNorm sums, of the weight gradient's row splits) to its own row of a scratch tensor that
+torch then sums in a fixed order. They run with one fixed tile per operand width, not autotuned:
+tuning would rerun the in-place accumulation into the gradient buffer, which it would first have
+to copy.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import POINTWISE_TILES, _configs, _pixel_rows, _pixel_strides, _precision
+from .conv import _configs, _configs_by_width, _pixel_rows, _pixel_strides, _precision
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
 
 # programs the weight gradient aims for (tiles x row splits): a few per SM of an H100
 _WEIGHT_GRAD_PROGRAMS = 512
+# tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that compile for sm80 and sm90 without
+# spilling (``python -m densenet.gpu_check``): for the forward, autotuned, 16-bit operands
+# (autocast) and float32 ones; one for the input gradient; one per operand width for the weight
+# gradient (float32 spilled at every larger tile tried)
+FORWARD_TILES = [(128, 128, 64, 8, 3), (64, 64, 32, 4, 4)]
+FORWARD_FLOAT32_TILES = [(64, 64, 32, 4, 4)]
+INPUT_GRAD_TILE = (128, 64, 32, 8, 3)
+WEIGHT_GRAD_TILES = {"16-bit": (128, 64, 64, 8, 3), "float32": (32, 32, 32, 4, 3)}
+_FORWARD_CONFIGS, _forward_prune = _configs_by_width(FORWARD_TILES, FORWARD_FLOAT32_TILES, "w_ptr")
+_WEIGHT_GRAD_CONFIGS, _weight_grad_prune = _configs_by_width(
+    [WEIGHT_GRAD_TILES["16-bit"]], [WEIGHT_GRAD_TILES["float32"]], "dy_ptr"
+)
 
 
 @triton.jit
@@ -50,8 +70,12 @@ def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr
     return xhat, gamma * xhat + beta
 
 
-@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "C"])
-@triton.jit
+@triton.autotune(
+    configs=_FORWARD_CONFIGS,
+    key=["M", "C"],
+    prune_configs_by={"early_config_prune": _forward_prune},
+)
+@triton.jit(do_not_specialize=["M", "H", "W"])
 def _forward_kernel(
     x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, w_ptr, y_ptr,
     M, K, C, H, W,
@@ -76,11 +100,8 @@ def _forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(
-    configs=_configs(POINTWISE_TILES), key=["M", "C"], reset_to_zero=["sums_ptr"],
-    restore_value=["grad_ptr"],
-)  # fmt: skip
-@triton.jit
+@triton.autotune(configs=_configs([INPUT_GRAD_TILE]), key=[])
+@triton.jit(do_not_specialize=["M", "H", "W"])
 def _input_grad_kernel(
     dy_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, grad_ptr, sums_ptr,
     M, K, C, H, W,
@@ -88,8 +109,8 @@ def _input_grad_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """g = (dy @ w) * [pre > 0] on a tile (BLOCK_M, BLOCK_N) of prefix channels, reduced over
-    the C bottleneck channels in steps of BLOCK_K; grad += g gamma invstd; sums[0] += sum_m g,
-    sums[1] += sum_m g xhat (atomically, one row of partial sums per program)."""
+    the C bottleneck channels in steps of BLOCK_K; grad += g gamma invstd; the tile's column
+    sums ``sum_m g`` and ``sum_m g xhat`` go to row ``program_id(0)`` of sums (rows, 2, K)."""
     n, h, w, row_ok = _pixel_rows(tl.program_id(0), M, H, W, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < K
@@ -113,21 +134,25 @@ def _input_grad_kernel(
     grad_ptrs = (grad_ptr + n * sgn + h * sgh + w * sgw)[:, None] + ks[None, :]
     grad = tl.load(grad_ptrs, mask=ok)
     tl.store(grad_ptrs, (grad + g * scale[None, :]).to(grad_ptr.dtype.element_ty), mask=ok)
-    tl.atomic_add(sums_ptr + ks, tl.sum(g, axis=0), mask=k_ok)
-    tl.atomic_add(sums_ptr + K + ks, tl.sum(g * xhat, axis=0), mask=k_ok)
+    sums = sums_ptr + tl.program_id(0).to(tl.int64) * 2 * K
+    tl.store(sums + ks, tl.sum(g, axis=0), mask=k_ok)
+    tl.store(sums + K + ks, tl.sum(g * xhat, axis=0), mask=k_ok)
 
 
-@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "C"], reset_to_zero=["dw_ptr"])
-@triton.jit
+@triton.autotune(
+    configs=_WEIGHT_GRAD_CONFIGS, key=[],
+    prune_configs_by={"early_config_prune": _weight_grad_prune},
+)  # fmt: skip
+@triton.jit(do_not_specialize=["M", "H", "W"])
 def _weight_grad_kernel(
     dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dw_ptr,
     M, K, C, H, W,
     sdn, sdh, sdw, sxn, sxh, sxw,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dw[c, k] += sum_m dy[m, c] a[m, k] over this program's share of the rows: a tile
-    (BLOCK_N bottleneck channels, BLOCK_K prefix channels) of dw per program on axes 0 and 1,
-    the rows split evenly (in steps of BLOCK_M) over axis 2."""
+    """dw[s, c, k] = sum_m dy[m, c] a[m, k] over split s = program_id(2) of the rows (split
+    evenly, in steps of BLOCK_M): a tile (BLOCK_N bottleneck channels, BLOCK_K prefix channels)
+    of dw per program on axes 0 and 1."""
     cs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cs < C
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -143,8 +168,8 @@ def _weight_grad_kernel(
                                invstd_ptr, gamma_ptr, beta_ptr)  # fmt: skip
         a = tl.maximum(pre, 0.0).to(dy.dtype)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
-    dw_ptrs = dw_ptr + cs[:, None] * K + ks[None, :]
-    tl.atomic_add(dw_ptrs, acc, mask=c_ok[:, None] & k_ok[None, :])
+    dw_ptrs = dw_ptr + tl.program_id(2).to(tl.int64) * C * K + cs[:, None] * K + ks[None, :]
+    tl.store(dw_ptrs, acc, mask=c_ok[:, None] & k_ok[None, :])
 
 
 def _check(x: Tensor, c: int, weight_shape: tuple[int, ...], stats: tuple[Tensor, ...]) -> int:
@@ -218,17 +243,16 @@ def bn_relu_conv1x1_input_grad(
             f"bn_relu_conv1x1_input_grad: dy {tuple(dy.shape)} and grad {tuple(grad.shape)} do "
             f"not fit prefix {tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
-    sums = torch.zeros((2, k), dtype=mean.dtype, device=x.device)
-
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
-
+    tile = _input_grad_kernel.configs[0].kwargs
+    grid = (triton.cdiv(m, tile["BLOCK_M"]), triton.cdiv(k, tile["BLOCK_N"]))
+    sums = torch.empty((grid[0], 2, k), dtype=mean.dtype, device=x.device)
     _input_grad_kernel[grid](
         dy, weight.contiguous(), x, mean, invstd, gamma, beta, grad, sums,
         m, k, c, height, width,
         *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"), *_pixel_strides(grad, "grad"),
         PRECISION=_precision(weight.dtype),
     )  # fmt: skip
+    sums = sums.sum(0)
     return sums[0], sums[1]
 
 
@@ -242,17 +266,15 @@ def bn_relu_conv1x1_weight_grad(
     m = _check(x, c, (c, k), (mean, invstd, gamma, beta))
     if dy.shape != (batch, c, height, width):
         raise ValueError(f"bn_relu_conv1x1_weight_grad: dy {tuple(dy.shape)}, x {tuple(x.shape)}")
-    dw = torch.zeros((c, k), dtype=mean.dtype, device=x.device)
-
-    def grid(meta):
-        tiles = triton.cdiv(c, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
-        splits = min(triton.cdiv(m, meta["BLOCK_M"]), max(1, _WEIGHT_GRAD_PROGRAMS // tiles))
-        return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), splits
-
-    _weight_grad_kernel[grid](
+    (config,) = _weight_grad_prune(_weight_grad_kernel.configs, {"dy_ptr": dy})
+    tile = config.kwargs
+    tiles = triton.cdiv(c, tile["BLOCK_N"]), triton.cdiv(k, tile["BLOCK_K"])
+    splits = min(triton.cdiv(m, tile["BLOCK_M"]), max(1, _WEIGHT_GRAD_PROGRAMS // math.prod(tiles)))
+    dw = torch.empty((splits, c, k), dtype=mean.dtype, device=x.device)
+    _weight_grad_kernel[(*tiles, splits)](
         dy, x, mean, invstd, gamma, beta, dw,
         m, k, c, height, width,
         *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"),
         PRECISION=_precision(dy.dtype),
     )  # fmt: skip
-    return dw
+    return dw.sum(0)
