@@ -109,10 +109,10 @@ def test_production_tiles_in_float16_and_float32(monkeypatch, tile, dtype):
 
     from densenet.kernels import training
 
-    width = "16-bit" if dtype == torch.float16 else "float32"
+    unit = "tensor cores" if dtype == torch.float16 else "float32"
     force_tile(monkeypatch, training._forward_kernel, tile)
     force_tile(monkeypatch, training._input_grad_kernel, training.INPUT_GRAD_TILE)
-    force_tile(monkeypatch, training._weight_grad_kernel, training.WEIGHT_GRAD_TILES[width])
+    force_tile(monkeypatch, training._weight_grad_kernel, training.WEIGHT_GRAD_TILES[unit])
     k, c = 2 * tile[2] + 5, tile[1] + 9
     x, mean, invstd, var, gamma, beta, weight = problem(torch.float32, k, c, side=13)
     x, weight = x.to(dtype), weight.to(dtype)

@@ -64,7 +64,7 @@ class CompiledLaunch:
 
     kernel: str
     dtype: str
-    variant: str  # the launch's constexprs, e.g. POOL=True RELU=False
+    variant: str  # the launch's constexprs, e.g. POOL=True RELU=False, PRECISION=tf32
     arch: str
     tile: str  # BLOCK_M x BLOCK_N x BLOCK_K, warps, stages
     registers: int
@@ -82,7 +82,7 @@ class CompiledLaunch:
             found.append(f"shared memory {self.shared // 1024} KB > {self.arch}'s")
         if self.spilled:
             found.append(f"spills {self.spilled} B")
-        if self.dtype in ("bf16", "fp16") and not self.mma:
+        if (self.dtype in ("bf16", "fp16") or "PRECISION=tf32" in self.variant) and not self.mma:
             found.append(f"no {ARCHS[self.arch]['mma']}")
         return found
 
@@ -151,7 +151,10 @@ def record_launches() -> list[Launch]:
         model = densenet121(num_classes=10, memory_efficient="triton").train()
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-        model(x).float().sum().backward()
+        for tf32 in (False, True):  # float32 GEMMs: IEEE, or TF32 where torch allows it
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            model(x).float().sum().backward()
+        torch.backends.cuda.matmul.allow_tf32 = False
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(x).float().sum()
         loss.backward()
@@ -204,7 +207,7 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
         f"w{config.num_warps} s{config.num_stages}"
     )
     constants = dict(launch.constants) | block
-    variant = " ".join(f"{k}={v}" for k, v in launch.constants if k != "PRECISION")
+    variant = " ".join(f"{k}={v}" for k, v in launch.constants if (k, v) != ("PRECISION", "ieee"))
     fn = tuner.fn
     # as the JIT specialises: every pointer 16-byte aligned (the buffers' channel offsets are
     # multiples of 8), and the integers that are multiples of 16
@@ -267,7 +270,7 @@ def reachable(launch: Launch) -> list[int]:
     args = {
         n: torch.empty(0, dtype=torch_dtypes[t[1:]]) for n, t in launch.signature if t[0] == "*"
     }
-    kept = prune(configs, args | dict(launch.constants))
+    kept = prune(configs, args, **dict(launch.constants))
     return [i for i, config in enumerate(configs) if any(config is k for k in kept)]
 
 

@@ -36,23 +36,26 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
-def _configs_by_width(
-    narrow: list[tuple[int, int, int, int, int]],
-    wide: list[tuple[int, int, int, int, int]],
+def _configs_by_unit(
+    tensor_core: list[tuple[int, int, int, int, int]],
+    fma: list[tuple[int, int, int, int, int]],
     operand: str,
 ) -> tuple[list[triton.Config], Callable[..., list[triton.Config]]]:
-    """Autotuning candidates for 16-bit GEMM operands (``narrow``) and for float32 or float64
-    ones (``wide``, which take more registers), and the ``early_config_prune`` that keeps those
-    of the launch's ``operand`` dtype (a list that tests replaced is kept whole)."""
-    sixteen, thirty_two = _configs(narrow), _configs(wide)
+    """Autotuning candidates for GEMMs on tensor cores (16-bit operands, or float32 as TF32)
+    and for IEEE float32 or float64 ones on the FMA units (``fma``: they hold more registers),
+    and the ``early_config_prune`` that keeps those of the launch (by ``operand``'s dtype and
+    the ``PRECISION`` argument); a list that tests replaced is kept whole."""
+    on_tensor_cores, on_fma = _configs(tensor_core), _configs(fma)
 
-    def prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
-        if len(configs) != len(sixteen) + len(thirty_two):
+    def prune(
+        configs: list[triton.Config], named_args: dict, **kwargs: object
+    ) -> list[triton.Config]:
+        if len(configs) != len(on_tensor_cores) + len(on_fma):
             return configs
-        wide_operands = named_args[operand].element_size() >= 4
-        return configs[len(sixteen) :] if wide_operands else configs[: len(sixteen)]
+        ieee = named_args[operand].element_size() >= 4 and kwargs.get("PRECISION") != "tf32"
+        return configs[len(on_tensor_cores) :] if ieee else configs[: len(on_tensor_cores)]
 
-    return sixteen + thirty_two, prune
+    return on_tensor_cores + on_fma, prune
 
 
 # Hopper-sized tiles: wide N for the bottleneck (4k = 128 or 192 channels) and the transitions,

@@ -35,23 +35,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import _configs, _configs_by_width, _pixel_rows, _pixel_strides, _precision
+from .conv import _configs, _configs_by_unit, _pixel_rows, _pixel_strides, _precision
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
 
 # programs the weight gradient aims for (tiles x row splits): a few per SM of an H100
 _WEIGHT_GRAD_PROGRAMS = 512
 # tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that compile for sm80 and sm90 without
-# spilling (``python -m densenet.gpu_check``): for the forward, autotuned, 16-bit operands
-# (autocast) and float32 ones; one for the input gradient; one per operand width for the weight
-# gradient (float32 spilled at every larger tile tried)
-FORWARD_TILES = [(128, 128, 64, 8, 3), (64, 64, 32, 4, 4)]
+# spilling (``python -m densenet.gpu_check``): for the forward, autotuned, GEMMs on tensor cores
+# (16-bit operands under autocast, or float32 as TF32) and IEEE float32 ones; one for the input
+# gradient; one of each kind for the weight gradient (IEEE float32 spilled at every larger
+# tile tried)
+FORWARD_TILES = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 4)]
 FORWARD_FLOAT32_TILES = [(64, 64, 32, 4, 4)]
 INPUT_GRAD_TILE = (128, 64, 32, 8, 3)
-WEIGHT_GRAD_TILES = {"16-bit": (128, 64, 64, 8, 3), "float32": (32, 32, 32, 4, 3)}
-_FORWARD_CONFIGS, _forward_prune = _configs_by_width(FORWARD_TILES, FORWARD_FLOAT32_TILES, "w_ptr")
-_WEIGHT_GRAD_CONFIGS, _weight_grad_prune = _configs_by_width(
-    [WEIGHT_GRAD_TILES["16-bit"]], [WEIGHT_GRAD_TILES["float32"]], "dy_ptr"
+WEIGHT_GRAD_TILES = {"tensor cores": (128, 64, 64, 8, 3), "float32": (32, 32, 32, 4, 3)}
+_FORWARD_CONFIGS, _forward_prune = _configs_by_unit(FORWARD_TILES, FORWARD_FLOAT32_TILES, "w_ptr")
+_WEIGHT_GRAD_CONFIGS, _weight_grad_prune = _configs_by_unit(
+    [WEIGHT_GRAD_TILES["tensor cores"]], [WEIGHT_GRAD_TILES["float32"]], "dy_ptr"
 )
 
 
@@ -266,7 +267,8 @@ def bn_relu_conv1x1_weight_grad(
     m = _check(x, c, (c, k), (mean, invstd, gamma, beta))
     if dy.shape != (batch, c, height, width):
         raise ValueError(f"bn_relu_conv1x1_weight_grad: dy {tuple(dy.shape)}, x {tuple(x.shape)}")
-    (config,) = _weight_grad_prune(_weight_grad_kernel.configs, {"dy_ptr": dy})
+    precision = _precision(dy.dtype)
+    (config,) = _weight_grad_prune(_weight_grad_kernel.configs, {"dy_ptr": dy}, PRECISION=precision)
     tile = config.kwargs
     tiles = triton.cdiv(c, tile["BLOCK_N"]), triton.cdiv(k, tile["BLOCK_K"])
     splits = min(triton.cdiv(m, tile["BLOCK_M"]), max(1, _WEIGHT_GRAD_PROGRAMS // math.prod(tiles)))
@@ -275,6 +277,6 @@ def bn_relu_conv1x1_weight_grad(
         dy, x, mean, invstd, gamma, beta, dw,
         m, k, c, height, width,
         *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"),
-        PRECISION=_precision(dy.dtype),
+        PRECISION=precision,
     )  # fmt: skip
     return dw.sum(0)
