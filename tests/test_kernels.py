@@ -176,6 +176,18 @@ def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype, affine):
     assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+def test_autotuning_is_keyed_by_a_power_of_two_bucket_of_pixel_rows():
+    """A new batch size whose bucket was seen is neither tuned nor compiled again (the pixel
+    counts are not specialised)."""
+    from densenet.kernels import training
+
+    m_bucket = kernels.conv.m_bucket
+    assert [m_bucket(m) for m in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+    tuned = (kernels.conv._pointwise_kernel, kernels.conv._conv3x3_kernel, training._forward_kernel)
+    for kernel in tuned:
+        assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys, kernel.keys
+
+
 @needs_kernels
 def test_kernels_reject_shapes_that_do_not_fit():
     x = buffer(1, 8, 4, 4)

@@ -68,8 +68,15 @@ GROWTH_TILES = [(64, 32, 64, 4, 4), (64, 64, 32, 4, 4)]
 
 # The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or
 # image size then reuses the compiled kernels, whose loads are vectorised by the channel counts
-# and strides (multiples of 16 in every DenseNet here) instead.
-PIXEL_ARGUMENTS = ("M", "H", "W", "H_OUT", "W_OUT")
+# and strides (multiples of 16 in every DenseNet here) instead. Autotuning is keyed by
+# ``M_BUCKET``, M rounded up to a power of two (an argument the kernels do not read): a new
+# batch size whose bucket was seen is neither compiled nor tuned again.
+PIXEL_ARGUMENTS = ("M", "M_BUCKET", "H", "W", "H_OUT", "W_OUT")
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of ``m`` pixel rows: the next power of two."""
+    return 1 << max(0, m - 1).bit_length()
 
 
 @triton.jit
@@ -83,13 +90,13 @@ def _pixel_rows(pid_m, M, H_OUT, W_OUT, BLOCK_M: tl.constexpr):
     return n, rest // W_OUT, rest % W_OUT, valid
 
 
-# Tuned per pixel count and output width, not per input width: the layers of a block differ only
-# in K, and tuning each (about 0.1 s per candidate) would cost minutes per batch size.
-@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M", "N", "POOL"])
-@triton.jit(do_not_specialize=["M", "H_OUT", "W_OUT"])
+# Tuned per pixel-count bucket and output width, not per input width: the layers of a block
+# differ only in K, and tuning each (about 0.1 s per candidate) would cost minutes per batch size.
+@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M_BUCKET", "N", "POOL"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "H_OUT", "W_OUT"])
 def _pointwise_kernel(
     x_ptr, w_ptr, bias_ptr, low_ptr, high_ptr, y_ptr,
-    M, K, N, H_OUT, W_OUT,
+    M, M_BUCKET, K, N, H_OUT, W_OUT,
     sxn, sxh, sxw, syn, syh, syw,
     POOL: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -132,11 +139,11 @@ def _pointwise_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs(GROWTH_TILES), key=["M", "C", "N", "AFFINE_RELU"])
-@triton.jit(do_not_specialize=["M", "H", "W"])
+@triton.autotune(configs=_configs(GROWTH_TILES), key=["M_BUCKET", "C", "N", "AFFINE_RELU"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "H", "W"])
 def _conv3x3_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
-    M, C, N, H, W,
+    M, M_BUCKET, C, N, H, W,
     sxn, sxh, sxw, syn, syh, syw,
     AFFINE_RELU: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -223,7 +230,7 @@ def pointwise_conv(
 
     _pointwise_kernel[grid](
         x, weight.contiguous(), bias, low, high, out,
-        m, k, c_out, h_out, w_out,
+        m, m_bucket(m), k, c_out, h_out, w_out,
         *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),
         POOL=pool, RELU=relu, PRECISION=_precision(x.dtype),
     )  # fmt: skip
@@ -269,7 +276,7 @@ def conv3x3(
     affine = scale is not None
     _conv3x3_kernel[grid](
         x, weight.contiguous(), scale if affine else weight, shift if affine else weight, out,
-        m, c, c_out, height, width,
+        m, m_bucket(m), c, c_out, height, width,
         *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),
         AFFINE_RELU=affine, PRECISION=_precision(x.dtype),
     )  # fmt: skip

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import _configs, _configs_by_unit, _pixel_rows, _pixel_strides, _precision
+from .conv import _configs, _configs_by_unit, _pixel_rows, _pixel_strides, _precision, m_bucket
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
 
@@ -73,13 +73,13 @@ def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr
 
 @triton.autotune(
     configs=_FORWARD_CONFIGS,
-    key=["M", "C"],
+    key=["M_BUCKET", "C"],
     prune_configs_by={"early_config_prune": _forward_prune},
 )
-@triton.jit(do_not_specialize=["M", "H", "W"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "H", "W"])
 def _forward_kernel(
     x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, w_ptr, y_ptr,
-    M, K, C, H, W,
+    M, M_BUCKET, K, C, H, W,
     sxn, sxh, sxw, syn, syh, syw,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -209,7 +209,7 @@ def bn_relu_conv1x1(
 
     _forward_kernel[grid](
         x, mean, invstd, gamma, beta, weight.contiguous(), y,
-        m, k, c, height, width,
+        m, m_bucket(m), k, c, height, width,
         *_pixel_strides(x, "x"), *_pixel_strides(y, "y"),
         PRECISION=_precision(weight.dtype),
     )  # fmt: skip
