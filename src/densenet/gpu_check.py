@@ -3,14 +3,14 @@
 ``python -m densenet.gpu_check [--arch sm90 sm80] [--json]`` finds every distinct launch of the
 kernels (by running densenet121's triton inference form in bfloat16 and float16, and a
 memory-efficient training step with ``memory_efficient="triton"`` under bfloat16 autocast and in
-float32, on the CPU under Triton's interpreter with the launches recorded, not executed), then
-compiles each launch with each configuration its autotuner can pick (after its pruning by
-dtype) for the GPU architectures
-asked (``triton.compile`` with a ``GPUTarget``; no GPU needed) and reads back from the cubin:
+float32, IEEE and TF32, on the CPU under Triton's interpreter with the launches recorded, not
+executed), then compiles each launch as Triton's JIT would, with each configuration its
+autotuner can reach (after its pruning by dtype), for the GPU architectures asked
+(``triton.compile`` with a ``GPUTarget``; no GPU needed) and reads back from the cubin:
 registers, spilled bytes (``cuobjdump -res-usage``: stack frame and local memory), shared memory
 (the compiled metadata) and the tensor-core instructions it uses (``nvdisasm``: ``HGMMA`` on
 sm90, ``HMMA`` on sm80). A row fails when it does not compile, needs more shared memory than the
-architecture has, spills, or is a 16-bit launch without tensor-core instructions.
+architecture has, spills, or is a 16-bit or TF32 launch without tensor-core instructions.
 
 It cannot tell speed: that needs a GPU.
 """

@@ -1,7 +1,8 @@
 """What a model needs and what its outputs mean, described once: ``Preprocessing`` (the evaluation
 transform's constants and the smallest input the network accepts) inside a ``ModelCard`` (class
-names, multi-label or not, input channels; for a volume model, ``VolumeTransform``). Weights entries, training checkpoints and exported
-files all carry a card; ``densenet.load`` returns one beside every module."""
+names, multi-label or not, input channels; for a volume model, its ``VolumeTransform``). Weights
+entries, training checkpoints and exported files all carry a card; ``densenet.load`` returns one
+beside every module."""
 
 from __future__ import annotations
 

@@ -130,16 +130,16 @@ class Trainer:
                 if isinstance(sample, Tensor)
                 else f"the {where} are images, not volumes: drop --volume-size"
             )
-        if volumes and sample.shape[0] != channels:
+        if not volumes:
+            try:
+                to_channels(sample, channels)  # type: ignore[arg-type]
+            except ChannelError as error:
+                raise TrainingError(f"{where}: {error}") from None
+        elif sample.shape[0] != channels:
             raise TrainingError(
                 f"the {where} have {sample.shape[0]} channel(s), the model takes {channels}; "
                 "drop --in-channels to take the volumes' own"
             )
-        try:
-            if not volumes:
-                to_channels(sample, channels)  # type: ignore[arg-type]
-        except ChannelError as error:
-            raise TrainingError(f"{where}: {error}") from None
 
     def _resolve(self, config: TrainConfig, sample: Any) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
