@@ -315,6 +315,17 @@ def test_default_backend_follows_the_device_and_precision(
     assert densenet.backends._backend(None, compile_, torch.device(device), dtype) == expected
 
 
+def test_triton_is_the_cuda_default_only_for_channel_counts_of_multiples_of_16():
+    """The kernels compile without spills only then (tests/test_gpu_check.py): the paper's
+    k = 12 models run the eager form (cuDNN) on CUDA by default."""
+    from densenet.backends import _backend, channels_aligned
+
+    assert channels_aligned(densenet.densenet121()) and channels_aligned(densenet.densenet161())
+    assert not channels_aligned(densenet.get_model("densenet_bc_100_k12"))
+    cuda = torch.device("cuda")
+    assert _backend(None, False, cuda, torch.bfloat16, aligned=False) == "eager"
+
+
 @pytest.mark.parametrize("max_batch", [4, 6])
 def test_bucketed_model_pads_splits_and_drops_padding(max_batch):
     model = randomize_batchnorm(tiny_model()).eval()

@@ -48,18 +48,36 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def channels_aligned(model: nn.Module) -> bool:
+    """Whether every convolution after the stem reads and writes a multiple of 16 channels (all
+    the ImageNet DenseNets; not the paper's k = 12 CIFAR models): only then do the Triton
+    kernels compile to vectorised loads without spilling registers (``densenet.gpu_check``)."""
+    convs = [
+        m for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not name.endswith("conv0")
+    ]  # fmt: skip
+    return all(c.in_channels % 16 == 0 and c.out_channels % 16 == 0 for c in convs)
+
+
 def _backend(
     backend: str | None,
     compile: bool | str,
     device: torch.device,
     dtype: torch.dtype,
     channels_last: bool | None = None,
+    aligned: bool = True,
 ) -> str:
-    """The backend ``optimize`` builds: the one named, or the fastest measured on ``device``."""
+    """The backend ``optimize`` builds: the one named, or the fastest measured on ``device``
+    (triton only for a model whose channel counts are ``aligned``: ``channels_aligned``)."""
     if backend is None:
         if compile:
             return "inductor"
-        if device.type == "cuda" and dtype in TRITON_DEFAULT_DTYPES and _triton_usable(device):
+        if (
+            device.type == "cuda"
+            and dtype in TRITON_DEFAULT_DTYPES
+            and aligned
+            and _triton_usable(device)
+        ):
             return "triton"
         if (
             device.type == "cpu"
@@ -128,7 +146,8 @@ def optimize(
             ``densenet.gpu.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
             under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
             fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
-            ``compile`` is set; else triton for a CUDA model in bfloat16 or float16 (on an H200,
+            ``compile`` is set; else triton for a CUDA model in bfloat16 or float16 whose channel
+            counts are multiples of 16 (``channels_aligned``: others spill registers; on an H200,
             densenet121 bf16 batch 256: 22,300 images/s against inductor's 19,700 and the eager
             form's 10,800; about 4.5 s of autotuning at each new input shape against inductor's
             20 s of compiling); onednn for a CPU model in float32 or bfloat16 on an AVX-512
@@ -168,7 +187,7 @@ def optimize(
                 f"backend={backend!r} runs 2D models only, got spatial_dims={model.spatial_dims}; "
                 "use backend='eager' or 'inductor'"
             )
-    backend = _backend(backend, compile, device, dtype, channels_last)
+    backend = _backend(backend, compile, device, dtype, channels_last, channels_aligned(model))
     if backend == "triton":
         from .gpu import TritonDenseNet  # imports triton, which some platforms lack
 
