@@ -63,7 +63,7 @@ def _configs_by_unit(
 # within their shared memory and 255 registers, without spilling, for channel counts that are
 # multiples of 16 (``python -m densenet.gpu_check``); larger tiles spilled or overflowed.
 POINTWISE_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
-GROWTH_TILES = [(64, 32, 64, 4, 4), (64, 64, 32, 4, 4)]
+GROWTH_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4)]
 
 
 # The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or
@@ -154,26 +154,32 @@ def _conv3x3_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(9):
-        hh = h + (tap // 3 - 1)
-        ww = w + (tap % 3 - 1)
+    x_rows = x_ptr + n * sxn + h * sxh + w * sxw  # the centre tap's pixels
+    chunks = tl.cdiv(C, BLOCK_K)
+    # one reduction over K = 9 taps x C channels, in chunks of BLOCK_K channels of one tap: a
+    # single loop that the compiler pipelines across taps (loads of the next tap's chunk
+    # overlap this one's products)
+    for step in range(0, 9 * chunks):
+        tap = step // chunks
+        dy = tap // 3 - 1
+        dx = tap % 3 - 1
+        cs = (step - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_ok = cs < C
+        hh = h + dy
+        ww = w + dx
         inside = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        x_rows = x_ptr + n * sxn + hh * sxh + ww * sxw
-        for c0 in range(0, C, BLOCK_K):
-            cs = c0 + tl.arange(0, BLOCK_K)
-            c_ok = cs < C
-            a_ok = inside[:, None] & c_ok[None, :]
-            a = tl.load(x_rows[:, None] + cs[None, :], mask=a_ok, other=0.0)
-            b = tl.load(
-                w_ptr + (tap * C + cs)[:, None] * N + cols[None, :],
-                mask=c_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            if AFFINE_RELU:  # BN-ReLU of the input; the zero padding stays zero
-                s = tl.load(scale_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                t = tl.load(shift_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                a = tl.where(a_ok, tl.maximum(a.to(tl.float32) * s + t, 0.0), 0.0)
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+        a_ok = inside[:, None] & c_ok[None, :]
+        a = tl.load((x_rows + dy * sxh + dx * sxw)[:, None] + cs[None, :], mask=a_ok, other=0.0)
+        b = tl.load(
+            w_ptr + (tap * C + cs)[:, None] * N + cols[None, :],
+            mask=c_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if AFFINE_RELU:  # BN-ReLU of the input; the zero padding stays zero
+            s = tl.load(scale_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            t = tl.load(shift_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            a = tl.where(a_ok, tl.maximum(a.to(tl.float32) * s + t, 0.0), 0.0)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
     y_ptrs = (y_ptr + n * syn + h * syh + w * syw)[:, None] + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
