@@ -176,6 +176,26 @@ def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype, affine):
     assert rel_error(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+@needs_kernels
+@pytest.mark.parametrize("stride", [(2, 2), (1, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stem_relu_max_pool_writes_into_the_buffer(stride, dtype):
+    """The stem's ReLU and 3x3 max-pool (padding 1) in one pass, into the first channels of a
+    wider buffer, with masked edges (odd sizes, more pixels and channels than one tile)."""
+    from densenet.kernels.pool import relu_max_pool
+
+    x = buffer(2, 70, 17, 15).to(dtype)
+    h, w = (17 - 1) // stride[0] + 1, (15 - 1) // stride[1] + 1
+    out = buffer(2, 70 + 24, h, w).to(dtype)
+    before = out.clone()
+    relu_max_pool(x, out[:, :70], stride)
+    expected = F.max_pool2d(x.float().relu(), 3, stride, padding=1).to(dtype)
+    assert torch.equal(out[:, :70], expected)
+    assert torch.equal(out[:, 70:], before[:, 70:])
+    with pytest.raises(ValueError, match="do not fit"):
+        relu_max_pool(x, out[:, :70, :-1], stride)
+
+
 def test_autotuning_is_keyed_by_a_power_of_two_bucket_of_pixel_rows():
     """A new batch size whose bucket was seen is neither tuned nor compiled again (the pixel
     counts are not specialised)."""

@@ -6,8 +6,9 @@ the block buffer's prefix, clamps it while loading (the folded norm1 ReLU) and a
 norm2 bias and ReLU in its epilogue; the 3x3 convolution writes the layer's ``growth_rate``
 channels straight into its slice of the buffer. A transition is one kernel (clamp, 2x2 pool, 1x1
 convolution) writing into the first channels of the next block's buffer. The stem is the
-space-to-depth form of the 7x7 convolution (cuDNN), ReLU and max-pool; the head is a clamp, a
-global average pool and the classifier.
+space-to-depth form of the 7x7 convolution (cuDNN), then one kernel for its ReLU and 3x3
+max-pool that writes into block 1's buffer; the head is a clamp, a global average pool and the
+classifier.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .inference import (
     SpaceToDepthConv,
 )
 from .kernels.conv import conv3x3, pointwise_conv
+from .kernels.pool import relu_max_pool
 
 __all__ = ["GROWTH_CONVS", "TritonDenseNet"]
 
@@ -144,9 +146,12 @@ class TritonDenseNet(InferenceOnly):
         super().__init__()
         self.dtype = fast.dtype
         conv0 = fast.stem[0]
-        self.stem = nn.Sequential(
-            SpaceToDepthConv(conv0) if conv0.kernel_size == (7, 7) else conv0, *fast.stem[1:]
-        )
+        self.stem = SpaceToDepthConv(conv0) if conv0.kernel_size == (7, 7) else conv0
+        # the ImageNet stem's ReLU and 3x3 max-pool (its stride per axis), fused into the write
+        # into block 1's buffer; None for the CIFAR stem (a convolution only)
+        pool = fast.stem[-1] if len(fast.stem) > 1 else None
+        stride = pool.stride if pool is not None else None
+        self.pool_stride = (stride, stride) if isinstance(stride, int) else stride
         self.blocks = nn.ModuleList()
         self.transitions = nn.ModuleList()
         self.widths: list[int] = []
@@ -162,8 +167,13 @@ class TritonDenseNet(InferenceOnly):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x.to(self.dtype, memory_format=torch.channels_last))
-        buffer = _channels_last_empty(x, self.widths[0], *x.shape[2:])
-        buffer[:, : x.shape[1]].copy_(x)
+        if self.pool_stride is None:
+            buffer = _channels_last_empty(x, self.widths[0], *x.shape[2:])
+            buffer[:, : x.shape[1]].copy_(x)
+        else:
+            h, w = ((size - 1) // s + 1 for size, s in zip(x.shape[2:], self.pool_stride))
+            buffer = _channels_last_empty(x, self.widths[0], h, w)
+            relu_max_pool(x, buffer[:, : x.shape[1]], self.pool_stride)
         for index, layers in enumerate(self.blocks):
             for layer in layers:
                 layer(buffer)

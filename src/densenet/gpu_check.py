@@ -10,7 +10,7 @@ autotuner can reach (after its pruning by dtype), for the GPU architectures aske
 registers, spilled bytes (``cuobjdump -res-usage``: stack frame and local memory), shared memory
 (the compiled metadata) and the tensor-core instructions it uses (``nvdisasm``: ``HGMMA`` on
 sm90, ``HMMA`` on sm80). A row fails when it does not compile, needs more shared memory than the
-architecture has, spills, or is a 16-bit or TF32 launch without tensor-core instructions.
+architecture has, spills, or is a 16-bit or TF32 GEMM without tensor-core instructions.
 
 It cannot tell speed: that needs a GPU.
 """
@@ -66,12 +66,13 @@ class CompiledLaunch:
     dtype: str
     variant: str  # the launch's constexprs, e.g. POOL=True RELU=False, PRECISION=tf32
     arch: str
-    tile: str  # BLOCK_M x BLOCK_N x BLOCK_K, warps, stages
+    tile: str  # BLOCK_M x BLOCK_N (x BLOCK_K), warps, stages
     registers: int
     spilled: int  # bytes per thread of stack frame and local memory
     shared: int  # bytes
     mma: int  # tensor-core instructions
     error: str | None = None
+    gemm: bool = True  # the kernel multiplies matrices (a pooling kernel does not)
 
     @property
     def problems(self) -> list[str]:
@@ -82,7 +83,8 @@ class CompiledLaunch:
             found.append(f"shared memory {self.shared // 1024} KB > {self.arch}'s")
         if self.spilled:
             found.append(f"spills {self.spilled} B")
-        if (self.dtype in ("bf16", "fp16") or "PRECISION=tf32" in self.variant) and not self.mma:
+        tensor_cores = self.dtype in ("bf16", "fp16") or "PRECISION=tf32" in self.variant
+        if self.gemm and tensor_cores and not self.mma:
             found.append(f"no {ARCHS[self.arch]['mma']}")
         return found
 
@@ -176,11 +178,11 @@ def _kernels() -> dict[str, Any]:
     """Every autotuned kernel of ``densenet.kernels`` by name."""
     from triton.runtime.autotuner import Autotuner
 
-    from .kernels import conv, training
+    from .kernels import conv, pool, training
 
     return {
         value.fn.__name__: value
-        for module in (conv, training)
+        for module in (conv, pool, training)
         for value in vars(module).values()
         if isinstance(value, Autotuner)
     }
@@ -202,10 +204,7 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
     tuner = _kernels()[launch.kernel]
     config = tuner.configs[index]
     block = config.kwargs
-    tile = (
-        f"{block['BLOCK_M']}x{block['BLOCK_N']}x{block['BLOCK_K']} "
-        f"w{config.num_warps} s{config.num_stages}"
-    )
+    tile = f"{'x'.join(map(str, block.values()))} w{config.num_warps} s{config.num_stages}"
     constants = dict(launch.constants) | block
     variant = " ".join(f"{k}={v}" for k, v in launch.constants if (k, v) != ("PRECISION", "ieee"))
     fn = tuner.fn
@@ -216,7 +215,7 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
         (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *launch.aligned]
     }
     row = {"kernel": launch.kernel, "dtype": launch.dtype, "variant": variant, "arch": arch,
-           "tile": tile}  # fmt: skip
+           "tile": tile, "gemm": "tl.dot(" in fn.src}  # fmt: skip
     try:
         compiled = triton.compile(
             ASTSource(fn=fn, signature=dict(launch.signature), constexprs=constants, attrs=attrs),
