@@ -74,6 +74,16 @@ GROWTH_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (128, 64, 64, 4, 4), (
 PIXEL_ARGUMENTS = ("M", "M_BUCKET", "H", "W", "H_OUT", "W_OUT")
 
 
+def pixel_grid(m: int, columns: int) -> Callable[[dict], tuple[int, int]]:
+    """The launch grid of a kernel that tiles (``m`` pixel rows, ``columns``) by its config's
+    (BLOCK_M, BLOCK_N)."""
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"])
+
+    return grid
+
+
 def m_bucket(m: int) -> int:
     """The autotuning bucket of ``m`` pixel rows: the next power of two."""
     return 1 << max(0, m - 1).bit_length()
@@ -231,10 +241,7 @@ def pointwise_conv(
         )
     m = batch * h_out * w_out
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
-
-    _pointwise_kernel[grid](
+    _pointwise_kernel[pixel_grid(m, c_out)](
         x, weight.contiguous(), bias, low, high, out,
         m, m_bucket(m), k, c_out, h_out, w_out,
         *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),
@@ -276,11 +283,8 @@ def conv3x3(
         raise ValueError("conv3x3: give both scale and shift, or neither")
     m = batch * height * width
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
-
     affine = scale is not None
-    _conv3x3_kernel[grid](
+    _conv3x3_kernel[pixel_grid(m, c_out)](
         x, weight.contiguous(), scale if affine else weight, shift if affine else weight, out,
         m, m_bucket(m), c, c_out, height, width,
         *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),

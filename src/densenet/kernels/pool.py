@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import _pixel_rows, _pixel_strides
+from .conv import _pixel_rows, _pixel_strides, pixel_grid
 
 __all__ = ["relu_max_pool"]
 
@@ -67,10 +67,7 @@ def relu_max_pool(x: Tensor, out: Tensor, stride: tuple[int, int] = (2, 2)) -> T
         )
     m = batch * h_out * w_out
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
-
-    _relu_max_pool_kernel[grid](
+    _relu_max_pool_kernel[pixel_grid(m, c)](
         x, out,
         m, c, height, width, h_out, w_out, *stride,
         *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),

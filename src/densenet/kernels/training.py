@@ -35,7 +35,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import _configs, _configs_by_unit, _pixel_rows, _pixel_strides, _precision, m_bucket
+from .conv import (
+    _configs,
+    _configs_by_unit,
+    _pixel_rows,
+    _pixel_strides,
+    _precision,
+    m_bucket,
+    pixel_grid,
+)
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
 
@@ -204,10 +212,7 @@ def bn_relu_conv1x1(
         memory_format=torch.channels_last,
     )  # fmt: skip
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
-
-    _forward_kernel[grid](
+    _forward_kernel[pixel_grid(m, c)](
         x, mean, invstd, gamma, beta, weight.contiguous(), y,
         m, m_bucket(m), k, c, height, width,
         *_pixel_strides(x, "x"), *_pixel_strides(y, "y"),
