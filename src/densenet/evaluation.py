@@ -107,10 +107,8 @@ def evaluate_dataset(
         loaded = load(model, weights=weights, device=target)
         card = loaded.card
         tta = "ten-crop" if ten_crop else tta
-        if tta is not None and card.volume is not None:
-            raise DataError("test-time views (--tta) are of images; this model takes volumes")
         views = VIEWS[tta] if tta is not None else 1
-        transform = card.preprocessing.views_transform(tta) if tta is not None else card.transform()
+        transform = card.transform(tta)
         if (card.multi_label or labels is not None) and world_size > 1:
             raise DataError("a multi-label model is evaluated in one process")
         dataset = _labelled_set(data, card, transform, labels, split, data_root, download)

@@ -167,10 +167,10 @@ class Classifier:
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
         self.transform = self.card.transform()
-        if tta is not None and self.card.volume is not None:
-            raise ValueError("test-time views (tta) are of images; this model takes volumes")
-        self.views = self.preprocessing.views_transform(tta) if tta is not None else None
+        self.views = self.card.transform(tta) if tta is not None else None
         self.min_size = self.preprocessing.min_size
+        self._view_transform = self.preprocessing.view_transform()
+        self._view_to_input = self.preprocessing.view_to_input()
         self.batch_size = batch_size
 
     @property
@@ -264,11 +264,11 @@ class Classifier:
         model: the network input itself)."""
         if self.card.volume is not None:
             return self.preprocess(image, name)
-        return self.preprocessing.view_transform()(self._decode(image, name))
+        return self._view_transform(self._decode(image, name))
 
     def _view_input(self, view: Image.Image | Tensor) -> Tensor:
         """A ``_view`` -> the network input."""
-        return view if isinstance(view, Tensor) else self.preprocessing.view_to_input()(view)
+        return view if isinstance(view, Tensor) else self._view_to_input(view)
 
     def _inputs(self, images: Sequence[ImageInput]) -> Iterator[tuple[str, Tensor | ImageError]]:
         for i, image in enumerate(images):

@@ -184,9 +184,15 @@ class ModelCard:
             )
         return x
 
-    def transform(self) -> Callable[[Any], Tensor]:
+    def transform(self, views: str | None = None) -> Callable[[Any], Tensor]:
         """What a file holds (a PIL image; a volume model: (C, D, H, W) voxels) -> the network
-        input: ``preprocessing.transform()``, or the ``volume`` transform."""
+        input: ``preprocessing.transform()``, or the ``volume`` transform; with ``views`` (test-
+        time augmentation, ``densenet.transforms.VIEWS``), an image's (V, C, H, W) views
+        (``ValueError`` for a volume model)."""
+        if views is not None and self.volume is not None:
+            raise ValueError("test-time views (tta) are of images; this model takes volumes")
+        if views is not None:
+            return self.preprocessing.views_transform(views)
         return self.volume if self.volume is not None else self.preprocessing.transform()
 
     def probabilities(self, logits: Tensor) -> Tensor:
