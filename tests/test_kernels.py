@@ -9,6 +9,8 @@ before triton is first imported (importing densenet already imports it): in a pl
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,12 +225,17 @@ def test_kernels_reject_shapes_that_do_not_fit():
 @pytest.mark.parametrize("size", [(37, 45), (8, 8), (1, 1), (2, 3), (224, 223)])
 def test_space_to_depth_stem_is_exact(size):
     """The 7x7 stride-2 convolution and its 4x4 space-to-depth form agree to float64 rounding,
-    output size included, for odd and even sizes, with and without bias."""
+    output size included, for odd and even sizes, with and without bias, channels_last or not,
+    with the 12 space-to-depth channels as they are or padded with zeros to 16."""
     torch.manual_seed(0)
-    for bias in (True, False):
+    for bias, multiple, layout in itertools.product(
+        (True, False), (1, 16), (torch.contiguous_format, torch.channels_last)
+    ):
         conv = torch.nn.Conv2d(3, 5, 7, stride=2, padding=3, bias=bias).double()
-        x = torch.randn(2, 3, *size, dtype=torch.float64)
-        ref, out = conv(x), SpaceToDepthConv(conv)(x)
+        x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=layout)
+        stem = SpaceToDepthConv(conv, channel_multiple=multiple)
+        assert stem.weight.shape[1] == (12 if multiple == 1 else 16)
+        ref, out = conv(x), stem(x)
         assert out.shape == ref.shape
         assert torch.allclose(out, ref, rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="7x7 stride-2"):

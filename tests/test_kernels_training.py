@@ -151,12 +151,14 @@ def test_bfloat16_operands_accumulate_in_float32():
 
 
 @needs_kernels
-def test_shapes_that_do_not_fit_raise():
+def test_shapes_that_do_not_fit_and_uneven_pixels_raise():
     from densenet.kernels import training
 
     x, mean, invstd, _, gamma, beta, weight = problem(torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         training.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight[:, :-1])
+    with pytest.raises(ValueError, match="not evenly spaced"):  # rows are found by one stride
+        training.bn_relu_conv1x1(x[:, :, 1:], mean, invstd, gamma, beta, weight)
 
 
 @needs_kernels

@@ -6,9 +6,9 @@ the block buffer's prefix, clamps it while loading (the folded norm1 ReLU) and a
 norm2 bias and ReLU in its epilogue; the 3x3 convolution writes the layer's ``growth_rate``
 channels straight into its slice of the buffer. A transition is one kernel (clamp, 2x2 pool, 1x1
 convolution) writing into the first channels of the next block's buffer. The stem is the
-space-to-depth form of the 7x7 convolution (cuDNN), then one kernel for its ReLU and 3x3
-max-pool that writes into block 1's buffer; the head is a clamp, a global average pool and the
-classifier.
+space-to-depth form of the 7x7 convolution on 16 channels (cuDNN), then one kernel for its ReLU
+and 3x3 max-pool that writes into block 1's buffer; the head is a clamp, a global average pool
+and the classifier.
 """
 
 from __future__ import annotations
@@ -146,7 +146,11 @@ class TritonDenseNet(InferenceOnly):
         super().__init__()
         self.dtype = fast.dtype
         conv0 = fast.stem[0]
-        self.stem = SpaceToDepthConv(conv0) if conv0.kernel_size == (7, 7) else conv0
+        # the 7x7 stride-2 convolution on 16 space-to-depth channels (12 and 4 zeros for RGB):
+        # aligned channels_last rows for the GEMM
+        self.stem = (
+            SpaceToDepthConv(conv0, channel_multiple=16) if conv0.kernel_size == (7, 7) else conv0
+        )
         # the ImageNet stem's ReLU and 3x3 max-pool (its stride per axis), fused into the write
         # into block 1's buffer; None for the CIFAR stem (a convolution only)
         pool = fast.stem[-1] if len(fast.stem) > 1 else None

@@ -200,9 +200,24 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _pixel_strides(t: Tensor, name: str) -> tuple[int, int, int]:
+    """The (batch, height, width) strides of an (N, C, H, W) view with channel stride 1."""
     if t.dim() != 4 or t.stride(1) != 1:
         raise ValueError(f"{name} must be a 4-d channels_last tensor (channel stride 1)")
     return t.stride(0), t.stride(2), t.stride(3)
+
+
+def _row_stride(t: Tensor, name: str) -> int:
+    """The one stride between consecutive pixels (rows ``(n * H + h) * W + w``) of an
+    (N, C, H, W) view with channel stride 1 and evenly spaced pixels: a channels_last tensor or
+    a channel slice of one. Kernels then address row ``m`` as ``m * stride``, with no division."""
+    _pixel_strides(t, name)
+    try:
+        return t.permute(0, 2, 3, 1).view(-1, t.shape[1]).stride(0)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}'s pixels are not evenly spaced (strides {t.stride()}): give a channels_last "
+            "tensor or a channel slice of one"
+        ) from None
 
 
 def pointwise_conv(

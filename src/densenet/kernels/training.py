@@ -2,7 +2,8 @@
 block buffer with the BN-ReLU fused into the GEMMs (CUDA; CPU under ``TRITON_INTERPRET=1``).
 
 Rows are pixels ``m = (n * H + h) * W + w`` of an (N, K, H, W) prefix ``x = buffer[:, :K]``,
-addressed by its strides (channel stride 1), so the prefix is read in place. With per-channel
+read in place: row ``m`` starts at ``m`` times the buffer's channel count (its pixels are evenly
+spaced, channel stride 1), so no kernel divides to find a pixel. With per-channel
 ``mean``, ``invstd``, ``gamma``, ``beta`` (K,) the BN-ReLU is
 
     xhat = (x - mean) * invstd,  pre = gamma * xhat + beta,  a = relu(pre)
@@ -38,9 +39,8 @@ from torch import Tensor
 from .conv import (
     _configs,
     _configs_by_unit,
-    _pixel_rows,
-    _pixel_strides,
     _precision,
+    _row_stride,
     m_bucket,
     pixel_grid,
 )
@@ -65,6 +65,13 @@ _WEIGHT_GRAD_CONFIGS, _weight_grad_prune = _configs_by_unit(
 
 
 @triton.jit
+def _rows(block, M, BLOCK_M: tl.constexpr):
+    """Pixel rows ``block * BLOCK_M + [0, BLOCK_M)`` (int64) and which of them are < M."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows.to(tl.int64), rows < M
+
+
+@triton.jit
 def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr):
     """(xhat, pre) of a (rows, ks) tile of the prefix, in the statistics' dtype."""
     dtype = mean_ptr.dtype.element_ty
@@ -84,46 +91,43 @@ def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr
     key=["M_BUCKET", "C"],
     prune_configs_by={"early_config_prune": _forward_prune},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "H", "W"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _forward_kernel(
     x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, w_ptr, y_ptr,
-    M, M_BUCKET, K, C, H, W,
-    sxn, sxh, sxw, syn, syh, syw,
+    M, M_BUCKET, K, C, sx, sy,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[m, c] = sum_k a[m, k] w[c, k]; a tile (BLOCK_M, BLOCK_N) of y per program."""
-    n, h, w, row_ok = _pixel_rows(tl.program_id(0), M, H, W, BLOCK_M)
-    rows = n * sxn + h * sxh + w * sxw
+    rows, row_ok = _rows(tl.program_id(0), M, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=mean_ptr.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        _, pre = _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr,
-                               beta_ptr)  # fmt: skip
+        _, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
+                               gamma_ptr, beta_ptr)  # fmt: skip
         b_ok = k_ok[:, None] & col_ok[None, :]
         b = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=b_ok, other=0.0)
         acc = tl.dot(tl.maximum(pre, 0.0).to(b.dtype), b, acc, input_precision=PRECISION)
-    y_ptrs = (y_ptr + n * syn + h * syh + w * syw)[:, None] + cols[None, :]
+    y_ptrs = (y_ptr + rows * sy)[:, None] + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.autotune(configs=_configs([INPUT_GRAD_TILE]), key=[])
-@triton.jit(do_not_specialize=["M", "H", "W"])
+@triton.jit(do_not_specialize=["M"])
 def _input_grad_kernel(
     dy_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, grad_ptr, sums_ptr,
-    M, K, C, H, W,
-    sdn, sdh, sdw, sxn, sxh, sxw, sgn, sgh, sgw,
+    M, K, C, sd, sx, sg,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """g = (dy @ w) * [pre > 0] on a tile (BLOCK_M, BLOCK_N) of prefix channels, reduced over
     the C bottleneck channels in steps of BLOCK_K; grad += g gamma invstd; the tile's column
     sums ``sum_m g`` and ``sum_m g xhat`` go to row ``program_id(0)`` of sums (rows, 2, K)."""
-    n, h, w, row_ok = _pixel_rows(tl.program_id(0), M, H, W, BLOCK_M)
+    rows, row_ok = _rows(tl.program_id(0), M, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < K
-    dy_rows = dy_ptr + n * sdn + h * sdh + w * sdw
+    dy_rows = dy_ptr + rows * sd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=mean_ptr.dtype.element_ty)
     for c0 in range(0, C, BLOCK_K):
         cs = c0 + tl.arange(0, BLOCK_K)
@@ -134,13 +138,13 @@ def _input_grad_kernel(
         b_ok = c_ok[:, None] & k_ok[None, :]
         b = tl.load(w_ptr + cs[:, None] * K + ks[None, :], mask=b_ok, other=0.0)
         acc = tl.dot(dy.to(b.dtype), b, acc, input_precision=PRECISION)
-    xhat, pre = _bn_relu_tile(x_ptr, n * sxn + h * sxh + w * sxw, row_ok, ks, k_ok, mean_ptr,
-                              invstd_ptr, gamma_ptr, beta_ptr)  # fmt: skip
+    xhat, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
+                              gamma_ptr, beta_ptr)  # fmt: skip
     g = tl.where(pre > 0, acc, 0.0)
     scale = tl.load(gamma_ptr + ks, mask=k_ok, other=0.0).to(acc.dtype)
     scale *= tl.load(invstd_ptr + ks, mask=k_ok, other=0.0)
     ok = row_ok[:, None] & k_ok[None, :]
-    grad_ptrs = (grad_ptr + n * sgn + h * sgh + w * sgw)[:, None] + ks[None, :]
+    grad_ptrs = (grad_ptr + rows * sg)[:, None] + ks[None, :]
     grad = tl.load(grad_ptrs, mask=ok)
     tl.store(grad_ptrs, (grad + g * scale[None, :]).to(grad_ptr.dtype.element_ty), mask=ok)
     sums = sums_ptr + tl.program_id(0).to(tl.int64) * 2 * K
@@ -152,11 +156,10 @@ def _input_grad_kernel(
     configs=_WEIGHT_GRAD_CONFIGS, key=[],
     prune_configs_by={"early_config_prune": _weight_grad_prune},
 )  # fmt: skip
-@triton.jit(do_not_specialize=["M", "H", "W"])
+@triton.jit(do_not_specialize=["M"])
 def _weight_grad_kernel(
     dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dw_ptr,
-    M, K, C, H, W,
-    sdn, sdh, sdw, sxn, sxh, sxw,
+    M, K, C, sd, sx,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dw[s, c, k] = sum_m dy[m, c] a[m, k] over split s = program_id(2) of the rows (split
@@ -170,11 +173,11 @@ def _weight_grad_kernel(
     first = tl.program_id(2) * blocks
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=mean_ptr.dtype.element_ty)
     for block in range(first, first + blocks):
-        n, h, w, row_ok = _pixel_rows(block, M, H, W, BLOCK_M)
-        dy_ptrs = (dy_ptr + n * sdn + h * sdh + w * sdw)[:, None] + cs[None, :]
+        rows, row_ok = _rows(block, M, BLOCK_M)
+        dy_ptrs = (dy_ptr + rows * sd)[:, None] + cs[None, :]
         dy = tl.load(dy_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        _, pre = _bn_relu_tile(x_ptr, n * sxn + h * sxh + w * sxw, row_ok, ks, k_ok, mean_ptr,
-                               invstd_ptr, gamma_ptr, beta_ptr)  # fmt: skip
+        _, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
+                               gamma_ptr, beta_ptr)  # fmt: skip
         a = tl.maximum(pre, 0.0).to(dy.dtype)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + tl.program_id(2).to(tl.int64) * C * K + cs[:, None] * K + ks[None, :]
@@ -214,8 +217,7 @@ def bn_relu_conv1x1(
 
     _forward_kernel[pixel_grid(m, c)](
         x, mean, invstd, gamma, beta, weight.contiguous(), y,
-        m, m_bucket(m), k, c, height, width,
-        *_pixel_strides(x, "x"), *_pixel_strides(y, "y"),
+        m, m_bucket(m), k, c, _row_stride(x, "x"), _row_stride(y, "y"),
         PRECISION=_precision(weight.dtype),
     )  # fmt: skip
     return y
@@ -244,7 +246,7 @@ def bn_relu_conv1x1_input_grad(
     batch, k, height, width = x.shape
     c = weight.shape[0]
     m = _check(x, c, tuple(weight.shape), (mean, invstd, gamma, beta))
-    if dy.shape != (x.shape[0], c, height, width) or grad.shape != x.shape:
+    if dy.shape != (batch, c, height, width) or grad.shape != x.shape:
         raise ValueError(
             f"bn_relu_conv1x1_input_grad: dy {tuple(dy.shape)} and grad {tuple(grad.shape)} do "
             f"not fit prefix {tuple(x.shape)} and weight {tuple(weight.shape)}"
@@ -254,8 +256,7 @@ def bn_relu_conv1x1_input_grad(
     sums = torch.empty((grid[0], 2, k), dtype=mean.dtype, device=x.device)
     _input_grad_kernel[grid](
         dy, weight.contiguous(), x, mean, invstd, gamma, beta, grad, sums,
-        m, k, c, height, width,
-        *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"), *_pixel_strides(grad, "grad"),
+        m, k, c, _row_stride(dy, "dy"), _row_stride(x, "x"), _row_stride(grad, "grad"),
         PRECISION=_precision(weight.dtype),
     )  # fmt: skip
     sums = sums.sum(0)
@@ -280,8 +281,7 @@ def bn_relu_conv1x1_weight_grad(
     dw = torch.empty((splits, c, k), dtype=mean.dtype, device=x.device)
     _weight_grad_kernel[(*tiles, splits)](
         dy, x, mean, invstd, gamma, beta, dw,
-        m, k, c, height, width,
-        *_pixel_strides(dy, "dy"), *_pixel_strides(x, "x"),
+        m, k, c, _row_stride(dy, "dy"), _row_stride(x, "x"),
         PRECISION=precision,
     )  # fmt: skip
     return dw.sum(0)
