@@ -115,6 +115,11 @@ def test_conv3x3_matches_torch(affine, n, c, c_out, size, offset):
     assert torch.equal(target[:, outside], untouched[:, outside])
 
 
+def every_tile(groups: dict[str, list[tuple]]) -> list[tuple]:
+    """The tiles of every group (aligned or not, on tensor cores or not) of a kernel."""
+    return [tile for group in groups.values() for tile in group]
+
+
 def force_tile(monkeypatch, kernel, tile: tuple[int, int, int, int, int]) -> None:
     """Make an autotuned kernel launch with one production tile (BLOCK_M, BLOCK_N, BLOCK_K,
     warps, stages) instead of the interpreter's small one."""
@@ -130,7 +135,7 @@ def force_tile(monkeypatch, kernel, tile: tuple[int, int, int, int, int]) -> Non
 @needs_kernels
 @pytest.mark.parametrize("pool", [False, True], ids=["bottleneck", "transition"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tile", kernels.conv.POINTWISE_TILES, ids=str)
+@pytest.mark.parametrize("tile", every_tile(kernels.conv.POINTWISE_TILES), ids=str)
 def test_pointwise_conv_with_every_production_tile(monkeypatch, tile, dtype, pool):
     """Each tile the GPU can pick, on a problem with several K steps, two N tiles, two or more
     M tiles and masked rows, columns and channels, as the bottleneck (ReLU after) and as the
@@ -156,7 +161,7 @@ def test_pointwise_conv_with_every_production_tile(monkeypatch, tile, dtype, poo
 @needs_kernels
 @pytest.mark.parametrize("affine", [False, True], ids=["folded", "bn-relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tile", kernels.conv.GROWTH_TILES, ids=str)
+@pytest.mark.parametrize("tile", every_tile(kernels.conv.GROWTH_TILES), ids=str)
 def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype, affine):
     """Each tile, with two or more M tiles, masked channels and both forms: the input as it is
     (the BN-ReLU folded before it) and with the BN-ReLU applied on load."""

@@ -93,8 +93,8 @@ def test_forward_and_gradients_equal_autograd(dtype):
     assert rel(dw, wr.grad) < tol
 
 
-PRODUCTION = [(torch.float16, t) for t in kernels.FORWARD_TILES] + [
-    (torch.float32, t) for t in kernels.FORWARD_FLOAT32_TILES
+PRODUCTION = [(torch.float16, t) for t in kernels.FORWARD_TILES["tensor cores"]] + [
+    (torch.float32, t) for t in kernels.FORWARD_TILES["float32"]
 ]
 
 
@@ -112,7 +112,7 @@ def test_production_tiles_in_float16_and_float32(monkeypatch, tile, dtype):
     unit = "tensor cores" if dtype == torch.float16 else "float32"
     force_tile(monkeypatch, training._forward_kernel, tile)
     force_tile(monkeypatch, training._input_grad_kernel, training.INPUT_GRAD_TILE)
-    force_tile(monkeypatch, training._weight_grad_kernel, training.WEIGHT_GRAD_TILES[unit])
+    force_tile(monkeypatch, training._weight_grad_kernel, training.WEIGHT_GRAD_TILES[unit][0])
     k, c = 2 * tile[2] + 5, tile[1] + 9
     x, mean, invstd, var, gamma, beta, weight = problem(torch.float32, k, c, side=13)
     x, weight = x.to(dtype), weight.to(dtype)

@@ -51,7 +51,8 @@ def _triton_usable(device: torch.device) -> bool:
 def channels_aligned(model: nn.Module) -> bool:
     """Whether every convolution after the stem reads and writes a multiple of 16 channels (all
     the ImageNet DenseNets; not the paper's k = 12 CIFAR models): only then do the Triton
-    kernels compile to vectorised loads without spilling registers (``densenet.gpu_check``)."""
+    kernels compile to vectorised loads and run their large tiles (``densenet.gpu_check``);
+    other models get smaller tiles, not measured against cuDNN on a GPU."""
     convs = [
         m for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and not name.endswith("conv0")
@@ -147,12 +148,12 @@ def optimize(
             under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
             fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
             ``compile`` is set; else triton for a CUDA model in bfloat16 or float16 whose channel
-            counts are multiples of 16 (``channels_aligned``: others spill registers; on an H200,
-            densenet121 bf16 batch 256: 22,300 images/s against inductor's 19,700 and the eager
-            form's 10,800; about 4.5 s of autotuning at each new input shape against inductor's
-            20 s of compiling); onednn for a CPU model in float32 or bfloat16 on an AVX-512
-            CPU (where it measured at least as fast as eager; on AVX2-only CPUs it is slower);
-            else eager (``densenet.export`` always reads the eager form). A 1D or 3D model
+            counts are multiples of 16 (``channels_aligned``: others run smaller tiles, not
+            measured against cuDNN; on an H200, densenet121 bf16 batch 256: 22,300 images/s
+            against inductor's 19,700 and the eager form's 10,800; about 4.5 s of autotuning at
+            each new input shape against inductor's 20 s of compiling); onednn for a CPU model
+            in float32 or bfloat16 on an AVX-512 CPU (where it measured at least as fast as
+            eager; on AVX2-only CPUs it is slower); else eager (``densenet.export`` always reads the eager form). A 1D or 3D model
             (``spatial_dims``) runs eager or inductor only.
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch

@@ -1,11 +1,12 @@
 """What a CPU can prove about the Triton kernels before they meet a GPU.
 
 ``python -m densenet.gpu_check [--arch sm90 sm80] [--json]`` finds every distinct launch of the
-kernels (by running densenet121's triton inference form in bfloat16 and float16, and a
-memory-efficient training step with ``memory_efficient="triton"`` under bfloat16 autocast and in
-float32, IEEE and TF32, on the CPU under Triton's interpreter with the launches recorded, not
-executed), then compiles each launch as Triton's JIT would, with each configuration its
-autotuner can reach (after its pruning by dtype), for the GPU architectures asked
+kernels (by running the triton inference form of densenet121 and of two k = 12 models in
+bfloat16 and float16, and a memory-efficient training step with ``memory_efficient="triton"``
+under bfloat16 autocast and in float32, IEEE and TF32, on the CPU under Triton's interpreter
+with the launches recorded, not executed), then compiles each launch as Triton's JIT would, with
+each configuration its autotuner can reach (after its pruning by dtype, precision and channel
+alignment), for the GPU architectures asked
 (``triton.compile`` with a ``GPUTarget``; no GPU needed) and reads back from the cubin:
 registers, spilled bytes (``cuobjdump -res-usage``: stack frame and local memory), shared memory
 (the compiled metadata) and the tensor-core instructions it uses (``nvdisasm``: ``HGMMA`` on
@@ -107,12 +108,12 @@ def _triton_type(value: Any) -> str:
 
 
 def record_launches() -> list[Launch]:
-    """The distinct launches of densenet121's triton inference form (bfloat16, float16; with the
-    Triton 3x3 growth convolution; and a model without bottleneck, whose 3x3 applies the
-    BN-ReLU) and of
-    a memory-efficient training step (bfloat16 autocast, float32), recorded under Triton's
-    interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported) without running
-    the kernels."""
+    """The distinct launches of the triton inference form (bfloat16, float16; with the Triton 3x3
+    growth convolution) of densenet121 and of two k = 12 models, whose channel counts are not
+    all multiples of 16 (a DenseNet-BC, and a DenseNet without bottleneck, whose 3x3 applies the
+    BN-ReLU), and of densenet121's memory-efficient training step (bfloat16 autocast, float32),
+    recorded under Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is
+    imported) without running the kernels."""
     import torch
     from triton.runtime.autotuner import Autotuner
 
@@ -145,9 +146,10 @@ def record_launches() -> list[Launch]:
         torch.manual_seed(0)
         model = densenet121(num_classes=10).eval()
         plain = DenseNet(12, (2, 2), 16, bn_size=0, stem="cifar").eval()  # BN-ReLU in the 3x3
+        bc = DenseNet(12, (2, 2), 24, stem="cifar").eval()
         x = torch.randn(2, 3, 64, 64)
         for dtype in (torch.bfloat16, torch.float16):
-            for net in (model, plain):
+            for net in (model, plain, bc):
                 with torch.no_grad():
                     optimize(net, dtype=dtype, backend="triton", growth_conv="triton")(x)
         model = densenet121(num_classes=10, memory_efficient="triton").train()
@@ -257,7 +259,8 @@ def _resource_usage(text: str) -> dict[str, int]:
 
 def reachable(launch: Launch) -> list[int]:
     """The indices of the configurations the autotuner can pick for ``launch``: those its
-    ``early_config_prune`` keeps for the launch's pointer dtypes (all, without one)."""
+    ``early_config_prune`` keeps for the launch's pointer dtypes and constexprs (all, without
+    one)."""
     import torch
 
     tuner = _kernels()[launch.kernel]

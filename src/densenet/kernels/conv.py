@@ -25,7 +25,10 @@ __all__ = ["conv3x3", "pointwise_conv"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+Tile = tuple[int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+
+
+def _configs(shapes: list[Tile]) -> list[triton.Config]:
     """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; one small
     tile under the interpreter, where tuning would only multiply the (slow) runs."""
     if INTERPRETED:
@@ -36,41 +39,57 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
-def _configs_by_unit(
-    tensor_core: list[tuple[int, int, int, int, int]],
-    fma: list[tuple[int, int, int, int, int]],
-    operand: str,
+def configs_by_kind(
+    tiles: dict[str, list[Tile]], kind: Callable[[dict, dict], str]
 ) -> tuple[list[triton.Config], Callable[..., list[triton.Config]]]:
-    """Autotuning candidates for GEMMs on tensor cores (16-bit operands, or float32 as TF32)
-    and for IEEE float32 or float64 ones on the FMA units (``fma``: they hold more registers),
-    and the ``early_config_prune`` that keeps those of the launch (by ``operand``'s dtype and
-    the ``PRECISION`` argument); a list that tests replaced is kept whole."""
-    on_tensor_cores, on_fma = _configs(tensor_core), _configs(fma)
+    """Autotuning candidates in named groups of tiles, and the ``early_config_prune`` that keeps
+    the group ``kind(arguments, constexprs)`` names for a launch; a list that tests replaced is
+    kept whole."""
+    groups = {name: _configs(group) for name, group in tiles.items()}
+    every = [config for group in groups.values() for config in group]
 
-    def prune(
-        configs: list[triton.Config], named_args: dict, **kwargs: object
-    ) -> list[triton.Config]:
-        if len(configs) != len(on_tensor_cores) + len(on_fma):
-            return configs
-        ieee = named_args[operand].element_size() >= 4 and kwargs.get("PRECISION") != "tf32"
-        return configs[len(on_tensor_cores) :] if ieee else configs[: len(on_tensor_cores)]
+    def prune(configs: list[triton.Config], named_args: dict, **constexprs: object) -> list:
+        return groups[kind(named_args, constexprs)] if configs is every else configs
 
-    return on_tensor_cores + on_fma, prune
+    return every, prune
+
+
+def by_alignment(named_args: dict, constexprs: dict) -> str:
+    """The tile group of a launch whose ``ALIGNED`` says whether every channel count and stride
+    it was given is a multiple of 16."""
+    return "aligned" if constexprs["ALIGNED"] else "unaligned"
+
+
+def _aligned(*integers: int) -> bool:
+    """Whether all are multiples of 16: Triton's JIT then knows them to be, and vectorises the
+    loads they address; other launches need smaller tiles to fit in registers."""
+    return all(i % 16 == 0 for i in integers)
 
 
 # Hopper-sized tiles: wide N for the bottleneck (4k = 128 or 192 channels) and the transitions,
-# narrow N for the growth convolution (k = 12 ... 48 channels). Each compiles for sm80 and sm90
-# within their shared memory and 255 registers, without spilling, for channel counts that are
-# multiples of 16 (``python -m densenet.gpu_check``); larger tiles spilled or overflowed.
-POINTWISE_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
-GROWTH_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4)]
+# narrow N for the growth convolution (k = 12 ... 48 channels); smaller ones where a channel
+# count or stride is not a multiple of 16 (k = 12: its loads are not vectorised, so they hold
+# more registers). Each compiles for sm80 and sm90 within their shared memory and 255
+# registers, without spilling (``python -m densenet.gpu_check``); larger tiles spilled or
+# overflowed.
+POINTWISE_TILES = {
+    "aligned": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)],
+    "unaligned": [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
+}
+GROWTH_TILES = {
+    "aligned": [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4)],
+    "unaligned": [(64, 16, 32, 4, 3), (64, 32, 32, 4, 3)],
+}
+_POINTWISE_CONFIGS, _pointwise_prune = configs_by_kind(POINTWISE_TILES, by_alignment)
+_GROWTH_CONFIGS, _growth_prune = configs_by_kind(GROWTH_TILES, by_alignment)
 
 
 # The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or
 # image size then reuses the compiled kernels, whose loads are vectorised by the channel counts
 # and strides (multiples of 16 in every DenseNet here) instead. Autotuning is keyed by
 # ``M_BUCKET``, M rounded up to a power of two (an argument the kernels do not read): a new
-# batch size whose bucket was seen is neither compiled nor tuned again.
+# batch size whose bucket was seen is neither compiled nor tuned again. The tuning results are
+# cached on disk (Triton's cache directory): another process does not tune a seen bucket again.
 PIXEL_ARGUMENTS = ("M", "M_BUCKET", "H", "W", "H_OUT", "W_OUT")
 
 
@@ -102,13 +121,16 @@ def _pixel_rows(pid_m, M, H_OUT, W_OUT, BLOCK_M: tl.constexpr):
 
 # Tuned per pixel-count bucket and output width, not per input width: the layers of a block
 # differ only in K, and tuning each (about 0.1 s per candidate) would cost minutes per batch size.
-@triton.autotune(configs=_configs(POINTWISE_TILES), key=["M_BUCKET", "N", "POOL"])
+@triton.autotune(
+    configs=_POINTWISE_CONFIGS, key=["M_BUCKET", "N", "POOL", "ALIGNED"], cache_results=True,
+    prune_configs_by={"early_config_prune": _pointwise_prune},
+)  # fmt: skip
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "H_OUT", "W_OUT"])
 def _pointwise_kernel(
     x_ptr, w_ptr, bias_ptr, low_ptr, high_ptr, y_ptr,
     M, M_BUCKET, K, N, H_OUT, W_OUT,
     sxn, sxh, sxw, syn, syh, syw,
-    POOL: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+    POOL: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -149,13 +171,16 @@ def _pointwise_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs(GROWTH_TILES), key=["M_BUCKET", "C", "N", "AFFINE_RELU"])
+@triton.autotune(
+    configs=_GROWTH_CONFIGS, key=["M_BUCKET", "C", "N", "AFFINE_RELU", "ALIGNED"],
+    cache_results=True, prune_configs_by={"early_config_prune": _growth_prune},
+)  # fmt: skip
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "H", "W"])
 def _conv3x3_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
     M, M_BUCKET, C, N, H, W,
     sxn, sxh, sxw, syn, syh, syw,
-    AFFINE_RELU: tl.constexpr, PRECISION: tl.constexpr,
+    AFFINE_RELU: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -255,12 +280,12 @@ def pointwise_conv(
             f"{tuple(out.shape)} do not fit (pool={pool})"
         )
     m = batch * h_out * w_out
+    strides = *_pixel_strides(x, "x"), *_pixel_strides(out, "out")
 
     _pointwise_kernel[pixel_grid(m, c_out)](
         x, weight.contiguous(), bias, low, high, out,
-        m, m_bucket(m), k, c_out, h_out, w_out,
-        *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),
-        POOL=pool, RELU=relu, PRECISION=_precision(x.dtype),
+        m, m_bucket(m), k, c_out, h_out, w_out, *strides,
+        POOL=pool, RELU=relu, PRECISION=_precision(x.dtype), ALIGNED=_aligned(k, c_out, *strides),
     )  # fmt: skip
     return out
 
@@ -299,10 +324,10 @@ def conv3x3(
     m = batch * height * width
 
     affine = scale is not None
+    strides = *_pixel_strides(x, "x"), *_pixel_strides(out, "out")
     _conv3x3_kernel[pixel_grid(m, c_out)](
         x, weight.contiguous(), scale if affine else weight, shift if affine else weight, out,
-        m, m_bucket(m), c, c_out, height, width,
-        *_pixel_strides(x, "x"), *_pixel_strides(out, "out"),
-        AFFINE_RELU=affine, PRECISION=_precision(x.dtype),
+        m, m_bucket(m), c, c_out, height, width, *strides,
+        AFFINE_RELU=affine, PRECISION=_precision(x.dtype), ALIGNED=_aligned(c, c_out, *strides),
     )  # fmt: skip
     return out

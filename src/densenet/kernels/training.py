@@ -30,38 +30,44 @@ to copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (
-    _configs,
-    _configs_by_unit,
-    _precision,
-    _row_stride,
-    m_bucket,
-    pixel_grid,
-)
+from .conv import _configs, _precision, _row_stride, configs_by_kind, m_bucket, pixel_grid
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_input_grad", "bn_relu_conv1x1_weight_grad"]
 
 # programs the weight gradient aims for (tiles x row splits): a few per SM of an H100
 _WEIGHT_GRAD_PROGRAMS = 512
 # tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that compile for sm80 and sm90 without
-# spilling (``python -m densenet.gpu_check``): for the forward, autotuned, GEMMs on tensor cores
-# (16-bit operands under autocast, or float32 as TF32) and IEEE float32 ones; one for the input
-# gradient; one of each kind for the weight gradient (IEEE float32 spilled at every larger
-# tile tried)
-FORWARD_TILES = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 4)]
-FORWARD_FLOAT32_TILES = [(64, 64, 32, 4, 4)]
+# spilling (``python -m densenet.gpu_check``), for GEMMs on tensor cores (16-bit operands under
+# autocast, or float32 as TF32) and IEEE float32 ones on the FMA units (they hold more
+# registers): for the forward, autotuned; one for the input gradient; one of each kind for the
+# weight gradient (IEEE float32 spilled at every larger tile tried)
+FORWARD_TILES = {
+    "tensor cores": [(128, 128, 32, 8, 3), (64, 64, 32, 4, 4)],
+    "float32": [(64, 64, 32, 4, 4)],
+}
 INPUT_GRAD_TILE = (128, 64, 32, 8, 3)
-WEIGHT_GRAD_TILES = {"tensor cores": (128, 64, 64, 8, 3), "float32": (32, 32, 32, 4, 3)}
-_FORWARD_CONFIGS, _forward_prune = _configs_by_unit(FORWARD_TILES, FORWARD_FLOAT32_TILES, "w_ptr")
-_WEIGHT_GRAD_CONFIGS, _weight_grad_prune = _configs_by_unit(
-    [WEIGHT_GRAD_TILES["tensor cores"]], [WEIGHT_GRAD_TILES["float32"]], "dy_ptr"
-)
+WEIGHT_GRAD_TILES = {"tensor cores": [(128, 64, 64, 8, 3)], "float32": [(32, 32, 32, 4, 3)]}
+
+
+def _by_unit(operand: str) -> Callable[[dict, dict], str]:
+    """The tile group of a launch by ``operand``'s dtype and its ``PRECISION``."""
+
+    def kind(named_args: dict, constexprs: dict) -> str:
+        ieee = named_args[operand].element_size() >= 4 and constexprs["PRECISION"] != "tf32"
+        return "float32" if ieee else "tensor cores"
+
+    return kind
+
+
+_FORWARD_CONFIGS, _forward_prune = configs_by_kind(FORWARD_TILES, _by_unit("w_ptr"))
+_WEIGHT_GRAD_CONFIGS, _weight_grad_prune = configs_by_kind(WEIGHT_GRAD_TILES, _by_unit("dy_ptr"))
 
 
 @triton.jit
@@ -90,6 +96,7 @@ def _bn_relu_tile(x_ptr, rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr
     configs=_FORWARD_CONFIGS,
     key=["M_BUCKET", "C"],
     prune_configs_by={"early_config_prune": _forward_prune},
+    cache_results=True,
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _forward_kernel(
