@@ -2,11 +2,11 @@
 
 ``python -m densenet.gpu_check [--arch sm90 sm80] [--json]`` finds every distinct launch of the
 kernels (by running the triton inference form of densenet121 and of two k = 12 models in
-bfloat16 and float16, and a memory-efficient training step with ``memory_efficient="triton"``
-under bfloat16 autocast and in float32, IEEE and TF32, on the CPU under Triton's interpreter
-with the launches recorded, not executed), then compiles each launch as Triton's JIT would, with
-each configuration its autotuner can reach (after its pruning by dtype, precision and channel
-alignment), for the GPU architectures asked
+bfloat16 and float16, and a memory-efficient training step of densenet121 and of a k = 12
+DenseNet-BC with ``memory_efficient="triton"`` under bfloat16 autocast and in float32, IEEE and
+TF32, on the CPU under Triton's interpreter with the launches recorded, not executed), then
+compiles each launch as Triton's JIT would, with each configuration its autotuner can reach
+(after its pruning by dtype, precision and channel alignment), for the GPU architectures asked
 (``triton.compile`` with a ``GPUTarget``; no GPU needed) and reads back from the cubin:
 registers, spilled bytes (``cuobjdump -res-usage``: stack frame and local memory), shared memory
 (the compiled metadata) and the tensor-core instructions it uses (``nvdisasm``: ``HGMMA`` on
@@ -111,9 +111,10 @@ def record_launches() -> list[Launch]:
     """The distinct launches of the triton inference form (bfloat16, float16; with the Triton 3x3
     growth convolution) of densenet121 and of two k = 12 models, whose channel counts are not
     all multiples of 16 (a DenseNet-BC, and a DenseNet without bottleneck, whose 3x3 applies the
-    BN-ReLU), and of densenet121's memory-efficient training step (bfloat16 autocast, float32),
-    recorded under Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is
-    imported) without running the kernels."""
+    BN-ReLU), and of a memory-efficient training step (bfloat16 autocast, float32) of
+    densenet121 and of the DenseNet-BC, recorded under Triton's interpreter
+    (``TRITON_INTERPRET=1`` must be set before triton is imported) without running the
+    kernels."""
     import torch
     from triton.runtime.autotuner import Autotuner
 
@@ -152,16 +153,19 @@ def record_launches() -> list[Launch]:
             for net in (model, plain, bc):
                 with torch.no_grad():
                     optimize(net, dtype=dtype, backend="triton", growth_conv="triton")(x)
-        model = densenet121(num_classes=10, memory_efficient="triton").train()
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-        for tf32 in (False, True):  # float32 GEMMs: IEEE, or TF32 where torch allows it
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            model(x).float().sum().backward()
-        torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(x).float().sum()
-        loss.backward()
+        for model in (
+            densenet121(num_classes=10, memory_efficient="triton"),
+            DenseNet(12, (2, 2), 24, stem="cifar", memory_efficient="triton"),
+        ):
+            model = model.train().to(memory_format=torch.channels_last)
+            for tf32 in (False, True):  # float32 GEMMs: IEEE, or TF32 where torch allows it
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                model(x).float().sum().backward()
+            torch.backends.cuda.matmul.allow_tf32 = False
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).float().sum()
+            loss.backward()
     finally:
         Autotuner.run = original  # type: ignore[method-assign]
     return list(seen)
