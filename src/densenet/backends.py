@@ -153,8 +153,8 @@ def optimize(
             against inductor's 19,700 and the eager form's 10,800; about 4.5 s of autotuning at
             each new input shape against inductor's 20 s of compiling); onednn for a CPU model
             in float32 or bfloat16 on an AVX-512 CPU (where it measured at least as fast as
-            eager; on AVX2-only CPUs it is slower); else eager (``densenet.export`` always reads the eager form). A 1D or 3D model
-            (``spatial_dims``) runs eager or inductor only.
+            eager; on AVX2-only CPUs it is slower); else eager (``densenet.export`` always reads
+            the eager form). A 1D or 3D model (``spatial_dims``) runs eager or inductor only.
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit

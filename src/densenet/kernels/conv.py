@@ -54,7 +54,7 @@ def configs_by_kind(
     return every, prune
 
 
-def by_alignment(named_args: dict, constexprs: dict) -> str:
+def _by_alignment(named_args: dict, constexprs: dict) -> str:
     """The tile group of a launch whose ``ALIGNED`` says whether every channel count and stride
     it was given is a multiple of 16."""
     return "aligned" if constexprs["ALIGNED"] else "unaligned"
@@ -80,8 +80,8 @@ GROWTH_TILES = {
     "aligned": [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4)],
     "unaligned": [(64, 16, 32, 4, 3), (64, 32, 32, 4, 3)],
 }
-_POINTWISE_CONFIGS, _pointwise_prune = configs_by_kind(POINTWISE_TILES, by_alignment)
-_GROWTH_CONFIGS, _growth_prune = configs_by_kind(GROWTH_TILES, by_alignment)
+_POINTWISE_CONFIGS, _pointwise_prune = configs_by_kind(POINTWISE_TILES, _by_alignment)
+_GROWTH_CONFIGS, _growth_prune = configs_by_kind(GROWTH_TILES, _by_alignment)
 
 
 # The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or

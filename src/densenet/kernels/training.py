@@ -106,14 +106,15 @@ def _forward_kernel(
 ):  # fmt: skip
     """y[m, c] = sum_k a[m, k] w[c, k]; a tile (BLOCK_M, BLOCK_N) of y per program."""
     rows, row_ok = _rows(tl.program_id(0), M, BLOCK_M)
+    x_rows = rows * sx
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=mean_ptr.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        _, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
-                               gamma_ptr, beta_ptr)  # fmt: skip
+        _, pre = _bn_relu_tile(x_ptr, x_rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr,
+                               beta_ptr)  # fmt: skip
         b_ok = k_ok[:, None] & col_ok[None, :]
         b = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=b_ok, other=0.0)
         acc = tl.dot(tl.maximum(pre, 0.0).to(b.dtype), b, acc, input_precision=PRECISION)
