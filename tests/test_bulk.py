@@ -414,9 +414,11 @@ def test_cli_embed_writes_rows_and_a_bad_input_is_one_line(folder, checkpoint, t
 # ---- densenet.ray ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def local_ray():
-    """A local Ray instance with 2 CPUs (skips the test when Ray Data is not installed)."""
+    """A local Ray instance with 2 CPUs (skips the test when Ray Data is not installed), shut
+    down after the test: Ray reports actors it kills while they are still starting (benign) on
+    standard output, later, which would land in another test's captured output."""
     ray = pytest.importorskip("ray", reason="Ray Data is the optional 'ray' extra")
     pytest.importorskip("ray.data", reason="Ray Data is the optional 'ray' extra")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -226,12 +226,15 @@ def test_inductor_backend_keeps_batch_static():
 
 def test_backend_choices(monkeypatch):
     model = randomize_batchnorm(tiny_model()).eval()
-    # the CPU default follows the CPU: the onednn form where it measured faster (AVX-512)
-    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "AVX2")
+    # the CPU default follows the CPU: the onednn form where it measured faster (AVX2, AVX-512)
+    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "DEFAULT")
     assert isinstance(optimize(model), InferenceDenseNet)
     assert isinstance(optimize(model, dtype=torch.float64), InferenceDenseNet)
-    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "AVX512")
-    assert isinstance(optimize(model), densenet.cpu.OneDNNDenseNet)
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda c=capability: c)
+        assert isinstance(optimize(model), densenet.cpu.OneDNNDenseNet)
+    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)  # AVX2-only
+    assert isinstance(optimize(model, dtype=torch.bfloat16), InferenceDenseNet)
     assert isinstance(optimize(model, channels_last=False), InferenceDenseNet)
     assert isinstance(optimize(model, dtype=torch.float64), InferenceDenseNet)
     assert isinstance(optimize(model, backend="eager"), InferenceDenseNet)

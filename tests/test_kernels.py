@@ -334,7 +334,7 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch
         ("cuda", torch.float16, False, "triton"),
         ("cuda", torch.float32, False, "eager"),  # no tensor cores in the kernels' float32
         ("cuda", torch.bfloat16, True, "inductor"),
-        ("cpu", torch.float32, False, "eager"),  # on an AVX2 CPU (below: on AVX-512, onednn)
+        ("cpu", torch.float32, False, "eager"),  # on a CPU without AVX2 (else onednn)
         ("cpu", torch.bfloat16, False, "eager"),
     ],
 )
@@ -343,13 +343,13 @@ def test_default_backend_follows_the_device_and_precision(
 ):
     import densenet.backends
 
-    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "DEFAULT")
     assert densenet.backends._backend(None, compile_, torch.device(device), dtype) == expected
 
 
 def test_triton_is_the_cuda_default_only_for_channel_counts_of_multiples_of_16():
-    """The kernels compile without spills only then (tests/test_gpu_check.py): the paper's
-    k = 12 models run the eager form (cuDNN) on CUDA by default."""
+    """Other models run the kernels' smaller tiles (tests/test_gpu_check.py), never timed
+    against cuDNN: the paper's k = 12 models run the eager form (cuDNN) on CUDA by default."""
     from densenet.backends import _backend, channels_aligned
 
     assert channels_aligned(densenet.densenet121()) and channels_aligned(densenet.densenet161())

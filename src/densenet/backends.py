@@ -26,9 +26,11 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 TRITON_DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
 # the onednn backend is the CPU default where it measured at least as fast as the eager form:
 # on an AVX-512 CPU (Zen 4) densenet121 bfloat16 batch 1 ran at 3.10x torchvision eager against
-# 2.31x, float32 at 1.87x against 1.55x, and level at batch 16; on an AVX2-only CPU (Zen 3) it
-# ran float32 batch 1 at 0.81x against the eager form's 1.42x
-ONEDNN_DEFAULT_CAPABILITIES = ("AVX512",)
+# 2.31x, float32 at 1.87x against 1.55x, and level at batch 16; on an AVX2-only CPU (Zen 3,
+# float32, 2 threads) densenet121 at 1.84x against 1.60x (batch 1) and 1.68x against 1.61x
+# (batch 16), densenet169, 201 and 161 at batch 1 at 1.75x, 1.52x and 1.52x against 0.92x, 0.91x
+# and 1.06x; bfloat16 only where oneDNN computes it (``onednn_bfloat16``)
+ONEDNN_DEFAULT_CAPABILITIES = ("AVX2", "AVX512")
 
 
 def onednn_bfloat16() -> bool:
@@ -152,9 +154,10 @@ def optimize(
             measured against cuDNN; on an H200, densenet121 bf16 batch 256: 22,300 images/s
             against inductor's 19,700 and the eager form's 10,800; about 4.5 s of autotuning at
             each new input shape against inductor's 20 s of compiling); onednn for a CPU model
-            in float32 or bfloat16 on an AVX-512 CPU (where it measured at least as fast as
-            eager; on AVX2-only CPUs it is slower); else eager (``densenet.export`` always reads
-            the eager form). A 1D or 3D model (``spatial_dims``) runs eager or inductor only.
+            in float32 on an AVX2 or AVX-512 CPU, or in bfloat16 where oneDNN computes it
+            (AVX-512; measured at least as fast as eager on both); else eager
+            (``densenet.export`` always reads the eager form). A 1D or 3D model
+            (``spatial_dims``) runs eager or inductor only.
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit
