@@ -51,9 +51,10 @@ def test_resource_usage_is_read_from_cuobjdump():
 def test_every_launch_compiles_clean_with_every_reachable_config():
     """Every launch (densenet121 and two k = 12 models, whose channel counts are not all
     multiples of 16, in bfloat16 and float16; a training step of densenet121 and of a k = 12
-    DenseNet-BC under bfloat16 autocast and in float32), compiled for sm90 and sm80 with every configuration its
-    autotuner can pick: within shared memory, no spill, tensor-core instructions in every
-    16-bit GEMM; the unaligned launches pick from the smaller tiles kept for them."""
+    DenseNet-BC under bfloat16 autocast and in float32), compiled for sm90 and sm80 with every
+    configuration its autotuner can pick: within shared memory, no spill, tensor-core
+    instructions in every 16-bit GEMM; the unaligned launches pick from the smaller tiles kept
+    for them."""
     from densenet.kernels import conv
 
     launches = launches_in_subprocess()
