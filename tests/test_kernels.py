@@ -320,6 +320,47 @@ def test_triton_backend_gives_the_eager_models_activation_maps():
     assert rel_error(out.maps, ref.maps) < 1e-5 and rel_error(out.logits, ref.logits) < 1e-5
 
 
+# operators that launch no kernel (views, allocations) when counting a forward's launches
+_NO_KERNEL = {"empty", "empty_strided", "slice", "view", "permute", "as_strided", "unflatten",
+              "t", "alias", "detach", "_unsafe_view", "reshape", "flatten", "unsqueeze"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("growth_conv", "expected"), [("triton", 129), ("cudnn", 187)])
+def test_densenet121_launches_per_forward(monkeypatch, growth_conv, expected):
+    """The batch-1 latency goal's kernel count (< 200), as far as a CPU can count it: each
+    Triton launch (recorded, not run) and each torch operator that launches a kernel in the
+    triton form's forward. With Triton 3x3 growth convolutions: two per dense layer, one per
+    transition, 6 for the stem (dtype conversion, padding, space-to-depth copy and zero
+    channels, convolution, ReLU + max-pool) and 4 for the head (clamp, pool, classifier, dtype
+    conversion): 129; with cuDNN's 3x3s and their copies into the buffer, 187, plus whatever
+    cuDNN itself launches (an H200 counted 246 kernels in all, before the stem's fusion)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.autotuner import Autotuner
+
+    launches: list[str] = []
+
+    class CountOperators(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _NO_KERNEL:
+                launches.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def record(tuner, *args, **kwargs):
+        launches.append(tuner.fn.__name__)
+
+    monkeypatch.setattr(densenet.backends, "_triton_usable", lambda device: True)
+    fast = optimize(densenet.densenet121(num_classes=10).eval(), dtype=torch.float32,
+                    backend="triton", growth_conv=growth_conv)  # fmt: skip
+    monkeypatch.setattr(Autotuner, "run", record)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode(), CountOperators():
+        fast(x)
+    assert launches.count("_pointwise_kernel") == 58 + 3  # bottlenecks, transitions
+    assert launches.count("_conv3x3_kernel") == (58 if growth_conv == "triton" else 0)
+    assert len(launches) == expected, launches
+
+
 def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="CUDA.*TRITON_INTERPRET=1"):
