@@ -86,7 +86,7 @@ _GROWTH_CONFIGS, _growth_prune = configs_by_kind(GROWTH_TILES, _by_alignment)
 
 # The pixel counts (M, and H, W) are never specialised (``do_not_specialize``): a new batch or
 # image size then reuses the compiled kernels, whose loads are vectorised by the channel counts
-# and strides (multiples of 16 in every DenseNet here) instead. Autotuning is keyed by
+# and strides (multiples of 16 in the ImageNet DenseNets) instead. Autotuning is keyed by
 # ``M_BUCKET``, M rounded up to a power of two (an argument the kernels do not read): a new
 # batch size whose bucket was seen is neither compiled nor tuned again. The tuning results are
 # cached on disk (Triton's cache directory): another process does not tune a seen bucket again.
