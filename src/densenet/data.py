@@ -1,6 +1,7 @@
 """Datasets and loaders for training and evaluation: ImageNet-style folders (one sub-folder per
-class, of images or of volumes), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN), deterministic per-sample
-augmentation, and the batch sampler that shards each global batch over processes.
+class, of images or of volumes), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN),
+deterministic per-sample augmentation, and the batch sampler that shards each global batch over
+processes.
 
 Unreadable images do not stop a run: a folder dataset yields ``None`` for them, and ``collate``
 drops them and counts them.

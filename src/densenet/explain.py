@@ -189,6 +189,8 @@ def slices_overlay(
         panels.append(panel)
         label = ""
     sheet = Image.new("RGB", (sum(p.width for p in panels), height))
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (sum(p.width for p in panels[:i]), 0))
+    left = 0
+    for panel in panels:
+        sheet.paste(panel, (left, 0))
+        left += panel.width
     return sheet

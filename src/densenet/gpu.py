@@ -29,7 +29,7 @@ from .inference import (
     SpaceToDepthConv,
 )
 from .kernels.conv import conv3x3, pointwise_conv
-from .kernels.pool import relu_max_pool
+from .kernels.pool import pooled_size, relu_max_pool
 
 __all__ = ["GROWTH_CONVS", "TritonDenseNet"]
 
@@ -175,7 +175,7 @@ class TritonDenseNet(InferenceOnly):
             buffer = _channels_last_empty(x, self.widths[0], *x.shape[2:])
             buffer[:, : x.shape[1]].copy_(x)
         else:
-            h, w = ((size - 1) // s + 1 for size, s in zip(x.shape[2:], self.pool_stride))
+            h, w = pooled_size(*x.shape[2:], self.pool_stride)
             buffer = _channels_last_empty(x, self.widths[0], h, w)
             relu_max_pool(x, buffer[:, : x.shape[1]], self.pool_stride)
         for index, layers in enumerate(self.blocks):

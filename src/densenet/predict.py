@@ -36,7 +36,7 @@ from .load import LoadedModel, load
 from .runner import Runner
 from .runtime import resolve_device
 from .transforms import ChannelError
-from .volumes import VOLUME_SUFFIXES, is_volume_file, read_volume, write_map
+from .volumes import VOLUME_SUFFIXES, file_stem, is_volume_file, read_volume, write_map
 
 __all__ = ["Classifier", "Explanation", "ImageError", "Prediction", "top_predictions"]
 
@@ -346,7 +346,7 @@ def write_overlays(
     written: list[dict[str, Path]] = []
     stems: set[str] = set()
     for explanation in explanations:
-        stem = base = _stem(explanation.source)
+        stem = base = file_stem(explanation.source)
         copy = 1
         while stem in stems:
             copy += 1
@@ -362,15 +362,6 @@ def write_overlays(
         nifti = write_map(explanation.cam, like, folder / f"{stem}.cam.nii.gz")
         written.append({"cam": nifti, "cam_slices": picture})
     return written
-
-
-def _stem(source: str) -> str:
-    """A file's name without its suffix (``.nii.gz`` counted as one)."""
-    name = Path(source).name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(source).stem
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> Sequence[ImageInput]:

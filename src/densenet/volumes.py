@@ -31,6 +31,7 @@ __all__ = [
     "Volume",
     "VolumeAugment",
     "VolumeTransform",
+    "file_stem",
     "is_sample_file",
     "is_volume_file",
     "open_sample",
@@ -45,6 +46,13 @@ MAX_VOXELS = 1_000_000_000  # volumes larger than this are refused (memory)
 def is_volume_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a volume file's suffix (``VOLUME_SUFFIXES``)."""
     return str(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """A file's name without its suffix, a volume's ``.nii.gz`` counted as one."""
+    name = Path(path).name
+    suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), None)
+    return name[: -len(suffix)] if suffix else Path(path).stem
 
 
 def is_sample_file(path: str | os.PathLike) -> bool:

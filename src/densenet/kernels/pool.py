@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .conv import _pixel_rows, _pixel_strides, pixel_grid
 
-__all__ = ["relu_max_pool"]
+__all__ = ["pooled_size", "relu_max_pool"]
 
 # (BLOCK_M output pixels, BLOCK_N channels), warps: a memory-bound pass; the stem has 64
 # channels (96 for densenet161)
@@ -50,16 +50,21 @@ def _relu_max_pool_kernel(
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & c_ok[None, :])
 
 
+def pooled_size(height: int, width: int, stride: tuple[int, int]) -> tuple[int, int]:
+    """(H_out, W_out) of the 3x3 max-pool with padding 1 and ``stride`` on an (H, W) input."""
+    return (height - 1) // stride[0] + 1, (width - 1) // stride[1] + 1
+
+
 def relu_max_pool(x: Tensor, out: Tensor, stride: tuple[int, int] = (2, 2)) -> Tensor:
     """``relu(max_pool2d(x, 3, stride, padding=1))``, written into ``out`` and returned.
 
     Args:
         x: (N, C, H, W) channels_last, the stem convolution's output.
         out: (N, C, H_out, W_out) channels_last view, e.g. ``buffer[:, :C]`` of block 1's buffer,
-            with ``H_out = (H - 1) // stride[0] + 1`` (likewise W).
+            with (H_out, W_out) = ``pooled_size(H, W, stride)``.
     """
     batch, c, height, width = x.shape
-    h_out, w_out = (height - 1) // stride[0] + 1, (width - 1) // stride[1] + 1
+    h_out, w_out = pooled_size(height, width, stride)
     if out.shape != (batch, c, h_out, w_out):
         raise ValueError(
             f"relu_max_pool: input {tuple(x.shape)} and output {tuple(out.shape)} do not fit "
