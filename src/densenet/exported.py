@@ -10,7 +10,8 @@ import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .archives import check_exported, check_torchscript
 from .dtypes import DTYPES
 from .errors import DenseNetError, first_line
 from .preprocessing import ModelCard, Preprocessing
@@ -25,6 +27,7 @@ from .preprocessing import ModelCard, Preprocessing
 __all__ = [
     "DTYPES",
     "EXTRA_FILE",
+    "INSTALL_EXPORT",
     "ExportError",
     "ExportMetadata",
     "OnnxModel",
@@ -34,6 +37,7 @@ __all__ = [
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 EXTRA_FILE = "densenet.json"  # metadata inside TorchScript and .pt2 archives
+INSTALL_EXPORT = "pip install 'densenet-toolkit[export]'"  # onnx, onnxscript, onnxruntime
 ORT_TYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -95,7 +99,22 @@ def _from_props(props: Mapping[str, str], path: Path) -> ExportMetadata:
         raise ExportError(
             f"{path} has no class names in its metadata: it was not written by densenet export"
         )
-    return ExportMetadata.from_dict({k: json.loads(v) for k, v in props.items()})
+    return _metadata(lambda: {k: json.loads(v) for k, v in props.items()}, path)
+
+
+def _metadata(read: Callable[[], Any], path: Path) -> ExportMetadata:
+    """``ExportMetadata`` from what ``read()`` returns (parsed JSON); ``ExportError`` naming
+    ``path`` when it cannot be read or is not metadata."""
+    try:
+        data = read()
+        if not isinstance(data, Mapping):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
+        return ExportMetadata.from_dict(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ExportError(
+            f"{path}: its densenet metadata is damaged ({first_line(error)[:160]}); export the "
+            "model again"
+        ) from None
 
 
 def read_metadata(path: str | os.PathLike) -> ExportMetadata:
@@ -104,25 +123,44 @@ def read_metadata(path: str | os.PathLike) -> ExportMetadata:
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} does not exist")
     if path.suffix == ".onnx":
-        onnx = require("onnx", "reading ONNX metadata", "pip install onnx")
-        proto = onnx.load(str(path), load_external_data=False)
+        onnx = require("onnx", "reading ONNX metadata", INSTALL_EXPORT)
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as error:  # protobuf and onnx raise their own types
+            raise ExportError(f"{path} is not a readable ONNX file ({first_line(error)})") from None
         return _from_props({p.key: p.value for p in proto.metadata_props}, path)
     return load_exported(path)[1]
 
 
 def load_exported(path: Path) -> tuple[nn.Module, ExportMetadata]:
     """A TorchScript or ``.pt2`` file written by ``densenet export``, read once: its module (in
-    eval mode, on the CPU) and its metadata."""
-    files = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if path.suffix == ".pt2":
-            module = torch.export.load(path, extra_files=files).module()
-        else:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=files).eval()
-    if not files[EXTRA_FILE]:
-        raise ExportError(f"{path} has no {EXTRA_FILE}: it was not written by densenet export")
-    return module, ExportMetadata.from_dict(json.loads(files[EXTRA_FILE]))
+    eval mode, on the CPU) and its metadata. The archive is checked first
+    (``densenet.archives``): a file that could run code is refused unread."""
+    exported = path.suffix == ".pt2"
+    (check_exported if exported else check_torchscript)(path)
+    metadata = _metadata(lambda: json.loads(_extra_file(path)), path)
+    kind = "a torch.export program" if exported else "a TorchScript archive"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if exported:
+                module = torch.export.load(path).module()
+            else:
+                module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as error:  # torch raises many types for a damaged archive
+        raise ExportError(
+            f"{path} cannot be read as {kind} ({first_line(error)[:160]}); export it again"
+        ) from None
+    return module, metadata
+
+
+def _extra_file(path: Path) -> bytes:
+    """The ``densenet.json`` stored in an archive's ``extra/`` folder."""
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.split("/", 1)[-1] == f"extra/{EXTRA_FILE}":
+                return archive.read(name)
+    raise ExportError(f"{path} has no {EXTRA_FILE}: it was not written by densenet export")
 
 
 class OnnxModel(nn.Module):
@@ -138,7 +176,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        ort = require("onnxruntime", "running an ONNX model", "pip install onnxruntime")
+        ort = require("onnxruntime", "running an ONNX model", INSTALL_EXPORT)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} does not exist")
