@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
     if args.cam:
         output_folder(args.cam, "--cam")
-        outside_inputs(args.cam, args.images)
+        _check_outside_inputs(args.cam, args.images)
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
         optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(p.error is not None for p in predictions) else 0
 
 
-def outside_inputs(cam: str, inputs: list[str]) -> None:
+def _check_outside_inputs(cam: str, inputs: list[str]) -> None:
     """Refuse a ``--cam`` folder that is an input folder or inside one, or a given file's own
     folder, symbolic links resolved: its maps would be read as inputs by later runs."""
     target = Path(cam).resolve()
