@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -300,3 +301,27 @@ def test_an_output_folder_that_is_a_file_is_one_error_before_any_work(tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert f"{flag} {taken} is a file" in err[-1], err
     assert taken.read_text() == "a file"
+
+
+def test_eval_with_two_sets_of_views_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "d", "--tta", "hflip", "--ten-crop"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "densenet eval: error: argument --ten-crop: not allowed with argument --tta"
+
+
+def test_bulk_runs_on_a_folder_of_volumes_say_volumes_are_not_supported(tmp_path, capsys):
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    np.save(volumes / "scan.npy", np.zeros((4, 4, 4), np.float32))
+    model = ["--model", SMALL, "--weights", "none", "--workers", "0"]
+    for command in ("embed", "predict"):
+        argv = [command, str(volumes), *model, "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (
+            f"densenet {command}: error: {volumes} holds volumes and no images: embed and "
+            "predict --out do not support volumes (densenet predict without --out classifies them)"
+        )
+    assert not (tmp_path / "out").exists()

@@ -138,6 +138,81 @@ def test_images_sharing_a_file_name_get_distinct_maps(checkpoint, tmp_path, caps
     assert len(pictures) == 3
 
 
+def test_a_cam_folder_inside_an_input_folder_is_refused_and_no_map_replaces_a_file(
+    checkpoint, tmp_path, capsys
+):
+    """--cam into an input folder or below it, or into a given file's folder (symbolic links
+    resolved), is one error before anything is written; elsewhere a map takes the next free
+    name rather than replace a file already there."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.new("RGB", (40, 40), "red").save(inputs / "x.png")
+    Image.new("RGB", (40, 40), "blue").save(inputs / "x.cam.png")
+    (tmp_path / "link").symlink_to(inputs)
+    before = {path.name: path.read_bytes() for path in inputs.iterdir()}
+    for source, cam, where in (
+        (inputs, inputs, "inside the input folder"),
+        (inputs, inputs / "maps", "inside the input folder"),
+        (inputs, tmp_path / "link", "inside the input folder"),
+        (tmp_path / "link", inputs, "inside the input folder"),
+        (inputs / "x.png", tmp_path / "link", "the folder of the input"),
+    ):
+        assert main(["predict", str(source), "--weights", checkpoint, "--cam", str(cam)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--cam {cam} is {where} {source}" in err, err
+    assert {path.name: path.read_bytes() for path in inputs.iterdir()} == before
+    out = inputs / "maps"  # below a given file's folder (not an input folder): allowed
+    out.mkdir()
+    (out / "x.cam.png").write_bytes(b"not ours")
+    argv = ["predict", str(inputs / "x.png"), "--weights", checkpoint, "--cam", str(out), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)[0]["cam"] == str(out / "x-2.cam.png")
+    assert (out / "x.cam.png").read_bytes() == b"not ours"
+
+
+def test_a_volume_map_takes_a_name_free_for_both_of_its_files(tmp_path):
+    """A volume's map and its picture share a stem: a file already there under either name
+    moves both to the next stem."""
+    pytest.importorskip("nibabel")
+    from densenet.predict import Explanation, write_overlays
+
+    (tmp_path / "a.cam.nii.gz").write_bytes(b"not ours")
+    (tmp_path / "b.cam.png").write_bytes(b"not ours either")
+    explanations = [
+        Explanation(f"{name}.nii.gz", "yes", 1, 0.5, torch.rand(4, 4, 4), torch.rand(1, 4, 4, 4))
+        for name in ("a", "b")
+    ]
+    written = write_overlays(explanations, tmp_path)
+    assert [{k: path.name for k, path in w.items()} for w in written] == [
+        {"cam": f"{name}-2.cam.nii.gz", "cam_slices": f"{name}-2.cam.png"} for name in ("a", "b")
+    ]
+    assert (tmp_path / "a.cam.nii.gz").read_bytes() == b"not ours"
+    assert (tmp_path / "b.cam.png").read_bytes() == b"not ours either"
+
+
+def test_with_tta_the_map_is_of_the_class_classify_gives():
+    """A two-class model whose bias puts the center crop just on one side of the boundary and
+    its mirror further on the other: with tta="hflip" the views' average names the other class,
+    and explain() draws that class's map, with the views' probability."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny_model(num_classes=2)).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), np.uint8))
+    center = densenet.Classifier(model, device="cpu", optimize=False).transform(image)
+    with torch.no_grad():
+        pooled = model.forward_features(torch.stack([center, center.flip(-1)])).mean((2, 3))
+        model.classifier.weight[1] = -model.classifier.weight[0]
+        straight, mirrored = (pooled @ model.classifier.weight[0]).tolist()
+        bias = -(straight + mirrored) / 2 - (straight - mirrored) / 4
+        model.classifier.bias.copy_(torch.tensor([bias, -bias]))
+    plain = densenet.Classifier(model, device="cpu", optimize=False)
+    views = densenet.Classifier(model, device="cpu", optimize=False, tta="hflip")
+    [single], [averaged] = plain.classify(image, topk=1), views.classify(image, topk=1)
+    assert single.indices != averaged.indices
+    [explanation] = views.explain(image)
+    assert explanation.index == averaged.indices[0]
+    assert explanation.probability == pytest.approx(averaged.probabilities[0], abs=1e-6)
+
+
 def test_an_unknown_target_class_is_one_error(checkpoint):
     classifier = densenet.Classifier("densenet_bc_100_k12", weights=checkpoint, device="cpu")
     image = Image.fromarray(skimage.data.chelsea())

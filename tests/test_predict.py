@@ -304,3 +304,19 @@ def test_a_colour_image_among_grey_ones_is_that_images_error(tmp_path, capsys):
     assert [r.error is None for r in results] == [True, False, True]
     assert results[1].reason == "bad_shape" and "image 1" in results[1].error
     assert "channel" in results[1].error
+
+
+def test_a_folder_of_images_and_volumes_says_how_many_of_the_other_kind_it_skipped(
+    tmp_path, capsys
+):
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "x.png")
+    for name in ("a.npy", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"never read")
+    argv = ["predict", str(tmp_path), "--model", "densenet_bc_100_k12", "--weights", "none"]
+    assert main([*argv, "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["source"] for r in json.loads(out)] == [str(tmp_path / "x.png")]
+    assert err.splitlines()[-1] == (
+        f"densenet predict: warning: skipped 2 volume file(s) in {tmp_path}: this model takes "
+        "images"
+    )

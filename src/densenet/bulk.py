@@ -41,6 +41,7 @@ from .preprocessing import Preprocessing
 from .runner import Runner
 from .runtime import local_device
 from .version import __version__
+from .volumes import is_volume_file
 from .weights import sha256_file
 
 __all__ = [
@@ -507,7 +508,13 @@ def run(
     # one gets no more decoding processes than it has batches
     first = sum(1 for _ in itertools.islice(iter_inputs(source), max(workers, 1) * batch_size))
     if first == 0:
-        raise BulkError(f"no images in {os.fspath(source)} (an empty folder, manifest or glob)")
+        text = os.fspath(source)
+        if os.path.isdir(text) and next(walk_files(text, is_volume_file), None) is not None:
+            raise BulkError(
+                f"{text} holds volumes and no images: embed and predict --out do not support "
+                "volumes (densenet predict without --out classifies them)"
+            )
+        raise BulkError(f"no images in {text} (an empty folder, manifest or glob)")
     workers = min(workers, -(-first // batch_size))
     loaded = load(model, weights=weights, device=target, progress=progress)
     card = loaded.card

@@ -227,7 +227,8 @@ class Classifier:
         self, images: ImageInput | Sequence[ImageInput], target: int | str | None = None
     ) -> list[Explanation]:
         """Each image's class activation map (``densenet.explain``) for ``target`` (a class index
-        or name; default: the image's most probable class). Images are paths, bytes, PIL images
+        or name; default: the image's most probable class as ``classify`` gives it, with ``tta``
+        the views' average; the map is the center crop's). Images are paths, bytes, PIL images
         or uint8 tensors (a volume model: volume files); raises ``ImageError`` naming the first
         one that cannot be read."""
         images = _as_list(images)
@@ -240,21 +241,22 @@ class Classifier:
             raise ValueError(f"class index {index} is not in 0..{len(self.categories) - 1}")
         results: list[Explanation] = []
         for start in range(0, len(images), self.batch_size):
-            views = [
-                self._view(image, describe(image, start + i))
-                for i, image in enumerate(images[start : start + self.batch_size])
-            ]
+            chunk = images[start : start + self.batch_size]
+            names = [describe(image, start + i) for i, image in enumerate(chunk)]
+            views = [self._view(image, name) for image, name in zip(chunk, names)]
             batch = torch.stack([self._view_input(v) for v in views])
             out = self.runner.activation_maps(batch)
             probabilities = self.card.probabilities(out.logits)
+            if self.views is not None:  # the printed class and probability: the views' average
+                inputs = torch.stack([self.preprocess(i, n) for i, n in zip(chunk, names)])
+                probabilities = self.probabilities(inputs).to(probabilities.device)
             chosen = (
                 probabilities.argmax(1)
                 if index is None
                 else torch.full((len(views),), index, device=probabilities.device)
             )
             cams = out.select(chosen, batch.shape[2:]).cpu()
-            for i, (picture, k) in enumerate(zip(views, chosen.tolist())):
-                name = describe(images[start + i], start + i)
+            for i, (name, picture, k) in enumerate(zip(names, views, chosen.tolist())):
                 p = float(probabilities[i, k])
                 results.append(Explanation(name, self.categories[k], k, p, cams[i], picture))
         return results
@@ -337,21 +339,23 @@ def write_overlays(
     explanations: Sequence[Explanation], folder: str | os.PathLike
 ) -> list[dict[str, Path]]:
     """Save each explanation's ``overlay()`` as ``folder/<file stem>.cam.png`` (``cam``), or
-    ``<stem>-2.cam.png``, ``-3``... when an earlier one of the call took the name; for a volume,
-    also the map itself as ``<stem>.cam.nii.gz`` (``cam``; the picture is then ``cam_slices``),
-    aligned with the volume file it was computed on (``densenet.volumes.write_map``). Returns
-    the paths of each, in order, all distinct."""
+    ``<stem>-2.cam.png``, ``-3``... when that name is taken (by a file already there or written
+    earlier in the call: a map never replaces a file); for a volume, also the map itself as
+    ``<stem>.cam.nii.gz`` (``cam``; the picture is then ``cam_slices``), aligned with the volume
+    file it was computed on (``densenet.volumes.write_map``). Returns the paths of each, in
+    order, all distinct."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[dict[str, Path]] = []
-    stems: set[str] = set()
     for explanation in explanations:
+        suffixes = (
+            (".cam.png", ".cam.nii.gz") if isinstance(explanation.view, Tensor) else (".cam.png",)
+        )
         stem = base = file_stem(explanation.source)
         copy = 1
-        while stem in stems:
+        while any(os.path.lexists(folder / f"{stem}{suffix}") for suffix in suffixes):
             copy += 1
             stem = f"{base}-{copy}"
-        stems.add(stem)
         picture = folder / f"{stem}.cam.png"
         atomic_write(picture, lambda tmp, e=explanation: e.overlay().save(tmp, format="PNG"))
         if not isinstance(explanation.view, Tensor):

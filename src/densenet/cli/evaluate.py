@@ -36,8 +36,11 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--batch-size", type=integer(), default=64, help="images per batch")
     p.add_argument("--workers", type=integer(0, 64), default=4, help="data loading processes")
-    p.add_argument("--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop")
-    add_tta_arg(p)
+    views = p.add_mutually_exclusive_group()  # one set of views: never one silently dropped
+    views.add_argument(
+        "--ten-crop", action="store_true", help="the paper's ten crops: --tta ten-crop"
+    )
+    add_tta_arg(views)
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..bulk import BulkError, Options
+from ..errors import DenseNetError
 from ..images import find_images, is_image_file
 from ..predict import Classifier, write_overlays
 from ..volumes import is_volume_file
@@ -46,7 +48,8 @@ def add_parser(sub) -> None:
         metavar="OUT_DIR",
         help="also write OUT_DIR/<image>.cam.png: the top class's activation map over the image "
         "(a volume's: OUT_DIR/<volume>.cam.nii.gz, aligned with it, and its three central "
-        "slices as the .cam.png)",
+        "slices as the .cam.png); a name already taken gets -2, -3, ...; OUT_DIR must be "
+        "outside the input folders",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_bulk_args(p, out_required=False)
@@ -74,15 +77,23 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
     if args.cam:
         output_folder(args.cam, "--cam")
+        _check_outside_inputs(args.cam, args.images)
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
         optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
         calibration=args.calibration,
     )  # fmt: skip
     volumes = classifier.card.volume is not None
-    paths = find_images(args.images, is_volume_file if volumes else is_image_file)
+    keep, other = (is_volume_file, is_image_file) if volumes else (is_image_file, is_volume_file)
+    kind, other_kind = ("volumes", "image") if volumes else ("images", "volume")
+    paths = find_images(args.images, keep)
+    folders = [path for path in args.images if os.path.isdir(path)]
+    skipped = len(find_images(folders, other))
+    if skipped:
+        where = " ".join(folders)
+        message = f"skipped {skipped} {other_kind} file(s) in {where}: this model takes {kind}"
+        print_problem(args, "warning", message)
     if not paths:
-        kind = "volumes" if volumes else "images"
         raise ValueError(f"no {kind} found in {' '.join(args.images)}")
     predictions = classifier.classify(paths, topk=args.topk)
     cams: dict[str, dict[str, str]] = {}
@@ -105,6 +116,23 @@ def run(args: argparse.Namespace) -> int:
             for key, path in cams.get(p.source, {}).items():
                 print(f"  {_CAM_NAMES[key]}: {path}")
     return 1 if any(p.error is not None for p in predictions) else 0
+
+
+def _check_outside_inputs(cam: str, inputs: list[str]) -> None:
+    """Refuse a ``--cam`` folder that is an input folder or inside one, or a given file's own
+    folder, symbolic links resolved: its maps would be read as inputs by later runs."""
+    target = Path(cam).resolve()
+    for path in map(Path, inputs):
+        if path.is_dir() and path.resolve() in (target, *target.parents):
+            where = f"inside the input folder {path}"
+        elif not path.is_dir() and path.parent.resolve() == target:
+            where = f"the folder of the input {path}"
+        else:
+            continue
+        raise DenseNetError(
+            f"--cam {cam} is {where}, where its maps would be read as inputs by later runs; give "
+            "a folder outside the inputs"
+        )
 
 
 _CAM_NAMES = {"cam": "class activation map", "cam_slices": "its central slices"}
