@@ -549,6 +549,7 @@ def test_a_model_whose_warm_up_output_is_non_finite_never_becomes_ready(photos, 
         assert "produced non-finite output" in ready.json()["detail"]
         refused = client.post("/v1/predict", content=photos["chelsea.jpg"])
         assert refused.status_code == 503 and "failed its warm-up" in refused.json()["detail"]
+        assert "retry-after" not in refused.headers and "retry-after" not in ready.headers
         assert not client.get("/v1/models").json()["models"][0]["ready"]
 
 

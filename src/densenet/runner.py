@@ -118,12 +118,11 @@ class Runner:
 
     def warm_up(self) -> None:
         """Run every batch size the model will see once (each bucket, else one image), so that
-        compiling, autotuning and graph capture happen before the first real images; then one
-        image through ``logits``, whose output must be finite (``NonFiniteOutputError``)."""
-        shape = self.card.input_shape
-        if isinstance(self.module, BucketedModel):
-            self.module.warm_up(shape)
-        self.logits(torch.zeros((1, *shape)))
+        compiling, autotuning and graph capture happen before the first real images; through
+        ``logits``, so a model whose output is not finite fails here (``NonFiniteOutputError``)."""
+        sizes = self.module.buckets if isinstance(self.module, BucketedModel) else (1,)
+        for size in sizes:
+            self.logits(torch.zeros((size, *self.card.input_shape)))
 
     @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:

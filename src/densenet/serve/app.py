@@ -204,10 +204,12 @@ class _Service:
         log.info("model %s is warmed up and ready", self.model_name)
 
     def not_ready(self) -> JSONResponse:
-        """The 503 answering a request before the service is ready: loading, or why it failed."""
+        """The 503 answering a request before the service is ready: loading (retry), or why it
+        failed (for good: no Retry-After)."""
         if self.failure is None:
             return _error(503, "the model is loading; retry shortly")
-        return _error(503, f"the model failed its warm-up ({self.failure}); it will not serve")
+        detail = f"the model failed its warm-up ({self.failure}); it will not serve"
+        return JSONResponse({"detail": detail}, status_code=503)
 
     def admit(self, images: list[tuple[str, bytes]]) -> list[int] | JSONResponse:
         """The pixels of each image as its header declares them, or the answer refusing a
