@@ -122,10 +122,10 @@ def test_a_calibration_that_gives_non_finite_probabilities_is_named():
         Runner(broken, CPU).probabilities(torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated; int8 files are traced
-def test_weights_are_counted_from_the_model_as_loaded_whatever_form_runs_it(tmp_path):
-    """A DenseNet's parameters, optimized or not; an exported file's tensors, int8 packed weights
-    included; none for ONNX Runtime."""
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated; exported files are traced
+def test_weights_are_counted_from_the_model_as_loaded_whatever_form_runs_it():
+    """A DenseNet's parameters, optimized or not; an exported file's tensors; none for ONNX
+    Runtime."""
     loaded = loaded_tiny()
     expected = sum(p.numel() for p in loaded.module.parameters())
     for how in ({}, {"max_batch": 2}, {"optimize": False}):
@@ -135,12 +135,19 @@ def test_weights_are_counted_from_the_model_as_loaded_whatever_form_runs_it(tmp_
     scripted = torch.jit.trace(loaded.module, torch.randn(1, 3, 32, 32))
     held = sum(t.numel() for t in loaded.module.state_dict().values())  # BatchNorm stats too
     assert count_weights(scripted) == held
-    from densenet.quantization import quantize_module
-
-    x = torch.randn(2, 3, 32, 32)
-    int8 = torch.jit.trace(quantize_module(loaded.module, [x]), x, check_trace=False)
-    packed = sum(p.numel() for n, p in loaded.module.named_parameters() if "conv" in n)
-    assert count_weights(int8) > packed + loaded.module.classifier.weight.numel()
     onnx_like = OnnxModel.__new__(OnnxModel)  # ONNX Runtime holds the weights, not torch
     torch.nn.Module.__init__(onnx_like)
     assert count_weights(onnx_like) is None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_an_int8_files_packed_weights_are_counted():
+    """TorchScript leaves an int8 layer's packed weights out of its state_dict."""
+    from densenet.quantization import quantize_module
+
+    model = loaded_tiny().module
+    x = torch.randn(2, 3, 32, 32)
+    int8 = torch.jit.trace(quantize_module(model, [x]), x, check_trace=False)
+    convolutions = sum(p.numel() for n, p in model.named_parameters() if "conv" in n)
+    assert count_weights(int8) > convolutions + model.classifier.weight.numel()
