@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import randomize_batchnorm, tiny_model
+from conftest import TINY, randomize_batchnorm, tiny_model
 from PIL import Image
 from test_transforms import HUB_PAGE
 
@@ -320,3 +320,34 @@ def test_a_folder_of_images_and_volumes_says_how_many_of_the_other_kind_it_skipp
         f"densenet predict: warning: skipped 2 volume file(s) in {tmp_path}: this model takes "
         "images"
     )
+
+
+def test_a_model_that_outputs_nan_is_one_error_line_everywhere_and_writes_nothing(tmp_path, capsys):
+    """predict (text and --json), eval and calibrate: exit 2, one line naming the model; no
+    ``nan%``, no NaN in JSON, no calibrated checkpoint."""
+    from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+
+    args = {"num_classes": 2, **TINY}
+    model = randomize_batchnorm(densenet.get_model("densenet_bc_100_k12", **args)).eval()
+    model.features.norm5.running_var.fill_(-1.0)  # NaN, folded into the inference form too
+    card = densenet.ModelCard(
+        ("a", "b"), densenet.Preprocessing(32, 32), arch="densenet_bc_100_k12"
+    )
+    path = tmp_path / "broken.pth"
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), args), path)
+    for label, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "data" / label / "x.png")
+    image, data = str(tmp_path / "data" / "a" / "x.png"), str(tmp_path / "data")
+    quiet = ["--workers", "0", "--no-progress"]
+    for argv in (
+        ["predict", image, "--weights", str(path), "--device", "cpu"],
+        ["predict", image, "--weights", str(path), "--device", "cpu", "--json"],
+        ["eval", data, "--weights", str(path), "--device", "cpu", *quiet],
+        ["calibrate", str(path), data, "--device", "cpu", *quiet],
+    ):
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, argv
+        assert "model densenet_bc_100_k12 produced non-finite output" in err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth", "data"]

@@ -8,8 +8,9 @@ from conftest import randomize_batchnorm, tiny_model
 
 import densenet
 from densenet.errors import DenseNetError
+from densenet.exported import OnnxModel
 from densenet.inference import BucketedModel, InferenceOnly
-from densenet.runner import Runner
+from densenet.runner import NonFiniteOutputError, Runner, count_weights
 
 CPU = torch.device("cpu")
 
@@ -86,3 +87,67 @@ def test_a_precision_the_module_will_not_run_in_is_refused(dtype):
     with pytest.raises(DenseNetError, match="cannot run this DenseNet in .*--no-optimize"):
         Runner(loaded, CPU, optimize=False, dtype=dtype)
     assert Runner(loaded, CPU, optimize=False, dtype="float32").module is loaded.module
+
+
+def nan_model(**kwargs) -> torch.nn.Module:
+    """A tiny DenseNet whose output is NaN for every input: its final BatchNorm's running
+    variance is -1, which the inference form folds into the classifier as sqrt(-1), NaN."""
+    model = randomize_batchnorm(tiny_model(num_classes=5, **kwargs)).eval()
+    model.features.norm5.running_var.fill_(-1.0)
+    return model
+
+
+@pytest.mark.parametrize("how", [{}, {"max_batch": 2}, {"optimize": False}])
+def test_non_finite_output_is_one_error_naming_the_model(how):
+    card = densenet.ModelCard.for_model(nan_model(), arch="densenet121", weights="broken.pth")
+    runner = Runner(densenet.LoadedModel(nan_model(), card), CPU, **how)
+    x = torch.randn(3, 3, 32, 32)
+    named = r"model densenet121 \(weights broken.pth\) produced non-finite output"
+    for output in (runner.logits, runner.probabilities, runner.activation_maps):
+        with pytest.raises(NonFiniteOutputError, match=named):
+            output(x)
+    with pytest.raises(NonFiniteOutputError, match=named):
+        runner.warm_up()
+    assert issubclass(NonFiniteOutputError, DenseNetError)  # one line and exit 2 on the CLI
+
+
+def test_a_calibration_that_gives_non_finite_probabilities_is_named():
+    class Overflowing:  # a card's calibration as a broken checkpoint may hold one
+        def apply(self, logits):
+            return logits * float("inf")
+
+    loaded = loaded_tiny()
+    broken = densenet.LoadedModel(loaded.module, loaded.card.replace(calibration=Overflowing()))
+    with pytest.raises(NonFiniteOutputError, match="its calibration .*calibrate it again"):
+        Runner(broken, CPU).probabilities(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated; exported files are traced
+def test_weights_are_counted_from_the_model_as_loaded_whatever_form_runs_it():
+    """A DenseNet's parameters, optimized or not; an exported file's tensors; none for ONNX
+    Runtime."""
+    loaded = loaded_tiny()
+    expected = sum(p.numel() for p in loaded.module.parameters())
+    for how in ({}, {"max_batch": 2}, {"optimize": False}):
+        assert Runner(loaded, CPU, **how).weights_count == expected
+    headless = Runner(loaded, CPU, headless=True).weights_count
+    assert headless == expected - loaded.module.classifier.weight.numel() - 5
+    scripted = torch.jit.trace(loaded.module, torch.randn(1, 3, 32, 32))
+    held = sum(t.numel() for t in loaded.module.state_dict().values())  # BatchNorm stats too
+    assert count_weights(scripted) == held
+    onnx_like = OnnxModel.__new__(OnnxModel)  # ONNX Runtime holds the weights, not torch
+    torch.nn.Module.__init__(onnx_like)
+    assert count_weights(onnx_like) is None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_an_int8_files_packed_weights_are_counted():
+    """TorchScript leaves an int8 layer's packed weights out of its state_dict."""
+    from densenet.quantization import quantize_module
+
+    model = loaded_tiny().module
+    x = torch.randn(2, 3, 32, 32)
+    int8 = torch.jit.trace(quantize_module(model, [x]), x, check_trace=False)
+    convolutions = sum(p.numel() for n, p in model.named_parameters() if "conv" in n)
+    assert count_weights(int8) > convolutions + model.classifier.weight.numel()

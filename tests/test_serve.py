@@ -133,7 +133,7 @@ def test_health_models_page_and_openapi(client, classifier):
         assert (head.status_code, head.content) == (200, b""), probe
     model = client.get("/v1/models").json()["models"][0]
     assert model["num_classes"] == 1000 and model["device"] == "cpu" and model["ready"]
-    assert model["parameters"] == sum(p.numel() for p in classifier.model.parameters())
+    assert model["parameters"] == sum(p.numel() for p in tiny_model().parameters())
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
@@ -520,6 +520,59 @@ def test_a_model_failure_is_a_json_error_for_that_image_only(photos):
         assert failed["status"] == 500 and "inference failed" in failed["error"]
         alone = client.post("/v1/predict", files=[("file", ("white.png", white))])
         assert alone.status_code == 500 and "model failed" in alone.json()["detail"]
+
+
+def test_a_model_whose_output_turns_non_finite_is_a_json_500_naming_it(photos):
+    model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
+    classifier = densenet.Classifier(model, device="cpu", optimize=False)  # runs ``model``
+    with serving(classifier) as client:
+        model.features.norm5.running_var.fill_(-1.0)  # every output NaN from now on
+        jpeg = photos["chelsea.jpg"]
+        for answer in (
+            client.post("/v1/predict", content=jpeg),
+            client.post("/v1/explain", content=jpeg),
+            client.post("/v1/explain?format=json", content=jpeg),
+        ):
+            assert answer.status_code == 500, answer.request.url
+            assert "produced non-finite output" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_model_whose_warm_up_output_is_non_finite_never_becomes_ready(photos, optimize):
+    model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
+    model.features.norm5.running_var.fill_(-1.0)  # NaN, folded into the inference form too
+    app = create_app(densenet.Classifier(model, device="cpu", optimize=optimize))
+    with TestClient(app) as client:
+        wait_for(lambda: app.state.service.failure is not None)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "produced non-finite output" in ready.json()["detail"]
+        refused = client.post("/v1/predict", content=photos["chelsea.jpg"])
+        assert refused.status_code == 503 and "failed its warm-up" in refused.json()["detail"]
+        assert "retry-after" not in refused.headers and "retry-after" not in ready.headers
+        assert not client.get("/v1/models").json()["models"][0]["ready"]
+
+
+def test_parameters_are_the_models_weights_in_every_form():
+    model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
+    expected = sum(p.numel() for p in model.parameters())
+    for optimize in (True, False):  # the inference form holds its folded weights as buffers
+        classifier = densenet.Classifier(model, device="cpu", optimize=optimize)
+        with TestClient(create_app(classifier)) as client:
+            assert client.get("/v1/models").json()["models"][0]["parameters"] == expected
+
+
+def test_no_install_hint_names_the_unrelated_densenet_distribution():
+    """``densenet`` on PyPI is another package: hints name ``densenet-toolkit[...]``."""
+    root = Path(__file__).parents[1]
+    files = [root / "README.md", *sorted((root / "src").rglob("*.py"))]
+    offending = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"(?<![\w.-])densenet\[", line)
+    ]
+    assert not offending, "\n".join(offending)
 
 
 # ---- the command line: same results as `densenet predict`, graceful SIGTERM -------------------

@@ -111,7 +111,7 @@ def grad_cam(
     model: DenseNet, x: Tensor, classes: Tensor | None = None, layer: str | None = None
 ) -> Tensor:
     """Grad-CAM (Selvaraju et al., ICCV 2017) of an inner layer, computed by the ``grad-cam``
-    package (``pip install grad-cam``, an optional extra: ``densenet[gradcam]``).
+    package (``pip install grad-cam``, an optional extra: ``densenet-toolkit[gradcam]``).
 
     Args:
         model: an eager ``DenseNet`` (Grad-CAM needs gradients).

@@ -6,7 +6,7 @@ Each actor loads the model once (on its GPU when Ray gives it one). A batch is a
 arrays or a ``pyarrow.Table`` with the encoded images in a ``bytes`` column
 (``ray.data.read_binary_files``) or their files in a ``path`` column; the result is a
 ``pyarrow.Table`` with the batch's other columns plus ``error`` and the outputs. Needs the ``ray``
-extra: ``pip install "densenet[ray]"``.
+extra: ``pip install "densenet-toolkit[ray]"``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ It takes what ``densenet.load`` returns (a DenseNet with its card, or an exporte
 puts it on the device in its inference form (``densenet.optimize``: precision and backend, and on
 CUDA static batch sizes replayed as CUDA graphs), and gives its logits, the card's probabilities
 (calibration, then softmax or sigmoids: ``ModelCard.probabilities``), pooled features and class
-activation maps.
+activation maps. An output that is not finite (NaN or infinity: broken weights, or an overflow
+in a low precision) is never returned: each batch's is checked once, and ``NonFiniteOutputError``
+names the model.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from .backends import optimize as optimize_model
 from .dtypes import dtype_name
 from .errors import DenseNetError
 from .explain import ActivationMaps, explain
+from .exported import OnnxModel
 from .inference import BucketedModel
 from .load import LoadedModel
 from .model import DenseNet
+from .preprocessing import ModelCard
 from .quantization import quantize
 from .runtime import compute_dtype
 from .transforms import flatten_views
 
-__all__ = ["Runner"]
+__all__ = ["NonFiniteOutputError", "Runner", "count_weights"]
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteOutputError(DenseNetError):
+    """The model gave NaN or infinite outputs: its weights are broken, or its precision overflows."""
 
 
 class Runner:
@@ -53,7 +61,8 @@ class Runner:
             post-training int8 quantization on (``densenet.quantize``).
         progress: show progress bars while the int8 quantization reads its images.
 
-    Attributes: ``card``, ``device``, ``module`` (what runs), ``precision`` (its dtype's name).
+    Attributes: ``card``, ``device``, ``module`` (what runs), ``precision`` (its dtype's name),
+    ``weights_count`` (``count_weights`` of the model as loaded, before any inference form).
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class Runner:
                 )
             module = copy.deepcopy(module)
             module.reset_classifier(0)
+        self.weights_count = count_weights(module)
         # a DenseNet and its inference forms take any float input; an exported module (a
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
@@ -108,18 +118,19 @@ class Runner:
 
     def warm_up(self) -> None:
         """Run every batch size the model will see once (each bucket, else one image), so that
-        compiling, autotuning and graph capture happen before the first real images."""
-        shape = self.card.input_shape
-        if isinstance(self.module, BucketedModel):
-            self.module.warm_up(shape)
-        else:
-            self.logits(torch.zeros((1, *shape)))
+        compiling, autotuning and graph capture happen before the first real images; through
+        ``logits``, so a model whose output is not finite fails here (``NonFiniteOutputError``)."""
+        sizes = self.module.buckets if isinstance(self.module, BucketedModel) else (1,)
+        for size in sizes:
+            self.logits(torch.zeros((size, *self.card.input_shape)))
 
     @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images -> (N, num_classes) float32 logits on the device
-        (headless: (N, num_features) pooled features)."""
-        return self.module(batch.to(self.device, self.input_dtype, non_blocking=True)).float()
+        (headless: (N, num_features) pooled features); ``NonFiniteOutputError`` if any is not
+        finite."""
+        out = self.module(batch.to(self.device, self.input_dtype, non_blocking=True)).float()
+        return self._finite(out)
 
     def probabilities(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images, or (N, V, C, H, W) views of each -> (N,
@@ -127,13 +138,68 @@ class Runner:
         its calibration, then a softmax, or each class's sigmoid for a multi-label model),
         averaged over the views."""
         images, views = flatten_views(batch, self.spatial_dims)
-        logits = self.logits(images)
-        return self.card.probabilities(logits).view(len(batch), views, -1).mean(1)
+        probabilities = self.card.probabilities(self.logits(images))
+        calibrate = "its calibration maps finite logits to non-finite ones; calibrate it again"
+        return self._finite(probabilities, calibrate).view(len(batch), views, -1).mean(1)
 
     def activation_maps(self, batch: Tensor) -> ActivationMaps:
         """(N, C, H, W) preprocessed images -> their logits and every class's activation map
-        (``densenet.explain``), computed by the model that ``logits`` runs."""
-        return explain(self.model, batch.to(self.device))
+        (``densenet.explain``), computed by the model that ``logits`` runs (a map's mean is its
+        logit, so finite logits mean finite maps)."""
+        maps = explain(self.model, batch.to(self.device))
+        self._finite(maps.logits)
+        return maps
+
+    def _finite(self, output: Tensor, fix: str | None = None) -> Tensor:
+        """``output``, or ``NonFiniteOutputError`` naming the model and ``fix`` (default: of its
+        weights or precision) when any value is NaN or infinite."""
+        if bool(torch.isfinite(output).all()):
+            return output
+        if fix is None:
+            fix = (
+                "its weights hold NaN or infinity; train, fix or download them again"
+                if self.precision == "float32"
+                else f"its weights are broken, or it overflows in {self.precision}: run it in "
+                "float32"
+            )
+        raise NonFiniteOutputError(
+            f"model {describe_model(self.card, self.model)} produced non-finite output (NaN or "
+            f"infinity) in {self.precision}: {fix}"
+        )
+
+
+def describe_model(card: ModelCard, module: object) -> str:
+    """A model's name for messages: its architecture and weights as its card has them, or the
+    file it runs (ONNX), or its type."""
+    name = card.arch or getattr(module, "path", None) or type(module).__name__
+    return f"{name} (weights {card.weights})" if card.weights else str(name)
+
+
+def count_weights(module: nn.Module) -> int | None:
+    """The number of a model's weights, whatever form runs it. A DenseNet: its parameters (the
+    number torchvision and the paper give; BatchNorm running statistics are not weights). An
+    exported module: every tensor it holds (parameters and buffers, floating or integer, with an
+    int8 module's packed convolution and linear weights), since a traced or quantized graph keeps
+    its weights as buffers or packed objects. None for a model run outside PyTorch (ONNX
+    Runtime)."""
+    if isinstance(module, DenseNet):
+        return sum(p.numel() for p in module.parameters())
+    if isinstance(module, OnnxModel):
+        return None
+    held = sum(t.numel() for t in module.state_dict().values() if isinstance(t, Tensor))
+    return held + sum(_packed_weights(m) for m in module.modules())
+
+
+def _packed_weights(module: nn.Module) -> int:
+    """The size of the weight and bias an int8 layer packs (``_packed_params``), which its
+    ``state_dict`` leaves out once it is TorchScript; 0 for any other module."""
+    script = getattr(module, "_c", None)
+    if script is None or not script.hasattr("_packed_params"):
+        return 0
+    packed = script.getattr("_packed_params")
+    if not hasattr(packed, "unpack"):  # a module holding the packed object, counted there
+        return 0
+    return sum(t.numel() for t in packed.unpack() if isinstance(t, Tensor))
 
 
 def _int8(

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..serve import ServeConfig, serve, weights_metadata
     except ImportError as error:
-        raise DenseNetError(f"{error}; install it with: pip install 'densenet[serve]'") from None
+        raise DenseNetError(
+            f"{error}; install it with: pip install 'densenet-toolkit[serve]'"
+        ) from None
     config = ServeConfig(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -1,7 +1,7 @@
 """The HTTP prediction service and its web page (``densenet serve``).
 
 ``create_app(classifier, config)`` builds the FastAPI application; ``serve(...)`` runs it on
-uvicorn. Needs the ``serve`` extra: ``pip install "densenet[serve]"``.
+uvicorn. Needs the ``serve`` extra: ``pip install "densenet-toolkit[serve]"``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ activation map out: an overlay PNG or JSON), ``GET /v1/models``, ``GET|HEAD /hea
 limits (images, pixels read from the headers, queue room) are checked before anything is decoded;
 images are then decoded and preprocessed by a ``FairDecoder`` (requests served in turn, pixels in
 flight bounded) with the same code as ``densenet predict``; the model runs in the batcher's worker
-thread. Bad input is answered with a 4xx and a JSON ``detail`` message.
+thread. Bad input is answered with a 4xx and a JSON ``detail`` message; a model whose output is
+not finite (``NonFiniteOutputError``), with a JSON 500, and it never becomes ready when its
+warm-up output is not finite.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .. import __version__
 from ..explain import ExplainError
 from ..images import RASTER_FORMATS, ImageError, Reason, check_pixels, open_image
 from ..predict import Classifier, Prediction, top_predictions
+from ..runner import NonFiniteOutputError
 from ..transforms import CHANNEL_MODES
 from .batcher import Batcher, QueueFull
 from .decoding import FairDecoder, header_pixels
@@ -135,6 +138,7 @@ class _Service:
         self.model_name = model_name
         self.weights = weights
         self.ready = False
+        self.failure: str | None = None  # why the warm-up failed; the service is then never ready
         self.on_warm_up_failure: Callable[[str], None] = lambda reason: None
         self.batcher = Batcher(
             classifier.probabilities,
@@ -192,11 +196,20 @@ class _Service:
             await self.batcher.run_once(x.unsqueeze(0))
         except Exception as error:
             log.exception("warm-up failed; the service stays not ready")
-            self.on_warm_up_failure(f"{type(error).__name__}: {error}")
+            self.failure = f"{type(error).__name__}: {error}"
+            self.on_warm_up_failure(self.failure)
             return
         self.ready = True
         self.metrics.ready.set(1)
         log.info("model %s is warmed up and ready", self.model_name)
+
+    def not_ready(self) -> JSONResponse:
+        """The 503 answering a request before the service is ready: loading (retry), or why it
+        failed (for good: no Retry-After)."""
+        if self.failure is None:
+            return _error(503, "the model is loading; retry shortly")
+        detail = f"the model failed its warm-up ({self.failure}); it will not serve"
+        return JSONResponse({"detail": detail}, status_code=503)
 
     def admit(self, images: list[tuple[str, bytes]]) -> list[int] | JSONResponse:
         """The pixels of each image as its header declares them, or the answer refusing a
@@ -420,6 +433,10 @@ def create_app(
     async def _upload_too_large(request: Request, error: UploadTooLarge) -> JSONResponse:
         return _too_large(config.max_upload_bytes)
 
+    @app.exception_handler(NonFiniteOutputError)
+    async def _non_finite(request: Request, error: NonFiniteOutputError) -> JSONResponse:
+        return _error(500, str(error))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"X-Content-Type-Options": "nosniff"})
@@ -434,6 +451,8 @@ def create_app(
     async def readyz() -> JSONResponse:
         if service.ready:
             return JSONResponse({"status": "ready"})
+        if service.failure is not None:
+            return JSONResponse({"status": "failed", "detail": service.failure}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers use HEAD
@@ -452,7 +471,8 @@ def create_app(
                     "name": service.model_name,
                     "weights": service.weights,
                     "num_classes": len(c.categories),
-                    "parameters": sum(p.numel() for p in c.model.parameters()),
+                    # the model's weights as loaded, whatever form runs them (count_weights)
+                    "parameters": c.runner.weights_count,
                     "device": str(c.device),
                     "min_size": list(c.min_size),
                     "max_batch": config.max_batch,
@@ -483,7 +503,7 @@ def create_app(
             return _error(422, f"unknown query parameter {unknown[0]!r}; the only one is 'topk'")
         topk = min(topk, len(service.classifier.categories))  # as the CLI and bulk cap it
         if not service.ready:
-            return _error(503, "the model is loading; retry shortly")
+            return service.not_ready()
         if service.batcher.depth >= config.max_queue:
             return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
         images = await _read_images(request, config)
@@ -511,7 +531,7 @@ def create_app(
                 422, f"unknown query parameter {unknown[0]!r}; the parameters: target, format"
             )
         if not service.ready:
-            return _error(503, "the model is loading; retry shortly")
+            return service.not_ready()
         if service.batcher.depth >= config.max_queue:
             return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
         images = await _read_images(request, config)
