@@ -8,7 +8,7 @@ import sys
 
 from ..evaluation import calibrate_dataset
 from ..io import text_table
-from .common import add_data_args, add_device_arg, integer, print_json
+from .common import add_data_args, add_device_arg, integer, print_json, weights_value
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--weights",
+        type=weights_value,
         default="DEFAULT",
         help="with a named architecture: its weights (DEFAULT, a file)",
     )
