@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -395,11 +396,11 @@ def test_calibrate_refuses_data_it_cannot_fit_before_writing(tiny, capsys):
     checkpoint.model["classifier.weight"][0] = 3e38  # finite weights, an infinite logit
     save_checkpoint(checkpoint, tiny / "nan.pth")
     for model, data, message in [
-        ("best.pth", "one", "all 2 validation images are of one class (a)"),
+        ("best.pth", "one", r"all 2 validation images are of one class \(a\)"),
         ("best.pth", "bad", "none of the 2 images could be read"),
-        ("nan.pth", "val", "finite"),
+        ("nan.pth", "val", "(?i)not finite|nan"),  # by the fit, or by the runner before it
     ]:
         argv = ["calibrate", str(tiny / model), str(tiny / data), "--out", str(tiny / "o.pth")]
         assert main([*argv, *CLI]) == 2, (model, data)
-        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
         assert not list(tiny.glob("o.*"))

@@ -201,7 +201,9 @@ def calibrate_dataset(
     weights file; the original is never written); ``diagram``: a reliability diagram (PNG,
     default beside ``out``). Returns the fit, the expected calibration error, Brier score and
     negative log-likelihood before and after (per label and overall), the thresholds, and
-    warnings for labels with too few positives or negatives to trust."""
+    warnings for labels with too few positives or negatives to trust. What cannot be written
+    (``out``, ``diagram``) or calibrated (random weights, an exported or int8 model) is refused
+    before the model runs, and what cannot be fitted (``fit_calibration``) before writing."""
     rule = ThresholdRule.parse(threshold) if threshold is not None else None
     if weights is None:
         raise CalibrationError(

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
         metavar="RULE",
         help="multi-label models: choose each label's threshold by f1, youden, sensitivity=S "
         "(the highest threshold keeping sensitivity >= S) or precision=P (the lowest one with "
-        "precision >= P); default keep the model's",
+        "precision >= P), S and P below 1 and met with 95%% confidence; default keep the model's",
     )
     p.add_argument(
         "--weights",
