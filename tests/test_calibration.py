@@ -26,6 +26,7 @@ from densenet.calibration import (
     choose_thresholds,
     fit_calibration,
     reliability_diagram,
+    unpromised,
     wilson_lower_bound,
 )
 from densenet.checkpoint import read_checkpoint, save_checkpoint
@@ -117,6 +118,11 @@ def test_thresholds_follow_their_rule():
             hits = float((scores[positive] >= higher.min()).sum())
             assert wilson_lower_bound(torch.tensor(hits), positive.sum()) < s
     assert one("sensitivity=0.999") == scores.min()  # none can promise it: the most lenient
+    unmet = {"sensitivity=0.8": [], "precision=0.6": [], "sensitivity=0.999": [0]}
+    for text, labels in {**unmet, "precision=0.99": [0]}.items():  # 0: too few images for it
+        rule = ThresholdRule.parse(text)
+        thresholds = choose_thresholds(probabilities, targets, rule)
+        assert unpromised(probabilities, targets, thresholds, rule) == labels, text
     t = one("precision=0.6")
     called = positive[scores >= t]
     assert wilson_lower_bound(called.double().sum(), len(called)) >= 0.6

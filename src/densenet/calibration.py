@@ -40,6 +40,7 @@ __all__ = [
     "few_positives",
     "fit_calibration",
     "reliability_diagram",
+    "unpromised",
     "wilson_lower_bound",
 ]
 
@@ -174,8 +175,9 @@ class ThresholdRule:
     A sensitivity or precision target is met with 95% confidence, not just on the validation
     images: the one-sided Wilson lower bound of the rate must reach it, so that new images like
     them meet it too (with 200 positives, sensitivity=0.9 needs about 0.935 on the validation
-    images). Where no threshold can promise it (too few images), the most lenient is taken; a
-    target of 1, which no finite number of images can promise, is refused."""
+    images). Where no threshold can promise it (too few images), the most lenient (sensitivity)
+    or strictest (precision) is taken, and ``unpromised`` names those labels; a target of 1, which no finite number of images can
+    promise, is refused."""
 
     kind: str
     target: float | None = None
@@ -230,6 +232,21 @@ def _threshold(scores: Tensor, positive: Tensor, rule: ThresholdRule) -> float:
         meets = (wilson_lower_bound(tp, tp + fp) >= rule.target).nonzero()
         best = int(meets[-1]) if len(meets) else 0
     return float(candidates[best])
+
+
+def unpromised(
+    probabilities: Tensor, targets: Tensor, thresholds: Sequence[float], rule: ThresholdRule
+) -> list[int]:
+    """The labels (indices) whose ``thresholds`` on (N, L) ``probabilities`` do not promise
+    ``rule``'s sensitivity or precision with 95% confidence: too few images for it, so that
+    ``choose_thresholds`` fell back on its last resort."""
+    if rule.target is None:
+        return []
+    called = probabilities.double() >= torch.tensor(thresholds, dtype=torch.float64)
+    actual = targets.bool()
+    hits = (called & actual).sum(0).double()
+    trials = (actual if rule.kind == "sensitivity" else called).sum(0).double()
+    return (wilson_lower_bound(hits, trials) < rule.target).nonzero().flatten().tolist()
 
 
 def wilson_lower_bound(successes: Tensor, trials: Tensor | float, z: float = 1.645) -> Tensor:

@@ -28,6 +28,7 @@ from .calibration import (
     few_positives,
     fit_calibration,
     reliability_diagram,
+    unpromised,
 )
 from .checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
 from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
@@ -201,7 +202,8 @@ def calibrate_dataset(
     weights file; the original is never written); ``diagram``: a reliability diagram (PNG,
     default beside ``out``). Returns the fit, the expected calibration error, Brier score and
     negative log-likelihood before and after (per label and overall), the thresholds, and
-    warnings for labels with too few positives or negatives to trust. What cannot be written
+    warnings for labels with too few positives or negatives to trust or whose sensitivity or
+    precision target their images cannot promise. What cannot be written
     (``out``, ``diagram``) or calibrated (random weights, an exported or int8 model) is refused
     before the model runs, and what cannot be fitted (``fit_calibration``) before writing."""
     rule = ThresholdRule.parse(threshold) if threshold is not None else None
@@ -224,10 +226,19 @@ def calibrate_dataset(
     logits, targets, skipped = predict_labels(runner.logits, batches)
     fit = fit_calibration(logits, targets, card.multi_label, card.classes)
     calibrated = card.replace(calibration=fit)
+    warnings = [
+        f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
+        "images: its calibration and threshold rest on too few"
+        for name in (few_positives(targets, card.classes) if card.multi_label else [])
+    ]
     if rule is not None:
-        calibrated = calibrated.replace(
-            thresholds=choose_thresholds(calibrated.probabilities(logits), targets, rule)
-        )
+        probabilities = calibrated.probabilities(logits)
+        calibrated = calibrated.replace(thresholds=choose_thresholds(probabilities, targets, rule))
+        warnings += [
+            f"label {card.classes[j]}: {rule} cannot be promised with 95% confidence on these "
+            "validation images (too few); its threshold does not meet it"
+            for j in unpromised(probabilities, targets, calibrated.thresholds, rule)
+        ]
     report = {
         "data": os.fspath(data),
         "images": len(targets),
@@ -236,11 +247,7 @@ def calibrate_dataset(
         "bias": fit.bias,
         "threshold_rule": str(rule) if rule is not None else None,
         "thresholds": dict(zip(card.classes, calibrated.thresholds)) if rule else None,
-        "warnings": [
-            f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
-            "images: its calibration and threshold rest on too few"
-            for name in (few_positives(targets, card.classes) if card.multi_label else [])
-        ],
+        "warnings": warnings,
     }
     curves = {}
     for when, which in (("before", card), ("after", calibrated)):
