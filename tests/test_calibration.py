@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import _checkpoint, _folder
 from test_multilabel import ATTRIBUTES, train_argv
 from torchmetrics.functional.classification import multilabel_auroc
 
-from densenet import ModelCard
+from densenet import ModelCard, load
 from densenet.calibration import (
     Calibration,
     CalibrationError,
@@ -24,6 +26,7 @@ from densenet.calibration import (
     choose_thresholds,
     fit_calibration,
     reliability_diagram,
+    unpromised,
     wilson_lower_bound,
 )
 from densenet.checkpoint import read_checkpoint, save_checkpoint
@@ -114,7 +117,12 @@ def test_thresholds_follow_their_rule():
         if len(higher):  # the next higher threshold would not promise it
             hits = float((scores[positive] >= higher.min()).sum())
             assert wilson_lower_bound(torch.tensor(hits), positive.sum()) < s
-    assert one("sensitivity=1.0") == scores.min()  # no threshold can promise it: the most lenient
+    assert one("sensitivity=0.999") == scores.min()  # none can promise it: the most lenient
+    unmet = {"sensitivity=0.8": [], "precision=0.6": [], "sensitivity=0.999": [0]}
+    for text, labels in {**unmet, "precision=0.99": [0]}.items():  # 0: too few images for it
+        rule = ThresholdRule.parse(text)
+        thresholds = choose_thresholds(probabilities, targets, rule)
+        assert unpromised(probabilities, targets, thresholds, rule) == labels, text
     t = one("precision=0.6")
     called = positive[scores >= t]
     assert wilson_lower_bound(called.double().sum(), len(called)) >= 0.6
@@ -131,15 +139,83 @@ def test_the_wilson_bound_is_below_the_rate_and_tightens_with_more_images():
     assert float(wilson_lower_bound(torch.tensor(0.0), 10)) == 0.0
 
 
-@pytest.mark.parametrize("text", ["f2", "sensitivity=1.5", "precision=", "youden=0.3", ""])
+@pytest.mark.parametrize(
+    "text",
+    ["f2", "sensitivity=1.5", "precision=", "youden=0.3", "", "sensitivity=.", "precision=1.."],
+)
 def test_unknown_threshold_rules_are_refused(text):
     with pytest.raises(CalibrationError, match="use f1, youden"):
         ThresholdRule.parse(text)
 
 
+@pytest.mark.parametrize("text", ["sensitivity=1", "precision=1.0", "sensitivity=1."])
+def test_a_rate_of_one_cannot_be_promised_and_is_refused(text):
+    with pytest.raises(CalibrationError, match="a rate of 1 cannot be promised"):
+        ThresholdRule.parse(text)
+    assert ThresholdRule.parse("sensitivity=.95").target == 0.95
+
+
 def test_no_images_is_an_error():
     with pytest.raises(CalibrationError, match="no validation images"):
         fit_calibration(torch.zeros(0, 3), torch.zeros(0), multi_label=False)
+
+
+NAN, INF = float("nan"), float("inf")
+BOTH = torch.tensor([[0, 1.0], [1, 0]] * 3)  # each of two labels present and absent
+
+
+@pytest.mark.parametrize(
+    "logits, targets, multi_label, message",
+    [
+        pytest.param(
+            torch.randn(6, 3), torch.zeros(6), False, r"all 6 .* are of one class \(a\)", id="one"
+        ),
+        pytest.param(
+            torch.randn(6, 2),
+            torch.tensor([[0, 1.0], [1, 1]] * 3),
+            True,
+            r"label\(s\) b have one class only",
+            id="always",
+        ),
+        pytest.param(
+            torch.randn(6, 2),
+            torch.tensor([[0, 1.0], [0, 0]] * 3),
+            True,
+            r"label\(s\) a have one class only",
+            id="never",
+        ),
+        pytest.param(
+            torch.tensor([[NAN, 0, 0], [0, 1, 0]] * 3),
+            torch.tensor([0, 1] * 3),
+            False,
+            "outputs for a are not finite",
+            id="nan",
+        ),
+        pytest.param(
+            torch.tensor([[0, NAN]] * 6), BOTH, True, "outputs for b are not finite", id="nan-ml"
+        ),
+        pytest.param(
+            torch.tensor([[INF, 0]] * 6), BOTH, True, "outputs for a are not finite", id="inf-ml"
+        ),
+    ],
+)
+def test_what_cannot_be_fitted_is_refused(logits, targets, multi_label, message):
+    """One class only, a label always or never present, and outputs that are not finite are each
+    one ``CalibrationError``."""
+    with pytest.raises(CalibrationError, match=message):
+        fit_calibration(logits, targets, multi_label, ["a", "b", "c"][: logits.shape[1]])
+
+
+def test_a_fit_that_diverges_is_refused(monkeypatch):
+    """A fit whose scale is 0 or infinite (in float32, as the card applies it) is refused."""
+    monkeypatch.setattr(
+        "densenet.calibration._minimise",
+        lambda loss, shape: torch.zeros(shape, dtype=torch.float64) + 1000,  # e^-1000, e^1000
+    )
+    with pytest.raises(CalibrationError, match="calibration of the model diverged"):
+        fit_calibration(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), multi_label=False)
+    with pytest.raises(CalibrationError, match="calibration of a, b diverged"):
+        fit_calibration(torch.randn(6, 2), BOTH, multi_label=True, names=["a", "b"])
 
 
 def test_the_card_carries_the_fit_and_applies_it():
@@ -153,11 +229,12 @@ def test_the_card_carries_the_fit_and_applies_it():
     assert torch.allclose(ModelCard(("a", "b")).probabilities(logits), logits.softmax(1))
 
 
-def test_reliability_diagram_is_a_png(tmp_path):
+def test_reliability_diagram_draws_a_png(tmp_path):
     logits, labels = single_label(500, seed=0)
     confidence, predicted = logits.softmax(1).max(1)
     path = tmp_path / "reliability.png"
-    reliability_diagram({"before": (confidence, (predicted == labels).double())}, str(path))
+    image = reliability_diagram({"before": (confidence, (predicted == labels).double())})
+    image.save(path)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (480, 480)
         assert len(image.getcolors(1 << 16)) > 3  # more than axes on white
@@ -240,3 +317,96 @@ def test_predict_and_bulk_apply_the_cards_calibration(tmp_path):
     columns = Outputs(loaded, Options(task="predict", topk=4), torch.device("cpu"), False)(images)
     top = torch.from_numpy(columns["probabilities"])
     torch.testing.assert_close(top, expected.sort(1, descending=True).values)
+
+
+CLI = ["--workers", "0", "--no-progress"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny single-label training checkpoint (classes a and b, 12x12 images) and a folder of
+    two images per class: ``tmp_path/best.pth`` and ``tmp_path/val``."""
+    _checkpoint(tmp_path / "best.pth", ["a", "b"])
+    _folder(tmp_path / "val", ["a", "b"])
+    return tmp_path
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_calibrate_writes_the_model_and_a_png_diagram(tiny, capsys):
+    assert main(["calibrate", str(tiny / "best.pth"), str(tiny / "val"), *CLI]) == 0
+    assert read_checkpoint(tiny / "best.calibrated.pth").card.calibration is not None
+    with Image.open(tiny / "best.calibrated.reliability.png") as image:
+        assert image.format == "PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "c/o.pth", "--diagram", "c/link.png"], "c/link.png is a symbolic link"),
+        (["--out", "c/link.pth"], "c/link.pth is a symbolic link"),  # its default diagram too
+        (["--out", "c/"], "c is a folder"),
+        (["--out", "nodir/y.pth"], "--out nodir/y.pth: the folder nodir does not exist"),
+        (["--out", "o.pth", "--diagram", "nodir/d.png"], "--diagram nodir/d.png: the folder"),
+        (["--out", "o.pth", "--diagram", "o.pth"], "--diagram o.pth is the --out file"),
+    ],
+)
+def test_calibrate_checks_its_outputs_before_any_work(tiny, capsys, monkeypatch, args, message):
+    """A symbolic link (the file it points to stays as it was), a folder, a missing folder: one
+    line before the model loads, and nothing written."""
+    (tiny / "c").mkdir()
+    (tiny / "precious.txt").write_text("precious")
+    for link in ("link.png", "link.pth", "link.reliability.png"):
+        (tiny / "c" / link).symlink_to(tiny / "precious.txt")
+    before = files_under(tiny)
+    monkeypatch.chdir(tiny)
+    monkeypatch.setattr("densenet.evaluation.load", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["calibrate", "best.pth", "val", *args, *CLI]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert files_under(tiny) == before
+    assert not any(".tmp" in p.name for p in tiny.rglob("*"))
+
+
+def test_calibrate_refuses_the_models_it_cannot_write_before_running_them(
+    tiny, capsys, monkeypatch
+):
+    """Random weights and a model that is no densenet checkpoint (here a TorchScript file) are
+    refused before a single image is classified."""
+    from densenet.export import to_torchscript
+
+    monkeypatch.setattr("densenet.evaluation.predict_labels", lambda *a: pytest.fail("ran"))
+    loaded = load(weights=str(tiny / "best.pth"))
+    to_torchscript(loaded.module, tiny / "model.pt", card=loaded.card, method="trace")
+    argv = ["calibrate", str(tiny / "model.pt"), str(tiny / "val"), "--out", str(tiny / "o.pth")]
+    assert main([*argv, *CLI]) == 2
+    assert "model.pt: calibrate writes a densenet checkpoint" in capsys.readouterr().err
+    argv = ["calibrate", "densenet_bc_100_k12", str(tiny / "val"), "--weights", "none"]
+    assert main([*argv, "--out", str(tiny / "o.pth"), *CLI]) == 2
+    assert "random weights have nothing to calibrate" in capsys.readouterr().err
+    assert not (tiny / "o.pth").exists()
+
+
+def test_calibrate_refuses_data_it_cannot_fit_before_writing(tiny, capsys):
+    """Images of one class only, no readable image, a model whose outputs are not finite: one
+    line, exit 2, nothing written."""
+    _folder(tiny / "one", ["a"])
+    (tiny / "bad" / "a").mkdir(parents=True)
+    (tiny / "bad" / "b").mkdir()
+    for name in ("a/1.png", "b/1.png"):
+        (tiny / "bad" / name).write_bytes(b"not an image")
+    checkpoint = read_checkpoint(tiny / "best.pth")
+    checkpoint.model["classifier.weight"][0] = 3e38  # finite weights, an infinite logit
+    save_checkpoint(checkpoint, tiny / "nan.pth")
+    for model, data, message in [
+        ("best.pth", "one", r"all 2 validation images are of one class \(a\)"),
+        ("best.pth", "bad", "none of the 2 images could be read"),
+        ("nan.pth", "val", "(?i)not finite|nan"),  # by the fit, or by the runner before it
+    ]:
+        argv = ["calibrate", str(tiny / model), str(tiny / data), "--out", str(tiny / "o.pth")]
+        assert main([*argv, *CLI]) == 2, (model, data)
+        assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+        assert not list(tiny.glob("o.*"))

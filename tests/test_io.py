@@ -9,7 +9,7 @@ import pytest
 
 from densenet.cli import main
 from densenet.errors import DenseNetError
-from densenet.io import atomic_write, csv_rows, write_text
+from densenet.io import atomic_write, check_output_file, csv_rows, write_text
 
 
 def test_atomic_write_replaces_a_regular_file(tmp_path):
@@ -33,6 +33,20 @@ def test_atomic_write_refuses_anything_but_a_regular_file(tmp_path, kind):
         write_text(path, "new")
     assert target.read_text() == "kept" and os.path.lexists(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target.txt"]  # no temporary left
+
+
+def test_an_output_file_in_a_missing_or_unwritable_folder_is_one_error(tmp_path, monkeypatch):
+    """Named by its own path, up front or when atomic_write fails, not by the hidden temporary
+    file it would create."""
+    with pytest.raises(DenseNetError, match=r"--out .*nodir/y.pth: the folder .*nodir does not"):
+        check_output_file(tmp_path / "nodir" / "y.pth", "--out")
+    with pytest.raises(FileNotFoundError) as refusal:
+        write_text(tmp_path / "nodir" / "y.txt", "text")
+    assert refusal.value.filename == str(tmp_path / "nodir" / "y.txt")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a user, not root
+    with pytest.raises(DenseNetError, match=f"the folder {tmp_path} is not writable"):
+        check_output_file(tmp_path / "y.txt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_a_device_before_exporting(capsys, monkeypatch):

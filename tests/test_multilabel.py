@@ -17,7 +17,8 @@ from PIL import Image
 
 from densenet import ModelCard
 from densenet.cli import main
-from densenet.multilabel import label_metrics, label_splits, read_labels_csv
+from densenet.data import DataError, collate
+from densenet.multilabel import label_metrics, label_splits, predict_labels, read_labels_csv
 from densenet.train import read_checkpoint
 
 ATTRIBUTES = {
@@ -73,6 +74,13 @@ def test_thresholds_pick_the_labels_and_travel_with_the_card():
     assert card.positive(torch.tensor([[0.6, 0.8, 0.2], [0.1, 0.95, 0.05]])) == [["a", "c"], ["b"]]
     assert ModelCard.from_dict(card.to_dict()) == card
     assert ModelCard(("a", "b"), multi_label=True).positive(torch.tensor([[0.5, 0.4]])) == [["a"]]
+
+
+def test_no_readable_image_is_one_error():
+    """Batches whose every image was skipped as unreadable leave nothing to predict on."""
+    empty = [collate([None] * 3), collate([None])]
+    with pytest.raises(DataError, match="none of the 4 images could be read"):
+        predict_labels(lambda images: pytest.fail("predicted"), empty)
 
 
 def test_a_pipe_separated_labels_column_is_read(tmp_path):

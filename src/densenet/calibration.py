@@ -40,6 +40,7 @@ __all__ = [
     "few_positives",
     "fit_calibration",
     "reliability_diagram",
+    "unpromised",
     "wilson_lower_bound",
 ]
 
@@ -48,7 +49,8 @@ FEW_POSITIVES = 30  # below this many positives (or negatives) a label's fit is 
 
 
 class CalibrationError(DenseNetError, ValueError):
-    """Data that calibration cannot use (no images, one class only, an unknown rule)."""
+    """Data that calibration cannot use (no images, one class only, outputs that are not finite,
+    an unknown rule)."""
 
 
 @dataclass(frozen=True)
@@ -69,18 +71,24 @@ class Calibration:
         return [1 / s for s in self.scale]
 
 
-def fit_calibration(logits: Tensor, targets: Tensor, multi_label: bool) -> Calibration:
+def fit_calibration(
+    logits: Tensor, targets: Tensor, multi_label: bool, names: Sequence[str] | None = None
+) -> Calibration:
     """Fit the calibration of (N, K) validation ``logits``.
 
     Args:
         targets: (N,) class indices for a single-label model, (N, K) 0/1 for a multi-label one.
+        names: the K class or label names, for the messages (default their indices).
+
+    Raises ``CalibrationError`` for what cannot be fitted: no images, a non-finite logit, images
+    of one class only (single-label) or a label without both classes, and a fit that diverges.
     """
     logits = logits.detach().double().cpu()
-    if len(logits) == 0:
-        raise CalibrationError("no validation images to calibrate on")
+    names = [str(n) for n in (names if names is not None else range(logits.shape[-1]))]
+    _check_fittable(logits, targets, multi_label, names)
     if not multi_label:
         log_t = _minimise(lambda p: F.cross_entropy(logits / p.exp(), targets.long().cpu()), 1)
-        return Calibration((math.exp(-float(log_t)),))
+        return _checked(Calibration((math.exp(-float(log_t)),)), names)
     targets = targets.double().cpu()
     n = len(logits)
 
@@ -94,9 +102,51 @@ def fit_calibration(logits: Tensor, targets: Tensor, multi_label: bool) -> Calib
     use_platt = 2 * (temperature_nll - platt_nll) > math.log(n)  # BIC: one parameter more
     scale = torch.where(use_platt, platt[0].exp(), log_s.exp())
     bias = torch.where(use_platt, platt[1], torch.zeros_like(platt[1]))
-    return Calibration(
+    fit = Calibration(
         tuple(scale.tolist()), tuple(bias.tolist()) if bool(use_platt.any()) else None
     )
+    return _checked(fit, names)
+
+
+def _check_fittable(logits: Tensor, targets: Tensor, multi_label: bool, names: list[str]) -> None:
+    if len(logits) == 0:
+        raise CalibrationError("no validation images to calibrate on")
+    bad = (~logits.isfinite()).any(0).nonzero().flatten().tolist()
+    if bad:
+        raise CalibrationError(
+            f"the model's outputs for {', '.join(names[i] for i in bad[:5])} are not finite "
+            "(NaN or infinite) on some validation images; fix or retrain the model before "
+            "calibrating it"
+        )
+    if multi_label:
+        single = few_positives(targets, names, fewer_than=1)
+        if single:
+            raise CalibrationError(
+                f"label(s) {', '.join(single)} have one class only in the validation images "
+                "(every image has them, or none has): their calibration and threshold cannot be "
+                "fitted; add images of the other class"
+            )
+    elif targets.unique().numel() < 2:
+        raise CalibrationError(
+            f"all {len(targets)} validation images are of one class "
+            f"({names[int(targets.flatten()[0])]}): a temperature cannot be fitted on them; "
+            "calibrate on images of two classes or more"
+        )
+
+
+def _checked(fit: Calibration, names: list[str]) -> Calibration:
+    """``fit`` if, in the float32 that ``Calibration.apply`` computes in, every scale is finite
+    and positive and every bias finite."""
+    scale = torch.tensor(fit.scale, dtype=torch.float32)
+    bias = torch.tensor(fit.bias or [0.0] * len(scale), dtype=torch.float32)
+    bad = ~(scale.isfinite() & (scale > 0) & bias.isfinite())
+    if bool(bad.any()):
+        which = [n for n, b in zip(names, bad.tolist()) if b] if len(scale) > 1 else ["the model"]
+        raise CalibrationError(
+            f"the calibration of {', '.join(which)} diverged (a temperature or bias that is not "
+            "a finite float32); check the model's outputs and the validation labels"
+        )
+    return fit
 
 
 def _minimise(loss, shape: int | tuple[int, ...]) -> Tensor:
@@ -125,19 +175,23 @@ class ThresholdRule:
     A sensitivity or precision target is met with 95% confidence, not just on the validation
     images: the one-sided Wilson lower bound of the rate must reach it, so that new images like
     them meet it too (with 200 positives, sensitivity=0.9 needs about 0.935 on the validation
-    images). Where no threshold can promise it (too few images), the most lenient is taken."""
+    images). Where no threshold can promise it (too few images), the most lenient (sensitivity)
+    or strictest (precision) is taken, and ``unpromised`` names those labels; a target of 1, which no finite number of images can
+    promise, is refused."""
 
     kind: str
     target: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> ThresholdRule:
-        match = re.fullmatch(r"(f1|youden)|(sensitivity|precision)=([0-9.]+)", text.strip())
+        match = re.fullmatch(
+            r"(f1|youden)|(sensitivity|precision)=([0-9]+\.?[0-9]*|\.[0-9]+)", text.strip()
+        )
         target = float(match.group(3)) if match and match.group(3) else None
-        if match is None or (target is not None and not 0 < target <= 1):
+        if match is None or (target is not None and not 0 < target < 1):
             raise CalibrationError(
                 f"threshold rule {text!r}: use f1, youden, sensitivity=S or precision=P "
-                "(S, P in (0, 1])"
+                "(S, P in (0, 1): a rate of 1 cannot be promised from finitely many images)"
             )
         return cls(match.group(1) or match.group(2), target)
 
@@ -178,6 +232,21 @@ def _threshold(scores: Tensor, positive: Tensor, rule: ThresholdRule) -> float:
         meets = (wilson_lower_bound(tp, tp + fp) >= rule.target).nonzero()
         best = int(meets[-1]) if len(meets) else 0
     return float(candidates[best])
+
+
+def unpromised(
+    probabilities: Tensor, targets: Tensor, thresholds: Sequence[float], rule: ThresholdRule
+) -> list[int]:
+    """The labels (indices) whose ``thresholds`` on (N, L) ``probabilities`` do not promise
+    ``rule``'s sensitivity or precision with 95% confidence: too few images for it, so that
+    ``choose_thresholds`` fell back on its last resort."""
+    if rule.target is None:
+        return []
+    called = probabilities.double() >= torch.tensor(thresholds, dtype=torch.float64)
+    actual = targets.bool()
+    hits = (called & actual).sum(0).double()
+    trials = (actual if rule.kind == "sensitivity" else called).sum(0).double()
+    return (wilson_lower_bound(hits, trials) < rule.target).nonzero().flatten().tolist()
 
 
 def wilson_lower_bound(successes: Tensor, trials: Tensor | float, z: float = 1.645) -> Tensor:
@@ -250,24 +319,24 @@ def _bins(confidence: Tensor, outcome: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return counts, confidences / counts.clamp(min=1), outcomes / counts.clamp(min=1)
 
 
-def few_positives(targets: Tensor, names: Sequence[str]) -> list[str]:
-    """The labels of (N, L) 0/1 ``targets`` with fewer than ``FEW_POSITIVES`` positives or
-    negatives: their calibration and thresholds rest on too few images."""
+def few_positives(
+    targets: Tensor, names: Sequence[str], fewer_than: int = FEW_POSITIVES
+) -> list[str]:
+    """The labels of (N, L) 0/1 ``targets`` with fewer than ``fewer_than`` positives or
+    negatives: their calibration and thresholds rest on too few images (none: on one class)."""
     positives = targets.sum(0)
     negatives = len(targets) - positives
     return [
         name
         for name, pos, neg in zip(names, positives.tolist(), negatives.tolist())
-        if min(pos, neg) < FEW_POSITIVES
+        if min(pos, neg) < fewer_than
     ]
 
 
-def reliability_diagram(
-    curves: dict[str, tuple[Tensor, Tensor]], path: str, title: str = "reliability"
-) -> None:
-    """Write a PNG of observed frequency against confidence per bin, one coloured line per
-    ``name -> (confidence, outcome)`` (e.g. before and after calibration), over the diagonal of
-    perfect calibration."""
+def reliability_diagram(curves: dict[str, tuple[Tensor, Tensor]], title: str = "reliability"):
+    """A PIL image (to save as PNG) of observed frequency against confidence per bin, one
+    coloured line per ``name -> (confidence, outcome)`` (e.g. before and after calibration),
+    over the diagonal of perfect calibration."""
     from PIL import Image, ImageDraw
 
     size, margin = 480, 48
@@ -302,4 +371,4 @@ def reliability_diagram(
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         draw.text((margin + 8, margin + 8 + 14 * k), name, fill=colour)
-    image.save(path)
+    return image

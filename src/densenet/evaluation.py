@@ -21,15 +21,18 @@ from tqdm.auto import tqdm
 from .accuracy import EvalResult, evaluate
 from .calibration import (
     FEW_POSITIVES,
+    CalibrationError,
     ThresholdRule,
     calibration_metrics,
     choose_thresholds,
     few_positives,
     fit_calibration,
     reliability_diagram,
+    unpromised,
 )
 from .checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
 from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
+from .io import atomic_write, check_output_file
 from .load import LoadedModel, load
 from .model import DenseNet
 from .multilabel import (
@@ -199,12 +202,21 @@ def calibrate_dataset(
     weights file; the original is never written); ``diagram``: a reliability diagram (PNG,
     default beside ``out``). Returns the fit, the expected calibration error, Brier score and
     negative log-likelihood before and after (per label and overall), the thresholds, and
-    warnings for labels with too few positives or negatives to trust."""
+    warnings for labels with too few positives or negatives to trust or whose sensitivity or
+    precision target their images cannot promise. What cannot be written
+    (``out``, ``diagram``) or calibrated (random weights, an exported or int8 model) is refused
+    before the model runs, and what cannot be fitted (``fit_calibration``) before writing."""
     rule = ThresholdRule.parse(threshold) if threshold is not None else None
-    out = _calibrated_path(model, weights, out)
+    if weights is None:
+        raise CalibrationError(
+            "--weights none: random weights have nothing to calibrate; give trained weights or "
+            "a checkpoint of `densenet train`"
+        )
+    out, diagram = _calibration_outputs(model, weights, out, diagram)
     target = resolve_device(device)
     loaded = load(model, weights=weights, device=target)
     card = loaded.card.replace(calibration=None)
+    checkpoint = _calibrated_checkpoint(loaded, model, weights)
     if rule is not None and not card.multi_label:
         raise DataError("--threshold is for multi-label models; a single-label one takes the top")
     dataset = _labelled_set(data, card, card.transform(), labels, split, data_root, download)
@@ -212,12 +224,21 @@ def calibrate_dataset(
     runner = Runner(loaded, target, dtype=torch.float32)
     batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
     logits, targets, skipped = predict_labels(runner.logits, batches)
-    fit = fit_calibration(logits, targets, card.multi_label)
+    fit = fit_calibration(logits, targets, card.multi_label, card.classes)
     calibrated = card.replace(calibration=fit)
+    warnings = [
+        f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
+        "images: its calibration and threshold rest on too few"
+        for name in (few_positives(targets, card.classes) if card.multi_label else [])
+    ]
     if rule is not None:
-        calibrated = calibrated.replace(
-            thresholds=choose_thresholds(calibrated.probabilities(logits), targets, rule)
-        )
+        probabilities = calibrated.probabilities(logits)
+        calibrated = calibrated.replace(thresholds=choose_thresholds(probabilities, targets, rule))
+        warnings += [
+            f"label {card.classes[j]}: {rule} cannot be promised with 95% confidence on these "
+            "validation images (too few); its threshold does not meet it"
+            for j in unpromised(probabilities, targets, calibrated.thresholds, rule)
+        ]
     report = {
         "data": os.fspath(data),
         "images": len(targets),
@@ -226,11 +247,7 @@ def calibrate_dataset(
         "bias": fit.bias,
         "threshold_rule": str(rule) if rule is not None else None,
         "thresholds": dict(zip(card.classes, calibrated.thresholds)) if rule else None,
-        "warnings": [
-            f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
-            "images: its calibration and threshold rest on too few"
-            for name in (few_positives(targets, card.classes) if card.multi_label else [])
-        ],
+        "warnings": warnings,
     }
     curves = {}
     for when, which in (("before", card), ("after", calibrated)):
@@ -239,9 +256,9 @@ def calibrate_dataset(
         curves[f"{when} (ECE {report[when]['ece']:.3f})"] = _reliability(
             probabilities, targets, card.multi_label
         )
-    diagram = Path(diagram) if diagram is not None else out.with_suffix(".reliability.png")
-    reliability_diagram(curves, str(diagram), title=f"reliability on {len(targets)} images")
-    _save_calibrated(loaded, weights, calibrated, out)
+    image = reliability_diagram(curves, title=f"reliability on {len(targets)} images")
+    atomic_write(diagram, lambda tmp: image.save(tmp, format="PNG"))
+    save_checkpoint(replace(checkpoint, card=calibrated), out)
     return {**report, "out": str(out), "diagram": str(diagram)}
 
 
@@ -256,38 +273,50 @@ def _reliability(
     return confidence, (predicted == targets).double()
 
 
-def _calibrated_path(model: str | None, weights: str | None, out: str | os.PathLike | None) -> Path:
-    """Where the calibrated copy goes: ``out``, else beside the weights file; never the file
-    itself."""
+def _calibration_outputs(
+    model: str | None,
+    weights: str | None,
+    out: str | os.PathLike | None,
+    diagram: str | os.PathLike | None,
+) -> tuple[Path, Path]:
+    """The calibrated copy's path (``out``, else beside the weights file; never the file
+    itself) and the diagram's (default beside it), both checked writable before any work."""
     source = next((Path(s) for s in (weights, model) if s and Path(s).is_file()), None)
     if out is None:
         if source is None:
             raise DataError("give --out FILE: where to write the calibrated model")
-        return source.with_name(f"{source.stem}.calibrated.pth")
-    if source is not None and Path(out).resolve() == source.resolve():
+        out = source.with_name(f"{source.stem}.calibrated.pth")
+    out = check_output_file(out, "--out")
+    if source is not None and out.resolve() == source.resolve():
         raise DataError(f"--out {out} is the model file itself; the original stays untouched")
-    return Path(out)
+    diagram = check_output_file(
+        diagram if diagram is not None else out.with_suffix(".reliability.png"), "--diagram"
+    )
+    if diagram.resolve() == out.resolve():
+        raise DataError(f"--diagram {diagram} is the --out file; give them different paths")
+    return out, diagram
 
 
-def _save_calibrated(loaded: LoadedModel, weights: str | None, card: ModelCard, out: Path) -> None:
-    """A training checkpoint with ``card``: the source checkpoint's (all of it), or a new one
-    holding the DenseNet's weights and configuration."""
-    checkpoint = None
+def _calibrated_checkpoint(
+    loaded: LoadedModel, model: str | None, weights: str | None
+) -> TrainCheckpoint:
+    """The training checkpoint the calibrated copy is written as (its card replaced): the
+    source checkpoint's (all of it), or a new one holding the DenseNet's weights and
+    configuration."""
     if weights is not None and Path(weights).is_file():
         try:
-            checkpoint = replace(read_checkpoint(weights), card=card)
+            return read_checkpoint(weights)
         except CheckpointError:  # a plain weights file
-            checkpoint = None
-    if checkpoint is None and isinstance(loaded.module, DenseNet) and card.arch is not None:
-        arch_config = model_config(card.arch)
+            pass
+    if isinstance(loaded.module, DenseNet) and loaded.card.arch is not None:
+        arch_config = model_config(loaded.card.arch)
         model_args = {k: v for k, v in loaded.module.config.items() if arch_config.get(k) != v}
-        checkpoint = TrainCheckpoint(card, loaded.module.state_dict(), model_args)
-    if checkpoint is None:
-        raise DataError(
-            "calibrate writes a densenet checkpoint: give a checkpoint of `densenet train` or a "
-            "named architecture with weights (not an exported file or a custom configuration)"
-        )
-    save_checkpoint(checkpoint, out)
+        return TrainCheckpoint(loaded.card, loaded.module.state_dict(), model_args)
+    raise DataError(
+        f"{model or weights}: calibrate writes a densenet checkpoint; give a checkpoint of "
+        "`densenet train` or a named architecture with weights (not an exported file, an int8 "
+        "model or a custom configuration)"
+    )
 
 
 def _labelled_images(

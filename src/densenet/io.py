@@ -25,6 +25,7 @@ __all__ = [
     "temporary_of",
     "text_table",
     "atomic_write",
+    "check_output_file",
     "check_regular_file",
     "csv_rows",
     "read_torch_file",
@@ -68,12 +69,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(temporary path)``, flush the file to disk and rename it over ``path``:
     ``path`` holds either its previous content or the complete new one, even after a crash. The
     file gets the usual permissions (0666 less the umask). Returns ``path`` as a ``Path``.
-    ``path`` must be a regular file or not exist (``check_regular_file``)."""
+    ``path`` must be a regular file or not exist (``check_regular_file``); an ``OSError`` of
+    its folder (missing, not writable) names ``path``, not the temporary file."""
     path = check_regular_file(path)
-    # ".<name>.<random>.tmp<suffix>": hidden, and formats that check the suffix accept it
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
-    )
+    try:  # ".<name>.<random>.tmp<suffix>": hidden, and formats that check the suffix accept it
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
+        )
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -116,6 +120,22 @@ def check_regular_file(path: str | os.PathLike) -> Path:
             f"{path} is {kind}, not a regular file; refusing to replace it. Write to a regular "
             "file path"
         )
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """``path`` as a ``Path`` if ``atomic_write`` can write it: a regular file or nothing
+    (``check_regular_file``) in an existing, writable folder; else ``DenseNetError`` naming
+    ``what`` and ``path``. Call it before the work whose result goes there."""
+    try:
+        path = check_regular_file(path)
+    except DenseNetError as error:
+        raise DenseNetError(f"{what} {error}") from None
+    folder = path.parent
+    if not folder.is_dir():
+        raise DenseNetError(f"{what} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DenseNetError(f"{what} {path}: the folder {folder} is not writable")
     return path
 
 

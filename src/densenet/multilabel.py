@@ -243,7 +243,7 @@ def predict_labels(
     and the number of unreadable images skipped. ``predict`` takes the images, (N, C, H, W) or
     (N, V, C, H, W) test-time views: ``densenet.Runner.probabilities`` (the card's, averaged
     over the views), ``densenet.accuracy.ModuleProbabilities(...).probabilities`` (a module's,
-    e.g. sigmoids), or ``Runner.logits``."""
+    e.g. sigmoids), or ``Runner.logits``. ``DataError`` when no image could be read."""
     outputs, targets, skipped = [], [], 0
     for images, labels, dropped in loader:
         skipped += dropped
@@ -251,4 +251,9 @@ def predict_labels(
             continue
         outputs.append(predict(images).float().cpu())
         targets.append(labels)
+    if not outputs:
+        raise DataError(
+            f"none of the {skipped} images could be read (each skipped as unreadable); check "
+            "the data folder and its image files"
+        )
     return torch.cat(outputs), torch.cat(targets), skipped

@@ -8,7 +8,7 @@ import sys
 
 from ..evaluation import calibrate_dataset
 from ..io import text_table
-from .common import add_data_args, add_device_arg, integer, print_json
+from .common import add_data_args, add_device_arg, integer, print_json, weights_value
 
 
 def add_parser(sub) -> None:
@@ -36,10 +36,11 @@ def add_parser(sub) -> None:
         metavar="RULE",
         help="multi-label models: choose each label's threshold by f1, youden, sensitivity=S "
         "(the highest threshold keeping sensitivity >= S) or precision=P (the lowest one with "
-        "precision >= P); default keep the model's",
+        "precision >= P), S and P below 1 and met with 95%% confidence; default keep the model's",
     )
     p.add_argument(
         "--weights",
+        type=weights_value,
         default="DEFAULT",
         help="with a named architecture: its weights (DEFAULT, a file)",
     )
