@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_batchnorm, tiny_model
+from conftest import TINY, randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
@@ -171,10 +172,30 @@ def test_missing_exporter_and_runtime_are_named(model, tmp_path, onnx_file, monk
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
     )
-    with pytest.raises(E.ExportError, match="pip install onnxscript"):
+    extra = re.escape("pip install 'densenet-toolkit[export]'")  # onnx, onnxscript, onnxruntime
+    with pytest.raises(E.ExportError, match=f"needs the onnxscript package.*: {extra}"):
         E.to_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(E.ExportError, match=r"pip install 'densenet-toolkit\[export\]'"):
         E.OnnxModel(onnx_file)
+    missing.remove("onnxscript")  # int8 asks for ONNX Runtime before the export
+    with pytest.raises(E.ExportError, match=f"needs the onnxruntime package.*: {extra}"):
+        E.to_onnx(model, tmp_path / "m.onnx", dtype="int8", calibration=tmp_path)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_onnx_takes_image_models_and_calibration_takes_int8(
+    model, onnx_file, tmp_path, capsys
+):
+    """An int8 export of a volume model, calibration images without int8, and quantizing an
+    exported file are one error each, before any work."""
+    volumes = densenet.DenseNet(**TINY, num_classes=2, in_channels=1, spatial_dims=3)
+    with pytest.raises(densenet.errors.DenseNetError, match="int8 takes image models only"):
+        E.to_onnx(volumes, tmp_path / "v.onnx", dtype="int8", calibration=tmp_path)
+    with pytest.raises(E.ExportError, match="calibration images are for dtype int8 only"):
+        E.to_onnx(model, tmp_path / "m.onnx", calibration=tmp_path)
+    assert main(["quantize", str(onnx_file), str(tmp_path), "--out", str(tmp_path / "q.pt")]) == 2
+    assert "(OnnxModel): quantize needs a float DenseNet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- errors common to every format ----------------------------------------------------------

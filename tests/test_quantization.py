@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_batchnorm, tiny_model
+from conftest import TINY, randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
 from densenet import quantization
 from densenet.benchmark import run_benchmark
+from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
 from densenet.evaluation import evaluate_dataset
 from densenet.quantization import QuantizeError, quantize, save_quantized
+from densenet.volumes import VolumeTransform
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,114 @@ def test_errors_are_one_line(tmp_path, photos, capsys):
         quantize(tiny_model(), tmp_path, progress=False)
     with pytest.raises(QuantizeError, match="does not exist"):
         quantize(tiny_model(), tmp_path / "missing", progress=False)
+    with pytest.raises(QuantizeError, match="batch_size must be at least 1, got 0"):
+        quantize(tiny_model(), photos, batch_size=0)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(QuantizeError, match=r"calibration image .*broken\.png"):
         quantize(tiny_model(), tmp_path, progress=False)
     assert main(["quantize", "densenet121", str(tmp_path / "missing")]) == 2
     assert "densenet quantize: error: calibration folder" in capsys.readouterr().err
+
+
+def tiny_checkpoint(path: Path, volume: bool = False) -> Path:
+    """A `densenet train` checkpoint of a tiny 2-class DenseNet of 48-pixel images, or of
+    one-channel 8x16x16 volumes."""
+    args = {"num_classes": 2, **TINY, **({"spatial_dims": 3, "in_channels": 1} if volume else {})}
+    model = densenet.get_model("densenet_bc_100_k12", **args)
+    card = densenet.ModelCard(
+        ("a", "b"),
+        densenet.Preprocessing(48, 48),
+        arch="densenet_bc_100_k12",
+        in_channels=args.get("in_channels", 3),
+        volume=VolumeTransform((8, 16, 16)) if volume else None,
+    )
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), model_args=args), path)
+    return path
+
+
+def test_int8_takes_float_image_models_only(photos, tmp_path, capsys):
+    """A volume model (with images or volumes to calibrate on) and an exported file (int8 or
+    float) are one error each, exit status 2, before any work: nothing is written."""
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    np.save(volumes / "v.npy", np.zeros((1, 8, 16, 16), dtype=np.float32))
+    volume_model = tiny_checkpoint(tmp_path / "volume.pth", volume=True)
+    out = tmp_path / "out.int8.pt"
+    for folder in (photos, volumes):
+        assert main(["quantize", str(volume_model), str(folder), "--out", str(out)]) == 2
+        assert "int8 takes image models only" in capsys.readouterr().err
+    export = ["export", "--format", "onnx", "--dtype", "int8", "--calibration", str(photos)]
+    assert main([*export, "--model", str(volume_model), "--out", str(tmp_path / "v.onnx")]) == 2
+    assert "int8 takes image models only" in capsys.readouterr().err
+    with pytest.raises(QuantizeError, match="image models only"):
+        quantize(densenet.load(volume_model), photos, progress=False)
+
+    int8 = save_quantized(
+        quantize(tiny_model(), photos, num_images=4, progress=False), tmp_path / "m.int8.pt"
+    )
+    scripted = densenet.export.to_torchscript(tiny_model(), tmp_path / "m.pt")
+    for exported in (int8, scripted):
+        assert main(["quantize", str(exported), str(photos), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot quantize {exported} (RecursiveScriptModule)" in err
+        assert "needs a float DenseNet" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "v.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "bound"),
+    [("--images", "0", ">= 1"), ("--images", "-1", ">= 1"), ("--batch-size", "0", ">= 1"),
+     ("--batch-size", "-1", ">= 1"), ("--holdout", "-1", ">= 0")],
+)  # fmt: skip
+def test_quantize_numbers_are_range_checked(flag, value, bound, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["quantize", "densenet121", "photos", flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"densenet quantize: error: argument {flag}: {value} is out of range ({bound})"
+
+
+def test_quantize_checks_its_output_path_before_the_work(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("densenet.cli.quantize.quantize", lambda *a, **k: pytest.fail("worked"))
+    model = str(tiny_checkpoint(tmp_path / "tiny.pth"))
+    missing = tmp_path / "missing" / "m.int8.pt"
+    assert main(["quantize", model, str(photos), "--out", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {missing}: the folder {missing.parent} does not exist" in err
+    assert ".tmp" not in err
+    assert main(["quantize", model, str(photos), "--out", str(tmp_path)]) == 2
+    assert "is a folder, not a regular file" in capsys.readouterr().err
+
+
+def test_quantize_says_when_it_compares_on_its_calibration_images(photos, tmp_path, capsys):
+    """Fewer images than --holdout + 1: the table says int8 was compared on the images it was
+    calibrated on, and a warning says why; --weights none warns of random weights."""
+    model = str(tiny_checkpoint(tmp_path / "tiny.pth"))
+    argv = ["quantize", model, str(photos), "--images", "6", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "m.int8.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "6       calibration (none held out)" in captured.out
+    assert "densenet quantize: warning: none of the 6 images was held out" in captured.err
+    assert main([*argv, "--holdout", "2", "--out", str(tmp_path / "m.int8.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "2       held out" in captured.out and "warning" not in captured.err
+    assert main(["quantize", "densenet121", str(tmp_path / "none"), "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "densenet quantize: warning: --weights none: random weights" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["predict", "x.png"], ["predict", "x.png", "--dtype", "float32"], ["embed", "x", "--out", "o"],
+     ["eval", "d"], ["serve"], ["export", "--format", "onnx", "--out", "m.onnx"]],
+)  # fmt: skip
+def test_calibration_without_int8_is_a_usage_error(argv, capsys):
+    assert main([*argv, "--calibration", "photos"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"densenet {argv[0]}: error: --calibration applies with --dtype int8 only; add --dtype "
+        "int8 or drop it\n"
+    )
 
 
 def test_the_function_stays_callable_after_the_command_line_is_imported():

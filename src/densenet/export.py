@@ -51,7 +51,7 @@ from .exported import (
 from .inference import BNReLU, InferenceBlock
 from .io import atomic_write, write_text
 from .preprocessing import ModelCard
-from .quantization import calibration_batches, quantize_onnx
+from .quantization import calibration_batches, check_image_model, quantize_onnx
 
 __all__ = [
     "DTYPES",
@@ -71,6 +71,7 @@ __all__ = [
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes without a lossy version conversion
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT >= 8.6, Triton's onnxruntime backend
 EXAMPLE_BATCH = 2  # the example batch of a dynamic-batch export (1 would be specialised)
+INSTALL_EXPORT = "pip install 'densenet-toolkit[export]'"  # onnx, onnxscript and onnxruntime
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
@@ -111,8 +112,19 @@ def to_onnx(
     Input ``images`` (N, 3, H, W) in ``dtype``; output ``logits`` (N, num_classes) in ``dtype``.
     Returns the path written.
     """
-    onnx = require("onnx", "ONNX export", "pip install onnx onnxscript")
-    require("onnxscript", "ONNX export (torch's exporter)", "pip install onnxscript")
+    onnx = require("onnx", "ONNX export", INSTALL_EXPORT)
+    require("onnxscript", "ONNX export (torch's exporter)", INSTALL_EXPORT)
+    int8 = dtype == "int8"
+    if int8:  # before any work
+        require("onnxruntime", "int8 ONNX export (ONNX Runtime's quantization)", INSTALL_EXPORT)
+        if calibration is None:
+            raise ExportError(
+                "an int8 ONNX model needs calibration images: give a folder of a few hundred of "
+                "your images (--calibration DIR)"
+            )
+        check_image_model(card or ModelCard.for_model(model))
+    elif calibration is not None:
+        raise ExportError("calibration images are for dtype int8 only; drop them or export int8")
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -121,16 +133,12 @@ def to_onnx(
             f"; use an opset from {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})"
         )
     path = _writable(path)
-    int8 = dtype == "int8"
-    if int8 and calibration is None:
-        raise ExportError(
-            "an int8 ONNX model needs calibration images: give a folder of a few hundred of "
-            "your images (--calibration DIR)"
-        )
     net, example, meta = _prepare(
         model, card, categories, batch_size, image_size, "float32" if int8 else dtype, fold,
         for_onnx=True,
     )  # fmt: skip
+    if int8:  # read before the export: a folder without readable images fails first
+        batches = calibration_batches(calibration, meta.card, progress=False)
     axes: dict[int, str] = {}
     if batch_size is None:
         axes[0] = "batch"
@@ -151,7 +159,6 @@ def to_onnx(
         )
     proto = program.model_proto
     if int8:
-        batches = calibration_batches(calibration, meta.card, progress=False)
         proto = _quantized(onnx, proto, batches)
         meta = _with_extra(meta, quantization="int8 QDQ: per-channel weights, uint8 activations")
     proto.producer_name = "densenet"
@@ -338,9 +345,6 @@ def triton_config(meta: ExportMetadata, name: str, max_batch_size: int = 64) -> 
 
 def _quantized(onnx: Any, proto: Any, batches: list[Tensor]) -> Any:
     """The float32 ONNX model ``proto`` as ONNX Runtime's static QDQ int8 model."""
-    require(
-        "onnxruntime", "int8 ONNX export (ONNX Runtime's quantization)", "pip install onnxruntime"
-    )
     with tempfile.TemporaryDirectory() as folder:
         source, target = os.path.join(folder, "float32.onnx"), os.path.join(folder, "int8.onnx")
         onnx.save(proto, source)

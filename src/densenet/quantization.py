@@ -27,11 +27,12 @@ from .exported import EXTRA_FILE, INPUT_NAME, ExportMetadata
 from .images import ImageError, find_images, open_image
 from .io import atomic_write
 from .load import LoadedModel, load
+from .model import DenseNet
 from .preprocessing import ModelCard
 
 __all__ = [
-    "QuantizeError", "QuantizedModel", "calibration_batches", "compare", "quantize",
-    "quantize_module", "quantize_onnx", "save_quantized",
+    "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model", "compare",
+    "quantize", "quantize_module", "quantize_onnx", "save_quantized",
 ]  # fmt: skip
 
 # int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
@@ -40,6 +41,27 @@ warnings.filterwarnings("ignore", message="All inputs of this cat operator")
 
 class QuantizeError(DenseNetError, ValueError):
     """Quantization that cannot be done: no calibration images, or a layer int8 cannot run."""
+
+
+def check_image_model(card: ModelCard) -> None:
+    """``QuantizeError`` unless the card's model takes images: int8 is calibrated on images."""
+    if card.volume is not None:
+        raise QuantizeError(
+            "int8 takes image models only (it is calibrated on images); this model takes "
+            "volumes: run it in float32, float16 or bfloat16"
+        )
+
+
+def _check_quantizable(loaded: LoadedModel, source: object) -> None:
+    """``QuantizeError`` unless ``loaded`` (from ``source``) is a float DenseNet of images."""
+    if not isinstance(loaded.module, DenseNet):
+        name = source if isinstance(source, (str, os.PathLike)) else "this model"
+        raise QuantizeError(
+            f"cannot quantize {name} ({type(loaded.module).__name__}): quantize needs a float "
+            "DenseNet (an architecture with weights, a weights file or a checkpoint of densenet "
+            "train), not an exported or int8 file"
+        )
+    check_image_model(loaded.card)
 
 
 @dataclass
@@ -67,9 +89,13 @@ def _batches(paths: list[str], card: ModelCard, batch_size: int, desc: str, prog
             yield torch.stack(images)
 
 
-def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
+def _check_folder(calibration: str | os.PathLike) -> None:
     if not Path(calibration).exists():
         raise QuantizeError(f"calibration folder {calibration} does not exist")
+
+
+def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
+    _check_folder(calibration)
     paths = find_images([calibration])
     if not paths:
         raise QuantizeError(f"no calibration images in {calibration} (png, jpg, ...)")
@@ -202,10 +228,20 @@ def quantize(
             float32 and int8 on its images goes into the report too.
         batch_size: images per calibration batch.
         progress: show progress bars.
+
+    The report's ``held_out`` is False when there were not more than ``holdout`` images: int8
+    is then compared with float32 on the images it was calibrated on.
     """
-    paths = _calibration_paths(calibration, num_images)
+    limits = {"num_images": (num_images, 1), "holdout": (holdout, 0), "batch_size": (batch_size, 1)}
+    for name, (value, least) in limits.items():
+        if value < least:
+            raise QuantizeError(f"{name} must be at least {least}, got {value}")
+    _check_folder(calibration)  # before a download
+    source = model
     if not isinstance(model, LoadedModel):
         model = load(model, weights=weights, progress=progress)
+    _check_quantizable(model, source)
+    paths = _calibration_paths(calibration, num_images)
     card, module = model.card, model.module.cpu().float().eval()
     held = _spread(paths, holdout) if len(paths) > holdout else []
     compared = set(held)

@@ -10,6 +10,7 @@ from .common import (
     add_bulk_args,
     add_inference_args,
     add_model_args,
+    check_calibration,
     run_bulk,
     warn_if_random,
 )
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_calibration(args)
     warn_if_random(args)
     options = Options(
         task="embed", normalize=args.normalize, dtype=args.vector_dtype,

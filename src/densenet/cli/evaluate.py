@@ -14,6 +14,7 @@ from .common import (
     add_dtype_arg,
     add_model_args,
     add_tta_arg,
+    check_calibration,
     integer,
     print_json,
     warn_if_random,
@@ -58,6 +59,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_calibration(args)
     warn_if_random(args)
     result = evaluate_dataset(
         args.data, args.model, args.weights, ten_crop=args.ten_crop, tta=args.tta,

@@ -9,7 +9,14 @@ import tempfile
 from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
 from ..io import check_regular_file
 from ..load import load
-from .common import MAX_IMAGE_SIZE, add_model_args, integer, print_report, warn_if_random
+from .common import (
+    MAX_IMAGE_SIZE,
+    add_model_args,
+    check_calibration,
+    integer,
+    print_report,
+    warn_if_random,
+)
 
 
 def add_parser(sub) -> None:
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--triton-max-batch applies with --triton-repo DIR only")
     if args.out is None and args.triton_repo is None:
         raise ValueError("give the output file with --out FILE")
+    check_calibration(args)
     if args.out is not None:
         check_regular_file(args.out)  # before the model is loaded and exported
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
@@ -76,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
         options["calibration"] = args.calibration
-    elif args.calibration is not None:
-        raise ValueError("--calibration applies with --format onnx --dtype int8 only")
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     name = loaded.card.arch or args.model

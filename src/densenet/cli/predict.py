@@ -17,6 +17,7 @@ from .common import (
     add_inference_args,
     add_model_args,
     add_tta_arg,
+    check_calibration,
     integer,
     output_folder,
     print_json,
@@ -57,6 +58,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_calibration(args)
     warn_if_random(args)
     if args.out is not None:
         for flag in ("cam", "tta"):

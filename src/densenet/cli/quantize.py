@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..io import text_table
 from ..quantization import quantize, save_quantized
-from .common import print_json
+from .common import integer, output_file, print_json, print_problem, warn_if_random, weights_value
 
 
 def add_parser(sub) -> None:
@@ -18,37 +18,62 @@ def add_parser(sub) -> None:
         description="Quantize a model to int8 (per-channel weights, activations calibrated on "
         "the images of CALIBRATION), report the top-1 agreement and relative logit error "
         "against float32 on held-out images (and with --validation the accuracy before and "
-        "after), and write a TorchScript file with the card that densenet.load reads.",
+        "after), and write a TorchScript file with the card that densenet.load reads. Image "
+        "models only.",
     )
-    p.add_argument("model", help="a checkpoint of `densenet train`, a weights file, or a name")
+    p.add_argument(
+        "model",
+        help="a checkpoint of `densenet train`, a weights file, or a name (a float model, not "
+        "an exported file)",
+    )
     p.add_argument("calibration", help="a folder of images (searched recursively)")
     p.add_argument(
-        "--weights", default="DEFAULT", help="with a named architecture: its weights (none: random)"
+        "--weights",
+        type=weights_value,
+        default="DEFAULT",
+        help="with a named architecture: its weights (none: random)",
     )
-    p.add_argument("--images", type=int, default=300, help="calibration images to read")
-    p.add_argument("--holdout", type=int, default=50, help="of those, kept for the report")
+    p.add_argument("--images", type=integer(), default=300, help="calibration images to read")
+    p.add_argument("--holdout", type=integer(0), default=50, help="of those, kept for the report")
     p.add_argument("--validation", metavar="DIR", help="a folder with one sub-folder per class")
     p.add_argument("--out", help="the int8 file (default MODEL.int8.pt beside it)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--batch-size", type=integer(), default=16, help="images per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = quantize(
-        args.model, args.calibration, weights=None if args.weights == "none" else args.weights,
-        num_images=args.images, holdout=args.holdout,
-        validation=args.validation, batch_size=args.batch_size, progress=not args.no_progress,
-    )  # fmt: skip
     out = args.out or str(Path(args.model).with_suffix("")) + ".int8.pt"
+    output_file(out, "--out")  # before the work, not after it
+    warn_if_random(args)
+    result = quantize(
+        args.model,
+        args.calibration,
+        weights=args.weights,
+        num_images=args.images,
+        holdout=args.holdout,
+        validation=args.validation,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     save_quantized(result, out)
     report = {**result.report, "out": out}
+    if not report["held_out"]:
+        why = f"that needs more than --holdout {args.holdout}" if args.holdout else "--holdout 0"
+        print_problem(
+            args,
+            "warning",
+            f"none of the {report['images']} images was held out ({why}): int8 "
+            "is compared with float32 on the images it was calibrated on, which flatters it; "
+            "give more images or a smaller --holdout",
+        )
     if args.json:
         print_json(report)
         return 0
-    rows = [["images", "top-1 agreement", "relative logit error"]]
-    rows.append([str(report["images"]), f"{report['top1_agreement']:.4f}",
+    compared = "held out" if report["held_out"] else "calibration (none held out)"
+    rows = [["images", "compared on", "top-1 agreement", "relative logit error"]]
+    rows.append([str(report["images"]), compared, f"{report['top1_agreement']:.4f}",
                  f"{report['relative_logit_error']:.4f}"])  # fmt: skip
     print(text_table(rows))
     if "validation" in report:

@@ -10,6 +10,7 @@ from .common import (
     add_device_arg,
     add_dtype_arg,
     add_model_args,
+    check_calibration,
     integer,
     number,
     warn_if_random,
@@ -61,6 +62,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_calibration(args)
     warn_if_random(args)
     try:
         from ..serve import ServeConfig, serve, weights_metadata
