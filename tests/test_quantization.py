@@ -50,6 +50,10 @@ def test_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
     x = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(loaded.module(x), result.module(x))
     assert loaded.card.classes == result.card.classes
+    # an int8 file runs as what it is, also when int8 is asked for
+    classifier = densenet.Classifier(path, device="cpu", dtype="int8")
+    assert classifier.runner.precision == "int8"
+    assert len(classifier.predict([torch.rand(3, 48, 48)], topk=2)[0]) == 2
 
 
 def test_errors_are_one_line(tmp_path, photos, capsys):

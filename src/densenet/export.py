@@ -41,6 +41,7 @@ from .exported import (
     DTYPES,
     EXTRA_FILE,
     INPUT_NAME,
+    INSTALL_EXPORT,
     OUTPUT_NAME,
     ExportError,
     ExportMetadata,
@@ -71,7 +72,6 @@ __all__ = [
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes without a lossy version conversion
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT >= 8.6, Triton's onnxruntime backend
 EXAMPLE_BATCH = 2  # the example batch of a dynamic-batch export (1 would be specialised)
-INSTALL_EXPORT = "pip install 'densenet-toolkit[export]'"  # onnx, onnxscript and onnxruntime
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 

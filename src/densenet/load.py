@@ -51,10 +51,12 @@ DEFAULT_ARCH = "densenet121"
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A module in eval mode and its card (class names, preprocessing)."""
+    """A module in eval mode, its card (class names, preprocessing) and, for an exported file,
+    the ``precision`` it was exported in (``"int8"``, ``"float16"``...)."""
 
     module: nn.Module
     card: ModelCard
+    precision: str | None = None
 
 
 def load(
@@ -86,7 +88,7 @@ def load(
         loaded = _load_arch(str(spec), weights, progress)
     else:
         loaded = _load_file(Path(spec), target)
-    return LoadedModel(loaded.module.to(target), loaded.card)
+    return dataclasses.replace(loaded, module=loaded.module.to(target))
 
 
 def _is_file(weights: Any) -> bool:
@@ -139,7 +141,7 @@ def _load_file(path: Path, device: torch.device) -> LoadedModel:
         return LoadedModel(onnx, onnx.metadata.card)
     if path.suffix == ".pt2" or _is_torchscript(path):
         module, metadata = load_exported(path)
-        return LoadedModel(module, metadata.card)
+        return LoadedModel(module, metadata.card, metadata.dtype)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "

@@ -7,6 +7,7 @@ good ones in the same call are still classified.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
     open_image,
 )
 from .io import atomic_write
-from .load import LoadedModel, load
+from .load import load
 from .runner import Runner
 from .runtime import resolve_device
 from .transforms import ChannelError
@@ -160,7 +161,7 @@ class Classifier:
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         self.runner = Runner(
-            LoadedModel(loaded.module, self.card), self.device, optimize=optimize, dtype=dtype,
+            dataclasses.replace(loaded, card=self.card), self.device, optimize=optimize, dtype=dtype,
             max_batch=batch_size if (cuda if buckets is None else buckets) else None,
             calibration=calibration,
         )  # fmt: skip

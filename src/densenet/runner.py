@@ -93,7 +93,7 @@ class Runner:
         # a DenseNet and its inference forms take any float input; an exported module (a
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
-        self.precision = dtype_name(self.input_dtype or torch.float32)
+        self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
         if not (optimize and isinstance(module, DenseNet)):  # runs as given
             _check_runs_in(dtype, self.precision, module)
             if isinstance(module, DenseNet):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .. import bulk
 from ..dtypes import DTYPES
-from ..io import check_regular_file
 from ..transforms import VIEWS
 
 
@@ -217,20 +216,6 @@ def output_folder(path: str, flag: str) -> None:
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {existing} is not a writable folder")
-
-
-def output_file(path: str, flag: str) -> None:
-    """Check, before any work, that the command can write the file ``path``: a regular file or
-    none yet (``check_regular_file``), in an existing folder it can write into; else one error
-    naming ``flag``. Nothing is created."""
-    check_regular_file(path)
-    folder = Path(path).absolute().parent
-    if not folder.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK) or (
-        os.path.exists(path) and not os.access(path, os.W_OK)
-    ):
-        raise ValueError(f"{flag} {path} is not writable; choose another {flag}")
 
 
 def check_calibration(args: argparse.Namespace) -> None:

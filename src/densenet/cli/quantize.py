@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..io import text_table
+from ..io import check_output_file, text_table
 from ..quantization import quantize, save_quantized
-from .common import integer, output_file, print_json, print_problem, warn_if_random, weights_value
+from .common import integer, print_json, print_problem, warn_if_random, weights_value
 
 
 def add_parser(sub) -> None:
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.model).with_suffix("")) + ".int8.pt"
-    output_file(out, "--out")  # before the work, not after it
+    check_output_file(out, "--out")  # before the work, not after it
     warn_if_random(args)
     result = quantize(
         args.model,
