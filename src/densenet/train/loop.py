@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 
 from ..accuracy import EvalResult, ModuleProbabilities, evaluate
 from ..checkpoint import TrainCheckpoint, read_checkpoint
-from ..data import ShardedBatchSampler, TransformedDataset, collate, load_splits, shard_indices
+from ..data import (
+    ModelInput,
+    ShardedBatchSampler,
+    TransformedDataset,
+    collate,
+    load_splits,
+    shard_indices,
+)
 from ..errors import DenseNetError
 from ..io import write_json
 from ..multilabel import label_metrics, label_splits, pos_weight, predict_labels
@@ -46,6 +53,15 @@ class TrainingError(DenseNetError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+def _takes(config: TrainConfig) -> ModelInput:
+    """What the run's model takes: volumes with ``volume_size`` (of ``in_channels``, else of
+    the training volumes' own), else images."""
+    if config.volume_size is None:
+        return ModelInput(what="a run without --volume-size (a 2D model)")
+    given = f" and --in-channels {config.in_channels}" if config.in_channels else ""
+    return ModelInput(True, config.in_channels, f"a run with --volume-size{given} (a 3D model)")
+
+
 class Trainer:
     """One training run: set-up, resume, epochs, validation, checkpoints."""
 
@@ -61,7 +77,7 @@ class Trainer:
         else:
             self.splits = load_splits(
                 config.data, config.data_root, config.download, config.holdout, config.seed,
-                config.allow_empty_classes,
+                config.allow_empty_classes, _takes(config),
             )  # type: ignore[arg-type]  # fmt: skip
         first = self._first_sample()
         self.config = config = self._resolve(config, first)
