@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -254,8 +255,20 @@ class VolumeTransform:
     def __post_init__(self) -> None:
         if len(self.size) != 3 or min(self.size) < 1:
             raise ValueError(f"size must be three positive lengths (D, H, W), got {self.size}")
-        if self.window is not None and not self.window[0] < self.window[1]:
-            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
+        if math.prod(self.size) > MAX_VOXELS:
+            raise ValueError(
+                f"size {tuple(self.size)} is over the limit of {MAX_VOXELS:,} voxels; give a "
+                "smaller one"
+            )
+        if self.window is not None:
+            low, high = self.window
+            # float32 voxels are clipped to it and divided by its width: both must be finite there
+            largest = torch.finfo(torch.float32).max
+            if not (-largest <= low < high <= largest and high - low <= largest):
+                raise ValueError(
+                    f"window must be (low, high) with low < high, finite, and a width of at "
+                    f"most {largest:.3g}; got {self.window}"
+                )
 
     def __call__(self, volume: Tensor) -> Tensor:
         x = volume.float()
