@@ -254,6 +254,9 @@ def test_volume_runs_refuse_the_wrong_data_in_one_line(tmp_path, capsys):
             Image.new("L", (8, 8)).save(mixed / split / label / "0.png")
             np.save(mixed / split / label / "1.npy", np.zeros((4, 4, 4), np.float32))
     np.save(volumes / "val" / "b" / "1.npy", np.zeros((4, 4, 4), np.float32))
+    rows = ["file,x,y,split", *(f"{p.relative_to(mixed)},{i % 2},{i // 2 % 2},{p.parts[-3]}"
+                                for i, p in enumerate(sorted(mixed.glob("*/*/*"))))]  # fmt: skip
+    (mixed / "labels.csv").write_text("\n".join(rows) + "\n")
     base = ["train", "--recipe", "cifar10", "--workers", "0", "--out", str(tmp_path / "r")]
     cases = {
         "volumes/train/a/0.npy is a volume; a run without --volume-size (a 2D model) takes "
@@ -263,6 +266,9 @@ def test_volume_runs_refuse_the_wrong_data_in_one_line(tmp_path, capsys):
         ],
         "mixed/train/a/1.npy is a volume": ["--data", str(mixed)],
         "mixed/train/a/0.png is an image": ["--data", str(mixed), "--volume-size", "4,4,4"],
+        "mixed/train/a/1.npy is a volume; a run without": [
+            "--data", str(mixed), "--labels", str(mixed / "labels.csv"),
+        ],
         "window applies to volumes": ["--data", str(images), "--window", "-1000,400"],
         "0.npy has 2 channel(s); a run with --volume-size and --in-channels 1 (a 3D model) "
         "takes 1": [

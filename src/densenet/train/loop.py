@@ -74,6 +74,9 @@ class Trainer:
         self._seed_and_determinism(config)
         if config.labels is not None:
             self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
+            splits = (self.splits.train, self.splits.val, self.splits.test)
+            parts = [part for part in splits if part is not None]
+            _takes(config).check(f for part in parts for f in part.table.files)  # type: ignore[attr-defined]
         else:
             self.splits = load_splits(
                 config.data, config.data_root, config.download, config.holdout, config.seed,
