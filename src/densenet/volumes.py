@@ -92,22 +92,19 @@ def read_volume(path: str | os.PathLike, channels: int | None = None) -> Volume:
     name = str(path)
     with _volume_errors(name):
         file = _open_volume(path)
+        if channels is not None and file.channels != channels:
+            raise ImageError(
+                f"{name}: {file.channels} channels, the model takes {channels}", Reason.BAD_SHAPE
+            )
         array = file.read()
-    data = _channels_first(array, name, nifti=file.affine is not None)
-    if channels is not None and data.shape[0] != channels:
-        raise ImageError(
-            f"{name}: {data.shape[0]} channels, the model takes {channels}", Reason.BAD_SHAPE
-        )
-    return Volume(data, file.affine)
+    return Volume(_channels_first(array, name, nifti=file.affine is not None), file.affine)
 
 
 def volume_channels(path: str | os.PathLike) -> int:
     """The channels of the volume file at ``path``, from its header alone (the voxels are not
     read); ``ImageError`` as ``read_volume`` for a file it would refuse before reading them."""
     with _volume_errors(str(path)):
-        file = _open_volume(path)
-    shape = file.voxels.shape
-    return 1 if len(shape) == 3 else shape[-1] if file.affine is not None else shape[0]
+        return _open_volume(path).channels
 
 
 @contextlib.contextmanager
@@ -132,6 +129,12 @@ class _VolumeFile:
 
     voxels: Any
     affine: np.ndarray | None
+
+    @property
+    def channels(self) -> int:
+        """1 for a 3D volume, else the length of its channel axis (NIfTI's last, NumPy's first)."""
+        shape = self.voxels.shape
+        return 1 if len(shape) == 3 else shape[-1] if self.affine is not None else shape[0]
 
     def read(self) -> np.ndarray:
         """The voxels as a float32 array of their own (never a view of the file)."""
@@ -159,7 +162,7 @@ def _open_volume(path: str | os.PathLike) -> _VolumeFile:
     _check_size(shape, name)
     if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise ImageError(f"{name}: {dtype} values, not real numbers", Reason.CORRUPT)
-    _check_memory(int(np.prod(shape)), dtype, size, name)
+    _check_memory(math.prod(shape), dtype, size, name)
     return file
 
 
@@ -170,7 +173,7 @@ def _open_nifti(path: str | os.PathLike) -> _VolumeFile:
     if not isinstance(image, nibabel.Nifti1Image):  # NIfTI-2 is a subclass
         raise ImageError(f"{path}: not a NIfTI image ({type(image).__name__})", Reason.NOT_AN_IMAGE)
     proxy = image.dataobj
-    needed = proxy.offset + int(np.prod(proxy.shape)) * image.get_data_dtype().itemsize
+    needed = proxy.offset + math.prod(proxy.shape) * image.get_data_dtype().itemsize
     if not str(path).lower().endswith(".gz") and needed > Path(path).stat().st_size:
         raise ImageError(
             f"{path}: truncated volume (its header declares {needed:,} bytes, the file has "
@@ -187,7 +190,7 @@ def _check_size(shape: Sequence[int], name: str) -> None:
             "4D (with channels)",
             Reason.BAD_SHAPE,
         )
-    if int(np.prod(shape)) > MAX_VOXELS:
+    if math.prod(shape) > MAX_VOXELS:
         raise ImageError(
             f"{name}: {tuple(shape)} is over the limit of {MAX_VOXELS:,} voxels",
             Reason.TOO_MANY_PIXELS,
