@@ -136,29 +136,15 @@ class Trainer:
         return None if first is None else first[0]
 
     def _check_sample(self, sample: Any) -> None:
-        """One clear error, before training, when the first readable training file is not what
-        the run takes: a volume for a volume run (``volume_size``), else an image, with the
-        model's input channels (``to_channels``)."""
-        if sample is None:
+        """One clear error, before training, when the first readable training image cannot be
+        given the model's input channels (``to_channels``). The kind of every file, and a
+        volume's channels, are checked when the data are opened (``_takes``)."""
+        if sample is None or self.config.volume_size is not None:
             return
-        where, channels = f"training data of {self.splits.name}", self.config.in_channels
-        volumes = self.config.volume_size is not None
-        if isinstance(sample, Tensor) != volumes:
-            raise TrainingError(
-                f"the {where} are volumes: give --volume-size D,H,W to train a 3D model on them"
-                if isinstance(sample, Tensor)
-                else f"the {where} are images, not volumes: drop --volume-size"
-            )
-        if not volumes:
-            try:
-                to_channels(sample, channels)  # type: ignore[arg-type]
-            except ChannelError as error:
-                raise TrainingError(f"{where}: {error}") from None
-        elif sample.shape[0] != channels:
-            raise TrainingError(
-                f"the {where} have {sample.shape[0]} channel(s), the model takes {channels}; "
-                "drop --in-channels to take the volumes' own"
-            )
+        try:
+            to_channels(sample, self.config.in_channels)  # type: ignore[arg-type]
+        except ChannelError as error:
+            raise TrainingError(f"training data of {self.splits.name}: {error}") from None
 
     def _resolve(self, config: TrainConfig, sample: Any) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
