@@ -214,7 +214,7 @@ class ImageFolderData(datasets.ImageFolder):
                 f"{root} holds no images or volumes ({suffixes}) in its class sub-folders "
                 f"({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
             )
-        self.takes = takes.check(path for path, _ in self.samples) if takes else None
+        self.takes = takes.check(path for path, _ in self.samples) if takes is not None else None
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
