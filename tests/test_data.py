@@ -13,6 +13,7 @@ from PIL import Image
 from densenet.data import (
     DataError,
     ImageFolderData,
+    ModelInput,
     ShardedBatchSampler,
     TransformedDataset,
     collate,
@@ -109,6 +110,30 @@ def test_folder_errors(tmp_path):
     (tmp_path / "cat" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="holds no images"):
         ImageFolderData(tmp_path)
+
+
+def test_a_folder_is_checked_against_what_the_model_takes(tmp_path):
+    """Every file's kind, and a volume's channels from its header; a damaged volume is left to
+    be skipped when read, and the channels found carry over to the next folder."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "1.npy", np.zeros((4, 4, 4), np.float32))
+    (tmp_path / "a" / "0.npy").write_bytes(b"damaged")
+    folder = ImageFolderData(tmp_path, ModelInput(volumes=True))
+    assert folder.takes == ModelInput(True, 1, channels_of=str(tmp_path / "a" / "1.npy"))
+    assert folder[0] is None and folder[1][0].shape == (1, 4, 4, 4)
+    with pytest.raises(DataError, match="a/0.npy is a volume; the model takes images"):
+        ImageFolderData(tmp_path, ModelInput())
+    np.save(tmp_path / "b" / "1.npy", np.zeros((3, 4, 4, 4), np.float32))
+    with pytest.raises(DataError, match=r"b/1.npy has 3 channel\(s\); the model takes 1 \(those"):
+        ImageFolderData(tmp_path, ModelInput(volumes=True))
+    three = [tmp_path / "b" / "1.npy"]
+    with pytest.raises(DataError, match=r"b/1.npy has 3 channel\(s\); the model takes 1$"):
+        ModelInput(volumes=True, channels=1).check(three)
+    assert ModelInput(volumes=True).check(three).channels == 3
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "2.png")
+    with pytest.raises(DataError, match="b/2.png is an image; the model takes volumes"):
+        ModelInput(volumes=True, channels=3).check([*three, tmp_path / "b" / "2.png"])
 
 
 def test_train_and_val_classes_must_match(tmp_path):

@@ -94,6 +94,34 @@ def test_an_unknown_model_argument_is_one_error_before_training(tmp_path, capsys
     assert "\n" not in err and "unknown DenseNet argument(s) bogus" in err, err
 
 
+def test_sizes_and_windows_the_model_cannot_take_are_one_error_before_anything(tmp_path, capsys):
+    """A crop or volume below the model's smallest input, a volume size over the voxel limit, a
+    window that is not finite or whose width overflows: one line each, nothing written."""
+    base = ["train", "--recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    below = "is below the smallest input of densenet_bc_100_k12"
+    cases = {
+        f"image_size 2 {below} (4x4 pixels)": ["--image-size", "2"],
+        f"volume_size (1, 1, 1) {below} ((4, 4, 4) voxels": ["--volume-size", "1,1,1"],
+        f"volume_size (2, 2, 2) {below}": ["--volume-size", "2,2,2"],
+        "over the limit of 1,000,000,000 voxels": ["--volume-size", "10000,10000,10000"],
+        "got (-inf, inf)": ["--volume-size", "8,8,8", "--window=-inf,inf"],
+        "got (-1e+308, 1e+308)": ["--volume-size", "8,8,8", "--window", "-1e308,1e308"],
+        "got (-3e+38, 3e+38)": ["--volume-size", "8,8,8", "--window", "-3e38,3e38"],
+        "got (nan, 1.0)": ["--volume-size", "8,8,8", "--window", "nan,1"],
+    }
+    for message, argv in cases.items():
+        assert main(base + argv) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+    assert not (tmp_path / "r").exists()
+    # an axis the ImageNet stem keeps (stem_stride 1) is only halved by the transitions
+    thin = dict(model="densenet121", data="x", model_args={"stem_stride": [1, 2, 2]})
+    assert make_config("imagenet", volume_size=(8, 29, 29), **thin).volume_size == (8, 29, 29)
+    for size in ((7, 29, 29), (8, 28, 29)):
+        with pytest.raises(ValueError, match=r"\(8, 29, 29\) voxels"):
+            make_config("imagenet", volume_size=size, **thin)
+
+
 def test_every_setting_can_be_overridden():
     assert parse_override("lr=0.5") == ("lr", 0.5)
     assert parse_override("lr_milestones=0.3,0.6") == ("lr_milestones", (0.3, 0.6))

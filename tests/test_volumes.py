@@ -3,6 +3,7 @@ class folders of volumes, and class activation maps written back aligned with th
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from PIL import Image
 
 import densenet
 from densenet import ModelCard
-from densenet.checkpoint import read_checkpoint
+from densenet.checkpoint import TrainCheckpoint, read_checkpoint, save_checkpoint
 from densenet.cli import main
-from densenet.data import ImageFolderData, TransformedDataset
+from densenet.data import DataError, ImageFolderData, ModelInput, TransformedDataset, eval_dataset
 from densenet.explain import explain
 from densenet.images import ImageError, Reason
 from densenet.runner import Runner
@@ -68,6 +69,32 @@ def test_broken_volumes_get_one_line_errors_with_a_reason(tmp_path):
             read_volume(tmp_path / name, channels=1)
         assert raised.value.reason == reason, name
         assert str(raised.value).startswith(str(tmp_path / name)) and "\n" not in str(raised.value)
+
+
+def test_volume_bombs_are_refused_from_their_header(tmp_path, monkeypatch):
+    """A header declaring more voxels than its file holds, a highly compressible volume over a
+    (here lowered) size, and one larger than the memory available are refused before their
+    voxels are read; a volume of noise of the same size is read."""
+    monkeypatch.setattr(densenet.volumes, "MIN_SUSPECT_BYTES", 2**16)
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((64, 64, 64))
+    header.set_data_dtype(np.uint8)
+    (tmp_path / "claims.nii.gz").write_bytes(gzip.compress(header.binaryblock + bytes(4)))
+    (tmp_path / "claims.nii").write_bytes(header.binaryblock + bytes(4))
+    ones = np.ones((40, 40, 40), np.uint8)
+    nibabel.save(nibabel.Nifti1Image(ones, np.eye(4)), tmp_path / "ones.nii.gz")
+    noise = np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(noise, np.eye(4)), tmp_path / "noise.nii.gz")
+    for name, expected in [("claims.nii.gz", "would expand"), ("ones.nii.gz", "would expand"),
+                           ("claims.nii", "header declares")]:  # fmt: skip
+        with pytest.raises(ImageError, match=expected) as raised:
+            read_volume(tmp_path / name)
+        assert str(raised.value).startswith(str(tmp_path / name)) and "\n" not in str(raised.value)
+    assert read_volume(tmp_path / "noise.nii.gz").data.shape == (1, 40, 40, 40)
+    monkeypatch.setattr(densenet.volumes, "available_memory", lambda: 100_000)
+    with pytest.raises(ImageError, match="of memory available") as raised:
+        read_volume(tmp_path / "noise.nii.gz")
+    assert raised.value.reason == Reason.TOO_MANY_PIXELS
 
 
 def test_transform_windows_resamples_and_z_scores():
@@ -214,30 +241,91 @@ def test_a_3d_model_learns_digit_volumes_through_the_cli(tmp_path, capsys):
 
 
 def test_volume_runs_refuse_the_wrong_data_in_one_line(tmp_path, capsys):
-    """Volumes without --volume-size, images with it, a window alone, another channel count:
-    each one line before training; ``--window -1000,400`` is read as a value."""
-    volumes, images = tmp_path / "volumes", tmp_path / "images"
+    """Volumes without --volume-size, images with it, a folder mixing both, a window alone,
+    another channel count, one 2-channel volume among 1-channel ones: each one line naming the
+    file, before training; ``--window -1000,400`` is read as a value."""
+    volumes, images, mixed = tmp_path / "volumes", tmp_path / "images", tmp_path / "mixed"
     for split in ("train", "val"):
         for label in ("a", "b"):
-            (volumes / split / label).mkdir(parents=True)
+            for folder in (volumes, images, mixed):
+                (folder / split / label).mkdir(parents=True)
             np.save(volumes / split / label / "0.npy", np.zeros((2, 4, 4, 4), np.float32))
-            (images / split / label).mkdir(parents=True)
             Image.new("L", (8, 8)).save(images / split / label / "0.png")
+            Image.new("L", (8, 8)).save(mixed / split / label / "0.png")
+            np.save(mixed / split / label / "1.npy", np.zeros((4, 4, 4), np.float32))
+    np.save(volumes / "val" / "b" / "1.npy", np.zeros((4, 4, 4), np.float32))
+    rows = ["file,x,y,split", *(f"{p.relative_to(mixed)},{i % 2},{i // 2 % 2},{p.parts[-3]}"
+                                for i, p in enumerate(sorted(mixed.glob("*/*/*"))))]  # fmt: skip
+    (mixed / "labels.csv").write_text("\n".join(rows) + "\n")
     base = ["train", "--recipe", "cifar10", "--workers", "0", "--out", str(tmp_path / "r")]
     cases = {
-        "are volumes: give --volume-size": ["--data", str(volumes)],
-        "are images, not volumes": ["--data", str(images), "--volume-size", "4,4,4"],
+        "volumes/train/a/0.npy is a volume; a run without --volume-size (a 2D model) takes "
+        "images": ["--data", str(volumes)],
+        "images/train/a/0.png is an image; a run with --volume-size (a 3D model) takes volumes": [
+            "--data", str(images), "--volume-size", "4,4,4",
+        ],
+        "mixed/train/a/1.npy is a volume": ["--data", str(mixed)],
+        "mixed/train/a/0.png is an image": ["--data", str(mixed), "--volume-size", "4,4,4"],
+        "mixed/train/a/1.npy is a volume; a run without": [
+            "--data", str(mixed), "--labels", str(mixed / "labels.csv"),
+        ],
         "window applies to volumes": ["--data", str(images), "--window", "-1000,400"],
-        "have 2 channel(s), the model takes 1": [
+        "0.npy has 2 channel(s); a run with --volume-size and --in-channels 1 (a 3D model) "
+        "takes 1": [
             "--data", str(volumes), "--volume-size", "4,4,4", "--window", "-1000,400",
             "--in-channels", "1",
         ],
+        "val/b/1.npy has 1 channel(s); a run with --volume-size (a 3D model) takes 2 (those of "
+        f"{volumes / 'train' / 'a' / '0.npy'})": ["--data", str(volumes), "--volume-size", "4,4,4"],
         "three positive lengths": ["--data", str(volumes), "--volume-size", "4,4"],
     }  # fmt: skip
     for message, argv in cases.items():
         assert main(base + argv) == 2, message
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_and_calibrate_refuse_data_of_the_wrong_kind_when_they_open_it(tmp_path, capsys):
+    """Volumes to an image model, images to a volume model, a folder mixing both, one 2-channel
+    volume among 1-channel ones: eval and calibrate answer one line naming the file and what
+    the model takes, before any work (nothing written)."""
+    small = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8, "bn_size": 2}
+    for name, extra in (("rgb", {}), ("ct", {"spatial_dims": 3, "in_channels": 1})):
+        args = {"num_classes": 2, **small, **extra}
+        model = densenet.get_model("densenet_bc_100_k12", **args)
+        card = ModelCard.for_model(model, ("a", "b")).replace(arch="densenet_bc_100_k12")
+        if extra:
+            card = card.replace(volume=VolumeTransform((8, 8, 8)))
+        save_checkpoint(TrainCheckpoint(card, model.state_dict(), args), tmp_path / f"{name}.pth")
+    files = {
+        "volumes": {"a": (1, 4, 4, 4), "b": (4, 4, 4)}, "images": {"a": "png", "b": "png"},
+        "mixed": {"a": "png", "b": (4, 4, 4)}, "channels": {"a": (4, 4, 4), "b": (2, 4, 4, 4)},
+    }  # fmt: skip
+    for folder, labels in files.items():
+        for label, shape in labels.items():
+            (tmp_path / folder / label).mkdir(parents=True)
+            if shape == "png":
+                Image.new("RGB", (8, 8)).save(tmp_path / folder / label / "0.png")
+            else:
+                np.save(tmp_path / folder / label / "0.npy", np.zeros(shape, np.float32))
+    cases = [
+        ("rgb", "volumes", "volumes/a/0.npy is a volume; the model takes images"),
+        ("ct", "images", "images/a/0.png is an image; the model takes volumes"),
+        ("rgb", "mixed", "mixed/b/0.npy is a volume; the model takes images"),
+        ("ct", "mixed", "mixed/a/0.png is an image; the model takes volumes"),
+        ("ct", "channels", "channels/b/0.npy has 2 channel(s); the model takes 1"),
+    ]
+    common = ["--workers", "0", "--no-progress"]
+    for weights, folder, message in cases:
+        model, data = str(tmp_path / f"{weights}.pth"), str(tmp_path / folder)
+        for argv in (["eval", data, "--weights", model], ["calibrate", model, data]):
+            assert main(argv + common) == 2, (argv, message)
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["ct.pth", "rgb.pth"]
+    with pytest.raises(DataError, match="cifar10 holds images; the model takes volumes"):
+        eval_dataset("cifar10", tmp_path, takes=ModelInput.of(card))
 
 
 def test_volume_cards_round_trip_and_predict_refuses_images(tmp_path):

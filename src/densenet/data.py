@@ -9,10 +9,11 @@ drops them and counts them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import urllib.error
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torchvision import datasets
 
 from .errors import DenseNetError
 from .images import IMAGE_SUFFIXES, ImageError
+from .preprocessing import ModelCard
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -33,13 +35,14 @@ from .transforms import (
     UNIT_MEAN,
     UNIT_STD,
 )
-from .volumes import VOLUME_SUFFIXES, is_sample_file, open_sample
+from .volumes import VOLUME_SUFFIXES, is_sample_file, is_volume_file, open_sample, volume_channels
 
 __all__ = [
     "NAMED_DATASETS",
     "DataError",
     "DataSplits",
     "ImageFolderData",
+    "ModelInput",
     "ShardedBatchSampler",
     "TransformedDataset",
     "collate",
@@ -137,16 +140,65 @@ def named_dataset(
         ) from None
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model takes, to check data against when they are opened, before any work: images,
+    or volumes of ``channels`` channels (None: any number, the same in every file; once found,
+    ``channels_of`` names the file they were taken from). ``what`` names the model in messages."""
+
+    volumes: bool = False
+    channels: int | None = None
+    what: str = "the model"
+    channels_of: str | None = None
+
+    @classmethod
+    def of(cls, card: ModelCard) -> ModelInput:
+        """What the model of ``card`` takes."""
+        volumes = card.volume is not None
+        return cls(volumes, card.in_channels if volumes else None)
+
+    def check(self, files: Iterable[str | os.PathLike]) -> ModelInput:
+        """Refuse, in one line naming it, the first of ``files`` that the model does not take: a
+        volume for an image model, an image for a volume model, a volume of other channels.
+        Returns this with ``channels`` set to the volumes' (a file that cannot be read is left
+        to be skipped when it is)."""
+        channels, first = self.channels, self.channels_of
+        for file in files:
+            if is_volume_file(file) != self.volumes:
+                kind, takes = (
+                    ("a volume", "images") if is_volume_file(file) else ("an image", "volumes")
+                )
+                raise DataError(f"{file} is {kind}; {self.what} takes {takes}")
+            if not self.volumes:
+                continue
+            try:
+                found = volume_channels(file)
+            except ImageError:
+                continue
+            if channels is None:
+                channels, first = found, os.fspath(file)
+            elif found != channels:
+                takes = f"{channels}" if first is None else f"{channels} (those of {first})"
+                raise DataError(f"{file} has {found} channel(s); {self.what} takes {takes}")
+        return dataclasses.replace(self, channels=channels, channels_of=first)
+
+    def check_named(self, name: str) -> None:
+        """Refuse a named data set (images) for a volume model."""
+        if self.volumes:
+            raise DataError(f"{name} holds images; {self.what} takes volumes")
+
+
 class ImageFolderData(datasets.ImageFolder):
     """An ImageNet-style folder: one sub-folder per class, classes in sorted folder-name order
     (for ImageNet, the 1000 synset folders: the class index order of the official weights).
 
     Items are ``(PIL image, label)`` (for volume files, ``((C, D, H, W) voxels, label)``:
     ``densenet.volumes.open_sample``), or ``None`` for a file that cannot be read (logged with
-    its path and reason), so that one bad file never stops a run.
+    its path and reason), so that one bad file never stops a run. With ``takes``, every file is
+    checked to be what the model takes (``ModelInput.check``); ``takes`` is then the checked one.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, takes: ModelInput | None = None) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"{root} is not a folder")
@@ -162,6 +214,7 @@ class ImageFolderData(datasets.ImageFolder):
                 f"{root} holds no images or volumes ({suffixes}) in its class sub-folders "
                 f"({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
             )
+        self.takes = takes.check(path for path, _ in self.samples) if takes is not None else None
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
@@ -355,6 +408,7 @@ def load_splits(
     holdout: int = 0,
     seed: int = 0,
     allow_empty_classes: bool = False,
+    takes: ModelInput | None = None,
 ) -> DataSplits:
     """The train/validation(/test) splits of ``data``.
 
@@ -369,8 +423,12 @@ def load_splits(
             ``seed``), named datasets only.
         allow_empty_classes: accept class folders without training images (the model still
             gets an output for each, with a warning); refused by default.
+        takes: what the model takes: every file of a folder is checked against it, the
+            validation volumes against the training volumes' channels.
     """
     if data in NAMED_DATASETS:
+        if takes is not None:
+            takes.check_named(data)
         spec = NAMED_DATASETS[data]
         train = named_dataset(data, "train", root, download)
         test = named_dataset(data, "test", root, download)
@@ -396,8 +454,8 @@ def load_splits(
             f"{folder} has no {' and no '.join(m + '/' for m in missing)} sub-folder; a training "
             "folder needs train/ and val/, each with one sub-folder of images per class"
         )
-    train = ImageFolderData(folder / "train")
-    val = ImageFolderData(folder / "val")
+    train = ImageFolderData(folder / "train", takes)
+    val = ImageFolderData(folder / "val", train.takes)
     _check_same_classes(folder / "train", folder / "val", train.classes, val.classes)
     _check_no_empty_class(folder / "train", train, allow_empty_classes)
     return DataSplits(
@@ -406,12 +464,18 @@ def load_splits(
 
 
 def eval_dataset(
-    data: str, root: str | os.PathLike | None = None, download: bool = False
+    data: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    takes: ModelInput | None = None,
 ) -> tuple[Dataset, list[str]]:
     """The evaluation set that ``data`` names and its class names: a named dataset's test
     split, a folder's ``val/`` sub-folder when it has one, else the folder itself (one
-    sub-folder per class, e.g. the ImageNet validation set in its 1000 synset folders)."""
+    sub-folder per class, e.g. the ImageNet validation set in its 1000 synset folders).
+    ``takes``: what the model takes, checked against every file (``ModelInput.check``)."""
     if data in NAMED_DATASETS:
+        if takes is not None:
+            takes.check_named(data)
         dataset = named_dataset(data, "test", root, download)
         return dataset, list(getattr(dataset, "classes", None) or NAMED_DATASETS[data].classes)
     folder = Path(data).expanduser()
@@ -421,5 +485,5 @@ def eval_dataset(
         )
     if (folder / "val").is_dir() and (folder / "train").is_dir():
         folder = folder / "val"
-    dataset = ImageFolderData(folder)
+    dataset = ImageFolderData(folder, takes)
     return dataset, list(dataset.classes)

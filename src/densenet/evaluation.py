@@ -31,7 +31,14 @@ from .calibration import (
     unpromised,
 )
 from .checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
-from .data import DataError, TransformedDataset, collate, eval_dataset, shard_indices
+from .data import (
+    DataError,
+    ModelInput,
+    TransformedDataset,
+    collate,
+    eval_dataset,
+    shard_indices,
+)
 from .io import atomic_write, check_output_file
 from .load import LoadedModel, load
 from .model import DenseNet
@@ -165,10 +172,14 @@ def _labelled_set(
     download: bool,
 ) -> TransformedDataset:
     """The labelled images to measure a model on, transformed: a labels CSV's rows for a
-    multi-label model, else a class folder or named data set with the card's class order."""
+    multi-label model, else a class folder or named data set with the card's class order;
+    every file checked to be what the model takes."""
+    takes = ModelInput.of(card)
     if card.multi_label or labels is not None:
-        return TransformedDataset(_labelled_images(data, labels, split, card), transform)
-    dataset, classes = eval_dataset(data, data_root, download)
+        images = _labelled_images(data, labels, split, card)
+        takes.check(images.table.files)
+        return TransformedDataset(images, transform)
+    dataset, classes = eval_dataset(data, data_root, download, takes)
     # default names (ImageNet's, "class i") are matched by index: the data's folder order
     named = card.classes != default_classes(card.num_classes)
     label_map = _label_map(data, classes, list(card.classes) if named else None, card.num_classes)

@@ -11,11 +11,14 @@ a 4D NIfTI's fourth axis is the channels); a 3D ``.npy`` array is (D, H, W), a 4
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,16 +34,22 @@ __all__ = [
     "Volume",
     "VolumeAugment",
     "VolumeTransform",
+    "available_memory",
     "file_stem",
     "is_sample_file",
     "is_volume_file",
     "open_sample",
     "read_volume",
+    "volume_channels",
     "write_map",
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
 MAX_VOXELS = 1_000_000_000  # volumes larger than this are refused (memory)
+# a volume whose float32 voxels would take more than MIN_SUSPECT_BYTES and more than MAX_EXPANSION
+# times its file's size is refused from its header (a gzip bomb: a small file of constant voxels)
+MAX_EXPANSION = 256
+MIN_SUSPECT_BYTES = 256 * 2**20
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
@@ -77,20 +86,32 @@ class Volume:
 
 def read_volume(path: str | os.PathLike, channels: int | None = None) -> Volume:
     """The volume in the file at ``path`` (``.nii``, ``.nii.gz`` or ``.npy``), or ``ImageError``
-    naming the file: missing, empty, not a volume, corrupt, not 3D or 4D, too large, holding
-    NaN or infinity, or with other ``channels`` than asked."""
+    naming the file: missing, empty, not a volume, corrupt, not 3D or 4D, too large (checked from
+    its header, before the voxels are read), holding NaN or infinity, or with other ``channels``
+    than asked."""
     name = str(path)
-    try:
-        if Path(path).stat().st_size == 0:
-            raise ImageError(f"{name}: empty file (0 bytes)", Reason.EMPTY)
-        if name.lower().endswith(".npy"):
-            array, affine = np.load(path, allow_pickle=False), None
-        elif is_volume_file(name):
-            array, affine = _read_nifti(path)
-        else:
+    with _volume_errors(name):
+        file = _open_volume(path)
+        if channels is not None and file.channels != channels:
             raise ImageError(
-                f"{name}: not a volume (NIfTI .nii/.nii.gz or NumPy .npy)", Reason.NOT_AN_IMAGE
+                f"{name}: {file.channels} channels, the model takes {channels}", Reason.BAD_SHAPE
             )
+        array = file.read()
+    return Volume(_channels_first(array, name, nifti=file.affine is not None), file.affine)
+
+
+def volume_channels(path: str | os.PathLike) -> int:
+    """The channels of the volume file at ``path``, from its header alone (the voxels are not
+    read); ``ImageError`` as ``read_volume`` for a file it would refuse before reading them."""
+    with _volume_errors(str(path)):
+        return _open_volume(path).channels
+
+
+@contextlib.contextmanager
+def _volume_errors(name: str) -> Iterator[None]:
+    """The errors of opening and reading a volume file as ``ImageError`` naming it."""
+    try:
+        yield
     except ImageError:
         raise
     except FileNotFoundError:
@@ -99,22 +120,67 @@ def read_volume(path: str | os.PathLike, channels: int | None = None) -> Volume:
         raise ImageError(f"{name}: cannot be read ({error.strerror})", Reason.UNREADABLE) from None
     except Exception as error:  # nibabel's and NumPy's errors for damaged files vary
         raise ImageError(f"{name}: corrupt or truncated volume ({error})", Reason.CORRUPT) from None
-    data = _channels_first(array, name, nifti=affine is not None)
-    if channels is not None and data.shape[0] != channels:
+
+
+@dataclass
+class _VolumeFile:
+    """An opened volume file: ``voxels`` not yet read (a memory map or nibabel's array proxy),
+    its ``affine`` (None for ``.npy``)."""
+
+    voxels: Any
+    affine: np.ndarray | None
+
+    @property
+    def channels(self) -> int:
+        """1 for a 3D volume, else the length of its channel axis (NIfTI's last, NumPy's first)."""
+        shape = self.voxels.shape
+        return 1 if len(shape) == 3 else shape[-1] if self.affine is not None else shape[0]
+
+    def read(self) -> np.ndarray:
+        """The voxels as a float32 array of their own (never a view of the file)."""
+        if isinstance(self.voxels, np.memmap):
+            return np.array(self.voxels, dtype=np.float32)
+        return np.asarray(self.voxels, dtype=np.float32)
+
+
+def _open_volume(path: str | os.PathLike) -> _VolumeFile:
+    """``path`` opened from its header, its shape, value type and size checked."""
+    name = str(path)
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)", Reason.EMPTY)
+    if name.lower().endswith(".npy"):
+        # a memory map reads the header only, and refuses a file shorter than it declares
+        file = _VolumeFile(np.load(path, mmap_mode="r", allow_pickle=False), None)
+    elif is_volume_file(name):
+        file = _open_nifti(path)
+    else:
         raise ImageError(
-            f"{name}: {data.shape[0]} channels, the model takes {channels}", Reason.BAD_SHAPE
+            f"{name}: not a volume (NIfTI .nii/.nii.gz or NumPy .npy)", Reason.NOT_AN_IMAGE
         )
-    return Volume(data, affine)
+    shape, dtype = file.voxels.shape, np.dtype(file.voxels.dtype)
+    _check_size(shape, name)
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ImageError(f"{name}: {dtype} values, not real numbers", Reason.CORRUPT)
+    _check_memory(math.prod(shape), dtype, size, name)
+    return file
 
 
-def _read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def _open_nifti(path: str | os.PathLike) -> _VolumeFile:
     import nibabel
 
-    image = nibabel.load(os.fspath(path))
+    image = nibabel.load(os.fspath(path))  # the header only; the voxels are read on demand
     if not isinstance(image, nibabel.Nifti1Image):  # NIfTI-2 is a subclass
         raise ImageError(f"{path}: not a NIfTI image ({type(image).__name__})", Reason.NOT_AN_IMAGE)
-    _check_size(image.shape, str(path))
-    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+    proxy = image.dataobj
+    needed = proxy.offset + math.prod(proxy.shape) * image.get_data_dtype().itemsize
+    if not str(path).lower().endswith(".gz") and needed > Path(path).stat().st_size:
+        raise ImageError(
+            f"{path}: truncated volume (its header declares {needed:,} bytes, the file has "
+            f"{Path(path).stat().st_size:,})",
+            Reason.CORRUPT,
+        )
+    return _VolumeFile(proxy, image.affine)
 
 
 def _check_size(shape: Sequence[int], name: str) -> None:
@@ -124,19 +190,52 @@ def _check_size(shape: Sequence[int], name: str) -> None:
             "4D (with channels)",
             Reason.BAD_SHAPE,
         )
-    if int(np.prod(shape)) > MAX_VOXELS:
+    if math.prod(shape) > MAX_VOXELS:
         raise ImageError(
             f"{name}: {tuple(shape)} is over the limit of {MAX_VOXELS:,} voxels",
             Reason.TOO_MANY_PIXELS,
         )
 
 
+def _check_memory(voxels: int, dtype: np.dtype, file_size: int, name: str) -> None:
+    """Refuse a volume whose reading (its values, then as float32) would not fit in the memory
+    available, or a compressed one that would expand suspiciously far beyond its file's size
+    (a gzip bomb: a small file of constant voxels)."""
+    unpacked, needed = voxels * 4, voxels * (dtype.itemsize + 4)
+    if unpacked > MIN_SUSPECT_BYTES and unpacked > MAX_EXPANSION * file_size:
+        raise ImageError(
+            f"{name}: {voxels:,} voxels would expand from a {file_size:,}-byte file to "
+            f"{unpacked:,} bytes (more than {MAX_EXPANSION} times its size); refused",
+            Reason.TOO_MANY_PIXELS,
+        )
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ImageError(
+            f"{name}: {voxels:,} voxels need {needed:,} bytes to read, more than the "
+            f"{available:,} bytes of memory available",
+            Reason.TOO_MANY_PIXELS,
+        )
+
+
+def available_memory() -> int | None:
+    """The memory available to read data into, bytes (Linux's MemAvailable, else the physical
+    memory), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _channels_first(array: np.ndarray, name: str, nifti: bool) -> Tensor:
-    """(D, H, W) or (C, D, H, W) (NIfTI: (D, H, W, C)) -> (C, D, H, W) float32."""
-    _check_size(array.shape, name)
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise ImageError(f"{name}: {array.dtype} values, not real numbers", Reason.CORRUPT)
-    data = torch.from_numpy(np.asarray(array, dtype=np.float32))  # no copy if float32
+    """(D, H, W) or (C, D, H, W) (NIfTI: (D, H, W, C)) float32 -> (C, D, H, W)."""
+    data = torch.from_numpy(array)
     if data.dim() == 3:
         data = data[None]
     elif nifti:
@@ -159,8 +258,20 @@ class VolumeTransform:
     def __post_init__(self) -> None:
         if len(self.size) != 3 or min(self.size) < 1:
             raise ValueError(f"size must be three positive lengths (D, H, W), got {self.size}")
-        if self.window is not None and not self.window[0] < self.window[1]:
-            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
+        if math.prod(self.size) > MAX_VOXELS:
+            raise ValueError(
+                f"size {tuple(self.size)} is over the limit of {MAX_VOXELS:,} voxels; give a "
+                "smaller one"
+            )
+        if self.window is not None:
+            low, high = self.window
+            # float32 voxels are clipped to it and divided by its width: both must be finite there
+            largest = torch.finfo(torch.float32).max
+            if not (-largest <= low < high <= largest and high - low <= largest):
+                raise ValueError(
+                    f"window must be (low, high) with low < high, finite, and a width of at "
+                    f"most {largest:.3g}; got {self.window}"
+                )
 
     def __call__(self, volume: Tensor) -> Tensor:
         x = volume.float()

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..model import DenseNet
+from ..registry import get_model
 from ..runtime import AMP_MODES
 from ..transforms import AUGMENTATIONS
 from ..volumes import VolumeTransform
@@ -235,6 +238,7 @@ def check_config(config: TrainConfig) -> None:
             f"model_args: unknown DenseNet argument(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(accepted))}"
         )
+    _check_input_size(config)
     if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
         raise ValueError(f"out {config.out} is a file; give a folder for the run")
     if not 0 <= config.max_unreadable < 1:
@@ -257,6 +261,33 @@ def _check_volume(config: TrainConfig) -> None:
         raise ValueError(
             f"volume_size trains a 3D model; model_args has spatial_dims="
             f"{config.model_args['spatial_dims']}"
+        )
+
+
+def _check_input_size(config: TrainConfig) -> None:
+    """Refuse a crop or volume size smaller than the model's smallest input (the network is built
+    on the meta device: no memory, no weights)."""
+    volumes = config.volume_size is not None
+    with torch.device("meta"):
+        net = get_model(
+            config.model, **{**({"spatial_dims": 3} if volumes else {}), **config.model_args}
+        )
+    side = net.min_input_size
+    if not volumes:
+        if config.image_size < side:
+            raise ValueError(
+                f"image_size {config.image_size} is below the smallest input of {config.model} "
+                f"({side}x{side} pixels); give at least {side}"
+            )
+        return
+    # an axis the ImageNet stem keeps (stride 1) is halved by the transitions only
+    kept = 2 ** (len(net.config["block_config"]) - 1)
+    strides = net.config.get("stem_stride", (2, 2, 2))
+    least = tuple(side if stride == 2 else kept for stride in strides)
+    if any(n < m for n, m in zip(config.volume_size, least)):
+        raise ValueError(
+            f"volume_size {tuple(config.volume_size)} is below the smallest input of "
+            f"{config.model} ({least} voxels, D, H, W); give at least that"
         )
 
 

@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 
 from ..accuracy import EvalResult, ModuleProbabilities, evaluate
 from ..checkpoint import TrainCheckpoint, read_checkpoint
-from ..data import ShardedBatchSampler, TransformedDataset, collate, load_splits, shard_indices
+from ..data import (
+    ModelInput,
+    ShardedBatchSampler,
+    TransformedDataset,
+    collate,
+    load_splits,
+    shard_indices,
+)
 from ..errors import DenseNetError
 from ..io import write_json
 from ..multilabel import label_metrics, label_splits, pos_weight, predict_labels
@@ -46,6 +53,15 @@ class TrainingError(DenseNetError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+def _takes(config: TrainConfig) -> ModelInput:
+    """What the run's model takes: volumes with ``volume_size`` (of ``in_channels``, else of
+    the training volumes' own), else images."""
+    if config.volume_size is None:
+        return ModelInput(what="a run without --volume-size (a 2D model)")
+    given = f" and --in-channels {config.in_channels}" if config.in_channels else ""
+    return ModelInput(True, config.in_channels, f"a run with --volume-size{given} (a 3D model)")
+
+
 class Trainer:
     """One training run: set-up, resume, epochs, validation, checkpoints."""
 
@@ -58,10 +74,13 @@ class Trainer:
         self._seed_and_determinism(config)
         if config.labels is not None:
             self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
+            splits = (self.splits.train, self.splits.val, self.splits.test)
+            parts = [part for part in splits if part is not None]
+            _takes(config).check(f for part in parts for f in part.table.files)  # type: ignore[attr-defined]
         else:
             self.splits = load_splits(
                 config.data, config.data_root, config.download, config.holdout, config.seed,
-                config.allow_empty_classes,
+                config.allow_empty_classes, _takes(config),
             )  # type: ignore[arg-type]  # fmt: skip
         first = self._first_sample()
         self.config = config = self._resolve(config, first)
@@ -117,29 +136,15 @@ class Trainer:
         return None if first is None else first[0]
 
     def _check_sample(self, sample: Any) -> None:
-        """One clear error, before training, when the first readable training file is not what
-        the run takes: a volume for a volume run (``volume_size``), else an image, with the
-        model's input channels (``to_channels``)."""
-        if sample is None:
+        """One clear error, before training, when the first readable training image cannot be
+        given the model's input channels (``to_channels``). The kind of every file, and a
+        volume's channels, are checked when the data are opened (``_takes``)."""
+        if sample is None or self.config.volume_size is not None:
             return
-        where, channels = f"training data of {self.splits.name}", self.config.in_channels
-        volumes = self.config.volume_size is not None
-        if isinstance(sample, Tensor) != volumes:
-            raise TrainingError(
-                f"the {where} are volumes: give --volume-size D,H,W to train a 3D model on them"
-                if isinstance(sample, Tensor)
-                else f"the {where} are images, not volumes: drop --volume-size"
-            )
-        if not volumes:
-            try:
-                to_channels(sample, channels)  # type: ignore[arg-type]
-            except ChannelError as error:
-                raise TrainingError(f"{where}: {error}") from None
-        elif sample.shape[0] != channels:
-            raise TrainingError(
-                f"the {where} have {sample.shape[0]} channel(s), the model takes {channels}; "
-                "drop --in-channels to take the volumes' own"
-            )
+        try:
+            to_channels(sample, self.config.in_channels)  # type: ignore[arg-type]
+        except ChannelError as error:
+            raise TrainingError(f"training data of {self.splits.name}: {error}") from None
 
     def _resolve(self, config: TrainConfig, sample: Any) -> TrainConfig:
         """``config`` with its defaults that depend on the data and the device filled in."""
