@@ -19,7 +19,7 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,17 @@ _SCRIPT_BUILTINS = _names(
 )
 # sympy functions that torch's shape expressions use
 _SHAPE_FUNCTIONS = _names(
-    """Add And Eq Float Ge Gt Integer Le Lt Mul Ne Not Or Pow Rational Symbol oo CeilDiv CeilToInt CleanDiv FloatPow FloatTrueDiv FloorDiv FloorToInt Identity IntTrueDiv
+    """Add And Eq Float Ge Gt Integer Le Lt Mul Ne Not Or Pow Rational Symbol oo CeilDiv
+    CeilToInt CleanDiv FloatPow FloatTrueDiv FloorDiv FloorToInt Identity IntTrueDiv
     IsNonOverlappingAndDenseIndicator LShift Max Min Mod ModularIndexing PowByNatural PythonMod
     RShift RoundDecimal RoundToInt ToFloat TruncToFloat TruncToInt Where"""
 )
-# TorchScript's top-level members; its ``.pkl`` files are read by TorchScript's own unpickler
-_SCRIPT_FILES = frozenset(
-    ("data.pkl", "constants.pkl", "traced_inputs.pkl", "version", "byteorder")
-)
+# The members of each format's layout that are read as they are: files, then folders. A
+# TorchScript archive's ``.pkl`` files are read by TorchScript's own unpickler.
+_EXPORT_FILES = _names("archive_format archive_version byteorder")
+_EXPORT_FOLDERS = _names(".data extra")
+_SCRIPT_FILES = _names("data.pkl constants.pkl traced_inputs.pkl version byteorder")
+_SCRIPT_FOLDERS = _names(".data constants data extra traced_inputs")
 _SYMBOL = re.compile(r"[a-z]+\d+")
 _MEMBER_SIZE_LIMIT = 64 * 2**20  # bytes of one JSON, program or pickle member read to check it
 
@@ -93,10 +96,7 @@ def check_exported(path: Path) -> None:
     with _open(path) as archive:
         for name, member in _members(archive):
             top = member.split("/", 1)[0]
-            if member in ("archive_format", "archive_version", "byteorder") or top in (
-                ".data",
-                "extra",
-            ):
+            if member in _EXPORT_FILES or top in _EXPORT_FOLDERS:
                 continue
             if top == "models" and member.endswith(".json"):
                 _check_program(path, name, _json(archive, path, name))
@@ -125,7 +125,7 @@ def check_torchscript(path: Path) -> None:
                 _check_script(path, name, _read(archive, path, name).decode("utf-8", "replace"))
             elif not (
                 member in _SCRIPT_FILES
-                or top in ("data", "extra", ".data", "constants", "traced_inputs")
+                or top in _SCRIPT_FOLDERS
                 or (top == "code" and member.endswith(".debug_pkl"))
             ):
                 _refuse(path, name, "is not part of a TorchScript archive")
@@ -247,65 +247,52 @@ def _exported_operator(target: str) -> str:
 def _is_shape_expression(text: Any) -> bool:
     """A sympy expression over shape symbols (``Symbol('s0', positive=True)``), numbers and
     the functions torch writes (``_SHAPE_FUNCTIONS``): what ``sympy.sympify`` may evaluate."""
-    tree = _parse(text)
-    if tree is None:
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            callee = node.func
-            if not (isinstance(callee, ast.Name) and callee.id in _SHAPE_FUNCTIONS):
-                return False
-            flags = all(isinstance(k.value, ast.Constant) for k in node.keywords)
-            if node.keywords and not (callee.id == "Symbol" and flags):
-                return False
-        elif isinstance(node, ast.Name):
-            if not (_SYMBOL.fullmatch(node.id) or node.id in _SHAPE_FUNCTIONS):
-                return False
-        elif isinstance(node, ast.Constant):
-            value = node.value
-            if not isinstance(value, (int, float)) and not (
-                isinstance(value, str) and _SYMBOL.fullmatch(value)
-            ):
-                return False
-        elif not isinstance(node, (*_ARITHMETIC, ast.keyword)):
+    return _every_node(text, _shape_node)
+
+
+def _shape_node(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call):
+        callee = node.func
+        if not (isinstance(callee, ast.Name) and callee.id in _SHAPE_FUNCTIONS):
             return False
-    return True
+        flags = all(isinstance(k.value, ast.Constant) for k in node.keywords)
+        return not node.keywords or (callee.id == "Symbol" and flags)
+    if isinstance(node, ast.Name):
+        return bool(_SYMBOL.fullmatch(node.id)) or node.id in _SHAPE_FUNCTIONS
+    if isinstance(node, ast.Constant):
+        value = node.value
+        return isinstance(value, (int, float)) or (
+            isinstance(value, str) and bool(_SYMBOL.fullmatch(value))
+        )
+    return isinstance(node, (*_ARITHMETIC, ast.keyword))
 
 
 def _is_guard(text: Any) -> bool:
     """A condition on the inputs' sizes (``L['x'].size()[3] // 2 != 1``,
     ``torch.sym_max(1, ...) > 1``): what ``ExportedProgram.module()`` compiles into its guard
-    function, pasted into Python source."""
-    if not isinstance(text, str) or re.search(r"[^\w \[\]'().,+\-*/%<>=!]", text):
-        return False  # no double quotes, backslashes, braces or line ends
-    tree = _parse(text)
-    if tree is None:
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            callee = node.func
-            size = isinstance(callee, ast.Attribute) and callee.attr in ("size", "stride")
-            if node.keywords or not (size or _is_sym_function(callee)):
-                return False
-        elif isinstance(node, ast.Attribute):
-            if not (node.attr in ("size", "stride") or _is_sym_function(node)):
-                return False
-        elif isinstance(node, ast.Subscript):
-            key = node.slice
-            if not isinstance(key, ast.Constant):
-                return False
-            on_input = isinstance(node.value, ast.Name) and node.value.id == "L"
-            if not (on_input and isinstance(key.value, str) or isinstance(key.value, int)):
-                return False
-        elif isinstance(node, ast.Name):
-            if node.id not in ("L", "torch"):
-                return False
-        elif isinstance(node, ast.Constant):
-            if isinstance(node.value, str) and not re.fullmatch(r"\w+", node.value):
-                return False
-        elif not isinstance(node, _ARITHMETIC):
-            return False
-    return True
+    function, pasted into Python source (so no double quotes, backslashes or line ends)."""
+    plain = isinstance(text, str) and not re.search(r"[^\w \[\]'().,+\-*/%<>=!]", text)
+    return plain and _every_node(text, _guard_node)
+
+
+def _guard_node(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call):
+        callee = node.func
+        size = isinstance(callee, ast.Attribute) and callee.attr in ("size", "stride")
+        return not node.keywords and (size or _is_sym_function(callee))
+    if isinstance(node, ast.Attribute):
+        return node.attr in ("size", "stride") or _is_sym_function(node)
+    if isinstance(node, ast.Subscript):  # L['x'] (an input by name), then [3] (a dimension)
+        key = node.slice
+        on_input = isinstance(node.value, ast.Name) and node.value.id == "L"
+        return isinstance(key, ast.Constant) and (
+            isinstance(key.value, int) or (on_input and isinstance(key.value, str))
+        )
+    if isinstance(node, ast.Name):
+        return node.id in ("L", "torch")
+    if isinstance(node, ast.Constant):
+        return not isinstance(node.value, str) or bool(re.fullmatch(r"\w+", node.value))
+    return isinstance(node, _ARITHMETIC)
 
 
 def _is_sym_function(node: ast.expr) -> bool:
@@ -323,13 +310,15 @@ _ARITHMETIC = (
 )  # fmt: skip
 
 
-def _parse(text: Any) -> ast.Expression | None:
+def _every_node(text: Any, allowed: Callable[[ast.AST], bool]) -> bool:
+    """Whether ``text`` parses as one Python expression whose every node is ``allowed``."""
     if not isinstance(text, str) or len(text) > 10_000:
-        return None
+        return False
     try:
-        return ast.parse(text, mode="eval")
+        tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
+        return False
+    return all(allowed(node) for node in ast.walk(tree))
 
 
 def _check_script(path: Path, name: str, source: str) -> None:
