@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -183,12 +184,17 @@ def _script_source(path: Path) -> tuple[str, str]:
         return name, archive.read(name).decode()
 
 
+_BODY = "    spatial_dims = self.spatial_dims\n"  # a line of the program's forward_head
+
+
 @pytest.mark.parametrize(
     "old, new, named",
     [
         ("torch.eq(", "torch.from_file(", "torch.from_file"),
         ("torch.eq(", "ops.aten.from_file(", "ops.aten.from_file"),
         ("torch.eq(", "getattr(torch, 'eq')(", "torch"),
+        (_BODY, f"{_BODY}    _alias = ops.aten\n    _alias.from_file('x', True, 8)\n", "ops.aten"),
+        (_BODY, f"{_BODY}    _alias = torch.ops\n    _alias.aten.from_file('x')\n", "torch.ops"),
     ],
 )
 def test_torchscript_unlisted_operator_is_refused(exports, tmp_path, old, new, named):
@@ -197,6 +203,21 @@ def test_torchscript_unlisted_operator_is_refused(exports, tmp_path, old, new, n
     assert old in source
     _replace(path, {name: source.replace(old, new, 1).encode()})
     _refused(path, named)
+
+
+def test_a_member_twice_is_refused(exports, tmp_path):
+    """TorchScript reads a name's first copy and zipfile its last: a harmless last copy must
+    not vouch for the first."""
+    path = _copy(exports, tmp_path, ".pt")
+    name, source = _script_source(path)
+    with zipfile.ZipFile(path) as archive:
+        members = [(n, archive.read(n)) for n in archive.namelist()]
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of the duplicate name
+        archive.writestr(name, source.replace("torch.eq(", "torch.from_file(", 1))
+        for member, content in members:
+            archive.writestr(member, content)
+    _refused(path, "appears twice")
 
 
 def test_torchscript_foreign_member_is_refused(exports, tmp_path):

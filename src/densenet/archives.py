@@ -18,7 +18,9 @@ import io
 import json
 import pickle
 import re
+import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,12 +134,19 @@ def check_torchscript(path: Path) -> None:
 
 
 def _open(path: Path) -> zipfile.ZipFile:
+    """The archive, once no member name appears twice (readers disagree on which copy counts:
+    TorchScript takes the first, Python's zipfile the last)."""
     try:
-        return zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
         raise UnsafeArchiveError(
             f"{path} is not a readable archive ({first_line(error)})"
         ) from None
+    twice = [name for name, count in Counter(archive.namelist()).items() if count > 1]
+    if twice:
+        archive.close()
+        _refuse(path, twice[0], "appears twice in the archive")
+    return archive
 
 
 def _members(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
@@ -173,7 +182,11 @@ def _json(archive: zipfile.ZipFile, path: Path, name: str) -> Any:
 def _check_pickle(archive: zipfile.ZipFile, path: Path, name: str) -> None:
     """A ``torch.save`` member must be readable without executing code."""
     try:
-        torch.load(io.BytesIO(_read(archive, path, name)), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            torch.load(
+                io.BytesIO(_read(archive, path, name)), map_location="cpu", weights_only=True
+            )
     except pickle.UnpicklingError as error:
         _refuse(path, name, f"holds pickled code ({first_line(error)[:120]})")
     except Exception as error:  # torch raises many types for a damaged file
@@ -322,9 +335,10 @@ def _every_node(text: Any, allowed: Callable[[ast.AST], bool]) -> bool:
 
 
 def _check_script(path: Path, name: str, source: str) -> None:
-    """A TorchScript program (Python syntax): it may call ``OPERATORS`` (``torch.conv2d``,
-    ``ops.quantized.conv2d``), builtins, methods, and functions and classes of the archive
-    (``__torch__.``); ``torch``, ``ops`` and ``math`` appear only as the roots of such calls."""
+    """A TorchScript program (Python syntax): it may call ``OPERATORS`` by their full names
+    (``torch.conv2d``, ``ops.quantized.conv2d``), builtins, methods, and the functions and
+    classes of the archive (``__torch__.``); ``torch`` and ``ops`` appear only at the root of
+    such a name, never as values (``_0 = ops.aten`` would reach any operator)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -335,26 +349,23 @@ def _check_script(path: Path, name: str, source: str) -> None:
         if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.arg))
         or (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
     }
-    roots: set[int] = set()  # the Name nodes that root a checked attribute chain
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             modules.append(getattr(node, "module", None) or "__torch__")
             if not all(m.split(".")[0] == "__torch__" for m in modules):
                 _refuse(path, name, "imports a Python module")
-        elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store):
-            chain = _chain(node)
-            if chain is None or chain[0] not in ("torch", "ops", "math"):
-                continue
-            roots.add(id(_root(node)))
-            if not _script_operator(chain):
-                _refuse(path, name, f"calls {'.'.join(chain)}, an operator a DenseNet does not use")
+        elif isinstance(node, ast.Attribute) and id(node) not in inner:  # a whole dotted name
+            chain = _chain(node) or [""]
+            if chain[0] in ("torch", "ops", "math") and not _script_operator(chain):
+                what = ".".join(chain)
+                _refuse(path, name, f"calls {what}, an operator a DenseNet does not use")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             callee = node.func.id
             if callee not in _SCRIPT_BUILTINS and callee not in defined:
                 _refuse(path, name, f"calls {callee}, which TorchScript does not define")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in ("torch", "ops") and id(node) not in roots:
+        elif isinstance(node, ast.Name) and node.id in ("torch", "ops") and id(node) not in inner:
             _refuse(path, name, f"uses the module {node.id} as a value")
 
 
@@ -369,22 +380,13 @@ def _chain(node: ast.Attribute) -> list[str] | None:
     return [current.id, *reversed(parts)] if isinstance(current, ast.Name) else None
 
 
-def _root(node: ast.expr) -> ast.expr:
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return node
-
-
 def _script_operator(chain: list[str]) -> bool:
-    """Whether a TorchScript attribute chain names an allowed operator or a prefix of one:
-    ``torch.X`` is ``aten::X``, ``ops.NS.X`` and ``torch.ops.NS.X`` are ``NS::X``; ``math.X``
-    is pure arithmetic."""
+    """Whether a TorchScript dotted name is an allowed operator: ``torch.X`` is ``aten::X``,
+    ``ops.NS.X`` and ``torch.ops.NS.X`` are ``NS::X``; ``math.X`` is arithmetic."""
     if chain[0] == "math":
         return len(chain) == 2
-    if chain[0] == "torch" and len(chain) > 1 and chain[1] == "ops":
+    if chain[:2] == ["torch", "ops"]:
         chain = chain[1:]
     if chain[0] == "ops":
-        if len(chain) < 3:
-            return len(chain) == 1 or any(op.startswith(f"{chain[1]}::") for op in OPERATORS)
         return len(chain) == 3 and f"{chain[1]}::{chain[2]}" in OPERATORS
     return len(chain) == 2 and f"aten::{chain[1]}" in OPERATORS
