@@ -111,6 +111,19 @@ def test_non_finite_output_is_one_error_naming_the_model(how):
     assert issubclass(NonFiniteOutputError, DenseNetError)  # one line and exit 2 on the CLI
 
 
+@pytest.mark.parametrize("classes", [2, 7])
+def test_a_card_naming_another_number_of_classes_is_one_error(classes):
+    loaded = loaded_tiny()  # 5 outputs
+    card = loaded.card.replace(classes=tuple(f"c{i}" for i in range(classes)))
+    runner = Runner(densenet.LoadedModel(loaded.module, card), CPU)
+    with pytest.raises(
+        DenseNetError, match=f"gives 5 outputs per image but its card names {classes}"
+    ):
+        runner.probabilities(torch.randn(2, 3, 32, 32))
+    headless = Runner(densenet.LoadedModel(loaded.module, card), CPU, headless=True)
+    assert headless.logits(torch.randn(2, 3, 32, 32)).shape == (2, loaded.module.num_features)
+
+
 def test_a_calibration_that_gives_non_finite_probabilities_is_named():
     class Overflowing:  # a card's calibration as a broken checkpoint may hold one
         def apply(self, logits):

@@ -90,6 +90,7 @@ class Runner:
             module = copy.deepcopy(module)
             module.reset_classifier(0)
         self.weights_count = count_weights(module)
+        self.outputs = None if headless else self.card.num_classes  # per image, as the card says
         # a DenseNet and its inference forms take any float input; an exported module (a
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
@@ -128,9 +129,10 @@ class Runner:
     def logits(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images -> (N, num_classes) float32 logits on the device
         (headless: (N, num_features) pooled features); ``NonFiniteOutputError`` if any is not
-        finite."""
+        finite, ``DenseNetError`` if the model gives another number of outputs than its card has
+        classes (a card that is not the model's)."""
         out = self.module(batch.to(self.device, self.input_dtype, non_blocking=True)).float()
-        return self._finite(out)
+        return self._checked(out)
 
     def probabilities(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) preprocessed images, or (N, V, C, H, W) views of each -> (N,
@@ -147,8 +149,18 @@ class Runner:
         (``densenet.explain``), computed by the model that ``logits`` runs (a map's mean is its
         logit, so finite logits mean finite maps)."""
         maps = explain(self.model, batch.to(self.device))
-        self._finite(maps.logits)
+        self._checked(maps.logits)
         return maps
+
+    def _checked(self, logits: Tensor) -> Tensor:
+        """``logits``, once they are one per class of the card and finite (``_finite``)."""
+        if self.outputs is not None and logits.shape[-1] != self.outputs:
+            raise DenseNetError(
+                f"model {describe_model(self.card, self.model)} gives {logits.shape[-1]} "
+                f"outputs per image but its card names {self.outputs} classes: the card does "
+                "not belong to the model; export or train it again"
+            )
+        return self._finite(logits)
 
     def _finite(self, output: Tensor, fix: str | None = None) -> Tensor:
         """``output``, or ``NonFiniteOutputError`` naming the model and ``fix`` (default: of its
