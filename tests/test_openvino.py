@@ -82,12 +82,14 @@ def test_engine_runs_volumes_and_a_second_start_reads_the_converted_form(cache_h
     assert rel_error(again(x), reference) < 1e-4
 
 
-def test_engine_refuses_cuda_inputs_and_unknown_precisions(model):
+def test_engine_refuses_other_devices_and_precisions(model):
     fast = densenet.optimize(model, backend="openvino")
     with pytest.raises(DenseNetError, match="runs on the CPU"):
         fast(torch.zeros(1, 3, 32, 32, device="meta"))
     with pytest.raises(DenseNetError, match="OpenVINO runs float32, bfloat16 or float16"):
         densenet.optimize(model, backend="openvino", dtype=torch.float64)
+    with pytest.raises(DenseNetError, match="runs on the CPU, the model is on meta"):
+        densenet.optimize(tiny_model().eval().to("meta"), backend="openvino")
 
 
 def test_runner_runs_the_engine(model):

@@ -119,9 +119,14 @@ def compile_for_cpu(
     ov: ModuleType, model: Any, precision: torch.dtype, hint: str = "LATENCY"
 ) -> Any:
     """``model`` (an ``openvino.Model``) compiled for the CPU in ``precision`` with the
-    performance ``hint`` (``"LATENCY"``: one request at a time uses every core;
-    ``"THROUGHPUT"``: several streams), through OpenVINO's model cache when it can be written."""
-    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": hint}
+    performance ``hint`` (``"LATENCY"``: one request at a time uses every thread;
+    ``"THROUGHPUT"``: several streams) on PyTorch's number of threads (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``), through OpenVINO's model cache when it can be written."""
+    config = {
+        "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+        "PERFORMANCE_HINT": hint,
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+    }
     with contextlib.suppress(OSError):  # a read-only home: compile every time
         cache_dir().mkdir(parents=True, exist_ok=True)
         config["CACHE_DIR"] = str(cache_dir())
