@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or os.path.join(scratch, "model.onnx")
         path = export(loaded.module, out, args.format, card=loaded.card, **options)
         report = {"format": args.format, "model": name, "weights": args.weights, **options}
-        files = [path / name for name in IR_FILES] if path.is_dir() else [path]
+        files = [path / file for file in IR_FILES] if path.is_dir() else [path]
         report["size_mb"] = round(sum(f.stat().st_size for f in files) / 1e6, 3)
         if args.out is not None:
             report["path"] = str(path)
