@@ -206,7 +206,7 @@ def test_unknown_format_and_unwritable_output(model, tmp_path):
         E.export(model, tmp_path / "m.tflite", "tflite")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    for fmt in E.FORMATS:
+    for fmt in set(E.FORMATS) - {"openvino"}:  # a folder: tests/test_openvino.py
         with pytest.raises(E.ExportError, match="output path"):
             E.export(model, blocker / "m.bin", fmt)
         with pytest.raises(E.ExportError, match="is a directory"):

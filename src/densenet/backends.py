@@ -1,6 +1,7 @@
 """``densenet.optimize``: a DenseNet's inference form (``densenet.inference``) on the backend that
 runs it fastest where it is: eager, ``torch.compile`` (inductor), oneDNN on the CPU
-(``densenet.cpu``) or Triton kernels on CUDA (``densenet.gpu``).
+(``densenet.cpu``), OpenVINO on the CPU (``densenet.openvino``) or Triton kernels on CUDA
+(``densenet.gpu``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import warnings
 import torch
 from torch import nn
 
-from .cpu import OneDNNDenseNet
+from .cpu import OneDNNDenseNet, compute_dtype
 from .inference import InferenceDenseNet
 from .model import DenseNet
+from .openvino import OpenVINODenseNet
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-BACKENDS = ("eager", "inductor", "triton", "onednn")
+BACKENDS = ("eager", "inductor", "triton", "onednn", "openvino")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # the triton backend is the CUDA default in 16-bit precision, where its kernels use tensor cores;
 # in float32 they do not (cuDNN's TF32 convolutions do), so float32 stays on the eager form
@@ -124,7 +126,7 @@ def _backend(
 def optimize(
     model: DenseNet,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     channels_last: bool | None = None,
     compile: bool | str = False,
     backend: str | None = None,
@@ -135,9 +137,11 @@ def optimize(
     Args:
         model: a ``densenet.DenseNet`` in eval mode (call ``model.eval()`` first); it is not
             modified. Its device is kept.
-        dtype: compute precision; default float32 on CPU and bfloat16 on CUDA. Float32 matches the
-            eager model to a relative error under 1e-5 (with TF32 off), bfloat16/float16 to about
-            1e-2.
+        dtype: compute precision, a ``torch.dtype`` or a name that ``--dtype`` takes
+            (``"auto"``: bfloat16 where the device computes it natively, else float32; with
+            backend ``"openvino"``, OpenVINO's own default precision); default float32 on CPU
+            and bfloat16 on CUDA. Float32 matches the eager model to a relative error under 1e-5
+            (with TF32 off), bfloat16/float16 to about 1e-2.
         channels_last: compute in channels_last memory format; default True (the triton backend
             always uses it).
         compile: ``torch.compile`` the result (the inductor backend): ``True`` for the default
@@ -148,7 +152,9 @@ def optimize(
             ``compile=True``; on the CPU slower than eager, with a warning), ``"triton"`` (a
             ``densenet.gpu.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
             under ``TRITON_INTERPRET=1``), ``"onednn"`` (a ``densenet.cpu.OneDNNDenseNet``: the
-            fastest CPU form; float32 or bfloat16, channels_last). Default: inductor when
+            fastest CPU form; float32 or bfloat16, channels_last), ``"openvino"`` (a
+            ``densenet.openvino.OpenVINODenseNet``: the form converted and compiled by OpenVINO
+            for the CPU, float32 logits; needs the ``openvino`` extra). Default: inductor when
             ``compile`` is set; else triton for a CUDA model in bfloat16 or float16 whose channel
             counts are multiples of 16 (``channels_aligned``: others run smaller tiles, not
             measured against cuDNN; on an H200, densenet121 bf16 batch 256: 22,300 images/s
@@ -157,7 +163,7 @@ def optimize(
             in float32 on an AVX2 or AVX-512 CPU, or in bfloat16 where oneDNN computes it
             (AVX-512; measured at least as fast as eager on both); else eager
             (``densenet.export`` always reads the eager form). A 1D or 3D model
-            (``spatial_dims``) runs eager or inductor only.
+            (``spatial_dims``) runs eager, inductor or openvino only.
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit
@@ -166,8 +172,8 @@ def optimize(
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
         ``OneDNNDenseNet``, mapping (N, C, H, W) inputs ((N, C, L), (N, C, D, H, W) for 1D and
-        3D models) of any float dtype to outputs of the same dtype; it keeps the model's
-        ``arch`` and ``config``.
+        3D models) of any float dtype to outputs of the same dtype (an ``OpenVINODenseNet``:
+        float32 outputs); it keeps the model's ``arch`` and ``config``.
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
@@ -177,6 +183,14 @@ def optimize(
             "into the weights); call model.eval() first"
         )
     device = next(model.parameters()).device
+    if backend == "openvino":  # OpenVINO decides "auto" and checks its own precisions
+        if compile:
+            raise ValueError("compile applies to backend='inductor' only, got backend='openvino'")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = compute_dtype(dtype, device)
+        return OpenVINODenseNet(model, dtype)
+    if isinstance(dtype, str):
+        dtype = compute_dtype(dtype, device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

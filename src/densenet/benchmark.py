@@ -3,7 +3,7 @@
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
 baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
-inductor, onednn on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs; with dtype
+inductor, onednn and openvino on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs; with dtype
 ``"int8"``, densenet's int8 form beside ONNX Runtime's static QDQ int8 and OpenVINO's NNCF int8
 (CPU, each calibrated on the same random-normal images). Each engine's
 output is checked against a float64 evaluation of the model before it is timed; float32 engines
@@ -75,6 +75,7 @@ class Engine:
     build: Callable[[DenseNet, Tensor, torch.dtype], Callable[[Tensor], Tensor]]
     devices: tuple[str, ...] = ("cpu", "cuda")
     reduced_precision: bool = True  # runs at the requested dtype (else always float32)
+    own_precision: bool = False  # picks its precision itself (shown as "default")
     int8: bool = False  # runs int8, calibrated on ``_calibration``: only with dtype "int8"
 
 
@@ -137,9 +138,11 @@ def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], 
     return _autocast(net, x, dtype)
 
 
-def _ours(backend: str):
+def _ours(backend: str, precision: str | None = None):
+    """``optimize(backend=...)`` in the benchmark's dtype, or in ``precision`` (``"auto"``)."""
+
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-        return optimize(model, dtype=dtype, backend=backend)
+        return optimize(model, dtype=precision or dtype, backend=backend)
 
     return build
 
@@ -242,9 +245,11 @@ ENGINES: dict[str, Engine] = {
         Engine("timm eager CL", _timm),
         Engine("onnxruntime", _onnxruntime, ("cpu",), reduced_precision=False),
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
-        Engine("openvino default", _openvino(None), ("cpu",), reduced_precision=False),
+        Engine("openvino default", _openvino(None), ("cpu",), False, own_precision=True),
         Engine("densenet.optimize", _ours("eager")),
         Engine("densenet.optimize onednn", _ours("onednn"), ("cpu",)),
+        Engine("densenet openvino", _ours("openvino"), ("cpu",)),
+        Engine("densenet openvino auto", _ours("openvino", "auto"), ("cpu",), own_precision=True),
         Engine("densenet.optimize compile", _ours_compile),
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
@@ -325,7 +330,7 @@ def _setup(
     run_dtype = dtype if engine.reduced_precision else torch.float32
     precision = "int8" if engine.int8 else dtype_name(run_dtype)
     result = Result(getattr(model, "arch", None) or "custom", name, x.shape[0], precision)
-    if name == "openvino default":
+    if engine.own_precision:
         result.dtype = "default"
     begin = time.perf_counter()
     try:

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dtypes import DTYPES
 from .inference import InferenceBlock, InferenceDenseNet, InferenceOnly, InferenceTransition
 
-__all__ = ["OneDNNDenseNet", "default_dtype", "native_bfloat16"]
+__all__ = ["OneDNNDenseNet", "compute_dtype", "default_dtype", "native_bfloat16"]
 
 
 def native_bfloat16() -> bool:
@@ -44,6 +45,20 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     if device.type == "cuda" or (device.type == "cpu" and native_bfloat16()):
         return torch.bfloat16
     return torch.float32
+
+
+def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The precision ``--dtype name`` asks of the optimized model on ``device``: a name from
+    ``densenet.dtypes.DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
+    with AVX-512 BF16 or AMX), else float32; None, the optimized model's own default (float32
+    on the CPU, exact; bfloat16 on CUDA)."""
+    if name is None:
+        return None
+    if name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 class PackedConv(nn.Module):

@@ -1,6 +1,6 @@
-"""Export a DenseNet for deployment: ONNX, TorchScript and ``torch.export`` programs, with the class
-names and preprocessing constants stored in the file, an ONNX Runtime wrapper that ``Classifier``
-can run, and a Triton Inference Server model repository for the ONNX file.
+"""Export a DenseNet for deployment: ONNX, TorchScript, ``torch.export`` programs and OpenVINO IR,
+with the class names and preprocessing constants stored in the file, an ONNX Runtime wrapper that
+``Classifier`` can run, and a Triton Inference Server model repository for the ONNX file.
 
 Every format takes (N, C, H, W) normalised images (C: the card's ``in_channels``) and returns (N, num_classes) logits. By default
 the batch size, height and width are all dynamic; ``batch_size`` / ``image_size`` fix them.
@@ -12,6 +12,8 @@ the batch size, height and width are all dynamic; ``batch_size`` / ``image_size`
   ``densenet.json``.
 - ``torch.export`` (``to_exported``): an ``ExportedProgram`` saved as ``.pt2``, loadable with
   ``torch.export.load``; metadata in the extra file ``densenet.json``.
+- OpenVINO IR (``to_openvino``): a folder with ``model.xml`` and ``model.bin``, converted by
+  ``openvino.convert_model``; metadata in the graph's rt_info (``densenet``).
 
 ``fold=True`` exports the inference form (``densenet.optimize``: BatchNorms folded into the
 convolutions or reduced to per-channel clamps, transitions pooling first) instead of the training
@@ -46,11 +48,13 @@ from .exported import (
     ExportError,
     ExportMetadata,
     OnnxModel,
+    OpenVINOModel,
     read_metadata,
     require,
 )
-from .inference import BNReLU, InferenceBlock
-from .io import atomic_write, write_text
+from .inference import BNReLU, concatenating
+from .io import atomic_write, check_output_file, write_text
+from .openvino import IR_FILES, METADATA_KEY, convert, input_shape, require_openvino, write_ir
 from .preprocessing import ModelCard
 from .quantization import calibration_batches, check_image_model, quantize_onnx
 
@@ -60,10 +64,12 @@ __all__ = [
     "ExportError",
     "ExportMetadata",
     "OnnxModel",
+    "OpenVINOModel",
     "export",
     "read_metadata",
     "to_exported",
     "to_onnx",
+    "to_openvino",
     "to_torchscript",
     "triton_config",
     "write_triton_repo",
@@ -252,17 +258,79 @@ def to_exported(
     return path
 
 
+def to_openvino(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    dtype: str | torch.dtype = "float32",
+    fold: bool = False,
+    card: ModelCard | None = None,
+    categories: Sequence[str] | None = None,
+) -> Path:
+    """Write ``model`` as an OpenVINO IR in folder ``path``: ``model.xml`` (the graph, with the
+    metadata as JSON in its rt_info, key ``densenet``) and ``model.bin`` (the weights), converted
+    by ``openvino.convert_model``; ``openvino.Core().read_model(path / "model.xml")`` reads it.
+
+    Args:
+        dtype: float32, or float16: the weights stored in float16 (OpenVINO's
+            ``compress_to_fp16``; the input and output stay float32).
+        others: as ``to_onnx`` (``fold``: the inference form with concatenating blocks).
+
+    Returns the folder.
+    """
+    ov = require_openvino("OpenVINO export")
+    name = _dtype_name(dtype)
+    if name not in ("float32", "float16"):
+        raise ExportError(
+            f"an OpenVINO IR stores float32 or float16 weights, not {name}; OpenVINO picks the "
+            "compute precision when it runs the model"
+        )
+    folder = check_ir_folder(path)
+    net, example, meta = _prepare(
+        model, card, categories, batch_size, image_size, "float32", fold, for_onnx=True
+    )
+    shape = input_shape(ov, example.shape[1], example.dim() - 2, batch_size, image_size)
+    converted = convert(ov, net, example, shape)
+    converted.set_rt_info(
+        json.dumps(dataclasses.replace(meta, dtype=name).to_dict()), [METADATA_KEY]
+    )
+    write_ir(ov, converted, folder / IR_FILES[0], compress=name == "float16")
+    return folder
+
+
+def check_ir_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if an IR can be written there: a folder (created if missing) whose
+    ``model.xml`` and ``model.bin`` are regular files or absent; else ``ExportError``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(
+            f"output {folder} is a file; an OpenVINO IR is a folder (model.xml, model.bin): give "
+            "a folder name"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot create the output folder {folder}: {error.strerror}") from None
+    for name in IR_FILES:
+        check_output_file(folder / name)
+    return folder
+
+
 EXPORTERS: dict[str, Callable[..., Path]] = {
     "onnx": to_onnx,
     "torchscript": to_torchscript,
     "exported": to_exported,
+    "openvino": to_openvino,
 }
 FORMATS = tuple(EXPORTERS)
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str, **options: Any) -> Path:
-    """Write ``model`` to ``path`` in ``format`` (``onnx``, ``torchscript`` or ``exported``);
-    ``options`` as the format's function (``to_onnx``, ``to_torchscript``, ``to_exported``)."""
+    """Write ``model`` to ``path`` in ``format`` (``onnx``, ``torchscript``, ``exported`` or
+    ``openvino``: a folder); ``options`` as the format's function (``to_onnx``,
+    ``to_torchscript``, ``to_exported``, ``to_openvino``)."""
     if format not in EXPORTERS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}")
     return EXPORTERS[format](model, path, **options)
@@ -404,21 +472,6 @@ def _prepare(
     return net, example, meta
 
 
-class _ConcatBlock(nn.Module):
-    """A dense block of the inference form written as concatenations. In ONNX the inference
-    form's slice writes into one preallocated buffer become scatter nodes, while runtimes plan a
-    concatenation's memory themselves. Input (N, C, H, W); output (N, C + L * k, H, W)."""
-
-    def __init__(self, layers: nn.ModuleList) -> None:
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = torch.cat([x, layer(x)], 1)
-        return x
-
-
 class _AffineReLU(nn.Module):
     """``relu(x * scale + shift)`` per channel, written as a batch norm with zero mean, unit
     variance and no epsilon (exact): one ONNX BatchNormalization node, which ONNX Runtime runs
@@ -438,9 +491,7 @@ class _AffineReLU(nn.Module):
 def _onnx_form(net: nn.Module) -> None:
     """Rewrite an inference-form network in place for ONNX: concatenating dense blocks and
     single-node BN-ReLUs (the same function)."""
-    for name, stage in net.stages.named_children():
-        if isinstance(stage, InferenceBlock):
-            setattr(net.stages, name, _ConcatBlock(stage.layers))
+    concatenating(net)
     for module in list(net.modules()):
         for name, child in module.named_children():
             if isinstance(child, BNReLU):

@@ -1,6 +1,7 @@
 """Exported files (written by ``densenet export``): the metadata every format stores
 (``ExportMetadata``: the model card and how the graph was exported), reading it back, and
-``OnnxModel``, which runs an ONNX file with ONNX Runtime as a module."""
+``OnnxModel`` and ``OpenVINOModel``, which run an ONNX file with ONNX Runtime and an OpenVINO IR
+with OpenVINO as modules."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ from torch import Tensor, nn
 from .archives import check_exported, check_torchscript
 from .dtypes import DTYPES
 from .errors import DenseNetError, first_line
+from .openvino import (
+    METADATA_KEY,
+    CompiledModule,
+    compile_for_cpu,
+    in_batches,
+    ir_file,
+    is_ir,
+    read_ir,
+    require_openvino,
+)
 from .preprocessing import ModelCard, Preprocessing
 
 __all__ = [
@@ -31,6 +42,7 @@ __all__ = [
     "ExportError",
     "ExportMetadata",
     "OnnxModel",
+    "OpenVINOModel",
     "load_exported",
     "read_metadata",
 ]
@@ -118,8 +130,12 @@ def _metadata(read: Callable[[], Any], path: Path) -> ExportMetadata:
 
 
 def read_metadata(path: str | os.PathLike) -> ExportMetadata:
-    """The metadata stored in an exported ``.onnx``, TorchScript or ``.pt2`` file."""
+    """The metadata stored in an exported ``.onnx``, TorchScript or ``.pt2`` file, or an
+    OpenVINO IR (its folder or ``.xml`` file)."""
     path = Path(path)
+    if is_ir(path):
+        ov = require_openvino("reading an OpenVINO IR")
+        return _ir_metadata(read_ir(ov, path), ir_file(path))
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} does not exist")
     if path.suffix == ".onnx":
@@ -215,18 +231,39 @@ class OnnxModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         device = x.device
         x = x.detach().to("cpu", self.input_dtype)
-        chunks = x.split(self.batch_size) if self.batch_size else (x,)
-        outputs = []
-        for chunk in chunks:
-            n = chunk.shape[0]
-            if self.batch_size and n < self.batch_size:  # a fixed-batch graph: pad, then trim
-                pad = chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))
-                chunk = torch.cat([chunk, pad])
-            try:
-                (out,) = self.session.run([self.output_name], {self.input_name: chunk.numpy()})
-            except Exception as error:  # ONNX Runtime raises its own untyped errors
-                raise ExportError(
-                    f"ONNX Runtime failed on {self.path}: {first_line(error)}"
-                ) from None
-            outputs.append(torch.from_numpy(out[:n]).float())
-        return torch.cat(outputs).to(device)
+        return in_batches(x, self.batch_size, self._run).to(device)
+
+    def _run(self, x: Tensor) -> Tensor:
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: x.numpy()})
+        except Exception as error:  # ONNX Runtime raises its own untyped errors
+            raise ExportError(f"ONNX Runtime failed on {self.path}: {first_line(error)}") from None
+        return torch.from_numpy(out).float()
+
+
+class OpenVINOModel(CompiledModule):
+    """An OpenVINO IR written by ``densenet export --format openvino``, run by OpenVINO on the
+    CPU in float32, as a module: (N, C, H, W) float tensor in, (N, num_classes) float32 logits
+    out. The IR is checked before it is compiled (``densenet.openvino.read_ir``); ``metadata``
+    is its ``ExportMetadata`` (its rt_info's ``densenet`` entry).
+
+    Args:
+        path: the IR's folder (holding ``model.xml`` and ``model.bin``) or its ``.xml`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        ov = require_openvino("running an OpenVINO IR")
+        model = read_ir(ov, path)
+        metadata = _ir_metadata(model, ir_file(path))
+        super().__init__(compile_for_cpu(ov, model, torch.float32), str(ir_file(path)))
+        self.path, self.metadata = ir_file(path), metadata
+        self.num_classes = metadata.card.num_classes
+
+
+def _ir_metadata(model: Any, path: Path) -> ExportMetadata:
+    """The metadata in an ``openvino.Model``'s rt_info (``METADATA_KEY``: JSON)."""
+    if not model.has_rt_info([METADATA_KEY]):
+        raise ExportError(
+            f"{path} has no class names in its rt_info: it was not written by densenet export"
+        )
+    return _metadata(lambda: json.loads(model.get_rt_info([METADATA_KEY]).astype(str)), path)

@@ -216,6 +216,29 @@ class InferenceBlock(nn.Module):
         return buffer
 
 
+class ConcatBlock(nn.Module):
+    """An ``InferenceBlock``'s layers written as concatenations, for graph runtimes (ONNX,
+    OpenVINO): there the buffer's slice writes become scatter nodes, while a runtime plans a
+    concatenation's memory itself. Input (N, C, H, W); output (N, C + L * k, H, W)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+def concatenating(net: InferenceDenseNet) -> InferenceDenseNet:
+    """``net`` with each dense block a ``ConcatBlock`` (the same function), rewritten in place."""
+    for name, stage in net.stages.named_children():
+        if isinstance(stage, InferenceBlock):
+            setattr(net.stages, name, ConcatBlock(stage.layers))
+    return net
+
+
 class InferenceTransition(nn.Module):
     """BN-ReLU (a clamp, its scale and offset folded into the convolution), 2x2 average pooling,
     then the 1x1 convolution: pooling first, the convolution runs on a quarter of the pixels.

@@ -1,6 +1,7 @@
 """The one way in: ``densenet.load(spec)`` -> ``LoadedModel(module, card)`` for an architecture
 name (with published weights, a weights file or a training checkpoint), a weights file, a training
-checkpoint, a TorchScript archive, a ``torch.export`` program (.pt2) or an ONNX file.
+checkpoint, a TorchScript archive, a ``torch.export`` program (.pt2), an ONNX file or an OpenVINO
+IR.
 ``Classifier``, ``densenet eval``, ``export`` and ``serve`` all load through it."""
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import TrainCheckpoint, is_train_checkpoint
-from .exported import EXTRA_FILE, OnnxModel, load_exported
+from .exported import EXTRA_FILE, OnnxModel, OpenVINOModel, load_exported
 from .io import atomic_write
 from .model import DenseNet
+from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
 from .registry import get_model, list_models, model_config
 from .runtime import resolve_device
@@ -70,7 +72,8 @@ def load(
 
     Args:
         spec: an architecture name (``densenet.list_models()``); a file: ``.onnx`` (run by ONNX
-            Runtime), ``.pt2`` (``torch.export``), a TorchScript archive, a training checkpoint of
+            Runtime), an OpenVINO IR (its folder or ``.xml``; run by OpenVINO on the CPU),
+            ``.pt2`` (``torch.export``), a TorchScript archive, a training checkpoint of
             ``densenet train`` or a weights file (.pth/.pt/.safetensors, its architecture from
             its name, ``densenet121-...``); a module (its card from its configuration); or None:
             the file that ``weights`` names, else ``densenet121``.
@@ -132,6 +135,13 @@ def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel
 
 
 def _load_file(path: Path, device: torch.device) -> LoadedModel:
+    if is_ir(path):  # run by OpenVINO on the CPU, in float32
+        if device.type != "cpu":
+            raise OpenVINOError(
+                f"OpenVINO IR {path} runs on the CPU, not {device}; use --device cpu"
+            )
+        ir = OpenVINOModel(path)
+        return LoadedModel(ir, ir.metadata.card, "float32")
     if not path.is_file():
         if not is_path(str(path)):
             model_config(str(path))  # an unknown architecture: the error lists the valid ones

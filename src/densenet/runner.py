@@ -23,13 +23,12 @@ from .backends import optimize as optimize_model
 from .dtypes import dtype_name
 from .errors import DenseNetError
 from .explain import ActivationMaps, explain
-from .exported import OnnxModel
+from .exported import OnnxModel, OpenVINOModel
 from .inference import BucketedModel
 from .load import LoadedModel
 from .model import DenseNet
 from .preprocessing import ModelCard
 from .quantization import quantize
-from .runtime import compute_dtype
 from .transforms import flatten_views
 
 __all__ = ["NonFiniteOutputError", "Runner", "count_weights"]
@@ -53,6 +52,8 @@ class Runner:
         dtype: the inference form's precision: a ``torch.dtype``, a name that
             ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), ``"int8"``
             (with ``calibration``), or None: float32 on CPU, bfloat16 on CUDA.
+        backend: the engine of the inference form (``densenet.optimize``'s ``backend``, such
+            as ``"openvino"``); None: the fastest measured for the device and precision.
         max_batch: run the inference form only at batch sizes 1, 2, 4, ..., ``max_batch``
             (``BucketedModel``), each replayed as a CUDA graph on CUDA; None: as batches come.
         headless: drop the classifier: ``logits`` are then the (N, num_features) pooled
@@ -72,6 +73,7 @@ class Runner:
         *,
         optimize: bool = True,
         dtype: torch.dtype | str | None = None,
+        backend: str | None = None,
         max_batch: int | None = None,
         headless: bool = False,
         calibration: str | os.PathLike | None = None,
@@ -103,9 +105,7 @@ class Runner:
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
             self.precision = "int8"
         else:
-            if isinstance(dtype, str):
-                dtype = compute_dtype(dtype, device)
-            module = optimize_model(module.to(device), dtype=dtype)
+            module = optimize_model(module.to(device), dtype=dtype, backend=backend)
             self.precision = dtype_name(module.dtype)
             if max_batch is not None:
                 module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")
@@ -193,10 +193,10 @@ def count_weights(module: nn.Module) -> int | None:
     exported module: every tensor it holds (parameters and buffers, floating or integer, with an
     int8 module's packed convolution and linear weights), since a traced or quantized graph keeps
     its weights as buffers or packed objects. None for a model run outside PyTorch (ONNX
-    Runtime)."""
+    Runtime, OpenVINO)."""
     if isinstance(module, DenseNet):
         return sum(p.numel() for p in module.parameters())
-    if isinstance(module, OnnxModel):
+    if isinstance(module, (OnnxModel, OpenVINOModel)):
         return None
     held = sum(t.numel() for t in module.state_dict().values() if isinstance(t, Tensor))
     return held + sum(_packed_weights(m) for m in module.modules())

@@ -9,8 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .cpu import default_dtype
-from .dtypes import DTYPES
+from .cpu import compute_dtype
 from .errors import DenseNetError
 
 __all__ = [
@@ -38,20 +37,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
         )
     return device
-
-
-def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
-    """The precision ``--dtype name`` asks of the optimized model on ``device``: a name from
-    ``densenet.dtypes.DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
-    with AVX-512 BF16 or AMX), else float32; None, the optimized model's own default (float32
-    on the CPU, exact; bfloat16 on CUDA)."""
-    if name is None:
-        return None
-    if name == "auto":
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,4 +1,5 @@
-"""``densenet export``: ONNX, TorchScript or a ``torch.export`` program, and a Triton repository."""
+"""``densenet export``: ONNX, TorchScript, a ``torch.export`` program or an OpenVINO IR, and a
+Triton repository."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 import os
 import tempfile
 
-from ..export import DEFAULT_OPSET, FORMATS, export, write_triton_repo
+from ..export import DEFAULT_OPSET, FORMATS, check_ir_folder, export, write_triton_repo
 from ..io import check_regular_file
 from ..load import load
+from ..openvino import IR_FILES
 from .common import (
     MAX_IMAGE_SIZE,
     add_model_args,
@@ -22,7 +24,7 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as ONNX, TorchScript or a torch.export program (.pt2)",
+        help="write a model as ONNX, TorchScript, a torch.export program (.pt2) or an OpenVINO IR",
         description="Export for deployment. Input (N, 3, H, W) normalised images, output "
         "(N, classes) logits; class names and preprocessing are stored in the file. Batch, height "
         "and width are dynamic unless --batch-size / --image-size fix them (TorchScript always "
@@ -30,7 +32,11 @@ def add_parser(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--out", help="output file (.onnx, .pt, .pt2); optional with --triton-repo")
+    p.add_argument(
+        "--out",
+        help="output file (.onnx, .pt, .pt2), or folder (openvino: model.xml, model.bin); "
+        "optional with --triton-repo",
+    )
     batch = p.add_mutually_exclusive_group()
     batch.add_argument(
         "--batch-size", type=integer(1, 4096), help="fix the batch size (default: dynamic)"
@@ -48,7 +54,8 @@ def add_parser(sub) -> None:
         "--dtype",
         default="float32",
         choices=["float32", "float16", "bfloat16", "int8"],
-        help="precision (int8: --format onnx, a QDQ model calibrated on --calibration)",
+        help="precision (int8: --format onnx, a QDQ model calibrated on --calibration; "
+        "openvino: float32, or float16 weights)",
     )
     p.add_argument(
         "--calibration",
@@ -77,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and args.triton_repo is None:
         raise ValueError("give the output file with --out FILE")
     check_calibration(args)
-    if args.out is not None:
-        check_regular_file(args.out)  # before the model is loaded and exported
+    if args.out is not None:  # before the model is loaded and exported
+        (check_ir_folder if args.format == "openvino" else check_regular_file)(args.out)
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
@@ -91,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or os.path.join(scratch, "model.onnx")
         path = export(loaded.module, out, args.format, card=loaded.card, **options)
         report = {"format": args.format, "model": name, "weights": args.weights, **options}
-        report["size_mb"] = round(path.stat().st_size / 1e6, 3)
+        files = [path / file for file in IR_FILES] if path.is_dir() else [path]
+        report["size_mb"] = round(sum(f.stat().st_size for f in files) / 1e6, 3)
         if args.out is not None:
             report["path"] = str(path)
         if args.triton_repo is not None:

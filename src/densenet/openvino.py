@@ -1,0 +1,345 @@
+"""OpenVINO on the CPU: the ``openvino`` engine of ``densenet.optimize`` and the pieces that an
+OpenVINO IR file (``densenet export --format openvino``) shares with it.
+
+``OpenVINODenseNet`` converts a DenseNet's inference form (``InferenceDenseNet``, BatchNorms
+folded, its dense blocks written as concatenations) straight from the module
+(``openvino.convert_model``, no file in between), with a dynamic batch and spatial size, and
+compiles it for the CPU with the precision asked: float32 is exact (OpenVINO's f32 inference
+precision); ``"auto"`` is OpenVINO's own default, bfloat16 where the CPU computes it. The
+converted form is kept as an IR in ``cache_dir()``, named by a hash of the model's weights, and
+OpenVINO's model cache (``CACHE_DIR``) is there too: a second start with the same model skips
+folding, tracing and converting.
+
+An IR read from a file is checked before it is compiled (``check_operations``): OpenVINO's reader
+is C++ (no Python runs), builds operators of the standard opsets only unless extensions are
+loaded (densenet loads none), and every operator must come from a standard opset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DenseNetError, first_line
+from .inference import METADATA, InferenceDenseNet, concatenating
+from .io import atomic_write, check_regular_file
+from .model import DenseNet
+
+__all__ = [
+    "INSTALL_OPENVINO",
+    "OpenVINODenseNet",
+    "OpenVINOError",
+    "cache_dir",
+    "check_operations",
+    "compile_for_cpu",
+    "is_ir",
+    "read_ir",
+    "require_openvino",
+    "write_ir",
+]
+
+INSTALL_OPENVINO = "pip install 'densenet-toolkit[openvino]'"
+# OpenVINO's inference precisions (``INFERENCE_PRECISION_HINT``) and its CPU capability for each
+PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+CAPABILITIES = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
+STANDARD_OPSET = re.compile(r"opset\d+")
+# operators that hold graphs of their own, which ``get_ops`` does not list: a DenseNet has none
+SUBGRAPH_OPERATORS = frozenset({"Loop", "If", "TensorIterator"})
+EXAMPLE_BATCH = 2  # the conversion example's batch (1 could be specialised)
+CACHED_IRS = 8  # converted forms kept in the cache, the ones used last
+IR_FILES = ("model.xml", "model.bin")  # an IR folder: the graph, then its weights
+METADATA_KEY = "densenet"  # the model card's key in the IR's rt_info (JSON)
+
+
+class OpenVINOError(DenseNetError, RuntimeError):
+    """OpenVINO is missing, or cannot run a model as asked; the message says what to change."""
+
+
+class OpenVINOMissing(OpenVINOError, ImportError):
+    """The openvino package is not installed (an ``ImportError`` too, ``name`` openvino)."""
+
+    name = "openvino"
+
+
+def require_openvino(purpose: str) -> ModuleType:
+    """The ``openvino`` package, or ``OpenVINOMissing`` naming how to install it."""
+    if importlib.util.find_spec("openvino") is None:
+        raise OpenVINOMissing(
+            f"{purpose} needs the openvino package, which is not installed: {INSTALL_OPENVINO}"
+        )
+    return importlib.import_module("openvino")
+
+
+def cache_dir() -> Path:
+    """Where converted forms and OpenVINO's compiled models are cached: ``openvino`` in the
+    package's cache folder, ``~/.cache/densenet`` (where named data sets live too)."""
+    return Path("~/.cache/densenet/openvino").expanduser()
+
+
+def precision_of(dtype: torch.dtype | str | None, ov: ModuleType) -> torch.dtype:
+    """The inference precision ``dtype`` asks of OpenVINO on this CPU: None, float32;
+    ``"auto"``, OpenVINO's default (bfloat16 where the CPU computes it, else float32); a 16-bit
+    one only where the CPU computes it (its ``OPTIMIZATION_CAPABILITIES``), else
+    ``OpenVINOError``."""
+    if dtype is None:
+        return torch.float32
+    core = ov.Core()
+    if dtype == "auto":
+        hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+        return next((t for t, name in PRECISIONS.items() if name == hint), torch.float32)
+    if dtype not in PRECISIONS:
+        raise OpenVINOError(
+            f"OpenVINO runs float32, bfloat16 or float16, not {dtype}; use dtype float32 or auto"
+        )
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if CAPABILITIES[dtype] not in capabilities:
+        raise OpenVINOError(
+            f"this CPU does not compute {dtype} in OpenVINO (it offers {', '.join(capabilities)}); "
+            "use dtype float32, or auto for the fastest precision it has"
+        )
+    return dtype
+
+
+def compile_for_cpu(
+    ov: ModuleType, model: Any, precision: torch.dtype, hint: str = "LATENCY"
+) -> Any:
+    """``model`` (an ``openvino.Model``) compiled for the CPU in ``precision`` with the
+    performance ``hint`` (``"LATENCY"``: one request at a time uses every thread;
+    ``"THROUGHPUT"``: several streams) on PyTorch's number of threads (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``), through OpenVINO's model cache when it can be written."""
+    config = {
+        "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+        "PERFORMANCE_HINT": hint,
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    with contextlib.suppress(OSError):  # a read-only home: compile every time
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        config["CACHE_DIR"] = str(cache_dir())
+    try:
+        return ov.Core().compile_model(model, "CPU", config)
+    except RuntimeError as error:  # OpenVINO's own exception type
+        raise OpenVINOError(f"OpenVINO cannot compile the model: {reason(error)}") from None
+
+
+def reason(error: BaseException) -> str:
+    """The first line of an OpenVINO error that says something (its messages start with lines
+    naming the C++ source files the exception passed through)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith("Exception from ")]
+    return (said or lines or [first_line(error)])[0][:200]
+
+
+def ir_file(path: str | os.PathLike) -> Path:
+    """The graph of an IR: ``path`` itself (an ``.xml`` file), or ``model.xml`` in folder
+    ``path``."""
+    path = Path(path)
+    return path / IR_FILES[0] if path.is_dir() else path
+
+
+def is_ir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an OpenVINO IR: an ``.xml`` file, or a folder holding
+    ``model.xml``."""
+    path = Path(path)
+    return path.suffix == ".xml" or (path.is_dir() and (path / IR_FILES[0]).exists())
+
+
+def read_ir(ov: ModuleType, path: str | os.PathLike) -> Any:
+    """The ``openvino.Model`` of an IR (``ir_file``; its weights in the ``.bin`` beside it),
+    read by OpenVINO's C++ reader and checked (``check_operations``) before anything compiles
+    it; ``OpenVINOError`` naming the file otherwise."""
+    xml = ir_file(path)
+    if not xml.is_file():
+        raise OpenVINOError(
+            f"OpenVINO IR {xml} does not exist (give a folder holding model.xml and model.bin, "
+            "or the .xml file)"
+        )
+    try:
+        model = ov.Core().read_model(xml)
+    except RuntimeError as error:
+        raise OpenVINOError(f"{xml} is not a readable OpenVINO IR ({reason(error)})") from None
+    check_operations(model, xml)
+    return model
+
+
+def write_ir(ov: ModuleType, model: Any, xml: str | os.PathLike, compress: bool = False) -> Path:
+    """Write ``model`` as the IR ``xml`` and the ``.bin`` beside it, each atomically
+    (``densenet.io.atomic_write``), the weights first; ``compress``: weights in float16
+    (``compress_to_fp16``). Returns ``xml``."""
+    xml = Path(xml)
+    targets = [xml, xml.with_suffix(".bin")]
+    for target in targets:
+        check_regular_file(target)
+    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".openvino-") as scratch:
+        written = Path(scratch) / "model.xml"
+        ov.save_model(model, written, compress_to_fp16=compress)
+        for source, target in reversed(list(zip([written, written.with_suffix(".bin")], targets))):
+            atomic_write(target, functools.partial(os.replace, source))
+    return xml
+
+
+def check_operations(model: Any, source: str | os.PathLike) -> None:
+    """Refuse an ``openvino.Model`` read from ``source`` unless every operator comes from one of
+    OpenVINO's standard opsets (``opsetN``) and none holds a subgraph of its own."""
+    for op in model.get_ops():
+        kind, version = op.get_type_name(), op.get_type_info().version_id
+        if not STANDARD_OPSET.fullmatch(version) or kind in SUBGRAPH_OPERATORS:
+            raise OpenVINOError(
+                f"{source}: layer {op.get_friendly_name()!r} is a {kind} of {version}, not an "
+                "operator of OpenVINO's standard opsets without subgraphs; refused (export the "
+                "model again with densenet export --format openvino)"
+            )
+
+
+def input_shape(
+    ov: ModuleType, channels: int, spatial: int, batch: int | None = None, size: int | None = None
+) -> Any:
+    """The ``openvino.PartialShape`` (N, C, *spatial) of a converted model's input: ``batch``
+    and ``size`` (every spatial axis) fixed where given, else dynamic (-1)."""
+    fixed = -1 if size is None else size
+    return ov.PartialShape([-1 if batch is None else batch, channels, *[fixed] * spatial])
+
+
+def convert(ov: ModuleType, module: nn.Module, example: Tensor, shape: Any) -> Any:
+    """``module`` converted to an ``openvino.Model`` with input ``shape``, from its trace on
+    ``example`` (traced here without the tracer's check, which runs the module three more
+    times); ``OpenVINOError`` if OpenVINO cannot convert it."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's notice
+            traced = torch.jit.trace(module, example, check_trace=False)
+            return ov.convert_model(traced, example_input=example, input=[shape])
+    except Exception as error:  # OpenVINO's frontends raise many types
+        raise OpenVINOError(f"OpenVINO cannot convert this model: {reason(error)}") from None
+
+
+def in_batches(x: Tensor, batch_size: int | None, run: Callable[[Tensor], Tensor]) -> Tensor:
+    """``run`` over ``x`` for a graph of a fixed ``batch_size`` (None: any): in chunks of that
+    size, the last padded with zeros and its outputs trimmed. (N, ...) -> (N, ...)."""
+    if batch_size is None:
+        return run(x)
+    outputs = []
+    for chunk in x.split(batch_size):
+        n = chunk.shape[0]
+        if n < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
+        outputs.append(run(chunk)[:n])
+    return torch.cat(outputs)
+
+
+class CompiledModule(nn.Module):
+    """A compiled OpenVINO model as a module: (N, C, ...) float tensor on the CPU in, (N,
+    outputs) float32 tensor out (a graph of a fixed batch size runs ``in_batches``). One
+    inference request, used by one call at a time."""
+
+    def __init__(self, compiled: Any, name: str) -> None:
+        super().__init__()
+        self.compiled, self.name = compiled, name
+        self.request = compiled.create_infer_request()
+        batch = compiled.input(0).get_partial_shape()[0]
+        self.batch_size = batch.get_length() if batch.is_static else None
+        self._lock = threading.Lock()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise OpenVINOError(
+                f"{self.name} runs on the CPU (OpenVINO), got an input on {x.device}; use "
+                "--device cpu"
+            )
+        return in_batches(x.detach().to(torch.float32), self.batch_size, self._infer)
+
+    def _infer(self, x: Tensor) -> Tensor:
+        with self._lock:
+            try:
+                out = self.request.infer({0: x.contiguous().numpy()})[0]
+            except RuntimeError as error:  # OpenVINO's own exception type
+                raise OpenVINOError(f"OpenVINO failed on {self.name}: {reason(error)}") from None
+            return torch.from_numpy(out.copy()).float()
+
+
+def _converted(ov: ModuleType, model: DenseNet) -> Any:
+    """``model``'s inference form as an ``openvino.Model``: from the cache when this model was
+    converted before (``cache_dir()``, an IR named by ``fingerprint``; the ``CACHED_IRS`` used
+    last are kept, and twice as many of OpenVINO's compiled blobs), else converted and cached."""
+    xml = cache_dir() / f"{fingerprint(model, ov)}.xml"
+    if xml.is_file():
+        with contextlib.suppress(OpenVINOError, OSError):  # a damaged entry: convert again
+            converted = read_ir(ov, xml)
+            os.utime(xml)
+            return converted
+    form = concatenating(InferenceDenseNet(model, torch.float32, channels_last=False))
+    channels = model.features.conv0.in_channels
+    side = max(model.min_input_size, 32)
+    example = torch.randn(EXAMPLE_BATCH, channels, *[side] * model.spatial_dims)
+    converted = convert(ov, form, example, input_shape(ov, channels, model.spatial_dims))
+    with contextlib.suppress(OSError, DenseNetError):  # a read-only cache: convert every time
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        write_ir(ov, converted, xml)
+        for pattern, kept in (("*.xml", CACHED_IRS), ("*.blob", 2 * CACHED_IRS)):
+            files = sorted(xml.parent.glob(pattern), key=lambda path: path.stat().st_mtime)
+            for old in files[:-kept]:  # OpenVINO's compiled blobs too (a precision each)
+                old.unlink()
+                old.with_suffix(".bin").unlink(missing_ok=True)
+    return converted
+
+
+def fingerprint(model: DenseNet, ov: ModuleType) -> str:
+    """A SHA-256 (hex) of what the converted form depends on: the model's configuration and
+    tensors, OpenVINO's version and the source of the code that builds the form."""
+    digest = hashlib.sha256()
+    sources = [Path(__file__), Path(__file__).with_name("inference.py")]
+    for part in [ov.__version__, repr(sorted(model.config.items())), *sources]:
+        digest.update(part.read_bytes() if isinstance(part, Path) else part.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class OpenVINODenseNet(CompiledModule):
+    """A DenseNet's inference form compiled by OpenVINO for the CPU.
+
+    Args:
+        model: an eval-mode ``densenet.DenseNet`` on the CPU (1D, 2D or 3D).
+        dtype: None or float32 (exact: OpenVINO's f32 precision), ``"auto"`` (OpenVINO's
+            default: bfloat16 where the CPU computes it, else float32), bfloat16 or float16
+            (where the CPU computes it).
+        hint: OpenVINO's performance hint: ``"LATENCY"`` (the default) or ``"THROUGHPUT"``.
+
+    Input (N, in_channels, *spatial) float, any batch and spatial size; output (N,
+    num_classes) float32 logits (pooled features for a model without classifier). ``dtype`` is
+    the precision OpenVINO computes in.
+    """
+
+    def __init__(
+        self, model: DenseNet, dtype: torch.dtype | str | None = None, hint: str = "LATENCY"
+    ) -> None:
+        ov = require_openvino("backend='openvino'")
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise OpenVINOError(
+                f"backend='openvino' runs on the CPU, the model is on {device}; move it to the "
+                "CPU or use another backend"
+            )
+        precision = precision_of(dtype, ov)
+        converted = _converted(ov, model)
+        super().__init__(compile_for_cpu(ov, converted, precision, hint), type(model).__name__)
+        self.dtype, self.spatial_dims = precision, model.spatial_dims
+        for name in METADATA:
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+        self.eval()
