@@ -348,10 +348,15 @@ def test_calibrate_writes_the_model_and_a_png_diagram(tiny, capsys):
     [
         (["--out", "c/o.pth", "--diagram", "c/link.png"], "c/link.png is a symbolic link"),
         (["--out", "c/link.pth"], "c/link.pth is a symbolic link"),  # its default diagram too
-        (["--out", "c/"], "c is a folder"),
+        (["--out", "c/"], "--out c/ names a folder"),
+        (["--out", "c"], "c is a folder"),
         (["--out", "nodir/y.pth"], "--out nodir/y.pth: the folder nodir does not exist"),
         (["--out", "o.pth", "--diagram", "nodir/d.png"], "--diagram nodir/d.png: the folder"),
         (["--out", "o.pth", "--diagram", "o.pth"], "--diagram o.pth is the --out file"),
+        (["--out", "nodir/"], "--out nodir/ names a folder"),
+        (["--out", "o.pth", "--diagram", "best.pth"], "--diagram best.pth is the input"),
+        (["--out", "val/a/new.pth"], "--out val/a/new.pth is inside the input"),
+        (["--out", "o.pth", "--diagram", "val/a/0.png"], "--diagram val/a/0.png is inside"),
     ],
 )
 def test_calibrate_checks_its_outputs_before_any_work(tiny, capsys, monkeypatch, args, message):

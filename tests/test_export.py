@@ -400,6 +400,20 @@ def test_cli_export_errors(tmp_path, monkeypatch, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_cli_export_never_writes_over_its_input_and_takes_no_exported_file(model, tmp_path, capsys):
+    weights = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), weights)
+    before = weights.read_bytes()
+    argv = ["export", "--model", "densenet121", "--weights", str(weights), "--format", "onnx"]
+    assert main([*argv, "--out", str(weights)]) == 2
+    assert "is the input" in capsys.readouterr().err and weights.read_bytes() == before
+    E.to_torchscript(model, tmp_path / "m.pt", method="trace")
+    argv = ["export", "--model", str(tmp_path / "m.pt"), "--format", "exported"]
+    assert main([*argv, "--out", str(tmp_path / "m.pt2")]) == 2
+    assert "is an exported file" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt2").exists()
+
+
 def test_cli_unknown_format(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--format", "tflite", "--out", "m.tflite"])

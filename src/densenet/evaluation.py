@@ -223,7 +223,7 @@ def calibrate_dataset(
             "--weights none: random weights have nothing to calibrate; give trained weights or "
             "a checkpoint of `densenet train`"
         )
-    out, diagram = _calibration_outputs(model, weights, out, diagram)
+    out, diagram = _calibration_outputs(model, weights, out, diagram, (data, labels))
     target = resolve_device(device)
     loaded = load(model, weights=weights, device=target)
     card = loaded.card.replace(calibration=None)
@@ -289,20 +289,22 @@ def _calibration_outputs(
     weights: str | None,
     out: str | os.PathLike | None,
     diagram: str | os.PathLike | None,
+    data: tuple[str | os.PathLike | None, ...],
 ) -> tuple[Path, Path]:
-    """The calibrated copy's path (``out``, else beside the weights file; never the file
-    itself) and the diagram's (default beside it), both checked writable before any work."""
+    """The calibrated copy's path (``out``, else beside the weights file) and the diagram's
+    (default beside it), both checked writable, apart, and neither an input (the model file,
+    the ``data`` folder and labels file) before any work."""
     source = next((Path(s) for s in (weights, model) if s and Path(s).is_file()), None)
     if out is None:
         if source is None:
             raise DataError("give --out FILE: where to write the calibrated model")
         out = source.with_name(f"{source.stem}.calibrated.pth")
-    out = check_output_file(out, "--out")
-    if source is not None and out.resolve() == source.resolve():
-        raise DataError(f"--out {out} is the model file itself; the original stays untouched")
+    inputs = (source, *data)
+    out = check_output_file(out, "--out", inputs)
     diagram = check_output_file(
-        diagram if diagram is not None else out.with_suffix(".reliability.png"), "--diagram"
-    )
+        diagram if diagram is not None else out.with_suffix(".reliability.png"), "--diagram",
+        inputs,
+    )  # fmt: skip
     if diagram.resolve() == out.resolve():
         raise DataError(f"--diagram {diagram} is the --out file; give them different paths")
     return out, diagram

@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "temporary_of",
     "text_table",
     "atomic_write",
+    "check_not_input",
     "check_output_file",
     "check_regular_file",
     "csv_rows",
@@ -123,10 +124,16 @@ def check_regular_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """``path`` as a ``Path`` if ``atomic_write`` can write it: a regular file or nothing
-    (``check_regular_file``) in an existing, writable folder; else ``DenseNetError`` naming
-    ``what`` and ``path``. Call it before the work whose result goes there."""
+def check_output_file(
+    path: str | os.PathLike, what: str = "output file", inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """``path`` as a ``Path`` if ``atomic_write`` can write it and it is not an input: a regular
+    file or nothing (``check_regular_file``) in an existing, writable folder, neither one of
+    the ``inputs`` files nor inside one of the ``inputs`` folders (``check_not_input``); else
+    ``DenseNetError`` naming ``what`` and ``path``. Call it before the work whose result goes
+    there."""
+    if str(path).endswith(("/", os.sep)):
+        raise DenseNetError(f"{what} {path} names a folder; give a file name")
     try:
         path = check_regular_file(path)
     except DenseNetError as error:
@@ -136,6 +143,27 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
         raise DenseNetError(f"{what} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DenseNetError(f"{what} {path}: the folder {folder} is not writable")
+    return check_not_input(path, what, inputs)
+
+
+def check_not_input(
+    path: str | os.PathLike, what: str, inputs: Iterable[str | os.PathLike | None]
+) -> Path:
+    """``path`` as a ``Path`` unless it is one of the ``inputs`` files or lies inside one of the
+    ``inputs`` folders (symbolic links resolved; entries that are None or name no file, such
+    as an architecture, ignored): an output never replaces what a command reads."""
+    path = Path(path)
+    target = path.resolve()
+    for source in inputs:
+        if source is None or not os.path.exists(source):
+            continue
+        source = Path(source).resolve()
+        if target == source or (source.is_dir() and target.is_relative_to(source)):
+            where = "is" if target == source else "is inside"
+            raise DenseNetError(
+                f"{what} {path} {where} the input {source}; write it elsewhere, the input "
+                "stays untouched"
+            )
     return path
 
 

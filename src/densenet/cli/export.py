@@ -7,9 +7,17 @@ import argparse
 import os
 import tempfile
 
-from ..export import DEFAULT_OPSET, FORMATS, check_ir_folder, export, write_triton_repo
-from ..io import check_regular_file
+from ..export import (
+    DEFAULT_OPSET,
+    FORMATS,
+    ExportError,
+    check_ir_folder,
+    export,
+    write_triton_repo,
+)
+from ..io import check_not_input, check_regular_file
 from ..load import load
+from ..model import DenseNet
 from ..openvino import IR_FILES
 from .common import (
     MAX_IMAGE_SIZE,
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give the output file with --out FILE")
     check_calibration(args)
     if args.out is not None:  # before the model is loaded and exported
+        check_not_input(args.out, "--out", (args.model, args.weights, args.calibration))
         (check_ir_folder if args.format == "openvino" else check_regular_file)(args.out)
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
     options.update(dtype=args.dtype, fold=args.fold)
@@ -93,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         options["calibration"] = args.calibration
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
+    if not isinstance(loaded.module, DenseNet):
+        raise ExportError(
+            f"{args.model} is an exported file ({type(loaded.module).__name__}); export takes an "
+            "architecture with weights, a weights file or a checkpoint of densenet train"
+        )
     name = loaded.card.arch or args.model
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or os.path.join(scratch, "model.onnx")

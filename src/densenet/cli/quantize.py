@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.model).with_suffix("")) + ".int8.pt"
-    check_output_file(out, "--out")  # before the work, not after it
+    inputs = (args.model, args.calibration, args.validation)
+    check_output_file(out, "--out", inputs)  # before the work, not after it
     warn_if_random(args)
     result = quantize(
         args.model,
