@@ -96,6 +96,7 @@ def test_an_unknown_model_argument_is_one_error_before_training(tmp_path, capsys
 
 def test_sizes_and_windows_the_model_cannot_take_are_one_error_before_anything(tmp_path, capsys):
     """A crop or volume below the model's smallest input, a volume size over the voxel limit, a
+    batch that cannot fit in memory (a 640^3 volume's batch needs hundreds of GiB), a
     window that is not finite or whose width overflows: one line each, nothing written."""
     base = ["train", "--recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
     below = "is below the smallest input of densenet_bc_100_k12"
@@ -103,7 +104,9 @@ def test_sizes_and_windows_the_model_cannot_take_are_one_error_before_anything(t
         f"image_size 2 {below} (4x4 pixels)": ["--image-size", "2"],
         f"volume_size (1, 1, 1) {below} ((4, 4, 4) voxels": ["--volume-size", "1,1,1"],
         f"volume_size (2, 2, 2) {below}": ["--volume-size", "2,2,2"],
-        "over the limit of 1,000,000,000 voxels": ["--volume-size", "10000,10000,10000"],
+        "over the limit of 268,435,456 voxels": ["--volume-size", "10000,10000,10000"],
+        "GiB for its stem's output alone": ["--volume-size", "640,640,640"],
+        "at image_size (100000, 100000) needs at least": ["--image-size", "100000"],
         "got (-inf, inf)": ["--volume-size", "8,8,8", "--window=-inf,inf"],
         "got (-1e+308, 1e+308)": ["--volume-size", "8,8,8", "--window", "-1e308,1e308"],
         "got (-3e+38, 3e+38)": ["--volume-size", "8,8,8", "--window", "-3e38,3e38"],

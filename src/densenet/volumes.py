@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
-MAX_VOXELS = 1_000_000_000  # volumes larger than this are refused (memory)
+MAX_VOXELS = 2**28  # voxels of a volume (1 GiB as float32, a 1024x512x512 scan): above, refused
 # a volume whose float32 voxels would take more than MIN_SUSPECT_BYTES and more than MAX_EXPANSION
 # times its file's size is refused from its header (a gzip bomb: a small file of constant voxels)
 MAX_EXPANSION = 256
@@ -198,10 +198,11 @@ def _check_size(shape: Sequence[int], name: str) -> None:
 
 
 def _check_memory(voxels: int, dtype: np.dtype, file_size: int, name: str) -> None:
-    """Refuse a volume whose reading (its values, then as float32) would not fit in the memory
-    available, or a compressed one that would expand suspiciously far beyond its file's size
-    (a gzip bomb: a small file of constant voxels)."""
-    unpacked, needed = voxels * 4, voxels * (dtype.itemsize + 4)
+    """Refuse a volume whose reading (its values, then as float32, then the float32 copies of
+    the channels-first layout and the resize) would not fit in the memory available, or a
+    compressed one that would expand suspiciously far beyond its file's size (a gzip bomb: a
+    small file of constant voxels)."""
+    unpacked, needed = voxels * 4, voxels * (dtype.itemsize + 3 * 4)
     if unpacked > MIN_SUSPECT_BYTES and unpacked > MAX_EXPANSION * file_size:
         raise ImageError(
             f"{name}: {voxels:,} voxels would expand from a {file_size:,}-byte file to "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ..model import DenseNet
 from ..registry import get_model
 from ..runtime import AMP_MODES
 from ..transforms import AUGMENTATIONS
-from ..volumes import VolumeTransform
+from ..volumes import VolumeTransform, available_memory
 
 
 @dataclass
@@ -265,8 +266,8 @@ def _check_volume(config: TrainConfig) -> None:
 
 
 def _check_input_size(config: TrainConfig) -> None:
-    """Refuse a crop or volume size smaller than the model's smallest input (the network is built
-    on the meta device: no memory, no weights)."""
+    """Refuse a crop or volume size smaller than the model's smallest input, or one whose batch
+    cannot fit in memory (the network is built on the meta device: no memory, no weights)."""
     volumes = config.volume_size is not None
     with torch.device("meta"):
         net = get_model(
@@ -279,6 +280,7 @@ def _check_input_size(config: TrainConfig) -> None:
                 f"image_size {config.image_size} is below the smallest input of {config.model} "
                 f"({side}x{side} pixels); give at least {side}"
             )
+        _check_batch_memory(config, net, (config.image_size,) * 2)
         return
     # an axis the ImageNet stem keeps (stride 1) is halved by the transitions only
     kept = 2 ** (len(net.config["block_config"]) - 1)
@@ -288,6 +290,23 @@ def _check_input_size(config: TrainConfig) -> None:
         raise ValueError(
             f"volume_size {tuple(config.volume_size)} is below the smallest input of "
             f"{config.model} ({least} voxels, D, H, W); give at least that"
+        )
+    _check_batch_memory(config, net, tuple(config.volume_size))
+
+
+def _check_batch_memory(config: TrainConfig, net: DenseNet, size: tuple[int, ...]) -> None:
+    """Refuse a batch whose stem output alone (the first of the activations training keeps, at
+    2 bytes a value) exceeds the memory available: a lower bound of what the step needs."""
+    imagenet = net.config["stem"] == "imagenet"
+    strides = net.config.get("stem_stride", (2,) * len(size)) if imagenet else (1,) * len(size)
+    values = net.config["num_init_features"] * math.prod(-(-n // s) for n, s in zip(size, strides))
+    needed, available = config.batch_size * values * 2, available_memory()
+    if available is not None and needed > available:
+        flag = "image_size" if len(size) == 2 else "volume_size"
+        raise ValueError(
+            f"a batch of {config.batch_size} at {flag} {size} needs at least {needed / 2**30:,.1f} "
+            f"GiB for its stem's output alone, more than the {available / 2**30:,.1f} GiB of "
+            f"memory available; lower {flag} or batch_size"
         )
 
 
