@@ -355,8 +355,8 @@ def test_calibrate_writes_the_model_and_a_png_diagram(tiny, capsys):
         (["--out", "o.pth", "--diagram", "o.pth"], "--diagram o.pth is the --out file"),
         (["--out", "nodir/"], "--out nodir/ names a folder"),
         (["--out", "o.pth", "--diagram", "best.pth"], "--diagram best.pth is the input"),
-        (["--out", "val/a/new.pth"], "--out val/a/new.pth is inside the input"),
-        (["--out", "o.pth", "--diagram", "val/a/0.png"], "--diagram val/a/0.png is inside"),
+        (["--out", "val/a/1.png"], "--out val/a/1.png would replace a file of the input"),
+        (["--out", "o.pth", "--diagram", "val/a/0.png"], "--diagram val/a/0.png would replace"),
     ],
 )
 def test_calibrate_checks_its_outputs_before_any_work(tiny, capsys, monkeypatch, args, message):

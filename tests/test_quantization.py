@@ -138,7 +138,7 @@ def test_quantize_checks_its_output_path_before_the_work(photos, tmp_path, monke
     assert ".tmp" not in err
     assert main(["quantize", model, str(photos), "--out", str(tmp_path)]) == 2
     assert "is a folder, not a regular file" in capsys.readouterr().err
-    for inside in (model, str(photos / "inside.int8.pt")):  # an input, or in the input folder
+    for inside in (model, str(photos / "coffee0.png")):  # an input, or a file of the input folder
         assert main(["quantize", model, str(photos), "--out", inside]) == 2
         assert "the input" in capsys.readouterr().err
 

@@ -149,20 +149,22 @@ def check_output_file(
 def check_not_input(
     path: str | os.PathLike, what: str, inputs: Iterable[str | os.PathLike | None]
 ) -> Path:
-    """``path`` as a ``Path`` unless it is one of the ``inputs`` files or lies inside one of the
-    ``inputs`` folders (symbolic links resolved; entries that are None or name no file, such
-    as an architecture, ignored): an output never replaces what a command reads."""
+    """``path`` as a ``Path`` unless writing it would replace an input: one of the ``inputs``
+    files, or a file inside one of the ``inputs`` folders (symbolic links resolved; entries that
+    are None or name no file, such as an architecture, ignored). A new file beside the data is
+    fine."""
     path = Path(path)
     target = path.resolve()
     for source in inputs:
         if source is None or not os.path.exists(source):
             continue
         source = Path(source).resolve()
-        if target == source or (source.is_dir() and target.is_relative_to(source)):
-            where = "is" if target == source else "is inside"
+        if target == source or (
+            source.is_dir() and target.is_relative_to(source) and target.exists()
+        ):
+            where = "is the input" if target == source else "would replace a file of the input"
             raise DenseNetError(
-                f"{what} {path} {where} the input {source}; write it elsewhere, the input "
-                "stays untouched"
+                f"{what} {path} {where} {source}; write it elsewhere, the input stays untouched"
             )
     return path
 
