@@ -34,6 +34,10 @@ def onednn_bfloat16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
 def _triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run for a model on ``device``: CUDA with triton installed,
     or any device under the Triton interpreter (``TRITON_INTERPRET=1``, for tests)."""
@@ -61,7 +65,7 @@ def _usable(
     (the openvino package missing, oneDNN without bfloat16, a model whose channel counts are not
     ``aligned`` for the triton kernels: ``channels_aligned``)."""
     if engine == "openvino":
-        return device.type == "cpu" and importlib.util.find_spec("openvino") is not None
+        return device.type == "cpu" and _openvino_installed()
     if engine == "onednn":
         return (
             device.type == "cpu"
@@ -101,7 +105,7 @@ def engine_choices() -> list[dict[str, Any]]:
             "kind": engines.cpu_kind(),
             "capability": torch.backends.cpu.get_cpu_capability(),
             "flags": engines.cpu_flags(),
-            "openvino": importlib.util.find_spec("openvino") is not None,
+            "openvino": _openvino_installed(),
         }
     ]
     if torch.cuda.is_available():
