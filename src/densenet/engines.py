@@ -99,8 +99,8 @@ ENGINE_TABLE: tuple[EngineRow, ...] = (
         "batch 256 10,767-10,835 images/s against torchvision eager's 9,444-9,530, batch 1 as "
         "a CUDA graph 1.39-1.45 ms against 1.83-1.86 ms; compile=True (inductor) ran batch 256 "
         "at 19,082-19,358 images/s in a fresh process but at 14,441-14,607 after batch 1 and "
-        "64, and compiles each new input shape; the triton kernels as they are now have not "
-        "run on a GPU",
+        "64, and compiles each new input shape; the triton kernels have changed since an "
+        "earlier form was timed on an H200 and have not been timed on a GPU as they are now",
     ),
 )  # fmt: skip
 
