@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import densenet
+import densenet.engines
 from densenet import DenseNet, weights
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
@@ -61,6 +62,19 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
             )
             m.running_var.data = torch.rand(n, generator=generator, dtype=m.running_var.dtype) + 0.5
     return model
+
+
+SHIPPED_ENGINE_TABLE = densenet.engines.ENGINE_TABLE  # for the tests of the table itself
+
+
+@pytest.fixture(autouse=True)
+def engines_without_openvino(monkeypatch):
+    """The default engine from the table without its openvino rows, so that a test's model runs
+    in PyTorch on every CPU: where openvino is the default, each model would be converted by
+    OpenVINO first (about 2 s) and cached in the home folder. tests/test_engines.py puts the
+    table as shipped back (``SHIPPED_ENGINE_TABLE``)."""
+    rows = tuple(row for row in SHIPPED_ENGINE_TABLE if row.engine != "openvino")
+    monkeypatch.setattr(densenet.engines, "ENGINE_TABLE", rows)
 
 
 @pytest.fixture(autouse=True)

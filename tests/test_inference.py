@@ -226,12 +226,13 @@ def test_inductor_backend_keeps_batch_static():
 
 def test_backend_choices(monkeypatch):
     model = randomize_batchnorm(tiny_model()).eval()
-    # the CPU default follows the CPU: the onednn form where it measured faster (AVX2, AVX-512)
-    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "DEFAULT")
+    # the CPU default follows the CPU's kind (the engine table, tests/test_engines.py): the
+    # onednn form where it measured faster (AVX2, AVX-512 with BF16 or AMX), else eager
+    monkeypatch.setattr(densenet.engines, "cpu_kind", lambda: "DEFAULT")
     assert isinstance(optimize(model), InferenceDenseNet)
     assert isinstance(optimize(model, dtype=torch.float64), InferenceDenseNet)
-    for capability in ("AVX2", "AVX512"):
-        monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda c=capability: c)
+    for kind in ("AVX2", "AVX512_BF16", "AMX"):
+        monkeypatch.setattr(densenet.engines, "cpu_kind", lambda k=kind: k)
         assert isinstance(optimize(model), densenet.cpu.OneDNNDenseNet)
     monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)  # AVX2-only
     assert isinstance(optimize(model, dtype=torch.bfloat16), InferenceDenseNet)

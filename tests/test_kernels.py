@@ -24,6 +24,7 @@ from conftest import (
 )
 
 import densenet
+import densenet.engines
 from densenet import DenseNet, optimize
 from densenet.inference import BucketedModel, SpaceToDepthConv
 
@@ -371,9 +372,11 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch
 @pytest.mark.parametrize(
     "device, dtype, compile_, expected",
     [
-        ("cuda", torch.bfloat16, False, "triton"),  # measured fastest on an H200
-        ("cuda", torch.float16, False, "triton"),
-        ("cuda", torch.float32, False, "eager"),  # no tensor cores in the kernels' float32
+        # the triton kernels as they are now have not run on a GPU, so CUDA runs the eager
+        # form (measured on an H200) by default, whatever the precision (tests/test_engines.py)
+        ("cuda", torch.bfloat16, False, "eager"),
+        ("cuda", torch.float16, False, "eager"),
+        ("cuda", torch.float32, False, "eager"),
         ("cuda", torch.bfloat16, True, "inductor"),
         ("cpu", torch.float32, False, "eager"),  # on a CPU without AVX2 (else onednn)
         ("cpu", torch.bfloat16, False, "eager"),
@@ -384,18 +387,24 @@ def test_default_backend_follows_the_device_and_precision(
 ):
     import densenet.backends
 
-    monkeypatch.setattr(densenet.backends, "_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(densenet.engines, "cpu_kind", lambda: "DEFAULT")
     assert densenet.backends._backend(None, compile_, torch.device(device), dtype) == expected
 
 
-def test_triton_is_the_cuda_default_only_for_channel_counts_of_multiples_of_16():
+def test_a_triton_row_applies_only_to_channel_counts_of_multiples_of_16(monkeypatch):
     """Other models run the kernels' smaller tiles (tests/test_gpu_check.py), never timed
-    against cuDNN: the paper's k = 12 models run the eager form (cuDNN) on CUDA by default."""
+    against cuDNN: should a GPU run put triton in the engine table, the paper's k = 12 models
+    still run the eager form (cuDNN) on CUDA by default."""
     from densenet.backends import _backend, channels_aligned
+    from densenet.engines import EngineRow
 
     assert channels_aligned(densenet.densenet121()) and channels_aligned(densenet.densenet161())
     assert not channels_aligned(densenet.get_model("densenet_bc_100_k12"))
+    row = EngineRow("cuda", "any", torch.bfloat16, "triton", "a GPU run, batch 1 and 256")
+    monkeypatch.setattr(densenet.engines, "ENGINE_TABLE", (row,))
+    monkeypatch.setattr(densenet.backends, "_triton_usable", lambda device: True)
     cuda = torch.device("cuda")
+    assert _backend(None, False, cuda, torch.bfloat16, aligned=True) == "triton"
     assert _backend(None, False, cuda, torch.bfloat16, aligned=False) == "eager"
 
 

@@ -9,30 +9,24 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import engines
 from .cpu import OneDNNDenseNet, compute_dtype
+from .dtypes import DTYPES
+from .engines import EngineRow
 from .inference import InferenceDenseNet
 from .model import DenseNet
 from .openvino import OpenVINODenseNet
 
-__all__ = ["BACKENDS", "COMPILE_MODES", "optimize"]
+__all__ = ["BACKENDS", "COMPILE_MODES", "default_engine", "engine_choices", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKENDS = ("eager", "inductor", "triton", "onednn", "openvino")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# the triton backend is the CUDA default in 16-bit precision, where its kernels use tensor cores;
-# in float32 they do not (cuDNN's TF32 convolutions do), so float32 stays on the eager form
-TRITON_DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
-# the onednn backend is the CPU default where it measured at least as fast as the eager form:
-# on an AVX-512 CPU (Zen 4) densenet121 bfloat16 batch 1 ran at 3.10x torchvision eager against
-# 2.31x, float32 at 1.87x against 1.55x, and level at batch 16; on an AVX2-only CPU (Zen 3,
-# float32, 2 threads) densenet121 at 1.84x against 1.60x (batch 1) and 1.68x against 1.61x
-# (batch 16), densenet169, 201 and 161 at batch 1 at 1.75x, 1.52x and 1.52x against 0.92x, 0.91x
-# and 1.06x; bfloat16 only where oneDNN computes it (``onednn_bfloat16``)
-ONEDNN_DEFAULT_CAPABILITIES = ("AVX2", "AVX512")
 
 
 def onednn_bfloat16() -> bool:
@@ -40,8 +34,8 @@ def onednn_bfloat16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _cpu_capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+def _openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -64,6 +58,67 @@ def channels_aligned(model: nn.Module) -> bool:
     return all(c.in_channels % 16 == 0 and c.out_channels % 16 == 0 for c in convs)
 
 
+def _usable(
+    engine: str, device: torch.device, dtype: torch.dtype, channels_last: bool | None, aligned: bool
+) -> bool:
+    """Whether ``engine`` runs here: a row of the engine table whose engine does not is skipped
+    (the openvino package missing, oneDNN without bfloat16, a model whose channel counts are not
+    ``aligned`` for the triton kernels: ``channels_aligned``)."""
+    if engine == "openvino":
+        return device.type == "cpu" and _openvino_installed()
+    if engine == "onednn":
+        return (
+            device.type == "cpu"
+            and dtype in ONEDNN_DTYPES
+            and channels_last is not False
+            and torch.backends.mkldnn.is_available()
+            and (dtype != torch.bfloat16 or onednn_bfloat16())
+        )
+    if engine == "triton":
+        return aligned and _triton_usable(device)
+    return engine in BACKENDS
+
+
+def default_engine(
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool | None = None,
+    aligned: bool = True,
+) -> tuple[str, EngineRow | None]:
+    """The engine ``optimize`` runs by default on ``device`` in ``dtype``, and the row of
+    ``densenet.engines.ENGINE_TABLE`` (its measurement) that names it; ``("eager", None)`` where
+    no row fits and runs here."""
+    row = engines.choose(
+        device, dtype, lambda engine: _usable(engine, device, dtype, channels_last, aligned)
+    )
+    return (row.engine, row) if row is not None else ("eager", None)
+
+
+def engine_choices() -> list[dict[str, Any]]:
+    """What ``optimize`` runs by default on this machine: for the CPU and, when there is one,
+    the CUDA device, its name (the CPU's kind and flags too) and, for each precision, the engine
+    with the measurement it comes from (``"not measured: eager"`` where no row fits)."""
+    devices = [
+        {
+            "device": "cpu",
+            "name": engines.cpu_name(),
+            "kind": engines.cpu_kind(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": engines.cpu_flags(),
+            "openvino": _openvino_installed(),
+        }
+    ]
+    if torch.cuda.is_available():
+        devices.append({"device": "cuda", "name": torch.cuda.get_device_name()})
+    for device in devices:
+        device["engines"] = []
+        for name, dtype in DTYPES.items():
+            engine, row = default_engine(torch.device(device["device"]), dtype)
+            why = row.measured if row is not None else "not measured: eager"
+            device["engines"].append({"dtype": name, "engine": engine, "measured": why})
+    return devices
+
+
 def _backend(
     backend: str | None,
     compile: bool | str,
@@ -72,28 +127,12 @@ def _backend(
     channels_last: bool | None = None,
     aligned: bool = True,
 ) -> str:
-    """The backend ``optimize`` builds: the one named, or the fastest measured on ``device``
-    (triton only for a model whose channel counts are ``aligned``: ``channels_aligned``)."""
+    """The backend ``optimize`` builds: the one named, inductor when compiling, or the table's
+    choice (``default_engine``)."""
     if backend is None:
         if compile:
             return "inductor"
-        if (
-            device.type == "cuda"
-            and dtype in TRITON_DEFAULT_DTYPES
-            and aligned
-            and _triton_usable(device)
-        ):
-            return "triton"
-        if (
-            device.type == "cpu"
-            and dtype in ONEDNN_DTYPES
-            and channels_last is not False
-            and _cpu_capability() in ONEDNN_DEFAULT_CAPABILITIES
-            and torch.backends.mkldnn.is_available()
-            and (dtype != torch.bfloat16 or onednn_bfloat16())
-        ):
-            return "onednn"
-        return "eager"
+        return default_engine(device, dtype, channels_last, aligned)[0]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if compile and backend != "inductor":
@@ -117,7 +156,7 @@ def _backend(
     if backend == "onednn" and dtype == torch.bfloat16 and not onednn_bfloat16():
         raise RuntimeError(
             "backend='onednn' with dtype bfloat16 needs a CPU whose oneDNN runs bfloat16 "
-            f"(AVX-512 BW/VL/DQ or AVX-NE-CONVERT); this one has {_cpu_capability()}: use "
+            f"(AVX-512 BW/VL/DQ or AVX-NE-CONVERT); this one is {engines.cpu_kind()}: use "
             "dtype float32, or backend='eager' (bfloat16 emulated, slower than float32)"
         )
     return backend
@@ -155,15 +194,11 @@ def optimize(
             fastest CPU form; float32 or bfloat16, channels_last), ``"openvino"`` (a
             ``densenet.openvino.OpenVINODenseNet``: the form converted and compiled by OpenVINO
             for the CPU, float32 logits; needs the ``openvino`` extra). Default: inductor when
-            ``compile`` is set; else triton for a CUDA model in bfloat16 or float16 whose channel
-            counts are multiples of 16 (``channels_aligned``: others run smaller tiles, not
-            measured against cuDNN; on an H200, densenet121 bf16 batch 256: 22,300 images/s
-            against inductor's 19,700 and the eager form's 10,800; about 4.5 s of autotuning at
-            each new input shape against inductor's 20 s of compiling); onednn for a CPU model
-            in float32 on an AVX2 or AVX-512 CPU, or in bfloat16 where oneDNN computes it
-            (AVX-512; measured at least as fast as eager on both); else eager
+            ``compile`` is set; else the engine measured fastest on this device, CPU kind and
+            precision (``default_engine``: a row of ``densenet.engines.ENGINE_TABLE`` whose
+            engine runs here), and the eager form where none was measured
             (``densenet.export`` always reads the eager form). A 1D or 3D model
-            (``spatial_dims``) runs eager, inductor or openvino only.
+            (``spatial_dims``) runs eager, inductor or openvino only (eager by default).
         growth_conv: the triton backend's 3x3 growth convolutions: ``"cudnn"`` (cuDNN, then a
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit
@@ -212,6 +247,8 @@ def optimize(
         return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True), growth_conv)
     if backend == "onednn":
         return OneDNNDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
+    if backend == "openvino":  # the table's choice for this CPU and precision
+        return OpenVINODenseNet(model, dtype)
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast

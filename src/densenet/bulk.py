@@ -196,8 +196,9 @@ class Outputs:
 
     optimize: run ``densenet.optimize``'s inference form (for embed, of the model without its
     classifier, whose output is the pooled features); ``precision`` its compute dtype, a name
-    that ``densenet.runtime.compute_dtype`` takes (None: float32 on CPU, bfloat16 on CUDA).
-    False runs the eager model in float32.
+    that ``densenet.runtime.compute_dtype`` takes (None: float32 on CPU, bfloat16 on CUDA), and
+    ``backend`` its engine (``densenet.optimize``'s; None: the fastest measured). False runs the
+    eager model in float32.
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class Outputs:
         device: torch.device,
         optimize: bool = True,
         precision: str | None = None,
+        backend: str | None = None,
     ) -> None:
         self.options, self.device, self.card = options, device, model.card
         self.multi_label = model.card.multi_label
@@ -219,7 +221,7 @@ class Outputs:
             )
         embed = options.task == "embed"
         self.runner = Runner(
-            model, device, optimize=optimize, dtype=precision, headless=embed,
+            model, device, optimize=optimize, dtype=precision, backend=backend, headless=embed,
             calibration=options.calibration,
         )  # fmt: skip
         self.precision = self.runner.precision
@@ -477,6 +479,7 @@ def run(
     workers: int | None = None,
     optimize: bool = True,
     precision: str | None = None,
+    backend: str | None = None,
     device_decode: bool = False,
     progress: bool = True,
     rank: int | None = None,
@@ -523,7 +526,7 @@ def run(
             "bulk runs read images; a volume model classifies volume files with densenet predict "
             "(without --out) or densenet eval"
         )
-    outputs = Outputs(loaded, options, target, optimize, precision)
+    outputs = Outputs(loaded, options, target, optimize, precision, backend)
     settings = {
         "task": options.task,
         "input": os.path.abspath(source),

@@ -92,6 +92,7 @@ def evaluate_dataset(
     workers: int = 4,
     device: str = "auto",
     dtype: str | None = None,
+    backend: str | None = None,
     calibration: str | os.PathLike | None = None,
     data_root: str | None = None,
     download: bool = False,
@@ -108,7 +109,8 @@ def evaluate_dataset(
     ``model`` and ``weights`` as ``densenet.load`` (None: the training checkpoint ``weights``
     names, else densenet121). Returns ``EvalResult.to_dict()`` plus what was evaluated.
     The model runs as ``densenet.Runner`` runs it: ``optimize`` (the fast inference form,
-    ``densenet.optimize``), ``dtype`` (its precision; ``"int8"`` quantized on the images in the
+    ``densenet.optimize``), ``backend`` (its engine; None: the fastest measured), ``dtype`` (its
+    precision; ``"int8"`` quantized on the images in the
     ``calibration`` folder) and the card's calibrated probabilities. A multi-label model is
     evaluated on the images of a ``labels`` CSV (files relative to ``data``; the rows of
     ``split``, default its ``val`` rows when it has a split column): per-label and mean AUROC
@@ -131,7 +133,7 @@ def evaluate_dataset(
         # on CUDA the inference form runs static shapes, one CUDA graph per batch size
         max_batch = batch_size * views if target.type == "cuda" else None
         runner = Runner(
-            loaded, target, optimize=optimize, dtype=dtype, max_batch=max_batch,
+            loaded, target, optimize=optimize, dtype=dtype, backend=backend, max_batch=max_batch,
             calibration=calibration, progress=progress and rank == 0,
         )  # fmt: skip
         if card.multi_label:

@@ -128,6 +128,9 @@ class Classifier:
             ``"bfloat16"``, ``"float16"``), ``"auto"`` (bfloat16 where the hardware computes it
             natively), ``"int8"`` (quantized on the CPU, calibrated on ``calibration``, a folder
             of images), or None: float32 on CPU (exact), bfloat16 on CUDA.
+        backend: the fast form's engine (``densenet.optimize``'s ``backend``: ``"onednn"``,
+            ``"openvino"``...); None: the fastest measured for the device and precision
+            (``densenet.engines``).
         buckets: run the model only at batch sizes 1, 2, 4, ..., ``batch_size`` (a batch is
             padded up and the padding rows dropped), replaying one CUDA graph per size; default
             on for an optimized DenseNet on CUDA, where it keeps shapes static and launches
@@ -148,6 +151,7 @@ class Classifier:
         progress: bool = True,
         optimize: bool = True,
         dtype: torch.dtype | str | None = None,
+        backend: str | None = None,
         buckets: bool | None = None,
         tta: str | None = None,
         calibration: str | os.PathLike | None = None,
@@ -162,6 +166,7 @@ class Classifier:
         cuda = self.device.type == "cuda"
         self.runner = Runner(
             dataclasses.replace(loaded, card=self.card), self.device, optimize=optimize, dtype=dtype,
+            backend=backend,
             max_batch=batch_size if (cuda if buckets is None else buckets) else None,
             calibration=calibration,
         )  # fmt: skip

@@ -13,6 +13,7 @@ names the model.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
@@ -27,6 +28,7 @@ from .exported import OnnxModel, OpenVINOModel
 from .inference import BucketedModel
 from .load import LoadedModel
 from .model import DenseNet
+from .openvino import OpenVINODenseNet
 from .preprocessing import ModelCard
 from .quantization import quantize
 from .transforms import flatten_views
@@ -81,6 +83,8 @@ class Runner:
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
+        if backend is not None:
+            _check_backend(backend, optimize, dtype, module)
         # an exported file's from its card: volumes or images
         self.spatial_dims = getattr(module, "spatial_dims", len(self.card.input_shape) - 1)
         if headless:
@@ -105,7 +109,8 @@ class Runner:
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
             self.precision = "int8"
         else:
-            module = optimize_model(module.to(device), dtype=dtype, backend=backend)
+            self._densenet = module.to(device)
+            module = optimize_model(self._densenet, dtype=dtype, backend=backend)
             self.precision = dtype_name(module.dtype)
             if max_batch is not None:
                 module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")
@@ -147,10 +152,17 @@ class Runner:
     def activation_maps(self, batch: Tensor) -> ActivationMaps:
         """(N, C, H, W) preprocessed images -> their logits and every class's activation map
         (``densenet.explain``), computed by the model that ``logits`` runs (a map's mean is its
-        logit, so finite logits mean finite maps)."""
-        maps = explain(self.model, batch.to(self.device))
+        logit, so finite logits mean finite maps), or for an OpenVINO form, which has no feature
+        map to read, by the eager form in its precision."""
+        maps = explain(self._explained, batch.to(self.device))
         self._checked(maps.logits)
         return maps
+
+    @functools.cached_property
+    def _explained(self) -> nn.Module:
+        if isinstance(self.model, OpenVINODenseNet):
+            return optimize_model(self._densenet, dtype=self.model.dtype, backend="eager")
+        return self.model
 
     def _checked(self, logits: Tensor) -> Tensor:
         """``logits``, once they are one per class of the card and finite (``_finite``)."""
@@ -233,6 +245,24 @@ def _int8(
     quantized = quantize(loaded, calibration, progress=progress)
     log.info("int8 against float32: %s", quantized.report)
     return quantized.module
+
+
+def _check_backend(
+    backend: str, optimize: bool, dtype: torch.dtype | str | None, module: nn.Module
+) -> None:
+    """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form,
+    not to int8."""
+    if not (optimize and isinstance(module, DenseNet)):
+        what = "the reference module" if isinstance(module, DenseNet) else "an exported file"
+        raise DenseNetError(
+            f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
+            f"{what} runs as given: drop --backend (or --no-optimize)"
+        )
+    if dtype == "int8":
+        raise DenseNetError(
+            f"backend {backend!r} does not apply to int8, which runs its own quantized engine: "
+            "drop --backend or --dtype int8"
+        )
 
 
 def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.Module) -> None:

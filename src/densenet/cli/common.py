@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import bulk
+from ..backends import BACKENDS
 from ..dtypes import DTYPES
 from ..transforms import VIEWS
 
@@ -145,12 +146,20 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--backend`` and ``--calibration``: the optimized model's precision and
+    engine."""
     parser.add_argument(
         "--dtype",
         choices=["auto", *DTYPES, "int8"],
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
         "BF16 or AMX), else float32; int8: quantized on the CPU, calibrated on --calibration",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="engine of the optimized model (densenet.optimize's backend; default: the fastest "
+        "measured for this device, CPU kind and precision: see densenet info --engines)",
     )
     parser.add_argument(
         "--calibration",
@@ -219,11 +228,18 @@ def output_folder(path: str, flag: str) -> None:
 
 
 def check_calibration(args: argparse.Namespace) -> None:
-    """``--calibration`` is for ``--dtype int8`` only: given without it, a usage error."""
+    """``--calibration`` is for ``--dtype int8`` only, ``--backend`` for the optimized model's
+    other precisions: a usage error before any work otherwise."""
     if args.calibration is not None and args.dtype != "int8":
         raise ValueError(
             "--calibration applies with --dtype int8 only; add --dtype int8 or drop it"
         )
+    if getattr(args, "backend", None) is None:
+        return
+    if getattr(args, "no_optimize", False):
+        raise ValueError("--backend picks the optimized model's engine; drop it or --no-optimize")
+    if args.dtype == "int8":
+        raise ValueError("--backend does not apply to --dtype int8 (its own engine); drop one")
 
 
 def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
@@ -233,7 +249,7 @@ def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> in
     summary = bulk.run(
         source, args.out, options, args.model, args.weights, device=args.device,
         batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
-        precision=args.dtype, device_decode=args.device_decode, progress=args.progress,
+        precision=args.dtype, backend=args.backend, device_decode=args.device_decode, progress=args.progress,
     )  # fmt: skip
     print_json(summary.to_dict())
     return 0

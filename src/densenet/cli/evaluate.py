@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         args.data, args.model, args.weights, ten_crop=args.ten_crop, tta=args.tta,
         batch_size=args.batch_size,
-        workers=args.workers, device=args.device, dtype=args.dtype, calibration=args.calibration,
+        workers=args.workers, device=args.device, dtype=args.dtype, backend=args.backend,
+        calibration=args.calibration,
         data_root=args.data_root,
         download=not args.no_download, progress=not args.no_progress,
         optimize=not args.no_optimize, labels=args.labels, split=args.split,

@@ -1,9 +1,11 @@
-"""``densenet info``: parameters, GFLOPs, published weights and their accuracy."""
+"""``densenet info``: parameters, GFLOPs, published weights and their accuracy; with
+``--engines``, the engine each precision runs on this machine by default, and why."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..backends import engine_choices
 from ..io import text_table
 from ..registry import list_models, model_info
 from ..weights import WEIGHTS
@@ -18,11 +20,19 @@ def add_parser(sub) -> None:
         "input size, classes, and the published weights with their ImageNet top-1/top-5.",
     )
     p.add_argument("models", nargs="*", help="architectures (default: all)")
+    p.add_argument(
+        "--engines",
+        action="store_true",
+        help="instead: this machine's CPU (name, kind, flags) and CUDA device, and the engine "
+        "densenet.optimize runs by default in each precision, with the measurement behind it",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engines:
+        return _engines(args)
     rows = []
     for name in args.models or list_models():
         info = model_info(name)
@@ -41,4 +51,29 @@ def run(args: argparse.Namespace) -> int:
             f"{w['acc1']:.3f}" if w else "-", f"{w['acc5']:.3f}" if w else "-",
         ])  # fmt: skip
     print(text_table(lines))
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    if args.models:
+        raise ValueError("--engines describes this machine, not models; drop the model names")
+    devices = engine_choices()
+    if args.json:
+        print_json(devices)
+        return 0
+    for device in devices:
+        if device["device"] == "cpu":
+            flags = " ".join(device["flags"]) or "unknown"
+            openvino = "installed" if device["openvino"] else "not installed"
+            print(
+                f"cpu: {device['name']}, kind {device['kind']} (PyTorch capability "
+                f"{device['capability']}; flags {flags}; openvino {openvino})"
+            )
+        else:
+            print(f"{device['device']}: {device['name']}")
+        rows = [["precision", "engine", "why"]]
+        rows += [[e["dtype"], e["engine"], e["measured"]] for e in device["engines"]]
+        print("\n".join("  " + line for line in text_table(rows).splitlines()))
+    if len(devices) == 1:
+        print("cuda: none")
     return 0

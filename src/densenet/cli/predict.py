@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         _check_outside_inputs(args.cam, args.images)
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.batch_size,
-        optimize=not args.no_optimize, dtype=args.dtype, tta=args.tta,
+        optimize=not args.no_optimize, dtype=args.dtype, backend=args.backend, tta=args.tta,
         calibration=args.calibration,
     )  # fmt: skip
     volumes = classifier.card.volume is not None

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     classifier = Classifier(
         args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype,
-        calibration=args.calibration,
+        backend=args.backend, calibration=args.calibration,
     )  # fmt: skip
     serve(
         classifier,
