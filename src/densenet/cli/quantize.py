@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if default_engine() == "nncf":  # a folder: its two files, or the new folder, checked
         out = args.out or stem + ".int8"
         folder = Path(out)
-        if folder.is_file():
-            raise DenseNetError(f"--out {out} is a file; NNCF's int8 model is a folder: give one")
         for target in [folder / name for name in IR_FILES] if folder.is_dir() else [folder]:
             check_output_file(target, "--out", inputs)  # before the work
+        if folder.is_file():
+            raise DenseNetError(f"--out {out} is a file; NNCF's int8 model is a folder: give one")
     else:
         out = args.out or stem + ".int8.pt"
         check_output_file(out, "--out", inputs)  # before the work, not after it
