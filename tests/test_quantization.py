@@ -122,6 +122,8 @@ def test_errors_are_one_line(tmp_path, photos, capsys):
         quantize(tiny_model(), tmp_path / "missing", progress=False)
     with pytest.raises(QuantizeError, match="batch_size must be at least 1, got 0"):
         quantize(tiny_model(), photos, batch_size=0)
+    with pytest.raises(QuantizeError, match="unknown int8 engine 'onnx'; choose one of nncf, fx"):
+        quantize(tiny_model(), photos, engine="onnx")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(QuantizeError, match=r"calibration image .*broken\.png"):
         quantize(tiny_model(), tmp_path, progress=False)
