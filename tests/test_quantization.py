@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,11 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-def test_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
+def test_fx_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
     torch.manual_seed(0)  # a tiny random model: its int8 error varies with the draw (0.02-0.2)
     model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
-    result = quantize(model, photos, holdout=8, batch_size=8, progress=False)
+    result = quantize(model, photos, holdout=8, batch_size=8, engine="fx", progress=False)
+    assert result.report["backend"] == "fx-x86"
     convs = [m for m in result.module.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
     assert len(convs) >= 4  # the convolutions run in int8
     assert result.report["images"] == 8 and result.report["calibration_images"] == 16
@@ -56,6 +58,63 @@ def test_int8_model_is_close_and_round_trips_through_load(photos, tmp_path):
     assert len(classifier.predict([torch.rand(3, 48, 48)], topk=2)[0]) == 2
 
 
+def test_nncf_int8_is_an_openvino_ir_that_load_runs(photos, tmp_path, capsys):
+    """With openvino and nncf installed, ``densenet quantize`` quantizes with NNCF and writes an
+    IR folder (``MODEL.int8/``) with the card and the report, which ``densenet.load`` runs in
+    int8 with the logits it was measured with."""
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    model = densenet.load(checkpoint).module
+    argv = ["quantize", str(checkpoint), str(photos), "--holdout", "8", "--batch-size", "8"]
+    assert main([*argv, "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "nncf-openvino" and report["held_out"]
+    assert report["images"] == 8 and report["calibration_images"] == 16
+    # a tiny random model: lenient bounds, which an unquantized or broken graph would miss
+    assert report["top1_agreement"] >= 0.5 and 0 < report["relative_logit_error"] < 0.3
+    out = Path(report["out"])
+    assert out == tmp_path / "tiny.int8" and sorted(p.name for p in out.iterdir()) == [
+        "model.bin", "model.xml"
+    ]  # fmt: skip
+    loaded = densenet.load(out)
+    assert loaded.precision == "int8" and loaded.card.num_classes == 2
+    assert densenet.exported.read_metadata(out).extra["quantization"] == {
+        k: v for k, v in report.items() if k != "out"
+    }
+    import openvino as ov
+
+    ops = {op.get_type_name() for op in ov.Core().read_model(out / "model.xml").get_ops()}
+    assert "FakeQuantize" in ops  # the convolutions' inputs and weights are int8
+    x = torch.cat(quantization.calibration_batches(photos, loaded.card, progress=False))
+    with torch.no_grad():
+        exact, int8 = model(x), loaded.module(x)
+    assert (int8.argmax(1) == exact.argmax(1)).float().mean() >= 0.5
+    assert (int8 - exact).norm() / exact.norm() < 0.3
+    classifier = densenet.Classifier(out, device="cpu", dtype="int8")
+    assert classifier.runner.precision == "int8"
+
+
+def test_without_nncf_int8_falls_back_to_fx_with_a_warning(photos, tmp_path, monkeypatch):
+    """Without nncf, ``quantize`` uses PyTorch's FX (deprecated there) and says so; the command
+    writes its TorchScript file."""
+    real = quantization.importlib.util.find_spec
+    monkeypatch.setattr(
+        quantization.importlib.util, "find_spec", lambda n, *a: None if n == "nncf" else real(n, *a)
+    )
+    assert quantization.default_engine() == "fx"
+    with pytest.warns(FutureWarning, match="deprecated.*densenet-toolkit\\[openvino\\]"):
+        result = quantize(tiny_model(), photos, num_images=4, progress=False)
+    assert result.report["backend"] == "fx-x86" and result.graph is None
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert (
+            main(["quantize", str(checkpoint), str(photos), "--images", "4", "--no-progress"]) == 0
+        )
+    assert densenet.load(tmp_path / "tiny.int8.pt").precision == "int8"
+
+
 def test_errors_are_one_line(tmp_path, photos, capsys):
     with pytest.raises(QuantizeError, match="no calibration images in"):
         quantize(tiny_model(), tmp_path, progress=False)
@@ -63,6 +122,8 @@ def test_errors_are_one_line(tmp_path, photos, capsys):
         quantize(tiny_model(), tmp_path / "missing", progress=False)
     with pytest.raises(QuantizeError, match="batch_size must be at least 1, got 0"):
         quantize(tiny_model(), photos, batch_size=0)
+    with pytest.raises(QuantizeError, match="unknown int8 engine 'onnx'; choose one of nncf, fx"):
+        quantize(tiny_model(), photos, engine="onnx")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(QuantizeError, match=r"calibration image .*broken\.png"):
         quantize(tiny_model(), tmp_path, progress=False)
@@ -110,7 +171,7 @@ def test_int8_takes_float_image_models_only(photos, tmp_path, capsys):
     for exported in (int8, scripted):
         assert main(["quantize", str(exported), str(photos), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"cannot quantize {exported} (RecursiveScriptModule)" in err
+        assert f"cannot quantize {exported} (" in err  # an int8 IR or TorchScript file
         assert "needs a float DenseNet" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "v.onnx").exists()
 
@@ -136,8 +197,13 @@ def test_quantize_checks_its_output_path_before_the_work(photos, tmp_path, monke
     err = capsys.readouterr().err
     assert f"--out {missing}: the folder {missing.parent} does not exist" in err
     assert ".tmp" not in err
-    assert main(["quantize", model, str(photos), "--out", str(tmp_path)]) == 2
-    assert "is a folder, not a regular file" in capsys.readouterr().err
+    if quantization.default_engine() == "fx":  # a file
+        assert main(["quantize", model, str(photos), "--out", str(tmp_path)]) == 2
+        assert "is a folder, not a regular file" in capsys.readouterr().err
+    else:  # NNCF's IR: a folder
+        (tmp_path / "file").write_text("")
+        assert main(["quantize", model, str(photos), "--out", str(tmp_path / "file")]) == 2
+        assert "is a file; NNCF's int8 model is a folder" in capsys.readouterr().err
     for inside in (model, str(photos / "coffee0.png")):  # an input, or a file of the input folder
         assert main(["quantize", model, str(photos), "--out", inside]) == 2
         assert "the input" in capsys.readouterr().err
@@ -189,7 +255,10 @@ def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, cap
     exact = densenet.Classifier(model, device="cpu")
     int8 = densenet.Classifier(model, device="cpu", dtype="int8", calibration=photos)
     assert int8.runner.precision == "int8"
-    assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in int8.model.modules())
+    if quantization.default_engine() == "nncf":  # OpenVINO runs NNCF's int8 graph
+        assert isinstance(int8.model, quantization.CompiledModule)
+    else:
+        assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in int8.model.modules())
     agree = [a[0][0] == b[0][0] for a, b in zip(exact.predict(images), int8.predict(images))]
     assert sum(agree) >= 4
     with pytest.raises(densenet.errors.DenseNetError, match="int8 needs calibration images"):
@@ -225,21 +294,23 @@ def test_eval_measures_the_int8_model_next_to_float32(photos, tmp_path):
 
 
 def test_bench_times_int8_next_to_onnxruntime_and_openvino_int8():
-    """``densenet bench --dtype int8``: the int8 engines beside float32 torchvision, each checked
+    """``densenet bench --dtype int8``: densenet's NNCF and FX int8 and the other int8 engines beside float32 torchvision, each checked
     against float64 and its error reported (OpenVINO's when installed)."""
     torch.manual_seed(0)
     model = randomize_batchnorm(tiny_model(growth_rate=8))
     results = run_benchmark([model], [2], dtype="int8", image_size=32, rounds=1, repeats=1)
     by_engine = {r.engine: r for r in results}
     assert list(by_engine) == [
-        "torchvision eager", "densenet int8", "onnxruntime int8", "openvino int8"
+        "torchvision eager", "densenet int8", "densenet int8 fx", "onnxruntime int8",
+        "openvino int8",
     ]  # fmt: skip
     assert by_engine["torchvision eager"].dtype == "float32"
-    for name in ("densenet int8", "onnxruntime int8"):
+    for name in ("densenet int8 fx", "onnxruntime int8"):
         r = by_engine[name]
         assert r.dtype == "int8" and 0 < r.rel_error < 0.15 and r.ms > 0, r
-    openvino = by_engine["openvino int8"]
-    assert openvino.note.startswith("not installed") or 0 < openvino.rel_error < 0.15
+    for name in ("densenet int8", "openvino int8"):  # NNCF's
+        r = by_engine[name]
+        assert r.note.startswith("not installed") or 0 < r.rel_error < 0.15, r
 
 
 def test_int8_onnx_export_runs_in_onnxruntime_and_openvino_alike(photos, tmp_path, capsys):

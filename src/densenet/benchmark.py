@@ -4,7 +4,7 @@ Every engine runs the same weights on the same random-normal input: torchvision 
 baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
 inductor, onednn and openvino on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs; with dtype
-``"int8"``, densenet's int8 form beside ONNX Runtime's static QDQ int8 and OpenVINO's NNCF int8
+``"int8"``, densenet's int8 (NNCF's, and PyTorch's FX fallback) beside ONNX Runtime's static QDQ int8 and OpenVINO's NNCF int8
 (CPU, each calibrated on the same random-normal images). Each engine's
 output is checked against a float64 evaluation of the model before it is timed; float32 engines
 are checked and timed with TF32 off (TF32 rounds products to 10 mantissa bits, about 1e-3 relative: not float32).
@@ -34,7 +34,8 @@ from .exported import INPUT_NAME
 from .inference import BucketedModel
 from .io import text_table
 from .model import DenseNet
-from .quantization import quantize_module, quantize_onnx
+from .openvino import CompiledModule, compile_for_cpu, require_openvino
+from .quantization import quantize_module, quantize_nncf, quantize_onnx
 from .registry import get_model
 from .runtime import resolve_device
 
@@ -211,8 +212,19 @@ def _calibration(x: Tensor) -> list[Tensor]:
     return list(images.split(8))
 
 
-def _densenet_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+def _densenet_int8_fx(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """PyTorch's FX int8 (``densenet.quantization.quantize_module``), the fallback."""
     return quantize_module(model.cpu(), _calibration(x))
+
+
+def _densenet_int8_nncf(
+    model: DenseNet, x: Tensor, dtype: torch.dtype
+) -> Callable[[Tensor], Tensor]:
+    """densenet's NNCF int8 (``densenet.quantization.quantize_nncf``), as ``densenet quantize``
+    writes it, compiled as ``densenet.load`` compiles it."""
+    ov = require_openvino("densenet int8")
+    graph = quantize_nncf(model.cpu(), _calibration(x), progress=False)
+    return CompiledModule(compile_for_cpu(ov, graph, torch.float32), "int8 DenseNet")
 
 
 def _onnxruntime_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -254,7 +266,8 @@ ENGINES: dict[str, Engine] = {
         Engine("densenet.optimize triton", _ours("triton"), ("cuda",)),
         Engine("densenet.optimize CUDA graph", _cuda_graph("eager"), ("cuda",)),
         Engine("densenet.optimize triton CUDA graph", _cuda_graph("triton"), ("cuda",)),
-        Engine("densenet int8", _densenet_int8, ("cpu",), int8=True),
+        Engine("densenet int8", _densenet_int8_nncf, ("cpu",), int8=True),
+        Engine("densenet int8 fx", _densenet_int8_fx, ("cpu",), int8=True),
         Engine("onnxruntime int8", _onnxruntime_int8, ("cpu",), int8=True),
         Engine("openvino int8", _openvino_int8, ("cpu",), int8=True),
     ]
@@ -389,7 +402,7 @@ def run_benchmark(
         batch_sizes: images per forward pass.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: the precision of the engines that support reduced precision (float32, bfloat16,
-            float16), or ``"int8"``: the int8 engines (CPU: densenet's FX int8, ONNX Runtime's
+            float16), or ``"int8"``: the int8 engines (CPU: densenet's NNCF and FX int8, ONNX Runtime's
             static QDQ, OpenVINO with NNCF; each calibrated on the same random-normal images);
             the torchvision eager baseline always runs float32 NCHW.
         engines: names from ``ENGINES`` (default: all that run on ``device`` and in ``dtype``).

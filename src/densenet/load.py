@@ -135,13 +135,14 @@ def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel
 
 
 def _load_file(path: Path, device: torch.device) -> LoadedModel:
-    if is_ir(path):  # run by OpenVINO on the CPU, in float32
+    if is_ir(path):  # run by OpenVINO on the CPU, in float32 (an NNCF int8 IR in int8)
         if device.type != "cpu":
             raise OpenVINOError(
                 f"OpenVINO IR {path} runs on the CPU, not {device}; use --device cpu"
             )
         ir = OpenVINOModel(path)
-        return LoadedModel(ir, ir.metadata.card, "float32")
+        int8 = ir.metadata.dtype == "int8"
+        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32")
     if not path.is_file():
         if not is_path(str(path)):
             model_config(str(path))  # an unknown architecture: the error lists the valid ones

@@ -47,6 +47,7 @@ __all__ = [
     "cache_dir",
     "check_operations",
     "compile_for_cpu",
+    "converted_form",
     "is_ir",
     "read_ir",
     "require_openvino",
@@ -271,7 +272,7 @@ class CompiledModule(nn.Module):
             return torch.from_numpy(out.copy()).float()
 
 
-def _converted(ov: ModuleType, model: DenseNet) -> Any:
+def converted_form(ov: ModuleType, model: DenseNet) -> Any:
     """``model``'s inference form as an ``openvino.Model``: from the cache when this model was
     converted before (``cache_dir()``, an IR named by ``fingerprint``; the ``CACHED_IRS`` used
     last are kept, and twice as many of OpenVINO's compiled blobs), else converted and cached."""
@@ -336,7 +337,7 @@ class OpenVINODenseNet(CompiledModule):
                 "CPU or use another backend"
             )
         precision = precision_of(dtype, ov)
-        converted = _converted(ov, model)
+        converted = converted_form(ov, model)
         super().__init__(compile_for_cpu(ov, converted, precision, hint), type(model).__name__)
         self.dtype, self.spatial_dims = precision, model.spatial_dims
         for name in METADATA:

@@ -1,17 +1,30 @@
 """Post-training static int8 quantization of a DenseNet on the CPU (``densenet.quantize``).
 
-PyTorch's FX graph mode with the x86 backend (oneDNN/FBGEMM quantized kernels, run eagerly):
-per-channel symmetric int8 weights, per-tensor uint8 activations calibrated on the user's
-images, each ``conv1 -> norm2 -> relu2`` folded into one int8 convolution with its ReLU, each
-``norm1 -> relu1`` an int8 BatchNorm-ReLU. The file written is TorchScript with the card and
-the quantization report, which ``densenet.load`` reads.
+Two engines, calibrated alike on the user's images:
+
+- ``"nncf"`` (when openvino and nncf are installed): NNCF's ``quantize`` of the OpenVINO model
+  converted from the DenseNet's inference form (BatchNorms folded): per-channel int8 weights,
+  per-tensor activations (FakeQuantize operators of OpenVINO's standard opsets), run by
+  OpenVINO's int8 kernels. The file written is an OpenVINO IR folder (``model.xml`` with the
+  card and the report in its rt_info, ``model.bin``).
+- ``"fx"``: PyTorch's FX graph mode with the x86 backend (``torch.ao.quantization``, deprecated
+  in PyTorch): per-channel int8 weights, per-tensor uint8 activations, each ``conv1 -> norm2
+  -> relu2`` one int8 convolution with its ReLU. The file written is TorchScript with the card
+  and the report.
+
+``densenet.load`` reads both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
 import json
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,15 +41,33 @@ from .images import ImageError, find_images, open_image
 from .io import atomic_write
 from .load import LoadedModel, load
 from .model import DenseNet
+from .openvino import (
+    INSTALL_OPENVINO,
+    IR_FILES,
+    METADATA_KEY,
+    CompiledModule,
+    OpenVINOError,
+    compile_for_cpu,
+    converted_form,
+    require_openvino,
+    write_ir,
+)
 from .preprocessing import ModelCard
 
 __all__ = [
-    "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model", "compare",
-    "quantize", "quantize_module", "quantize_onnx", "save_quantized",
+    "ENGINES", "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model",
+    "compare", "default_engine", "quantize", "quantize_module", "quantize_nncf", "quantize_onnx",
+    "save_quantized",
 ]  # fmt: skip
 
 # int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
 warnings.filterwarnings("ignore", message="All inputs of this cat operator")
+
+ENGINES = ("nncf", "fx")
+FX_DEPRECATED = (
+    "int8 through torch.ao.quantization FX, which is deprecated in PyTorch; for NNCF int8 "
+    f"(OpenVINO) instead: {INSTALL_OPENVINO}"
+)
 
 
 class QuantizeError(DenseNetError, ValueError):
@@ -72,6 +103,13 @@ class QuantizedModel:
     module: nn.Module
     card: ModelCard
     report: dict[str, Any] = field(default_factory=dict)
+    graph: Any = None  # NNCF's ``openvino.Model`` (saved as an IR); None for FX
+
+
+def default_engine() -> str:
+    """``"nncf"`` when openvino and nncf are installed, else ``"fx"``."""
+    installed = all(importlib.util.find_spec(name) for name in ("openvino", "nncf"))
+    return "nncf" if installed else "fx"
 
 
 def _batches(paths: list[str], card: ModelCard, batch_size: int, desc: str, progress: bool):
@@ -178,6 +216,34 @@ def quantize_module(module: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
         return convert_fx(prepared)
 
 
+def quantize_nncf(model: DenseNet, batches: Sequence[Tensor], progress: bool = True) -> Any:
+    """``model`` (float32, CPU) in int8 as an ``openvino.Model``: its inference form converted
+    by OpenVINO (``densenet.openvino.converted_form``), quantized by NNCF on the images of the
+    (N, C, H, W) ``batches``, one at a time. The classifier stays in float32: per-tensor int8
+    of its input, the pooled features, costs most of the logits' error for little time."""
+    ov = require_openvino("int8 with NNCF")
+    import nncf
+
+    samples = [image[None].numpy() for batch in batches for image in batch]
+    classifier = nncf.IgnoredScope(types=["MatMul"], validate=False)
+    level = logging.getLogger("nncf").level
+    nncf.set_log_level(logging.ERROR)  # its notes on the graph, not for the user
+    # NNCF's progress bars print to stdout, where --json goes: to stderr, or nowhere
+    bars = sys.stderr if progress else io.StringIO()
+    try:
+        with contextlib.redirect_stdout(bars):
+            return nncf.quantize(
+                converted_form(ov, model),
+                nncf.Dataset(samples),
+                subset_size=len(samples),
+                ignored_scope=classifier,
+            )
+    except OpenVINOError as error:
+        raise QuantizeError(f"cannot quantize {type(model).__name__}: {error}") from None
+    finally:
+        nncf.set_log_level(level)
+
+
 def compare(reference: nn.Module, quantized: nn.Module, batches) -> dict[str, Any]:
     """Top-1 agreement and relative logit error ||q - f|| / ||f|| of ``quantized`` against
     ``reference`` on ``batches``, and the labels' accuracy of both when given (x, y) pairs."""
@@ -213,6 +279,7 @@ def quantize(
     holdout: int = 50,
     validation: str | os.PathLike | None = None,
     batch_size: int = 16,
+    engine: str | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
     """Post-training static int8 quantization calibrated on the images in ``calibration``.
@@ -227,6 +294,8 @@ def quantize(
         validation: a folder with one sub-folder per class name of the card: the accuracy of
             float32 and int8 on its images goes into the report too.
         batch_size: images per calibration batch.
+        engine: ``"nncf"`` (OpenVINO int8), ``"fx"`` (PyTorch's deprecated FX int8), or None:
+            ``default_engine()``, with a warning when that is FX.
         progress: show progress bars.
 
     The report's ``held_out`` is False when there were not more than ``holdout`` images: int8
@@ -236,6 +305,12 @@ def quantize(
     for name, (value, least) in limits.items():
         if value < least:
             raise QuantizeError(f"{name} must be at least {least}, got {value}")
+    if engine not in (None, *ENGINES):
+        raise QuantizeError(f"unknown int8 engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine is None:
+        engine = default_engine()
+        if engine == "fx":
+            warnings.warn(FX_DEPRECATED, FutureWarning, stacklevel=2)
     _check_folder(calibration)  # before a download
     source = model
     if not isinstance(model, LoadedModel):
@@ -247,24 +322,40 @@ def quantize(
     compared = set(held)
     fit = [path for path in paths if path not in compared]
     batches = list(_batches(fit, card, batch_size, "calibrating", progress))
-    quantized = quantize_module(module, batches)
+    graph = None
+    if engine == "nncf":
+        graph = quantize_nncf(module, batches, progress)
+        ov = require_openvino("int8 with NNCF")
+        quantized = CompiledModule(compile_for_cpu(ov, graph, torch.float32), "int8 DenseNet")
+    else:
+        quantized = quantize_module(module, batches)
     report = compare(
         module, quantized, _batches(held or fit, card, batch_size, "comparing", progress)
     )
     if validation is not None:
         report["validation"] = compare(module, quantized, _labelled(validation, card, batch_size))
-    report.update(calibration_images=len(fit), held_out=bool(held), backend="fx-x86")
-    return QuantizedModel(quantized, card, report)
+    backend = "nncf-openvino" if engine == "nncf" else "fx-x86"
+    report.update(calibration_images=len(fit), held_out=bool(held), backend=backend)
+    return QuantizedModel(quantized, card, report, graph)
 
 
 def save_quantized(quantized: QuantizedModel, path: str | os.PathLike) -> Path:
-    """Write ``quantized`` as TorchScript with its card and report (read by ``densenet.load``)."""
+    """Write ``quantized`` with its card and report, read by ``densenet.load``: NNCF's as an
+    OpenVINO IR in folder ``path`` (``model.xml``, ``model.bin``), FX's as a TorchScript file."""
+    meta = ExportMetadata(quantized.card, "int8", extra={"quantization": quantized.report})
+    if quantized.graph is not None:
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise QuantizeError(f"{folder} is a file; an NNCF int8 model is a folder: give one")
+        folder.mkdir(parents=True, exist_ok=True)
+        quantized.graph.set_rt_info(json.dumps(meta.to_dict()), [METADATA_KEY])
+        write_ir(require_openvino("an int8 IR"), quantized.graph, folder / IR_FILES[0])
+        return folder
     side = max(quantized.card.preprocessing.min_size or (32, 32))
     example = torch.randn(1, quantized.card.in_channels, side, side)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.trace(quantized.module, example, check_trace=False)
-        meta = ExportMetadata(quantized.card, "int8", extra={"quantization": quantized.report})
         extra = {EXTRA_FILE: json.dumps(meta.to_dict())}
         atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra))
     return Path(path)

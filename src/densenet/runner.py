@@ -232,9 +232,12 @@ def _int8(
     calibration: str | os.PathLike | None,
     progress: bool,
 ) -> nn.Module:
-    """``loaded``'s module quantized to int8 on the images in ``calibration``."""
+    """``loaded``'s module quantized to int8 on the images in ``calibration`` (NNCF when
+    installed, else PyTorch's FX: ``densenet.quantize``)."""
     if device.type != "cpu":
-        raise DenseNetError(f"int8 runs on the CPU (PyTorch's x86 int8 kernels), not on {device}")
+        raise DenseNetError(
+            f"int8 runs on the CPU (OpenVINO's or PyTorch's int8 kernels), not on {device}"
+        )
     if loaded.card.volume is not None:
         raise DenseNetError("int8 is calibrated on images; this model takes volumes")
     if calibration is None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import DenseNetError
 from ..io import check_output_file, text_table
-from ..quantization import quantize, save_quantized
+from ..openvino import IR_FILES
+from ..quantization import default_engine, quantize, save_quantized
 from .common import integer, print_json, print_problem, warn_if_random, weights_value
 
 
@@ -18,8 +20,9 @@ def add_parser(sub) -> None:
         description="Quantize a model to int8 (per-channel weights, activations calibrated on "
         "the images of CALIBRATION), report the top-1 agreement and relative logit error "
         "against float32 on held-out images (and with --validation the accuracy before and "
-        "after), and write a TorchScript file with the card that densenet.load reads. Image "
-        "models only.",
+        "after), and write a file with the card that densenet.load reads: an OpenVINO IR folder "
+        "quantized by NNCF when openvino and nncf are installed, else a TorchScript file of "
+        "PyTorch's deprecated FX int8. Image models only.",
     )
     p.add_argument(
         "model",
@@ -36,7 +39,11 @@ def add_parser(sub) -> None:
     p.add_argument("--images", type=integer(), default=300, help="calibration images to read")
     p.add_argument("--holdout", type=integer(0), default=50, help="of those, kept for the report")
     p.add_argument("--validation", metavar="DIR", help="a folder with one sub-folder per class")
-    p.add_argument("--out", help="the int8 file (default MODEL.int8.pt beside it)")
+    p.add_argument(
+        "--out",
+        help="the int8 model: a folder for NNCF's IR (default MODEL.int8/ beside it), a file "
+        "for FX's TorchScript (default MODEL.int8.pt)",
+    )
     p.add_argument("--batch-size", type=integer(), default=16, help="images per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -44,9 +51,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or str(Path(args.model).with_suffix("")) + ".int8.pt"
+    stem = str(Path(args.model).with_suffix(""))
     inputs = (args.model, args.calibration, args.validation)
-    check_output_file(out, "--out", inputs)  # before the work, not after it
+    if default_engine() == "nncf":  # a folder: its two files, or the new folder, checked
+        out = args.out or stem + ".int8"
+        folder = Path(out)
+        for target in [folder / name for name in IR_FILES] if folder.is_dir() else [folder]:
+            check_output_file(target, "--out", inputs)  # before the work
+        if folder.is_file():
+            raise DenseNetError(f"--out {out} is a file; NNCF's int8 model is a folder: give one")
+    else:
+        out = args.out or stem + ".int8.pt"
+        check_output_file(out, "--out", inputs)  # before the work, not after it
     warn_if_random(args)
     result = quantize(
         args.model,
