@@ -96,6 +96,7 @@ def check_exported(path: Path) -> None:
     pickle in it passes ``torch.load(weights_only=True)``, and its programs use only shape
     symbols, guards over input sizes and ``OPERATORS``."""
     with _open(path) as archive:
+        pickled: list[str] = []  # payloads that the configs mark ``use_pickle``
         for name, member in _members(archive):
             top = member.split("/", 1)[0]
             if member in _EXPORT_FILES or top in _EXPORT_FOLDERS:
@@ -104,14 +105,14 @@ def check_exported(path: Path) -> None:
                 _check_program(path, name, _json(archive, path, name))
             elif member.startswith(("data/weights/", "data/constants/")):
                 if member.endswith("_config.json"):
-                    _check_payloads(path, name, _json(archive, path, name))
+                    pickled += _check_payloads(path, name, _json(archive, path, name))
                 elif member.endswith(".pt"):  # a legacy layout: one torch.save file
                     _check_pickle(archive, path, name)
             elif member.startswith("data/sample_inputs/"):
                 _check_pickle(archive, path, name)
             else:
                 _refuse(path, name, "is not part of a torch.export archive")
-        for name in _pickled_payloads(archive, path):
+        for name in pickled:
             _check_pickle(archive, path, name)
 
 
@@ -167,6 +168,8 @@ def _refuse(path: Path, name: str, why: str) -> None:
 
 
 def _read(archive: zipfile.ZipFile, path: Path, name: str) -> bytes:
+    if name not in archive.NameToInfo:
+        _refuse(path, name, "is named by the archive but missing from it")
     if archive.getinfo(name).file_size > _MEMBER_SIZE_LIMIT:
         _refuse(path, name, f"is larger than {_MEMBER_SIZE_LIMIT // 2**20} MiB")
     return archive.read(name)
@@ -193,27 +196,20 @@ def _check_pickle(archive: zipfile.ZipFile, path: Path, name: str) -> None:
         _refuse(path, name, f"is not a readable torch file ({first_line(error)[:120]})")
 
 
-def _check_payloads(path: Path, name: str, config: Any) -> None:
-    """A weights/constants config: tensors only, no pickled or opaque Python objects."""
+def _check_payloads(path: Path, name: str, config: Any) -> list[str]:
+    """A weights/constants config: tensors only, no opaque Python objects. Returns the members
+    it marks as pickled tensors (``use_pickle``), which must pass the restricted reader."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         _refuse(path, name, "is not a payload configuration")
+    folder, pickled = name.rsplit("/", 1)[0], []
     for key, entry in entries.items():
         file = entry.get("path_name", "") if isinstance(entry, dict) else ""
         if not isinstance(file, str) or not re.fullmatch(r"(weight|tensor)_\d+", file):
             _refuse(path, name, f"stores {key!r} as {file!r}, an object rather than a tensor")
-
-
-def _pickled_payloads(archive: zipfile.ZipFile, path: Path) -> Iterator[str]:
-    """The payload members that the archive's configs mark as pickled (``use_pickle``)."""
-    for name, member in _members(archive):
-        if member.startswith(("data/weights/", "data/constants/")) and member.endswith(
-            "_config.json"
-        ):
-            folder = name.rsplit("/", 1)[0]
-            for entry in _json(archive, path, name)["config"].values():
-                if entry.get("use_pickle"):
-                    yield f"{folder}/{entry['path_name']}"
+        if entry.get("use_pickle"):
+            pickled.append(f"{folder}/{file}")
+    return pickled
 
 
 def _check_program(path: Path, name: str, program: Any) -> None:
