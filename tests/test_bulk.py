@@ -21,6 +21,7 @@ from densenet import bulk
 from densenet.bulk import BulkError, Options, iter_inputs
 from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
+from densenet.preprocessing import Preprocessing
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
 import pyarrow.dataset as pads  # noqa: E402
@@ -496,3 +497,16 @@ def test_a_small_input_gets_no_more_workers_than_batches(tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["workers"], summary["rows"]) == (2, 14)
+
+
+def test_reduced_jpeg_decoding_is_within_a_grey_level_of_the_exact(tmp_path):
+    from skimage import data
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(data.astronaut()).resize((2048, 1536)).save(path, quality=90)
+    pre = Preprocessing()
+    exact, error = bulk.Decoder(pre, exact=True)(str(path))
+    assert error is None and torch.equal(exact, pre.transform()(Image.open(path)))
+    reduced, _ = bulk.Decoder(pre)(str(path))
+    levels = (reduced - exact).abs() * torch.tensor(pre.std)[:, None, None] * 255
+    assert levels.mean() < 0.5 and not torch.equal(reduced, exact)

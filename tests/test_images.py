@@ -53,3 +53,23 @@ def test_predict_and_bulk_walk_a_folder_the_same_way(tmp_path):
     expected = [str(tmp_path / n) for n in ("a-b/3.webp", "a.jpg", "b/1.JPG", "b/2.png")]
     assert find_images([tmp_path]) == expected
     assert list(iter_inputs(tmp_path)) == expected
+
+
+def photo(path, size: tuple[int, int]):
+    """A JPEG photo of ``size`` (width, height): scikit-image's astronaut, resized."""
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).resize(size).save(path, quality=90)
+    return path
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_twice_the_resize(tmp_path):
+    big = photo(tmp_path / "big.jpg", (1600, 1200))
+    assert open_image(big).size == (1600, 1200)
+    assert open_image(big, shorter_side=256).size == (800, 600)  # 1/4 would be under 512
+    assert open_image(big, shorter_side=100).size == (400, 300)
+    small = photo(tmp_path / "small.jpg", (600, 400))
+    assert open_image(small, shorter_side=256).size == (600, 400)
+    png = tmp_path / "big.png"
+    Image.open(big).save(png)
+    assert open_image(png, shorter_side=256).size == (1600, 1200)  # JPEGs only

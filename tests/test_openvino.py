@@ -59,6 +59,19 @@ def test_engine_float32_matches_eager_at_any_batch_and_size(model):
         assert torch.equal(out.argmax(1), reference.argmax(1))
 
 
+def test_throughput_form_splits_a_batch_across_its_requests(model, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two streams even on one core
+    fast = densenet.optimize(model, backend="openvino", dtype="float32", throughput=True)
+    assert str(fast.compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    assert len(fast.requests) >= 2
+    for batch in (1, 5):  # fewer images than requests, and a split of unequal parts
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            reference = model(x)
+        out = fast(x)
+        assert out.shape == reference.shape and rel_error(out, reference) < 1e-4
+
+
 def test_engine_auto_is_openvinos_default_precision(model):
     fast = densenet.optimize(model, backend="openvino", dtype="auto")
     hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()

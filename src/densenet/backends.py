@@ -170,6 +170,7 @@ def optimize(
     compile: bool | str = False,
     backend: str | None = None,
     growth_conv: str = "cudnn",
+    throughput: bool = False,
 ) -> nn.Module:
     """The inference-only form of ``model``, with the same outputs.
 
@@ -203,6 +204,9 @@ def optimize(
             copy into the block buffer; the default: on an H200 it runs densenet121 bf16 batch
             256 in 11.5 ms against 12.8 ms with the Triton kernel) or ``"triton"`` (the implicit
             GEMM writing straight into the buffer).
+        throughput: the form will see many images at a time (evaluation, bulk runs): the
+            openvino engine then compiles with OpenVINO's throughput hint (several streams, a
+            batch split across them) instead of its latency hint; the other engines ignore it.
 
     Returns:
         an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
@@ -223,7 +227,7 @@ def optimize(
             raise ValueError("compile applies to backend='inductor' only, got backend='openvino'")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = compute_dtype(dtype, device)
-        return OpenVINODenseNet(model, dtype)
+        return OpenVINODenseNet(model, dtype, throughput=throughput)
     if isinstance(dtype, str):
         dtype = compute_dtype(dtype, device)
     if dtype is None:
@@ -248,7 +252,7 @@ def optimize(
     if backend == "onednn":
         return OneDNNDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
     if backend == "openvino":  # the table's choice for this CPU and precision
-        return OpenVINODenseNet(model, dtype)
+        return OpenVINODenseNet(model, dtype, throughput=throughput)
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast

@@ -47,6 +47,7 @@ from .weights import sha256_file
 __all__ = [
     "DTYPES",
     "BulkError",
+    "Decoder",
     "Options",
     "Outputs",
     "Summary",
@@ -168,6 +169,9 @@ class Options:
     shard_size: rows per Parquet file.
     calibration: with precision ``"int8"``, the folder of images the quantization is
         calibrated on.
+    exact_decode: decode every JPEG at full size, as ``densenet predict`` does; by default a
+        large one is decoded at a reduced scale (``densenet.images.open_image``'s
+        ``shorter_side``: faster, within a few grey levels after the resize).
     """
 
     task: str = "embed"
@@ -176,6 +180,7 @@ class Options:
     topk: int = 5
     shard_size: int = 10_000
     calibration: str | None = None
+    exact_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -222,7 +227,7 @@ class Outputs:
         embed = options.task == "embed"
         self.runner = Runner(
             model, device, optimize=optimize, dtype=precision, backend=backend, headless=embed,
-            calibration=options.calibration,
+            calibration=options.calibration, throughput=True,
         )  # fmt: skip
         self.precision = self.runner.precision
         if embed:
@@ -251,14 +256,22 @@ class Outputs:
         return {k: v.cpu().numpy() for k, v in columns.items()}
 
 
-def decode(source: str | bytes, transform) -> tuple[Tensor | None, str | None]:
-    """A path or encoded bytes -> ((3, H, W) preprocessed tensor, None), or (None, error)."""
-    try:
-        return transform(open_image(source)), None
-    except ImageError as error:
-        return None, str(error)
-    except (OSError, ValueError) as error:  # a decoded image the transform cannot convert
-        return None, f"{source if isinstance(source, str) else 'image'}: {error}"
+class Decoder:
+    """A path or encoded bytes -> ((C, H, W) preprocessed tensor, None), or (None, error): the
+    card's ``transform`` of the image, a JPEG decoded at a reduced scale first unless ``exact``
+    (``densenet.images.open_image``'s ``shorter_side``: the transform's resize size)."""
+
+    def __init__(self, pre: Preprocessing, exact: bool = False) -> None:
+        self.transform = pre.transform()
+        self.shorter_side = None if exact else pre.resize_size
+
+    def __call__(self, source: str | bytes) -> tuple[Tensor | None, str | None]:
+        try:
+            return self.transform(open_image(source, shorter_side=self.shorter_side)), None
+        except ImageError as error:
+            return None, str(error)
+        except (OSError, ValueError) as error:  # a decoded image the transform cannot convert
+            return None, f"{source if isinstance(source, str) else 'image'}: {error}"
 
 
 # ---- Parquet -------------------------------------------------------------------------------
@@ -361,16 +374,16 @@ def _done_shards(out: Path, rank: int, world_size: int, settings: dict[str, Any]
 
 
 class _Images(Dataset):
-    """``(shard, path)`` -> ``(shard, path, image, error)``: the preprocessed (3, H, W) tensor,
+    """``(shard, path)`` -> ``(shard, path, image, error)``: the image as ``decode`` gives it,
     or with ``raw`` the file's bytes as a uint8 tensor (decoded on the device later)."""
 
-    def __init__(self, transform, raw: bool = False) -> None:
-        self.transform, self.raw = transform, raw
+    def __init__(self, decode: Decoder, raw: bool = False) -> None:
+        self.decode, self.raw = decode, raw
 
     def __getitem__(self, key: tuple[int, str]) -> tuple[int, str, Tensor | None, str | None]:
         shard, path = key
         if not self.raw:
-            return (shard, path, *decode(path, self.transform))
+            return (shard, path, *self.decode(path))
         try:
             data = Path(path).read_bytes()
         except OSError as error:
@@ -428,7 +441,7 @@ def _decode_on_device(
 
     preprocess = pre.tensor_transform()
     mode = ImageReadMode.RGB if pre.channels == 3 else ImageReadMode.UNCHANGED
-    transform = pre.transform()
+    decode = Decoder(pre, exact=True)
     rows = [row for row, error in enumerate(errors) if error is None]
     jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
     decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
@@ -437,7 +450,7 @@ def _decode_on_device(
         if decoded.get(k) is not None and len(decoded[k]) == pre.channels:
             good.append(preprocess(decoded[k]))
             continue
-        image, errors[row] = decode(paths[row], transform)
+        image, errors[row] = decode(paths[row])
         if image is not None:
             good.append(image.to(device))
     return (torch.stack(good) if good else None), errors
@@ -556,7 +569,7 @@ def run(
 
     batches = _Batches(iter_inputs(source), options.shard_size, batch_size, wanted)
     loader = DataLoader(
-        _Images(card.preprocessing.transform(), raw=device_decode),
+        _Images(Decoder(card.preprocessing, options.exact_decode), raw=device_decode),
         batch_sampler=batches,
         num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
     )  # fmt: skip

@@ -134,7 +134,7 @@ def evaluate_dataset(
         max_batch = batch_size * views if target.type == "cuda" else None
         runner = Runner(
             loaded, target, optimize=optimize, dtype=dtype, backend=backend, max_batch=max_batch,
-            calibration=calibration, progress=progress and rank == 0,
+            calibration=calibration, progress=progress and rank == 0, throughput=True,
         )  # fmt: skip
         if card.multi_label:
             probabilities, targets, skipped = predict_labels(runner.probabilities, loader)

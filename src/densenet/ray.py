@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bulk import Options, Outputs, decode, to_table
+from .bulk import Decoder, Options, Outputs, to_table
 from .load import load
 from .runtime import resolve_device
 
@@ -34,7 +34,7 @@ class _MapBatches:
         target = resolve_device(device)
         loaded = load(model, weights=weights, device=target, progress=False)
         self.card = loaded.card
-        self.transform = self.card.preprocessing.transform()
+        self.decode = Decoder(self.card.preprocessing, options.exact_decode)
         self.outputs = Outputs(loaded, options, target, optimize, precision)
 
     def __call__(self, batch: Any):
@@ -47,7 +47,7 @@ class _MapBatches:
         if key is None:
             raise KeyError(f"a batch needs a 'bytes' or 'path' column, got {list(columns)}")
         sources = [bytes(s) if key == "bytes" else str(s) for s in columns[key]]
-        decoded = [decode(source, self.transform) for source in sources]
+        decoded = [self.decode(source) for source in sources]
         errors = [error for _, error in decoded]
         images = [image for image, _ in decoded if image is not None]
         outputs = self.outputs.empty()

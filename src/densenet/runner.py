@@ -63,6 +63,8 @@ class Runner:
         calibration: for ``dtype="int8"`` (CPU only): a folder of images to calibrate the
             post-training int8 quantization on (``densenet.quantize``).
         progress: show progress bars while the int8 quantization reads its images.
+        throughput: the model will see many images at a time (``densenet.optimize``'s
+            ``throughput``: evaluation and bulk runs).
 
     Attributes: ``card``, ``device``, ``module`` (what runs), ``precision`` (its dtype's name),
     ``weights_count`` (``count_weights`` of the model as loaded, before any inference form).
@@ -80,6 +82,7 @@ class Runner:
         headless: bool = False,
         calibration: str | os.PathLike | None = None,
         progress: bool = True,
+        throughput: bool = False,
     ) -> None:
         self.card, self.device = loaded.card, device
         module = loaded.module  # in eval mode (``load`` puts it there)
@@ -110,7 +113,9 @@ class Runner:
             self.precision = "int8"
         else:
             self._densenet = module.to(device)
-            module = optimize_model(self._densenet, dtype=dtype, backend=backend)
+            module = optimize_model(
+                self._densenet, dtype=dtype, backend=backend, throughput=throughput
+            )
             self.precision = dtype_name(module.dtype)
             if max_batch is not None:
                 module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")

@@ -211,6 +211,12 @@ def add_bulk_args(parser: argparse.ArgumentParser, out_required: bool) -> None:
         "--device-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)"
     )
     parser.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode every JPEG at full size, as densenet predict does (default: a large one at "
+        "a reduced scale, faster and within a few grey levels after the resize)",
+    )
+    parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
 

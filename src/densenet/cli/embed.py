@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
     options = Options(
         task="embed", normalize=args.normalize, dtype=args.vector_dtype,
-        shard_size=args.shard_size, calibration=args.calibration,
+        shard_size=args.shard_size, calibration=args.calibration, exact_decode=args.exact_decode,
     )  # fmt: skip
     return run_bulk(args, args.input, options)

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             )
         options = Options(
             task="predict", topk=args.topk, shard_size=args.shard_size,
-            calibration=args.calibration,
+            calibration=args.calibration, exact_decode=args.exact_decode,
         )  # fmt: skip
         return run_bulk(args, args.images[0], options)
     missing = [path for path in args.images if not os.path.exists(path)]
