@@ -473,6 +473,33 @@ def test_a_lone_input_waits_for_company_until_the_batch_is_full():
     assert sizes == [2]
 
 
+def test_a_lone_input_runs_at_once_when_nothing_else_is_arriving():
+    """An idle service does not hold a lone request back for company that is not coming: the
+    batch waits only while ``arriving`` says inputs are on their way (being decoded)."""
+    sizes, coming = [], [True]
+
+    def function(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(batch))
+        return batch.flatten(1)
+
+    async def scenario():
+        batcher = Batcher(function, max_batch=2, max_wait_s=3600, arriving=lambda: coming[0])
+        batcher.start()
+        (first,) = batcher.submit([torch.zeros(2)])
+        for _ in range(20):  # another request is being decoded: the batch waits for it
+            await asyncio.sleep(0)
+        assert not first.done()
+        (second,) = batcher.submit([torch.ones(2)])
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        coming[0] = False
+        (alone,) = batcher.submit([torch.ones(2)])
+        assert (await asyncio.wait_for(alone, 30)).batch_size == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert sizes == [2, 1]
+
+
 def test_a_failing_input_does_not_fail_the_rest_of_its_batch():
     def function(batch: torch.Tensor) -> torch.Tensor:
         if batch.isnan().any():

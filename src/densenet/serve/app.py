@@ -145,6 +145,7 @@ class _Service:
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
+            arriving=lambda: self.decoder is not None and self.decoder.requests_in_flight > 0,
         )
         self.metrics = ServiceMetrics(
             lambda: self.batcher.depth,

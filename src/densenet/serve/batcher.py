@@ -52,6 +52,9 @@ class Batcher:
         max_wait_s: longest time the oldest queued input waits for the batch to fill, seconds.
         max_queue: most inputs waiting; ``submit`` raises ``QueueFull`` beyond it.
         on_batch: called with (batch size, seconds) after each forward pass, in the event loop.
+        arriving: whether more inputs are on their way (requests being decoded); a batch waits
+            for company only while they are, so a lone request on an idle service runs at once.
+            None: it always waits up to ``max_wait_s``.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class Batcher:
         max_wait_s: float = 0.005,
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        arriving: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(
@@ -73,6 +77,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.arriving = arriving or (lambda: True)
         self._queue: deque[_Item] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -140,7 +145,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = self._queue[0].enqueued + self.max_wait_s
-            while len(self._queue) < self.max_batch and not self._closing:
+            while len(self._queue) < self.max_batch and not self._closing and self.arriving():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

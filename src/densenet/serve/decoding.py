@@ -93,6 +93,11 @@ class FairDecoder:
     def pixels_in_flight(self) -> int:
         return self.max_pixels - self._free_pixels
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests whose images are being decoded or wait for a thread."""
+        return len(self._requests)
+
     async def map(self, function: Callable[..., Any], jobs: Sequence[tuple[tuple, int]]) -> list:
         """``function(*args)`` for each (args, pixels) of one request, in the pool; the results
         in order. A job's ``pixels`` count against ``max_pixels`` while it runs."""
