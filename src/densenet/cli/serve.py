@@ -30,7 +30,12 @@ def add_parser(sub) -> None:
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument("--max-batch", type=integer(), default=32, help="most images per forward pass")
-    p.add_argument("--max-wait-ms", type=number(), default=5.0, help="longest wait to fill a batch (only while other requests are being decoded)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=number(),
+        default=5.0,
+        help="longest wait to fill a batch (only while other requests are being decoded)",
+    )
     p.add_argument(
         "--max-upload-mb", type=number(0.001), default=10.0, help="largest request body (413)"
     )
