@@ -17,6 +17,13 @@ per-request limit, 100 million by default); reported: p50/p99 of the small reque
 phases, their ratio, and the heavy requests answered.
 
     python benchmarks/bench_serve.py --fairness --requests 200 --concurrency 4
+
+With ``--latency`` it measures one client's answer time (requests sent one after another to a
+server with the default batching) against its parts measured in this process after the server
+stopped, on the same model, engine and threads: decoding and preprocessing one photograph, and the
+model's latency at batch 1. Reported: the medians and their ratio (goal: at most 1.1).
+
+    python benchmarks/bench_serve.py --latency --model densenet121 --requests 200
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fairness",
         action="store_true",
         help="measure small requests' latency idle and beside clients sending maximal requests",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure one client's answer time against decoding plus the model's own latency",
     )
     p.add_argument("--heavy-clients", type=int, default=1, help="--fairness: heavy clients")
     p.add_argument(
@@ -434,6 +446,88 @@ def report_fairness(args: argparse.Namespace) -> int:
     return 1 if report["errors"] else 0
 
 
+# ---- --latency: one client's answer time against its parts --------------------------------------
+
+
+async def answer_times(args: argparse.Namespace) -> tuple[list[float], dict[str, list[float]]]:
+    """One client's answer times (s) from a server with the default batching, after a warm-up,
+    and the server's own timing of each answer (ms: total, preprocess, queue, inference)."""
+    import httpx
+
+    images = photographs()
+    process, url = start_server(args, Mode(args.max_batch, args.max_wait_ms))
+    answers, timings = [], {}
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await wait_ready(client, process)
+            for i in range(args.requests + 10):
+                sent = time.perf_counter()
+                response = await client.post(
+                    "/v1/predict", content=images[i % len(images)],
+                    headers={"content-type": "image/jpeg"},
+                )  # fmt: skip
+                answered = time.perf_counter() - sent
+                response.raise_for_status()
+                if i >= 10:  # after a warm-up
+                    answers.append(answered)
+                    for name, value in response.json()["timing"].items():
+                        timings.setdefault(name, []).append(value)
+    finally:
+        process.terminate()
+        process.wait(60)
+    return answers, timings
+
+
+def parts_of_an_answer(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Decoding and preprocessing one photograph, and the model at batch 1 (s each), as the
+    server's ``Classifier`` runs them, measured in this process."""
+    import torch
+
+    import densenet
+    from densenet.images import open_image
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    classifier = densenet.Classifier(densenet.DenseNet(**MODELS[args.model]), device=args.device)
+    images, decode, model = photographs(), [], []
+    for i in range(args.requests + 10):
+        start = time.perf_counter()
+        x = classifier.preprocess(open_image(images[i % len(images)]), "photograph")
+        decoded = time.perf_counter()
+        classifier.probabilities(x[None])
+        if i >= 10:  # after a warm-up, as for the server
+            decode.append(decoded - start)
+            model.append(time.perf_counter() - decoded)
+    return decode, model
+
+
+def report_latency(args: argparse.Namespace) -> int:
+    from densenet.engines import cpu_flags, cpu_name
+
+    answers, timings = asyncio.run(answer_times(args))
+    decode, model = parts_of_an_answer(args)
+    medians = [statistics.median(x) * 1e3 for x in (answers, decode, model)]
+    report = {
+        "model": args.model,
+        "device": args.device,
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "torch_threads": args.threads,
+        "requests": len(answers),
+        "answer_ms_p50": medians[0],
+        "decode_ms_p50": medians[1],
+        "model_ms_p50": medians[2],
+        "server_timing_ms_p50": {k: statistics.median(v) for k, v in timings.items()},
+        "ratio": medians[0] / (medians[1] + medians[2]),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve_port is not None:
@@ -441,6 +535,8 @@ def main(argv=None) -> int:
         return 0
     if args.fairness:
         return report_fairness(args)
+    if args.latency:
+        return report_latency(args)
     import torch
 
     import densenet
