@@ -207,6 +207,36 @@ def throughput():
                     )
 
 
+def tensorrt():
+    """TensorRT (torch-tensorrt's dynamo path) on torchvision's densenet121 in bf16 at batch 256
+    and 1, beside torchvision eager: the GPU peer an engine of the table must beat."""
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        log(section="tensorrt", impl="torch_tensorrt", error=f"not installed: {e}")
+        return
+    reference, _ = pair()  # float32
+    model, _ = pair()
+    model = model.to(memory_format=CL).to(BF)
+    for batch in (256, 1):
+        x = torch.randn(batch, 3, 224, 224, device=DEV).to(BF).to(memory_format=CL)
+        with torch.inference_mode():
+            base = bench(lambda x=x: model(x))
+            t = time.time()
+            trt = torch_tensorrt.compile(
+                model, ir="dynamo", inputs=[x], enabled_precisions={BF}, min_block_size=1
+            )
+            trt(x)
+            torch.cuda.synchronize()
+            setup = time.time() - t
+            ms = bench(lambda x=x, trt=trt: trt(x))
+            error = relerr(trt(x).float(), reference(x.float()))
+        log(
+            section=f"b{batch}", impl="torch_tensorrt bf16", ms=ms, ips=batch * 1e3 / ms,
+            vs_tv_eager=base / ms, setup_s=setup, rel_error=error,
+        )  # fmt: skip
+
+
 def shapes_vary():
     """The default optimize() after the same process ran batch 1 and 64 through it."""
     _, ours = pair()
@@ -320,6 +350,7 @@ log(torch=torch.__version__, device=torch.cuda.get_device_name(), backends=BACKE
 section(exactness, 40)
 section(bf16_error, 40)
 section(throughput, 120)
+section(tensorrt, 90)
 section(latency, 40)
 section(shapes_vary, 90)
 section(training, 40)
