@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .backends import optimize
 from .dtypes import DTYPES, dtype_name
+from .engines import cpu_flags, cpu_kind, cpu_name
 from .exported import INPUT_NAME
 from .inference import BucketedModel
 from .io import text_table
@@ -497,7 +498,9 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": f"{cpu_name()} ({os.cpu_count()} logical cores)",
+        "cpu_kind": cpu_kind(),
+        "cpu_flags": " ".join(cpu_flags()),
     }
     with contextlib.suppress(ImportError):
         import torchvision
@@ -509,19 +512,6 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in _lines("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
-    return platform.processor() or "unknown"
-
-
-def _lines(path: str) -> Iterator[str]:
-    with open(path) as f:
-        yield from f
 
 
 def format_table(results: Sequence[Result]) -> str:

@@ -76,5 +76,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
+        machine = report["machine"]
+        where = (
+            machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_kind']}: {machine['cpu_flags']}"
+        )
+        print(f"{where}; torch {machine['torch']}, {machine['threads']} threads")
         print(format_table(results))
     return 0
