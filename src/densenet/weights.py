@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .architectures import min_input_size, model_config
 from .errors import DenseNetError
 from .io import read_torch_file as _read_torch_file
 from .io import write_text
@@ -73,11 +74,16 @@ class Weights:
     num_params: int
     gflops: float  # per 224x224 image (2 x multiply-accumulates)
     file_size_mb: float
-    min_size: tuple[int, int] = (29, 29)
     resize_size: int = 256
     crop_size: int = 224
     recipe: str = "ported from the original Torch models (Huang et al.)"
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def min_size(self) -> tuple[int, int]:
+        """The smallest input (height, width) of the architecture, pixels."""
+        side = min_input_size(model_config(self.arch))
+        return side, side
 
     @property
     def url(self) -> str:
