@@ -1,13 +1,29 @@
 """Named architectures without torch: the table of configurations, ``list_models()``,
-``model_config()``, and what a configuration implies (the smallest input), computed
-arithmetically."""
+``model_config()``, and what a configuration implies (the smallest input, parameters, GFLOPs),
+computed arithmetically, so that ``densenet info`` answers before torch loads.
+
+A model family plugs in with ``register_family``: its table of configurations and a function
+that summarises one of them without building it (``densenet_summary`` for the DenseNets).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "list_models", "min_input_size", "model_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "Family",
+    "densenet_summary",
+    "list_models",
+    "min_input_size",
+    "model_config",
+    "model_info",
+    "register_family",
+]
 
 
 def _imagenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int) -> dict:
@@ -63,13 +79,94 @@ def min_input_size(config: Mapping[str, Any]) -> int:
     return 4 * (2**transitions - 1) + 1
 
 
+def densenet_summary(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters and forward GFLOPs (2 x the multiply-accumulates of the convolutions and the
+    classifier, as ``torch.utils.flop_counter`` counts them) of a 2D DenseNet configuration on one
+    image at its native size (224 for the ImageNet stem, 32 for the CIFAR stem)."""
+    growth = config["growth_rate"]
+    width = config["bn_size"] * growth  # the bottleneck's channels (none for bn_size 0)
+    size = 224 if config["stem"] == "imagenet" else 32
+    convs: list[tuple[int, int, int, int]] = []  # (in, out, kernel, output side)
+    norms: list[int] = []  # channels of each batch norm (a weight and a bias each)
+    channels, side = config["num_init_features"], size
+    if config["stem"] == "imagenet":
+        side = (side - 1) // 2 + 1  # 7x7 convolution, stride 2, padding 3
+        convs.append((config.get("in_channels", 3), channels, 7, side))
+        norms.append(channels)
+        side = (side - 1) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
+    else:
+        convs.append((config.get("in_channels", 3), channels, 3, side))
+    for i, layers in enumerate(config["block_config"]):
+        for _ in range(layers):
+            norms.append(channels)
+            if width:
+                convs += [(channels, width, 1, side), (width, growth, 3, side)]
+                norms.append(width)
+            else:
+                convs.append((channels, growth, 3, side))
+            channels += growth
+        if i < len(config["block_config"]) - 1:
+            out = math.floor(channels * config["compression"])
+            norms.append(channels)
+            convs.append((channels, out, 1, side))
+            channels, side = out, side // 2
+    norms.append(channels)  # norm5
+    classes = config["num_classes"]
+    weights = sum(c_in * c_out * k * k for c_in, c_out, k, _ in convs)
+    macs = sum(c_in * c_out * k * k * s * s for c_in, c_out, k, s in convs) + channels * classes
+    return {
+        "params": weights + 2 * sum(norms) + (channels + 1) * classes,
+        "gflops": 2 * macs / 1e9,
+        "input_size": size,
+        "num_classes": classes,
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its named configurations and ``summary``, a function of one
+    configuration that returns its ``params``, ``gflops``, ``input_size`` and ``num_classes``
+    without building the model (what ``densenet info`` lists)."""
+
+    name: str
+    configs: Mapping[str, Mapping[str, Any]]
+    summary: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family``'s architectures to ``list_models()``; a name taken by another family is
+    an error."""
+    taken = sorted(set(family.configs) & set(list_models()))
+    if taken:
+        raise ValueError(f"architecture names {taken} are taken; rename them in {family.name}")
+    FAMILIES[family.name] = family
+    return family
+
+
 def list_models() -> list[str]:
     """Every architecture name that ``get_model`` accepts."""
-    return list(ARCHITECTURES)
+    return [name for family in FAMILIES.values() for name in family.configs]
+
+
+def _family(name: str) -> Family:
+    family = next((f for f in FAMILIES.values() if name in f.configs), None)
+    if family is None:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return family
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The ``DenseNet(...)`` arguments of a named architecture (a copy)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    return dict(ARCHITECTURES[name])
+    """The constructor arguments of a named architecture (a copy)."""
+    return dict(_family(name).configs[name])
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """A named architecture's ``name``, ``params``, ``gflops`` (one image at ``input_size``) and
+    ``num_classes``, from its family's summary of its configuration (nothing is built)."""
+    return {"name": name, **_family(name).summary(model_config(name))}
+
+
+register_family(Family("densenet", ARCHITECTURES, densenet_summary))

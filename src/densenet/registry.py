@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .architectures import ARCHITECTURES, list_models, model_config
+from .architectures import ARCHITECTURES, list_models, model_config, model_info
 from .model import DenseNet, DenseNetFeatures
 
-__all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config"]
+__all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config", "model_info"]
 
 
 def get_model(
@@ -90,26 +90,3 @@ def _make_builder(name: str):
 
 globals().update({name: _make_builder(name) for name in ARCHITECTURES})
 __all__ += list(ARCHITECTURES)
-
-
-def model_info(name: str) -> dict[str, Any]:
-    """Parameters and forward GFLOPs (2 x multiply-accumulates, one image at the architecture's
-    native size: 224 for ImageNet, 32 for CIFAR) of a named architecture, counted on the meta
-    device (no memory, no compute)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    config = model_config(name)
-    size = 224 if config["stem"] == "imagenet" else 32
-    with torch.device("meta"):
-        model = DenseNet(**config).eval()
-        x = torch.empty(1, 3, size, size)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    return {
-        "name": name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflops": counter.get_total_flops() / 1e9,
-        "input_size": size,
-        "num_classes": config["num_classes"],
-    }
