@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import densenet
 from densenet import benchmark, choices, export
 from densenet.train import config
@@ -37,6 +39,7 @@ def test_public_names_are_their_modules_and_what_type_checkers_see():
     assert seen == set(densenet.__all__) - {"__version__"}
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_import_is_light_and_submodules_do_not_replace_functions():
     env = {**os.environ, "PYTHONPATH": str(Path(densenet.__file__).parents[1])}
     done = subprocess.run(
