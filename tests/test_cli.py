@@ -325,3 +325,45 @@ def test_bulk_runs_on_a_folder_of_volumes_say_volumes_are_not_supported(tmp_path
             "predict --out do not support volumes (densenet predict without --out classifies them)"
         )
     assert not (tmp_path / "out").exists()
+
+
+HEAVY = ("torch", "torchvision", "numpy", "PIL")
+# Runs ``python -m densenet ARGS`` for each ARGS in turn in one interpreter, then prints the exit
+# codes and which heavy modules got imported.
+RUN_MAIN = """
+import contextlib, io, json, runpy, sys
+codes = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["densenet", *argv]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_module("densenet", run_name="__main__")
+        except SystemExit as done:
+            codes.append(done.code)
+print(json.dumps({"codes": codes, "imported": [m for m in HEAVY if m in sys.modules]}))
+"""
+
+
+def command_paths(parser: argparse.ArgumentParser, path=()) -> list[tuple[str, ...]]:
+    """Every command and sub-command of ``parser`` (``("weights", "verify")``...), and ``()``."""
+    paths = [path]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += command_paths(sub, (*path, name))
+    return paths
+
+
+def test_help_and_info_answer_without_importing_torch():
+    commands = command_paths(build_parser())
+    assert {("info",), ("train",), ("weights", "verify")} <= set(commands)
+    runs = [[*command, "--help"] for command in commands] + [["info"], ["info", "--json"]]
+    env = {**os.environ, "PYTHONPATH": str(Path(densenet.__file__).parents[1])}
+    code = f"HEAVY = {HEAVY!r}\n{RUN_MAIN}"
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(runs)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    assert report["codes"] == [0] * len(runs)
+    assert report["imported"] == []

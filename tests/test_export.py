@@ -371,7 +371,9 @@ def test_predict_runs_an_onnx_file(onnx_file, model, tmp_path, capsys):
 def test_cli_export_onnx_with_triton_repo(model, tmp_path, monkeypatch, capsys):
     card = densenet.ModelCard.for_model(model, arch="densenet121")
     loaded = densenet.LoadedModel(model, card)
-    monkeypatch.setattr("densenet.cli.export.load", lambda spec, weights: loaded)
+    monkeypatch.setattr(
+        importlib.import_module("densenet.load"), "load", lambda spec, weights: loaded
+    )
     out = tmp_path / "m.onnx"
     argv = ["export", "--model", "densenet121", "--weights", "none", "--format", "onnx"]
     argv += ["--out", str(out), "--batch-size", "2", "--triton-repo", str(tmp_path / "repo")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 
@@ -50,7 +51,11 @@ def test_an_output_file_in_a_missing_or_unwritable_folder_is_one_error(tmp_path,
 
 
 def test_export_refuses_a_device_before_exporting(capsys, monkeypatch):
-    monkeypatch.setattr("densenet.cli.export.load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(
+        importlib.import_module("densenet.load"),
+        "load",
+        lambda *a, **k: pytest.fail("loaded a model"),
+    )
     argv = ["export", "--weights", "none", "--format", "onnx", "--out", os.devnull]
     assert main(argv) == 2
     assert f"{os.devnull} is a device, pipe or socket" in capsys.readouterr().err

@@ -211,7 +211,9 @@ def test_predict_and_eval_run_the_ir(ir_folder, model, tmp_path, capsys):
 
 def test_cli_export_writes_the_folder(model, tmp_path, monkeypatch, capsys):
     loaded = densenet.LoadedModel(model, densenet.ModelCard.for_model(model))
-    monkeypatch.setattr("densenet.cli.export.load", lambda spec, weights: loaded)
+    monkeypatch.setattr(
+        importlib.import_module("densenet.load"), "load", lambda spec, weights: loaded
+    )
     out = tmp_path / "ir"
     argv = ["export", "--model", "densenet121", "--weights", "none", "--format", "openvino"]
     assert main([*argv, "--out", str(out), "--dtype", "float16", "--json"]) == 0

@@ -190,7 +190,7 @@ def test_quantize_numbers_are_range_checked(flag, value, bound, capsys):
 
 
 def test_quantize_checks_its_output_path_before_the_work(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("densenet.cli.quantize.quantize", lambda *a, **k: pytest.fail("worked"))
+    monkeypatch.setattr("densenet.quantization.quantize", lambda *a, **k: pytest.fail("worked"))
     model = str(tiny_checkpoint(tmp_path / "tiny.pth"))
     missing = tmp_path / "missing" / "m.int8.pt"
     assert main(["quantize", model, str(photos), "--out", str(missing)]) == 2

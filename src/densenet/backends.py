@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import engines
+from .choices import BACKENDS
 from .cpu import OneDNNDenseNet, compute_dtype
 from .dtypes import DTYPES
 from .engines import EngineRow
@@ -25,7 +26,6 @@ from .openvino import OpenVINODenseNet
 __all__ = ["BACKENDS", "COMPILE_MODES", "default_engine", "engine_choices", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-BACKENDS = ("eager", "inductor", "triton", "onednn", "openvino")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 

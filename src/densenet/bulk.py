@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .choices import VECTOR_DTYPES as DTYPES
 from .errors import DenseNetError
 from .images import ImageError, open_image, walk_files
 from .io import atomic_write, csv_rows, settings_differences, temporary_of, write_json
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 TASKS = ("embed", "predict")
-DTYPES = ("float32", "float16")
 SETTINGS_FILE = "_densenet_bulk.json"  # leading "_": Parquet readers skip it
 log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"part-(\d{6,})\.parquet")

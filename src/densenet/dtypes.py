@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .choices import PRECISIONS
+
 __all__ = ["DTYPES", "dtype_name"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

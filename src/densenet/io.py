@@ -15,10 +15,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
-
 from .errors import DenseNetError, first_line
 
 __all__ = [
@@ -187,6 +183,10 @@ def read_torch_file(
     """The content of a .pth/.pt/.safetensors file, read without executing pickled code
     (``torch.load(weights_only=True)``, on the CPU). Raises ``error`` naming ``what`` and
     ``path`` for a missing, truncated, foreign or unsafe file."""
+    import torch  # here, so that the module's other helpers load without torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} does not exist")

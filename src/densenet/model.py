@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .architectures import min_input_size
 from .memory import memory_efficient_block, memory_efficient_bn_relu
 
 STEMS = ("imagenet", "cifar")
@@ -270,12 +271,9 @@ class DenseNet(nn.Module):
 
     @property
     def min_input_size(self) -> int:
-        """The smallest input height and width, pixels: every transition halves the feature map
-        (2x2 pooling), the ImageNet stem divides it by 4 (rounding up)."""
-        transitions = len(self.config["block_config"]) - 1
-        if self.config["stem"] == "cifar":
-            return 2**transitions
-        return 4 * (2**transitions - 1) + 1
+        """The smallest input height and width, pixels (``densenet.architectures.min_input_size``
+        of the configuration)."""
+        return min_input_size(self.config)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) -> (N, num_features, h, w) after the final BN-ReLU."""

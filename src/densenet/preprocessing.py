@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from .architectures import min_input_size, model_config
 from .calibration import Calibration
 from .images import ImageError, Reason
 from .labels import imagenet_classes
@@ -33,6 +34,7 @@ from .volumes import VolumeTransform
 __all__ = ["DEFAULT_VOLUME_SIZE", "ModelCard", "Preprocessing", "default_classes"]
 
 DEFAULT_VOLUME_SIZE = (96, 96, 96)  # (D, H, W) voxels, for 3D models without a card
+DEFAULT_MIN_SIDE = min_input_size(model_config("densenet121"))  # the default DenseNet's, pixels
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    min_size: tuple[int, int] = (29, 29)
+    min_size: tuple[int, int] = (DEFAULT_MIN_SIDE, DEFAULT_MIN_SIDE)
     value_scale: str = "bit depth"
 
     def transform(self) -> Callable[[Any], Tensor]:
@@ -217,7 +219,7 @@ class ModelCard:
         3D model takes volumes resampled to ``DEFAULT_VOLUME_SIZE``, z-scored."""
         config = getattr(model, "config", {})
         num_classes = int(getattr(model, "num_classes", 1000))
-        side = getattr(model, "min_input_size", 29)
+        side = getattr(model, "min_input_size", DEFAULT_MIN_SIDE)
         sizes = (32, 32) if config.get("stem") == "cifar" else (256, 224)
         in_channels = config.get("in_channels", 3)
         preprocessing = Preprocessing(*sizes, min_size=(side, side)).for_channels(in_channels)

@@ -1,68 +1,15 @@
-"""Named architectures: one table of configurations, the builders generated from it,
-``list_models()`` and ``get_model()``."""
+"""Named architectures: ``get_model()`` and the builders generated from the table of
+configurations (``densenet.architectures``, which also gives ``list_models()``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from .architectures import ARCHITECTURES, list_models, model_config, model_info
 from .model import DenseNet, DenseNetFeatures
 
-__all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config"]
-
-
-def _imagenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int) -> dict:
-    return {
-        "growth_rate": growth_rate,
-        "block_config": block_config,
-        "num_init_features": num_init_features,
-        "bn_size": 4,
-        "compression": 0.5,
-        "num_classes": 1000,
-        "stem": "imagenet",
-    }
-
-
-def _cifar(depth: int, growth_rate: int, bc: bool) -> dict:
-    """The paper's 3-block CIFAR/SVHN network of ``depth`` layers (section 3): (depth - 4) / 3
-    layers per block, or (depth - 4) / 6 bottleneck layers for DenseNet-BC."""
-    per_block = (depth - 4) // (6 if bc else 3)
-    return {
-        "growth_rate": growth_rate,
-        "block_config": (per_block,) * 3,
-        "num_init_features": 2 * growth_rate if bc else 16,
-        "bn_size": 4 if bc else 0,
-        "compression": 0.5 if bc else 1.0,
-        "num_classes": 10,
-        "stem": "cifar",
-    }
-
-
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "densenet121": _imagenet(32, (6, 12, 24, 16), 64),
-    "densenet161": _imagenet(48, (6, 12, 36, 24), 96),
-    "densenet169": _imagenet(32, (6, 12, 32, 32), 64),
-    "densenet201": _imagenet(32, (6, 12, 48, 32), 64),
-    "densenet264": _imagenet(32, (6, 12, 64, 48), 64),
-    "densenet_40_k12": _cifar(40, 12, bc=False),
-    "densenet_100_k12": _cifar(100, 12, bc=False),
-    "densenet_100_k24": _cifar(100, 24, bc=False),
-    "densenet_bc_100_k12": _cifar(100, 12, bc=True),
-    "densenet_bc_250_k24": _cifar(250, 24, bc=True),
-    "densenet_bc_190_k40": _cifar(190, 40, bc=True),
-}
-
-
-def list_models() -> list[str]:
-    """Every architecture name that ``get_model`` accepts."""
-    return list(ARCHITECTURES)
-
-
-def model_config(name: str) -> dict[str, Any]:
-    """The ``DenseNet(...)`` arguments of a named architecture (a copy)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    return dict(ARCHITECTURES[name])
+__all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config", "model_info"]
 
 
 def get_model(
@@ -143,26 +90,3 @@ def _make_builder(name: str):
 
 globals().update({name: _make_builder(name) for name in ARCHITECTURES})
 __all__ += list(ARCHITECTURES)
-
-
-def model_info(name: str) -> dict[str, Any]:
-    """Parameters and forward GFLOPs (2 x multiply-accumulates, one image at the architecture's
-    native size: 224 for ImageNet, 32 for CIFAR) of a named architecture, counted on the meta
-    device (no memory, no compute)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    config = model_config(name)
-    size = 224 if config["stem"] == "imagenet" else 32
-    with torch.device("meta"):
-        model = DenseNet(**config).eval()
-        x = torch.empty(1, 3, size, size)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    return {
-        "name": name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflops": counter.get_total_flops() / 1e9,
-        "input_size": size,
-        "num_classes": config["num_classes"],
-    }

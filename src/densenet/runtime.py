@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .choices import AMP_MODES
 from .cpu import compute_dtype
 from .errors import DenseNetError
 
@@ -20,8 +21,6 @@ __all__ = [
     "process_group",
     "resolve_device",
 ]
-
-AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .choices import VIEWS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -190,9 +192,8 @@ def train_transform(
     return T.Compose(steps)
 
 
-# Test-time augmentation: the views of one image whose probabilities are averaged, and their
-# number (the cost: that many forward passes per image).
-VIEWS = {"hflip": 2, "five-crop": 5, "ten-crop": 10}
+# Test-time augmentation: ``VIEWS`` (densenet.choices) names the views of one image whose
+# probabilities are averaged, and their number (the cost: that many forward passes per image).
 
 
 def views_transform(

@@ -1,5 +1,6 @@
-"""Pretrained weights: the registry of published files with their metadata, and the download,
-cache, verification and loading of checkpoints (official, legacy-format, local or safetensors).
+"""Pretrained weights: the download, cache, verification and loading of checkpoints (official,
+legacy-format, local or safetensors); the table of published files with their metadata is
+``densenet.published``'s (its names are re-exported here).
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
@@ -14,19 +15,23 @@ import re
 import urllib.error
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import DenseNetError
 from .io import read_torch_file as _read_torch_file
 from .io import write_text
-from .labels import imagenet_classes
-from .preprocessing import ModelCard, Preprocessing
+from .published import (
+    WEIGHTS,
+    Weights,
+    WeightsError,
+    cache_dir,
+    get_weights,
+    list_weights,
+)
+from .published import hash_prefix as _hash_prefix
 
 __all__ = [
     "WEIGHTS",
@@ -49,110 +54,7 @@ __all__ = [
     "verify_file",
 ]
 
-DEFAULT_BASE_URL = "https://download.pytorch.org/models/"
-BASE_URL_ENV = "DENSENET_WEIGHTS_URL"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
-
-
-class WeightsError(DenseNetError, RuntimeError):
-    """A weights file or name that cannot be used; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A published weights file and what is known about it.
-
-    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``.
-    """
-
-    arch: str
-    name: str
-    file_name: str
-    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single 224 crop
-    acc5: float
-    num_params: int
-    gflops: float  # per 224x224 image (2 x multiply-accumulates)
-    file_size_mb: float
-    min_size: tuple[int, int] = (29, 29)
-    resize_size: int = 256
-    crop_size: int = 224
-    recipe: str = "ported from the original Torch models (Huang et al.)"
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return os.environ.get(BASE_URL_ENV, DEFAULT_BASE_URL).rstrip("/") + "/" + self.file_name
-
-    @property
-    def sha256_prefix(self) -> str:
-        return _hash_prefix(self.file_name)
-
-    @cached_property
-    def categories(self) -> tuple[str, ...]:
-        return tuple(imagenet_classes())
-
-    @property
-    def cache_path(self) -> Path:
-        return cache_dir() / self.file_name
-
-    @property
-    def card(self) -> ModelCard:
-        """The class names and preprocessing of these weights."""
-        preprocessing = Preprocessing(self.resize_size, self.crop_size, min_size=self.min_size)
-        return ModelCard(self.categories, preprocessing, arch=self.arch, weights=self.name)
-
-    def transforms(self):
-        """The evaluation transform these weights were measured with (PIL image -> tensor)."""
-        return self.card.preprocessing.transform()
-
-    def meta(self) -> dict[str, Any]:
-        """JSON-ready metadata."""
-        return {
-            "arch": self.arch,
-            "name": self.name,
-            "url": self.url,
-            "sha256_prefix": self.sha256_prefix,
-            "acc1": self.acc1,
-            "acc5": self.acc5,
-            "num_params": self.num_params,
-            "gflops": self.gflops,
-            "file_size_mb": self.file_size_mb,
-            "min_size": list(self.min_size),
-            "resize_size": self.resize_size,
-            "crop_size": self.crop_size,
-            "num_classes": len(self.categories),
-            "recipe": self.recipe,
-        }
-
-
-def _imagenet1k_v1(arch: str, file_name: str, acc1, acc5, params, gflops, size_mb) -> Weights:
-    return Weights(arch, "IMAGENET1K_V1", file_name, acc1, acc5, params, gflops, size_mb)
-
-
-# Published top-1/top-5 accuracies and file sizes are torchvision's for the same files.
-WEIGHTS: dict[str, dict[str, Weights]] = {
-    w.arch: {w.name: w, "DEFAULT": w}
-    for w in (
-        _imagenet1k_v1("densenet121", "densenet121-a639ec97.pth", 74.434, 91.972, 7_978_856, 5.668, 30.845),
-        _imagenet1k_v1("densenet161", "densenet161-8d451a50.pth", 77.138, 93.560, 28_681_000, 15.456, 110.369),
-        _imagenet1k_v1("densenet169", "densenet169-b2777c0a.pth", 75.600, 92.806, 14_149_480, 6.720, 54.708),
-        _imagenet1k_v1("densenet201", "densenet201-c1103571.pth", 76.896, 93.370, 20_013_928, 8.583, 77.373),
-    )
-}  # fmt: skip
-
-
-def list_weights(arch: str) -> list[str]:
-    """Names of the published weights for ``arch`` (empty if none)."""
-    return [n for n in WEIGHTS.get(arch, {}) if n != "DEFAULT"]
-
-
-def get_weights(arch: str, name: str = "DEFAULT") -> Weights:
-    """The weights entry ``name`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``...) of architecture ``arch``."""
-    available = WEIGHTS.get(arch, {})
-    if name not in available:
-        valid = ", ".join(["DEFAULT", *list_weights(arch)]) if available else "none are published"
-        raise WeightsError(f"no weights {name!r} for {arch}; valid names: {valid}")
-    return available[name]
 
 
 def resolve_weights(arch: str, weights: Any) -> Weights | None:
@@ -177,11 +79,6 @@ def is_path(weights: str | os.PathLike) -> bool:
         or os.sep in text
         or os.path.isfile(text)
     )
-
-
-def cache_dir() -> Path:
-    """torch.hub's checkpoint folder, shared with torchvision."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def download(url: str, path: Path, sha256_prefix: str | None = None, progress: bool = True) -> Path:
@@ -248,11 +145,6 @@ def _read_stamp(path: Path) -> str | None:
 def _remember_verified(path: Path, sha256_prefix: str) -> None:
     with contextlib.suppress(OSError):  # a read-only cache: the file is hashed on every use
         write_text(_stamp_path(path), _verified_stamp(path, sha256_prefix))
-
-
-def _hash_prefix(file_name: str) -> str | None:
-    match = re.search(r"-([0-9a-f]{8,64})\.", os.path.basename(file_name))
-    return match.group(1) if match else None
 
 
 def _official_prefix(path: str | os.PathLike) -> str | None:

@@ -5,6 +5,9 @@ Expected errors (the package's own, a file that cannot be read, a bad value) are
 line on stderr, ``densenet COMMAND: error: ...`` like argparse's own (exit status 2;
 ``DENSENET_DEBUG=1`` shows the traceback); anything else is a bug and keeps its traceback.
 Every ``--help`` shows the options' defaults.
+
+A command module imports what runs the command inside its ``run`` (the names its options offer
+come from ``densenet.choices``), so that ``--help`` and ``info`` answer without importing torch.
 """
 
 from __future__ import annotations

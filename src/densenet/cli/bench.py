@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..benchmark import ENGINES, format_table, run_benchmark, to_json
+from ..choices import BENCH_ENGINES
 from ..io import write_json
 from .common import MAX_IMAGE_SIZE, integer, print_json
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--engines",
         nargs="+",
-        help=f"engines to run, of {', '.join(ENGINES)} (default all installed)",
+        help=f"engines to run, of {', '.join(BENCH_ENGINES)} (default all installed)",
     )
     p.add_argument(
         "--image-size", type=integer(1, MAX_IMAGE_SIZE), default=224, help="input height and width"
@@ -54,9 +54,11 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.engines:
-        unknown = [e for e in args.engines if e not in ENGINES]
+        unknown = [e for e in args.engines if e not in BENCH_ENGINES]
         if unknown:
-            raise ValueError(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+            raise ValueError(f"unknown engines {unknown}; choose from {', '.join(BENCH_ENGINES)}")
+    from ..benchmark import format_table, run_benchmark, to_json
+
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     results = run_benchmark(
         args.models,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..evaluation import calibrate_dataset
 from ..io import text_table
 from .common import add_data_args, add_device_arg, integer, print_json, weights_value
 
@@ -55,6 +54,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation import calibrate_dataset
+
     named = not args.model.endswith((".pth", ".pt", ".safetensors"))
     report = calibrate_dataset(
         args.data, args.model if named else None, args.weights if named else args.model,

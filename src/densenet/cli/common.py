@@ -10,11 +10,12 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import bulk
-from ..backends import BACKENDS
-from ..dtypes import DTYPES
-from ..transforms import VIEWS
+from ..choices import BACKENDS, PRECISIONS, VIEWS
+
+if TYPE_CHECKING:
+    from ..bulk import Options
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -150,7 +151,7 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     engine."""
     parser.add_argument(
         "--dtype",
-        choices=["auto", *DTYPES, "int8"],
+        choices=["auto", *PRECISIONS, "int8"],
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
         "BF16 or AMX), else float32; int8: quantized on the CPU, calibrated on --calibration",
@@ -248,9 +249,11 @@ def check_calibration(args: argparse.Namespace) -> None:
         raise ValueError("--backend does not apply to --dtype int8 (its own engine); drop one")
 
 
-def run_bulk(args: argparse.Namespace, source: str, options: bulk.Options) -> int:
+def run_bulk(args: argparse.Namespace, source: str, options: Options) -> int:
     """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
     summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+    from .. import bulk
+
     output_folder(args.out, "--out")
     summary = bulk.run(
         source, args.out, options, args.model, args.weights, device=args.device,

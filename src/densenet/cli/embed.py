@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bulk import DTYPES, Options
+from ..choices import VECTOR_DTYPES
 from .common import (
     add_bulk_args,
     add_inference_args,
@@ -29,13 +29,18 @@ def add_parser(sub) -> None:
     add_inference_args(p, batch_size=64)
     p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     p.add_argument(
-        "--vector-dtype", choices=DTYPES, default="float32", help="storage dtype of the vectors"
+        "--vector-dtype",
+        choices=VECTOR_DTYPES,
+        default="float32",
+        help="storage dtype of the vectors",
     )
     add_bulk_args(p, out_required=True)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bulk import Options
+
     check_calibration(args)
     warn_if_random(args)
     options = Options(

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-from ..evaluation import evaluate_dataset
 from ..io import text_table
 from .common import (
     add_data_args,
@@ -59,6 +58,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation import evaluate_dataset
+
     check_calibration(args)
     warn_if_random(args)
     result = evaluate_dataset(

@@ -7,18 +7,8 @@ import argparse
 import os
 import tempfile
 
-from ..export import (
-    DEFAULT_OPSET,
-    FORMATS,
-    ExportError,
-    check_ir_folder,
-    export,
-    write_triton_repo,
-)
+from ..choices import EXPORT_FORMATS
 from ..io import check_not_input, check_regular_file
-from ..load import load
-from ..model import DenseNet
-from ..openvino import IR_FILES
 from .common import (
     MAX_IMAGE_SIZE,
     add_model_args,
@@ -39,7 +29,7 @@ def add_parser(sub) -> None:
         "takes any; there they set the tracing example). `--weights none` exports random weights.",
     )
     add_model_args(p)
-    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
     p.add_argument(
         "--out",
         help="output file (.onnx, .pt, .pt2), or folder (openvino: model.xml, model.bin); "
@@ -79,6 +69,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export import DEFAULT_OPSET, ExportError, check_ir_folder, export, write_triton_repo
+    from ..load import load
+    from ..model import DenseNet
+    from ..openvino import IR_FILES
+
     onnx_only = {
         "--opset": args.opset is not None,
         "--triton-repo": args.triton_repo is not None,

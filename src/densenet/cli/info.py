@@ -1,14 +1,14 @@
-"""``densenet info``: parameters, GFLOPs, published weights and their accuracy; with
-``--engines``, the engine each precision runs on this machine by default, and why."""
+"""``densenet info``: parameters, GFLOPs, published weights and their accuracy, from the tables
+of configurations and weights (no model is built, torch is not imported); with ``--engines``,
+the engine each precision runs on this machine by default, and why."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..backends import engine_choices
+from ..architectures import list_models, model_info
 from ..io import text_table
-from ..registry import list_models, model_info
-from ..weights import WEIGHTS
+from ..published import WEIGHTS
 from .common import print_json
 
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
 def _engines(args: argparse.Namespace) -> int:
     if args.models:
         raise ValueError("--engines describes this machine, not models; drop the model names")
+    from ..backends import engine_choices
+
     devices = engine_choices()
     if args.json:
         print_json(devices)

@@ -7,11 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..bulk import BulkError, Options
 from ..errors import DenseNetError
-from ..images import find_images, is_image_file
-from ..predict import Classifier, write_overlays
-from ..volumes import is_volume_file
 from .common import (
     add_bulk_args,
     add_inference_args,
@@ -58,6 +54,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bulk import BulkError, Options
+    from ..images import find_images, is_image_file
+    from ..predict import Classifier, write_overlays
+    from ..volumes import is_volume_file
+
     check_calibration(args)
     warn_if_random(args)
     if args.out is not None:

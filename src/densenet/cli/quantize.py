@@ -8,8 +8,6 @@ from pathlib import Path
 
 from ..errors import DenseNetError
 from ..io import check_output_file, text_table
-from ..openvino import IR_FILES
-from ..quantization import default_engine, quantize, save_quantized
 from .common import integer, print_json, print_problem, warn_if_random, weights_value
 
 
@@ -51,6 +49,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..openvino import IR_FILES
+    from ..quantization import default_engine, quantize, save_quantized
+
     stem = str(Path(args.model).with_suffix(""))
     inputs = (args.model, args.calibration, args.validation)
     if default_engine() == "nncf":  # a folder: its two files, or the new folder, checked

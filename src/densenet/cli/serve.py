@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..errors import DenseNetError
-from ..predict import Classifier
 from .common import (
     add_device_arg,
     add_dtype_arg,
@@ -75,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise DenseNetError(
             f"{error}; install it with: pip install 'densenet-toolkit[serve]'"
         ) from None
+    from ..predict import Classifier
+
     config = ServeConfig(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -7,9 +7,7 @@ import argparse
 import logging
 import os
 
-from ..runtime import AMP_MODES
-from ..train import make_config, parse_override, train
-from ..train.config import RECIPES, parse_value
+from ..choices import AMP_MODES, RECIPES
 from .common import accept_negative_lists, add_data_args, print_report
 
 # TrainConfig fields with a flag of their own (text parsed as the field's type)
@@ -61,8 +59,11 @@ class RecipeHelp(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        recipe = RECIPES.get(getattr(namespace, "recipe", None) or "")
-        if recipe is not None:
+        name = getattr(namespace, "recipe", None)
+        if name in RECIPES:  # its values: the training code is imported for them
+            from ..train.config import RECIPES as SETTINGS
+
+            recipe = SETTINGS[name]
             for action in parser._actions:
                 if action.dest in FLAGS or action.dest in SWITCHES:
                     value = getattr(recipe, action.dest)
@@ -104,6 +105,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train import make_config, parse_override, train
+    from ..train.config import parse_value
+
     overrides = {n: parse_value(n, getattr(args, n)) for n in FLAGS if getattr(args, n) is not None}
     overrides.update({n: True for n in SWITCHES if getattr(args, n)})
     if args.channels_last is not None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..load import convert_weights, verify_weights
-from ..weights import WEIGHTS, fetch, get_weights
 from .common import print_report
 
 
@@ -33,6 +31,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..load import convert_weights, verify_weights
+    from ..weights import WEIGHTS, fetch, get_weights
+
     if args.action == "download":
         report = []
         for arch in args.models or list(WEIGHTS):

@@ -1,0 +1,172 @@
+"""Named architectures without torch: the table of configurations, ``list_models()``,
+``model_config()``, and what a configuration implies (the smallest input, parameters, GFLOPs),
+computed arithmetically, so that ``densenet info`` answers before torch loads.
+
+A model family plugs in with ``register_family``: its table of configurations and a function
+that summarises one of them without building it (``densenet_summary`` for the DenseNets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "Family",
+    "densenet_summary",
+    "list_models",
+    "min_input_size",
+    "model_config",
+    "model_info",
+    "register_family",
+]
+
+
+def _imagenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int) -> dict:
+    return {
+        "growth_rate": growth_rate,
+        "block_config": block_config,
+        "num_init_features": num_init_features,
+        "bn_size": 4,
+        "compression": 0.5,
+        "num_classes": 1000,
+        "stem": "imagenet",
+    }
+
+
+def _cifar(depth: int, growth_rate: int, bc: bool) -> dict:
+    """The paper's 3-block CIFAR/SVHN network of ``depth`` layers (section 3): (depth - 4) / 3
+    layers per block, or (depth - 4) / 6 bottleneck layers for DenseNet-BC."""
+    per_block = (depth - 4) // (6 if bc else 3)
+    return {
+        "growth_rate": growth_rate,
+        "block_config": (per_block,) * 3,
+        "num_init_features": 2 * growth_rate if bc else 16,
+        "bn_size": 4 if bc else 0,
+        "compression": 0.5 if bc else 1.0,
+        "num_classes": 10,
+        "stem": "cifar",
+    }
+
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "densenet121": _imagenet(32, (6, 12, 24, 16), 64),
+    "densenet161": _imagenet(48, (6, 12, 36, 24), 96),
+    "densenet169": _imagenet(32, (6, 12, 32, 32), 64),
+    "densenet201": _imagenet(32, (6, 12, 48, 32), 64),
+    "densenet264": _imagenet(32, (6, 12, 64, 48), 64),
+    "densenet_40_k12": _cifar(40, 12, bc=False),
+    "densenet_100_k12": _cifar(100, 12, bc=False),
+    "densenet_100_k24": _cifar(100, 24, bc=False),
+    "densenet_bc_100_k12": _cifar(100, 12, bc=True),
+    "densenet_bc_250_k24": _cifar(250, 24, bc=True),
+    "densenet_bc_190_k40": _cifar(190, 40, bc=True),
+}
+
+
+def min_input_size(config: Mapping[str, Any]) -> int:
+    """The smallest input height and width, pixels, of a DenseNet configuration: every
+    transition halves the feature map (2x2 pooling, rounding down), the ImageNet stem divides it
+    by 4 (rounding up) along each axis of stem stride 2 and keeps an axis of stride 1; the largest
+    over the axes."""
+    transitions = len(config["block_config"]) - 1
+    if config["stem"] == "cifar" or 2 not in config.get("stem_stride", (2,)):
+        return 2**transitions
+    return 4 * (2**transitions - 1) + 1
+
+
+def densenet_summary(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters and forward GFLOPs (2 x the multiply-accumulates of the convolutions and the
+    classifier, as ``torch.utils.flop_counter`` counts them) of a 2D DenseNet configuration on one
+    image at its native size (224 for the ImageNet stem, 32 for the CIFAR stem)."""
+    growth = config["growth_rate"]
+    width = config["bn_size"] * growth  # the bottleneck's channels (none for bn_size 0)
+    size = 224 if config["stem"] == "imagenet" else 32
+    convs: list[tuple[int, int, int, int]] = []  # (in, out, kernel, output side)
+    norms: list[int] = []  # channels of each batch norm (a weight and a bias each)
+    channels, side = config["num_init_features"], size
+    if config["stem"] == "imagenet":
+        side = (side - 1) // 2 + 1  # 7x7 convolution, stride 2, padding 3
+        convs.append((config.get("in_channels", 3), channels, 7, side))
+        norms.append(channels)
+        side = (side - 1) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
+    else:
+        convs.append((config.get("in_channels", 3), channels, 3, side))
+    for i, layers in enumerate(config["block_config"]):
+        for _ in range(layers):
+            norms.append(channels)
+            if width:
+                convs += [(channels, width, 1, side), (width, growth, 3, side)]
+                norms.append(width)
+            else:
+                convs.append((channels, growth, 3, side))
+            channels += growth
+        if i < len(config["block_config"]) - 1:
+            out = math.floor(channels * config["compression"])
+            norms.append(channels)
+            convs.append((channels, out, 1, side))
+            channels, side = out, side // 2
+    norms.append(channels)  # norm5
+    classes = config["num_classes"]
+    weights = sum(c_in * c_out * k * k for c_in, c_out, k, _ in convs)
+    macs = sum(c_in * c_out * k * k * s * s for c_in, c_out, k, s in convs) + channels * classes
+    return {
+        "params": weights + 2 * sum(norms) + (channels + 1) * classes,
+        "gflops": 2 * macs / 1e9,
+        "input_size": size,
+        "num_classes": classes,
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its named configurations and ``summary``, a function of one
+    configuration that returns its ``params``, ``gflops``, ``input_size`` and ``num_classes``
+    without building the model (what ``densenet info`` lists)."""
+
+    name: str
+    configs: Mapping[str, Mapping[str, Any]]
+    summary: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family``'s architectures to ``list_models()``; a name taken by another family is
+    an error."""
+    taken = sorted(set(family.configs) & set(list_models()))
+    if taken:
+        raise ValueError(f"architecture names {taken} are taken; rename them in {family.name}")
+    FAMILIES[family.name] = family
+    return family
+
+
+def list_models() -> list[str]:
+    """Every architecture name that ``get_model`` accepts."""
+    return [name for family in FAMILIES.values() for name in family.configs]
+
+
+def _family(name: str) -> Family:
+    family = next((f for f in FAMILIES.values() if name in f.configs), None)
+    if family is None:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return family
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The constructor arguments of a named architecture (a copy)."""
+    return dict(_family(name).configs[name])
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """A named architecture's ``name``, ``params``, ``gflops`` (one image at ``input_size``) and
+    ``num_classes``, from its family's summary of its configuration (nothing is built)."""
+    return {"name": name, **_family(name).summary(model_config(name))}
+
+
+register_family(Family("densenet", ARCHITECTURES, densenet_summary))
