@@ -265,10 +265,10 @@ def test_device_decoding_needs_a_gpu(folder, checkpoint, tmp_path):
         bulk.run(folder, tmp_path / "out", Options(), checkpoint, device="cpu", device_decode=True)
 
 
-def test_a_model_that_is_not_a_densenet_is_refused(folder, tmp_path):
+def test_embeddings_of_a_model_that_is_not_a_densenet_are_refused(folder, tmp_path):
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
-    with pytest.raises(BulkError, match="runs a DenseNet .* not a Sequential"):
-        bulk.run(folder, tmp_path / "out", Options(task="predict"), module, progress=False)
+    with pytest.raises(BulkError, match="come from a DenseNet .* not a Sequential"):
+        bulk.run(folder, tmp_path / "out", Options(task="embed"), module, progress=False)
 
 
 def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, model, tmp_path):

@@ -199,6 +199,11 @@ def test_predict_and_eval_run_the_ir(ir_folder, model, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "photo.png"), "--model", str(ir_folder), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert [t["label"] for t in result["top"][:3]] == [label for label, _ in reference]
+    argv = ["predict", str(tmp_path), "--model", str(ir_folder), "--out", str(tmp_path / "rows")]
+    assert main([*argv, "--no-progress"]) == 0  # bulk: resumable, so the IR's files are hashed
+    assert json.loads(capsys.readouterr().out)["rows"] == 1
+    assert main([*argv, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_skipped"] == 1
     two = tiny_model(num_classes=2).eval()
     folder = E.to_openvino(two, tmp_path / "ir", categories=["a", "b"], image_size=32)
     for index, name in enumerate("ab"):

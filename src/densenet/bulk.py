@@ -145,15 +145,23 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def identity(loaded: LoadedModel, spec: Any, weights: Any) -> dict[str, Any]:
     """What the rows depend on besides the options: the architecture, the weights (a name, or a
     file's name and SHA-256), the card's preprocessing and multi-label flag."""
-    files = [f for f in (spec, weights) if isinstance(f, (str, os.PathLike)) and Path(f).is_file()]
+    files = [f for f in (spec, weights) if isinstance(f, (str, os.PathLike)) and Path(f).exists()]
     card = loaded.card
     return {
         "model": card.arch or str(spec),
         "weights": card.weights,
-        "weights_sha256": sha256_file(files[0]) if files else None,
+        "weights_sha256": _sha256(Path(files[0])) if files else None,
         "preprocessing": asdict(card.preprocessing),
         "multi_label": card.multi_label,
     }
+
+
+def _sha256(path: Path) -> str:
+    """A file's SHA-256; a folder's (an OpenVINO IR), that of its files' names and SHA-256s."""
+    if path.is_file():
+        return sha256_file(path)
+    parts = [f"{f.name}:{sha256_file(f)}" for f in sorted(path.iterdir()) if f.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -218,13 +226,13 @@ class Outputs:
         self.options, self.device, self.card = options, device, model.card
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
-        if not isinstance(model.module, DenseNet):
-            raise BulkError(
-                f"bulk inference runs a DenseNet (an architecture, weights or a training "
-                f"checkpoint), not a {type(model.module).__name__}; give the model it was "
-                "exported from"
-            )
         embed = options.task == "embed"
+        if embed and not isinstance(model.module, DenseNet):
+            raise BulkError(
+                f"embeddings come from a DenseNet (an architecture, weights or a training "
+                f"checkpoint), not a {type(model.module).__name__}; give the model it was "
+                "exported from (an exported file classifies: densenet predict --out)"
+            )
         self.runner = Runner(
             model, device, optimize=optimize, dtype=precision, backend=backend, headless=embed,
             calibration=options.calibration, throughput=True,
