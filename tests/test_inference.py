@@ -326,10 +326,11 @@ def test_bench_command_writes_json(tmp_path, capsys):
     argv = ["bench", "--models", "densenet121", "--batch-sizes", "1", "--image-size", "32"]
     argv += ["--engines", "densenet.optimize", "--rounds", "1", "--repeats", "2", "--quiet"]
     assert main([*argv, "--output", str(out)]) == 0
-    table = capsys.readouterr().out.splitlines()
+    machine_line, *table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["model", "batch", "engine"]
     report = json.loads(out.read_text())
     assert report["machine"]["torch"] == torch.__version__
+    assert report["machine"]["cpu_kind"] in machine_line  # the CPU kind and flags come first
     engines = [r["engine"] for r in report["results"]]
     assert engines == ["torchvision eager", "densenet.optimize"]
     assert all(len(r["times_ms"]) == 2 and r["rel_error"] < 1e-5 for r in report["results"])
