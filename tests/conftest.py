@@ -22,6 +22,11 @@ from densenet import DenseNet, weights
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
 
+# OpenVINO's converter sends usage telemetry from a forked process unless it runs in CI (its
+# opt-in checker reads CI=true); without a network that process waits on DNS and the test
+# process, which joins it at exit, never ends. Subprocesses of the tests inherit the setting.
+os.environ["CI"] = "true"
+
 # Triton kernels run on a GPU, or on the CPU under Triton's interpreter, which must be switched
 # on before triton is first imported (and importing densenet imports torch, which imports it):
 # without a GPU, a kernel test file runs itself again in a subprocess with TRITON_INTERPRET=1.
