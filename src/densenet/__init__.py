@@ -1,8 +1,8 @@
 """densenet: Dense Convolutional Networks (Huang et al., CVPR 2017) for PyTorch.
 
 Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any configuration),
-the official ImageNet weights, the PyTorch Hub preprocessing, one loader (``densenet.load``)
-and a classifier.
+RDNet (Kim et al., ECCV 2024: ``rdnet_tiny/small/base/large``), the official ImageNet weights,
+the PyTorch Hub preprocessing, one loader (``densenet.load``) and a classifier.
 """
 
 from .accuracy import EvalResult, evaluate
@@ -16,6 +16,7 @@ from .model import DenseNet, DenseNetFeatures
 from .predict import Classifier
 from .preprocessing import ModelCard, Preprocessing
 from .quantization import QuantizedModel, quantize, save_quantized
+from .rdnet import RDNet
 from .registry import (
     densenet121,
     densenet161,
@@ -30,6 +31,10 @@ from .registry import (
     densenet_bc_250_k24,
     get_model,
     list_models,
+    rdnet_base,
+    rdnet_large,
+    rdnet_small,
+    rdnet_tiny,
 )
 from .runner import Runner
 from .transforms import eval_transform
@@ -50,6 +55,7 @@ __all__ = [
     "ModelCard",
     "Preprocessing",
     "QuantizedModel",
+    "RDNet",
     "Weights",
     "WeightsError",
     "densenet121",
@@ -74,5 +80,9 @@ __all__ = [
     "load",
     "optimize",
     "quantize",
+    "rdnet_base",
+    "rdnet_large",
+    "rdnet_small",
+    "rdnet_tiny",
     "save_quantized",
 ]

@@ -24,7 +24,7 @@ from .io import atomic_write
 from .model import DenseNet
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
-from .registry import get_model, list_models, model_config
+from .registry import get_model, list_models, model_config, network_of
 from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
@@ -127,7 +127,7 @@ def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> Lo
 def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
     """A plain state_dict: the number of classes is the file's classifier's."""
     state = state_dict_of(content, path)
-    classifier = state.get("classifier.weight")
+    classifier = state.get(network_of(arch)[0].CLASSIFIER + "weight")
     num_classes = classifier.shape[0] if classifier is not None else 0
     module = get_model(arch, num_classes=num_classes).eval()
     load_state(module, state, path)
@@ -255,16 +255,18 @@ def _checked_state(
     returns the state, the architecture (None for a custom configuration) and the configuration.
     ``WeightsError`` names what does not fit."""
     state = load_checkpoint(path)
+    network = network_of(arch)[0] if arch is not None else DenseNet
     if arch is not None:
         config = model_config(arch)
-        classifier, stem = state.get("classifier.weight"), state.get("features.conv0.weight")
+        classifier = state.get(network.CLASSIFIER + "weight")
+        stem = state.get(network.STEM_WEIGHT)
         config["num_classes"] = classifier.shape[0] if classifier is not None else 0
         config["in_channels"] = stem.shape[1] if stem is not None else 3
     else:
         config = config_of_state(state, path)
         arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
     try:
-        module = DenseNet(**config)
+        module = network(**config)
     except ValueError as error:
         raise WeightsError(f"{path} describes no valid DenseNet ({error})") from None
     load_state(module, state, path)

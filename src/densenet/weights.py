@@ -3,12 +3,16 @@ cache, verification and loading of checkpoints (official, legacy-format, local o
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
+RDNet's weights are NAVER's on the Hugging Face hub, fetched by ``huggingface_hub`` (the
+``hub`` extra) into its cache (``HF_HUB_CACHE``, with its checks; ``HF_HUB_OFFLINE=1`` uses the
+cached file without asking the network, ``HF_ENDPOINT`` names a mirror).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import urllib.error
@@ -34,6 +38,7 @@ __all__ = [
     "WeightsError",
     "cache_dir",
     "convert_legacy_keys",
+    "convert_rdnet_keys",
     "download",
     "get_weights",
     "is_path",
@@ -62,25 +67,31 @@ class WeightsError(DenseNetError, RuntimeError):
 class Weights:
     """A published weights file and what is known about it.
 
-    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``.
+    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``, or for weights
+    on the Hugging Face hub (``hf_hub_id``, the repository) is the file in that repository,
+    checked by ``huggingface_hub`` as it downloads it.
     """
 
     arch: str
     name: str
     file_name: str
-    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single 224 crop
-    acc5: float
+    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single crop at crop_size
+    acc5: float | None  # None: not published
     num_params: int
-    gflops: float  # per 224x224 image (2 x multiply-accumulates)
+    gflops: float  # per crop_size x crop_size image (2 x multiply-accumulates)
     file_size_mb: float
     min_size: tuple[int, int] = (29, 29)
     resize_size: int = 256
     crop_size: int = 224
     recipe: str = "ported from the original Torch models (Huang et al.)"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    interpolation: str = "bilinear"
+    hf_hub_id: str | None = None
 
     @property
     def url(self) -> str:
+        if self.hf_hub_id is not None:
+            return f"https://huggingface.co/{self.hf_hub_id}/blob/main/{self.file_name}"
         return os.environ.get(BASE_URL_ENV, DEFAULT_BASE_URL).rstrip("/") + "/" + self.file_name
 
     @property
@@ -93,12 +104,17 @@ class Weights:
 
     @property
     def cache_path(self) -> Path:
+        """Where the file is cached (for hub weights: in the hub's cache, once downloaded)."""
+        if self.hf_hub_id is not None:
+            return _hub_cached(self) or Path(self.file_name)
         return cache_dir() / self.file_name
 
     @property
     def card(self) -> ModelCard:
         """The class names and preprocessing of these weights."""
-        preprocessing = Preprocessing(self.resize_size, self.crop_size, min_size=self.min_size)
+        preprocessing = Preprocessing(
+            self.resize_size, self.crop_size, self.interpolation, min_size=self.min_size
+        )
         return ModelCard(self.categories, preprocessing, arch=self.arch, weights=self.name)
 
     def transforms(self):
@@ -120,6 +136,7 @@ class Weights:
             "min_size": list(self.min_size),
             "resize_size": self.resize_size,
             "crop_size": self.crop_size,
+            "interpolation": self.interpolation,
             "num_classes": len(self.categories),
             "recipe": self.recipe,
         }
@@ -139,6 +156,31 @@ WEIGHTS: dict[str, dict[str, Weights]] = {
         _imagenet1k_v1("densenet201", "densenet201-c1103571.pth", 76.896, 93.370, 20_013_928, 8.583, 77.373),
     )
 }  # fmt: skip
+
+
+def _rdnet(
+    arch: str, name: str, acc1: float, params: int, gflops: float, crop: int = 224
+) -> Weights:
+    """NAVER's RDNet weights on the Hugging Face hub, as timm's pretrained configuration gives
+    them: bicubic, crop ratio 0.9 at 224 (resize 248), 1.0 at 384, ImageNet mean and std."""
+    resize = math.floor(crop / 0.9) if crop == 224 else crop
+    hub_id = f"naver-ai/{arch}.{name.lower()}"
+    return Weights(
+        arch, name, "model.safetensors", acc1, None, params, gflops, params * 4 / 1e6,
+        min_size=(32, 32), resize_size=resize, crop_size=crop, interpolation="bicubic",
+        recipe="NAVER's (Kim et al., ECCV 2024), Apache-2.0", hf_hub_id=hub_id,
+    )  # fmt: skip
+
+
+# Top-1 as published with the paper; file sizes are the float32 tensors' (params x 4 bytes).
+for _entry in (
+    _rdnet("rdnet_tiny", "NV_IN1K", 82.8, 23_863_008, 10.065),
+    _rdnet("rdnet_small", "NV_IN1K", 83.7, 50_436_448, 17.412),
+    _rdnet("rdnet_base", "NV_IN1K", 84.4, 87_451_096, 30.716),
+    _rdnet("rdnet_large", "NV_IN1K", 84.8, 186_269_632, 69.351),
+    _rdnet("rdnet_large", "NV_IN1K_FT_IN1K_384", 85.8, 186_269_632, 203.789, crop=384),
+):
+    WEIGHTS.setdefault(_entry.arch, {"DEFAULT": _entry})[_entry.name] = _entry
 
 
 def list_weights(arch: str) -> list[str]:
@@ -210,7 +252,10 @@ def download(url: str, path: Path, sha256_prefix: str | None = None, progress: b
 def fetch(entry: Weights, progress: bool = True) -> Path:
     """The cached file of ``entry``, downloaded first if it is not in the cache. A cached file is
     checked against the SHA-256 prefix in its name the first time it is used (and again whenever
-    its size or modification time changes); raises ``WeightsError`` if it differs."""
+    its size or modification time changes); raises ``WeightsError`` if it differs. Weights on
+    the Hugging Face hub are ``huggingface_hub``'s to fetch and check (``fetch_from_hub``)."""
+    if entry.hf_hub_id is not None:
+        return fetch_from_hub(entry)
     path = entry.cache_path
     if not path.is_file():
         return download(entry.url, path, entry.sha256_prefix, progress)
@@ -225,6 +270,46 @@ def fetch(entry: Weights, progress: bool = True) -> Path:
             )
         _remember_verified(path, entry.sha256_prefix)
     return path
+
+
+def _hub() -> Any:
+    """The ``huggingface_hub`` module, or ``WeightsError`` saying how to install it."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise WeightsError(
+            "these weights are on the Hugging Face hub, fetched with huggingface_hub: "
+            "pip install 'densenet-toolkit[hub]', or pass a downloaded file with --weights FILE"
+        ) from None
+    return huggingface_hub
+
+
+def fetch_from_hub(entry: Weights) -> Path:
+    """``entry``'s file from the Hugging Face hub through ``huggingface_hub.hf_hub_download``:
+    from its cache when there (offline too), else downloaded into a temporary file, checked
+    against the size the hub publishes and renamed into place (stored under the hub's content
+    hash); ``WeightsError`` otherwise."""
+    hub = _hub()
+    try:
+        return Path(hub.hf_hub_download(entry.hf_hub_id, entry.file_name))
+    except (OSError, ValueError, hub.errors.EntryNotFoundError) as error:
+        raise WeightsError(
+            f"cannot fetch {entry.file_name} of {entry.hf_hub_id} from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "offline, put it in the hub cache (huggingface-cli download "
+            f"{entry.hf_hub_id} {entry.file_name}, then HF_HUB_OFFLINE=1) or pass the file with "
+            "--weights FILE (--weights none: random weights, for a smoke test)"
+        ) from None
+
+
+def _hub_cached(entry: Weights) -> Path | None:
+    """``entry``'s file in the hub cache, or None (not there, or huggingface_hub missing)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    found = huggingface_hub.try_to_load_from_cache(entry.hf_hub_id, entry.file_name)
+    return Path(found) if isinstance(found, str) else None
 
 
 def _stamp_path(path: Path) -> Path:
@@ -304,7 +389,7 @@ _MONAI_OTHER = re.compile(r"^features\.(?:(?:conv0|norm0|norm5)\.|transition\d+\
 
 def is_monai_state(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether ``state_dict`` is MONAI's ``DenseNet`` (``DenseNet121/169/201/264``)."""
-    return any(k.startswith("class_layers.") or ".layers." in k for k in state_dict)
+    return any(k.startswith("class_layers.") or _MONAI_LAYER.match(k) for k in state_dict)
 
 
 def convert_monai_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -331,17 +416,26 @@ def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
     return _read_torch_file(path, what, WeightsError)
 
 
+def convert_rdnet_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """NAVER's original RDNet keys in timm's (and this package's) names: ``stem.stem.`` ->
+    ``stem.``; other keys pass unchanged."""
+    return {
+        "stem." + key.removeprefix("stem.stem.") if key.startswith("stem.stem.") else key: value
+        for key, value in state_dict.items()
+    }
+
+
 def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, Tensor]:
     """The model state_dict in a torch file's ``content``, in current key names (legacy
-    torchvision and MONAI ``DenseNet`` keys converted). A training checkpoint's ``"model"`` entry
-    is taken."""
+    torchvision, MONAI ``DenseNet`` and NAVER's RDNet keys converted). A training checkpoint's
+    (or NAVER's) ``"model"`` entry is taken."""
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
         raise WeightsError(f"weights file {path} holds no state_dict of tensors")
     if is_monai_state(content):
         return convert_monai_keys(content)
-    return convert_legacy_keys(content)
+    return convert_rdnet_keys(convert_legacy_keys(content))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -370,13 +464,14 @@ STEM_KEY = "features.conv0.weight"
 
 
 def adapt_input_channels(
-    state: Mapping[str, Tensor], expected: Mapping[str, Tensor]
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], key: str = STEM_KEY
 ) -> Mapping[str, Tensor]:
-    """``state`` with its stem convolution (out, 3, kh, kw) adapted to the ``expected`` model's
-    input channels C: the RGB kernels summed for C = 1 (so ``conv(grey, summed) ==
-    conv(grey replicated to RGB, kernels)``), else repeated R, G, B, R... and scaled by 3 / C
-    (so an RGB image repeated to C channels gives the RGB activations). Other states pass."""
-    weight, target = state.get(STEM_KEY), expected.get(STEM_KEY)
+    """``state`` with its stem convolution (``key``: (out, 3, kh, kw)) adapted to the
+    ``expected`` model's input channels C: the RGB kernels summed for C = 1 (so
+    ``conv(grey, summed) == conv(grey replicated to RGB, kernels)``), else repeated R, G, B, R...
+    and scaled by 3 / C (so an RGB image repeated to C channels gives the RGB activations).
+    Other states pass."""
+    weight, target = state.get(key), expected.get(key)
     if weight is None or target is None or weight.shape == target.shape:
         return state
     if (
@@ -390,7 +485,7 @@ def adapt_input_channels(
         adapted = weight.sum(1, keepdim=True)
     else:
         adapted = weight[:, [c % 3 for c in range(channels)]] * (3 / channels)
-    return {**state, STEM_KEY: adapted}
+    return {**state, key: adapted}
 
 
 def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
@@ -443,24 +538,28 @@ def load_state(
     inflate: str = "mean",
 ) -> nn.Module:
     """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``;
-    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``."""
+    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``.
+    The model's ``CLASSIFIER`` and ``STEM_WEIGHT`` (``densenet.network.Network``) name its
+    classifier's keys and its stem kernel."""
     path = Path(path)
     check_finite(state, path)
     expected = model.state_dict()
-    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected)
+    head = getattr(model, "CLASSIFIER", "classifier.")
+    stem = getattr(model, "STEM_WEIGHT", STEM_KEY)
+    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected, stem)
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     }
-    if mismatched and all(k.startswith("classifier.") for k in mismatched):
+    if mismatched and all(k.startswith(head) for k in mismatched):
         warnings.warn(
-            f"{path.name}: classifier shape {mismatched.get('classifier.weight', '?')[0]} differs "
+            f"{path.name}: classifier shape {mismatched.get(head + 'weight', '?')[0]} differs "
             "from the model's; loaded the backbone, the classifier is freshly initialised",
             stacklevel=2,
         )
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state.update({k: v for k, v in expected.items() if k.startswith("classifier.")})
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+        state.update({k: v for k, v in expected.items() if k.startswith(head)})
         mismatched = {}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
