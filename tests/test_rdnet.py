@@ -3,18 +3,25 @@ backbone interface, class activation maps, pooled features and the hub weights."
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
 from densenet import weights
+from densenet.checkpoint import read_checkpoint
+from densenet.cli import main
 from densenet.explain import explain
+from densenet.export import export
 from densenet.rdnet import RDNet, RDNetFeatures
 from densenet.runner import Runner
+from densenet.train import RECIPES, make_config
+from densenet.train.config import base_lr, lr_factor
 
 timm = pytest.importorskip("timm")
 REPO = str(Path(__file__).resolve().parents[1])
@@ -252,3 +259,70 @@ def test_published_weights_load_by_name_from_the_hub_cache(offline_hub):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.module(x), theirs(x))
+
+
+def test_the_rdnet_recipe():
+    recipe = RECIPES["rdnet"]
+    assert (recipe.optimizer, recipe.lr, recipe.lr_batch, recipe.weight_decay) == (
+        "adamw", 4e-3, 4096, 0.05
+    )  # fmt: skip
+    assert (recipe.schedule, recipe.warmup_epochs, recipe.label_smoothing) == ("cosine", 20, 0.1)
+    assert recipe.drop_path_rate > 0 and recipe.model == "rdnet_tiny"
+    assert base_lr(recipe) == pytest.approx(4e-3 * 1024 / 4096)
+    factors = [lr_factor(recipe, e) for e in (0, 19, 20, 160, 299)]
+    assert factors[:3] == [pytest.approx(1 / 20), 1.0, 1.0] and factors[3] == pytest.approx(0.5)
+    assert 0 < factors[4] < 1e-3
+    with pytest.raises(ValueError, match="drop_path_rate .* applies to RDNet"):
+        make_config("imagenet", data="x", drop_path_rate=0.1)
+
+
+def image_folder(root: Path) -> Path:
+    """``train/`` (6 images) and ``val/`` (2) of classes ``dark`` and ``light``, 36x36 RGB."""
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for label, offset in (("dark", 0), ("light", 128)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 128, (36, 36, 3), generator=generator) + offset
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    root / split / label / f"{i}.png"
+                )
+    return root
+
+
+@pytest.mark.slow
+def test_train_then_eval_and_predict_through_the_command_line(tmp_path, capsys):
+    """``densenet train --recipe rdnet``, narrowed to a few steps, then eval from its checkpoint;
+    predict with random weights."""
+    data, out = image_folder(tmp_path / "images"), tmp_path / "run"
+    argv = ["train", "--recipe", "rdnet", "--data", str(data), "--out", str(out), "--json",
+            "--no-progress", "--workers", "0", "--set", "epochs=1", "--set", "batch_size=4",
+            "--set", "image_size=32", "--set", "warmup_epochs=0"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    checkpoint = read_checkpoint(out / "best.pth")
+    assert checkpoint.card.arch == "rdnet_tiny" and checkpoint.model_args["drop_path_rate"] == 0.1
+    argv = ["eval", str(data), "--weights", str(out / "best.pth"), "--workers", "0", "--json",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 4 and result["top1"] == pytest.approx(summary["best_val_top1"])
+    image = next((data / "val").rglob("*.png"))
+    assert main(["predict", "--model", "rdnet_tiny", "--weights", "none", str(image)]) == 0
+    assert "%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_onnx_and_torch_export(tmp_path, suffix):
+    """A small RDNet as ONNX (run by ONNX Runtime) and as a torch.export program, loaded back
+    by ``densenet.load`` with its card: the same logits."""
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    model = randomized(RDNet(**SMALL)).float()
+    path = export(model, tmp_path / f"small{suffix}", suffix.lstrip(".").replace("pt2", "exported"))
+    loaded = densenet.load(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), model(x), atol=1e-4)
+    assert loaded.card.num_classes == 5
