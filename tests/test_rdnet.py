@@ -230,6 +230,42 @@ def test_hub_weights_come_from_the_hub_cache_offline(offline_hub):
     assert torch.equal(model.head.fc.weight, state["head.fc.weight"])
 
 
+def test_hub_weights_download_through_huggingface_hub(offline_hub, file_server, monkeypatch):
+    """A stand-in hub on 127.0.0.1 (the file, its commit and content hash in the headers):
+    downloaded into the hub cache; a truncated body is refused and leaves no file there."""
+    import huggingface_hub
+
+    root, url, server = file_server
+    entry = weights.get_weights("rdnet_small")
+    state = randomized(RDNet(**SMALL)).float().state_dict()
+    served = root / entry.hf_hub_id / "resolve" / "main" / entry.file_name
+    served.parent.mkdir(parents=True)
+    save_file(state, served)
+    digest = weights.sha256_file(served)
+
+    def end_headers(handler) -> None:
+        handler.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        handler.send_header("ETag", f'"{digest}"')
+        type(handler).__mro__[1].end_headers(handler)
+
+    server.handler.end_headers = end_headers
+    constants = huggingface_hub.constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", url.rstrip("/"))
+    template = url + "{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    server.handler.truncate = True
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # huggingface_hub's retries
+    with pytest.raises(weights.WeightsError, match="cannot fetch model.safetensors"):
+        weights.fetch(entry)
+    assert not [p for p in offline_hub.rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    server.handler.truncate = False
+    path = weights.fetch(entry)
+    assert path.is_relative_to(offline_hub) and weights.sha256_file(path) == digest
+    model = weights.load_weights(RDNet(**SMALL), entry)
+    assert torch.equal(model.stem[0].weight, state["stem.0.weight"])
+
+
 def test_hub_weights_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(weights.WeightsError, match=r"densenet-toolkit\[hub\]"):

@@ -278,6 +278,8 @@ def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.M
     how = (
         "optimize it (drop --no-optimize)"
         if isinstance(module, DenseNet)
+        else "it has no inference form yet and runs in float32"
+        if isinstance(module, Network)
         else "it runs in the precision it was exported in; export it again in that one"
     )
     raise DenseNetError(

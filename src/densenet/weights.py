@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 import urllib.error
 import warnings
 from collections.abc import Mapping
@@ -290,9 +291,11 @@ def fetch_from_hub(entry: Weights) -> Path:
     against the size the hub publishes and renamed into place (stored under the hub's content
     hash); ``WeightsError`` otherwise."""
     hub = _hub()
+    # its HTTP client's errors besides OSError: httpx's (huggingface_hub 1) or httpx2's (2)
+    client = tuple(sys.modules[m].HTTPError for m in ("httpx", "httpx2") if m in sys.modules)
     try:
         return Path(hub.hf_hub_download(entry.hf_hub_id, entry.file_name))
-    except (OSError, ValueError, hub.errors.EntryNotFoundError) as error:
+    except (OSError, ValueError, hub.errors.EntryNotFoundError, *client) as error:
         raise WeightsError(
             f"cannot fetch {entry.file_name} of {entry.hf_hub_id} from the Hugging Face hub "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
