@@ -18,6 +18,7 @@ from densenet.checkpoint import read_checkpoint
 from densenet.cli import main
 from densenet.explain import explain
 from densenet.export import export
+from densenet.load import arch_of_state
 from densenet.rdnet import RDNet, RDNetFeatures
 from densenet.runner import Runner
 from densenet.train import RECIPES, make_config
@@ -106,13 +107,10 @@ def test_small_configuration_matches_timm_and_trains_its_stochastic_depth(in_cha
     assert not torch.equal(ours(x), ours(x))  # blocks dropped at random in training
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_a_timm_state_dict_loads_strictly_from_a_file(tmp_path, suffix):
+def test_a_timm_state_dict_loads_strictly_from_a_file(tmp_path):
     theirs = randomized(timm.create_model("rdnet_tiny")).float()
-    path = tmp_path / f"model{suffix}"
-    state = theirs.state_dict()
-    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    ours = densenet.rdnet_tiny(weights=str(path)).eval()
+    save_file(theirs.state_dict(), tmp_path / "model.safetensors")
+    ours = densenet.rdnet_tiny(weights=str(tmp_path / "model.safetensors")).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
@@ -153,6 +151,15 @@ def test_registry_builders_and_torch_hub():
     assert isinstance(hub, RDNet) and sum(p.numel() for p in hub.parameters()) == 23_863_008
     info = densenet.registry.model_info("rdnet_tiny")
     assert info["params"] == 23_863_008 and round(info["gflops"], 1) == 10.1
+
+
+def test_a_files_rdnet_size_is_read_from_its_shapes():
+    with torch.device("meta"):
+        state = densenet.rdnet_small(num_classes=3, in_channels=1).state_dict()
+    naver = {"model": {k.replace("stem.", "stem.stem.", 1): v for k, v in state.items()}}
+    assert arch_of_state(naver, "checkpoint.pth") == "rdnet_small"
+    with pytest.raises(weights.WeightsError, match="an RDNet of no registered size"):
+        arch_of_state(RDNet(**SMALL).state_dict(), "small.pth")
 
 
 def test_backbone_interface():
@@ -348,7 +355,7 @@ def test_train_then_eval_and_predict_through_the_command_line(tmp_path, capsys):
     assert "%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+@pytest.mark.parametrize("suffix", [pytest.param(".onnx", marks=SLOW), ".pt2"])
 def test_onnx_and_torch_export(tmp_path, suffix):
     """A small RDNet as ONNX (run by ONNX Runtime) and as a torch.export program, loaded back
     by ``densenet.load`` with its card: the same logits."""

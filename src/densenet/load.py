@@ -24,6 +24,7 @@ from .io import atomic_write
 from .model import DenseNet
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
+from .rdnet import RDNet
 from .registry import get_model, list_models, model_config, network_of
 from .runtime import resolve_device
 from .weights import (
@@ -183,8 +184,12 @@ def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None
 
 def arch_of_state(content: Any, path: str | os.PathLike) -> str:
     """The registry architecture a weights file's keys and shapes describe (a torchvision or
-    timm DenseNet state_dict of any class count), else ``WeightsError``."""
-    config = config_of_state(state_dict_of(content, path), path)
+    timm DenseNet, or a timm or NAVER RDNet, state_dict of any class count), else
+    ``WeightsError``."""
+    state = state_dict_of(content, path)
+    if RDNet.STEM_WEIGHT in state:
+        return rdnet_of_state(state, path)
+    config = config_of_state(state, path)
     arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
     if arch is None:
         raise WeightsError(
@@ -192,6 +197,22 @@ def arch_of_state(content: Any, path: str | os.PathLike) -> str:
             "--model, or load it with densenet.DenseNet(**config)"
         )
     return arch
+
+
+def rdnet_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The RDNet size whose tensors have the shapes of ``state``'s (any number of classes and
+    input channels), else ``WeightsError``; the networks are built on the meta device."""
+    own = (RDNet.STEM_WEIGHT, RDNet.CLASSIFIER + "weight", RDNet.CLASSIFIER + "bias")
+    shapes = {k: v.shape for k, v in state.items() if k not in own}
+    for name in list_models("rdnet*"):
+        with torch.device("meta"):
+            expected = get_model(name).state_dict()
+        if {k: v.shape for k, v in expected.items() if k not in own} == shapes:
+            return name
+    raise WeightsError(
+        f"{path} is an RDNet of no registered size; name it with --model, or build it with "
+        "densenet.RDNet(...)"
+    )
 
 
 def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:
@@ -255,6 +276,8 @@ def _checked_state(
     returns the state, the architecture (None for a custom configuration) and the configuration.
     ``WeightsError`` names what does not fit."""
     state = load_checkpoint(path)
+    if arch is None and RDNet.STEM_WEIGHT in state:
+        arch = rdnet_of_state(state, path)
     network = network_of(arch)[0] if arch is not None else DenseNet
     if arch is not None:
         config = model_config(arch)
