@@ -355,16 +355,18 @@ def test_train_then_eval_and_predict_through_the_command_line(tmp_path, capsys):
     assert "%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("suffix", [pytest.param(".onnx", marks=SLOW), ".pt2"])
-def test_onnx_and_torch_export(tmp_path, suffix):
-    """A small RDNet as ONNX (run by ONNX Runtime) and as a torch.export program, loaded back
-    by ``densenet.load`` with its card: the same logits."""
+@pytest.mark.parametrize(
+    ("suffix", "form"),
+    [pytest.param(".onnx", "onnx", marks=SLOW), (".pt2", "exported"), (".pt", "torchscript")],
+)
+def test_onnx_torch_export_and_torchscript(tmp_path, suffix, form):
+    """A small RDNet as ONNX (run by ONNX Runtime), a torch.export program and TorchScript,
+    loaded back by ``densenet.load`` with its card: the same logits."""
     if suffix == ".onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
     model = randomized(RDNet(**SMALL)).float()
-    path = export(model, tmp_path / f"small{suffix}", suffix.lstrip(".").replace("pt2", "exported"))
-    loaded = densenet.load(path)
+    loaded = densenet.load(export(model, tmp_path / f"small{suffix}", form))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), model(x), atol=1e-4)

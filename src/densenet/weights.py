@@ -107,7 +107,7 @@ class Weights:
     def cache_path(self) -> Path:
         """Where the file is cached (for hub weights: in the hub's cache, once downloaded)."""
         if self.hf_hub_id is not None:
-            return _hub_cached(self) or Path(self.file_name)
+            return _hub_cached(self)
         return cache_dir() / self.file_name
 
     @property
@@ -305,14 +305,20 @@ def fetch_from_hub(entry: Weights) -> Path:
         ) from None
 
 
-def _hub_cached(entry: Weights) -> Path | None:
-    """``entry``'s file in the hub cache, or None (not there, or huggingface_hub missing)."""
+def _hub_cached(entry: Weights) -> Path:
+    """``entry``'s file in the hub cache; where it is not there (or huggingface_hub is not
+    installed), the repository's folder in the hub cache that it would be fetched into."""
+    folder = f"models--{entry.hf_hub_id.replace('/', '--')}"
     try:
         import huggingface_hub
     except ImportError:
-        return None
+        return Path("~/.cache/huggingface/hub").expanduser() / folder
     found = huggingface_hub.try_to_load_from_cache(entry.hf_hub_id, entry.file_name)
-    return Path(found) if isinstance(found, str) else None
+    return (
+        Path(found)
+        if isinstance(found, str)
+        else Path(huggingface_hub.constants.HF_HUB_CACHE) / folder
+    )
 
 
 def _stamp_path(path: Path) -> Path:
