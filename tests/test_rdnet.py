@@ -86,8 +86,9 @@ def test_float64_parity_with_timm(name, in_channels):
     with torch.device("meta"):
         ours = densenet.get_model(name, in_channels=in_channels)
     ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    assert ours.feature_info == [{k: v for k, v in i.items() if k != "growth_rate"}
-                                 for i in theirs.feature_info]  # fmt: skip
+    assert ours.feature_info == [
+        {k: v for k, v in i.items() if k != "growth_rate"} for i in theirs.feature_info
+    ]
     assert_same_network(ours.eval(), theirs, torch.randn(2, in_channels, 64, 64).double())
 
 
@@ -100,8 +101,9 @@ def test_small_configuration_matches_timm_and_trains_its_stochastic_depth(in_cha
     x = torch.randn(2, in_channels, 40, 56).double()
     assert_same_network(ours.eval(), theirs, x)
     rates = [b.drop_path_rate for s in ours.dense_stages for b in s[-1]]
-    assert rates == pytest.approx([b.drop_path.drop_prob for s in theirs.dense_stages
-                                   for b in s[-1]])  # fmt: skip
+    assert rates == pytest.approx(
+        [b.drop_path.drop_prob for s in theirs.dense_stages for b in s[-1]]
+    )
     ours.train()
     x = torch.randn(8, in_channels, 32, 32).double()
     assert not torch.equal(ours(x), ours(x))  # blocks dropped at random in training
@@ -118,8 +120,10 @@ def test_a_timm_state_dict_loads_strictly_from_a_file(tmp_path):
 
 def test_navers_key_spelling_loads(tmp_path):
     theirs = randomized(timm.models.rdnet.RDNet(**SMALL_TIMM)).float()
-    naver = {k.replace("stem.", "stem.stem.", 1) if k.startswith("stem.") else k: v
-             for k, v in theirs.state_dict().items()}  # fmt: skip
+    naver = {
+        k.replace("stem.", "stem.stem.", 1) if k.startswith("stem.") else k: v
+        for k, v in theirs.state_dict().items()
+    }
     assert "stem.stem.0.weight" in naver
     torch.save({"model": naver, "epoch": 300}, tmp_path / "rdnet_naver.pth")
     ours = RDNet(**SMALL)
@@ -140,8 +144,11 @@ def test_grey_images_through_rgb_weights(tmp_path):
 
 def test_registry_builders_and_torch_hub():
     assert densenet.list_models("rdnet*") == [
-        "rdnet_tiny", "rdnet_small", "rdnet_base", "rdnet_large"
-    ]  # fmt: skip
+        "rdnet_tiny",
+        "rdnet_small",
+        "rdnet_base",
+        "rdnet_large",
+    ]
     assert set(densenet.list_models()) >= set(densenet.list_models("rdnet*"))
     with torch.device("meta"):
         model = densenet.rdnet_small(num_classes=10, drop_path_rate=0.1)
@@ -160,6 +167,20 @@ def test_a_files_rdnet_size_is_read_from_its_shapes():
     assert arch_of_state(naver, "checkpoint.pth") == "rdnet_small"
     with pytest.raises(weights.WeightsError, match="an RDNet of no registered size"):
         arch_of_state(RDNet(**SMALL).state_dict(), "small.pth")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_blocks": (1, 2)}, "one value per stage"),
+        ({"growth_rates": (8, 0, 8, 16)}, "growth_rates must be positive"),
+        ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\)"),
+        ({"in_channels": 0}, "in_channels must be a positive integer"),
+    ],
+)
+def test_a_bad_configuration_is_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        RDNet(**{**SMALL, **change})
 
 
 def test_backbone_interface():
@@ -307,8 +328,11 @@ def test_published_weights_load_by_name_from_the_hub_cache(offline_hub):
 def test_the_rdnet_recipe():
     recipe = RECIPES["rdnet"]
     assert (recipe.optimizer, recipe.lr, recipe.lr_batch, recipe.weight_decay) == (
-        "adamw", 4e-3, 4096, 0.05
-    )  # fmt: skip
+        "adamw",
+        4e-3,
+        4096,
+        0.05,
+    )
     assert (recipe.schedule, recipe.warmup_epochs, recipe.label_smoothing) == ("cosine", 20, 0.1)
     assert recipe.drop_path_rate > 0 and recipe.model == "rdnet_tiny"
     assert base_lr(recipe) == pytest.approx(4e-3 * 1024 / 4096)

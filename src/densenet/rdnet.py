@@ -223,11 +223,9 @@ class RDNet(Network):
         arch: str | None = None,
     ) -> None:
         super().__init__()
-        _check_config(growth_rates, num_blocks, downsample, se, num_classes, in_channels)
-        for name, rate in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
-                           ("drop_path_rate", drop_path_rate)):  # fmt: skip
-            if not 0 <= rate < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+        rates = {"drop_rate": drop_rate, "proj_drop_rate": proj_drop_rate}
+        rates["drop_path_rate"] = drop_path_rate
+        _check_config(growth_rates, num_blocks, downsample, se, num_classes, in_channels, rates)
         self.config: dict[str, Any] = {
             "growth_rates": tuple(growth_rates),
             "num_blocks": tuple(num_blocks),
@@ -249,9 +247,10 @@ class RDNet(Network):
             nn.Conv2d(in_channels, num_init_features, patch_size, stride=patch_size),
             LayerNorm2d(num_init_features),
         )
-        rates = torch.linspace(0, drop_path_rate, sum(num_blocks), device="cpu").tolist()
+        path_rates = torch.linspace(0, drop_path_rate, sum(num_blocks), device="cpu").tolist()
         channels, reduction, stages = num_init_features, patch_size, []
         self.feature_info: list[dict[str, Any]] = []
+        self.stage_ends: list[int] = []  # the stages feature_info describes
         for i, (growth, blocks) in enumerate(zip(growth_rates, num_blocks)):
             parts: list[nn.Module] = []
             if i > 0:
@@ -263,9 +262,14 @@ class RDNet(Network):
             stage = DenseStage()
             for j in range(blocks):
                 block = DenseBlock(
-                    channels + j * growth, growth, bottleneck_width_ratio, se[i], ls_init_value,
-                    rates.pop(0), proj_drop_rate,
-                )  # fmt: skip
+                    channels + j * growth,
+                    growth,
+                    bottleneck_width_ratio,
+                    se[i],
+                    ls_init_value,
+                    path_rates.pop(0),
+                    proj_drop_rate,
+                )
                 stage.add_module(f"dense_block{j}", block)
             stages.append(nn.Sequential(*parts, stage))
             channels += blocks * growth
@@ -273,8 +277,8 @@ class RDNet(Network):
                 self.feature_info.append(
                     {"num_chs": channels, "reduction": reduction, "module": f"dense_stages.{i}"}
                 )
+                self.stage_ends.append(i)
         self.dense_stages = nn.Sequential(*stages)
-        self.stage_ends = [int(info["module"].split(".")[1]) for info in self.feature_info]
         self.num_features = channels
         self.num_classes = num_classes
         self.head = Head(channels, num_classes, drop_rate)
@@ -374,6 +378,7 @@ def _check_config(
     se: Sequence[bool],
     num_classes: int,
     in_channels: int,
+    rates: dict[str, float],
 ) -> None:
     stages = len(growth_rates)
     if not stages or any(len(s) != stages for s in (num_blocks, downsample, se)):
@@ -388,3 +393,6 @@ def _check_config(
         raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    for name, rate in rates.items():
+        if not 0 <= rate < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {rate!r}")

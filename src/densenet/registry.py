@@ -174,11 +174,18 @@ def _make_rdnet_builder(name: str):
         if num_classes is not None:  # None: the weights' classes (1000 without weights)
             kwargs["num_classes"] = num_classes
         return get_model(
-            name, weights=weights, progress=progress, pretrained=pretrained,
-            features_only=features_only, out_indices=out_indices, new_head=new_head,
-            in_channels=in_channels, drop_path_rate=drop_path_rate, drop_rate=drop_rate,
+            name,
+            weights=weights,
+            progress=progress,
+            pretrained=pretrained,
+            features_only=features_only,
+            out_indices=out_indices,
+            new_head=new_head,
+            in_channels=in_channels,
+            drop_path_rate=drop_path_rate,
+            drop_rate=drop_rate,
             **kwargs,
-        )  # fmt: skip
+        )
 
     config = ARCHITECTURES[name]
     builder.__name__ = builder.__qualname__ = name

@@ -167,10 +167,21 @@ def _rdnet(
     resize = math.floor(crop / 0.9) if crop == 224 else crop
     hub_id = f"naver-ai/{arch}.{name.lower()}"
     return Weights(
-        arch, name, "model.safetensors", acc1, None, params, gflops, params * 4 / 1e6,
-        min_size=(32, 32), resize_size=resize, crop_size=crop, interpolation="bicubic",
-        recipe="NAVER's (Kim et al., ECCV 2024), Apache-2.0", hf_hub_id=hub_id,
-    )  # fmt: skip
+        arch,
+        name,
+        "model.safetensors",
+        acc1,
+        None,
+        params,
+        gflops,
+        params * 4 / 1e6,
+        min_size=(32, 32),
+        resize_size=resize,
+        crop_size=crop,
+        interpolation="bicubic",
+        recipe="NAVER's (Kim et al., ECCV 2024), Apache-2.0",
+        hf_hub_id=hub_id,
+    )
 
 
 # Top-1 as published with the paper; file sizes are the float32 tensors' (params x 4 bytes).

@@ -159,7 +159,7 @@ RECIPES: dict[str, TrainConfig] = {
         drop_path_rate=0.1,
         augment="imagenet",
         image_size=224,
-    ),  # fmt: skip
+    ),
     # Not from the paper: the official ImageNet weights, a new classifier for the folder's
     # classes, lr 0.01 / 10 after two thirds of 15 epochs.
     "finetune": TrainConfig(
