@@ -113,9 +113,12 @@ def test_a_timm_state_dict_loads_strictly_from_a_file(tmp_path):
     theirs = randomized(timm.create_model("rdnet_tiny")).float()
     save_file(theirs.state_dict(), tmp_path / "model.safetensors")
     ours = densenet.rdnet_tiny(weights=str(tmp_path / "model.safetensors")).eval()
+    loaded = densenet.load("rdnet_tiny", weights=str(tmp_path / "model.safetensors"))
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(ours(x), theirs(x)) and torch.equal(loaded.module(x), theirs(x))
+    pre = loaded.card.preprocessing  # the published weights' own
+    assert (pre.resize_size, pre.crop_size, pre.interpolation) == (248, 224, "bicubic")
 
 
 def test_navers_key_spelling_loads(tmp_path):

@@ -32,6 +32,7 @@ from .weights import (
     WeightsError,
     get_weights,
     is_path,
+    list_weights,
     load_checkpoint,
     load_state,
     read_torch_file,
@@ -126,13 +127,18 @@ def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> Lo
 
 
 def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
-    """A plain state_dict: the number of classes is the file's classifier's."""
+    """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
+    is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
     state = state_dict_of(content, path)
     classifier = state.get(network_of(arch)[0].CLASSIFIER + "weight")
     num_classes = classifier.shape[0] if classifier is not None else 0
     module = get_model(arch, num_classes=num_classes).eval()
     load_state(module, state, path)
-    return LoadedModel(module, ModelCard.for_model(module, weights=Path(path).name))
+    card = ModelCard.for_model(module, weights=Path(path).name)
+    if list_weights(arch):
+        published = get_weights(arch).card.preprocessing
+        card = card.replace(preprocessing=published.for_channels(card.in_channels))
+    return LoadedModel(module, card)
 
 
 def _load_file(path: Path, device: torch.device) -> LoadedModel:
