@@ -312,6 +312,10 @@ def test_the_cards_preprocessing_is_the_weights_own():
     assert (pre.resize_size, pre.crop_size) == (384, 384)
     acc1 = [weights.get_weights(n).acc1 for n in densenet.list_models("rdnet*")]
     assert acc1 == [82.8, 83.7, 84.4, 84.8]
+    for name in densenet.list_models("rdnet*"):  # the entries' sizes are the networks'
+        info = densenet.registry.model_info(name)
+        entry = weights.get_weights(name)
+        assert entry.num_params == info["params"] and entry.gflops == round(info["gflops"], 3)
 
 
 @pytest.mark.slow

@@ -165,34 +165,38 @@ def _rdnet(
     """NAVER's RDNet weights on the Hugging Face hub, as timm's pretrained configuration gives
     them: bicubic, crop ratio 0.9 at 224 (resize 248), 1.0 at 384, ImageNet mean and std."""
     resize = math.floor(crop / 0.9) if crop == 224 else crop
-    hub_id = f"naver-ai/{arch}.{name.lower()}"
     return Weights(
-        arch,
-        name,
-        "model.safetensors",
-        acc1,
-        None,
-        params,
-        gflops,
-        params * 4 / 1e6,
+        arch=arch,
+        name=name,
+        file_name="model.safetensors",
+        acc1=acc1,
+        acc5=None,
+        num_params=params,
+        gflops=gflops,
+        file_size_mb=params * 4 / 1e6,  # float32 tensors
         min_size=(32, 32),
         resize_size=resize,
         crop_size=crop,
         interpolation="bicubic",
         recipe="NAVER's (Kim et al., ECCV 2024), Apache-2.0",
-        hf_hub_id=hub_id,
+        hf_hub_id=f"naver-ai/{arch}.{name.lower()}",
     )
 
 
-# Top-1 as published with the paper; file sizes are the float32 tensors' (params x 4 bytes).
-for _entry in (
+def _register(*entries: Weights) -> None:
+    """Add ``entries`` to ``WEIGHTS``, each architecture's first as its ``DEFAULT``."""
+    for entry in entries:
+        WEIGHTS.setdefault(entry.arch, {"DEFAULT": entry})[entry.name] = entry
+
+
+# Top-1 as published with the paper (no top-5 is given for them: acc5 None)
+_register(
     _rdnet("rdnet_tiny", "NV_IN1K", 82.8, 23_863_008, 10.065),
     _rdnet("rdnet_small", "NV_IN1K", 83.7, 50_436_448, 17.412),
     _rdnet("rdnet_base", "NV_IN1K", 84.4, 87_451_096, 30.716),
     _rdnet("rdnet_large", "NV_IN1K", 84.8, 186_269_632, 69.351),
     _rdnet("rdnet_large", "NV_IN1K_FT_IN1K_384", 85.8, 186_269_632, 203.789, crop=384),
-):
-    WEIGHTS.setdefault(_entry.arch, {"DEFAULT": _entry})[_entry.name] = _entry
+)
 
 
 def list_weights(arch: str) -> list[str]:
@@ -310,7 +314,7 @@ def fetch_from_hub(entry: Weights) -> Path:
         raise WeightsError(
             f"cannot fetch {entry.file_name} of {entry.hf_hub_id} from the Hugging Face hub "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "offline, put it in the hub cache (huggingface-cli download "
+            "offline, put it in the hub cache (hf download "
             f"{entry.hf_hub_id} {entry.file_name}, then HF_HUB_OFFLINE=1) or pass the file with "
             "--weights FILE (--weights none: random weights, for a smoke test)"
         ) from None
