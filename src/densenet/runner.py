@@ -257,7 +257,7 @@ def _check_backend(
     """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form,
     not to int8."""
     if not (optimize and isinstance(module, DenseNet)):
-        what = "the reference module" if isinstance(module, DenseNet) else "an exported file"
+        what = "the reference module" if isinstance(module, Network) else "an exported file"
         raise DenseNetError(
             f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
             f"{what} runs as given: drop --backend (or --no-optimize)"
