@@ -103,10 +103,10 @@ def test_a_family_plugs_into_list_models_and_info(monkeypatch, capsys):
     def summary(config):
         return {"params": config["width"], "gflops": 0.5, "input_size": 8, "num_classes": 2}
 
-    monkeypatch.setitem(FAMILIES, "toy", Family("toy", {"toy_s": {"width": 3}}, summary))
+    monkeypatch.setitem(FAMILIES, "toy", Family("toy", {"toy_s": {"width": 3}}, summary, lambda config: 8))
     assert list_models()[-1] == "toy_s"
     assert main(["info", "toy_s", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row == {"name": "toy_s", **summary({"width": 3}), "weights": []}
     with pytest.raises(ValueError, match=r"\['toy_s'\] are taken"):
-        register_family(Family("copy", {"toy_s": {}}, summary))
+        register_family(Family("copy", {"toy_s": {}}, summary, lambda config: 8))

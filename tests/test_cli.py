@@ -219,7 +219,7 @@ def test_help_shows_defaults_choices_and_recipe_values(capsys):
     assert "List the architectures" in command_help(capsys, "info")
     train = command_help(capsys, "train")
     assert "--amp {auto,none,bf16,fp16}" in train
-    assert "{cifar10,cifar10+,cifar100,cifar100+,svhn,imagenet,finetune}" in train
+    assert "{cifar10,cifar10+,cifar100,cifar100+,svhn,imagenet,rdnet,finetune}" in train
     recipe = " ".join(command_help(capsys, "train", "--recipe", "imagenet").split())
     assert "(recipe imagenet: 90)" in recipe and "(recipe imagenet: densenet121)" in recipe
 

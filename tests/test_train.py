@@ -81,7 +81,7 @@ def test_recipes_are_the_papers():
     assert milestone_epochs(make_config("cifar10", epochs=1)) == [1, 1]  # never before epoch 1
     assert (imagenet.image_size, eval_resize(imagenet)) == (224, 256)
     assert eval_resize(make_config("imagenet", data="x", image_size=112)) == 128
-    for r in RECIPES.values():
+    for r in (r for r in RECIPES.values() if r.recipe != "rdnet"):  # the paper's: SGD
         assert (r.momentum, r.nesterov, r.weight_decay, r.lr_gamma) == (0.9, True, 1e-4, 0.1)
     assert RECIPES["finetune"].weights == "DEFAULT"
 

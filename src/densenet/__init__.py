@@ -1,8 +1,8 @@
 """densenet: Dense Convolutional Networks (Huang et al., CVPR 2017) for PyTorch.
 
 Every DenseNet (ImageNet 121/161/169/201/264, the paper's CIFAR/SVHN models, any configuration),
-the official ImageNet weights, the PyTorch Hub preprocessing, one loader (``densenet.load``)
-and a classifier.
+RDNet (Kim et al., ECCV 2024: ``rdnet_tiny/small/base/large``), the official ImageNet weights,
+the PyTorch Hub preprocessing, one loader (``densenet.load``) and a classifier.
 
 The public names are imported from their modules when first used (torch with the first one),
 so that ``import densenet`` and the command line's ``--help`` answer at once.
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
     from .predict import Classifier
     from .preprocessing import ModelCard, Preprocessing
     from .quantization import QuantizedModel, quantize, save_quantized
+    from .rdnet import RDNet
     from .registry import (
         densenet121,
         densenet161,
@@ -44,6 +45,10 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
         densenet_bc_250_k24,
         get_model,
         list_models,
+        rdnet_base,
+        rdnet_large,
+        rdnet_small,
+        rdnet_tiny,
     )
     from .runner import Runner
     from .transforms import eval_transform
@@ -61,6 +66,7 @@ _EXPORTS = {  # module: the public names it defines
     "predict": ("Classifier",),
     "preprocessing": ("ModelCard", "Preprocessing"),
     "quantization": ("QuantizedModel", "quantize", "save_quantized"),
+    "rdnet": ("RDNet",),
     "registry": (
         "densenet121",
         "densenet161",
@@ -75,6 +81,10 @@ _EXPORTS = {  # module: the public names it defines
         "densenet_bc_250_k24",
         "get_model",
         "list_models",
+        "rdnet_base",
+        "rdnet_large",
+        "rdnet_small",
+        "rdnet_tiny",
     ),
     "runner": ("Runner",),
     "transforms": ("eval_transform",),

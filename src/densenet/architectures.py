@@ -1,4 +1,5 @@
-"""Named architectures without torch: the table of configurations, ``list_models()``,
+"""Named architectures without torch: the tables of configurations (DenseNets, RDNets),
+``list_models()``,
 ``model_config()``, and what a configuration implies (the smallest input, parameters, GFLOPs),
 computed arithmetically, so that ``densenet info`` answers before torch loads.
 
@@ -8,20 +9,23 @@ that summarises one of them without building it (``densenet_summary`` for the De
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "RDNET_ARCHITECTURES",
     "Family",
     "densenet_summary",
     "list_models",
     "min_input_size",
     "model_config",
     "model_info",
+    "model_min_size",
     "register_family",
 ]
 
@@ -124,13 +128,14 @@ def densenet_summary(config: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its named configurations and ``summary``, a function of one
-    configuration that returns its ``params``, ``gflops``, ``input_size`` and ``num_classes``
-    without building the model (what ``densenet info`` lists)."""
+    """A model family: its named configurations, ``summary``, a function of one configuration
+    that returns its ``params``, ``gflops``, ``input_size`` and ``num_classes`` without building
+    the model (what ``densenet info`` lists), and ``min_input_size``, its smallest input side."""
 
     name: str
     configs: Mapping[str, Mapping[str, Any]]
     summary: Callable[[Mapping[str, Any]], dict[str, Any]]
+    min_input_size: Callable[[Mapping[str, Any]], int]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -146,9 +151,11 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def list_models() -> list[str]:
-    """Every architecture name that ``get_model`` accepts."""
-    return [name for family in FAMILIES.values() for name in family.configs]
+def list_models(pattern: str = "*") -> list[str]:
+    """The architecture names that ``get_model`` accepts, those matching ``pattern`` (a shell
+    pattern: ``"rdnet*"``, ``"densenet*"``)."""
+    names = [name for family in FAMILIES.values() for name in family.configs]
+    return fnmatch.filter(names, pattern)
 
 
 def _family(name: str) -> Family:
@@ -163,10 +170,62 @@ def model_config(name: str) -> dict[str, Any]:
     return dict(_family(name).configs[name])
 
 
+def model_min_size(name: str) -> int:
+    """A named architecture's smallest input height and width, pixels."""
+    return _family(name).min_input_size(model_config(name))
+
+
 def model_info(name: str) -> dict[str, Any]:
     """A named architecture's ``name``, ``params``, ``gflops`` (one image at ``input_size``) and
     ``num_classes``, from its family's summary of its configuration (nothing is built)."""
     return {"name": name, **_family(name).summary(model_config(name))}
 
 
-register_family(Family("densenet", ARCHITECTURES, densenet_summary))
+register_family(Family("densenet", ARCHITECTURES, densenet_summary, min_input_size))
+
+
+def _rdnet(
+    num_init_features: int, growth_rates: Sequence[int], downsample: Sequence[int]
+) -> dict[str, Any]:
+    """A published RDNet: 3 blocks per stage, the plain block in the first two stages and the SE
+    block after, downsampling at the stages in ``downsample``."""
+    stages = len(growth_rates)
+    return {
+        "num_init_features": num_init_features,
+        "growth_rates": tuple(growth_rates),
+        "num_blocks": (3,) * stages,
+        "downsample": tuple(i in downsample for i in range(stages)),
+        "se": tuple(i >= 2 for i in range(stages)),
+    }
+
+
+RDNET_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "rdnet_tiny": _rdnet(64, (64, 104, 128, 128, 128, 128, 224), (1, 2, 6)),
+    "rdnet_small": _rdnet(72, (64, 128, *(128,) * 7, 240, 240), (1, 2, 9)),
+    "rdnet_base": _rdnet(120, (96, 128, *(168,) * 7, 336, 336), (1, 2, 9)),
+    "rdnet_large": _rdnet(144, (128, 192, *(256,) * 8, 360, 360), (1, 2, 10)),
+}
+# (parameters, forward GFLOPs at 224x224, 1000 classes) of each RDNet, counted by building it on
+# the meta device under torch's FlopCounterMode (tests/test_rdnet.py counts them again)
+RDNET_COUNTS = {
+    "rdnet_tiny": (23_863_008, 10.065346848),
+    "rdnet_small": (50_436_448, 17.41243368),
+    "rdnet_base": (87_451_096, 30.716318592),
+    "rdnet_large": (186_269_632, 69.350587584),
+}
+
+
+def rdnet_summary(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A published RDNet configuration's parameters and GFLOPs (``RDNET_COUNTS``)."""
+    name = next(n for n, c in RDNET_ARCHITECTURES.items() if c == config)
+    params, gflops = RDNET_COUNTS[name]
+    return {"params": params, "gflops": gflops, "input_size": 224, "num_classes": 1000}
+
+
+def rdnet_min_input_size(config: Mapping[str, Any]) -> int:
+    """The smallest input side of an RDNet: its patchify stem divides by 4, each downsampling
+    stage by 2."""
+    return 4 * 2 ** sum(config["downsample"])
+
+
+register_family(Family("rdnet", RDNET_ARCHITECTURES, rdnet_summary, rdnet_min_input_size))

@@ -40,7 +40,7 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-# The operators a DenseNet export calls (any form, dtype, dimension and int8), by
+# The operators a DenseNet or RDNet export calls (any form, dtype, dimension and int8), by
 # ``namespace::name`` without the overload. A graph or program naming any other is refused.
 OPERATORS = frozenset(
     f"{namespace}::{name}"
@@ -50,7 +50,7 @@ OPERATORS = frozenset(
             amax append avg_pool1d avg_pool2d avg_pool3d batch_norm cat clamp clamp_ clamp_min
             clamp_min_ clone contiguous conv1d conv2d conv3d convolution copy_ dequantize detach
             device dim div dropout dropout_ empty empty_like eq expand feature_dropout flatten
-            floordiv format ge gt hardtanh Int is_grad_enabled layer_norm le len linear lt
+            floordiv format ge gelu gt hardsigmoid hardtanh Int is_grad_enabled layer_norm le len linear lt
             matmul max_pool1d max_pool2d max_pool3d maximum mean minimum mm mul
             native_batch_norm _native_batch_norm_legit_no_training ne neg new_empty new_zeros
             pad permute pixel_shuffle pixel_unshuffle quantize_per_tensor relu relu_ reshape

@@ -37,7 +37,7 @@ from .errors import DenseNetError
 from .images import ImageError, open_image, walk_files
 from .io import atomic_write, csv_rows, settings_differences, temporary_of, write_json
 from .load import LoadedModel, load
-from .model import DenseNet
+from .network import Network
 from .preprocessing import Preprocessing
 from .runner import Runner
 from .runtime import local_device
@@ -227,9 +227,9 @@ class Outputs:
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
         embed = options.task == "embed"
-        if embed and not isinstance(model.module, DenseNet):
+        if embed and not isinstance(model.module, Network):
             raise BulkError(
-                f"embeddings come from a DenseNet (an architecture, weights or a training "
+                f"embeddings come from a DenseNet or RDNet (an architecture, weights or a training "
                 f"checkpoint), not a {type(model.module).__name__}; give the model it was "
                 "exported from (an exported file classifies: densenet predict --out)"
             )

@@ -41,7 +41,6 @@ from .data import (
 )
 from .io import atomic_write, check_output_file
 from .load import LoadedModel, load
-from .model import DenseNet
 from .multilabel import (
     LabelledImages,
     decision_metrics,
@@ -49,6 +48,7 @@ from .multilabel import (
     predict_labels,
     read_labels_csv,
 )
+from .network import Network
 from .preprocessing import ModelCard, default_classes
 from .registry import model_config
 from .runner import Runner
@@ -323,7 +323,7 @@ def _calibrated_checkpoint(
             return read_checkpoint(weights)
         except CheckpointError:  # a plain weights file
             pass
-    if isinstance(loaded.module, DenseNet) and loaded.card.arch is not None:
+    if isinstance(loaded.module, Network) and loaded.card.arch is not None:
         arch_config = model_config(loaded.card.arch)
         model_args = {k: v for k, v in loaded.module.config.items() if arch_config.get(k) != v}
         return TrainCheckpoint(loaded.card, loaded.module.state_dict(), model_args)

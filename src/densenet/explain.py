@@ -6,7 +6,9 @@ the spatial mean of ``cam_c(x, y) = sum_k w_ck * F_k(x, y) + b_c`` over the fina
 per class; it is kept so that the map's mean is the logit, and so that the fast inference form
 (``densenet.optimize``), whose classifier has the final BN-ReLU's scale and offset folded in
 (``w' = w * s``, ``b' = b + w @ t``, on the clamp ``y`` with ``F = s * y + t``), gives the same
-map: ``w' . y + b' == w . F + b``.
+map: ``w' . y + b' == w . F + b``. An RDNet normalises the pooled vector (LayerNorm) before
+its Linear; with that vector's statistics the normalisation is affine per image, so its map
+(``RDNet.cam_features``) is exact the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from .errors import DenseNetError
 from .inference import InferenceOnly
 from .model import DenseNet
+from .network import Network
 from .transforms import to_rgb
 
 __all__ = [
@@ -69,11 +72,13 @@ def _features_and_classifier(model: nn.Module, x: Tensor) -> tuple[Tensor, nn.Li
             f"{type(model).__name__} has no linear classifier (num_classes=0 or another head); "
             "class activation maps need the global-pool + Linear head of a classifier"
         )
-    if isinstance(model, (DenseNet, InferenceOnly)):
-        classifier = model.classifier
+    classifier = model.classifier
+    if isinstance(model, Network):
+        return model.cam_features(x).to(classifier.weight.dtype), classifier
+    if isinstance(model, InferenceOnly):
         return model.forward_features(x).to(classifier.weight.dtype), classifier
     raise ExplainError(
-        f"class activation maps need a DenseNet or its densenet.optimize() form, got "
+        f"class activation maps need a DenseNet, an RDNet or a densenet.optimize() form, got "
         f"{type(model).__name__} (an exported file has no feature map to read)"
     )
 

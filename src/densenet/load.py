@@ -24,13 +24,15 @@ from .io import atomic_write
 from .model import DenseNet
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
-from .registry import get_model, list_models, model_config
+from .rdnet import RDNet
+from .registry import get_model, list_models, model_config, network_of
 from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
     WeightsError,
     get_weights,
     is_path,
+    list_weights,
     load_checkpoint,
     load_state,
     read_torch_file,
@@ -125,13 +127,18 @@ def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> Lo
 
 
 def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
-    """A plain state_dict: the number of classes is the file's classifier's."""
+    """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
+    is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
     state = state_dict_of(content, path)
-    classifier = state.get("classifier.weight")
+    classifier = state.get(network_of(arch)[0].CLASSIFIER + "weight")
     num_classes = classifier.shape[0] if classifier is not None else 0
     module = get_model(arch, num_classes=num_classes).eval()
     load_state(module, state, path)
-    return LoadedModel(module, ModelCard.for_model(module, weights=Path(path).name))
+    card = ModelCard.for_model(module, weights=Path(path).name)
+    if list_weights(arch):
+        published = get_weights(arch).card.preprocessing
+        card = card.replace(preprocessing=published.for_channels(card.in_channels))
+    return LoadedModel(module, card)
 
 
 def _load_file(path: Path, device: torch.device) -> LoadedModel:
@@ -183,8 +190,12 @@ def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None
 
 def arch_of_state(content: Any, path: str | os.PathLike) -> str:
     """The registry architecture a weights file's keys and shapes describe (a torchvision or
-    timm DenseNet state_dict of any class count), else ``WeightsError``."""
-    config = config_of_state(state_dict_of(content, path), path)
+    timm DenseNet, or a timm or NAVER RDNet, state_dict of any class count), else
+    ``WeightsError``."""
+    state = state_dict_of(content, path)
+    if RDNet.STEM_WEIGHT in state:
+        return rdnet_of_state(state, path)
+    config = config_of_state(state, path)
     arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
     if arch is None:
         raise WeightsError(
@@ -192,6 +203,22 @@ def arch_of_state(content: Any, path: str | os.PathLike) -> str:
             "--model, or load it with densenet.DenseNet(**config)"
         )
     return arch
+
+
+def rdnet_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The RDNet size whose tensors have the shapes of ``state``'s (any number of classes and
+    input channels), else ``WeightsError``; the networks are built on the meta device."""
+    own = (RDNet.STEM_WEIGHT, RDNet.CLASSIFIER + "weight", RDNet.CLASSIFIER + "bias")
+    shapes = {k: v.shape for k, v in state.items() if k not in own}
+    for name in list_models("rdnet*"):
+        with torch.device("meta"):
+            expected = get_model(name).state_dict()
+        if {k: v.shape for k, v in expected.items() if k not in own} == shapes:
+            return name
+    raise WeightsError(
+        f"{path} is an RDNet of no registered size; name it with --model, or build it with "
+        "densenet.RDNet(...)"
+    )
 
 
 def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:
@@ -255,16 +282,20 @@ def _checked_state(
     returns the state, the architecture (None for a custom configuration) and the configuration.
     ``WeightsError`` names what does not fit."""
     state = load_checkpoint(path)
+    if arch is None and RDNet.STEM_WEIGHT in state:
+        arch = rdnet_of_state(state, path)
+    network = network_of(arch)[0] if arch is not None else DenseNet
     if arch is not None:
         config = model_config(arch)
-        classifier, stem = state.get("classifier.weight"), state.get("features.conv0.weight")
+        classifier = state.get(network.CLASSIFIER + "weight")
+        stem = state.get(network.STEM_WEIGHT)
         config["num_classes"] = classifier.shape[0] if classifier is not None else 0
         config["in_channels"] = stem.shape[1] if stem is not None else 3
     else:
         config = config_of_state(state, path)
         arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
     try:
-        module = DenseNet(**config)
+        module = network(**config)
     except ValueError as error:
         raise WeightsError(f"{path} describes no valid DenseNet ({error})") from None
     load_state(module, state, path)

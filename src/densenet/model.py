@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .architectures import min_input_size
 from .memory import memory_efficient_block, memory_efficient_bn_relu
+from .network import Network, take_indices
 
 STEMS = ("imagenet", "cifar")
 SPATIAL_DIMS = (1, 2, 3)
@@ -154,7 +155,7 @@ class Transition(nn.Sequential):
         return self.pool(x)
 
 
-class DenseNet(nn.Module):
+class DenseNet(Network):
     """A Dense Convolutional Network.
 
     Args:
@@ -362,16 +363,7 @@ class DenseNetFeatures(nn.Module):
     def __init__(self, model: DenseNet, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
         info = model.feature_info
-        blocks = range(len(info))
-        try:
-            self.out_indices = tuple(
-                blocks[i] for i in (blocks if out_indices is None else out_indices)
-            )
-        except (IndexError, TypeError):
-            raise ValueError(
-                f"out_indices must be dense-block indices in 0..{len(info) - 1} (or negative), "
-                f"got {out_indices!r}"
-            ) from None
+        self.out_indices = take_indices(len(info), out_indices, "dense-block")
         self.features = model.features
         self.feature_info = [info[i] for i in self.out_indices]
         self.config = {**model.config, "num_classes": 0}

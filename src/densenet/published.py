@@ -4,6 +4,7 @@ info`` answers at once; downloading, verifying and loading them is ``densenet.we
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .architectures import min_input_size, model_config
+from .architectures import model_min_size
 from .errors import DenseNetError
 from .labels import imagenet_classes
 
@@ -43,30 +44,36 @@ class WeightsError(DenseNetError, RuntimeError):
 class Weights:
     """A published weights file and what is known about it.
 
-    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``.
+    ``file_name`` ends in ``-<first 8 hex digits of the file's SHA-256>.pth``, or for weights
+    on the Hugging Face hub (``hf_hub_id``, the repository) is the file in that repository,
+    checked by ``huggingface_hub`` as it downloads it.
     """
 
     arch: str
     name: str
     file_name: str
-    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single 224 crop
-    acc5: float
+    acc1: float  # ImageNet-1k validation top-1 accuracy, %, single crop at crop_size
+    acc5: float | None  # None: not published
     num_params: int
-    gflops: float  # per 224x224 image (2 x multiply-accumulates)
+    gflops: float  # per crop_size x crop_size image (2 x multiply-accumulates)
     file_size_mb: float
     resize_size: int = 256
     crop_size: int = 224
     recipe: str = "ported from the original Torch models (Huang et al.)"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    interpolation: str = "bilinear"
+    hf_hub_id: str | None = None
 
     @property
     def min_size(self) -> tuple[int, int]:
         """The smallest input (height, width) of the architecture, pixels."""
-        side = min_input_size(model_config(self.arch))
+        side = model_min_size(self.arch)
         return side, side
 
     @property
     def url(self) -> str:
+        if self.hf_hub_id is not None:
+            return f"https://huggingface.co/{self.hf_hub_id}/blob/main/{self.file_name}"
         return os.environ.get(BASE_URL_ENV, DEFAULT_BASE_URL).rstrip("/") + "/" + self.file_name
 
     @property
@@ -79,6 +86,9 @@ class Weights:
 
     @property
     def cache_path(self) -> Path:
+        """Where the file is cached (for hub weights: in the hub's cache, once downloaded)."""
+        if self.hf_hub_id is not None:
+            return _hub_cached(self)
         return cache_dir() / self.file_name
 
     @property
@@ -86,7 +96,9 @@ class Weights:
         """The class names and preprocessing of these weights."""
         from .preprocessing import ModelCard, Preprocessing  # torchvision: only when asked
 
-        preprocessing = Preprocessing(self.resize_size, self.crop_size, min_size=self.min_size)
+        preprocessing = Preprocessing(
+            self.resize_size, self.crop_size, self.interpolation, min_size=self.min_size
+        )
         return ModelCard(self.categories, preprocessing, arch=self.arch, weights=self.name)
 
     def transforms(self):
@@ -108,6 +120,7 @@ class Weights:
             "min_size": list(self.min_size),
             "resize_size": self.resize_size,
             "crop_size": self.crop_size,
+            "interpolation": self.interpolation,
             "num_classes": len(self.categories),
             "recipe": self.recipe,
         }
@@ -127,6 +140,45 @@ WEIGHTS: dict[str, dict[str, Weights]] = {
         _imagenet1k_v1("densenet201", "densenet201-c1103571.pth", 76.896, 93.370, 20_013_928, 8.583, 77.373),
     )
 }  # fmt: skip
+
+
+def _rdnet(
+    arch: str, name: str, acc1: float, params: int, gflops: float, crop: int = 224
+) -> Weights:
+    """NAVER's RDNet weights on the Hugging Face hub, as timm's pretrained configuration gives
+    them: bicubic, crop ratio 0.9 at 224 (resize 248), 1.0 at 384, ImageNet mean and std."""
+    resize = math.floor(crop / 0.9) if crop == 224 else crop
+    return Weights(
+        arch=arch,
+        name=name,
+        file_name="model.safetensors",
+        acc1=acc1,
+        acc5=None,
+        num_params=params,
+        gflops=gflops,
+        file_size_mb=params * 4 / 1e6,  # float32 tensors
+        resize_size=resize,
+        crop_size=crop,
+        interpolation="bicubic",
+        recipe="NAVER's (Kim et al., ECCV 2024), Apache-2.0",
+        hf_hub_id=f"naver-ai/{arch}.{name.lower()}",
+    )
+
+
+def _register(*entries: Weights) -> None:
+    """Add ``entries`` to ``WEIGHTS``, each architecture's first as its ``DEFAULT``."""
+    for entry in entries:
+        WEIGHTS.setdefault(entry.arch, {"DEFAULT": entry})[entry.name] = entry
+
+
+# Top-1 as published with the paper (no top-5 is given for them: acc5 None)
+_register(
+    _rdnet("rdnet_tiny", "NV_IN1K", 82.8, 23_863_008, 10.065),
+    _rdnet("rdnet_small", "NV_IN1K", 83.7, 50_436_448, 17.412),
+    _rdnet("rdnet_base", "NV_IN1K", 84.4, 87_451_096, 30.716),
+    _rdnet("rdnet_large", "NV_IN1K", 84.8, 186_269_632, 69.351),
+    _rdnet("rdnet_large", "NV_IN1K_FT_IN1K_384", 85.8, 186_269_632, 203.789, crop=384),
+)
 
 
 def list_weights(arch: str) -> list[str]:
@@ -154,3 +206,19 @@ def hash_prefix(file_name: str) -> str | None:
     """The SHA-256 prefix a file's name ends in (``densenet121-a639ec97.pth``), or None."""
     match = re.search(r"-([0-9a-f]{8,64})\.", os.path.basename(file_name))
     return match.group(1) if match else None
+
+
+def _hub_cached(entry: Weights) -> Path:
+    """``entry``'s file in the hub cache; where it is not there (or huggingface_hub is not
+    installed), the repository's folder in the hub cache that it would be fetched into."""
+    folder = f"models--{entry.hf_hub_id.replace('/', '--')}"
+    try:
+        import huggingface_hub
+    except ImportError:
+        return Path("~/.cache/huggingface/hub").expanduser() / folder
+    found = huggingface_hub.try_to_load_from_cache(entry.hf_hub_id, entry.file_name)
+    return (
+        Path(found)
+        if isinstance(found, str)
+        else Path(huggingface_hub.constants.HF_HUB_CACHE) / folder
+    )

@@ -28,6 +28,7 @@ from .exported import OnnxModel, OpenVINOModel
 from .inference import BucketedModel
 from .load import LoadedModel
 from .model import DenseNet
+from .network import Network
 from .openvino import OpenVINODenseNet
 from .preprocessing import ModelCard
 from .quantization import quantize
@@ -91,22 +92,22 @@ class Runner:
         # an exported file's from its card: volumes or images
         self.spatial_dims = getattr(module, "spatial_dims", len(self.card.input_shape) - 1)
         if headless:
-            if not isinstance(module, DenseNet):
+            if not isinstance(module, Network):
                 raise TypeError(
-                    f"pooled features need a DenseNet (an architecture, weights or a training "
-                    f"checkpoint), not a {type(module).__name__}"
+                    f"pooled features need a DenseNet or RDNet (an architecture, weights or a "
+                    f"training checkpoint), not a {type(module).__name__}"
                 )
             module = copy.deepcopy(module)
             module.reset_classifier(0)
         self.weights_count = count_weights(module)
         self.outputs = None if headless else self.card.num_classes  # per image, as the card says
-        # a DenseNet and its inference forms take any float input; an exported module (a
+        # a network and its inference forms take any float input; an exported module (a
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
-        self.input_dtype = None if isinstance(module, DenseNet) else _weights_dtype(module)
+        self.input_dtype = None if isinstance(module, Network) else _weights_dtype(module)
         self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
         if not (optimize and isinstance(module, DenseNet)):  # runs as given
             _check_runs_in(dtype, self.precision, module)
-            if isinstance(module, DenseNet):
+            if isinstance(module, Network):  # an RDNet (no inference form) or as asked
                 module = module.to(device)
         elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
@@ -211,7 +212,7 @@ def count_weights(module: nn.Module) -> int | None:
     int8 module's packed convolution and linear weights), since a traced or quantized graph keeps
     its weights as buffers or packed objects. None for a model run outside PyTorch (ONNX
     Runtime, OpenVINO)."""
-    if isinstance(module, DenseNet):
+    if isinstance(module, Network):
         return sum(p.numel() for p in module.parameters())
     if isinstance(module, (OnnxModel, OpenVINOModel)):
         return None
@@ -261,7 +262,7 @@ def _check_backend(
     """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form,
     not to int8."""
     if not (optimize and isinstance(module, DenseNet)):
-        what = "the reference module" if isinstance(module, DenseNet) else "an exported file"
+        what = "the reference module" if isinstance(module, Network) else "an exported file"
         raise DenseNetError(
             f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
             f"{what} runs as given: drop --backend (or --no-optimize)"
@@ -282,6 +283,8 @@ def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.M
     how = (
         "optimize it (drop --no-optimize)"
         if isinstance(module, DenseNet)
+        else "it has no inference form yet and runs in float32"
+        if isinstance(module, Network)
         else "it runs in the precision it was exported in; export it again in that one"
     )
     raise DenseNetError(

@@ -4,6 +4,9 @@ legacy-format, local or safetensors); the table of published files with their me
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
+RDNet's weights are NAVER's on the Hugging Face hub, fetched by ``huggingface_hub`` (the
+``hub`` extra) into its cache (``HF_HUB_CACHE``, with its checks; ``HF_HUB_OFFLINE=1`` uses the
+cached file without asking the network, ``HF_ENDPOINT`` names a mirror).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sys
 import urllib.error
 import warnings
 from collections.abc import Mapping
@@ -39,6 +43,7 @@ __all__ = [
     "WeightsError",
     "cache_dir",
     "convert_legacy_keys",
+    "convert_rdnet_keys",
     "download",
     "get_weights",
     "is_path",
@@ -107,7 +112,10 @@ def download(url: str, path: Path, sha256_prefix: str | None = None, progress: b
 def fetch(entry: Weights, progress: bool = True) -> Path:
     """The cached file of ``entry``, downloaded first if it is not in the cache. A cached file is
     checked against the SHA-256 prefix in its name the first time it is used (and again whenever
-    its size or modification time changes); raises ``WeightsError`` if it differs."""
+    its size or modification time changes); raises ``WeightsError`` if it differs. Weights on
+    the Hugging Face hub are ``huggingface_hub``'s to fetch and check (``fetch_from_hub``)."""
+    if entry.hf_hub_id is not None:
+        return fetch_from_hub(entry)
     path = entry.cache_path
     if not path.is_file():
         return download(entry.url, path, entry.sha256_prefix, progress)
@@ -122,6 +130,38 @@ def fetch(entry: Weights, progress: bool = True) -> Path:
             )
         _remember_verified(path, entry.sha256_prefix)
     return path
+
+
+def _hub() -> Any:
+    """The ``huggingface_hub`` module, or ``WeightsError`` saying how to install it."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise WeightsError(
+            "these weights are on the Hugging Face hub, fetched with huggingface_hub: "
+            "pip install 'densenet-toolkit[hub]', or pass a downloaded file with --weights FILE"
+        ) from None
+    return huggingface_hub
+
+
+def fetch_from_hub(entry: Weights) -> Path:
+    """``entry``'s file from the Hugging Face hub through ``huggingface_hub.hf_hub_download``:
+    from its cache when there (offline too), else downloaded into a temporary file, checked
+    against the size the hub publishes and renamed into place (stored under the hub's content
+    hash); ``WeightsError`` otherwise."""
+    hub = _hub()
+    # its HTTP client's errors besides OSError: httpx's (huggingface_hub 1) or httpx2's (2)
+    client = tuple(sys.modules[m].HTTPError for m in ("httpx", "httpx2") if m in sys.modules)
+    try:
+        return Path(hub.hf_hub_download(entry.hf_hub_id, entry.file_name))
+    except (OSError, ValueError, hub.errors.EntryNotFoundError, *client) as error:
+        raise WeightsError(
+            f"cannot fetch {entry.file_name} of {entry.hf_hub_id} from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "offline, put it in the hub cache (hf download "
+            f"{entry.hf_hub_id} {entry.file_name}, then HF_HUB_OFFLINE=1) or pass the file with "
+            "--weights FILE (--weights none: random weights, for a smoke test)"
+        ) from None
 
 
 def _stamp_path(path: Path) -> Path:
@@ -196,7 +236,7 @@ _MONAI_OTHER = re.compile(r"^features\.(?:(?:conv0|norm0|norm5)\.|transition\d+\
 
 def is_monai_state(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether ``state_dict`` is MONAI's ``DenseNet`` (``DenseNet121/169/201/264``)."""
-    return any(k.startswith("class_layers.") or ".layers." in k for k in state_dict)
+    return any(k.startswith("class_layers.") or _MONAI_LAYER.match(k) for k in state_dict)
 
 
 def convert_monai_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -223,17 +263,26 @@ def read_torch_file(path: str | os.PathLike, what: str = "weights file") -> Any:
     return _read_torch_file(path, what, WeightsError)
 
 
+def convert_rdnet_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """NAVER's original RDNet keys in timm's (and this package's) names: ``stem.stem.`` ->
+    ``stem.``; other keys pass unchanged."""
+    return {
+        "stem." + key.removeprefix("stem.stem.") if key.startswith("stem.stem.") else key: value
+        for key, value in state_dict.items()
+    }
+
+
 def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, Tensor]:
     """The model state_dict in a torch file's ``content``, in current key names (legacy
-    torchvision and MONAI ``DenseNet`` keys converted). A training checkpoint's ``"model"`` entry
-    is taken."""
+    torchvision, MONAI ``DenseNet`` and NAVER's RDNet keys converted). A training checkpoint's
+    (or NAVER's) ``"model"`` entry is taken."""
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
         raise WeightsError(f"weights file {path} holds no state_dict of tensors")
     if is_monai_state(content):
         return convert_monai_keys(content)
-    return convert_legacy_keys(content)
+    return convert_rdnet_keys(convert_legacy_keys(content))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -262,13 +311,14 @@ STEM_KEY = "features.conv0.weight"
 
 
 def adapt_input_channels(
-    state: Mapping[str, Tensor], expected: Mapping[str, Tensor]
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], key: str = STEM_KEY
 ) -> Mapping[str, Tensor]:
-    """``state`` with its stem convolution (out, 3, kh, kw) adapted to the ``expected`` model's
-    input channels C: the RGB kernels summed for C = 1 (so ``conv(grey, summed) ==
-    conv(grey replicated to RGB, kernels)``), else repeated R, G, B, R... and scaled by 3 / C
-    (so an RGB image repeated to C channels gives the RGB activations). Other states pass."""
-    weight, target = state.get(STEM_KEY), expected.get(STEM_KEY)
+    """``state`` with its stem convolution (``key``: (out, 3, kh, kw)) adapted to the
+    ``expected`` model's input channels C: the RGB kernels summed for C = 1 (so
+    ``conv(grey, summed) == conv(grey replicated to RGB, kernels)``), else repeated R, G, B, R...
+    and scaled by 3 / C (so an RGB image repeated to C channels gives the RGB activations).
+    Other states pass."""
+    weight, target = state.get(key), expected.get(key)
     if weight is None or target is None or weight.shape == target.shape:
         return state
     if (
@@ -282,7 +332,7 @@ def adapt_input_channels(
         adapted = weight.sum(1, keepdim=True)
     else:
         adapted = weight[:, [c % 3 for c in range(channels)]] * (3 / channels)
-    return {**state, STEM_KEY: adapted}
+    return {**state, key: adapted}
 
 
 def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
@@ -335,24 +385,28 @@ def load_state(
     inflate: str = "mean",
 ) -> nn.Module:
     """Load ``state`` (read from ``path``, named in messages) into ``model`` as ``load_weights``;
-    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``."""
+    2D kernels loaded into a 3D or 1D model are inflated as ``inflate_kernels(..., inflate)``.
+    The model's ``CLASSIFIER`` and ``STEM_WEIGHT`` (``densenet.network.Network``) name its
+    classifier's keys and its stem kernel."""
     path = Path(path)
     check_finite(state, path)
     expected = model.state_dict()
-    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected)
+    head = getattr(model, "CLASSIFIER", "classifier.")
+    stem = getattr(model, "STEM_WEIGHT", STEM_KEY)
+    state = adapt_input_channels(inflate_kernels(state, expected, inflate), expected, stem)
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     }
-    if mismatched and all(k.startswith("classifier.") for k in mismatched):
+    if mismatched and all(k.startswith(head) for k in mismatched):
         warnings.warn(
-            f"{path.name}: classifier shape {mismatched.get('classifier.weight', '?')[0]} differs "
+            f"{path.name}: classifier shape {mismatched.get(head + 'weight', '?')[0]} differs "
             "from the model's; loaded the backbone, the classifier is freshly initialised",
             stacklevel=2,
         )
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state.update({k: v for k, v in expected.items() if k.startswith("classifier.")})
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+        state.update({k: v for k, v in expected.items() if k.startswith(head)})
         mismatched = {}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -71,7 +71,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import DEFAULT_OPSET, ExportError, check_ir_folder, export, write_triton_repo
     from ..load import load
-    from ..model import DenseNet
+    from ..network import Network
     from ..openvino import IR_FILES
 
     onnx_only = {
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         options["calibration"] = args.calibration
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
-    if not isinstance(loaded.module, DenseNet):
+    if not isinstance(loaded.module, Network):
         raise ExportError(
             f"{args.model} is an exported file ({type(loaded.module).__name__}); export takes an "
             "architecture with weights, a weights file or a checkpoint of densenet train"

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append([
             info["name"], f"{info['params'] / 1e6:.2f}M", f"{info['gflops']:.2f}",
             str(info["input_size"]), str(info["num_classes"]), w["name"] if w else "-",
-            f"{w['acc1']:.3f}" if w else "-", f"{w['acc5']:.3f}" if w else "-",
+            f"{w['acc1']:.3f}" if w else "-", f"{w['acc5']:.3f}" if w and w['acc5'] is not None else "-",
         ])  # fmt: skip
     print(text_table(lines))
     return 0

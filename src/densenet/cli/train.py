@@ -77,8 +77,9 @@ def add_parser(sub) -> None:
         "train",
         add_help=False,
         help="train with one of the paper's recipes; resume after any crash",
-        description="Train a DenseNet. Recipes: cifar10, cifar10+, cifar100, cifar100+, svhn, "
-        "imagenet (the paper's, section 4.2) and finetune (official weights, new classifier). "
+        description="Train a DenseNet or RDNet. Recipes: cifar10, cifar10+, cifar100, cifar100+, "
+        "svhn, imagenet (the paper's, section 4.2), rdnet (RDNet's: AdamW, cosine, warm-up, "
+        "stochastic depth, label smoothing) and finetune (official weights, new classifier). "
         "Every recipe value can be overridden with its flag or --set KEY=VALUE; the resolved "
         "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
         "torchrun --nproc-per-node N -m densenet train ...",

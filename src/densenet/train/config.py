@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..model import DenseNet
-from ..registry import get_model
+from ..registry import get_model, network_of
 from ..runtime import AMP_MODES
 from ..transforms import AUGMENTATIONS
 from ..volumes import VolumeTransform, available_memory
@@ -40,7 +40,14 @@ class TrainConfig:
     # fractions of the epochs; at each, lr *= lr_gamma
     lr_milestones: tuple[float, ...] = (0.5, 0.75)
     lr_gamma: float = 0.1
+    # lr is for this global batch, scaled linearly to batch_size (None: lr as it is)
+    lr_batch: int | None = None
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw" (no decay on 1-D weights)
+    schedule: str = "step"  # "step": lr_milestones; "cosine": to 0 after the warm-up
+    warmup_epochs: int = 0  # the lr rises linearly over these first epochs
+    label_smoothing: float = 0.0
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth (RDNet)
     augment: str = "crop-flip"  # see densenet.transforms.train_transform (volumes: "none", or
     # any other for densenet.volumes.VolumeAugment's random shifts and flips)
     image_size: int = 32  # training crop and evaluation crop, pixels
@@ -89,6 +96,9 @@ class TrainConfig:
     progress: bool = True
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+
 RUN_OPTIONS = frozenset(
     {
         "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
@@ -128,6 +138,25 @@ RECIPES: dict[str, TrainConfig] = {
         batch_size=256,
         lr=0.1,
         lr_milestones=(1 / 3, 2 / 3),
+        augment="imagenet",
+        image_size=224,
+    ),
+    # RDNet's (Kim et al., ECCV 2024): AdamW, lr 4e-3 for a batch of 4096 (scaled linearly to
+    # batch_size), weight decay 0.05, cosine after 20 warm-up epochs, stochastic depth 0.1 (more
+    # for the larger models), label smoothing 0.1, 300 epochs; random-resized crop 224.
+    "rdnet": TrainConfig(
+        recipe="rdnet",
+        model="rdnet_tiny",
+        epochs=300,
+        batch_size=1024,
+        lr=4e-3,
+        lr_batch=4096,
+        optimizer="adamw",
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup_epochs=20,
+        label_smoothing=0.1,
+        drop_path_rate=0.1,
         augment="imagenet",
         image_size=224,
     ),
@@ -222,9 +251,17 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {config.amp!r}")
-    for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels"):
+    for name in ("epochs", "batch_size", "image_size", "accumulate", "in_channels", "lr_batch"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    for name in ("label_smoothing", "drop_path_rate"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be at least 0, got {config.warmup_epochs}")
     _check_volume(config)
     if config.pos_weight not in (None, "auto"):
         raise ValueError(f"pos_weight must be auto or none, got {config.pos_weight!r}")
@@ -232,12 +269,17 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(
             "val_labels, pos_weight and thresholds apply to multi-label training (--labels)"
         )
-    accepted = set(inspect.signature(DenseNet).parameters)
+    network = network_of(config.model)[0]
+    accepted = set(inspect.signature(network).parameters)
     unknown = sorted(set(config.model_args) - accepted)
     if unknown:
         raise ValueError(
-            f"model_args: unknown DenseNet argument(s) {', '.join(unknown)}; "
+            f"model_args: unknown {network.__name__} argument(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(accepted))}"
+        )
+    if config.drop_path_rate and "drop_path_rate" not in accepted:
+        raise ValueError(
+            f"drop_path_rate (stochastic depth) applies to RDNet, not {config.model}; drop it"
         )
     _check_input_size(config)
     if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
@@ -297,8 +339,10 @@ def _check_input_size(config: TrainConfig) -> None:
 def _check_batch_memory(config: TrainConfig, net: DenseNet, size: tuple[int, ...]) -> None:
     """Refuse a batch whose stem output alone (the first of the activations training keeps, at
     2 bytes a value) exceeds the memory available: a lower bound of what the step needs."""
-    imagenet = net.config["stem"] == "imagenet"
+    imagenet = net.config.get("stem") == "imagenet"
     strides = net.config.get("stem_stride", (2,) * len(size)) if imagenet else (1,) * len(size)
+    if "patch_size" in net.config:  # RDNet's patchify stem
+        strides = (net.config["patch_size"],) * len(size)
     values = net.config["num_init_features"] * math.prod(-(-n // s) for n, s in zip(size, strides))
     needed, available = config.batch_size * values * 2, available_memory()
     if available is not None and needed > available:
@@ -308,6 +352,23 @@ def _check_batch_memory(config: TrainConfig, net: DenseNet, size: tuple[int, ...
             f"GiB for its stem's output alone, more than the {available / 2**30:,.1f} GiB of "
             f"memory available; lower {flag} or batch_size"
         )
+
+
+def base_lr(config: TrainConfig) -> float:
+    """``lr``, scaled linearly from a batch of ``lr_batch`` to ``batch_size`` when given."""
+    return config.lr * config.batch_size / config.lr_batch if config.lr_batch else config.lr
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (from 0) as a fraction of ``base_lr``: rising
+    linearly over ``warmup_epochs`` (``(epoch + 1) / warmup_epochs``), then ``lr_gamma`` per
+    milestone passed (``schedule="step"``) or a cosine from 1 to 0 over the epochs left."""
+    warmup = config.warmup_epochs
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, config.epochs - warmup)))
+    return config.lr_gamma ** sum(epoch >= m for m in milestone_epochs(config))
 
 
 def milestone_epochs(config: TrainConfig) -> list[int]:

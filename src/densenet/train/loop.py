@@ -6,6 +6,7 @@ records through ``MetricsLog``."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -43,10 +44,27 @@ from ..runtime import amp_dtype, process_group
 from ..transforms import ChannelError, channel_stats, to_channels, train_transform
 from ..volumes import VolumeAugment, VolumeTransform
 from .checkpointer import Checkpointer
-from .config import TrainConfig, check_config, config_dict, eval_resize, milestone_epochs
+from .config import TrainConfig, base_lr, check_config, config_dict, eval_resize, lr_factor
 from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
+
+
+def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW at ``base_lr(config)`` with ``weight_decay``; AdamW
+    leaves 1-D weights (norms, biases, layer scales) undecayed."""
+    lr = base_lr(config)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            net.parameters(), lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+    params = list(net.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() > 1]},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 class TrainingError(DenseNetError, RuntimeError):
@@ -168,6 +186,7 @@ class Trainer:
             "num_classes": len(self.splits.classes),
             "drop_rate": config.drop_rate,
             "in_channels": config.in_channels,
+            **({"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}),
             **({"spatial_dims": 3} if config.volume_size is not None else {}),
             **config.model_args,
         }
@@ -204,12 +223,9 @@ class Trainer:
         if config.channels_last:
             net = net.to(memory_format=self.memory_format)
         self.net = net
-        self.optimizer = torch.optim.SGD(
-            net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )  # fmt: skip
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestone_epochs(config), gamma=config.lr_gamma
+        self.optimizer = make_optimizer(net, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, config)
         )
         self.amp_dtype = amp_dtype(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(
@@ -346,7 +362,9 @@ class Trainer:
             )
             correct = ((logits > 0) == (labels > 0.5)).float().mean(1).sum()
         else:
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(
+                logits.float(), labels, label_smoothing=self.config.label_smoothing
+            )
             correct = (logits.argmax(dim=1) == labels).sum()
         self.scaler.scale(loss / self.config.accumulate).backward()
         return torch.stack(
