@@ -11,4 +11,4 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 
 from densenet import registry  # noqa: E402
 
-globals().update({name: getattr(registry, name) for name in registry.ARCHITECTURES})
+globals().update({name: getattr(registry, name) for name in registry.list_models()})

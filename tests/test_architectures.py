@@ -103,7 +103,9 @@ def test_a_family_plugs_into_list_models_and_info(monkeypatch, capsys):
     def summary(config):
         return {"params": config["width"], "gflops": 0.5, "input_size": 8, "num_classes": 2}
 
-    monkeypatch.setitem(FAMILIES, "toy", Family("toy", {"toy_s": {"width": 3}}, summary, lambda config: 8))
+    monkeypatch.setitem(
+        FAMILIES, "toy", Family("toy", {"toy_s": {"width": 3}}, summary, lambda config: 8)
+    )
     assert list_models()[-1] == "toy_s"
     assert main(["info", "toy_s", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)

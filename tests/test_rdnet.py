@@ -402,3 +402,25 @@ def test_onnx_torch_export_and_torchscript(tmp_path, suffix, form):
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), model(x), atol=1e-4)
     assert loaded.card.num_classes == 5
+
+
+@pytest.mark.parametrize(
+    "name", ["rdnet_tiny", pytest.param("rdnet_large", marks=pytest.mark.slow)]
+)
+def test_the_counts_in_the_table_are_the_networks(name):
+    """``densenet info`` reads RDNet's parameters and GFLOPs from a table; counted here on the
+    meta device they agree, and the smallest input runs where one pixel less does not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = densenet.get_model(name).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, 224, 224))
+    info = densenet.registry.model_info(name)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info["gflops"] == counter.get_total_flops() / 1e9
+    side = weights.get_weights(name).min_size[0]
+    with torch.device("meta"):
+        model(torch.empty(1, 3, side, side))
+        with pytest.raises(RuntimeError):
+            model(torch.empty(1, 3, side - 1, side - 1))

@@ -28,6 +28,7 @@ RECIPES = (  # densenet.train.config.RECIPES
     "cifar100+",
     "svhn",
     "imagenet",
+    "rdnet",
     "finetune",
 )
 BENCH_ENGINES = (  # densenet.benchmark.ENGINES
