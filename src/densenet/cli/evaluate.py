@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..io import text_table
@@ -59,6 +58,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_dataset
+    from ..runtime import torchrun_ranks
 
     check_calibration(args)
     warn_if_random(args)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         download=not args.no_download, progress=not args.no_progress,
         optimize=not args.no_optimize, labels=args.labels, split=args.split,
     )  # fmt: skip
-    if int(os.environ.get("RANK", "0")) != 0:
+    if torchrun_ranks().rank != 0:
         return 0
     if args.json:
         print_json(result)

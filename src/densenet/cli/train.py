@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from ..choices import AMP_MODES, RECIPES
 from .common import accept_negative_lists, add_data_args, print_report
@@ -105,6 +104,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import torchrun_ranks
     from ..train import make_config, parse_override, train
     from ..train.config import parse_value
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     overrides.update(parse_override(item) for item in args.set)
     config = make_config(args.recipe, **overrides)
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = torchrun_ranks().rank == 0
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING, format="%(message)s"
     )
