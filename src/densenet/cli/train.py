@@ -82,8 +82,12 @@ def add_parser(sub) -> None:
         "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
         "torchrun --nproc-per-node N -m densenet train ...",
     )
-    p.add_argument("-h", "--help", action=RecipeHelp, help="show this help (after --recipe R: "
-                   "with R's values) and exit")  # fmt: skip
+    p.add_argument(
+        "-h",
+        "--help",
+        action=RecipeHelp,
+        help="show this help (after --recipe R: with R's values) and exit",
+    )
     p.add_argument(
         "--recipe", required=True, choices=list(RECIPES), help="the settings to start from"
     )
