@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from densenet import runtime
@@ -29,3 +32,20 @@ def test_a_process_given_its_rank_runs_on_its_own_gpu(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert runtime.local_device("cuda", rank=3) == torch.device("cuda", 1)
     assert runtime.local_device("cuda:0", rank=3) == torch.device("cuda", 0)
+
+
+def test_torchrun_ranks_are_read_in_one_place(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.torchrun_ranks() == runtime.Ranks(0, 1, 0)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.torchrun_ranks() == (5, 8, 1)
+    src = Path(runtime.__file__).parent
+    readers = {
+        str(path.relative_to(src))
+        for path in src.rglob("*.py")
+        if re.search(r"""["'](RANK|WORLD_SIZE|LOCAL_RANK)["']""", path.read_text())
+    }
+    assert readers == {"runtime.py"}

@@ -580,6 +580,29 @@ def test_a_model_whose_warm_up_output_is_non_finite_never_becomes_ready(photos, 
         assert not client.get("/v1/models").json()["models"][0]["ready"]
 
 
+def test_routes_live_at_module_level_and_admission_refuses_by_raising(classifier, photos):
+    """One router serves every app, each reaching its own service; admission is one dependency
+    that raises: the query is checked first, then readiness (no lifespan here: never ready)."""
+    from densenet.serve import app as service
+
+    assert {route.path for route in service.router.routes} == set(service.ENDPOINTS) - {
+        "/openapi.json"
+    }
+    jpeg = photos["chelsea.jpg"]
+    for name in ("first", "second"):
+        client = TestClient(create_app(classifier, model_name=name))
+        assert client.get("/v1/models").json()["models"][0]["name"] == name
+        assert client.post("/v1/predict?topk=0", content=jpeg).status_code == 422
+        unknown = client.post("/v1/explain?colour=red", content=jpeg)
+        assert unknown.status_code == 422 and "'colour'" in unknown.json()["detail"]
+        loading = client.post("/v1/predict", content=jpeg)
+        assert loading.json() == {"detail": "the model is loading; retry shortly"}
+        assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+        with pytest.raises(service.Refused) as refused:
+            client.app.state.service.check_open()
+        assert refused.value.status == 503
+
+
 def test_parameters_are_the_models_weights_in_every_form():
     model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
     expected = sum(p.numel() for p in model.parameters())

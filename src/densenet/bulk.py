@@ -38,9 +38,9 @@ from .images import ImageError, open_image, walk_files
 from .io import atomic_write, csv_rows, settings_differences, temporary_of, write_json
 from .load import LoadedModel, load
 from .network import Network
-from .preprocessing import Preprocessing
+from .preprocessing import ModelCard, Preprocessing
 from .runner import Runner
-from .runtime import local_device
+from .runtime import local_device, torchrun_ranks
 from .version import __version__
 from .volumes import is_volume_file
 from .weights import sha256_file
@@ -125,7 +125,11 @@ def _matches(parts: Sequence[str], pattern: Sequence[str]) -> bool:
         return not parts
     if pattern[0] == "**":
         return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])  # fmt: skip
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _matches(parts[1:], pattern[1:])
+    )
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -406,9 +410,8 @@ class _Batches:
     spans two shards. Iterated lazily by the DataLoader, one shard's paths in memory."""
 
     def __init__(self, paths: Iterable[str], shard_size: int, batch_size: int, wanted) -> None:
-        self.paths, self.shard_size, self.batch_size, self.wanted = (
-            paths, shard_size, batch_size, wanted,
-        )  # fmt: skip
+        self.paths, self.shard_size, self.batch_size = paths, shard_size, batch_size
+        self.wanted = wanted
 
     def __iter__(self) -> Iterator[list[tuple[int, str]]]:
         self.shards = 0
@@ -519,17 +522,52 @@ def run(
     CPUs, at most 8) while the model runs; ``device_decode`` reads JPEG bytes there instead and
     decodes them on the GPU.
     """
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    rank, world_size, target = _place(device, rank, world_size, device_decode)
+    workers = _decoding_workers(source, batch_size, workers)
+    loaded = _image_model(model, weights, target, progress)
+    outputs = Outputs(loaded, options, target, optimize, precision, backend)
+    # device decoding: another decoder and resize, hence slightly other pixels
+    flags = {"optimize": optimize, "precision": outputs.precision, "device_decode": device_decode}
+    plan = _Plan(
+        source=source,
+        out=Path(out),
+        options=options,
+        card=loaded.card,
+        outputs=outputs,
+        target=target,
+        settings=_settings(source, options, loaded, (model, weights), flags),
+        batch_size=batch_size,
+        workers=workers,
+        device_decode=device_decode,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+    )
+    return _loop(plan, _claim(plan))
+
+
+def _place(
+    device: str, rank: int | None, world_size: int | None, device_decode: bool
+) -> tuple[int, int, torch.device]:
+    """This process's rank among ``world_size`` (default torchrun's) and its device; device
+    decoding needs a CUDA one (``BulkError``)."""
+    ranks = torchrun_ranks()
+    rank = ranks.rank if rank is None else rank
+    world_size = ranks.world_size if world_size is None else world_size
     target = local_device(device, rank if world_size > 1 else None)
     if device_decode and target.type != "cuda":
         raise BulkError("device decoding (--device-decode) needs a CUDA device; drop the option")
+    return rank, world_size, target
+
+
+def _decoding_workers(source: str | os.PathLike, batch_size: int, workers: int | None) -> int:
+    """The DataLoader processes decoding ``source`` (default half the CPUs, at most 8; no more
+    than it has batches); a missing or empty input fails here, before the model is loaded (or
+    downloaded)."""
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) // 2))
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
-    # a missing or empty input fails here, before the model is loaded (or downloaded); a small
-    # one gets no more decoding processes than it has batches
     first = sum(1 for _ in itertools.islice(iter_inputs(source), max(workers, 1) * batch_size))
     if first == 0:
         text = os.fspath(source)
@@ -539,35 +577,85 @@ def run(
                 "volumes (densenet predict without --out classifies them)"
             )
         raise BulkError(f"no images in {text} (an empty folder, manifest or glob)")
-    workers = min(workers, -(-first // batch_size))
+    return min(workers, -(-first // batch_size))
+
+
+def _image_model(model: Any, weights: Any, target: torch.device, progress: bool) -> LoadedModel:
+    """``densenet.load``'s model on ``target``; refuses a volume model (``BulkError``)."""
     loaded = load(model, weights=weights, device=target, progress=progress)
-    card = loaded.card
-    if card.volume is not None:
+    if loaded.card.volume is not None:
         raise BulkError(
             "bulk runs read images; a volume model classifies volume files with densenet predict "
             "(without --out) or densenet eval"
         )
-    outputs = Outputs(loaded, options, target, optimize, precision, backend)
+    return loaded
+
+
+def _settings(
+    source: str | os.PathLike,
+    options: Options,
+    loaded: LoadedModel,
+    spec: tuple[Any, Any],
+    flags: dict[str, Any],
+) -> dict[str, Any]:
+    """What the rows depend on, recorded in the output folder and every shard: the input, the
+    model (``spec``: the model and weights asked for), the options and ``flags`` (how the model
+    runs and the images are decoded)."""
     settings = {
         "task": options.task,
         "input": os.path.abspath(source),
-        **identity(loaded, model, weights),
+        **identity(loaded, *spec),
         **asdict(options),
-        "optimize": optimize,
-        "precision": outputs.precision,
-        "device_decode": device_decode,  # another decoder and resize: slightly other pixels
+        **flags,
     }
     if options.task == "predict":
-        settings["classes"] = card.classes
-    settings = json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
-    out = Path(out)
-    _claim_folder(out, settings)
-    done = _done_shards(out, rank, world_size, settings)
-    summary = Summary(rank, world_size, workers=workers, device=str(target), out=str(out))
+        settings["classes"] = loaded.card.classes
+    return json.loads(json.dumps(settings))  # as read back from the folder: lists, not tuples
+
+
+@dataclass
+class _Plan:
+    """A bulk run as decided before anything is written: its input and output folder, the
+    model's card and outputs on ``target``, the settings recorded with every shard, the
+    decoding, and this process's ``rank`` among ``world_size``."""
+
+    source: str | os.PathLike
+    out: Path
+    options: Options
+    card: ModelCard
+    outputs: Outputs
+    target: torch.device
+    settings: dict[str, Any]
+    batch_size: int
+    workers: int
+    device_decode: bool
+    progress: bool
+    rank: int
+    world_size: int
+
+    def mine(self, shard: int) -> bool:
+        """Whether this process writes ``shard``."""
+        return shard % self.world_size == self.rank
+
+
+def _claim(plan: _Plan) -> dict[int, str]:
+    """Claim ``plan.out`` for this run's settings (``_claim_folder``) and return its complete
+    shards (``_done_shards``)."""
+    _claim_folder(plan.out, plan.settings)
+    return _done_shards(plan.out, plan.rank, plan.world_size, plan.settings)
+
+
+def _loop(plan: _Plan, done: dict[int, str]) -> Summary:
+    """Write this process's shards that are not ``done``: images decoded in DataLoader processes,
+    the model's outputs collected and flushed shard by shard; then remove the shards of inputs no
+    longer there."""
+    summary = Summary(
+        plan.rank, plan.world_size, workers=plan.workers, device=str(plan.target), out=str(plan.out)
+    )
 
     def wanted(shard: int, chunk: Sequence[str] | None = None) -> bool:
         """Whether this process writes ``shard`` (of input paths ``chunk``, when listing)."""
-        if shard % world_size != rank:
+        if not plan.mine(shard):
             return False
         if chunk is None:  # the progress bar's estimate
             return shard not in done
@@ -575,58 +663,76 @@ def run(
         summary.shards_skipped += finished
         return not finished
 
-    batches = _Batches(iter_inputs(source), options.shard_size, batch_size, wanted)
+    options = plan.options
+    batches = _Batches(iter_inputs(plan.source), options.shard_size, plan.batch_size, wanted)
     loader = DataLoader(
-        _Images(Decoder(card.preprocessing, options.exact_decode), raw=device_decode),
+        _Images(Decoder(plan.card.preprocessing, options.exact_decode), raw=plan.device_decode),
         batch_sampler=batches,
-        num_workers=workers, collate_fn=_collate, pin_memory=target.type == "cuda",
-    )  # fmt: skip
-    metadata = {**settings, "version": __version__}
+        num_workers=plan.workers,
+        collate_fn=_collate,
+        pin_memory=plan.target.type == "cuda",
+    )
     start = time.perf_counter()
-    with tqdm(desc=options.task, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        if progress:
-            _count_in_background(source, options.shard_size, wanted, bar)
+    _write_shards(plan, loader, wanted, summary)
+    for shard in done:  # shards of inputs no longer there (the input set shrank)
+        if shard >= batches.shards and plan.mine(shard):
+            shard_path(plan.out, shard).unlink(missing_ok=True)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_shards(plan: _Plan, loader: DataLoader, wanted, summary: Summary) -> None:
+    """Run the model on ``loader``'s batches and write each shard once its last batch is in,
+    with a progress bar (its total counted in the background)."""
+    options, outputs = plan.options, plan.outputs
+    metadata = {**plan.settings, "version": __version__}
+    with tqdm(desc=options.task, unit="img", disable=not plan.progress, dynamic_ncols=True) as bar:
+        if plan.progress:
+            _count_in_background(plan.source, options.shard_size, wanted, bar)
         pending: dict[str, list] = {"paths": [], "errors": [], "columns": []}
         current = None
         for shard, paths, errors, images in loader:
             if current is not None and shard != current:
-                _flush(out, current, pending, outputs, card.classes, metadata, summary)
+                _flush(plan, current, pending, metadata, summary)
             current = shard
-            if device_decode and images:
-                images, errors = _decode_on_device(
-                    images, paths, errors, card.preprocessing, target
-                )
-            elif len(images):
-                images = images.to(target, non_blocking=True)
+            images, errors = _on_device(plan, images, paths, errors)
             pending["paths"] += paths
             pending["errors"] += errors
             if images is not None and len(images):
                 pending["columns"].append(outputs(images))
             bar.update(len(paths))
         if current is not None:
-            _flush(out, current, pending, outputs, card.classes, metadata, summary)
-    for shard in done:  # shards of inputs no longer there (the input set shrank)
-        if shard >= batches.shards and shard % world_size == rank:
-            shard_path(out, shard).unlink(missing_ok=True)
-    summary.seconds = time.perf_counter() - start
-    return summary
+            _flush(plan, current, pending, metadata, summary)
 
 
-def _flush(out, shard, pending, outputs: Outputs, classes, metadata, summary: Summary) -> None:
+def _on_device(
+    plan: _Plan, images: Tensor | list[Tensor], paths: list[str], errors: list[str | None]
+) -> tuple[Tensor | None, list[str | None]]:
+    """A loaded batch's images on ``plan.target`` (JPEG bytes decoded there when
+    ``plan.device_decode``) and its errors."""
+    if plan.device_decode and images:
+        return _decode_on_device(images, paths, errors, plan.card.preprocessing, plan.target)
+    if len(images):
+        images = images.to(plan.target, non_blocking=True)
+    return images, errors
+
+
+def _flush(plan: _Plan, shard: int, pending, metadata, summary: Summary) -> None:
     """Write the pending rows as shard ``shard`` and clear them."""
-    parts = pending["columns"] or [outputs.empty()]
+    parts = pending["columns"] or [plan.outputs.empty()]
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    first_row = shard * metadata["shard_size"]
-    table = to_table(
-        pending["paths"], pending["errors"], columns, classes,
-        {
-            **metadata, "shard": shard, "first_row": first_row,
-            "rows": len(pending["paths"]), "paths_sha256": _digest(pending["paths"]),
-        },
-    )  # fmt: skip
+    paths = pending["paths"]
+    metadata = {
+        **metadata,
+        "shard": shard,
+        "first_row": shard * metadata["shard_size"],
+        "rows": len(paths),
+        "paths_sha256": _digest(paths),
+    }
+    table = to_table(paths, pending["errors"], columns, plan.card.classes, metadata)
     import pyarrow.parquet as pq
 
-    atomic_write(shard_path(out, shard), lambda temp: pq.write_table(table, temp))
+    atomic_write(shard_path(plan.out, shard), lambda temp: pq.write_table(table, temp))
     summary.shards_written += 1
     summary.rows += table.num_rows
     summary.errors += sum(e is not None for e in pending["errors"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -15,12 +16,32 @@ from .errors import DenseNetError
 
 __all__ = [
     "AMP_MODES",
+    "Ranks",
     "amp_dtype",
     "compute_dtype",
     "distributed_setup",
     "process_group",
     "resolve_device",
+    "torchrun_ranks",
 ]
+
+
+class Ranks(NamedTuple):
+    """This process's place among those ``torchrun`` started: ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK`` (its index on its machine)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def torchrun_ranks() -> Ranks:
+    """The ranks ``torchrun`` put in this process's environment, ``Ranks()`` outside torchrun;
+    the one place the package reads them."""
+    env = os.environ
+    return Ranks(
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -51,8 +72,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device | None]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1) join the default process group (NCCL on GPUs,
     gloo on CPU) and return ``(rank, world_size, this process's device)``; else ``(0, 1, None)``."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if torchrun_ranks().world_size <= 1:
         return 0, 1, None
     import torch.distributed as dist
 
@@ -69,8 +89,9 @@ def local_device(device: str = "auto", rank: int | None = None) -> torch.device:
     target = resolve_device(device)
     if target.type != "cuda" or target.index is not None:
         return target
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        index = int(os.environ.get("LOCAL_RANK", 0))
+    ranks = torchrun_ranks()
+    if ranks.world_size > 1:
+        index = ranks.local_rank
     elif rank is not None:
         index = rank % torch.cuda.device_count()
     else:

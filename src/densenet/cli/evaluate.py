@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..io import text_table
@@ -59,19 +58,30 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_dataset
+    from ..runtime import torchrun_ranks
 
     check_calibration(args)
     warn_if_random(args)
     result = evaluate_dataset(
-        args.data, args.model, args.weights, ten_crop=args.ten_crop, tta=args.tta,
+        args.data,
+        args.model,
+        args.weights,
+        ten_crop=args.ten_crop,
+        tta=args.tta,
         batch_size=args.batch_size,
-        workers=args.workers, device=args.device, dtype=args.dtype, backend=args.backend,
+        workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
         calibration=args.calibration,
         data_root=args.data_root,
-        download=not args.no_download, progress=not args.no_progress,
-        optimize=not args.no_optimize, labels=args.labels, split=args.split,
-    )  # fmt: skip
-    if int(os.environ.get("RANK", "0")) != 0:
+        download=not args.no_download,
+        progress=not args.no_progress,
+        optimize=not args.no_optimize,
+        labels=args.labels,
+        split=args.split,
+    )
+    if torchrun_ranks().rank != 0:
         return 0
     if args.json:
         print_json(result)
@@ -99,11 +109,18 @@ def _print_labels(result: dict) -> None:
 
     rows = [["label", "AUROC", "AP", "ECE", "threshold", "sens.", "spec.", "positives"]]
     for name, row in result["labels"].items():
-        rows.append([
-            name, rate(row["auroc"]), rate(row["ap"]), f"{row['ece']:.4f}",
-            f"{row['threshold']:.4f}", rate(row["sensitivity"]), rate(row["specificity"]),
-            str(row["positives"]),
-        ])  # fmt: skip
+        rows.append(
+            [
+                name,
+                rate(row["auroc"]),
+                rate(row["ap"]),
+                f"{row['ece']:.4f}",
+                f"{row['threshold']:.4f}",
+                rate(row["sensitivity"]),
+                rate(row["specificity"]),
+                str(row["positives"]),
+            ]
+        )
     means = (result["mean_auroc"], result["mean_ap"], result["ece"])
     rows.append(["mean", *map(rate, means), "", "", "", ""])
     print(f"{result['model']} on {result['data']} ({result['images']} images)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from ..choices import AMP_MODES, RECIPES
 from .common import accept_negative_lists, add_data_args, print_report
@@ -84,8 +83,12 @@ def add_parser(sub) -> None:
         "configuration is written to OUT/config.json. Multi-GPU / multi-node: "
         "torchrun --nproc-per-node N -m densenet train ...",
     )
-    p.add_argument("-h", "--help", action=RecipeHelp, help="show this help (after --recipe R: "
-                   "with R's values) and exit")  # fmt: skip
+    p.add_argument(
+        "-h",
+        "--help",
+        action=RecipeHelp,
+        help="show this help (after --recipe R: with R's values) and exit",
+    )
     p.add_argument(
         "--recipe", required=True, choices=list(RECIPES), help="the settings to start from"
     )
@@ -106,6 +109,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import torchrun_ranks
     from ..train import make_config, parse_override, train
     from ..train.config import parse_value
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     overrides.update(parse_override(item) for item in args.set)
     config = make_config(args.recipe, **overrides)
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = torchrun_ranks().rank == 0
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING, format="%(message)s"
     )

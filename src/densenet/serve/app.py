@@ -19,13 +19,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from python_multipart.multipart import parse_options_header
@@ -126,6 +126,15 @@ class UploadTooLarge(Exception):
     """The request body grew past the upload limit while it was read."""
 
 
+class Refused(Exception):
+    """A request the service answers with ``status`` and a JSON ``detail`` (``headers``: default
+    the status's own, as ``_error`` adds them)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
 # ---- the service state ---------------------------------------------------------------------
 
 
@@ -204,34 +213,37 @@ class _Service:
         self.metrics.ready.set(1)
         log.info("model %s is warmed up and ready", self.model_name)
 
-    def not_ready(self) -> JSONResponse:
-        """The 503 answering a request before the service is ready: loading (retry), or why it
-        failed (for good: no Retry-After)."""
-        if self.failure is None:
-            return _error(503, "the model is loading; retry shortly")
-        detail = f"the model failed its warm-up ({self.failure}); it will not serve"
-        return JSONResponse({"detail": detail}, status_code=503)
+    def check_open(self) -> None:
+        """Refuse (503) a request before the service is ready, loading (retry) or failed (for
+        good: no Retry-After), and while its queue is full (retry)."""
+        if not self.ready:
+            if self.failure is None:
+                raise Refused(503, "the model is loading; retry shortly")
+            detail = f"the model failed its warm-up ({self.failure}); it will not serve"
+            raise Refused(503, detail, headers={})
+        if self.batcher.depth >= self.config.max_queue:
+            raise Refused(503, f"the queue is full ({self.config.max_queue} images); retry shortly")
 
-    def admit(self, images: list[tuple[str, bytes]]) -> list[int] | JSONResponse:
-        """The pixels of each image as its header declares them, or the answer refusing a
-        request that cannot run: 413 for one that never could, 503 for one that cannot now."""
+    def admit(self, images: list[tuple[str, bytes]]) -> list[int]:
+        """The pixels of each image as its header declares them; refuses a request that cannot
+        run: 413 for one that never could, 503 for one that cannot now."""
         limits = self.config
         if len(images) > limits.max_queue:
-            return _error(
+            raise Refused(
                 413,
                 f"{len(images)} images in one request can never fit the queue of "
                 f"{limits.max_queue} (--max-queue); send at most {limits.max_queue} per request",
             )
         pixels = [header_pixels(data, RASTER_FORMATS) for _, data in images]
         if sum(pixels) > limits.max_request_pixels:
-            return _error(
+            raise Refused(
                 413,
                 f"the images hold {sum(pixels):,} pixels, over the limit of "
                 f"{limits.max_request_pixels:,} per request (--max-request-pixels); send fewer "
                 "or smaller images",
             )
         if self.batcher.depth + len(images) > limits.max_queue:
-            return _error(503, f"the queue is full ({limits.max_queue} images); retry shortly")
+            raise Refused(503, f"the queue is full ({limits.max_queue} images); retry shortly")
         return pixels
 
     async def classify(
@@ -301,10 +313,10 @@ _HEADERS = {
 }
 
 
-def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(
-        {"detail": detail, **extra}, status_code=status, headers=_HEADERS.get(status)
-    )
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON answer ``{"detail": detail}`` with the status's headers unless ``headers``."""
+    headers = _HEADERS.get(status) if headers is None else headers
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 # ---- middleware: request metrics and the upload limit ----------------------------------------
@@ -379,7 +391,191 @@ def _too_large(limit: int) -> JSONResponse:
     return _error(413, f"request body is over the limit of {limit / 1024 / 1024:g} MiB")
 
 
+# ---- admission: the query, readiness, the body, the limits -----------------------------------
+
+
+def _service(request: Request) -> _Service:
+    return request.app.state.service
+
+
+def _refuse_unknown(request: Request, names: set[str], known: str) -> None:
+    """Refuse (422) a query parameter not in ``names``; ``known`` lists them for the message."""
+    unknown = sorted(set(request.query_params) - names)
+    if unknown:
+        raise Refused(422, f"unknown query parameter {unknown[0]!r}; {known}")
+
+
+async def _topk(
+    request: Request,
+    topk: int = Query(5, ge=1, description="labels per image (at most the class count)"),
+) -> int:
+    """``/v1/predict``'s query: the labels per image, capped at the class count as the CLI and
+    bulk cap it."""
+    _refuse_unknown(request, {"topk"}, "the only one is 'topk'")
+    return min(topk, len(_service(request).classifier.categories))
+
+
+async def _explain_query(
+    request: Request,
+    target: str | None = Query(None, description="a class name; default the top class"),
+    format: str = Query("png", pattern="^(png|json)$", description="png or json"),
+) -> tuple[str | None, str]:
+    """``/v1/explain``'s query: the class to explain and the answer's format."""
+    _refuse_unknown(request, {"target", "format"}, "the parameters: target, format")
+    return target, format
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request let in: what its query dependency returned, its images (name, bytes), their
+    pixels as their headers declare them, and when it was let in (``time.perf_counter``)."""
+
+    query: Any
+    images: list[tuple[str, bytes]]
+    pixels: list[int]
+    start: float
+
+
+def admission(
+    query: Callable[..., Any], *, one_image: bool = False
+) -> Callable[..., Awaitable[Admitted]]:
+    """The dependency letting a request in, each step raising ``Refused``: ``query`` (a
+    dependency checking the query parameters) first, then the service ready with room in its
+    queue (503), the body read (``_read_images``; exactly one image if ``one_image``), and the
+    images against the queue and pixel limits (413, 503) before any is decoded."""
+
+    after_query = Depends(query)  # resolved before the rest, so a bad query is answered first
+
+    async def admit(request: Request, params: Any = after_query) -> Admitted:
+        start = time.perf_counter()
+        service = _service(request)
+        service.check_open()
+        images = await _read_images(request, service.config)
+        if one_image and len(images) != 1:
+            raise Refused(422, f"explain takes one image, got {len(images)}")
+        return Admitted(params, images, service.admit(images), start)
+
+    return admit
+
+
+PredictAdmitted = Annotated[Admitted, Depends(admission(_topk))]
+ExplainAdmitted = Annotated[Admitted, Depends(admission(_explain_query, one_image=True))]
+
+
+# ---- the endpoints -----------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page, headers={"X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/healthz", summary="liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", summary="readiness: weights loaded and a warm-up batch ran", responses={503: {}}
+)
+async def readyz(request: Request) -> JSONResponse:
+    service = _service(request)
+    if service.ready:
+        return JSONResponse({"status": "ready"})
+    if service.failure is not None:
+        return JSONResponse({"status": "failed", "detail": service.failure}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+
+
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers use HEAD
+    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models", summary="the loaded model and its weights")
+async def models(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    c, config = service.classifier, service.config
+    return {
+        "models": [
+            {
+                "name": service.model_name,
+                "weights": service.weights,
+                "num_classes": len(c.categories),
+                # the model's weights as loaded, whatever form runs them (count_weights)
+                "parameters": c.runner.weights_count,
+                "device": str(c.device),
+                "min_size": list(c.min_size),
+                "max_batch": config.max_batch,
+                "max_wait_ms": config.max_wait_ms,
+                "max_upload_mb": config.max_upload_mb,
+                "max_images": config.max_images,
+                "max_request_pixels": config.max_request_pixels,
+                "body_timeout_s": config.body_timeout_s,
+                "ready": service.ready,
+            }
+        ]
+    }
+
+
+@router.post(
+    "/v1/predict",
+    summary="top-k labels of one or several images",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
+)
+async def predict(request: Request, admitted: PredictAdmitted) -> JSONResponse:
+    return await _service(request).classify(
+        admitted.images, admitted.pixels, admitted.query, admitted.start
+    )
+
+
+@router.post(
+    "/v1/explain",
+    summary="class activation map of one image: an overlay PNG, or the map as JSON",
+    responses=EXPLAIN_RESPONSES,
+    openapi_extra=PREDICT_BODY,
+)
+async def explain(request: Request, admitted: ExplainAdmitted) -> Response:
+    service = _service(request)
+    (name, data), (target, format) = admitted.images[0], admitted.query
+    # the network runs in the model's thread, as predict's
+    return await service.batcher.call(_explain, service.classifier, name, data, target, format)
+
+
 # ---- the application ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the service and its warm-up with the server; stop it with the server."""
+    service: _Service = app.state.service
+    service.start()
+    warm_up = asyncio.create_task(service.warm_up())
+    try:
+        yield
+    finally:
+        warm_up.cancel()
+        await service.stop()
+
+
+async def _refused(request: Request, error: Refused) -> JSONResponse:
+    return _error(error.status, error.detail, error.headers)
+
+
+async def _upload_too_large(request: Request, error: UploadTooLarge) -> JSONResponse:
+    return _too_large(_service(request).config.max_upload_bytes)
+
+
+async def _non_finite(request: Request, error: NonFiniteOutputError) -> JSONResponse:
+    return _error(500, str(error))
 
 
 def create_app(
@@ -407,145 +603,23 @@ def create_app(
     service = _Service(classifier, config, name, weights)
     if on_warm_up_failure is not None:
         service.on_warm_up_failure = on_warm_up_failure
-    page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        warm_up = asyncio.create_task(service.warm_up())
-        try:
-            yield
-        finally:
-            warm_up.cancel()
-            await service.stop()
-
     app = FastAPI(
         title="densenet",
         summary="DenseNet image classification: top-k ImageNet labels",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=_lifespan,
+        exception_handlers={
+            Refused: _refused,
+            UploadTooLarge: _upload_too_large,
+            NonFiniteOutputError: _non_finite,
+        },
         docs_url=None,  # the interactive docs load scripts from a CDN; the service works offline
         redoc_url=None,
     )
     app.state.service = service
+    app.state.page = files(__package__).joinpath("static", "index.html").read_text("utf-8")
     app.add_middleware(_RequestMiddleware, service=service)
-
-    @app.exception_handler(UploadTooLarge)
-    async def _upload_too_large(request: Request, error: UploadTooLarge) -> JSONResponse:
-        return _too_large(config.max_upload_bytes)
-
-    @app.exception_handler(NonFiniteOutputError)
-    async def _non_finite(request: Request, error: NonFiniteOutputError) -> JSONResponse:
-        return _error(500, str(error))
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"X-Content-Type-Options": "nosniff"})
-
-    @app.get("/healthz", summary="liveness: the process answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz", summary="readiness: weights loaded and a warm-up batch ran", responses={503: {}}
-    )
-    async def readyz() -> JSONResponse:
-        if service.ready:
-            return JSONResponse({"status": "ready"})
-        if service.failure is not None:
-            return JSONResponse({"status": "failed", "detail": service.failure}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
-
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers use HEAD
-        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models", summary="the loaded model and its weights")
-    async def models() -> dict[str, Any]:
-        c = service.classifier
-        return {
-            "models": [
-                {
-                    "name": service.model_name,
-                    "weights": service.weights,
-                    "num_classes": len(c.categories),
-                    # the model's weights as loaded, whatever form runs them (count_weights)
-                    "parameters": c.runner.weights_count,
-                    "device": str(c.device),
-                    "min_size": list(c.min_size),
-                    "max_batch": config.max_batch,
-                    "max_wait_ms": config.max_wait_ms,
-                    "max_upload_mb": config.max_upload_mb,
-                    "max_images": config.max_images,
-                    "max_request_pixels": config.max_request_pixels,
-                    "body_timeout_s": config.body_timeout_s,
-                    "ready": service.ready,
-                }
-            ]
-        }
-
-    @app.post(
-        "/v1/predict",
-        summary="top-k labels of one or several images",
-        response_model=PredictResponse,
-        responses=ERRORS,
-        openapi_extra=PREDICT_BODY,
-    )
-    async def predict(
-        request: Request,
-        topk: int = Query(5, ge=1, description="labels per image (at most the class count)"),
-    ) -> JSONResponse:
-        start = time.perf_counter()
-        unknown = sorted(set(request.query_params) - {"topk"})
-        if unknown:
-            return _error(422, f"unknown query parameter {unknown[0]!r}; the only one is 'topk'")
-        topk = min(topk, len(service.classifier.categories))  # as the CLI and bulk cap it
-        if not service.ready:
-            return service.not_ready()
-        if service.batcher.depth >= config.max_queue:
-            return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
-        images = await _read_images(request, config)
-        if isinstance(images, JSONResponse):
-            return images
-        pixels = service.admit(images)
-        if isinstance(pixels, JSONResponse):
-            return pixels
-        return await service.classify(images, pixels, topk, start)
-
-    @app.post(
-        "/v1/explain",
-        summary="class activation map of one image: an overlay PNG, or the map as JSON",
-        responses=EXPLAIN_RESPONSES,
-        openapi_extra=PREDICT_BODY,
-    )
-    async def explain(
-        request: Request,
-        target: str | None = Query(None, description="a class name; default the top class"),
-        format: str = Query("png", pattern="^(png|json)$", description="png or json"),
-    ) -> Response:
-        unknown = sorted(set(request.query_params) - {"target", "format"})
-        if unknown:
-            return _error(
-                422, f"unknown query parameter {unknown[0]!r}; the parameters: target, format"
-            )
-        if not service.ready:
-            return service.not_ready()
-        if service.batcher.depth >= config.max_queue:
-            return _error(503, f"the queue is full ({config.max_queue} images); retry shortly")
-        images = await _read_images(request, config)
-        if isinstance(images, JSONResponse):
-            return images
-        if len(images) != 1:
-            return _error(422, f"explain takes one image, got {len(images)}")
-        pixels = service.admit(images)
-        if isinstance(pixels, JSONResponse):
-            return pixels
-        (name, data) = images[0]  # the network runs in the model's thread, as predict's
-        return await service.batcher.call(_explain, service.classifier, name, data, target, format)
-
+    app.include_router(router)
     return app
 
 
@@ -578,15 +652,15 @@ def _explain(
     return Response(buffer.getvalue(), media_type="image/png")
 
 
-async def _read_images(
-    request: Request, config: ServeConfig
-) -> list[tuple[str, bytes]] | JSONResponse:
+async def _read_images(request: Request, config: ServeConfig) -> list[tuple[str, bytes]]:
     """(name, bytes) of each image: the ``file`` parts of a multipart body, or the raw body.
-    The body must arrive within ``config.body_timeout_s`` (408)."""
+    The body must arrive within ``config.body_timeout_s`` (408); a malformed one is refused."""
     try:
         body = await asyncio.wait_for(request.body(), config.body_timeout_s)
     except asyncio.TimeoutError:
-        return _error(408, f"the request body did not arrive within {config.body_timeout_s:g} s")
+        raise Refused(
+            408, f"the request body did not arrive within {config.body_timeout_s:g} s"
+        ) from None
     content_type = request.headers.get("content-type", "")
     media_type, options = parse_options_header(content_type)
     if media_type.lower() != b"multipart/form-data":
@@ -594,24 +668,24 @@ async def _read_images(
     try:
         form = await request.form(max_files=config.max_images, max_fields=config.max_images)
     except HTTPException as error:  # malformed multipart, too many parts
-        return _error(error.status_code, f"multipart body: {error.detail}")
+        raise Refused(error.status_code, f"multipart body: {error.detail}") from None
     close = b"--" + options[b"boundary"] + b"--"
     if not (body.startswith(close) or b"\r\n" + close in body):
         await form.close()
-        return _error(400, "multipart body: unterminated (no closing boundary); parts may be lost")
+        raise Refused(400, "multipart body: unterminated (no closing boundary); parts may be lost")
     try:
         images = []
         for key, value in form.multi_items():
             if key == "topk":
-                return _error(422, "field 'topk': topk is a query parameter (/v1/predict?topk=5)")
+                raise Refused(422, "field 'topk': topk is a query parameter (/v1/predict?topk=5)")
             if key != IMAGE_FIELD:
-                return _error(422, f"unknown field {key[:64]!r}; send images in the field 'file'")
+                raise Refused(422, f"unknown field {key[:64]!r}; send images in the field 'file'")
             if not isinstance(value, UploadFile):
-                return _error(422, "field 'file' must be a file part (with a filename), not text")
+                raise Refused(422, "field 'file' must be a file part (with a filename), not text")
             name = (value.filename or f"image {len(images)}")[:200]
             images.append((name, await value.read()))
     finally:
         await form.close()
     if not images:
-        return _error(422, "no image: send one or more files in the multipart field 'file'")
+        raise Refused(422, "no image: send one or more files in the multipart field 'file'")
     return images
