@@ -43,7 +43,10 @@ def counted(config: dict, size: int) -> tuple[int, float]:
 
 @pytest.mark.parametrize(
     "name",
-    [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in list_models("densenet*")],
+    [
+        n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
+        for n in list_models("densenet*")
+    ],
 )
 def test_counts_equal_the_models_counted_on_the_meta_device(name):
     info = model_info(name)

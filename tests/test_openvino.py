@@ -4,9 +4,11 @@ the checks an IR from a stranger gets, and the error without openvino."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -93,6 +95,31 @@ def test_engine_runs_volumes_and_a_second_start_reads_the_converted_form(cache_h
     assert cached and O.cache_dir().is_relative_to(cache_home)
     again = densenet.optimize(volume_model, backend="openvino")  # read from the cache
     assert rel_error(again(x), reference) < 1e-4
+
+
+def signal_stack_is_usable() -> bool:
+    """Whether this thread's alternate signal stack is off or lies in mapped memory."""
+    import ctypes
+
+    stack = O._SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    if stack.ss_flags & 2:  # SS_DISABLE
+        return True
+    with open("/proc/self/maps") as maps:
+        spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in maps]
+    return any(low <= stack.ss_sp and stack.ss_sp + stack.ss_size <= high for low, high in spans)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_second_start_leaves_the_signal_stack_usable(cache_home):
+    """OpenVINO's CPU plugin can leave the thread's alternate signal stack on memory it freed
+    (a cached compile does); a Python signal handler, such as the SIGCHLD handler of a
+    DataLoader, then crashed the process when a child process ended."""
+    model = tiny_model(spatial_dims=3).eval()
+    for _ in range(2):  # the second start reads the converted form and the compiled blob
+        densenet.optimize(model, backend="openvino")(torch.randn(1, 3, 32, 32, 32))
+    gc.collect()
+    assert signal_stack_is_usable()
 
 
 def test_engine_refuses_other_devices_and_precisions(model):

@@ -35,7 +35,7 @@ from .exported import INPUT_NAME
 from .inference import BucketedModel
 from .io import text_table
 from .model import DenseNet
-from .openvino import CompiledModule, compile_for_cpu, require_openvino
+from .openvino import CompiledModule, compile_for_cpu, keeps_signal_stack, require_openvino
 from .quantization import quantize_module, quantize_nncf, quantize_onnx
 from .registry import get_model
 from .runtime import resolve_device
@@ -188,6 +188,7 @@ def _onnxruntime(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Te
         return _ort_session(ort, path)
 
 
+@keeps_signal_stack
 def _ov_request(ov: Any, ov_model: Any, precision: str | None) -> Callable[[Tensor], Tensor]:
     config = {"NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
     if precision is not None:
@@ -200,7 +201,9 @@ def _openvino(precision: str | None):
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
         import openvino as ov
 
-        return _ov_request(ov, ov.convert_model(model, example_input=x), precision)
+        return _ov_request(
+            ov, keeps_signal_stack(ov.convert_model)(model, example_input=x), precision
+        )
 
     return build
 
@@ -239,6 +242,7 @@ def _onnxruntime_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callabl
         return _ort_session(ort, int8)
 
 
+@keeps_signal_stack
 def _openvino_int8(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """OpenVINO's model quantized by NNCF's post-training ``quantize``."""
     import nncf

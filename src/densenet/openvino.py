@@ -18,6 +18,7 @@ loaded (densenet loads none), and every operator must come from a standard opset
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import importlib
@@ -48,6 +49,7 @@ __all__ = [
     "cache_dir",
     "check_operations",
     "compile_for_cpu",
+    "keeps_signal_stack",
     "converted_form",
     "is_ir",
     "read_ir",
@@ -78,6 +80,45 @@ class OpenVINOMissing(OpenVINOError, ImportError):
     name = "openvino"
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [
+        ("ss_sp", ctypes.c_void_p),
+        ("ss_flags", ctypes.c_int),
+        ("ss_size", ctypes.c_size_t),
+    ]
+
+
+@functools.cache
+def _sigaltstack() -> Callable[..., int] | None:
+    """libc's ``sigaltstack``, or None where it cannot be found."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).sigaltstack
+    return None
+
+
+def keeps_signal_stack(function: Callable) -> Callable:
+    """Run ``function`` and then give the calling thread back its alternate signal stack.
+
+    OpenVINO's CPU plugin (2026.4) points the thread that creates it at an alternate signal stack
+    of its own and can free that memory without unsetting it; the next signal delivered to a
+    handler that runs on the alternate stack (every Python handler, such as the SIGCHLD handler
+    of PyTorch's DataLoader) then kills the process with SIGSEGV. Every call into OpenVINO that
+    can create or drop its CPU plugin goes through this."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sigaltstack = _sigaltstack()
+        saved = _SignalStack()
+        if sigaltstack is None or sigaltstack(None, ctypes.byref(saved)) != 0:
+            return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sigaltstack(ctypes.byref(saved), None)
+
+    return wrapper
+
+
 def require_openvino(purpose: str) -> ModuleType:
     """The ``openvino`` package, or ``OpenVINOMissing`` naming how to install it."""
     if importlib.util.find_spec("openvino") is None:
@@ -93,6 +134,7 @@ def cache_dir() -> Path:
     return Path("~/.cache/densenet/openvino").expanduser()
 
 
+@keeps_signal_stack
 def precision_of(dtype: torch.dtype | str | None, ov: ModuleType) -> torch.dtype:
     """The inference precision ``dtype`` asks of OpenVINO on this CPU: None, float32;
     ``"auto"``, OpenVINO's default (bfloat16 where the CPU computes it, else float32); a 16-bit
@@ -117,6 +159,7 @@ def precision_of(dtype: torch.dtype | str | None, ov: ModuleType) -> torch.dtype
     return dtype
 
 
+@keeps_signal_stack
 def compile_for_cpu(
     ov: ModuleType, model: Any, precision: torch.dtype, hint: str = "LATENCY"
 ) -> Any:
@@ -160,6 +203,7 @@ def is_ir(path: str | os.PathLike) -> bool:
     return path.suffix == ".xml" or (path.is_dir() and (path / IR_FILES[0]).exists())
 
 
+@keeps_signal_stack
 def read_ir(ov: ModuleType, path: str | os.PathLike) -> Any:
     """The ``openvino.Model`` of an IR (``ir_file``; its weights in the ``.bin`` beside it),
     read by OpenVINO's C++ reader and checked (``check_operations``) before anything compiles
@@ -216,6 +260,7 @@ def input_shape(
     return ov.PartialShape([-1 if batch is None else batch, channels, *[fixed] * spatial])
 
 
+@keeps_signal_stack
 def convert(ov: ModuleType, module: nn.Module, example: Tensor, shape: Any) -> Any:
     """``module`` converted to an ``openvino.Model`` with input ``shape``, from its trace on
     ``example`` (traced here without the tracer's check, which runs the module three more

@@ -49,6 +49,7 @@ from .openvino import (
     OpenVINOError,
     compile_for_cpu,
     converted_form,
+    keeps_signal_stack,
     require_openvino,
     write_ir,
 )
@@ -216,6 +217,7 @@ def quantize_module(module: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
         return convert_fx(prepared)
 
 
+@keeps_signal_stack
 def quantize_nncf(model: DenseNet, batches: Sequence[Tensor], progress: bool = True) -> Any:
     """``model`` (float32, CPU) in int8 as an ``openvino.Model``: its inference form converted
     by OpenVINO (``densenet.openvino.converted_form``), quantized by NNCF on the images of the
