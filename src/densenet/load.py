@@ -22,6 +22,7 @@ from .checkpoint import TrainCheckpoint, is_train_checkpoint
 from .exported import EXTRA_FILE, OnnxModel, OpenVINOModel, load_exported
 from .io import atomic_write
 from .model import DenseNet
+from .network import Network
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
 from .rdnet import RDNet
@@ -42,6 +43,7 @@ from .weights import (
 )
 
 __all__ = [
+    "KINDS",
     "LoadedModel",
     "arch_of_file",
     "config_of_state",
@@ -53,14 +55,65 @@ __all__ = [
 DEFAULT_ARCH = "densenet121"
 
 
+KINDS = ("densenet", "network", "exported", "module")
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A module in eval mode, its card (class names, preprocessing) and, for an exported file,
-    the ``precision`` it was exported in (``"int8"``, ``"float16"``...)."""
+    """A module in eval mode, its card (class names, preprocessing) and what runs it needs to
+    know, as ``load`` found it:
+
+    - ``precision``: for an exported file, the precision it was exported in (``"int8"``,
+      ``"float16"``...);
+    - ``kind``: ``"densenet"`` (a ``DenseNet``, which has inference forms), ``"network"``
+      (another ``densenet.network.Network``: an RDNet), ``"exported"`` (an exported file's
+      module: ONNX, OpenVINO, TorchScript, .pt2) or ``"module"`` (any other);
+    - ``spatial_dims``: 1, 2 or 3 (a network's own, else its card's input shape's);
+    - ``input_dtype``: the dtype inputs are cast to (None: any float, as a network takes; an
+      exported TorchScript or .pt2 module takes its weights' dtype).
+
+    The last three default to what the module and card say (``kind_of``...), for a value made
+    by hand: ``LoadedModel(module, card)``.
+    """
 
     module: nn.Module
     card: ModelCard
     precision: str | None = None
+    kind: str = ""
+    spatial_dims: int = 0
+    input_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.kind or kind_of(self.module)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        network = kind in ("densenet", "network")
+        dims = self.spatial_dims or (
+            self.module.spatial_dims if network else len(self.card.input_shape) - 1
+        )
+        dtype = self.input_dtype or (None if network else weights_dtype(self.module))
+        for name, value in (("kind", kind), ("spatial_dims", dims), ("input_dtype", dtype)):
+            object.__setattr__(self, name, value)
+
+
+def kind_of(module: nn.Module) -> str:
+    """``LoadedModel.kind`` of a module made by hand (``load`` knows it of what it loads)."""
+    if isinstance(module, DenseNet):
+        return "densenet"
+    if isinstance(module, Network):
+        return "network"
+    if isinstance(module, (OnnxModel, OpenVINOModel, torch.jit.ScriptModule)):
+        return "exported"
+    return "module"
+
+
+def weights_dtype(module: object) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (None: no such tensor,
+    e.g. an ONNX Runtime session, which converts its inputs itself)."""
+    if not isinstance(module, nn.Module):
+        return None
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def load(
@@ -149,17 +202,17 @@ def _load_file(path: Path, device: torch.device) -> LoadedModel:
             )
         ir = OpenVINOModel(path)
         int8 = ir.metadata.dtype == "int8"
-        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32")
+        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32", "exported")
     if not path.is_file():
         if not is_path(str(path)):
             model_config(str(path))  # an unknown architecture: the error lists the valid ones
         raise WeightsError(f"model file {path} does not exist")
     if path.suffix == ".onnx":
         onnx = OnnxModel(path, device)
-        return LoadedModel(onnx, onnx.metadata.card)
+        return LoadedModel(onnx, onnx.metadata.card, kind="exported")
     if path.suffix == ".pt2" or _is_torchscript(path):
         module, metadata = load_exported(path)
-        return LoadedModel(module, metadata.card, metadata.dtype)
+        return LoadedModel(module, metadata.card, metadata.dtype, "exported")
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "

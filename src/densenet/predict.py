@@ -163,12 +163,9 @@ class Classifier:
         if categories is not None:
             self.card = self.card.replace(classes=tuple(categories))
         self.device = resolve_device(device)
-        cuda = self.device.type == "cuda"
         self.runner = Runner(
             dataclasses.replace(loaded, card=self.card), self.device, optimize=optimize, dtype=dtype,
-            backend=backend,
-            max_batch=batch_size if (cuda if buckets is None else buckets) else None,
-            calibration=calibration,
+            backend=backend, batch_size=batch_size, buckets=buckets, calibration=calibration,
         )  # fmt: skip
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
