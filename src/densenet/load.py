@@ -31,13 +31,16 @@ from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
     WeightsError,
+    WeightsFile,
+    WeightsSpec,
+    file_head,
     get_weights,
     is_path,
     list_weights,
     load_checkpoint,
     load_state,
+    parse_weights,
     read_torch_file,
-    resolve_weights,
     state_dict_of,
     verify_file,
 )
@@ -88,9 +91,8 @@ class LoadedModel:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         network = kind in ("densenet", "network")
-        dims = self.spatial_dims or (
-            self.module.spatial_dims if network else len(self.card.input_shape) - 1
-        )
+        own = getattr(self.module, "spatial_dims", None)  # a DenseNet's; an RDNet is 2D
+        dims = self.spatial_dims or own or len(self.card.input_shape) - 1
         dtype = self.input_dtype or (None if network else weights_dtype(self.module))
         for name, value in (("kind", kind), ("spatial_dims", dims), ("input_dtype", dtype)):
             object.__setattr__(self, name, value)
@@ -140,35 +142,32 @@ def load(
     target = resolve_device(device)
     if isinstance(spec, nn.Module):
         return LoadedModel(spec.eval().to(target), ModelCard.for_model(spec))
-    if spec is None:
-        spec = weights if _is_file(weights) else DEFAULT_ARCH
-    if str(spec) in list_models():
-        loaded = _load_arch(str(spec), weights, progress)
-    else:
+    arch = DEFAULT_ARCH if spec is None else str(spec)
+    if arch not in list_models():
         loaded = _load_file(Path(spec), target)
+    elif isinstance(parsed := parse_weights(weights, arch), WeightsFile) and spec is None:
+        loaded = _load_file(parsed.path, target)  # the file that ``weights`` names
+    else:
+        loaded = _load_arch(arch, parsed, progress)
     return dataclasses.replace(loaded, module=loaded.module.to(target))
 
 
-def _is_file(weights: Any) -> bool:
-    return isinstance(weights, (str, os.PathLike)) and is_path(weights)
-
-
-def _load_arch(arch: str, weights: Any, progress: bool) -> LoadedModel:
+def _load_arch(arch: str, weights: WeightsSpec, progress: bool) -> LoadedModel:
     """Architecture ``arch`` with ``weights`` (see ``load``); a file is read once."""
-    if not _is_file(weights):
-        entry = resolve_weights(arch, weights)
-        module = get_model(arch, weights=entry, progress=progress).eval()
-        return LoadedModel(module, entry.card if entry is not None else ModelCard.for_model(module))
-    content = read_torch_file(weights)
+    if not isinstance(weights, WeightsFile):
+        module = get_model(arch, weights=weights, progress=progress).eval()
+        card = weights.card if weights is not None else ModelCard.for_model(module)
+        return LoadedModel(module, card)
+    content = read_torch_file(weights.path)
     if is_train_checkpoint(content):
-        checkpoint = TrainCheckpoint.from_state(content, weights)
+        checkpoint = TrainCheckpoint.from_state(content, weights.path)
         if checkpoint.card.arch != arch:
             raise WeightsError(
-                f"{weights} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
+                f"{weights.path} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
                 f"{checkpoint.card.arch} (or no architecture)"
             )
-        return _from_checkpoint(checkpoint, weights)
-    return _from_state(arch, content, weights)
+        return _from_checkpoint(checkpoint, weights.path)
+    return _from_state(arch, content, weights.path)
 
 
 def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> LoadedModel:
@@ -183,10 +182,7 @@ def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel
     """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
     is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
     state = state_dict_of(content, path)
-    classifier = state.get(network_of(arch)[0].CLASSIFIER + "weight")
-    num_classes = classifier.shape[0] if classifier is not None else 0
-    module = get_model(arch, num_classes=num_classes).eval()
-    load_state(module, state, path)
+    module = get_model(arch, weights=WeightsFile(Path(path), state)).eval()
     card = ModelCard.for_model(module, weights=Path(path).name)
     if list_weights(arch):
         published = get_weights(arch).card.preprocessing
@@ -340,10 +336,7 @@ def _checked_state(
     network = network_of(arch)[0] if arch is not None else DenseNet
     if arch is not None:
         config = model_config(arch)
-        classifier = state.get(network.CLASSIFIER + "weight")
-        stem = state.get(network.STEM_WEIGHT)
-        config["num_classes"] = classifier.shape[0] if classifier is not None else 0
-        config["in_channels"] = stem.shape[1] if stem is not None else 3
+        config["num_classes"], config["in_channels"] = file_head(state, network)
     else:
         config = config_of_state(state, path)
         arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)

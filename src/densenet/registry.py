@@ -58,31 +58,20 @@ def get_model(
             (``num_classes``, ``drop_rate``, ``memory_efficient``, ``in_channels``,
             ``spatial_dims``, ``stem_stride``; RDNet: ``drop_path_rate``, ...).
     """
-    from .weights import WeightsError, load_checkpoint, load_state, load_weights, resolve_weights
+    from .weights import WeightsFile, head_classes, load_state, parse_weights, read_state
 
     config = model_config(name)
     network, backbone = network_of(name)
-    if pretrained and weights is None:
-        weights = "DEFAULT"
-    entry = resolve_weights(name, weights)
-    if entry is not None and "num_classes" not in kwargs:
-        kwargs["num_classes"] = len(entry.categories)
-    state = load_checkpoint(weights) if entry is None and weights is not None else None
-    if state is not None:  # a file keeps its own head unless a new one is asked for
-        classifier = state.get(network.CLASSIFIER + "weight")
-        own = classifier.shape[0] if classifier is not None else 0
-        asked = kwargs.setdefault("num_classes", own)
-        if asked != own and not new_head:
-            raise WeightsError(
-                f"{weights} holds a {own}-class classifier, not num_classes={asked}: drop "
-                f"num_classes to keep it, or pass new_head=True to fine-tune its backbone under "
-                f"a new {asked}-class classifier"
-            )
+    spec = parse_weights("DEFAULT" if pretrained and weights is None else weights, name)
+    # a file is read first (its head decides the model's); published weights once it is built
+    read = read_state(spec) if isinstance(spec, WeightsFile) else None
+    state = read[0] if read is not None else None
+    classes = head_classes(spec, state, network, kwargs.pop("num_classes", None), new_head)
+    if classes is not None:
+        kwargs["num_classes"] = classes
     model = network(**{**config, **kwargs}, arch=name)
-    if state is not None:
-        load_state(model, state, weights, inflate)
-    elif entry is not None:
-        load_weights(model, entry, progress, inflate)
+    if spec is not None:
+        load_state(model, *(read or read_state(spec, progress)), inflate)
     return backbone(model, out_indices) if features_only else model
 
 
