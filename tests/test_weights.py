@@ -471,3 +471,20 @@ def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
     loaded = densenet.load(SMALL, weights=str(path))
     assert torch.equal(loaded.module.classifier.weight, source.classifier.weight)
     assert len(reads) == 2  # once per call
+
+
+def test_one_decision_on_the_classifier():
+    """``head_classes``: no weights keep the asked number; published weights their categories'
+    unless another is asked (backbone); a file its own, another only with ``new_head``."""
+    from densenet.weights import WeightsFile, head_classes
+
+    entry = get_weights("densenet121")
+    state = densenet.DenseNet(**TINY_NET).state_dict()  # 5 classes
+    file = WeightsFile(Path("tiny.pth"), state)
+    assert head_classes(None, None, densenet.DenseNet, None) is None
+    assert head_classes(entry, None, densenet.DenseNet, None) == 1000
+    assert head_classes(entry, None, densenet.DenseNet, 10) == 10
+    assert head_classes(file, state, densenet.DenseNet, None) == 5
+    assert head_classes(file, state, densenet.DenseNet, 3, new_head=True) == 3
+    with pytest.raises(WeightsError, match="tiny.pth holds a 5-class classifier"):
+        head_classes(file, state, densenet.DenseNet, 3)

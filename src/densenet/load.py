@@ -25,6 +25,7 @@ from .model import DenseNet
 from .network import Network
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
+from .published import WeightsArg
 from .rdnet import RDNet
 from .registry import get_model, list_models, model_config, network_of
 from .runtime import resolve_device
@@ -47,6 +48,7 @@ from .weights import (
 
 __all__ = [
     "KINDS",
+    "NETWORK_KINDS",
     "LoadedModel",
     "arch_of_file",
     "config_of_state",
@@ -59,6 +61,7 @@ DEFAULT_ARCH = "densenet121"
 
 
 KINDS = ("densenet", "network", "exported", "module")
+NETWORK_KINDS = KINDS[:2]  # a densenet.network.Network: pooled features, class activation maps
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,9 @@ class LoadedModel:
         kind = self.kind or kind_of(self.module)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        network = kind in ("densenet", "network")
         own = getattr(self.module, "spatial_dims", None)  # a DenseNet's; an RDNet is 2D
         dims = self.spatial_dims or own or len(self.card.input_shape) - 1
-        dtype = self.input_dtype or (None if network else weights_dtype(self.module))
+        dtype = self.input_dtype or (None if kind in NETWORK_KINDS else weights_dtype(self.module))
         for name, value in (("kind", kind), ("spatial_dims", dims), ("input_dtype", dtype)):
             object.__setattr__(self, name, value)
 
@@ -121,7 +123,7 @@ def weights_dtype(module: object) -> torch.dtype | None:
 def load(
     spec: str | os.PathLike | nn.Module | None = None,
     *,
-    weights: Any = "DEFAULT",
+    weights: WeightsArg = "DEFAULT",
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LoadedModel:
@@ -171,8 +173,8 @@ def _load_arch(arch: str, weights: WeightsSpec, progress: bool) -> LoadedModel:
 
 
 def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> LoadedModel:
-    module = get_model(checkpoint.card.arch, **checkpoint.model_args).eval()
-    load_state(module, state_dict_of(checkpoint.model, path), path)
+    spec = WeightsFile(Path(path), checkpoint.model)
+    module = get_model(checkpoint.card.arch, weights=spec, **checkpoint.model_args).eval()
     side = module.min_input_size  # the network's own (checkpoints before version 2 lack it)
     pre = dataclasses.replace(checkpoint.card.preprocessing, min_size=(side, side))
     return LoadedModel(module, checkpoint.card.replace(preprocessing=pre))
@@ -181,8 +183,7 @@ def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> Lo
 def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
     """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
     is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
-    state = state_dict_of(content, path)
-    module = get_model(arch, weights=WeightsFile(Path(path), state)).eval()
+    module = get_model(arch, weights=WeightsFile(Path(path), content)).eval()
     card = ModelCard.for_model(module, weights=Path(path).name)
     if list_weights(arch):
         published = get_weights(arch).card.preprocessing

@@ -34,6 +34,7 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
 )
 from .io import atomic_write
 from .load import load
+from .published import WeightsArg
 from .runner import Runner
 from .runtime import resolve_device
 from .transforms import ChannelError
@@ -143,7 +144,7 @@ class Classifier:
     def __init__(
         self,
         model: str | os.PathLike | nn.Module | None = None,
-        weights: Any = "DEFAULT",
+        weights: WeightsArg = "DEFAULT",
         device: str | torch.device = "auto",
         *,
         categories: Sequence[str] | None = None,

@@ -35,6 +35,7 @@ __all__ = [
     "is_path",
     "list_weights",
     "parse_weights",
+    "WeightsArg",
     "WeightsFile",
     "WeightsSpec",
 ]
@@ -236,16 +237,23 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A local weights file or training checkpoint that a ``weights`` argument names; ``state``,
-    its state_dict when already read (so that a file is read once), else None."""
+    """A local weights file or training checkpoint that a ``weights`` argument names;
+    ``content``, what ``torch.load`` (or safetensors) read from it when it was already read (so
+    that a file is read once), else None."""
 
     path: Path
-    state: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    content: Any = field(default=None, compare=False, repr=False)
 
 
 WeightsSpec = Weights | WeightsFile | None
 """A ``weights`` argument once understood (``parse_weights``): a published entry, a local file,
 or None (random initialisation)."""
+
+WeightsArg = Weights | WeightsFile | str | os.PathLike | None
+"""What a user may pass as ``weights``: a ``WeightsSpec``, a weights name (``"DEFAULT"``,
+``"IMAGENET1K_V1"``) or a path. The builders and ``get_model`` default to None (random
+initialisation, as torchvision's); ``densenet.load`` and what loads through it (``Classifier``,
+bulk runs, ``quantize``, Ray) to ``"DEFAULT"``, since they give a model to use."""
 
 
 def is_path(weights: str | os.PathLike) -> bool:

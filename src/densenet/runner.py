@@ -26,7 +26,7 @@ from .errors import DenseNetError
 from .explain import ActivationMaps, explain
 from .exported import OnnxModel, OpenVINOModel
 from .inference import BucketedModel
-from .load import LoadedModel
+from .load import NETWORK_KINDS, LoadedModel
 from .network import Network
 from .openvino import OpenVINODenseNet
 from .precision import resolve_dtype
@@ -98,7 +98,7 @@ class Runner:
             _check_backend(backend, fast, dtype, kind)
         self.spatial_dims = loaded.spatial_dims
         if headless:
-            if kind not in ("densenet", "network"):
+            if kind not in NETWORK_KINDS:
                 raise TypeError(
                     f"pooled features need a DenseNet or RDNet (an architecture, weights or a "
                     f"training checkpoint), not a {type(module).__name__}"
@@ -111,7 +111,7 @@ class Runner:
         self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
         if not fast:  # runs as given
             _check_runs_in(dtype, self.precision, module, kind)
-            if kind == "network":  # an RDNet (no inference form) or as asked
+            if kind in NETWORK_KINDS:  # an RDNet (no inference form) or as asked
                 module = module.to(device)
         elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
@@ -268,7 +268,7 @@ def _check_backend(backend: str, fast: bool, dtype: torch.dtype | str | None, ki
     """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form
     (``fast``), not to int8."""
     if not fast:
-        what = "the reference module" if kind in ("densenet", "network") else "an exported file"
+        what = "the reference module" if kind in NETWORK_KINDS else "an exported file"
         raise DenseNetError(
             f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
             f"{what} runs as given: drop --backend (or --no-optimize)"

@@ -1,6 +1,7 @@
 """Pretrained weights: the download, cache, verification and loading of checkpoints (official,
-legacy-format, local or safetensors); the table of published files with their metadata is
-``densenet.published``'s (its names are re-exported here).
+legacy-format, local or safetensors); the table of published files with their metadata, and
+``parse_weights`` (a user's ``weights`` read once), are ``densenet.published``'s (re-exported
+here). ``build_with_weights`` is the one place that fits weights to a new model.
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
@@ -31,6 +32,7 @@ from .published import (
     CHECKPOINT_SUFFIXES,
     WEIGHTS,
     Weights,
+    WeightsArg,
     WeightsError,
     WeightsFile,
     WeightsSpec,
@@ -46,9 +48,11 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "WEIGHTS",
     "Weights",
+    "WeightsArg",
     "WeightsError",
     "WeightsFile",
     "WeightsSpec",
+    "build_with_weights",
     "cache_dir",
     "convert_legacy_keys",
     "convert_rdnet_keys",
@@ -72,7 +76,7 @@ __all__ = [
 ]
 
 
-def resolve_weights(arch: str, weights: Any) -> Weights | None:
+def resolve_weights(arch: str, weights: WeightsArg) -> Weights | None:
     """The registry entry that ``weights`` names, or None for no weights or a local file
     (``parse_weights``)."""
     spec = parse_weights(weights, arch)
@@ -82,14 +86,14 @@ def resolve_weights(arch: str, weights: Any) -> Weights | None:
 def read_state(spec: WeightsSpec, progress: bool = True) -> tuple[dict[str, Tensor], Path] | None:
     """The state_dict that ``spec`` names (current key names) and the file it is read from, or
     None for no weights: a published entry's cached file (downloaded first, ``fetch``), or a
-    local file (its ``state`` if it was already read)."""
+    local file (its ``content`` if it was already read)."""
     if spec is None:
         return None
     if isinstance(spec, Weights):
         path = fetch(spec, progress)
         return load_checkpoint(path), path
-    state = spec.state if spec.state is not None else load_checkpoint(spec.path)
-    return dict(state), spec.path
+    content = spec.content if spec.content is not None else read_torch_file(spec.path)
+    return state_dict_of(content, spec.path), spec.path
 
 
 def file_head(state: Mapping[str, Tensor], network: type[nn.Module]) -> tuple[int, int]:
@@ -131,6 +135,29 @@ def head_classes(
             f"a new {num_classes}-class classifier"
         )
     return num_classes
+
+
+def build_with_weights(
+    network: type[nn.Module],
+    config: Mapping[str, Any],
+    spec: WeightsSpec,
+    num_classes: int | None = None,
+    *,
+    new_head: bool = False,
+    inflate: str = "mean",
+    progress: bool = True,
+) -> nn.Module:
+    """``network(**config)`` with the weights ``spec`` names: the one place that fits weights
+    to a model. The classifier is ``head_classes``'s decision (the file's, a new one for
+    ``num_classes``, or the backbone alone); the input channels and a 1D or 3D model's kernels
+    are adapted by ``load_state``. A file is read before the model is built (its classifier
+    sets the model's); published weights are fetched after, so a bad argument fails first."""
+    read = read_state(spec) if isinstance(spec, WeightsFile) else None
+    classes = head_classes(spec, read[0] if read else None, network, num_classes, new_head)
+    model = network(**{**config, **({} if classes is None else {"num_classes": classes})})
+    if spec is not None:
+        load_state(model, *(read or read_state(spec, progress)), inflate)
+    return model
 
 
 def download(url: str, path: Path, sha256_prefix: str | None = None, progress: bool = True) -> Path:
