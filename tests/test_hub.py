@@ -44,3 +44,20 @@ def test_pretrained_through_torch_hub(publish):
     assert torch.equal(model.features.norm5.running_var, state["features.norm5.running_var"])
     again = torch.hub.load(REPO, "densenet121", source="local", weights="IMAGENET1K_V1")
     assert torch.equal(again.classifier.weight, state["classifier.weight"])
+
+
+def test_builders_are_typed_keyword_only_functions_registered_by_name():
+    """One builder per architecture, written as a function (not generated), keyword-only, with
+    its configuration in its docstring; hubconf and ``densenet.X`` reach the same functions."""
+    import inspect
+
+    from densenet import registry
+
+    assert sorted(registry.BUILDERS) == sorted(densenet.list_models())
+    for name, builder in registry.BUILDERS.items():
+        assert builder.__code__.co_name == name and getattr(densenet, name) is builder
+        parameters = inspect.signature(builder).parameters
+        assert parameters["weights"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameters["weights"].default is None and name in builder.__doc__
+    with pytest.raises(ValueError, match="no architecture"):
+        registry.register_model(lambda: None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_model
@@ -164,3 +166,26 @@ def test_an_int8_files_packed_weights_are_counted():
     int8 = torch.jit.trace(quantize_module(model, [x]), x, check_trace=False)
     convolutions = sum(p.numel() for n, p in model.named_parameters() if "conv" in n)
     assert count_weights(int8) > convolutions + model.classifier.weight.numel()
+
+
+def test_the_runner_is_told_what_it_runs_by_the_loaded_model():
+    """``load`` says the kind, spatial dims and input dtype; the Runner reads them, not guesses:
+    a DenseNet told to be an exported file runs as given."""
+    loaded = loaded_tiny()
+    assert (loaded.kind, loaded.spatial_dims, loaded.input_dtype) == ("densenet", 2, None)
+    half = torch.nn.Linear(2, 5).half()
+    assert densenet.LoadedModel(half, loaded.card).input_dtype == torch.float16
+    assert densenet.LoadedModel(half, loaded.card).kind == "module"
+    told = dataclasses.replace(loaded, kind="exported", input_dtype=torch.float64)
+    runner = Runner(told, CPU)
+    assert runner.module is loaded.module and runner.input_dtype == torch.float64
+    with pytest.raises(ValueError, match="kind must be one of"):
+        densenet.LoadedModel(half, loaded.card, kind="onnx")
+
+
+def test_bucketing_is_the_runners_choice():
+    """Buckets by default on CUDA only; ``buckets=True`` (or ``max_batch``) on any device."""
+    loaded = loaded_tiny()
+    assert not isinstance(Runner(loaded, CPU, batch_size=4).module, BucketedModel)
+    for how in ({"batch_size": 4, "buckets": True}, {"max_batch": 4}):
+        assert Runner(loaded, CPU, **how).module.buckets == (1, 2, 4)

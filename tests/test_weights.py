@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,3 +441,50 @@ def test_monai_densenet121_outputs_equal_in_float64(tmp_path, float64, spatial_d
     ).eval()
     x = torch.randn(2, 1, *(32,) * spatial_dims)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
+    """``parse_weights`` is the one reading of ``weights``: None, a published entry or a local
+    file; a parsed value passes the layers below unchanged, and a file is read once."""
+    from densenet.weights import WeightsFile, parse_weights
+
+    entry = get_weights("densenet121")
+    assert parse_weights(None, "densenet121") is None
+    assert parse_weights("DEFAULT", "densenet121") == entry
+    assert parse_weights(entry, "densenet121") is entry
+    assert parse_weights(f"dir{os.sep}w.bin", "densenet121") == WeightsFile(
+        Path(f"dir{os.sep}w.bin")
+    )
+    assert parse_weights(tmp_path / "w", "densenet121") == WeightsFile(tmp_path / "w")
+    with pytest.raises(WeightsError, match="are for densenet121, not densenet169"):
+        parse_weights(entry, "densenet169")
+    with pytest.raises(WeightsError, match="weights must be None, a name"):
+        parse_weights(3, "densenet121")
+    source = randomize_batchnorm(densenet.get_model(SMALL, num_classes=7))
+    path = tmp_path / "mine.pth"
+    torch.save(source.state_dict(), path)
+    reads = []
+    read = weights._read_torch_file
+    monkeypatch.setattr(weights, "_read_torch_file", lambda *a: reads.append(a) or read(*a))
+    spec = parse_weights(str(path), SMALL)
+    assert densenet.get_model(SMALL, weights=spec).classifier.out_features == 7
+    loaded = densenet.load(SMALL, weights=str(path))
+    assert torch.equal(loaded.module.classifier.weight, source.classifier.weight)
+    assert len(reads) == 2  # once per call
+
+
+def test_one_decision_on_the_classifier():
+    """``head_classes``: no weights keep the asked number; published weights their categories'
+    unless another is asked (backbone); a file its own, another only with ``new_head``."""
+    from densenet.weights import WeightsFile, head_classes
+
+    entry = get_weights("densenet121")
+    state = densenet.DenseNet(**TINY_NET).state_dict()  # 5 classes
+    file = WeightsFile(Path("tiny.pth"), state)
+    assert head_classes(None, None, densenet.DenseNet, None) is None
+    assert head_classes(entry, None, densenet.DenseNet, None) == 1000
+    assert head_classes(entry, None, densenet.DenseNet, 10) == 10
+    assert head_classes(file, state, densenet.DenseNet, None) == 5
+    assert head_classes(file, state, densenet.DenseNet, 3, new_head=True) == 3
+    with pytest.raises(WeightsError, match="tiny.pth holds a 5-class classifier"):
+        head_classes(file, state, densenet.DenseNet, 3)

@@ -16,12 +16,13 @@ from torch import nn
 
 from . import engines
 from .choices import BACKENDS
-from .cpu import OneDNNDenseNet, compute_dtype
+from .cpu import OneDNNDenseNet
 from .dtypes import DTYPES
 from .engines import EngineRow
 from .inference import InferenceDenseNet
 from .model import DenseNet
 from .openvino import OpenVINODenseNet
+from .precision import bfloat16_support, resolve_dtype
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "default_engine", "engine_choices", "optimize"]
 
@@ -31,7 +32,7 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 def onednn_bfloat16() -> bool:
     """Whether oneDNN can run bfloat16 convolutions on this CPU (it refuses on AVX2-only ones)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bfloat16_support("cpu") is not None
 
 
 def _openvino_installed() -> bool:
@@ -225,12 +226,9 @@ def optimize(
         if compile:
             raise ValueError("compile applies to backend='inductor' only, got backend='openvino'")
         if isinstance(dtype, str) and dtype != "auto":
-            dtype = compute_dtype(dtype, device)
+            dtype = resolve_dtype(dtype, device)
         return OpenVINODenseNet(model, dtype, throughput=throughput)
-    if isinstance(dtype, str):
-        dtype = compute_dtype(dtype, device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(dtype, device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     mode = "default" if compile in (True, False) else compile

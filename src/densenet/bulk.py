@@ -39,6 +39,7 @@ from .io import atomic_write, csv_rows, settings_differences, temporary_of, writ
 from .load import LoadedModel, load
 from .network import Network
 from .preprocessing import ModelCard, Preprocessing
+from .published import WeightsArg
 from .runner import Runner
 from .runtime import local_device, torchrun_ranks
 from .version import __version__
@@ -496,7 +497,7 @@ def run(
     out: str | os.PathLike,
     options: Options,
     model: str | os.PathLike | nn.Module | None = None,
-    weights: Any = "DEFAULT",
+    weights: WeightsArg = "DEFAULT",
     *,
     device: str = "auto",
     batch_size: int = 64,
@@ -580,7 +581,9 @@ def _decoding_workers(source: str | os.PathLike, batch_size: int, workers: int |
     return min(workers, -(-first // batch_size))
 
 
-def _image_model(model: Any, weights: Any, target: torch.device, progress: bool) -> LoadedModel:
+def _image_model(
+    model: Any, weights: WeightsArg, target: torch.device, progress: bool
+) -> LoadedModel:
     """``densenet.load``'s model on ``target``; refuses a volume model (``BulkError``)."""
     loaded = load(model, weights=weights, device=target, progress=progress)
     if loaded.card.volume is not None:

@@ -1,4 +1,4 @@
-"""CPU inference on oneDNN, and the precision a device should compute in.
+"""CPU inference on oneDNN, and the CPU's bfloat16 capability (``cpu_bfloat16``).
 
 ``OneDNNDenseNet`` runs the folded form of ``InferenceDenseNet`` on oneDNN's fused convolution
 primitives directly (the ones inductor's CPU freezing passes call, without compiling):
@@ -19,46 +19,41 @@ error of about 1e-7, bfloat16 ones are slightly closer to it than ``InferenceDen
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dtypes import DTYPES
 from .inference import InferenceBlock, InferenceDenseNet, InferenceOnly, InferenceTransition
 
-__all__ = ["OneDNNDenseNet", "compute_dtype", "default_dtype", "native_bfloat16"]
+__all__ = ["OneDNNDenseNet", "cpu_bfloat16", "default_dtype", "native_bfloat16"]
+
+
+@functools.cache
+def cpu_bfloat16() -> str | None:
+    """This CPU's bfloat16, asked of the hardware once: ``"native"`` (AVX-512 BF16 or AMX tiles:
+    about twice as fast as float32), ``"emulated"`` (oneDNN on other AVX-512 CPUs, slower than
+    float32) or None (oneDNN refuses it: AVX2-only CPUs, or no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return "native"
+    return "emulated" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX tiles), so that
-    bfloat16 is about twice as fast as float32; without it oneDNN emulates bfloat16, slower."""
-    return torch.backends.mkldnn.is_available() and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    )
+    """Whether this CPU computes bfloat16 in hardware (``cpu_bfloat16() == "native"``)."""
+    return cpu_bfloat16() == "native"
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """The compute precision to use on ``device`` when the user names none: bfloat16 on CUDA and
-    on CPUs with native bfloat16, else float32."""
+    """What ``"auto"`` means on ``device`` (``densenet.precision.resolve_dtype``): bfloat16 on
+    CUDA and on CPUs with native bfloat16, else float32."""
     device = torch.device(device)
     if device.type == "cuda" or (device.type == "cpu" and native_bfloat16()):
         return torch.bfloat16
     return torch.float32
-
-
-def compute_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
-    """The precision ``--dtype name`` asks of the optimized model on ``device``: a name from
-    ``densenet.dtypes.DTYPES``; ``"auto"``, bfloat16 where the hardware computes it natively (CUDA, CPUs
-    with AVX-512 BF16 or AMX), else float32; None, the optimized model's own default (float32
-    on the CPU, exact; bfloat16 on CUDA)."""
-    if name is None:
-        return None
-    if name == "auto":
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 class PackedConv(nn.Module):

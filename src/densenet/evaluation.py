@@ -130,11 +130,9 @@ def evaluate_dataset(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
             pin_memory=target.type == "cuda", persistent_workers=False,
         )  # fmt: skip
-        # on CUDA the inference form runs static shapes, one CUDA graph per batch size
-        max_batch = batch_size * views if target.type == "cuda" else None
         runner = Runner(
-            loaded, target, optimize=optimize, dtype=dtype, backend=backend, max_batch=max_batch,
-            calibration=calibration, progress=progress and rank == 0, throughput=True,
+            loaded, target, optimize=optimize, dtype=dtype, backend=backend,
+            batch_size=batch_size * views, calibration=calibration, progress=progress and rank == 0, throughput=True,
         )  # fmt: skip
         if card.multi_label:
             probabilities, targets, skipped = predict_labels(runner.probabilities, loader)

@@ -22,26 +22,33 @@ from .checkpoint import TrainCheckpoint, is_train_checkpoint
 from .exported import EXTRA_FILE, OnnxModel, OpenVINOModel, load_exported
 from .io import atomic_write
 from .model import DenseNet
+from .network import Network
 from .openvino import OpenVINOError, is_ir
 from .preprocessing import ModelCard
+from .published import WeightsArg
 from .rdnet import RDNet
 from .registry import get_model, list_models, model_config, network_of
 from .runtime import resolve_device
 from .weights import (
     CHECKPOINT_SUFFIXES,
     WeightsError,
+    WeightsFile,
+    WeightsSpec,
+    file_head,
     get_weights,
     is_path,
     list_weights,
     load_checkpoint,
     load_state,
+    parse_weights,
     read_torch_file,
-    resolve_weights,
     state_dict_of,
     verify_file,
 )
 
 __all__ = [
+    "KINDS",
+    "NETWORK_KINDS",
     "LoadedModel",
     "arch_of_file",
     "config_of_state",
@@ -53,20 +60,70 @@ __all__ = [
 DEFAULT_ARCH = "densenet121"
 
 
+KINDS = ("densenet", "network", "exported", "module")
+NETWORK_KINDS = KINDS[:2]  # a densenet.network.Network: pooled features, class activation maps
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A module in eval mode, its card (class names, preprocessing) and, for an exported file,
-    the ``precision`` it was exported in (``"int8"``, ``"float16"``...)."""
+    """A module in eval mode, its card (class names, preprocessing) and what runs it needs to
+    know, as ``load`` found it:
+
+    - ``precision``: for an exported file, the precision it was exported in (``"int8"``,
+      ``"float16"``...);
+    - ``kind``: ``"densenet"`` (a ``DenseNet``, which has inference forms), ``"network"``
+      (another ``densenet.network.Network``: an RDNet), ``"exported"`` (an exported file's
+      module: ONNX, OpenVINO, TorchScript, .pt2) or ``"module"`` (any other);
+    - ``spatial_dims``: 1, 2 or 3 (a network's own, else its card's input shape's);
+    - ``input_dtype``: the dtype inputs are cast to (None: any float, as a network takes; an
+      exported TorchScript or .pt2 module takes its weights' dtype).
+
+    The last three default to what the module and card say (``kind_of``...), for a value made
+    by hand: ``LoadedModel(module, card)``.
+    """
 
     module: nn.Module
     card: ModelCard
     precision: str | None = None
+    kind: str = ""
+    spatial_dims: int = 0
+    input_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.kind or kind_of(self.module)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        own = getattr(self.module, "spatial_dims", None)  # a DenseNet's; an RDNet is 2D
+        dims = self.spatial_dims or own or len(self.card.input_shape) - 1
+        dtype = self.input_dtype or (None if kind in NETWORK_KINDS else weights_dtype(self.module))
+        for name, value in (("kind", kind), ("spatial_dims", dims), ("input_dtype", dtype)):
+            object.__setattr__(self, name, value)
+
+
+def kind_of(module: nn.Module) -> str:
+    """``LoadedModel.kind`` of a module made by hand (``load`` knows it of what it loads)."""
+    if isinstance(module, DenseNet):
+        return "densenet"
+    if isinstance(module, Network):
+        return "network"
+    if isinstance(module, (OnnxModel, OpenVINOModel, torch.jit.ScriptModule)):
+        return "exported"
+    return "module"
+
+
+def weights_dtype(module: object) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (None: no such tensor,
+    e.g. an ONNX Runtime session, which converts its inputs itself)."""
+    if not isinstance(module, nn.Module):
+        return None
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def load(
     spec: str | os.PathLike | nn.Module | None = None,
     *,
-    weights: Any = "DEFAULT",
+    weights: WeightsArg = "DEFAULT",
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LoadedModel:
@@ -87,40 +144,37 @@ def load(
     target = resolve_device(device)
     if isinstance(spec, nn.Module):
         return LoadedModel(spec.eval().to(target), ModelCard.for_model(spec))
-    if spec is None:
-        spec = weights if _is_file(weights) else DEFAULT_ARCH
-    if str(spec) in list_models():
-        loaded = _load_arch(str(spec), weights, progress)
-    else:
+    arch = DEFAULT_ARCH if spec is None else str(spec)
+    if arch not in list_models():
         loaded = _load_file(Path(spec), target)
+    elif isinstance(parsed := parse_weights(weights, arch), WeightsFile) and spec is None:
+        loaded = _load_file(parsed.path, target)  # the file that ``weights`` names
+    else:
+        loaded = _load_arch(arch, parsed, progress)
     return dataclasses.replace(loaded, module=loaded.module.to(target))
 
 
-def _is_file(weights: Any) -> bool:
-    return isinstance(weights, (str, os.PathLike)) and is_path(weights)
-
-
-def _load_arch(arch: str, weights: Any, progress: bool) -> LoadedModel:
+def _load_arch(arch: str, weights: WeightsSpec, progress: bool) -> LoadedModel:
     """Architecture ``arch`` with ``weights`` (see ``load``); a file is read once."""
-    if not _is_file(weights):
-        entry = resolve_weights(arch, weights)
-        module = get_model(arch, weights=entry, progress=progress).eval()
-        return LoadedModel(module, entry.card if entry is not None else ModelCard.for_model(module))
-    content = read_torch_file(weights)
+    if not isinstance(weights, WeightsFile):
+        module = get_model(arch, weights=weights, progress=progress).eval()
+        card = weights.card if weights is not None else ModelCard.for_model(module)
+        return LoadedModel(module, card)
+    content = read_torch_file(weights.path)
     if is_train_checkpoint(content):
-        checkpoint = TrainCheckpoint.from_state(content, weights)
+        checkpoint = TrainCheckpoint.from_state(content, weights.path)
         if checkpoint.card.arch != arch:
             raise WeightsError(
-                f"{weights} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
+                f"{weights.path} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
                 f"{checkpoint.card.arch} (or no architecture)"
             )
-        return _from_checkpoint(checkpoint, weights)
-    return _from_state(arch, content, weights)
+        return _from_checkpoint(checkpoint, weights.path)
+    return _from_state(arch, content, weights.path)
 
 
 def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> LoadedModel:
-    module = get_model(checkpoint.card.arch, **checkpoint.model_args).eval()
-    load_state(module, state_dict_of(checkpoint.model, path), path)
+    spec = WeightsFile(Path(path), checkpoint.model)
+    module = get_model(checkpoint.card.arch, weights=spec, **checkpoint.model_args).eval()
     side = module.min_input_size  # the network's own (checkpoints before version 2 lack it)
     pre = dataclasses.replace(checkpoint.card.preprocessing, min_size=(side, side))
     return LoadedModel(module, checkpoint.card.replace(preprocessing=pre))
@@ -129,11 +183,7 @@ def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> Lo
 def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
     """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
     is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
-    state = state_dict_of(content, path)
-    classifier = state.get(network_of(arch)[0].CLASSIFIER + "weight")
-    num_classes = classifier.shape[0] if classifier is not None else 0
-    module = get_model(arch, num_classes=num_classes).eval()
-    load_state(module, state, path)
+    module = get_model(arch, weights=WeightsFile(Path(path), content)).eval()
     card = ModelCard.for_model(module, weights=Path(path).name)
     if list_weights(arch):
         published = get_weights(arch).card.preprocessing
@@ -149,17 +199,17 @@ def _load_file(path: Path, device: torch.device) -> LoadedModel:
             )
         ir = OpenVINOModel(path)
         int8 = ir.metadata.dtype == "int8"
-        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32")
+        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32", "exported")
     if not path.is_file():
         if not is_path(str(path)):
             model_config(str(path))  # an unknown architecture: the error lists the valid ones
         raise WeightsError(f"model file {path} does not exist")
     if path.suffix == ".onnx":
         onnx = OnnxModel(path, device)
-        return LoadedModel(onnx, onnx.metadata.card)
+        return LoadedModel(onnx, onnx.metadata.card, kind="exported")
     if path.suffix == ".pt2" or _is_torchscript(path):
         module, metadata = load_exported(path)
-        return LoadedModel(module, metadata.card, metadata.dtype)
+        return LoadedModel(module, metadata.card, metadata.dtype, "exported")
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise WeightsError(
             f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "
@@ -287,10 +337,7 @@ def _checked_state(
     network = network_of(arch)[0] if arch is not None else DenseNet
     if arch is not None:
         config = model_config(arch)
-        classifier = state.get(network.CLASSIFIER + "weight")
-        stem = state.get(network.STEM_WEIGHT)
-        config["num_classes"] = classifier.shape[0] if classifier is not None else 0
-        config["in_channels"] = stem.shape[1] if stem is not None else 3
+        config["num_classes"], config["in_channels"] = file_head(state, network)
     else:
         config = config_of_state(state, path)
         arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)

@@ -34,6 +34,7 @@ from .images import (  # noqa: F401 (re-exported: their home before densenet.ima
 )
 from .io import atomic_write
 from .load import load
+from .published import WeightsArg
 from .runner import Runner
 from .runtime import resolve_device
 from .transforms import ChannelError
@@ -143,7 +144,7 @@ class Classifier:
     def __init__(
         self,
         model: str | os.PathLike | nn.Module | None = None,
-        weights: Any = "DEFAULT",
+        weights: WeightsArg = "DEFAULT",
         device: str | torch.device = "auto",
         *,
         categories: Sequence[str] | None = None,
@@ -163,12 +164,9 @@ class Classifier:
         if categories is not None:
             self.card = self.card.replace(classes=tuple(categories))
         self.device = resolve_device(device)
-        cuda = self.device.type == "cuda"
         self.runner = Runner(
             dataclasses.replace(loaded, card=self.card), self.device, optimize=optimize, dtype=dtype,
-            backend=backend,
-            max_batch=batch_size if (cuda if buckets is None else buckets) else None,
-            calibration=calibration,
+            backend=backend, batch_size=batch_size, buckets=buckets, calibration=calibration,
         )  # fmt: skip
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing

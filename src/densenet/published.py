@@ -1,6 +1,8 @@
 """The published weights: the table of files with what is known about them (accuracy,
 parameters, preprocessing, where they are cached), read without torch, so that ``densenet
-info`` answers at once; downloading, verifying and loading them is ``densenet.weights``'s."""
+info`` answers at once; downloading, verifying and loading them is ``densenet.weights``'s.
+Also what a user's ``weights`` argument names, understood once (``parse_weights``): a published
+entry, a local file, or none."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_URL_ENV",
+    "CHECKPOINT_SUFFIXES",
     "DEFAULT_BASE_URL",
     "WEIGHTS",
     "Weights",
@@ -29,7 +32,12 @@ __all__ = [
     "cache_dir",
     "get_weights",
     "hash_prefix",
+    "is_path",
     "list_weights",
+    "parse_weights",
+    "WeightsArg",
+    "WeightsFile",
+    "WeightsSpec",
 ]
 
 DEFAULT_BASE_URL = "https://download.pytorch.org/models/"
@@ -222,3 +230,57 @@ def _hub_cached(entry: Weights) -> Path:
         if isinstance(found, str)
         else Path(huggingface_hub.constants.HF_HUB_CACHE) / folder
     )
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A local weights file or training checkpoint that a ``weights`` argument names;
+    ``content``, what ``torch.load`` (or safetensors) read from it when it was already read (so
+    that a file is read once), else None."""
+
+    path: Path
+    content: Any = field(default=None, compare=False, repr=False)
+
+
+WeightsSpec = Weights | WeightsFile | None
+"""A ``weights`` argument once understood (``parse_weights``): a published entry, a local file,
+or None (random initialisation)."""
+
+WeightsArg = Weights | WeightsFile | str | os.PathLike | None
+"""What a user may pass as ``weights``: a ``WeightsSpec``, a weights name (``"DEFAULT"``,
+``"IMAGENET1K_V1"``) or a path. The builders and ``get_model`` default to None (random
+initialisation, as torchvision's); ``densenet.load`` and what loads through it (``Classifier``,
+bulk runs, ``quantize``, Ray) to ``"DEFAULT"``, since they give a model to use."""
+
+
+def is_path(weights: str | os.PathLike) -> bool:
+    """Whether a ``weights`` value names a file rather than published weights."""
+    text = os.fspath(weights)
+    return (
+        isinstance(weights, os.PathLike)
+        or text.endswith((*CHECKPOINT_SUFFIXES, ".onnx", ".pt2"))
+        or os.sep in text
+        or os.path.isfile(text)
+    )
+
+
+def parse_weights(weights: Any, arch: str) -> WeightsSpec:
+    """The one reading of a user's ``weights`` for architecture ``arch``: None; a ``Weights``
+    entry (of ``arch``); a weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``: ``arch``'s entry);
+    a path (``os.PathLike``, or a string with a checkpoint suffix, a separator, or naming a
+    file) as a ``WeightsFile``. A value already parsed passes unchanged; anything else is a
+    ``WeightsError``."""
+    if weights is None or isinstance(weights, WeightsFile):
+        return weights
+    if isinstance(weights, Weights):
+        if weights.arch != arch:
+            raise WeightsError(f"weights {weights.file_name} are for {weights.arch}, not {arch}")
+        return weights
+    if isinstance(weights, (str, os.PathLike)) and is_path(weights):
+        return WeightsFile(Path(weights))
+    if isinstance(weights, str):
+        return get_weights(arch, weights)
+    raise WeightsError(f"weights must be None, a name, a Weights entry or a path, got {weights!r}")

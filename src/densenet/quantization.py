@@ -54,6 +54,7 @@ from .openvino import (
     write_ir,
 )
 from .preprocessing import ModelCard
+from .published import WeightsArg
 
 __all__ = [
     "ENGINES", "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model",
@@ -276,7 +277,7 @@ def quantize(
     model: str | os.PathLike | nn.Module | LoadedModel,
     calibration: str | os.PathLike,
     *,
-    weights: Any = "DEFAULT",
+    weights: WeightsArg = "DEFAULT",
     num_images: int = 300,
     holdout: int = 50,
     validation: str | os.PathLike | None = None,

@@ -19,6 +19,7 @@ from torch import nn
 
 from .bulk import Decoder, Options, Outputs, to_table
 from .load import load
+from .published import WeightsArg
 from .runtime import resolve_device
 
 __all__ = ["Embedder", "Predictor"]
@@ -28,7 +29,7 @@ INPUT_COLUMNS = ("bytes", "path")  # where the images are, in order of preferenc
 
 class _MapBatches:
     def __init__(
-        self, model: str | os.PathLike | nn.Module, weights: Any, options: Options, device: str,
+        self, model: str | os.PathLike | nn.Module, weights: WeightsArg, options: Options, device: str,
         optimize: bool, precision: str,
     ) -> None:  # fmt: skip
         target = resolve_device(device)
@@ -75,7 +76,7 @@ class Embedder(_MapBatches):
     """
 
     def __init__(
-        self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
+        self, model: str | os.PathLike | nn.Module | None = None, weights: WeightsArg = "DEFAULT", *,
         normalize: bool = False, dtype: str = "float32", device: str = "auto",
         optimize: bool = True, precision: str | None = None,
     ) -> None:  # fmt: skip
@@ -90,7 +91,7 @@ class Predictor(_MapBatches):
     Other arguments as ``Embedder``'s."""
 
     def __init__(
-        self, model: str | os.PathLike | nn.Module | None = None, weights: Any = "DEFAULT", *,
+        self, model: str | os.PathLike | nn.Module | None = None, weights: WeightsArg = "DEFAULT", *,
         topk: int = 5, device: str = "auto", optimize: bool = True, precision: str | None = None,
     ) -> None:  # fmt: skip
         options = Options(task="predict", topk=topk)

@@ -1,19 +1,32 @@
-"""Named architectures: ``get_model()`` and the builders generated from the tables of
+"""Named architectures: ``get_model()`` and one builder per architecture of the tables of
 configurations (DenseNets and RDNets: ``densenet.architectures``, which also gives
-``list_models()``)."""
+``list_models()``), each a typed keyword-only function registered by ``register_model``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from torch import nn
 
 from .architectures import ARCHITECTURES, list_models, model_config, model_info
 from .model import DenseNet, DenseNetFeatures
+from .published import WeightsArg
 from .rdnet import RDNET_ARCHITECTURES, RDNet, RDNetFeatures
 
-__all__ = ["ARCHITECTURES", "get_model", "list_models", "model_config", "model_info"]
+__all__ = [
+    "ARCHITECTURES",
+    "BUILDERS",
+    "get_model",
+    "list_models",
+    "model_config",
+    "model_info",
+    "register_model",
+]
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+DenseNetModel = DenseNet | DenseNetFeatures  # the latter with ``features_only=True``
+RDNetModel = RDNet | RDNetFeatures
 
 
 def network_of(name: str) -> tuple[type[DenseNet] | type[RDNet], type[nn.Module]]:
@@ -24,7 +37,7 @@ def network_of(name: str) -> tuple[type[DenseNet] | type[RDNet], type[nn.Module]
 def get_model(
     name: str,
     *,
-    weights: Any = None,
+    weights: WeightsArg = None,
     progress: bool = True,
     pretrained: bool = False,
     features_only: bool = False,
@@ -39,7 +52,8 @@ def get_model(
     Args:
         name: one of ``list_models()``.
         weights: ``None`` (random init), ``"DEFAULT"``, a weights name such as ``"IMAGENET1K_V1"``,
-            a ``densenet.Weights`` entry, or the path of a local checkpoint (.pth/.pt/.safetensors).
+            a ``densenet.Weights`` entry, or the path of a local checkpoint (.pth/.pt/.safetensors);
+            read once by ``densenet.weights.parse_weights`` (a value it returned passes as is).
         progress: show a progress bar while downloading.
         pretrained: legacy spelling of ``weights="DEFAULT"``.
         features_only: return the backbone (``densenet.DenseNetFeatures``, for an RDNet
@@ -58,90 +72,141 @@ def get_model(
             (``num_classes``, ``drop_rate``, ``memory_efficient``, ``in_channels``,
             ``spatial_dims``, ``stem_stride``; RDNet: ``drop_path_rate``, ...).
     """
-    from .weights import WeightsError, load_checkpoint, load_state, load_weights, resolve_weights
+    from .weights import build_with_weights, parse_weights
 
-    config = model_config(name)
     network, backbone = network_of(name)
-    if pretrained and weights is None:
-        weights = "DEFAULT"
-    entry = resolve_weights(name, weights)
-    if entry is not None and "num_classes" not in kwargs:
-        kwargs["num_classes"] = len(entry.categories)
-    state = load_checkpoint(weights) if entry is None and weights is not None else None
-    if state is not None:  # a file keeps its own head unless a new one is asked for
-        classifier = state.get(network.CLASSIFIER + "weight")
-        own = classifier.shape[0] if classifier is not None else 0
-        asked = kwargs.setdefault("num_classes", own)
-        if asked != own and not new_head:
-            raise WeightsError(
-                f"{weights} holds a {own}-class classifier, not num_classes={asked}: drop "
-                f"num_classes to keep it, or pass new_head=True to fine-tune its backbone under "
-                f"a new {asked}-class classifier"
-            )
-    model = network(**{**config, **kwargs}, arch=name)
-    if state is not None:
-        load_state(model, state, weights, inflate)
-    elif entry is not None:
-        load_weights(model, entry, progress, inflate)
+    spec = parse_weights("DEFAULT" if pretrained and weights is None else weights, name)
+    num_classes = kwargs.pop("num_classes", None)
+    config = {**model_config(name), **kwargs, "arch": name}
+    model = build_with_weights(
+        network, config, spec, num_classes, new_head=new_head, inflate=inflate, progress=progress
+    )
     return backbone(model, out_indices) if features_only else model
 
 
-def _make_builder(name: str):
-    def builder(
-        *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
-    ) -> DenseNet | DenseNetFeatures:
-        return get_model(name, weights=weights, progress=progress, pretrained=pretrained, **kwargs)
-
-    config = ARCHITECTURES[name]
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"{name}: growth rate {config['growth_rate']}, blocks {config['block_config']}, "
-        f"{config['stem']} stem. Arguments as ``densenet.get_model``."
-    )
-    return builder
+BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+"""Each architecture's builder, by name (``register_model``)."""
 
 
-def _make_rdnet_builder(name: str):
-    def builder(
-        *,
-        weights: Any = None,
-        progress: bool = True,
-        pretrained: bool = False,
-        num_classes: int | None = None,
-        in_channels: int = 3,
-        drop_path_rate: float = 0.0,
-        drop_rate: float = 0.0,
-        features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
-        new_head: bool = False,
-        **kwargs: Any,
-    ) -> RDNet | RDNetFeatures:
-        if num_classes is not None:  # None: the weights' classes (1000 without weights)
-            kwargs["num_classes"] = num_classes
-        return get_model(
-            name,
-            weights=weights,
-            progress=progress,
-            pretrained=pretrained,
-            features_only=features_only,
-            out_indices=out_indices,
-            new_head=new_head,
-            in_channels=in_channels,
-            drop_path_rate=drop_path_rate,
-            drop_rate=drop_rate,
-            **kwargs,
+def register_model(builder: F) -> F:
+    """Register ``builder`` as the builder of the architecture it is named after (one of
+    ``ARCHITECTURES`` or ``RDNET_ARCHITECTURES``); its docstring says the configuration."""
+    name = builder.__name__
+    if name in ARCHITECTURES:
+        config = ARCHITECTURES[name]
+        summary = (
+            f"{name}: growth rate {config['growth_rate']}, blocks {config['block_config']}, "
+            f"{config['stem']} stem."
         )
-
-    config = RDNET_ARCHITECTURES[name]
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"{name} (RDNet, Kim et al., ECCV 2024): growth rates {config['growth_rates']}, "
-        f"{config['num_init_features']} stem features. Arguments as ``densenet.get_model``; "
-        "``drop_path_rate``: stochastic depth of the last block."
-    )
+    elif name in RDNET_ARCHITECTURES:
+        config = RDNET_ARCHITECTURES[name]
+        summary = (
+            f"{name} (RDNet, Kim et al., ECCV 2024): growth rates {config['growth_rates']}, "
+            f"{config['num_init_features']} stem features; ``drop_path_rate``: stochastic depth "
+            "of the last block."
+        )
+    else:
+        raise ValueError(f"{name} is no architecture of the configuration tables")
+    builder.__doc__ = f"{summary} Arguments as ``densenet.get_model``."
+    BUILDERS[name] = builder
     return builder
 
 
-globals().update({name: _make_builder(name) for name in ARCHITECTURES})
-globals().update({name: _make_rdnet_builder(name) for name in RDNET_ARCHITECTURES})
-__all__ += [*ARCHITECTURES, *RDNET_ARCHITECTURES]
+@register_model
+def densenet121(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet121", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet161(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet161", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet169(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet169", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet201(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet201", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet264(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet264", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_40_k12(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_40_k12", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_100_k12(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_100_k12", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_100_k24(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_100_k24", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_bc_100_k12(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_bc_100_k12", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_bc_250_k24(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_bc_250_k24", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def densenet_bc_190_k40(
+    *, weights: WeightsArg = None, progress: bool = True, **kwargs: Any
+) -> DenseNetModel:
+    return get_model("densenet_bc_190_k40", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def rdnet_tiny(*, weights: WeightsArg = None, progress: bool = True, **kwargs: Any) -> RDNetModel:
+    return get_model("rdnet_tiny", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def rdnet_small(*, weights: WeightsArg = None, progress: bool = True, **kwargs: Any) -> RDNetModel:
+    return get_model("rdnet_small", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def rdnet_base(*, weights: WeightsArg = None, progress: bool = True, **kwargs: Any) -> RDNetModel:
+    return get_model("rdnet_base", weights=weights, progress=progress, **kwargs)
+
+
+@register_model
+def rdnet_large(*, weights: WeightsArg = None, progress: bool = True, **kwargs: Any) -> RDNetModel:
+    return get_model("rdnet_large", weights=weights, progress=progress, **kwargs)
+
+
+__all__ += list(BUILDERS)

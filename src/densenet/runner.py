@@ -26,10 +26,10 @@ from .errors import DenseNetError
 from .explain import ActivationMaps, explain
 from .exported import OnnxModel, OpenVINOModel
 from .inference import BucketedModel
-from .load import LoadedModel
-from .model import DenseNet
+from .load import NETWORK_KINDS, LoadedModel
 from .network import Network
 from .openvino import OpenVINODenseNet
+from .precision import resolve_dtype
 from .preprocessing import ModelCard
 from .quantization import quantize
 from .transforms import flatten_views
@@ -52,13 +52,17 @@ class Runner:
         optimize: run a DenseNet in its inference form (``densenet.optimize``); False runs the
             module as given (float32). An exported file always runs as it was exported; a
             ``dtype`` that the module will not run in is an error.
-        dtype: the inference form's precision: a ``torch.dtype``, a name that
-            ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), ``"int8"``
-            (with ``calibration``), or None: float32 on CPU, bfloat16 on CUDA.
+        dtype: the inference form's precision: what ``densenet.precision.resolve_dtype`` takes
+            (None: float32 on CPU, bfloat16 on CUDA; ``"auto"``, ``"bfloat16"``, a
+            ``torch.dtype``...; with backend ``"openvino"``, ``"auto"`` is OpenVINO's own
+            default), or ``"int8"`` (with ``calibration``).
         backend: the engine of the inference form (``densenet.optimize``'s ``backend``, such
             as ``"openvino"``); None: the fastest measured for the device and precision.
-        max_batch: run the inference form only at batch sizes 1, 2, 4, ..., ``max_batch``
-            (``BucketedModel``), each replayed as a CUDA graph on CUDA; None: as batches come.
+        batch_size: the largest batch the model will see (with ``buckets``).
+        buckets: run the inference form only at batch sizes 1, 2, 4, ..., ``batch_size``
+            (``BucketedModel``, each replayed as a CUDA graph on CUDA), keeping shapes static;
+            None: on CUDA (where static shapes and cheap launches pay), not on the CPU.
+        max_batch: ``buckets=True`` up to ``max_batch`` (the older spelling).
         headless: drop the classifier: ``logits`` are then the (N, num_features) pooled
             features (embeddings).
         calibration: for ``dtype="int8"`` (CPU only): a folder of images to calibrate the
@@ -79,6 +83,8 @@ class Runner:
         optimize: bool = True,
         dtype: torch.dtype | str | None = None,
         backend: str | None = None,
+        batch_size: int | None = None,
+        buckets: bool | None = None,
         max_batch: int | None = None,
         headless: bool = False,
         calibration: str | os.PathLike | None = None,
@@ -86,13 +92,13 @@ class Runner:
         throughput: bool = False,
     ) -> None:
         self.card, self.device = loaded.card, device
-        module = loaded.module  # in eval mode (``load`` puts it there)
+        module, kind = loaded.module, loaded.kind  # in eval mode (``load`` puts it there)
+        fast = optimize and kind == "densenet"  # only a DenseNet has an inference form
         if backend is not None:
-            _check_backend(backend, optimize, dtype, module)
-        # an exported file's from its card: volumes or images
-        self.spatial_dims = getattr(module, "spatial_dims", len(self.card.input_shape) - 1)
+            _check_backend(backend, fast, dtype, kind)
+        self.spatial_dims = loaded.spatial_dims
         if headless:
-            if not isinstance(module, Network):
+            if kind not in NETWORK_KINDS:
                 raise TypeError(
                     f"pooled features need a DenseNet or RDNet (an architecture, weights or a "
                     f"training checkpoint), not a {type(module).__name__}"
@@ -101,25 +107,27 @@ class Runner:
             module.reset_classifier(0)
         self.weights_count = count_weights(module)
         self.outputs = None if headless else self.card.num_classes  # per image, as the card says
-        # a network and its inference forms take any float input; an exported module (a
-        # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
-        self.input_dtype = None if isinstance(module, Network) else _weights_dtype(module)
+        self.input_dtype = loaded.input_dtype
         self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
-        if not (optimize and isinstance(module, DenseNet)):  # runs as given
-            _check_runs_in(dtype, self.precision, module)
-            if isinstance(module, Network):  # an RDNet (no inference form) or as asked
+        if not fast:  # runs as given
+            _check_runs_in(dtype, self.precision, module, kind)
+            if kind in NETWORK_KINDS:  # an RDNet (no inference form) or as asked
                 module = module.to(device)
         elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
             self.precision = "int8"
         else:
             self._densenet = module.to(device)
+            if not (backend == "openvino" and dtype == "auto"):  # OpenVINO's own "auto"
+                dtype = resolve_dtype(dtype, device)
             module = optimize_model(
                 self._densenet, dtype=dtype, backend=backend, throughput=throughput
             )
             self.precision = dtype_name(module.dtype)
             if max_batch is not None:
-                module = BucketedModel(module, max_batch, cuda_graphs=device.type == "cuda")
+                batch_size, buckets = max_batch, True
+            if batch_size is not None and (device.type == "cuda" if buckets is None else buckets):
+                module = BucketedModel(module, batch_size, cuda_graphs=device.type == "cuda")
         self.module = module
 
     @property
@@ -256,13 +264,11 @@ def _int8(
     return quantized.module
 
 
-def _check_backend(
-    backend: str, optimize: bool, dtype: torch.dtype | str | None, module: nn.Module
-) -> None:
-    """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form,
-    not to int8."""
-    if not (optimize and isinstance(module, DenseNet)):
-        what = "the reference module" if isinstance(module, Network) else "an exported file"
+def _check_backend(backend: str, fast: bool, dtype: torch.dtype | str | None, kind: str) -> None:
+    """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form
+    (``fast``), not to int8."""
+    if not fast:
+        what = "the reference module" if kind in NETWORK_KINDS else "an exported file"
         raise DenseNetError(
             f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
             f"{what} runs as given: drop --backend (or --no-optimize)"
@@ -274,7 +280,9 @@ def _check_backend(
         )
 
 
-def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.Module) -> None:
+def _check_runs_in(
+    dtype: torch.dtype | str | None, precision: str, module: nn.Module, kind: str
+) -> None:
     """Raise unless asking for ``dtype`` is met by a module that runs as given, in
     ``precision`` (``None`` and ``"auto"`` take what there is)."""
     asked = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
@@ -282,20 +290,11 @@ def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.M
         return
     how = (
         "optimize it (drop --no-optimize)"
-        if isinstance(module, DenseNet)
+        if kind == "densenet"
         else "it has no inference form yet and runs in float32"
-        if isinstance(module, Network)
+        if kind == "network"
         else "it runs in the precision it was exported in; export it again in that one"
     )
     raise DenseNetError(
         f"cannot run this {type(module).__name__} in {asked}, only {precision}: {how}"
     )
-
-
-def _weights_dtype(module: object) -> torch.dtype | None:
-    """The dtype of a module's first floating-point parameter or buffer (None: no such tensor,
-    e.g. an ONNX Runtime session, which converts its inputs itself)."""
-    if not isinstance(module, nn.Module):
-        return None
-    tensors = [*module.parameters(), *module.buffers()]
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)

@@ -11,8 +11,8 @@ from typing import NamedTuple
 import torch
 
 from .choices import AMP_MODES
-from .cpu import compute_dtype
 from .errors import DenseNetError
+from .precision import bfloat16_support, compute_dtype, resolve_dtype
 
 __all__ = [
     "AMP_MODES",
@@ -22,6 +22,7 @@ __all__ = [
     "distributed_setup",
     "process_group",
     "resolve_device",
+    "resolve_dtype",
     "torchrun_ranks",
 ]
 
@@ -62,7 +63,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype that ``amp`` (``AMP_MODES``) means on ``device``; None for float32."""
     if amp == "auto":
-        cuda = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cuda = device.type == "cuda" and bfloat16_support(device) == "native"
         return torch.bfloat16 if cuda else None
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")

@@ -1,6 +1,7 @@
 """Pretrained weights: the download, cache, verification and loading of checkpoints (official,
-legacy-format, local or safetensors); the table of published files with their metadata is
-``densenet.published``'s (its names are re-exported here).
+legacy-format, local or safetensors); the table of published files with their metadata, and
+``parse_weights`` (a user's ``weights`` read once), are ``densenet.published``'s (re-exported
+here). ``build_with_weights`` is the one place that fits weights to a new model.
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
@@ -28,19 +29,30 @@ from torch import Tensor, nn
 from .io import read_torch_file as _read_torch_file
 from .io import write_text
 from .published import (
+    CHECKPOINT_SUFFIXES,
     WEIGHTS,
     Weights,
+    WeightsArg,
     WeightsError,
+    WeightsFile,
+    WeightsSpec,
     cache_dir,
     get_weights,
+    is_path,
     list_weights,
+    parse_weights,
 )
 from .published import hash_prefix as _hash_prefix
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "WEIGHTS",
     "Weights",
+    "WeightsArg",
     "WeightsError",
+    "WeightsFile",
+    "WeightsSpec",
+    "build_with_weights",
     "cache_dir",
     "convert_legacy_keys",
     "convert_rdnet_keys",
@@ -50,40 +62,102 @@ __all__ = [
     "list_weights",
     "load_checkpoint",
     "convert_monai_keys",
+    "file_head",
+    "head_classes",
     "inflate_kernels",
     "load_state",
     "load_weights",
+    "parse_weights",
+    "read_state",
     "read_torch_file",
     "resolve_weights",
     "state_dict_of",
     "verify_file",
 ]
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+def resolve_weights(arch: str, weights: WeightsArg) -> Weights | None:
+    """The registry entry that ``weights`` names, or None for no weights or a local file
+    (``parse_weights``)."""
+    spec = parse_weights(weights, arch)
+    return spec if isinstance(spec, Weights) else None
 
 
-def resolve_weights(arch: str, weights: Any) -> Weights | None:
-    """The registry entry that ``weights`` names, or None for no weights or a local file."""
-    if weights is None or isinstance(weights, os.PathLike):
+def read_state(spec: WeightsSpec, progress: bool = True) -> tuple[dict[str, Tensor], Path] | None:
+    """The state_dict that ``spec`` names (current key names) and the file it is read from, or
+    None for no weights: a published entry's cached file (downloaded first, ``fetch``), or a
+    local file (its ``content`` if it was already read)."""
+    if spec is None:
         return None
-    if isinstance(weights, Weights):
-        if weights.arch != arch:
-            raise WeightsError(f"weights {weights.file_name} are for {weights.arch}, not {arch}")
-        return weights
-    if isinstance(weights, str):
-        return None if is_path(weights) else get_weights(arch, weights)
-    raise WeightsError(f"weights must be None, a name, a Weights entry or a path, got {weights!r}")
+    if isinstance(spec, Weights):
+        path = fetch(spec, progress)
+        return load_checkpoint(path), path
+    content = spec.content if spec.content is not None else read_torch_file(spec.path)
+    return state_dict_of(content, spec.path), spec.path
 
 
-def is_path(weights: str | os.PathLike) -> bool:
-    """Whether a ``weights`` value names a file rather than published weights."""
-    text = os.fspath(weights)
+def file_head(state: Mapping[str, Tensor], network: type[nn.Module]) -> tuple[int, int]:
+    """The number of classes (0: no classifier) and of input channels of the ``network`` class
+    (its ``CLASSIFIER`` and ``STEM_WEIGHT``) that ``state`` was saved from."""
+    classifier = state.get(network.CLASSIFIER + "weight")
+    stem = state.get(network.STEM_WEIGHT)
     return (
-        isinstance(weights, os.PathLike)
-        or text.endswith((*CHECKPOINT_SUFFIXES, ".onnx", ".pt2"))
-        or os.sep in text
-        or os.path.isfile(text)
+        classifier.shape[0] if classifier is not None else 0,
+        stem.shape[1] if stem is not None else 3,
     )
+
+
+def head_classes(
+    spec: WeightsSpec,
+    state: Mapping[str, Tensor] | None,
+    network: type[nn.Module],
+    num_classes: int | None,
+    new_head: bool = False,
+) -> int | None:
+    """The one decision on the classifier of a model built for ``spec``: the number of classes
+    to build it with (None: the architecture's). No weights: ``num_classes``. A published entry:
+    ``num_classes``, else its categories' (with another number its backbone loads under a new
+    classifier). A file (``state``): its own classifier's (0: it has none), or, with
+    ``new_head``, ``num_classes`` (its backbone under a new classifier); another
+    ``num_classes`` without ``new_head`` is a ``WeightsError``. ``load_state`` then loads the
+    backbone alone where the classifier's shape differs."""
+    if spec is None:
+        return num_classes
+    if isinstance(spec, Weights):
+        return len(spec.categories) if num_classes is None else num_classes
+    own = file_head(state, network)[0]
+    if num_classes is None or num_classes == own:
+        return own
+    if not new_head:
+        raise WeightsError(
+            f"{spec.path} holds a {own}-class classifier, not num_classes={num_classes}: drop "
+            f"num_classes to keep it, or pass new_head=True to fine-tune its backbone under "
+            f"a new {num_classes}-class classifier"
+        )
+    return num_classes
+
+
+def build_with_weights(
+    network: type[nn.Module],
+    config: Mapping[str, Any],
+    spec: WeightsSpec,
+    num_classes: int | None = None,
+    *,
+    new_head: bool = False,
+    inflate: str = "mean",
+    progress: bool = True,
+) -> nn.Module:
+    """``network(**config)`` with the weights ``spec`` names: the one place that fits weights
+    to a model. The classifier is ``head_classes``'s decision (the file's, a new one for
+    ``num_classes``, or the backbone alone); the input channels and a 1D or 3D model's kernels
+    are adapted by ``load_state``. A file is read before the model is built (its classifier
+    sets the model's); published weights are fetched after, so a bad argument fails first."""
+    read = read_state(spec) if isinstance(spec, WeightsFile) else None
+    classes = head_classes(spec, read[0] if read else None, network, num_classes, new_head)
+    model = network(**{**config, **({} if classes is None else {"num_classes": classes})})
+    if spec is not None:
+        load_state(model, *(read or read_state(spec, progress)), inflate)
+    return model
 
 
 def download(url: str, path: Path, sha256_prefix: str | None = None, progress: bool = True) -> Path:
@@ -303,8 +377,8 @@ def load_weights(
     and the classifier keeps its fresh initialisation, with a warning: the fine-tuning case.
     2D weights loaded into a 3D or 1D model are inflated (``inflate_kernels``, mode ``inflate``).
     """
-    path = fetch(weights, progress) if isinstance(weights, Weights) else Path(weights)
-    return load_state(model, load_checkpoint(path), path, inflate)
+    spec = weights if isinstance(weights, Weights) else WeightsFile(Path(weights))
+    return load_state(model, *read_state(spec, progress), inflate)
 
 
 STEM_KEY = "features.conv0.weight"
