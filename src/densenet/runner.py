@@ -32,11 +32,14 @@ from .network import Network
 from .openvino import OpenVINODenseNet
 from .preprocessing import ModelCard
 from .quantization import quantize
+from .rdnet import RDNet
 from .transforms import flatten_views
 
 __all__ = ["NonFiniteOutputError", "Runner", "count_weights"]
 
 log = logging.getLogger(__name__)
+
+OPTIMIZED = (DenseNet, RDNet)  # the networks ``densenet.optimize`` has an inference form for
 
 
 class NonFiniteOutputError(DenseNetError):
@@ -49,8 +52,8 @@ class Runner:
     Args:
         loaded: what ``densenet.load`` returns; its module may be on any device.
         device: where the model runs; inputs are moved there.
-        optimize: run a DenseNet in its inference form (``densenet.optimize``); False runs the
-            module as given (float32). An exported file always runs as it was exported; a
+        optimize: run a DenseNet or RDNet in its inference form (``densenet.optimize``); False
+            runs the module as given (float32). An exported file always runs as it was exported; a
             ``dtype`` that the module will not run in is an error.
         dtype: the inference form's precision: a ``torch.dtype``, a name that
             ``densenet.runtime.compute_dtype`` takes (``"auto"``, ``"bfloat16"``...), ``"int8"``
@@ -105,9 +108,9 @@ class Runner:
         # float16 TorchScript or .pt2 file, placed by ``load``) takes its own weights' dtype
         self.input_dtype = None if isinstance(module, Network) else _weights_dtype(module)
         self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
-        if not (optimize and isinstance(module, DenseNet)):  # runs as given
+        if not (optimize and isinstance(module, OPTIMIZED)):  # runs as given
             _check_runs_in(dtype, self.precision, module)
-            if isinstance(module, Network):  # an RDNet (no inference form) or as asked
+            if isinstance(module, Network):  # as asked (--no-optimize)
                 module = module.to(device)
         elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
@@ -261,7 +264,7 @@ def _check_backend(
 ) -> None:
     """Raise unless ``backend`` can pick the engine: it applies to a DenseNet's optimized form,
     not to int8."""
-    if not (optimize and isinstance(module, DenseNet)):
+    if not (optimize and isinstance(module, OPTIMIZED)):
         what = "the reference module" if isinstance(module, Network) else "an exported file"
         raise DenseNetError(
             f"backend {backend!r} picks the engine of a DenseNet's optimized form, and "
@@ -282,8 +285,6 @@ def _check_runs_in(dtype: torch.dtype | str | None, precision: str, module: nn.M
         return
     how = (
         "optimize it (drop --no-optimize)"
-        if isinstance(module, DenseNet)
-        else "it has no inference form yet and runs in float32"
         if isinstance(module, Network)
         else "it runs in the precision it was exported in; export it again in that one"
     )
