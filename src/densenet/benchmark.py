@@ -37,7 +37,7 @@ from .io import text_table
 from .model import DenseNet
 from .openvino import CompiledModule, compile_for_cpu, require_openvino
 from .quantization import quantize_module, quantize_nncf, quantize_onnx
-from .rdnet import RDNet
+from .rdnet import RDNET_ARCHITECTURES, RDNet
 from .registry import get_model
 from .runtime import resolve_device
 
@@ -409,7 +409,7 @@ def _check(fn, result: Result, x: Tensor, reference: Tensor) -> bool:
 
 
 def run_benchmark(
-    models: Sequence[str | DenseNet] = ("densenet121",),
+    models: Sequence[str | DenseNet | RDNet] = ("densenet121",),
     batch_sizes: Sequence[int] = (1, 16),
     *,
     device: str | torch.device = "cpu",
@@ -461,9 +461,11 @@ def run_benchmark(
         n for n in engines or ENGINES
         if device.type in ENGINES[n].devices and (engines or ENGINES[n].int8 == int8)
     ]  # fmt: skip
+    baselines = [b for b in dict.fromkeys(map(_baseline, models)) if b not in names]
     say(
-        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x {len(names)} engines "
-        f"({', '.join(names)}) and the baseline, {rounds} timing rounds each"
+        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x "
+        f"{len(baselines) + len(names)} engines ({', '.join([*baselines, *names])}), "
+        f"{rounds} timing rounds each"
     )
     results: list[Result] = []
     for model in models:
@@ -472,7 +474,7 @@ def run_benchmark(
             model = randomize_batchnorm(get_model(model), seed)
         model = model.eval().to(device)
         arch = getattr(model, "arch", None) or "custom"
-        baseline = RDNET_BASELINE if isinstance(model, RDNet) else BASELINE
+        baseline = _baseline(model)
         timed_here = names if baseline in names else [baseline, *names]
         for batch in batch_sizes:
             generator = torch.Generator().manual_seed(seed)
@@ -504,6 +506,13 @@ def run_benchmark(
                     result.vs_compiled = timed[COMPILED_REFERENCE] / result.ms
             say(format_table(results[first:]))
     return results
+
+
+def _baseline(model: str | DenseNet | RDNet) -> str:
+    """The engine the ratios are to: timm eager for an RDNet (torchvision has none), else
+    torchvision eager."""
+    rdnet = isinstance(model, RDNet) or (isinstance(model, str) and model in RDNET_ARCHITECTURES)
+    return RDNET_BASELINE if rdnet else BASELINE
 
 
 def _timed_rounds(live, x: Tensor, rounds: int, repeats: int | None, say) -> None:
