@@ -1,24 +1,28 @@
 """Memory-efficient training benchmark: activation memory saved for backward and training-step
-speed of densenet's dense blocks against torchvision's DenseNet, in one run.
+speed of densenet's dense blocks against torchvision's DenseNet (an RDNet: timm's), in one run.
 
 Implementations (same weights, same input, same step: forward, cross-entropy, backward, SGD with
 momentum): torchvision plain, torchvision ``memory_efficient=True`` (checkpointing), densenet plain,
 densenet ``memory_efficient=True``; on CUDA also densenet ``memory_efficient="triton"`` (the
 bottleneck's BN-ReLU-Conv1x1 as fused Triton kernels); with ``--compile`` also torchvision and
-densenet memory-efficient under ``torch.compile``.
+densenet memory-efficient under ``torch.compile``. For an RDNet (``--arch rdnet_tiny``): timm
+plain, timm with ``set_grad_checkpointing()``, densenet plain, densenet ``memory_efficient=True``
+(``densenet.rdnet_memory``).
 
-Figures, each a ratio against torchvision plain in the same run:
+Figures, each a ratio against the reference (torchvision plain; an RDNet: timm plain) in the same
+run:
 - saved: bytes of the unique non-parameter storages that autograd saves for backward (seen by
   ``torch.autograd.graph.saved_tensors_hooks``) in one forward pass;
 - step: time of a training step (CUDA events on GPU), implementations interleaved round by
   round; the ratio is the median over rounds of the ratio to torchvision's step in that round;
 - peak (GPU only): ``torch.cuda.max_memory_allocated`` over a step, parameters and optimizer
   state included.
-Before timing, every implementation's loss and gradients are checked against torchvision plain
+Before timing, every implementation's loss and gradients are checked against the reference
 (float64, CPU, 2 images of 64x64; the Triton path runs there as the eager one, its kernels are
 checked by tests/test_kernels_training.py).
 
 CPU:  python benchmarks/bench_memory.py --batch 8
+      python benchmarks/bench_memory.py --arch rdnet_tiny --batch 4
 H100: python benchmarks/bench_memory.py --device cuda --batch 128 --compile --json out.json
 (on CUDA: bf16 autocast and channels_last by default).
 """
@@ -39,26 +43,34 @@ from torch import Tensor, nn
 
 import densenet
 
-REFERENCE = "torchvision"
-
 
 def build(arch: str, compile_: bool, triton: bool) -> dict[str, nn.Module]:
-    """The implementations to compare, all with the weights of one randomly initialised model."""
+    """The implementations to compare, the reference first, all with the weights of one randomly
+    initialised model."""
     torch.manual_seed(0)
     ours = densenet.get_model(arch)
     state = ours.state_dict()
-    models = {
-        "torchvision": getattr(torchvision.models, arch)(),
-        "torchvision memory_efficient": getattr(torchvision.models, arch)(memory_efficient=True),
-        "densenet": ours,
-        "densenet memory_efficient": densenet.get_model(arch, memory_efficient=True),
-    }
-    if triton:
+    if arch.startswith("rdnet"):
+        import timm
+
+        checkpointed = timm.create_model(arch)
+        checkpointed.set_grad_checkpointing()
+        models = {"timm": timm.create_model(arch), "timm grad_checkpointing": checkpointed}
+    else:
+        models = {
+            "torchvision": getattr(torchvision.models, arch)(),
+            "torchvision memory_efficient": getattr(torchvision.models, arch)(
+                memory_efficient=True
+            ),
+        }
+    models["densenet"] = ours
+    models["densenet memory_efficient"] = densenet.get_model(arch, memory_efficient=True)
+    if triton and not arch.startswith("rdnet"):
         models["densenet memory_efficient triton"] = densenet.get_model(
             arch, memory_efficient="triton"
         )
     if compile_:
-        models["torchvision compiled"] = getattr(torchvision.models, arch)()
+        models[f"{next(iter(models))} compiled"] = copy.deepcopy(models[next(iter(models))])
         models["densenet memory_efficient compiled"] = densenet.get_model(
             arch, memory_efficient=True
         )
@@ -103,7 +115,8 @@ class Step:
 
 
 def check(models: dict[str, nn.Module], x: Tensor, y: Tensor, tol: float = 1e-6) -> None:
-    """Loss and gradients of every implementation against torchvision plain, from the same state,
+    """Loss and gradients of every implementation against the first (the reference), from the
+    same state,
     in float64 on the CPU (the implementations' algorithms, whatever the timed precision).
 
     Float64 because a randomly initialised densenet121 is ill-conditioned: in float32,
@@ -125,7 +138,7 @@ def check(models: dict[str, nn.Module], x: Tensor, y: Tensor, tol: float = 1e-6)
             ((grad - ref[1]).norm() / ref[1].norm()).item(),
         )
         if error > tol:
-            raise SystemExit(f"{name}: relative error {error:.2e} against {REFERENCE}")
+            raise SystemExit(f"{name}: relative error {error:.2e} against {next(iter(models))}")
 
 
 def time_steps(steps: dict[str, Step], x: Tensor, y: Tensor, rounds: int) -> dict[str, list[float]]:
@@ -179,6 +192,7 @@ def main() -> None:
         return torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
 
     models = build(args.arch, args.compile, triton=cuda)
+    reference = next(iter(models))
     for name, model in models.items():
         model.to(args.device, memory_format=fmt).train()
         if name.endswith("compiled"):
@@ -201,7 +215,7 @@ def main() -> None:
     # the ratio to the reference step of the same round: steadier than a ratio of medians when
     # the machine's load changes during the run
     paired = {
-        name: statistics.median(t / r for t, r in zip(ts, times[REFERENCE], strict=True))
+        name: statistics.median(t / r for t, r in zip(ts, times[reference], strict=True))
         for name, ts in times.items()
     }
 
@@ -213,11 +227,11 @@ def main() -> None:
             "step_s": seconds[name],
             "images_per_s": batch / seconds[name],
             "step_ratio": paired[name],
-            "step_ratio_of_medians": seconds[name] / seconds[REFERENCE],
+            "step_ratio_of_medians": seconds[name] / seconds[reference],
         }
         if name in saved:
             row["saved_MiB"] = saved[name] / 2**20
-            row["saved_ratio"] = saved[name] / saved[REFERENCE]
+            row["saved_ratio"] = saved[name] / saved[reference]
         if name in peak:
             row["peak_GiB"] = peak[name] / 2**30
         rows.append(row)

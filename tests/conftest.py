@@ -21,6 +21,10 @@ import densenet.engines
 from densenet import DenseNet, weights
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
+# a four-stage RDNet of a few thousand parameters (squeeze-excitation in the last two stages)
+RDNET_SMALL = {"growth_rates": (8, 8, 8, 16), "num_blocks": (1, 2, 1, 1), "num_init_features": 16,
+         "downsample": (False, True, False, True), "se": (False, False, True, True),
+         "num_classes": 5}  # fmt: skip
 
 # OpenVINO's converter sends usage telemetry from a forked process unless it runs in CI (its
 # opt-in checker reads CI=true); without a network that process waits on DNS and the test
@@ -66,6 +70,17 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
                 torch.randn(n, generator=generator, dtype=m.running_mean.dtype) * 0.1
             )
             m.running_var.data = torch.rand(n, generator=generator, dtype=m.running_var.dtype) + 0.5
+    return model
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with every parameter moved off its initial value (an RDNet's layer scale 1e-6
+    would hide its blocks), in float64 and eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return model
 
 

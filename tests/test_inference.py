@@ -273,7 +273,7 @@ def test_benchmark_flags_wrong_outputs_and_takes_both_ratios(monkeypatch):
     assert by_engine["densenet.optimize"].rel_error < 1e-5
     assert by_engine["wrong"].ms is None and "wrong output" in by_engine["wrong"].note
     table = format_table(results).splitlines()
-    assert "vs tv eager" in table[0] and "vs tv compile" in table[0]
+    assert "vs baseline" in table[0] and "vs tv compile" in table[0]
     assert table[-1].split()[2] == "wrong"
     # what will run is said first; the rows as soon as they are measured
     assert said[0].startswith("1 model(s) x 1 batch size(s) x 4 engines (torchvision eager, ")

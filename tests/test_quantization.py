@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, randomize_batchnorm, tiny_model
+from conftest import RDNET_SMALL, TINY, randomize_batchnorm, randomized, tiny_model
 from PIL import Image
 
 import densenet
@@ -18,6 +18,7 @@ from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
 from densenet.evaluation import evaluate_dataset
 from densenet.quantization import QuantizeError, quantize, save_quantized
+from densenet.rdnet import RDNet
 from densenet.volumes import VolumeTransform
 
 
@@ -94,6 +95,33 @@ def test_nncf_int8_is_an_openvino_ir_that_load_runs(photos, tmp_path, capsys):
     assert (int8 - exact).norm() / exact.norm() < 0.3
     classifier = densenet.Classifier(out, device="cpu", dtype="int8")
     assert classifier.runner.precision == "int8"
+
+
+def test_an_rdnet_quantizes_with_nncf_and_runs_through_the_runner(photos):
+    """An RDNet's inference form is quantized by NNCF (every matrix product but those on pooled
+    vectors in int8); FX refuses it before any work."""
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    model = randomized(RDNet(**RDNET_SMALL)).float()
+    with pytest.raises(QuantizeError, match="quantizes with the nncf engine"):
+        quantize(model, photos, engine="fx", progress=False)
+    result = quantize(model, photos, holdout=8, batch_size=8, progress=False)
+    assert result.report["backend"] == "nncf-openvino"
+    # lenient bounds for a tiny random model, which an unquantized or broken graph would miss
+    assert result.report["top1_agreement"] >= 0.5
+    assert 0 < result.report["relative_logit_error"] < 0.3
+    # a MatMul's weight: an int8 constant dequantized (Multiply), or float32 (Constant)
+    weights = {
+        op.get_friendly_name(): op.input_value(1).get_node().get_type_name()
+        for op in result.graph.get_ops()
+        if op.get_type_name() == "MatMul"
+    }
+    pooled = {name for name in weights if "classifier" in name or ".se/" in name}
+    assert len(pooled) == 3 and {weights[name] for name in pooled} == {"Constant"}
+    assert len(weights) == 17 and {w for n, w in weights.items() if n not in pooled} == {"Multiply"}
+    runner = densenet.Runner(densenet.load(model), torch.device("cpu"), dtype="int8",
+                             calibration=photos, progress=False)  # fmt: skip
+    assert runner.precision == "int8" and runner.logits(torch.randn(2, 3, 48, 48)).shape == (2, 5)
 
 
 def test_without_nncf_int8_falls_back_to_fx_with_a_warning(photos, tmp_path, monkeypatch):

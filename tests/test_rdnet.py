@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RDNET_SMALL as SMALL
+from conftest import randomized
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,24 +30,10 @@ timm = pytest.importorskip("timm")
 REPO = str(Path(__file__).resolve().parents[1])
 
 SLOW = pytest.mark.slow
-# a four-stage RDNet of a few thousand parameters, in both spellings
-SMALL = {"growth_rates": (8, 8, 8, 16), "num_blocks": (1, 2, 1, 1), "num_init_features": 16,
-         "downsample": (False, True, False, True), "se": (False, False, True, True),
-         "num_classes": 5}  # fmt: skip
+# conftest's four-stage RDNet of a few thousand parameters (SMALL), in timm's spelling
 SMALL_TIMM = {"growth_rates": (8, 8, 8, 16), "num_blocks_list": (1, 2, 1, 1),
               "num_init_features": 16, "is_downsample_block": (None, True, False, True),
               "block_type": ("Block", "Block", "BlockESE", "BlockESE"), "num_classes": 5}  # fmt: skip
-
-
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """``model`` with every parameter moved off its initial value (layer scale 1e-6 would hide
-    the blocks), in float64 and eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
 
 
 def stage_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:

@@ -23,11 +23,14 @@ from .inference import InferenceDenseNet
 from .model import DenseNet
 from .openvino import OpenVINODenseNet
 from .precision import bfloat16_support, resolve_dtype
+from .rdnet import RDNet
+from .rdnet_inference import InferenceRDNet
 
 __all__ = ["BACKENDS", "COMPILE_MODES", "default_engine", "engine_choices", "optimize"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+RDNET_BACKENDS = ("eager", "openvino")  # an RDNet's engines; eager by default (README, RDNet)
 
 
 def onednn_bfloat16() -> bool:
@@ -164,7 +167,7 @@ def _backend(
 
 
 def optimize(
-    model: DenseNet,
+    model: DenseNet | RDNet,
     *,
     dtype: torch.dtype | str | None = None,
     channels_last: bool | None = None,
@@ -176,8 +179,10 @@ def optimize(
     """The inference-only form of ``model``, with the same outputs.
 
     Args:
-        model: a ``densenet.DenseNet`` in eval mode (call ``model.eval()`` first); it is not
-            modified. Its device is kept.
+        model: a ``densenet.DenseNet`` or ``densenet.RDNet`` in eval mode (call
+            ``model.eval()`` first); it is not modified. Its device is kept. An RDNet runs on
+            the ``"eager"`` backend (``densenet.rdnet_inference.InferenceRDNet``, channels
+            last; the default) or ``"openvino"``.
         dtype: compute precision, a ``torch.dtype`` or a name that ``--dtype`` takes
             (``"auto"``: bfloat16 where the device computes it natively, else float32; with
             backend ``"openvino"``, OpenVINO's own default precision); default float32 on CPU
@@ -209,19 +214,24 @@ def optimize(
             batch split across them) instead of its latency hint; the other engines ignore it.
 
     Returns:
-        an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet`` or a
-        ``OneDNNDenseNet``, mapping (N, C, H, W) inputs ((N, C, L), (N, C, D, H, W) for 1D and
-        3D models) of any float dtype to outputs of the same dtype (an ``OpenVINODenseNet``:
-        float32 outputs); it keeps the model's ``arch`` and ``config``.
+        an ``InferenceDenseNet`` (or its compiled wrapper), a ``TritonDenseNet``, a
+        ``OneDNNDenseNet`` or an ``InferenceRDNet``, mapping (N, C, H, W) inputs ((N, C, L),
+        (N, C, D, H, W) for 1D and 3D models) of any float dtype to outputs of the same dtype
+        (an ``OpenVINODenseNet``: float32 outputs); it keeps the model's ``arch`` and
+        ``config``.
     """
-    if not isinstance(model, DenseNet):
-        raise TypeError(f"optimize() takes a densenet.DenseNet, got {type(model).__name__}")
+    if not isinstance(model, (DenseNet, RDNet)):
+        raise TypeError(
+            f"optimize() takes a densenet.DenseNet or RDNet, got {type(model).__name__}"
+        )
     if model.training:
         raise RuntimeError(
             "optimize() needs a model in eval mode (its BatchNorm running statistics are folded "
             "into the weights); call model.eval() first"
         )
     device = next(model.parameters()).device
+    if isinstance(model, RDNet):
+        _check_rdnet(backend, compile, channels_last)
     if backend == "openvino":  # OpenVINO decides "auto" and checks its own precisions
         if compile:
             raise ValueError("compile applies to backend='inductor' only, got backend='openvino'")
@@ -231,6 +241,8 @@ def optimize(
     dtype = resolve_dtype(dtype, device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    if isinstance(model, RDNet):
+        return InferenceRDNet(model, dtype)
     mode = "default" if compile in (True, False) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
@@ -262,3 +274,18 @@ def optimize(
         )
     options = {**torch._inductor.list_mode_options(mode), "freezing": True}
     return torch.compile(fast, options=options, dynamic=False)
+
+
+def _check_rdnet(backend: str | None, compile: bool | str, channels_last: bool | None) -> None:
+    """Raise unless an RDNet's inference form can be built as asked: its engines are
+    ``RDNET_BACKENDS``, it computes channels last and is not compiled."""
+    if backend not in (None, *RDNET_BACKENDS) or compile:
+        asked = f"backend={backend!r}" if backend not in (None, *RDNET_BACKENDS) else "compile"
+        raise ValueError(
+            f"an RDNet runs on backend 'eager' (the default) or 'openvino', not {asked}"
+        )
+    if channels_last is False:
+        raise ValueError(
+            "an RDNet's inference form computes channels last only (its LayerNorms and 1x1 "
+            "convolutions act on each pixel's channels); drop channels_last=False"
+        )

@@ -1,7 +1,7 @@
 """Inference speed of DenseNet implementations, measured in one process on identical inputs.
 
 Every engine runs the same weights on the same random-normal input: torchvision eager (the
-baseline: float32, NCHW), torchvision under ``torch.compile`` (the second reference), timm, ONNX
+baseline: float32, NCHW; for an RDNet, which torchvision lacks, timm eager), torchvision under ``torch.compile`` (the second reference), timm, ONNX
 Runtime and OpenVINO (CPU) when installed, and ``densenet.optimize`` with each backend (eager,
 inductor, onednn and openvino on CPU, triton on CUDA) and, on CUDA, replayed as CUDA graphs; with dtype
 ``"int8"``, densenet's int8 (NNCF's, and PyTorch's FX fallback) beside ONNX Runtime's static QDQ int8 and OpenVINO's NNCF int8
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backends import optimize
+from .backends import RDNET_BACKENDS, optimize
 from .dtypes import DTYPES, dtype_name
 from .engines import cpu_flags, cpu_kind, cpu_name
 from .exported import INPUT_NAME
@@ -37,6 +37,7 @@ from .io import text_table
 from .model import DenseNet
 from .openvino import CompiledModule, compile_for_cpu, keeps_signal_stack, require_openvino
 from .quantization import quantize_module, quantize_nncf, quantize_onnx
+from .rdnet import RDNET_ARCHITECTURES, RDNet
 from .registry import get_model
 from .runtime import resolve_device
 
@@ -60,7 +61,7 @@ class Result:
     dtype: str
     ms: float | None = None
     images_per_s: float | None = None
-    speedup: float | None = None  # vs the baseline, torchvision eager float32
+    speedup: float | None = None  # vs the baseline: torchvision (an RDNet: timm) eager float32
     vs_compiled: float | None = None  # vs torch.compile(torchvision), when that engine ran
     rel_error: float | None = None
     setup_s: float | None = None
@@ -98,6 +99,8 @@ def _channels_last(model: nn.Module) -> nn.Module:
 def _torchvision(model: DenseNet) -> nn.Module:
     import torchvision
 
+    if not isinstance(model, DenseNet):
+        raise NotImplementedError(f"torchvision has no {type(model).__name__}")
     config = model.config
     if config["stem"] != "imagenet" or config["compression"] != 0.5 or not config["bn_size"]:
         raise NotImplementedError("torchvision builds only ImageNet-stem DenseNet-BC models")
@@ -128,28 +131,44 @@ def _tv_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Ten
     return _autocast(torch.compile(tv, mode=_compile_mode(x)), x, dtype)
 
 
-def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+def _timm_model(model: DenseNet) -> nn.Module:
+    """timm's model of ``model``'s architecture with its weights, eval mode, on its device."""
     import timm
 
     arch = getattr(model, "arch", None)
-    if arch not in timm.list_models("densenet*"):
+    if arch not in timm.list_models(["densenet*", "rdnet*"]):
         raise NotImplementedError(f"timm has no architecture {arch!r}")
     net = timm.create_model(arch, pretrained=False, num_classes=model.num_classes)
     net.load_state_dict(model.state_dict())
-    net = _channels_last(net.eval().to(x.device))
-    return _autocast(net, x, dtype)
+    return net.eval().to(next(model.parameters()).device)
+
+
+def _timm_eager(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return _timm_model(model)
+
+
+def _timm(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return _autocast(_channels_last(_timm_model(model)), x, dtype)
+
+
+def _runs_on(model: DenseNet, backend: str) -> None:
+    """``NotImplementedError`` (an engine that does not apply) for an RDNet's missing engines."""
+    if isinstance(model, RDNet) and backend not in RDNET_BACKENDS:
+        raise NotImplementedError(f"an RDNet runs on backends {', '.join(RDNET_BACKENDS)}")
 
 
 def _ours(backend: str, precision: str | None = None):
     """``optimize(backend=...)`` in the benchmark's dtype, or in ``precision`` (``"auto"``)."""
 
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        _runs_on(model, backend)
         return optimize(model, dtype=precision or dtype, backend=backend)
 
     return build
 
 
 def _ours_compile(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    _runs_on(model, "inductor")
     mode = _compile_mode(x)
     return optimize(model, dtype=dtype, compile=True if mode == "default" else mode)
 
@@ -158,6 +177,7 @@ def _cuda_graph(backend: str):
     """``optimize(backend=...)`` captured as one CUDA graph per input shape and replayed."""
 
     def build(model: DenseNet, x: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        _runs_on(model, backend)
         fast = optimize(model, dtype=dtype, backend=backend)
         return BucketedModel(fast, max_batch=x.shape[0], cuda_graphs=True)
 
@@ -259,6 +279,7 @@ ENGINES: dict[str, Engine] = {
         Engine("torchvision eager", _tv_eager, reduced_precision=False),
         Engine("torchvision eager CL", _tv_eager_cl),
         Engine("torchvision compile CL", _tv_compile),
+        Engine("timm eager", _timm_eager, reduced_precision=False),
         Engine("timm eager CL", _timm),
         Engine("onnxruntime", _onnxruntime, ("cpu",), reduced_precision=False),
         Engine("openvino f32", _openvino("f32"), ("cpu",), reduced_precision=False),
@@ -278,6 +299,7 @@ ENGINES: dict[str, Engine] = {
     ]
 }
 BASELINE = "torchvision eager"
+RDNET_BASELINE = "timm eager"  # torchvision has no RDNet
 COMPILED_REFERENCE = "torchvision compile CL"
 
 
@@ -287,8 +309,9 @@ def _rel_error(y: Tensor, ref: Tensor) -> float:
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters, so that a wrong fold
-    changes the output (a freshly initialised BatchNorm is the identity in eval mode)."""
+    """Give every BatchNorm non-trivial statistics and affine parameters, and every LayerNorm
+    and RDNet layer scale (``gamma``) non-trivial values, so that a wrong fold changes the
+    output (a fresh BatchNorm is the identity in eval mode, a fresh layer scale is 1e-6)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -296,8 +319,13 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                n = m.weight.numel()
                 m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+            gamma = getattr(m, "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                gamma.copy_(torch.rand(gamma.shape, generator=generator) * 0.5 + 0.1)
     return model
 
 
@@ -385,7 +413,7 @@ def _check(fn, result: Result, x: Tensor, reference: Tensor) -> bool:
 
 
 def run_benchmark(
-    models: Sequence[str | DenseNet] = ("densenet121",),
+    models: Sequence[str | DenseNet | RDNet] = ("densenet121",),
     batch_sizes: Sequence[int] = (1, 16),
     *,
     device: str | torch.device = "cpu",
@@ -402,14 +430,14 @@ def run_benchmark(
     """Measure every engine on every model and batch size.
 
     Args:
-        models: architecture names (random weights with randomised BatchNorm statistics) or
-            ``DenseNet`` instances (weights as given).
+        models: architecture names (random weights, randomised norms: ``randomize_batchnorm``)
+            or ``DenseNet`` and ``RDNet`` instances (weights as given).
         batch_sizes: images per forward pass.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: the precision of the engines that support reduced precision (float32, bfloat16,
             float16), or ``"int8"``: the int8 engines (CPU: densenet's NNCF and FX int8, ONNX Runtime's
             static QDQ, OpenVINO with NNCF; each calibrated on the same random-normal images);
-            the torchvision eager baseline always runs float32 NCHW.
+            the baseline (torchvision eager; timm eager for an RDNet) always runs float32 NCHW.
         engines: names from ``ENGINES`` (default: all that run on ``device`` and in ``dtype``).
         image_size: input height and width in pixels.
         rounds: timing rounds; each round times every engine ``repeats`` times in turn.
@@ -422,8 +450,9 @@ def run_benchmark(
 
     Returns:
         one ``Result`` per model, batch size and engine; ``ms`` is the median over all timed
-        calls, ``speedup`` the ratio of the baseline's median to it and ``vs_compiled`` that of
-        torch.compile(torchvision), when it ran.
+        calls, ``speedup`` the ratio of the baseline's median to it (torchvision eager float32;
+        for an RDNet timm eager float32) and ``vs_compiled`` that of torch.compile(torchvision),
+        when it ran.
     """
     device = resolve_device(device)
     precision = torch.float32 if dtype == "int8" else DTYPES[dtype]
@@ -436,11 +465,11 @@ def run_benchmark(
         n for n in engines or ENGINES
         if device.type in ENGINES[n].devices and (engines or ENGINES[n].int8 == int8)
     ]  # fmt: skip
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
+    baselines = [b for b in dict.fromkeys(map(_baseline, models)) if b not in names]
     say(
-        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x {len(names)} engines "
-        f"({', '.join(names)}), {rounds} timing rounds each"
+        f"{len(models)} model(s) x {len(batch_sizes)} batch size(s) x "
+        f"{len(baselines) + len(names)} engines ({', '.join([*baselines, *names])}), "
+        f"{rounds} timing rounds each"
     )
     results: list[Result] = []
     for model in models:
@@ -449,6 +478,8 @@ def run_benchmark(
             model = randomize_batchnorm(get_model(model), seed)
         model = model.eval().to(device)
         arch = getattr(model, "arch", None) or "custom"
+        baseline = _baseline(model)
+        timed_here = names if baseline in names else [baseline, *names]
         for batch in batch_sizes:
             generator = torch.Generator().manual_seed(seed)
             x = torch.randn(batch, 3, image_size, image_size, generator=generator)
@@ -458,7 +489,7 @@ def run_benchmark(
             x = x.to(device)
             first = len(results)
             live: list[tuple[Callable[[Tensor], Tensor], Result]] = []
-            for name in names:
+            for name in timed_here:
                 say(f"{arch} batch {batch}: setting up {name}")
                 fn, result = _setup(name, model, x, precision, shapes_vary)
                 results.append(result)
@@ -473,12 +504,19 @@ def run_benchmark(
                 result.images_per_s = batch * 1e3 / result.ms
             timed = {r.engine: r.ms for _, r in live}
             for _, result in live:
-                if BASELINE in timed:
-                    result.speedup = timed[BASELINE] / result.ms
+                if baseline in timed:
+                    result.speedup = timed[baseline] / result.ms
                 if COMPILED_REFERENCE in timed:
                     result.vs_compiled = timed[COMPILED_REFERENCE] / result.ms
             say(format_table(results[first:]))
     return results
+
+
+def _baseline(model: str | DenseNet | RDNet) -> str:
+    """The engine the ratios are to: timm eager for an RDNet (torchvision has none), else
+    torchvision eager."""
+    rdnet = isinstance(model, RDNet) or (isinstance(model, str) and model in RDNET_ARCHITECTURES)
+    return RDNET_BASELINE if rdnet else BASELINE
 
 
 def _timed_rounds(live, x: Tensor, rounds: int, repeats: int | None, say) -> None:
@@ -520,7 +558,7 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 def format_table(results: Sequence[Result]) -> str:
     """The results as an aligned text table."""
-    header = ["model", "batch", "engine", "dtype", "ms", "img/s", "vs tv eager", "vs tv compile"]
+    header = ["model", "batch", "engine", "dtype", "ms", "img/s", "vs baseline", "vs tv compile"]
     rows = [[*header, "rel. error", "note"]]
     for r in results:
         rows.append([

@@ -35,6 +35,7 @@ BENCH_ENGINES = (  # densenet.benchmark.ENGINES
     "torchvision eager",
     "torchvision eager CL",
     "torchvision compile CL",
+    "timm eager",
     "timm eager CL",
     "onnxruntime",
     "openvino f32",

@@ -2,7 +2,8 @@
 OpenVINO IR file (``densenet export --format openvino``) shares with it.
 
 ``OpenVINODenseNet`` converts a DenseNet's inference form (``InferenceDenseNet``, BatchNorms
-folded, its dense blocks written as concatenations) straight from the module
+folded, its dense blocks written as concatenations; for an RDNet, ``InferenceRDNet`` built for a
+graph runtime) straight from the module
 (``openvino.convert_model``, no file in between), with a dynamic batch and spatial size, and
 compiles it for the CPU with the precision asked: float32 is exact (OpenVINO's f32 inference
 precision); ``"auto"`` is OpenVINO's own default, bfloat16 where the CPU computes it. The
@@ -41,6 +42,8 @@ from .errors import DenseNetError, first_line
 from .inference import METADATA, InferenceDenseNet, concatenating
 from .io import atomic_write, check_regular_file
 from .model import DenseNet
+from .rdnet import RDNet
+from .rdnet_inference import InferenceRDNet
 
 __all__ = [
     "INSTALL_OPENVINO",
@@ -337,7 +340,16 @@ class CompiledModule(nn.Module):
                 request.wait()
 
 
-def converted_form(ov: ModuleType, model: DenseNet) -> Any:
+def traceable_form(model: DenseNet | RDNet) -> tuple[nn.Module, int]:
+    """``model``'s float32 inference form as a graph runtime takes it (concatenations, portable
+    operators), and its input channels."""
+    if isinstance(model, RDNet):
+        return InferenceRDNet(model, torch.float32, graph=True), model.config["in_channels"]
+    form = concatenating(InferenceDenseNet(model, torch.float32, channels_last=False))
+    return form, model.features.conv0.in_channels
+
+
+def converted_form(ov: ModuleType, model: DenseNet | RDNet) -> Any:
     """``model``'s inference form as an ``openvino.Model``: from the cache when this model was
     converted before (``cache_dir()``, an IR named by ``fingerprint``; the ``CACHED_IRS`` used
     last are kept, and twice as many of OpenVINO's compiled blobs), else converted and cached."""
@@ -347,11 +359,10 @@ def converted_form(ov: ModuleType, model: DenseNet) -> Any:
             converted = read_ir(ov, xml)
             os.utime(xml)
             return converted
-    form = concatenating(InferenceDenseNet(model, torch.float32, channels_last=False))
-    channels = model.features.conv0.in_channels
-    side = max(model.min_input_size, 32)
-    example = torch.randn(EXAMPLE_BATCH, channels, *[side] * model.spatial_dims)
-    converted = convert(ov, form, example, input_shape(ov, channels, model.spatial_dims))
+    form, channels = traceable_form(model)
+    side, spatial_dims = max(model.min_input_size, 32), getattr(model, "spatial_dims", 2)
+    example = torch.randn(EXAMPLE_BATCH, channels, *[side] * spatial_dims)
+    converted = convert(ov, form, example, input_shape(ov, channels, spatial_dims))
     with contextlib.suppress(OSError, DenseNetError):  # a read-only cache: convert every time
         xml.parent.mkdir(parents=True, exist_ok=True)
         write_ir(ov, converted, xml)
@@ -363,12 +374,14 @@ def converted_form(ov: ModuleType, model: DenseNet) -> Any:
     return converted
 
 
-def fingerprint(model: DenseNet, ov: ModuleType) -> str:
-    """A SHA-256 (hex) of what the converted form depends on: the model's configuration and
-    tensors, OpenVINO's version and the source of the code that builds the form."""
+def fingerprint(model: DenseNet | RDNet, ov: ModuleType) -> str:
+    """A SHA-256 (hex) of what the converted form depends on: the model's type, configuration
+    and tensors, OpenVINO's version and the source of the code that builds the form."""
     digest = hashlib.sha256()
-    sources = [Path(__file__), Path(__file__).with_name("inference.py")]
-    for part in [ov.__version__, repr(sorted(model.config.items())), *sources]:
+    here = Path(__file__)
+    sources = [here, here.with_name("inference.py"), here.with_name("rdnet_inference.py")]
+    described = [type(model).__name__, repr(sorted(model.config.items()))]
+    for part in [ov.__version__, *described, *sources]:
         digest.update(part.read_bytes() if isinstance(part, Path) else part.encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -380,7 +393,7 @@ class OpenVINODenseNet(CompiledModule):
     """A DenseNet's inference form compiled by OpenVINO for the CPU.
 
     Args:
-        model: an eval-mode ``densenet.DenseNet`` on the CPU (1D, 2D or 3D).
+        model: an eval-mode ``densenet.DenseNet`` on the CPU (1D, 2D or 3D), or ``RDNet``.
         dtype: None or float32 (exact: OpenVINO's f32 precision), ``"auto"`` (OpenVINO's
             default: bfloat16 where the CPU computes it, else float32), bfloat16 or float16
             (where the CPU computes it).
@@ -394,7 +407,10 @@ class OpenVINODenseNet(CompiledModule):
     """
 
     def __init__(
-        self, model: DenseNet, dtype: torch.dtype | str | None = None, throughput: bool = False
+        self,
+        model: DenseNet | RDNet,
+        dtype: torch.dtype | str | None = None,
+        throughput: bool = False,
     ) -> None:
         ov = require_openvino("backend='openvino'")
         device = next(model.parameters()).device
@@ -407,7 +423,7 @@ class OpenVINODenseNet(CompiledModule):
         converted = converted_form(ov, model)
         hint = "THROUGHPUT" if throughput else "LATENCY"
         super().__init__(compile_for_cpu(ov, converted, precision, hint), type(model).__name__)
-        self.dtype, self.spatial_dims = precision, model.spatial_dims
+        self.dtype, self.spatial_dims = precision, getattr(model, "spatial_dims", 2)
         for name in METADATA:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))

@@ -1,16 +1,17 @@
-"""Post-training static int8 quantization of a DenseNet on the CPU (``densenet.quantize``).
+"""Post-training static int8 quantization of a DenseNet or RDNet on the CPU (``densenet.quantize``).
 
 Two engines, calibrated alike on the user's images:
 
 - ``"nncf"`` (when openvino and nncf are installed): NNCF's ``quantize`` of the OpenVINO model
-  converted from the DenseNet's inference form (BatchNorms folded): per-channel int8 weights,
+  converted from the network's inference form (BatchNorms folded; an RDNet's LayerNorm affines
+  and layer scales folded, ``densenet.rdnet_inference``): per-channel int8 weights,
   per-tensor activations (FakeQuantize operators of OpenVINO's standard opsets), run by
   OpenVINO's int8 kernels. The file written is an OpenVINO IR folder (``model.xml`` with the
   card and the report in its rt_info, ``model.bin``).
 - ``"fx"``: PyTorch's FX graph mode with the x86 backend (``torch.ao.quantization``, deprecated
   in PyTorch): per-channel int8 weights, per-tensor uint8 activations, each ``conv1 -> norm2
   -> relu2`` one int8 convolution with its ReLU. The file written is TorchScript with the card
-  and the report.
+  and the report. DenseNets only.
 
 ``densenet.load`` reads both.
 """
@@ -55,6 +56,7 @@ from .openvino import (
 )
 from .preprocessing import ModelCard
 from .published import WeightsArg
+from .rdnet import RDNet
 
 __all__ = [
     "ENGINES", "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model",
@@ -66,6 +68,9 @@ __all__ = [
 warnings.filterwarnings("ignore", message="All inputs of this cat operator")
 
 ENGINES = ("nncf", "fx")
+# an RDNet form's matrix products on pooled vectors (its classifier, its squeeze-excitations),
+# by the names of their converted nodes: kept in float32
+RDNET_FLOAT_NODES = [r".*classifier.*", r".*\.se/.*"]
 FX_DEPRECATED = (
     "int8 through torch.ao.quantization FX, which is deprecated in PyTorch; for NNCF int8 "
     f"(OpenVINO) instead: {INSTALL_OPENVINO}"
@@ -85,14 +90,20 @@ def check_image_model(card: ModelCard) -> None:
         )
 
 
-def _check_quantizable(loaded: LoadedModel, source: object) -> None:
-    """``QuantizeError`` unless ``loaded`` (from ``source``) is a float DenseNet of images."""
-    if not isinstance(loaded.module, DenseNet):
+def _check_quantizable(loaded: LoadedModel, source: object, engine: str) -> None:
+    """``QuantizeError`` unless ``loaded`` (from ``source``) is a float DenseNet of images, or
+    an RDNet for the nncf ``engine``."""
+    if not isinstance(loaded.module, (DenseNet, RDNet)):
         name = source if isinstance(source, (str, os.PathLike)) else "this model"
         raise QuantizeError(
             f"cannot quantize {name} ({type(loaded.module).__name__}): quantize needs a float "
-            "DenseNet (an architecture with weights, a weights file or a checkpoint of densenet "
-            "train), not an exported or int8 file"
+            "DenseNet or RDNet (an architecture with weights, a weights file or a checkpoint of "
+            "densenet train), not an exported or int8 file"
+        )
+    if isinstance(loaded.module, RDNet) and engine != "nncf":
+        raise QuantizeError(
+            f"an RDNet quantizes with the nncf engine (OpenVINO), not {engine}: "
+            f"{INSTALL_OPENVINO} and nncf, then quantize with engine nncf"
         )
     check_image_model(loaded.card)
 
@@ -219,16 +230,21 @@ def quantize_module(module: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
 
 
 @keeps_signal_stack
-def quantize_nncf(model: DenseNet, batches: Sequence[Tensor], progress: bool = True) -> Any:
+def quantize_nncf(model: DenseNet | RDNet, batches: Sequence[Tensor], progress: bool = True) -> Any:
     """``model`` (float32, CPU) in int8 as an ``openvino.Model``: its inference form converted
     by OpenVINO (``densenet.openvino.converted_form``), quantized by NNCF on the images of the
     (N, C, H, W) ``batches``, one at a time. The classifier stays in float32: per-tensor int8
-    of its input, the pooled features, costs most of the logits' error for little time."""
+    of its input, the pooled features, costs most of the logits' error for little time (a
+    DenseNet's only MatMul; an RDNet's 1x1 convolutions are MatMuls too: its classifier and
+    squeeze-excitations, on pooled vectors too, are named, ``RDNET_FLOAT_NODES``)."""
     ov = require_openvino("int8 with NNCF")
     import nncf
 
     samples = [image[None].numpy() for batch in batches for image in batch]
-    classifier = nncf.IgnoredScope(types=["MatMul"], validate=False)
+    if isinstance(model, RDNet):
+        classifier = nncf.IgnoredScope(patterns=RDNET_FLOAT_NODES, validate=False)
+    else:
+        classifier = nncf.IgnoredScope(types=["MatMul"], validate=False)
     level = logging.getLogger("nncf").level
     nncf.set_log_level(logging.ERROR)  # its notes on the graph, not for the user
     # NNCF's progress bars print to stdout, where --json goes: to stderr, or nowhere
@@ -318,7 +334,7 @@ def quantize(
     source = model
     if not isinstance(model, LoadedModel):
         model = load(model, weights=weights, progress=progress)
-    _check_quantizable(model, source)
+    _check_quantizable(model, source, engine)
     paths = _calibration_paths(calibration, num_images)
     card, module = model.card, model.module.cpu().float().eval()
     held = _spread(paths, holdout) if len(paths) > holdout else []

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .architectures import RDNET_ARCHITECTURES
 from .network import Network, take_indices
+from .rdnet_memory import memory_efficient_stage
 
 __all__ = ["RDNET_ARCHITECTURES", "RDNet", "RDNetFeatures"]
 
@@ -119,13 +120,23 @@ class DenseBlock(nn.Module):
 
 class DenseStage(nn.Sequential):
     """Dense blocks ``dense_block0``...: (N, C, H, W) -> (N, C + blocks * growth_rate, H, W),
-    the input and every block's new features concatenated."""
+    the input and every block's new features concatenated; when ``memory_efficient`` and
+    gradients are on, as one buffer with the cheap parts recomputed in backward
+    (``densenet.rdnet_memory``)."""
+
+    memory_efficient = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_memory_efficient(x)
         features = [x]
         for block in self:
             features.append(block(features))
         return torch.cat(features, 1)
+
+    @torch.jit.unused
+    def _forward_memory_efficient(self, x: Tensor) -> Tensor:
+        return memory_efficient_stage(list(self), x)
 
 
 class Head(nn.Module):
@@ -173,6 +184,8 @@ class RDNet(Network):
         proj_drop_rate: dropout after each dense block, in training.
         drop_path_rate: stochastic depth of the last block, rising linearly from 0 over all
             blocks.
+        memory_efficient: train each dense stage in one buffer, recomputing its depthwise
+            convolutions, LayerNorms and GELUs in backward (``densenet.rdnet_memory``).
         arch: the registry name of this configuration, or None.
 
     Input (N, in_channels, H, W) float, H and W at least ``min_input_size``; output (N,
@@ -198,6 +211,7 @@ class RDNet(Network):
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        memory_efficient: bool = False,
         arch: str | None = None,
     ) -> None:
         super().__init__()
@@ -263,6 +277,20 @@ class RDNet(Network):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
+        self.set_memory_efficient(memory_efficient)
+
+    def set_memory_efficient(self, enabled: bool | str = True) -> None:
+        """Switch every dense stage to (or from) the memory-efficient training form
+        (``densenet.rdnet_memory``)."""
+        if enabled not in (False, True):
+            raise ValueError(
+                f"an RDNet's memory_efficient is True or False, got {enabled!r} (the fused "
+                "Triton kernels are the classic DenseNet's)"
+            )
+        for module in self.modules():
+            if isinstance(module, DenseStage):
+                module.memory_efficient = enabled
+        self.memory_efficient = enabled
 
     @property
     def classifier(self) -> nn.Module:

@@ -39,6 +39,7 @@ __all__ = ["NonFiniteOutputError", "Runner", "count_weights"]
 log = logging.getLogger(__name__)
 
 
+
 class NonFiniteOutputError(DenseNetError):
     """The model gave NaN or infinite outputs: its weights are broken, or its precision overflows."""
 
@@ -49,8 +50,8 @@ class Runner:
     Args:
         loaded: what ``densenet.load`` returns; its module may be on any device.
         device: where the model runs; inputs are moved there.
-        optimize: run a DenseNet in its inference form (``densenet.optimize``); False runs the
-            module as given (float32). An exported file always runs as it was exported; a
+        optimize: run a DenseNet or RDNet in its inference form (``densenet.optimize``); False
+            runs the module as given (float32). An exported file always runs as it was exported; a
             ``dtype`` that the module will not run in is an error.
         dtype: the inference form's precision: what ``densenet.precision.resolve_dtype`` takes
             (None: float32 on CPU, bfloat16 on CUDA; ``"auto"``, ``"bfloat16"``, a
@@ -93,7 +94,7 @@ class Runner:
     ) -> None:
         self.card, self.device = loaded.card, device
         module, kind = loaded.module, loaded.kind  # in eval mode (``load`` puts it there)
-        fast = optimize and kind == "densenet"  # only a DenseNet has an inference form
+        fast = optimize and kind in NETWORK_KINDS  # DenseNets and RDNets have inference forms
         if backend is not None:
             _check_backend(backend, fast, dtype, kind)
         self.spatial_dims = loaded.spatial_dims
@@ -111,7 +112,7 @@ class Runner:
         self.precision = loaded.precision or dtype_name(self.input_dtype or torch.float32)
         if not fast:  # runs as given
             _check_runs_in(dtype, self.precision, module, kind)
-            if kind in NETWORK_KINDS:  # an RDNet (no inference form) or as asked
+            if kind in NETWORK_KINDS:  # as asked (--no-optimize)
                 module = module.to(device)
         elif dtype == "int8":
             module = _int8(LoadedModel(module, self.card), device, calibration, progress)
@@ -290,9 +291,7 @@ def _check_runs_in(
         return
     how = (
         "optimize it (drop --no-optimize)"
-        if kind == "densenet"
-        else "it has no inference form yet and runs in float32"
-        if kind == "network"
+        if kind in NETWORK_KINDS
         else "it runs in the precision it was exported in; export it again in that one"
     )
     raise DenseNetError(

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         help="inference speed: densenet.optimize against torchvision, ONNX Runtime, OpenVINO",
         description="Time every installed engine in one process on the same weights and input "
         "(outputs checked against float64 first), report medians and the ratio to torchvision "
-        "eager float32, print a table last.",
+        "eager float32 (timm eager float32 for an RDNet), print a table last.",
     )
     p.add_argument("--models", nargs="+", default=["densenet121"], help="architectures")
     p.add_argument(
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
         choices=["float32", "bfloat16", "float16", "int8"],
         help="precision of the engines that support it (default float32 on CPU, bfloat16 on "
         "CUDA); int8: densenet's int8 next to ONNX Runtime's and OpenVINO's (CPU, each "
-        "calibrated on the same images); the torchvision eager baseline is always float32",
+        "calibrated on the same images); the eager baseline is always float32",
     )
     p.add_argument(
         "--engines",
