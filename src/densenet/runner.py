@@ -39,7 +39,6 @@ __all__ = ["NonFiniteOutputError", "Runner", "count_weights"]
 log = logging.getLogger(__name__)
 
 
-
 class NonFiniteOutputError(DenseNetError):
     """The model gave NaN or infinite outputs: its weights are broken, or its precision overflows."""
 
