@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .architectures import min_input_size
 from .memory import memory_efficient_block, memory_efficient_bn_relu
-from .network import Network, take_indices
+from .network import Network, new_classifier, take_indices
 
 STEMS = ("imagenet", "cifar")
 SPATIAL_DIMS = (1, 2, 3)
@@ -245,7 +245,7 @@ class DenseNet(Network):
         self.features.add_module("norm5", nd("BatchNorm", spatial_dims)(channels))
         self.num_features = channels
         self.num_classes = num_classes
-        self.classifier: nn.Module = _classifier(channels, num_classes)
+        self.classifier: nn.Module = new_classifier(channels, num_classes)
         self.arch = arch
         self._init_weights()
         self.set_memory_efficient(memory_efficient)
@@ -335,7 +335,7 @@ class DenseNet(Network):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs."""
-        self.classifier = _classifier(self.num_features, num_classes)
+        self.classifier = new_classifier(self.num_features, num_classes)
         self.num_classes = num_classes
         self.config = {**self.config, "num_classes": num_classes}  # forms made before keep theirs
 
@@ -404,14 +404,6 @@ def _check_spatial(spatial_dims: int, stem_stride: Sequence[int] | None) -> tupl
             f"got {stem_stride!r}"
         )
     return stride
-
-
-def _classifier(num_features: int, num_classes: int) -> nn.Module:
-    if num_classes == 0:
-        return nn.Identity()
-    linear = nn.Linear(num_features, num_classes)
-    nn.init.zeros_(linear.bias)
-    return linear
 
 
 def _check_config(

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["Network", "take_indices"]
+__all__ = ["Network", "new_classifier", "take_indices"]
 
 
 class Network(nn.Module):
@@ -46,3 +46,13 @@ def take_indices(count: int, out_indices: Sequence[int] | None, what: str) -> tu
             f"out_indices must be {what} indices in 0..{count - 1} (or negative), "
             f"got {out_indices!r}"
         ) from None
+
+
+def new_classifier(num_features: int, num_classes: int) -> nn.Module:
+    """A fresh classifier: (N, num_features) -> (N, num_classes), zero bias; for 0 classes the
+    identity (the pooled features are the output)."""
+    if num_classes == 0:
+        return nn.Identity()
+    linear = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(linear.bias)
+    return linear

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .architectures import RDNET_ARCHITECTURES
-from .network import Network, take_indices
+from .network import Network, new_classifier, take_indices
 from .rdnet_memory import memory_efficient_stage
 
 __all__ = ["RDNET_ARCHITECTURES", "RDNet", "RDNetFeatures"]
@@ -147,20 +147,12 @@ class Head(nn.Module):
         super().__init__()
         self.norm = LayerNorm2d(channels)
         self.drop_rate = drop_rate
-        self.fc = _linear(channels, num_classes)
+        self.fc = new_classifier(channels, num_classes)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(self.norm(F.adaptive_avg_pool2d(x, 1)), 1)
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
         return x if pre_logits else self.fc(x)
-
-
-def _linear(channels: int, num_classes: int) -> nn.Module:
-    if num_classes == 0:
-        return nn.Identity()
-    linear = nn.Linear(channels, num_classes)
-    nn.init.zeros_(linear.bias)
-    return linear
 
 
 class RDNet(Network):
@@ -309,7 +301,7 @@ class RDNet(Network):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs
         (0: none); the head's LayerNorm stays."""
-        self.head.fc = _linear(self.num_features, num_classes)
+        self.head.fc = new_classifier(self.num_features, num_classes)
         self.num_classes = num_classes
         self.config = {**self.config, "num_classes": num_classes}
 
