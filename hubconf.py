@@ -9,6 +9,6 @@ dependencies = ["torch", "torchvision", "PIL", "tqdm", "safetensors"]
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from densenet import registry  # noqa: E402
+from densenet.nn import registry  # noqa: E402
 
 globals().update({name: getattr(registry, name) for name in registry.list_models()})

@@ -1,4 +1,4 @@
-"""Bulk embedding throughput: images/s of ``densenet.bulk.run`` (embed) over a folder of JPEG
+"""Bulk embedding throughput: images/s of ``densenet.tasks.bulk.run`` (embed) over a folder of JPEG
 photos against the forward pass alone on the same batches, already decoded and preprocessed.
 
 The photos are scikit-image's sample pictures, cropped at random to ``--photo-size`` and saved as
@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 import densenet
-from densenet import bulk
-from densenet.io import write_json
+from densenet.data.files import write_json
+from densenet.tasks import bulk
 
 PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--photo-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, help="default: densenet.bulk.run's")
+    parser.add_argument("--workers", type=int, help="default: densenet.tasks.bulk.run's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--device-decode", action="store_true", help="decode JPEGs on the GPU")
     parser.add_argument("--rounds", type=int, default=2)

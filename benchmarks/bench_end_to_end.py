@@ -1,4 +1,4 @@
-"""End to end on the CPU: images/s of ``densenet predict DIR --out`` (``densenet.bulk.run``, task
+"""End to end on the CPU: images/s of ``densenet predict DIR --out`` (``densenet.tasks.bulk.run``, task
 predict, the openvino engine) against a plain loop around the same OpenVINO model.
 
 The photos are JPEGs of the sizes photos have (800x600 to 2048x1536, quality 82-94): random
@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 import densenet
-from densenet import bulk
-from densenet.engines import cpu_flags, cpu_name
-from densenet.io import write_json
+from densenet.data.files import write_json
+from densenet.infer.engines import cpu_flags, cpu_name
+from densenet.tasks import bulk
 
 SIZES = ((800, 600), (1024, 768), (1600, 1200), (2048, 1536), (1200, 1600))
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--model", default="densenet121")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, help="default: densenet.bulk.run's")
+    parser.add_argument("--workers", type=int, help="default: densenet.tasks.bulk.run's")
     parser.add_argument("--precision", choices=("auto", "float32"), default="auto")
     parser.add_argument("--exact-decode", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)

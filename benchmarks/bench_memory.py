@@ -7,7 +7,7 @@ densenet ``memory_efficient=True``; on CUDA also densenet ``memory_efficient="tr
 bottleneck's BN-ReLU-Conv1x1 as fused Triton kernels); with ``--compile`` also torchvision and
 densenet memory-efficient under ``torch.compile``. For an RDNet (``--arch rdnet_tiny``): timm
 plain, timm with ``set_grad_checkpointing()``, densenet plain, densenet ``memory_efficient=True``
-(``densenet.rdnet_memory``).
+(``densenet.nn.rdnet_memory``).
 
 Figures, each a ratio against the reference (torchvision plain; an RDNet: timm plain) in the same
 run:

@@ -15,8 +15,8 @@ import timm
 import torch
 
 import densenet
-from densenet.benchmark import randomize_batchnorm
-from densenet.openvino import CompiledModule, compile_for_cpu, require_openvino
+from densenet.infer.openvino import CompiledModule, compile_for_cpu, require_openvino
+from densenet.tasks.bench import randomize_batchnorm
 
 
 def main() -> None:

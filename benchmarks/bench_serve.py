@@ -484,7 +484,7 @@ def parts_of_an_answer(args: argparse.Namespace) -> tuple[list[float], list[floa
     import torch
 
     import densenet
-    from densenet.images import open_image
+    from densenet.data.images import open_image
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -503,7 +503,7 @@ def parts_of_an_answer(args: argparse.Namespace) -> tuple[list[float], list[floa
 
 
 def report_latency(args: argparse.Namespace) -> int:
-    from densenet.engines import cpu_flags, cpu_name
+    from densenet.infer.engines import cpu_flags, cpu_name
 
     answers, timings = asyncio.run(answer_times(args))
     decode, model = parts_of_an_answer(args)

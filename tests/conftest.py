@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import densenet
-import densenet.engines
-from densenet import DenseNet, weights
+import densenet.infer.engines
+from densenet import DenseNet
+from densenet.weights import published
 
 TINY = {"growth_rate": 4, "block_config": (2, 2), "num_init_features": 8}
 # a four-stage RDNet of a few thousand parameters (squeeze-excitation in the last two stages)
@@ -84,7 +85,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-SHIPPED_ENGINE_TABLE = densenet.engines.ENGINE_TABLE  # for the tests of the table itself
+SHIPPED_ENGINE_TABLE = densenet.infer.engines.ENGINE_TABLE  # for the tests of the table itself
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def engines_without_openvino(monkeypatch):
     OpenVINO first (about 2 s) and cached in the home folder. tests/test_engines.py puts the
     table as shipped back (``SHIPPED_ENGINE_TABLE``)."""
     rows = tuple(row for row in SHIPPED_ENGINE_TABLE if row.engine != "openvino")
-    monkeypatch.setattr(densenet.engines, "ENGINE_TABLE", rows)
+    monkeypatch.setattr(densenet.infer.engines, "ENGINE_TABLE", rows)
 
 
 @pytest.fixture(autouse=True)
@@ -141,9 +142,9 @@ def publish(torch_home, monkeypatch):
 
     def cache(arch: str, state: dict) -> Path:
         path = save_published_like(torch_home, arch, state)
-        published = weights.get_weights("densenet121")
-        entry = dataclasses.replace(published, arch=arch, file_name=path.name)
-        monkeypatch.setitem(weights.WEIGHTS, arch, {entry.name: entry, "DEFAULT": entry})
+        default = published.get_weights("densenet121")
+        entry = dataclasses.replace(default, arch=arch, file_name=path.name)
+        monkeypatch.setitem(published.WEIGHTS, arch, {entry.name: entry, "DEFAULT": entry})
         return path
 
     return cache

@@ -50,7 +50,7 @@ def counted(config: dict, size: int) -> tuple[int, float]:
 )
 def test_counts_equal_the_models_counted_on_the_meta_device(name):
     info = model_info(name)
-    config = densenet.registry.model_config(name)
+    config = densenet.nn.registry.model_config(name)
     assert (info["params"], info["gflops"]) == counted(config, info["input_size"])
     assert info["name"] == name and info["num_classes"] == config["num_classes"]
 

@@ -1,4 +1,4 @@
-"""Model archives from strangers (``densenet.archives``): a ``.pt2`` or TorchScript file that
+"""Model archives from strangers (``densenet.infer.archives``): a ``.pt2`` or TorchScript file that
 could run code is refused before torch reads it, with one line naming the member; damaged
 exports are one line naming the file."""
 
@@ -17,10 +17,10 @@ from conftest import tiny_model
 from PIL import Image
 
 import densenet
-from densenet.archives import UnsafeArchiveError
 from densenet.cli import main
 from densenet.errors import DenseNetError
-from densenet.export import to_exported, to_torchscript
+from densenet.infer.archives import UnsafeArchiveError
+from densenet.tasks.export import to_exported, to_torchscript
 
 
 class _WritesAFile:
@@ -180,7 +180,9 @@ def test_pt2_foreign_member_is_refused(exports, tmp_path):
 
 def _script_source(path: Path) -> tuple[str, str]:
     with zipfile.ZipFile(path) as archive:
-        name = next(n for n in archive.namelist() if n.endswith("code/__torch__/densenet/model.py"))
+        name = next(
+            n for n in archive.namelist() if n.endswith("code/__torch__/densenet/nn/model.py")
+        )
         return name, archive.read(name).decode()
 
 
@@ -226,8 +228,8 @@ def test_torchscript_foreign_member_is_refused(exports, tmp_path):
 
 
 def test_int8_torchscript_passes_the_audit(tmp_path):
-    from densenet.preprocessing import ModelCard
-    from densenet.quantization import QuantizedModel, quantize_module, save_quantized
+    from densenet.data.card import ModelCard
+    from densenet.infer.quantization import QuantizedModel, quantize_module, save_quantized
 
     model = tiny_model(num_classes=3).eval()
     module = quantize_module(model, [torch.randn(2, 3, 32, 32)])

@@ -1,5 +1,5 @@
 """Bulk embeddings and predictions into Parquet: one row per input, the model's own numbers,
-resuming after kill -9, torchrun ranks, settings checks, input listings; densenet.ray's
+resuming after kill -9, torchrun ranks, settings checks, input listings; densenet.tasks.ray's
 Embedder and Predictor on a local Ray instance give the same rows."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 import densenet
-from densenet import bulk
-from densenet.bulk import BulkError, Options, iter_inputs
-from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet.preprocessing import Preprocessing
+from densenet.data.card import Preprocessing
+from densenet.tasks import bulk
+from densenet.tasks.bulk import BulkError, Options, iter_inputs
+from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
 import pyarrow.dataset as pads  # noqa: E402
@@ -412,7 +412,7 @@ def test_cli_embed_writes_rows_and_a_bad_input_is_one_line(folder, checkpoint, t
     assert not (tmp_path / "other").exists()
 
 
-# ---- densenet.ray ---------------------------------------------------------------------------
+# ---- densenet.tasks.ray ---------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -439,7 +439,7 @@ def test_ray_embedder_and_predictor_match_the_bulk_output(local_ray, folder, che
         out = tmp_path / task
         bulk.run(manifest, out, Options(task=task), checkpoint, workers=0, progress=False)
         reference[task] = read(out).to_pandas().set_index("path")
-    from densenet.ray import Embedder, Predictor
+    from densenet.tasks.ray import Embedder, Predictor
 
     data = local_ray.data.read_binary_files(paths, include_paths=True)
     for task, callable_class, column in (

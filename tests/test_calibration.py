@@ -1,4 +1,4 @@
-"""densenet.calibration: temperature and Platt scaling recover a known miscalibration, change no
+"""densenet.tasks.calibration: temperature and Platt scaling recover a known miscalibration, change no
 ranking, and halve the calibration error on held-out data; thresholds follow their rule exactly;
 the card carries the fit and applies it."""
 
@@ -18,8 +18,9 @@ from test_multilabel import ATTRIBUTES, train_argv
 from torchmetrics.functional.classification import multilabel_auroc
 
 from densenet import ModelCard, load
-from densenet.calibration import (
-    Calibration,
+from densenet.cli import main
+from densenet.data.card import Calibration
+from densenet.tasks.calibration import (
     CalibrationError,
     ThresholdRule,
     calibration_metrics,
@@ -29,8 +30,7 @@ from densenet.calibration import (
     unpromised,
     wilson_lower_bound,
 )
-from densenet.checkpoint import read_checkpoint, save_checkpoint
-from densenet.cli import main
+from densenet.weights.checkpoint import read_checkpoint, save_checkpoint
 
 
 def single_label(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +209,7 @@ def test_what_cannot_be_fitted_is_refused(logits, targets, multi_label, message)
 def test_a_fit_that_diverges_is_refused(monkeypatch):
     """A fit whose scale is 0 or infinite (in float32, as the card applies it) is refused."""
     monkeypatch.setattr(
-        "densenet.calibration._minimise",
+        "densenet.tasks.calibration._minimise",
         lambda loss, shape: torch.zeros(shape, dtype=torch.float64) + 1000,  # e^-1000, e^1000
     )
     with pytest.raises(CalibrationError, match="calibration of the model diverged"):
@@ -300,8 +300,8 @@ def test_calibration_halves_the_held_out_error_and_thresholds_keep_their_promise
 
 def test_predict_and_bulk_apply_the_cards_calibration(tmp_path):
     from densenet import Classifier, get_model, load
-    from densenet.bulk import Options, Outputs
-    from densenet.checkpoint import TrainCheckpoint
+    from densenet.tasks.bulk import Options, Outputs
+    from densenet.weights.checkpoint import TrainCheckpoint
 
     torch.manual_seed(0)
     model = get_model("densenet_bc_100_k12", num_classes=4).eval()
@@ -368,7 +368,7 @@ def test_calibrate_checks_its_outputs_before_any_work(tiny, capsys, monkeypatch,
         (tiny / "c" / link).symlink_to(tiny / "precious.txt")
     before = files_under(tiny)
     monkeypatch.chdir(tiny)
-    monkeypatch.setattr("densenet.evaluation.load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("densenet.tasks.evaluate.load", lambda *a, **k: pytest.fail("loaded"))
     assert main(["calibrate", "best.pth", "val", *args, *CLI]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
@@ -381,9 +381,9 @@ def test_calibrate_refuses_the_models_it_cannot_write_before_running_them(
 ):
     """Random weights and a model that is no densenet checkpoint (here a TorchScript file) are
     refused before a single image is classified."""
-    from densenet.export import to_torchscript
+    from densenet.tasks.export import to_torchscript
 
-    monkeypatch.setattr("densenet.evaluation.predict_labels", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr("densenet.tasks.evaluate.predict_labels", lambda *a: pytest.fail("ran"))
     loaded = load(weights=str(tiny / "best.pth"))
     to_torchscript(loaded.module, tiny / "model.pt", card=loaded.card, method="trace")
     argv = ["calibrate", str(tiny / "model.pt"), str(tiny / "val"), "--out", str(tiny / "o.pth")]

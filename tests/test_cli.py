@@ -22,7 +22,7 @@ from test_weights import SMALL
 
 import densenet
 from densenet.cli import build_parser, main
-from densenet.weights import WEIGHTS
+from densenet.weights.published import WEIGHTS
 
 
 @pytest.mark.slow

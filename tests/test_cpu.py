@@ -1,4 +1,4 @@
-"""densenet.cpu: the oneDNN backend computes the eager model's function (float32 to 1e-5,
+"""densenet.infer.cpu: the oneDNN backend computes the eager model's function (float32 to 1e-5,
 bfloat16 to 1e-2) for every configuration and input shape, with the ReLUs fused and no BatchNorm
 or concatenation left; the precision helpers."""
 
@@ -13,11 +13,11 @@ import torch
 from conftest import randomize_batchnorm, tiny_model
 from test_inference import OpLog, rel_error
 
-import densenet.cpu
-import densenet.inference
+import densenet.infer.cpu
+import densenet.infer.form
 from densenet import optimize
-from densenet.backends import onednn_bfloat16
-from densenet.cpu import OneDNNDenseNet, default_dtype, native_bfloat16
+from densenet.infer.cpu import OneDNNDenseNet, default_dtype, native_bfloat16
+from densenet.infer.optimize import onednn_bfloat16
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN"
@@ -67,7 +67,7 @@ def test_bfloat16_within_1e2():
 
 def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
     """Where oneDNN cannot run bfloat16, optimize says so before oneDNN crashes mid-reorder."""
-    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)
+    monkeypatch.setattr(densenet.infer.optimize, "onednn_bfloat16", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CPU whose oneDNN runs bfloat16"):
         optimize(tiny_model().eval(), dtype=torch.bfloat16, backend="onednn")
 
@@ -101,5 +101,5 @@ def test_default_dtype(monkeypatch):
         assert native_bfloat16() == bool(flags & {"avx512_bf16", "amx_tile"})
     assert default_dtype("cuda") == torch.bfloat16
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(densenet.cpu, "native_bfloat16", lambda native=native: native)
+        monkeypatch.setattr(densenet.infer.cpu, "native_bfloat16", lambda native=native: native)
         assert default_dtype("cpu") == dtype

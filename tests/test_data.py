@@ -1,4 +1,4 @@
-"""Tests for densenet.data and the training transforms: folders, named datasets, the batch
+"""Tests for densenet.data.datasets and the training transforms: folders, named datasets, the batch
 sampler's sharding and resume, per-sample seeded augmentation, unreadable images."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densenet.data import (
+from densenet.data.datasets import (
     DataError,
     ImageFolderData,
     ModelInput,
@@ -22,7 +22,7 @@ from densenet.data import (
     named_dataset,
     shard_indices,
 )
-from densenet.transforms import Lighting, eval_transform, train_transform, views_transform
+from densenet.data.transforms import Lighting, eval_transform, train_transform, views_transform
 
 
 def digits_folder(root: Path, n: int = 1797, size: int = 16, val_fraction: float = 0.25) -> Path:

@@ -1,4 +1,4 @@
-"""The engine table (``densenet.engines``): the default engine of ``optimize`` for each device,
+"""The engine table (``densenet.infer.engines``): the default engine of ``optimize`` for each device,
 CPU kind and precision, ``densenet info --engines`` and ``--backend`` on the commands."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from conftest import SHIPPED_ENGINE_TABLE, TINY, randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
-import densenet.backends
-import densenet.engines
-import densenet.runner
-from densenet.backends import BACKENDS, default_engine
-from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+import densenet.infer.engines
+import densenet.infer.optimize
+import densenet.infer.runner
 from densenet.cli import main
-from densenet.inference import InferenceDenseNet
+from densenet.infer.form import InferenceDenseNet
+from densenet.infer.optimize import BACKENDS, default_engine
+from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 has_openvino = pytest.mark.skipif(
@@ -31,12 +31,12 @@ has_openvino = pytest.mark.skipif(
 def machine(monkeypatch):
     """``machine(kind, openvino)``: the shipped table, on a CPU of ``kind`` (``cpu_kind``) whose
     oneDNN runs bfloat16, with or without the openvino package."""
-    monkeypatch.setattr(densenet.engines, "ENGINE_TABLE", SHIPPED_ENGINE_TABLE)
-    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: True)
+    monkeypatch.setattr(densenet.infer.engines, "ENGINE_TABLE", SHIPPED_ENGINE_TABLE)
+    monkeypatch.setattr(densenet.infer.optimize, "onednn_bfloat16", lambda: True)
 
     def set_machine(kind: str, openvino: bool = True) -> None:
-        monkeypatch.setattr(densenet.engines, "cpu_kind", lambda: kind)
-        monkeypatch.setattr(densenet.backends, "_openvino_installed", lambda: openvino)
+        monkeypatch.setattr(densenet.infer.engines, "cpu_kind", lambda: kind)
+        monkeypatch.setattr(densenet.infer.optimize, "_openvino_installed", lambda: openvino)
 
     return set_machine
 
@@ -80,7 +80,7 @@ def test_the_cpu_default_is_the_tables_row_for_the_kind_and_precision(
 
 def test_a_row_whose_engine_cannot_run_here_is_skipped(machine, monkeypatch):
     machine("AVX512_BF16", openvino=False)
-    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)
+    monkeypatch.setattr(densenet.infer.optimize, "onednn_bfloat16", lambda: False)
     assert default_engine(CPU, torch.bfloat16)[0] == "eager"
     assert default_engine(CPU, torch.float32, channels_last=False)[0] == "eager"
 
@@ -89,17 +89,17 @@ def test_a_row_whose_engine_cannot_run_here_is_skipped(machine, monkeypatch):
 def test_cuda_never_defaults_to_triton(machine, monkeypatch, dtype):
     """The triton kernels as they are now have not run on a GPU: CUDA runs the eager form (the
     form measured there) until a GPU run measures them and a row says so."""
-    monkeypatch.setattr(densenet.backends, "_triton_usable", lambda device: True)
+    monkeypatch.setattr(densenet.infer.optimize, "_triton_usable", lambda device: True)
     engine, row = default_engine(CUDA, dtype)
     assert engine == "eager"
     assert (row is not None) == (dtype == torch.bfloat16)  # the H200's measurement
-    assert densenet.backends._backend(None, True, CUDA, dtype) == "inductor"  # compile=True
+    assert densenet.infer.optimize._backend(None, True, CUDA, dtype) == "inductor"  # compile=True
 
 
 def test_optimize_builds_the_tables_engine(machine):
     model = randomize_batchnorm(tiny_model()).eval()
     machine("AVX2")
-    assert isinstance(densenet.optimize(model), densenet.cpu.OneDNNDenseNet)
+    assert isinstance(densenet.optimize(model), densenet.infer.cpu.OneDNNDenseNet)
     machine("AVX512")
     assert isinstance(densenet.optimize(model), InferenceDenseNet)
 
@@ -112,7 +112,7 @@ def test_openvino_default_runs_and_explains_with_the_eager_form(machine):
     torch.manual_seed(0)
     loaded = densenet.load(randomize_batchnorm(tiny_model(num_classes=5)).eval())
     runner = densenet.Runner(loaded, CPU)
-    assert isinstance(runner.module, densenet.openvino.OpenVINODenseNet)
+    assert isinstance(runner.module, densenet.infer.openvino.OpenVINODenseNet)
     x = torch.randn(2, 3, 32, 32)
     maps = runner.activation_maps(x)
     torch.testing.assert_close(maps.logits, runner.logits(x), rtol=1e-4, atol=1e-5)
@@ -152,10 +152,10 @@ def test_backend_option_reaches_optimize(tiny_checkpoint, monkeypatch, capsys, b
     built: list = []
 
     def spy(model, **kwargs):
-        built.append(densenet.backends.optimize(model, **kwargs))
+        built.append(densenet.infer.optimize.optimize(model, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(densenet.runner, "optimize_model", spy)
+    monkeypatch.setattr(densenet.infer.runner, "optimize_model", spy)
     image = str(tiny_checkpoint.parent / "image.png")
     args = ["predict", image, "--weights", str(tiny_checkpoint), "--device", "cpu"]
     assert main([*args, "--backend", backend]) == 0

@@ -12,9 +12,9 @@ from torch import nn
 
 import densenet
 from densenet import evaluate
-from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet.weights import WeightsError
+from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
+from densenet.weights.published import WeightsError
 
 TINY = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
 
@@ -93,7 +93,7 @@ def test_eval_cli_uses_the_checkpoints_model_classes_and_transform(tmp_path, cap
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "densenet_bc_100_k12" and result["images"] == 4
     # the same numbers by hand: 12x12 images, mean 0.5 std 0.25, labels a -> 0, c -> 2
-    from densenet.transforms import eval_transform
+    from densenet.data.transforms import eval_transform
 
     transform = eval_transform(12, 12, (0.5,) * 3, (0.25,) * 3)
     images = [(transform(Image.open(p)), 0 if p.parent.name == "a" else 2)
@@ -161,7 +161,7 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
 
 def test_eval_takes_an_onnx_file_as_load_does(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from densenet.export import to_onnx
+    from densenet.tasks.export import to_onnx
 
     model = _checkpoint(tmp_path / "best.pth", ["a", "b", "c"])
     card = densenet.load(weights=str(tmp_path / "best.pth")).card
@@ -179,4 +179,4 @@ def test_eval_takes_an_onnx_file_as_load_does(tmp_path, capsys):
 def test_densenet_evaluate_stays_the_function_once_the_cli_is_imported():
     import densenet.cli  # noqa: F401  (imports the `densenet eval` code)
 
-    assert callable(densenet.evaluate) and densenet.evaluate.__module__ == "densenet.accuracy"
+    assert callable(densenet.evaluate) and densenet.evaluate.__module__ == "densenet.tasks.accuracy"

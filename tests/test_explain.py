@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 
 import densenet
 from densenet.cli import main
-from densenet.explain import ExplainError
+from densenet.infer.cam import ExplainError
 
 SMALL = {"growth_rate": 8, "block_config": (2, 2, 2), "num_init_features": 16, "stem": "cifar"}
 
@@ -174,7 +174,7 @@ def test_a_volume_map_takes_a_name_free_for_both_of_its_files(tmp_path):
     """A volume's map and its picture share a stem: a file already there under either name
     moves both to the next stem."""
     pytest.importorskip("nibabel")
-    from densenet.predict import Explanation, write_overlays
+    from densenet.tasks.predict import Explanation, write_overlays
 
     (tmp_path / "a.cam.nii.gz").write_bytes(b"not ours")
     (tmp_path / "b.cam.png").write_bytes(b"not ours either")
@@ -230,7 +230,7 @@ def test_grad_cam_of_the_final_layer_is_the_class_activation_map_up_to_scale():
     """The grad-cam package on the final feature map: relu(cam - b), scaled to [0, 1] and
     resized to the input."""
     pytest.importorskip("pytorch_grad_cam")
-    from densenet.explain import grad_cam
+    from densenet.infer.cam import grad_cam
 
     model = small_model()
     x = torch.randn(2, 3, 32, 40)

@@ -18,8 +18,8 @@ from conftest import TINY, randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
-from densenet import export as E
 from densenet.cli import main
+from densenet.tasks import export as E
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -372,7 +372,7 @@ def test_cli_export_onnx_with_triton_repo(model, tmp_path, monkeypatch, capsys):
     card = densenet.ModelCard.for_model(model, arch="densenet121")
     loaded = densenet.LoadedModel(model, card)
     monkeypatch.setattr(
-        importlib.import_module("densenet.load"), "load", lambda spec, weights: loaded
+        importlib.import_module("densenet.infer.load"), "load", lambda spec, weights: loaded
     )
     out = tmp_path / "m.onnx"
     argv = ["export", "--model", "densenet121", "--weights", "none", "--format", "onnx"]

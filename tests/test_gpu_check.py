@@ -1,4 +1,4 @@
-"""densenet.gpu_check: the launches recorded under the interpreter, a launch compiled for sm90
+"""densenet.tasks.gpu_check: the launches recorded under the interpreter, a launch compiled for sm90
 and sm80 on the CPU with registers, shared memory and tensor-core instructions read back, and
 the problems it reports."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from densenet.gpu_check import (
+from densenet.tasks.gpu_check import (
     CompiledLaunch,
     _kernels,
     _resource_usage,
@@ -55,7 +55,7 @@ def test_every_launch_compiles_clean_with_every_reachable_config():
     configuration its autotuner can pick: within shared memory, no spill, tensor-core
     instructions in every 16-bit GEMM; the unaligned launches pick from the smaller tiles kept
     for them."""
-    from densenet.kernels import conv
+    from densenet.nn.kernels import conv
 
     launches = launches_in_subprocess()
     assert {launch.kernel for launch in launches} == set(_kernels())

@@ -51,7 +51,7 @@ def test_builders_are_typed_keyword_only_functions_registered_by_name():
     its configuration in its docstring; hubconf and ``densenet.X`` reach the same functions."""
     import inspect
 
-    from densenet import registry
+    from densenet.nn import registry
 
     assert sorted(registry.BUILDERS) == sorted(densenet.list_models())
     for name, builder in registry.BUILDERS.items():

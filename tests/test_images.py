@@ -1,4 +1,4 @@
-"""densenet.images: what the openers refuse, each with its reason: devices, pipes and symbolic
+"""densenet.data.images: what the openers refuse, each with its reason: devices, pipes and symbolic
 link loops by name; Pillow's decompression-bomb warning below the documented pixel limit is not
 a refusal."""
 
@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from densenet.images import MAX_PIXELS, ImageError, Reason, open_image
+from densenet.data.images import MAX_PIXELS, ImageError, Reason, open_image
 
 
 def refusal(path) -> ImageError:
@@ -43,8 +43,8 @@ def test_images_up_to_the_documented_pixel_limit_open(tmp_path):
 def test_predict_and_bulk_walk_a_folder_the_same_way(tmp_path):
     """One walker: image files by suffix, depth first, sorted per folder; a link back to a
     parent folder is not followed."""
-    from densenet.bulk import iter_inputs
-    from densenet.images import find_images
+    from densenet.data.images import find_images
+    from densenet.tasks.bulk import iter_inputs
 
     for name in ("b/2.png", "b/1.JPG", "a.jpg", "a-b/3.webp", "c/notes.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

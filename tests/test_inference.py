@@ -13,12 +13,12 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet
-import densenet.backends
-import densenet.cpu
+import densenet.infer.cpu
+import densenet.infer.optimize
 from densenet import InferenceDenseNet, optimize
-from densenet.benchmark import COMPILED_REFERENCE, ENGINES, Engine, format_table, run_benchmark
 from densenet.cli import main
-from densenet.inference import InferenceOnly
+from densenet.infer.form import InferenceOnly
+from densenet.tasks.bench import COMPILED_REFERENCE, ENGINES, Engine, format_table, run_benchmark
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,7 +46,7 @@ def check_same(model: densenet.DenseNet, x: torch.Tensor, **kwargs) -> torch.Ten
     ],
 )
 def test_every_registry_model_matches(name):
-    size = (33, 35) if densenet.registry.model_config(name)["stem"] == "imagenet" else (7, 5)
+    size = (33, 35) if densenet.nn.registry.model_config(name)["stem"] == "imagenet" else (7, 5)
     torch.manual_seed(0)
     check_same(densenet.get_model(name), torch.randn(2, 3, *size))
 
@@ -180,16 +180,16 @@ def test_keeps_metadata_and_predict_output():
 
 @pytest.mark.parametrize("flags, optimized", [([], True), (["--no-optimize"], False)])
 def test_predict_optimizes_unless_told_not_to(tmp_path, monkeypatch, flags, optimized):
-    import densenet.runner
+    import densenet.infer.runner
 
     models = []
-    original = densenet.runner.Runner.logits
+    original = densenet.infer.runner.Runner.logits
 
     def spy(self, batch):
         models.append(self.module)
         return original(self, batch)
 
-    monkeypatch.setattr(densenet.runner.Runner, "logits", spy)
+    monkeypatch.setattr(densenet.infer.runner.Runner, "logits", spy)
     image = tmp_path / "a.png"
     Image.new("RGB", (40, 40), "orange").save(image)
     args = ["predict", str(image), "--model", "densenet_40_k12", "--weights", "none"]
@@ -228,13 +228,13 @@ def test_backend_choices(monkeypatch):
     model = randomize_batchnorm(tiny_model()).eval()
     # the CPU default follows the CPU's kind (the engine table, tests/test_engines.py): the
     # onednn form where it measured faster (AVX2, AVX-512 with BF16 or AMX), else eager
-    monkeypatch.setattr(densenet.engines, "cpu_kind", lambda: "DEFAULT")
+    monkeypatch.setattr(densenet.infer.engines, "cpu_kind", lambda: "DEFAULT")
     assert isinstance(optimize(model), InferenceDenseNet)
     assert isinstance(optimize(model, dtype=torch.float64), InferenceDenseNet)
     for kind in ("AVX2", "AVX512_BF16", "AMX"):
-        monkeypatch.setattr(densenet.engines, "cpu_kind", lambda k=kind: k)
-        assert isinstance(optimize(model), densenet.cpu.OneDNNDenseNet)
-    monkeypatch.setattr(densenet.backends, "onednn_bfloat16", lambda: False)  # AVX2-only
+        monkeypatch.setattr(densenet.infer.engines, "cpu_kind", lambda k=kind: k)
+        assert isinstance(optimize(model), densenet.infer.cpu.OneDNNDenseNet)
+    monkeypatch.setattr(densenet.infer.optimize, "onednn_bfloat16", lambda: False)  # AVX2-only
     assert isinstance(optimize(model, dtype=torch.bfloat16), InferenceDenseNet)
     assert isinstance(optimize(model, channels_last=False), InferenceDenseNet)
     assert isinstance(optimize(model, dtype=torch.float64), InferenceDenseNet)

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from densenet.cli import main
+from densenet.data.files import atomic_write, check_output_file, csv_rows, write_text
 from densenet.errors import DenseNetError
-from densenet.io import atomic_write, check_output_file, csv_rows, write_text
 
 
 def test_atomic_write_replaces_a_regular_file(tmp_path):
@@ -52,7 +52,7 @@ def test_an_output_file_in_a_missing_or_unwritable_folder_is_one_error(tmp_path,
 
 def test_export_refuses_a_device_before_exporting(capsys, monkeypatch):
     monkeypatch.setattr(
-        importlib.import_module("densenet.load"),
+        importlib.import_module("densenet.infer.load"),
         "load",
         lambda *a, **k: pytest.fail("loaded a model"),
     )
@@ -98,7 +98,7 @@ def test_a_torch_file_that_would_expand_far_beyond_its_size_is_refused(tmp_path)
     """A 300 KB zip holding a 300 MiB compressed storage: refused before it is read."""
     import zipfile
 
-    from densenet.io import read_torch_file
+    from densenet.data.files import read_torch_file
 
     path = tmp_path / "bomb.pth"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -109,7 +109,7 @@ def test_a_torch_file_that_would_expand_far_beyond_its_size_is_refused(tmp_path)
 
 def test_the_temporary_files_of_an_interrupted_write_are_recognised(tmp_path, monkeypatch):
     """``temporary_of`` names the file a killed ``atomic_write`` was writing, and nothing else."""
-    from densenet.io import temporary_of
+    from densenet.data.files import temporary_of
 
     kept: list[str] = []
 

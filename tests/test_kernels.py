@@ -1,4 +1,4 @@
-"""densenet.kernels: each Triton kernel against a float64 torch reference, the triton backend
+"""densenet.nn.kernels: each Triton kernel against a float64 torch reference, the triton backend
 against the eager model, the space-to-depth stem, and the bucketed wrapper.
 
 Without a GPU the kernels run on the CPU under the Triton interpreter, which must be switched on
@@ -24,12 +24,12 @@ from conftest import (
 )
 
 import densenet
-import densenet.engines
+import densenet.infer.engines
 from densenet import DenseNet, optimize
-from densenet.inference import BucketedModel, SpaceToDepthConv
+from densenet.infer.form import BucketedModel, SpaceToDepthConv
 
-kernels = pytest.importorskip("densenet.kernels")
-gpu = pytest.importorskip("densenet.gpu")
+kernels = pytest.importorskip("densenet.nn.kernels")
+gpu = pytest.importorskip("densenet.infer.gpu")
 
 DEVICE = KERNEL_DEVICE
 
@@ -190,7 +190,7 @@ def test_conv3x3_with_every_production_tile(monkeypatch, tile, dtype, affine):
 def test_stem_relu_max_pool_writes_into_the_buffer(stride, dtype):
     """The stem's ReLU and 3x3 max-pool (padding 1) in one pass, into the first channels of a
     wider buffer, with masked edges (odd sizes, more pixels and channels than one tile)."""
-    from densenet.kernels.pool import relu_max_pool
+    from densenet.nn.kernels.pool import relu_max_pool
 
     x = buffer(2, 70, 17, 15).to(dtype)
     h, w = (17 - 1) // stride[0] + 1, (15 - 1) // stride[1] + 1
@@ -207,7 +207,7 @@ def test_stem_relu_max_pool_writes_into_the_buffer(stride, dtype):
 def test_autotuning_is_keyed_by_a_power_of_two_bucket_of_pixel_rows():
     """A new batch size whose bucket was seen is neither tuned nor compiled again (the pixel
     counts are not specialised)."""
-    from densenet.kernels import training
+    from densenet.nn.kernels import training
 
     m_bucket = kernels.conv.m_bucket
     assert [m_bucket(m) for m in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
@@ -350,7 +350,7 @@ def test_densenet121_launches_per_forward(monkeypatch, growth_conv, expected):
     def record(tuner, *args, **kwargs):
         launches.append(tuner.fn.__name__)
 
-    monkeypatch.setattr(densenet.backends, "_triton_usable", lambda device: True)
+    monkeypatch.setattr(densenet.infer.optimize, "_triton_usable", lambda device: True)
     fast = optimize(densenet.densenet121(num_classes=10).eval(), dtype=torch.float32,
                     backend="triton", growth_conv=growth_conv)  # fmt: skip
     monkeypatch.setattr(Autotuner, "run", record)
@@ -385,24 +385,24 @@ def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch
 def test_default_backend_follows_the_device_and_precision(
     monkeypatch, device, dtype, compile_, expected
 ):
-    import densenet.backends
+    import densenet.infer.optimize
 
-    monkeypatch.setattr(densenet.engines, "cpu_kind", lambda: "DEFAULT")
-    assert densenet.backends._backend(None, compile_, torch.device(device), dtype) == expected
+    monkeypatch.setattr(densenet.infer.engines, "cpu_kind", lambda: "DEFAULT")
+    assert densenet.infer.optimize._backend(None, compile_, torch.device(device), dtype) == expected
 
 
 def test_a_triton_row_applies_only_to_channel_counts_of_multiples_of_16(monkeypatch):
     """Other models run the kernels' smaller tiles (tests/test_gpu_check.py), never timed
     against cuDNN: should a GPU run put triton in the engine table, the paper's k = 12 models
     still run the eager form (cuDNN) on CUDA by default."""
-    from densenet.backends import _backend, channels_aligned
-    from densenet.engines import EngineRow
+    from densenet.infer.engines import EngineRow
+    from densenet.infer.optimize import _backend, channels_aligned
 
     assert channels_aligned(densenet.densenet121()) and channels_aligned(densenet.densenet161())
     assert not channels_aligned(densenet.get_model("densenet_bc_100_k12"))
     row = EngineRow("cuda", "any", torch.bfloat16, "triton", "a GPU run, batch 1 and 256")
-    monkeypatch.setattr(densenet.engines, "ENGINE_TABLE", (row,))
-    monkeypatch.setattr(densenet.backends, "_triton_usable", lambda device: True)
+    monkeypatch.setattr(densenet.infer.engines, "ENGINE_TABLE", (row,))
+    monkeypatch.setattr(densenet.infer.optimize, "_triton_usable", lambda device: True)
     cuda = torch.device("cuda")
     assert _backend(None, False, cuda, torch.bfloat16, aligned=True) == "triton"
     assert _backend(None, False, cuda, torch.bfloat16, aligned=False) == "eager"

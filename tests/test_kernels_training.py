@@ -1,4 +1,4 @@
-"""densenet.kernels.training: the fused BN-ReLU-Conv1x1 kernels against torch autograd, float32
+"""densenet.nn.kernels.training: the fused BN-ReLU-Conv1x1 kernels against torch autograd, float32
 and float64, on a channel prefix of a channels_last buffer.
 
 Without a GPU they run on the CPU under the Triton interpreter, in a subprocess started by
@@ -20,7 +20,7 @@ from conftest import (
 from test_memory import _CountOps, assert_same_run, inputs, pair, run, set_mode
 
 pytest.importorskip("triton")
-from densenet.kernels import training as kernels  # noqa: E402 (needs triton)
+from densenet.nn.kernels import training as kernels  # noqa: E402 (needs triton)
 
 DEVICE = KERNEL_DEVICE
 
@@ -63,7 +63,7 @@ def reference(x, mean, var, gamma, beta, weight):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_and_gradients_equal_autograd(dtype):
-    from densenet.kernels import training
+    from densenet.nn.kernels import training
 
     x, mean, invstd, var, gamma, beta, weight = problem(dtype)
     y_ref, (xr, gr, br, wr) = reference(x, mean, var, gamma, beta, weight)
@@ -107,7 +107,7 @@ def test_production_tiles_in_float16_and_float32(monkeypatch, tile, dtype):
     statistics."""
     from test_kernels import force_tile
 
-    from densenet.kernels import training
+    from densenet.nn.kernels import training
 
     unit = "tensor cores" if dtype == torch.float16 else "float32"
     force_tile(monkeypatch, training._forward_kernel, tile)
@@ -141,7 +141,7 @@ def test_production_tiles_in_float16_and_float32(monkeypatch, tile, dtype):
 @needs_kernels
 @pytest.mark.skipif(TRITON_INTERPRETED, reason="the Triton interpreter has no bfloat16 arithmetic")
 def test_bfloat16_operands_accumulate_in_float32():
-    from densenet.kernels import training
+    from densenet.nn.kernels import training
 
     x, mean, invstd, var, gamma, beta, weight = problem(torch.float32)
     y_ref, _ = reference(x, mean, var, gamma, beta, weight)
@@ -152,7 +152,7 @@ def test_bfloat16_operands_accumulate_in_float32():
 
 @needs_kernels
 def test_shapes_that_do_not_fit_and_uneven_pixels_raise():
-    from densenet.kernels import training
+    from densenet.nn.kernels import training
 
     x, mean, invstd, _, gamma, beta, weight = problem(torch.float32)
     with pytest.raises(ValueError, match="do not fit"):

@@ -1,4 +1,4 @@
-"""The memory-efficient dense block (densenet.memory): exact gradients and running statistics
+"""The memory-efficient dense block (densenet.nn.memory): exact gradients and running statistics
 against the plain model, no convolution recomputed, less saved memory, DDP, torch.compile."""
 
 from __future__ import annotations

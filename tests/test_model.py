@@ -81,7 +81,7 @@ def test_cifar_parameter_counts_match_the_paper(name, millions):
 
 def test_cifar_structure_follows_the_paper():
     model = densenet.densenet_bc_100_k12()
-    blocks = [m for m in model.modules() if isinstance(m, densenet.model.DenseBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, densenet.nn.model.DenseBlock)]
     assert [len(b) for b in blocks] == [16, 16, 16]
     assert model.features.conv0.out_channels == 24 and model.features.conv0.kernel_size == (3, 3)
     assert model.features.transition1.conv.out_channels == (24 + 16 * 12) // 2

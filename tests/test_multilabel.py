@@ -17,8 +17,8 @@ from PIL import Image
 
 from densenet import ModelCard
 from densenet.cli import main
-from densenet.data import DataError, collate
-from densenet.multilabel import label_metrics, label_splits, predict_labels, read_labels_csv
+from densenet.data.datasets import DataError, collate
+from densenet.tasks.multilabel import label_metrics, label_splits, predict_labels, read_labels_csv
 from densenet.train import read_checkpoint
 
 ATTRIBUTES = {
@@ -199,7 +199,7 @@ def test_a_label_without_positives_has_no_auroc_and_stays_out_of_the_means(tmp_p
     """eval on rows where one label never occurs: its AUROC and AP are undefined (None, with a
     warning), not 0.0 averaged into the mean."""
     from densenet import get_model
-    from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+    from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
     labels = digits_with_attributes(tmp_path, n=40)
     rows = labels.read_text().splitlines()

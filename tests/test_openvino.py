@@ -17,10 +17,10 @@ from conftest import randomize_batchnorm, tiny_model
 from PIL import Image
 
 import densenet
-from densenet import export as E
-from densenet import openvino as O
 from densenet.cli import main
 from densenet.errors import DenseNetError
+from densenet.infer import openvino as O
+from densenet.tasks import export as E
 
 ov = pytest.importorskip("openvino")
 
@@ -244,7 +244,7 @@ def test_predict_and_eval_run_the_ir(ir_folder, model, tmp_path, capsys):
 def test_cli_export_writes_the_folder(model, tmp_path, monkeypatch, capsys):
     loaded = densenet.LoadedModel(model, densenet.ModelCard.for_model(model))
     monkeypatch.setattr(
-        importlib.import_module("densenet.load"), "load", lambda spec, weights: loaded
+        importlib.import_module("densenet.infer.load"), "load", lambda spec, weights: loaded
     )
     out = tmp_path / "ir"
     argv = ["export", "--model", "densenet121", "--weights", "none", "--format", "openvino"]

@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 
 import densenet
-from densenet import benchmark, choices, export
+from densenet import choices
+from densenet.tasks import bench as benchmark
+from densenet.tasks import export
 from densenet.train import config
 
 FIRST_USE = """
 import json, sys
 import densenet
 light = "torch" not in sys.modules
-import densenet.explain, densenet.load  # the submodules named like two public functions
+import densenet.infer.cam, densenet.infer.load  # the modules of two public functions
 print(json.dumps([light, callable(densenet.load), callable(densenet.explain),
-                  type(densenet.registry).__name__]))
+                  type(densenet.nn.registry).__name__]))
 """
 
 
@@ -54,7 +56,7 @@ def test_command_line_names_are_the_implementations():
     assert tuple(config.RECIPES) == choices.RECIPES
 
 
-@pytest.mark.parametrize("module", ["densenet.serve.app", "densenet.bulk"])
+@pytest.mark.parametrize("module", ["densenet.serve.app", "densenet.tasks.bulk"])
 def test_functions_are_at_most_60_lines(module):
     tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
     long = {

@@ -215,7 +215,7 @@ def test_small_images_are_checked_after_preprocessing(images):
         densenet.ImageError, match=r"at least 5x5 \(smaller than the model's minimum"
     ) as raised:
         imagenet.predict([torch.zeros(3, 4, 4)])
-    assert raised.value.reason is densenet.images.Reason.BAD_SHAPE
+    assert raised.value.reason is densenet.data.images.Reason.BAD_SHAPE
     with pytest.raises(densenet.ImageError, match="has 1 channels, the model takes 3"):
         imagenet.predict([torch.zeros(1, 32, 32)])
 
@@ -257,7 +257,7 @@ def test_dtype_choice(images, monkeypatch, capsys):
     half = densenet.Classifier(model, device="cpu", dtype="bfloat16")
     assert half.model.dtype == torch.bfloat16
     for native in (True, False):
-        monkeypatch.setattr("densenet.cpu.native_bfloat16", lambda native=native: native)
+        monkeypatch.setattr("densenet.infer.cpu.native_bfloat16", lambda native=native: native)
         auto = densenet.Classifier(model, device="cpu", dtype="auto")
         assert auto.model.dtype == (torch.bfloat16 if native else torch.float32)
     exact = densenet.Classifier(model, device="cpu").classify([images / "chelsea.jpg"], topk=3)
@@ -272,7 +272,7 @@ def test_dtype_choice(images, monkeypatch, capsys):
 def test_test_time_augmentation_averages_the_views_and_changes_nothing_when_off(tmp_path):
     """tta=None is the single view; hflip averages the probabilities of the center crop and its
     mirror; ten-crop those of the paper's ten crops."""
-    from densenet.transforms import views_transform
+    from densenet.data.transforms import views_transform
 
     torch.manual_seed(0)
     model = randomize_batchnorm(tiny_model(num_classes=5)).eval()
@@ -325,7 +325,7 @@ def test_a_folder_of_images_and_volumes_says_how_many_of_the_other_kind_it_skipp
 def test_a_model_that_outputs_nan_is_one_error_line_everywhere_and_writes_nothing(tmp_path, capsys):
     """predict (text and --json), eval and calibrate: exit 2, one line naming the model; no
     ``nan%``, no NaN in JSON, no calibrated checkpoint."""
-    from densenet.checkpoint import TrainCheckpoint, save_checkpoint
+    from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
     args = {"num_classes": 2, **TINY}
     model = randomize_batchnorm(densenet.get_model("densenet_bc_100_k12", **args)).eval()

@@ -12,14 +12,14 @@ from conftest import RDNET_SMALL, TINY, randomize_batchnorm, randomized, tiny_mo
 from PIL import Image
 
 import densenet
-from densenet import quantization
-from densenet.benchmark import run_benchmark
-from densenet.checkpoint import TrainCheckpoint, save_checkpoint
 from densenet.cli import main
-from densenet.evaluation import evaluate_dataset
-from densenet.quantization import QuantizeError, quantize, save_quantized
-from densenet.rdnet import RDNet
-from densenet.volumes import VolumeTransform
+from densenet.data.volumes import VolumeTransform
+from densenet.infer import quantization
+from densenet.infer.quantization import QuantizeError, quantize, save_quantized
+from densenet.nn.rdnet import RDNet
+from densenet.tasks.bench import run_benchmark
+from densenet.tasks.evaluate import evaluate_dataset
+from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_nncf_int8_is_an_openvino_ir_that_load_runs(photos, tmp_path, capsys):
     ]  # fmt: skip
     loaded = densenet.load(out)
     assert loaded.precision == "int8" and loaded.card.num_classes == 2
-    assert densenet.exported.read_metadata(out).extra["quantization"] == {
+    assert densenet.infer.exported.read_metadata(out).extra["quantization"] == {
         k: v for k, v in report.items() if k != "out"
     }
     import openvino as ov
@@ -195,7 +195,7 @@ def test_int8_takes_float_image_models_only(photos, tmp_path, capsys):
     int8 = save_quantized(
         quantize(tiny_model(), photos, num_images=4, progress=False), tmp_path / "m.int8.pt"
     )
-    scripted = densenet.export.to_torchscript(tiny_model(), tmp_path / "m.pt")
+    scripted = densenet.tasks.export.to_torchscript(tiny_model(), tmp_path / "m.pt")
     for exported in (int8, scripted):
         assert main(["quantize", str(exported), str(photos), "--out", str(out)]) == 2
         err = capsys.readouterr().err
@@ -218,7 +218,9 @@ def test_quantize_numbers_are_range_checked(flag, value, bound, capsys):
 
 
 def test_quantize_checks_its_output_path_before_the_work(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("densenet.quantization.quantize", lambda *a, **k: pytest.fail("worked"))
+    monkeypatch.setattr(
+        "densenet.infer.quantization.quantize", lambda *a, **k: pytest.fail("worked")
+    )
     model = str(tiny_checkpoint(tmp_path / "tiny.pth"))
     missing = tmp_path / "missing" / "m.int8.pt"
     assert main(["quantize", model, str(photos), "--out", str(missing)]) == 2
@@ -353,7 +355,7 @@ def test_int8_onnx_export_runs_in_onnxruntime_and_openvino_alike(photos, tmp_pat
     assert main(["export", "--format", "onnx", "--dtype", "int8", "--model", "densenet121",
                  "--weights", "none", "--out", str(out)]) == 2  # fmt: skip
     assert "needs calibration images" in capsys.readouterr().err
-    densenet.export.to_onnx(model, out, dtype="int8", calibration=photos, fold=True)
+    densenet.tasks.export.to_onnx(model, out, dtype="int8", calibration=photos, fold=True)
     import onnx
 
     ops = {node.op_type for node in onnx.load(out).graph.node}

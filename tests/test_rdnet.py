@@ -1,4 +1,4 @@
-"""RDNet (densenet.rdnet): float64 parity with timm's, timm's and NAVER's state_dicts, the
+"""RDNet (densenet.nn.rdnet): float64 parity with timm's, timm's and NAVER's state_dicts, the
 backbone interface, class activation maps, pooled features and the hub weights."""
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
-from densenet import weights
-from densenet.checkpoint import read_checkpoint
 from densenet.cli import main
-from densenet.explain import explain
-from densenet.export import export
-from densenet.load import arch_of_state
-from densenet.rdnet import RDNet, RDNetFeatures
-from densenet.runner import Runner
+from densenet.infer.cam import explain
+from densenet.infer.load import arch_of_state
+from densenet.infer.runner import Runner
+from densenet.nn.rdnet import RDNet, RDNetFeatures
+from densenet.tasks.export import export
 from densenet.train import RECIPES, make_config
 from densenet.train.config import base_lr, lr_factor
+from densenet.weights import adapt, convert, download, published
+from densenet.weights.checkpoint import read_checkpoint
 
 timm = pytest.importorskip("timm")
 REPO = str(Path(__file__).resolve().parents[1])
@@ -118,16 +118,16 @@ def test_navers_key_spelling_loads(tmp_path):
     assert "stem.stem.0.weight" in naver
     torch.save({"model": naver, "epoch": 300}, tmp_path / "rdnet_naver.pth")
     ours = RDNet(**SMALL)
-    weights.load_weights(ours, tmp_path / "rdnet_naver.pth")
+    adapt.load_weights(ours, tmp_path / "rdnet_naver.pth")
     assert torch.equal(ours.stem[0].weight, theirs.stem[0].weight)
-    assert weights.convert_rdnet_keys(theirs.state_dict()).keys() == theirs.state_dict().keys()
+    assert convert.convert_rdnet_keys(theirs.state_dict()).keys() == theirs.state_dict().keys()
 
 
 def test_grey_images_through_rgb_weights(tmp_path):
     rgb = randomized(RDNet(**SMALL)).float()
     save_file(rgb.state_dict(), tmp_path / "rgb.safetensors")
     grey = RDNet(**SMALL, in_channels=1)
-    weights.load_weights(grey, tmp_path / "rgb.safetensors")
+    adapt.load_weights(grey, tmp_path / "rgb.safetensors")
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(grey.eval()(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5)
@@ -147,7 +147,7 @@ def test_registry_builders_and_torch_hub():
     assert isinstance(model, RDNet) and model.arch == "rdnet_small"
     assert model.config["drop_path_rate"] == 0.1 and model.head.fc.out_features == 10
     assert isinstance(hub, RDNet) and sum(p.numel() for p in hub.parameters()) == 23_863_008
-    info = densenet.registry.model_info("rdnet_tiny")
+    info = densenet.nn.registry.model_info("rdnet_tiny")
     assert info["params"] == 23_863_008 and round(info["gflops"], 1) == 10.1
 
 
@@ -156,7 +156,7 @@ def test_a_files_rdnet_size_is_read_from_its_shapes():
         state = densenet.rdnet_small(num_classes=3, in_channels=1).state_dict()
     naver = {"model": {k.replace("stem.", "stem.stem.", 1): v for k, v in state.items()}}
     assert arch_of_state(naver, "checkpoint.pth") == "rdnet_small"
-    with pytest.raises(weights.WeightsError, match="an RDNet of no registered size"):
+    with pytest.raises(published.WeightsError, match="an RDNet of no registered size"):
         arch_of_state(RDNet(**SMALL).state_dict(), "small.pth")
 
 
@@ -237,15 +237,15 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_hub_weights_come_from_the_hub_cache_offline(offline_hub):
-    entry = weights.get_weights("rdnet_tiny")
+    entry = published.get_weights("rdnet_tiny")
     assert entry.name == "NV_IN1K" and entry.hf_hub_id == "naver-ai/rdnet_tiny.nv_in1k"
-    with pytest.raises(weights.WeightsError, match="HF_HUB_OFFLINE=1"):
-        weights.fetch(entry)
+    with pytest.raises(published.WeightsError, match="HF_HUB_OFFLINE=1"):
+        download.fetch(entry)
     state = randomized(RDNet(**SMALL)).float().state_dict()
     hub_cache(offline_hub, entry.hf_hub_id, {"model.safetensors": state})
-    path = weights.fetch(entry)
+    path = download.fetch(entry)
     assert path == entry.cache_path and path.is_file()
-    model = weights.load_weights(RDNet(**SMALL), entry)
+    model = adapt.load_weights(RDNet(**SMALL), entry)
     assert torch.equal(model.head.fc.weight, state["head.fc.weight"])
 
 
@@ -255,12 +255,12 @@ def test_hub_weights_download_through_huggingface_hub(offline_hub, file_server, 
     import huggingface_hub
 
     root, url, server = file_server
-    entry = weights.get_weights("rdnet_small")
+    entry = published.get_weights("rdnet_small")
     state = randomized(RDNet(**SMALL)).float().state_dict()
     served = root / entry.hf_hub_id / "resolve" / "main" / entry.file_name
     served.parent.mkdir(parents=True)
     save_file(state, served)
-    digest = weights.sha256_file(served)
+    digest = download.sha256_file(served)
 
     def end_headers(handler) -> None:
         handler.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
@@ -275,34 +275,34 @@ def test_hub_weights_download_through_huggingface_hub(offline_hub, file_server, 
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     server.handler.truncate = True
     monkeypatch.setattr("time.sleep", lambda seconds: None)  # huggingface_hub's retries
-    with pytest.raises(weights.WeightsError, match="cannot fetch model.safetensors"):
-        weights.fetch(entry)
+    with pytest.raises(published.WeightsError, match="cannot fetch model.safetensors"):
+        download.fetch(entry)
     assert not [p for p in offline_hub.rglob("*") if p.is_file() and p.stat().st_size > 1000]
     server.handler.truncate = False
-    path = weights.fetch(entry)
-    assert path.is_relative_to(offline_hub) and weights.sha256_file(path) == digest
-    model = weights.load_weights(RDNet(**SMALL), entry)
+    path = download.fetch(entry)
+    assert path.is_relative_to(offline_hub) and download.sha256_file(path) == digest
+    model = adapt.load_weights(RDNet(**SMALL), entry)
     assert torch.equal(model.stem[0].weight, state["stem.0.weight"])
 
 
 def test_hub_weights_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(weights.WeightsError, match=r"densenet-toolkit\[hub\]"):
-        weights.fetch(weights.get_weights("rdnet_large", "NV_IN1K_FT_IN1K_384"))
+    with pytest.raises(published.WeightsError, match=r"densenet-toolkit\[hub\]"):
+        download.fetch(published.get_weights("rdnet_large", "NV_IN1K_FT_IN1K_384"))
 
 
 def test_the_cards_preprocessing_is_the_weights_own():
-    card = weights.get_weights("rdnet_base").card
+    card = published.get_weights("rdnet_base").card
     pre = card.preprocessing
     assert (pre.resize_size, pre.crop_size, pre.interpolation) == (248, 224, "bicubic")
     assert pre.mean == (0.485, 0.456, 0.406) and card.arch == "rdnet_base"
-    pre = weights.get_weights("rdnet_large", "NV_IN1K_FT_IN1K_384").card.preprocessing
+    pre = published.get_weights("rdnet_large", "NV_IN1K_FT_IN1K_384").card.preprocessing
     assert (pre.resize_size, pre.crop_size) == (384, 384)
-    acc1 = [weights.get_weights(n).acc1 for n in densenet.list_models("rdnet*")]
+    acc1 = [published.get_weights(n).acc1 for n in densenet.list_models("rdnet*")]
     assert acc1 == [82.8, 83.7, 84.4, 84.8]
     for name in densenet.list_models("rdnet*"):  # the entries' sizes are the networks'
-        info = densenet.registry.model_info(name)
-        entry = weights.get_weights(name)
+        info = densenet.nn.registry.model_info(name)
+        entry = published.get_weights(name)
         assert entry.num_params == info["params"] and entry.gflops == round(info["gflops"], 3)
 
 
@@ -404,10 +404,10 @@ def test_the_counts_in_the_table_are_the_networks(name):
         model = densenet.get_model(name).eval()
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, 224, 224))
-    info = densenet.registry.model_info(name)
+    info = densenet.nn.registry.model_info(name)
     assert info["params"] == sum(p.numel() for p in model.parameters())
     assert info["gflops"] == counter.get_total_flops() / 1e9
-    side = weights.get_weights(name).min_size[0]
+    side = published.get_weights(name).min_size[0]
     with torch.device("meta"):
         model(torch.empty(1, 3, side, side))
         with pytest.raises(RuntimeError):

@@ -1,4 +1,4 @@
-"""An RDNet's inference form (densenet.rdnet_inference, through densenet.optimize): float32
+"""An RDNet's inference form (densenet.infer.rdnet_form, through densenet.optimize): float32
 exact against the eager model, bfloat16, its buffer, the openvino engine, the Runner and class
 activation maps, and what it refuses."""
 
@@ -12,13 +12,13 @@ import torch
 from conftest import RDNET_SMALL, randomized
 
 import densenet
-from densenet import openvino as O
-from densenet.benchmark import randomize_batchnorm
 from densenet.errors import DenseNetError
-from densenet.explain import explain
-from densenet.rdnet import RDNet
-from densenet.rdnet_inference import InferenceRDNet, onednn_linear
-from densenet.runner import Runner
+from densenet.infer import openvino as O
+from densenet.infer.cam import explain
+from densenet.infer.rdnet_form import InferenceRDNet, onednn_linear
+from densenet.infer.runner import Runner
+from densenet.nn.rdnet import RDNet
+from densenet.tasks.bench import randomize_batchnorm
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 64, 64), (3, 70, 90)]  # batch, height, width: 70 and 90 leave pixels over

@@ -1,4 +1,4 @@
-"""Memory-efficient RDNet stages (densenet.rdnet_memory): float64 outputs and gradients equal to
+"""Memory-efficient RDNet stages (densenet.nn.rdnet_memory): float64 outputs and gradients equal to
 the plain model's (with stochastic depth and dropout), channels_last and autocast, and the
 activation memory it keeps."""
 
@@ -11,7 +11,7 @@ import torch
 from conftest import RDNET_SMALL, randomized
 
 import densenet
-from densenet.rdnet import RDNet
+from densenet.nn.rdnet import RDNet
 
 
 def pair(**kwargs) -> tuple[RDNet, RDNet]:

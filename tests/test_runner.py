@@ -1,4 +1,4 @@
-"""densenet.runner.Runner: the one way Classifier, bulk, Ray and evaluation run a loaded model."""
+"""densenet.infer.runner.Runner: the one way Classifier, bulk, Ray and evaluation run a loaded model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from conftest import randomize_batchnorm, tiny_model
 
 import densenet
 from densenet.errors import DenseNetError
-from densenet.exported import OnnxModel
-from densenet.inference import BucketedModel, InferenceOnly
-from densenet.runner import NonFiniteOutputError, Runner, count_weights
+from densenet.infer.exported import OnnxModel
+from densenet.infer.form import BucketedModel, InferenceOnly
+from densenet.infer.runner import NonFiniteOutputError, Runner, count_weights
 
 CPU = torch.device("cpu")
 
@@ -159,7 +159,7 @@ def test_weights_are_counted_from_the_model_as_loaded_whatever_form_runs_it():
 @pytest.mark.filterwarnings("ignore")
 def test_an_int8_files_packed_weights_are_counted():
     """TorchScript leaves an int8 layer's packed weights out of its state_dict."""
-    from densenet.quantization import quantize_module
+    from densenet.infer.quantization import quantize_module
 
     model = loaded_tiny().module
     x = torch.randn(2, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""densenet.runtime: the device each process runs on."""
+"""densenet.infer.runtime: the device each process runs on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from densenet import runtime
+from densenet.infer import runtime
 
 
 def test_a_torchrun_process_runs_on_its_own_gpu(monkeypatch):

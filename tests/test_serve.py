@@ -32,7 +32,7 @@ from PIL import Image
 
 import densenet
 from densenet.cli import build_parser, main
-from densenet.images import ImageError, Reason
+from densenet.data.images import ImageError, Reason
 from densenet.serve import Batcher, QueueFull, ServeConfig, create_app
 from densenet.serve.app import _status_of
 
@@ -115,7 +115,7 @@ def top(prediction) -> tuple[list[int], list[float]]:
     return [e["index"] for e in prediction["top"]], [e["probability"] for e in prediction["top"]]
 
 
-def assert_same(served: dict, expected: densenet.predict.Prediction) -> None:
+def assert_same(served: dict, expected: densenet.tasks.predict.Prediction) -> None:
     indices, probabilities = top(served)
     assert indices == expected.indices
     assert [e["label"] for e in served["top"]] == expected.labels

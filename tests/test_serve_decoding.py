@@ -10,7 +10,7 @@ import threading
 import pytest
 from PIL import Image
 
-from densenet.images import MAX_PIXELS
+from densenet.data.images import MAX_PIXELS
 from densenet.serve import decoding
 from densenet.serve.decoding import TRIM_PIXELS, FairDecoder, header_pixels
 

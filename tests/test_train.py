@@ -20,7 +20,7 @@ from test_data import digits_folder, fake_cifar10
 
 from densenet import ModelCard
 from densenet.cli import main
-from densenet.data import DataError
+from densenet.data.datasets import DataError
 from densenet.train import (
     RECIPES,
     CheckpointError,
@@ -196,7 +196,7 @@ def test_learns_real_digits_and_eval_reads_the_checkpoint(digits, tmp_path, caps
 
 _KILLABLE = """
 import sys
-import densenet.checkpoint as c
+import densenet.weights.checkpoint as c
 from densenet.cli import main
 
 block, save = sys.argv[1] == "block", c.save_checkpoint

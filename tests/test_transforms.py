@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 import densenet
-from densenet.transforms import ChannelError, to_channels, to_rgb
+from densenet.data.transforms import ChannelError, to_channels, to_rgb
 
 # The pipeline printed on the PyTorch Hub DenseNet page, applied to an RGB image.
 HUB_PAGE = transforms.Compose(
@@ -88,7 +88,7 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path, mode):
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)
     eight = Image.new("L", (32, 32), 128)
     transform = densenet.eval_transform(32, 32)
-    from densenet.images import open_image
+    from densenet.data.images import open_image
 
     torch.testing.assert_close(transform(open_image(path)), transform(eight))
 

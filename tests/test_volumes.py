@@ -1,4 +1,4 @@
-"""densenet.volumes: NIfTI and .npy volumes read with per-file errors, resampled and normalised,
+"""densenet.data.volumes: NIfTI and .npy volumes read with per-file errors, resampled and normalised,
 class folders of volumes, and class activation maps written back aligned with their volume."""
 
 from __future__ import annotations
@@ -14,13 +14,19 @@ from PIL import Image
 
 import densenet
 from densenet import ModelCard
-from densenet.checkpoint import TrainCheckpoint, read_checkpoint, save_checkpoint
 from densenet.cli import main
-from densenet.data import DataError, ImageFolderData, ModelInput, TransformedDataset, eval_dataset
-from densenet.explain import explain
-from densenet.images import ImageError, Reason
-from densenet.runner import Runner
-from densenet.volumes import VolumeAugment, VolumeTransform, read_volume, write_map
+from densenet.data.datasets import (
+    DataError,
+    ImageFolderData,
+    ModelInput,
+    TransformedDataset,
+    eval_dataset,
+)
+from densenet.data.images import ImageError, Reason
+from densenet.data.volumes import VolumeAugment, VolumeTransform, read_volume, write_map
+from densenet.infer.cam import explain
+from densenet.infer.runner import Runner
+from densenet.weights.checkpoint import TrainCheckpoint, read_checkpoint, save_checkpoint
 
 nibabel = pytest.importorskip("nibabel")
 from nibabel.testing import data_path  # noqa: E402 (after the skip)
@@ -75,7 +81,7 @@ def test_volume_bombs_are_refused_from_their_header(tmp_path, monkeypatch):
     """A header declaring more voxels than its file holds, a highly compressible volume over a
     (here lowered) size, and one larger than the memory available are refused before their
     voxels are read; a volume of noise of the same size is read."""
-    monkeypatch.setattr(densenet.volumes, "MIN_SUSPECT_BYTES", 2**16)
+    monkeypatch.setattr(densenet.data.volumes, "MIN_SUSPECT_BYTES", 2**16)
     header = nibabel.Nifti1Header()
     header.set_data_shape((64, 64, 64))
     header.set_data_dtype(np.uint8)
@@ -91,7 +97,7 @@ def test_volume_bombs_are_refused_from_their_header(tmp_path, monkeypatch):
             read_volume(tmp_path / name)
         assert str(raised.value).startswith(str(tmp_path / name)) and "\n" not in str(raised.value)
     assert read_volume(tmp_path / "noise.nii.gz").data.shape == (1, 40, 40, 40)
-    monkeypatch.setattr(densenet.volumes, "available_memory", lambda: 100_000)
+    monkeypatch.setattr(densenet.data.volumes, "available_memory", lambda: 100_000)
     with pytest.raises(ImageError, match="of memory available") as raised:
         read_volume(tmp_path / "noise.nii.gz")
     assert raised.value.reason == Reason.TOO_MANY_PIXELS
@@ -355,7 +361,9 @@ def test_volume_cards_round_trip_and_predict_refuses_images(tmp_path):
     with pytest.raises(ValueError, match="this model takes volumes"):
         densenet.Classifier(model, device="cpu", tta="hflip")
     # an exported volume model keeps its card: the same answer from the ONNX file
-    exported = densenet.export.export(model, tmp_path / "m.onnx", "onnx", card=classifier.card)
+    exported = densenet.tasks.export.export(
+        model, tmp_path / "m.onnx", "onnx", card=classifier.card
+    )
     (again,) = densenet.Classifier(exported, device="cpu").classify(str(tmp_path / "scan.npy"))
     assert again.labels == scan.labels
     assert again.probabilities == pytest.approx(scan.probabilities, abs=1e-5)

@@ -15,17 +15,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
-from densenet import weights
-from densenet.registry import model_info
-from densenet.transforms import IMAGENET_MEAN
-from densenet.weights import (
-    WeightsError,
-    convert_legacy_keys,
-    get_weights,
-    load_checkpoint,
-    sha256_file,
-    verify_file,
-)
+from densenet.data.transforms import IMAGENET_MEAN
+from densenet.nn.registry import model_info
+from densenet.weights import adapt, convert, download, published
+from densenet.weights.convert import convert_legacy_keys, load_checkpoint
+from densenet.weights.download import sha256_file, verify_file
+from densenet.weights.published import WeightsError, get_weights
 
 SMALL = "densenet_bc_100_k12"  # a small architecture to stand in for a published one
 TINY_NET = {"growth_rate": 4, "block_config": (2, 3), "num_init_features": 8, "num_classes": 5}
@@ -190,7 +185,7 @@ def test_verify_file_checks_a_published_names_hash_only(tmp_path):
 
 
 def test_nan_weights_are_refused_and_convert_writes_only_safetensors(tmp_path):
-    from densenet.load import convert_weights, verify_weights
+    from densenet.infer.load import convert_weights, verify_weights
 
     state = densenet.get_model(SMALL, num_classes=3).state_dict()
     state["classifier.weight"][0, 0] = float("nan")
@@ -319,7 +314,7 @@ def test_a_cached_file_that_fails_its_hash_is_refused(torch_home):
 def test_a_cached_file_is_hashed_once_until_it_changes(publish, monkeypatch):
     path = publish(SMALL, densenet.get_model(SMALL, num_classes=1000).state_dict())
     hashed = []
-    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    monkeypatch.setattr(download, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
     densenet.get_model(SMALL, weights="DEFAULT")
     densenet.get_model(SMALL, weights="DEFAULT")
     assert hashed == [path]
@@ -351,7 +346,7 @@ def test_mean_inflation_is_i3d_and_exact_away_from_the_depth_borders(tmp_path, f
     path = tmp_path / "tiny.pth"
     torch.save(flat.state_dict(), path)
     volume = densenet.DenseNet(**TINY_NET, spatial_dims=3)
-    weights.load_weights(volume, path)  # inflate="mean", the default
+    adapt.load_weights(volume, path)  # inflate="mean", the default
     w2, w3 = flat.features.conv0.weight, volume.features.conv0.weight
     torch.testing.assert_close(w3, w2.unsqueeze(2).expand_as(w3) / 7, rtol=0, atol=0)
     image = torch.rand(1, 3, 16, 16)
@@ -368,7 +363,7 @@ def test_1d_takes_each_kernels_centre_row(tmp_path, float64):
     flat = randomize_batchnorm(densenet.DenseNet(**TINY_NET)).eval()
     path = tmp_path / "tiny.pth"
     torch.save(flat.state_dict(), path)
-    signal = weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=1), path).eval()
+    signal = adapt.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=1), path).eval()
     torch.testing.assert_close(
         signal.features.conv0.weight, flat.features.conv0.weight[:, :, 3], rtol=0, atol=0
     )
@@ -378,7 +373,7 @@ def test_1d_takes_each_kernels_centre_row(tmp_path, float64):
     )
     assert signal(x).shape == (2, TINY_NET["num_classes"])
     with pytest.raises(ValueError, match="inflate must be one of"):
-        weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=3), path, inflate="x")
+        adapt.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=3), path, inflate="x")
 
 
 MONAI_KEYS = {  # MONAI DenseNet keys -> ours
@@ -403,10 +398,10 @@ MONAI_KEYS = {  # MONAI DenseNet keys -> ours
 
 def test_monai_keys_map_to_ours_strictly():
     state = {key: torch.zeros(1) for key in MONAI_KEYS}
-    assert weights.is_monai_state(state)
-    assert list(weights.convert_monai_keys(state)) == list(MONAI_KEYS.values())
-    with pytest.raises(weights.WeightsError, match="features.denseblock1.extra.weight"):
-        weights.convert_monai_keys({**state, "features.denseblock1.extra.weight": torch.zeros(1)})
+    assert convert.is_monai_state(state)
+    assert list(convert.convert_monai_keys(state)) == list(MONAI_KEYS.values())
+    with pytest.raises(published.WeightsError, match="features.denseblock1.extra.weight"):
+        convert.convert_monai_keys({**state, "features.denseblock1.extra.weight": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("spatial_dims", [1, 3])
@@ -423,7 +418,7 @@ def test_monai_style_file_loads_strictly(tmp_path, spatial_dims):
 
     path = tmp_path / "monai.pth"
     torch.save({monai_name(k): v for k, v in model.state_dict().items()}, path)
-    loaded = weights.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims), path)
+    loaded = adapt.load_weights(densenet.DenseNet(**TINY_NET, spatial_dims=spatial_dims), path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
@@ -446,7 +441,7 @@ def test_monai_densenet121_outputs_equal_in_float64(tmp_path, float64, spatial_d
 def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
     """``parse_weights`` is the one reading of ``weights``: None, a published entry or a local
     file; a parsed value passes the layers below unchanged, and a file is read once."""
-    from densenet.weights import WeightsFile, parse_weights
+    from densenet.weights.published import WeightsFile, parse_weights
 
     entry = get_weights("densenet121")
     assert parse_weights(None, "densenet121") is None
@@ -464,8 +459,8 @@ def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
     path = tmp_path / "mine.pth"
     torch.save(source.state_dict(), path)
     reads = []
-    read = weights._read_torch_file
-    monkeypatch.setattr(weights, "_read_torch_file", lambda *a: reads.append(a) or read(*a))
+    read = convert._read_torch_file
+    monkeypatch.setattr(convert, "_read_torch_file", lambda *a: reads.append(a) or read(*a))
     spec = parse_weights(str(path), SMALL)
     assert densenet.get_model(SMALL, weights=spec).classifier.out_features == 7
     loaded = densenet.load(SMALL, weights=str(path))
@@ -476,7 +471,8 @@ def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
 def test_one_decision_on_the_classifier():
     """``head_classes``: no weights keep the asked number; published weights their categories'
     unless another is asked (backbone); a file its own, another only with ``new_head``."""
-    from densenet.weights import WeightsFile, head_classes
+    from densenet.weights.adapt import head_classes
+    from densenet.weights.published import WeightsFile
 
     entry = get_weights("densenet121")
     state = densenet.DenseNet(**TINY_NET).state_dict()  # 5 classes

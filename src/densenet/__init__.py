@@ -16,22 +16,22 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__
+from densenet.version import __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
-    from .accuracy import EvalResult, evaluate
-    from .backends import optimize
-    from .explain import ActivationMaps, explain
-    from .images import ImageError
-    from .inference import InferenceDenseNet
-    from .labels import imagenet_classes
-    from .load import LoadedModel, load
-    from .model import DenseNet, DenseNetFeatures
-    from .predict import Classifier
-    from .preprocessing import ModelCard, Preprocessing
-    from .quantization import QuantizedModel, quantize, save_quantized
-    from .rdnet import RDNet
-    from .registry import (
+    from densenet.data.card import ModelCard, Preprocessing
+    from densenet.data.images import ImageError
+    from densenet.data.labels import imagenet_classes
+    from densenet.data.transforms import eval_transform
+    from densenet.infer.cam import ActivationMaps, explain
+    from densenet.infer.form import InferenceDenseNet
+    from densenet.infer.load import LoadedModel, load
+    from densenet.infer.optimize import optimize
+    from densenet.infer.quantization import QuantizedModel, quantize, save_quantized
+    from densenet.infer.runner import Runner
+    from densenet.nn.model import DenseNet, DenseNetFeatures
+    from densenet.nn.rdnet import RDNet
+    from densenet.nn.registry import (
         densenet121,
         densenet161,
         densenet169,
@@ -50,24 +50,24 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
         rdnet_small,
         rdnet_tiny,
     )
-    from .runner import Runner
-    from .transforms import eval_transform
-    from .weights import Weights, WeightsError, get_weights, list_weights
+    from densenet.tasks.accuracy import EvalResult, evaluate
+    from densenet.tasks.predict import Classifier
+    from densenet.weights.published import Weights, WeightsError, get_weights, list_weights
 
 _EXPORTS = {  # module: the public names it defines
-    "accuracy": ("EvalResult", "evaluate"),
-    "backends": ("optimize",),
-    "explain": ("ActivationMaps", "explain"),
-    "images": ("ImageError",),
-    "inference": ("InferenceDenseNet",),
-    "labels": ("imagenet_classes",),
-    "load": ("LoadedModel", "load"),
-    "model": ("DenseNet", "DenseNetFeatures"),
-    "predict": ("Classifier",),
-    "preprocessing": ("ModelCard", "Preprocessing"),
-    "quantization": ("QuantizedModel", "quantize", "save_quantized"),
-    "rdnet": ("RDNet",),
-    "registry": (
+    "tasks.accuracy": ("EvalResult", "evaluate"),
+    "infer.optimize": ("optimize",),
+    "infer.cam": ("ActivationMaps", "explain"),
+    "data.images": ("ImageError",),
+    "infer.form": ("InferenceDenseNet",),
+    "data.labels": ("imagenet_classes",),
+    "infer.load": ("LoadedModel", "load"),
+    "nn.model": ("DenseNet", "DenseNetFeatures"),
+    "tasks.predict": ("Classifier",),
+    "data.card": ("ModelCard", "Preprocessing"),
+    "infer.quantization": ("QuantizedModel", "quantize", "save_quantized"),
+    "nn.rdnet": ("RDNet",),
+    "nn.registry": (
         "densenet121",
         "densenet161",
         "densenet169",
@@ -86,9 +86,9 @@ _EXPORTS = {  # module: the public names it defines
         "rdnet_small",
         "rdnet_tiny",
     ),
-    "runner": ("Runner",),
-    "transforms": ("eval_transform",),
-    "weights": ("Weights", "WeightsError", "get_weights", "list_weights"),
+    "infer.runner": ("Runner",),
+    "data.transforms": ("eval_transform",),
+    "weights.published": ("Weights", "WeightsError", "get_weights", "list_weights"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -96,9 +96,8 @@ __all__ = ["__version__", *_MODULE_OF]
 
 
 class _Package(types.ModuleType):
-    """The package: a public name is imported from its module when first read, a submodule
-    (``densenet.registry``) when first read as an attribute; a submodule named like a public
-    name (``densenet.load``, ``densenet.explain``) never replaces the function."""
+    """The package: a public name is imported from its module when first read, a subpackage
+    (``densenet.nn``) when first read as an attribute."""
 
     def __getattr__(self, name: str) -> Any:
         module = _MODULE_OF.get(name)
@@ -110,11 +109,6 @@ class _Package(types.ModuleType):
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         setattr(self, name, value)
         return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _MODULE_OF and isinstance(value, types.ModuleType):
-            return  # the import system binding the submodule of the same name
-        super().__setattr__(name, value)
 
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *__all__})

@@ -15,12 +15,12 @@ __all__ = [
     "VIEWS",
 ]
 
-PRECISIONS = ("float32", "bfloat16", "float16")  # densenet.dtypes.DTYPES
+PRECISIONS = ("float32", "bfloat16", "float16")  # densenet.infer.precision.DTYPES
 BACKENDS = ("eager", "inductor", "triton", "onednn", "openvino")  # densenet.optimize's engines
 VIEWS = {"hflip": 2, "five-crop": 5, "ten-crop": 10}  # test-time augmentation: views per image
 VECTOR_DTYPES = ("float32", "float16")  # how bulk stores embedding vectors
 AMP_MODES = ("auto", "none", "bf16", "fp16")  # training's autocast
-EXPORT_FORMATS = ("onnx", "torchscript", "exported", "openvino")  # densenet.export.EXPORTERS
+EXPORT_FORMATS = ("onnx", "torchscript", "exported", "openvino")  # densenet.tasks.export.EXPORTERS
 RECIPES = (  # densenet.train.config.RECIPES
     "cifar10",
     "cifar10+",
@@ -31,7 +31,7 @@ RECIPES = (  # densenet.train.config.RECIPES
     "rdnet",
     "finetune",
 )
-BENCH_ENGINES = (  # densenet.benchmark.ENGINES
+BENCH_ENGINES = (  # densenet.tasks.bench.ENGINES
     "torchvision eager",
     "torchvision eager CL",
     "torchvision compile CL",

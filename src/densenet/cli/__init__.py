@@ -17,9 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..errors import DenseNetError, first_line
-from . import (
+from densenet import __version__
+from densenet.cli import (
     bench,
     calibrate,
     embed,
@@ -32,7 +31,8 @@ from . import (
     train,
     weights,
 )
-from .common import CommandParser, print_problem
+from densenet.cli.common import CommandParser, print_problem
+from densenet.errors import DenseNetError, first_line
 
 COMMANDS = (
     predict,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..choices import BENCH_ENGINES
-from ..io import write_json
-from .common import MAX_IMAGE_SIZE, integer, print_json
+from densenet.choices import BENCH_ENGINES
+from densenet.cli.common import MAX_IMAGE_SIZE, integer, print_json
+from densenet.data.files import write_json
 
 
 def add_parser(sub) -> None:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         unknown = [e for e in args.engines if e not in BENCH_ENGINES]
         if unknown:
             raise ValueError(f"unknown engines {unknown}; choose from {', '.join(BENCH_ENGINES)}")
-    from ..benchmark import format_table, run_benchmark, to_json
+    from densenet.tasks.bench import format_table, run_benchmark, to_json
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     results = run_benchmark(

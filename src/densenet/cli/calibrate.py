@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..io import text_table
-from .common import add_data_args, add_device_arg, integer, print_json, weights_value
+from densenet.cli.common import add_data_args, add_device_arg, integer, print_json, weights_value
+from densenet.data.files import text_table
 
 
 def add_parser(sub) -> None:
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import calibrate_dataset
+    from densenet.tasks.evaluate import calibrate_dataset
 
     named = not args.model.endswith((".pth", ".pt", ".safetensors"))
     report = calibrate_dataset(

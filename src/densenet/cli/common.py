@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..choices import BACKENDS, PRECISIONS, VIEWS
+from densenet.choices import BACKENDS, PRECISIONS, VIEWS
 
 if TYPE_CHECKING:
-    from ..bulk import Options
+    from densenet.tasks.bulk import Options
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -252,7 +252,7 @@ def check_calibration(args: argparse.Namespace) -> None:
 def run_bulk(args: argparse.Namespace, source: str, options: Options) -> int:
     """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
     summary (shards written and skipped, rows, error rows, images/s) as JSON."""
-    from .. import bulk
+    from densenet.tasks import bulk
 
     output_folder(args.out, "--out")
     summary = bulk.run(

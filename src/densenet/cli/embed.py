@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import VECTOR_DTYPES
-from .common import (
+from densenet.choices import VECTOR_DTYPES
+from densenet.cli.common import (
     add_bulk_args,
     add_inference_args,
     add_model_args,
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bulk import Options
+    from densenet.tasks.bulk import Options
 
     check_calibration(args)
     warn_if_random(args)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..io import text_table
-from .common import (
+from densenet.cli.common import (
     add_data_args,
     add_device_arg,
     add_dtype_arg,
@@ -17,6 +16,7 @@ from .common import (
     print_json,
     warn_if_random,
 )
+from densenet.data.files import text_table
 
 
 def add_parser(sub) -> None:
@@ -57,8 +57,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_dataset
-    from ..runtime import torchrun_ranks
+    from densenet.infer.runtime import torchrun_ranks
+    from densenet.tasks.evaluate import evaluate_dataset
 
     check_calibration(args)
     warn_if_random(args)

@@ -7,9 +7,8 @@ import argparse
 import os
 import tempfile
 
-from ..choices import EXPORT_FORMATS
-from ..io import check_not_input, check_regular_file
-from .common import (
+from densenet.choices import EXPORT_FORMATS
+from densenet.cli.common import (
     MAX_IMAGE_SIZE,
     add_model_args,
     check_calibration,
@@ -17,6 +16,7 @@ from .common import (
     print_report,
     warn_if_random,
 )
+from densenet.data.files import check_not_input, check_regular_file
 
 
 def add_parser(sub) -> None:
@@ -69,10 +69,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import DEFAULT_OPSET, ExportError, check_ir_folder, export, write_triton_repo
-    from ..load import load
-    from ..network import Network
-    from ..openvino import IR_FILES
+    from densenet.infer.load import load
+    from densenet.infer.openvino import IR_FILES
+    from densenet.nn.network import Network
+    from densenet.tasks.export import (
+        DEFAULT_OPSET,
+        ExportError,
+        check_ir_folder,
+        export,
+        write_triton_repo,
+    )
 
     onnx_only = {
         "--opset": args.opset is not None,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..architectures import list_models, model_info
-from ..io import text_table
-from ..published import WEIGHTS
-from .common import print_json
+from densenet.architectures import list_models, model_info
+from densenet.cli.common import print_json
+from densenet.data.files import text_table
+from densenet.weights.published import WEIGHTS
 
 
 def add_parser(sub) -> None:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 def _engines(args: argparse.Namespace) -> int:
     if args.models:
         raise ValueError("--engines describes this machine, not models; drop the model names")
-    from ..backends import engine_choices
+    from densenet.infer.optimize import engine_choices
 
     devices = engine_choices()
     if args.json:

@@ -7,8 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import DenseNetError
-from .common import (
+from densenet.cli.common import (
     add_bulk_args,
     add_inference_args,
     add_model_args,
@@ -21,6 +20,7 @@ from .common import (
     run_bulk,
     warn_if_random,
 )
+from densenet.errors import DenseNetError
 
 
 def add_parser(sub) -> None:
@@ -54,10 +54,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bulk import BulkError, Options
-    from ..images import find_images, is_image_file
-    from ..predict import Classifier, write_overlays
-    from ..volumes import is_volume_file
+    from densenet.data.images import find_images, is_image_file
+    from densenet.data.volumes import is_volume_file
+    from densenet.tasks.bulk import BulkError, Options
+    from densenet.tasks.predict import Classifier, write_overlays
 
     check_calibration(args)
     warn_if_random(args)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import DenseNetError
-from ..io import check_output_file, text_table
-from .common import integer, print_json, print_problem, warn_if_random, weights_value
+from densenet.cli.common import integer, print_json, print_problem, warn_if_random, weights_value
+from densenet.data.files import check_output_file, text_table
+from densenet.errors import DenseNetError
 
 
 def add_parser(sub) -> None:
@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..openvino import IR_FILES
-    from ..quantization import default_engine, quantize, save_quantized
+    from densenet.infer.openvino import IR_FILES
+    from densenet.infer.quantization import default_engine, quantize, save_quantized
 
     stem = str(Path(args.model).with_suffix(""))
     inputs = (args.model, args.calibration, args.validation)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DenseNetError
-from .common import (
+from densenet.cli.common import (
     add_device_arg,
     add_dtype_arg,
     add_model_args,
@@ -14,6 +13,7 @@ from .common import (
     number,
     warn_if_random,
 )
+from densenet.errors import DenseNetError
 
 
 def add_parser(sub) -> None:
@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     check_calibration(args)
     warn_if_random(args)
     try:
-        from ..serve import ServeConfig, serve, weights_metadata
+        from densenet.serve import ServeConfig, serve, weights_metadata
     except ImportError as error:
         raise DenseNetError(
             f"{error}; install it with: pip install 'densenet-toolkit[serve]'"
         ) from None
-    from ..predict import Classifier
+    from densenet.tasks.predict import Classifier
 
     config = ServeConfig(
         max_batch=args.max_batch,

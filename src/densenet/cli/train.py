@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..choices import AMP_MODES, RECIPES
-from .common import accept_negative_lists, add_data_args, print_report
+from densenet.choices import AMP_MODES, RECIPES
+from densenet.cli.common import accept_negative_lists, add_data_args, print_report
 
 # TrainConfig fields with a flag of their own (text parsed as the field's type)
 FLAGS = {
@@ -60,7 +60,7 @@ class RecipeHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         name = getattr(namespace, "recipe", None)
         if name in RECIPES:  # its values: the training code is imported for them
-            from ..train.config import RECIPES as SETTINGS
+            from densenet.train.config import RECIPES as SETTINGS
 
             recipe = SETTINGS[name]
             for action in parser._actions:
@@ -109,9 +109,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import torchrun_ranks
-    from ..train import make_config, parse_override, train
-    from ..train.config import parse_value
+    from densenet.infer.runtime import torchrun_ranks
+    from densenet.train import make_config, parse_override, train
+    from densenet.train.config import parse_value
 
     overrides = {n: parse_value(n, getattr(args, n)) for n in FLAGS if getattr(args, n) is not None}
     overrides.update({n: True for n in SWITCHES if getattr(args, n)})

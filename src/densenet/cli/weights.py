@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import print_report
+from densenet.cli.common import print_report
 
 
 def add_parser(sub) -> None:
@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..load import convert_weights, verify_weights
-    from ..weights import WEIGHTS, fetch, get_weights
+    from densenet.infer.load import convert_weights, verify_weights
+    from densenet.weights.download import fetch
+    from densenet.weights.published import WEIGHTS, get_weights
 
     if args.action == "download":
         report = []

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import DenseNetError
-from ..predict import Classifier
-from ..weights import get_weights, list_weights, sha256_file
-from .app import ServeConfig, create_app
-from .batcher import Batcher, BatchResult, QueueFull
+from densenet.errors import DenseNetError
+from densenet.serve.app import ServeConfig, create_app
+from densenet.serve.batcher import Batcher, BatchResult, QueueFull
+from densenet.tasks.predict import Classifier
+from densenet.weights.download import sha256_file
+from densenet.weights.published import get_weights, list_weights
 
 __all__ = [
     "BatchResult",

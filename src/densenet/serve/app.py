@@ -33,16 +33,22 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from torch import Tensor
 
-from .. import __version__
-from ..explain import ExplainError
-from ..images import RASTER_FORMATS, ImageError, Reason, check_pixels, open_image
-from ..predict import Classifier, Prediction, top_predictions
-from ..runner import NonFiniteOutputError
-from ..transforms import CHANNEL_MODES
-from .batcher import Batcher, QueueFull
-from .decoding import FairDecoder, header_pixels
-from .metrics import CONTENT_TYPE, ServiceMetrics
-from .schemas import ERRORS, EXPLAIN_RESPONSES, IMAGE_FIELD, PREDICT_BODY, PredictResponse
+from densenet import __version__
+from densenet.data.images import RASTER_FORMATS, ImageError, Reason, check_pixels, open_image
+from densenet.data.transforms import CHANNEL_MODES
+from densenet.infer.cam import ExplainError
+from densenet.infer.runner import NonFiniteOutputError
+from densenet.serve.batcher import Batcher, QueueFull
+from densenet.serve.decoding import FairDecoder, header_pixels
+from densenet.serve.metrics import CONTENT_TYPE, ServiceMetrics
+from densenet.serve.schemas import (
+    ERRORS,
+    EXPLAIN_RESPONSES,
+    IMAGE_FIELD,
+    PREDICT_BODY,
+    PredictResponse,
+)
+from densenet.tasks.predict import Classifier, Prediction, top_predictions
 
 log = logging.getLogger(__name__)
 

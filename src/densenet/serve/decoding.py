@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..images import MAX_PIXELS
+from densenet.data.images import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ class ImageResult(BaseModel):
     positive: list[str] | None = None  # a multi-label model: the labels at their thresholds
     batch_size: int | None = None
     error: str | None = None
-    reason: str | None = None  # densenet.images.Reason of an image that was refused
+    reason: str | None = None  # densenet.data.images.Reason of an image that was refused
     status: int | None = None
 
 

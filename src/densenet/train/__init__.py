@@ -5,17 +5,29 @@
 
 On CPU with ``deterministic=True`` and ``workers=0``, a run killed at any moment and resumed
 ends with exactly the weights of an uninterrupted run: the data order is a permutation seeded by
-``(seed, epoch)``, each image's augmentation has its own seed (``densenet.data.sample_seed``),
+``(seed, epoch)``, each image's augmentation has its own seed (``densenet.data.datasets.sample_seed``),
 and the checkpoints hold the optimizer, scheduler, scaler, step and random-number states.
 
 Modules: ``config`` (settings and recipes), ``loop`` (the run), ``checkpointer`` (save and
 resume), ``metrics`` (the per-epoch log).
 """
 
-from ..checkpoint import CheckpointError, TrainCheckpoint, read_checkpoint, save_checkpoint
-from ..runtime import AMP_MODES, amp_dtype, distributed_setup, process_group
-from .config import RECIPES, TrainConfig, eval_resize, make_config, milestone_epochs, parse_override
-from .loop import Trainer, TrainingError, train
+from densenet.infer.runtime import AMP_MODES, amp_dtype, distributed_setup, process_group
+from densenet.train.config import (
+    RECIPES,
+    TrainConfig,
+    eval_resize,
+    make_config,
+    milestone_epochs,
+    parse_override,
+)
+from densenet.train.loop import Trainer, TrainingError, train
+from densenet.weights.checkpoint import (
+    CheckpointError,
+    TrainCheckpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "AMP_MODES",

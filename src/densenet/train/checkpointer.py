@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as checkpoints
-from ..checkpoint import CheckpointError, TrainCheckpoint
-from ..io import settings_differences, temporary_of
-from .config import RUN_OPTIONS
+from densenet.data.files import settings_differences, temporary_of
+from densenet.train.config import RUN_OPTIONS
+from densenet.weights import checkpoint as checkpoints
+from densenet.weights.checkpoint import CheckpointError, TrainCheckpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..model import DenseNet
-from ..registry import get_model, network_of
-from ..runtime import AMP_MODES
-from ..transforms import AUGMENTATIONS
-from ..volumes import VolumeTransform, available_memory
+from densenet.data.transforms import AUGMENTATIONS
+from densenet.data.volumes import VolumeTransform, available_memory
+from densenet.infer.runtime import AMP_MODES
+from densenet.nn.model import DenseNet
+from densenet.nn.registry import get_model, network_of
 
 
 @dataclass
@@ -48,8 +48,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth (RDNet)
-    augment: str = "crop-flip"  # see densenet.transforms.train_transform (volumes: "none", or
-    # any other for densenet.volumes.VolumeAugment's random shifts and flips)
+    augment: str = "crop-flip"  # see densenet.data.transforms.train_transform (volumes: "none", or
+    # any other for densenet.data.volumes.VolumeAugment's random shifts and flips)
     image_size: int = 32  # training crop and evaluation crop, pixels
     # evaluation: resize the shorter side to this, then crop image_size (None: image_size *
     # 256 / 224 with "imagenet" augmentation, else image_size)
@@ -66,7 +66,7 @@ class TrainConfig:
     # clipped to a window (low, high), e.g. a CT window in Hounsfield units, and scaled to [0, 1]
     volume_size: tuple[int, ...] | None = None
     window: tuple[float, ...] | None = None
-    # multi-label: a CSV of files (relative to data) and labels (densenet.multilabel); sigmoid
+    # multi-label: a CSV of files (relative to data) and labels (densenet.tasks.multilabel); sigmoid
     # outputs, binary cross-entropy, the best epoch by mean validation AUROC
     labels: str | None = None
     val_labels: str | None = None  # the validation images' CSV, when labels has no split column
@@ -82,7 +82,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on a GPU that has it, else float32), none, bf16, fp16
     channels_last: bool | None = None  # None: on GPU
     compile: bool = False
-    memory_efficient: bool | str = False  # True (densenet.memory); "triton": its CUDA kernels
+    memory_efficient: bool | str = False  # True (densenet.nn.memory); "triton": its CUDA kernels
     deterministic: bool = False
     out: str | None = None  # None: runs/<recipe>
     data_root: str | None = None

@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import Compose
 from tqdm.auto import tqdm
 
-from ..accuracy import EvalResult, ModuleProbabilities, evaluate
-from ..checkpoint import TrainCheckpoint, read_checkpoint
-from ..data import (
+from densenet.data.card import ModelCard, Preprocessing
+from densenet.data.datasets import (
     ModelInput,
     ShardedBatchSampler,
     TransformedDataset,
@@ -35,17 +34,25 @@ from ..data import (
     load_splits,
     shard_indices,
 )
-from ..errors import DenseNetError
-from ..io import write_json
-from ..multilabel import label_metrics, label_splits, pos_weight, predict_labels
-from ..preprocessing import ModelCard, Preprocessing
-from ..registry import get_model
-from ..runtime import amp_dtype, process_group
-from ..transforms import ChannelError, channel_stats, to_channels, train_transform
-from ..volumes import VolumeAugment, VolumeTransform
-from .checkpointer import Checkpointer
-from .config import TrainConfig, base_lr, check_config, config_dict, eval_resize, lr_factor
-from .metrics import MetricsLog
+from densenet.data.files import write_json
+from densenet.data.transforms import ChannelError, channel_stats, to_channels, train_transform
+from densenet.data.volumes import VolumeAugment, VolumeTransform
+from densenet.errors import DenseNetError
+from densenet.infer.runtime import amp_dtype, process_group
+from densenet.nn.registry import get_model
+from densenet.tasks.accuracy import EvalResult, ModuleProbabilities, evaluate
+from densenet.tasks.multilabel import label_metrics, label_splits, pos_weight, predict_labels
+from densenet.train.checkpointer import Checkpointer
+from densenet.train.config import (
+    TrainConfig,
+    base_lr,
+    check_config,
+    config_dict,
+    eval_resize,
+    lr_factor,
+)
+from densenet.train.metrics import MetricsLog
+from densenet.weights.checkpoint import TrainCheckpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 

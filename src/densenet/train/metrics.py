@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..io import write_text
+from densenet.data.files import write_text
 
 
 class MetricsLog:
