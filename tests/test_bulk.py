@@ -305,7 +305,7 @@ HALF_WRITTEN = ".part-000003.parquet.killed.tmp.parquet"  # as atomic_write name
 # temporary file of shard 3 is half written: ``python -c KILLABLE checkpoint folder out``.
 KILLABLE = f"""
 import sys
-from densenet import bulk
+from densenet.tasks import bulk
 from densenet.cli import main
 write = bulk.atomic_write
 def stop_after_shard_2(path, writer):
