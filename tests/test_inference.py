@@ -18,7 +18,8 @@ import densenet.infer.optimize
 from densenet import InferenceDenseNet, optimize
 from densenet.cli import main
 from densenet.infer.form import InferenceOnly
-from densenet.tasks.bench import COMPILED_REFERENCE, ENGINES, Engine, format_table, run_benchmark
+from densenet.tasks.bench import COMPILED_REFERENCE, ENGINES, format_table, run_benchmark
+from densenet.tasks.bench_engines import Engine
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

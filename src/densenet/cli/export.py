@@ -40,9 +40,12 @@ def add_parser(sub) -> None:
         "--batch-size", type=integer(1, 4096), help="fix the batch size (default: dynamic)"
     )
     batch.add_argument(
-        "--dynamic-batch", dest="batch_size", action="store_const", const=None,
+        "--dynamic-batch",
+        dest="batch_size",
+        action="store_const",
+        const=None,
         help="dynamic batch axis (the default)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--image-size",
         type=integer(1, MAX_IMAGE_SIZE),

@@ -38,8 +38,8 @@ __all__ = ["OneDNNDenseNet", "cpu_bfloat16", "default_dtype", "native_bfloat16"]
 @functools.cache
 def cpu_bfloat16() -> str | None:
     """This CPU's bfloat16, asked of the hardware once: ``"native"`` (AVX-512 BF16 or AMX tiles:
-    about twice as fast as float32), ``"emulated"`` (oneDNN on other AVX-512 CPUs, slower than
-    float32) or None (oneDNN refuses it: AVX2-only CPUs, or no oneDNN)."""
+    faster than float32), ``"emulated"`` (oneDNN on other AVX-512 CPUs, slower than float32) or
+    None (oneDNN refuses it: AVX2-only CPUs, or no oneDNN)."""
     if not torch.backends.mkldnn.is_available():
         return None
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():

@@ -88,11 +88,13 @@ class ExportMetadata:
         known = Preprocessing.__dataclass_fields__
         pre = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         card = ModelCard(
-            tuple(data["categories"]), Preprocessing(**pre), arch=data.get("arch"),
+            tuple(data["categories"]),
+            Preprocessing(**pre),
+            arch=data.get("arch"),
             weights=data.get("weights"),
-        )  # fmt: skip
-        export = {k: data[k] for k in ("dtype", "folded", "batch_size", "image_size", "extra")
-                  if k in data}  # fmt: skip
+        )
+        fields = ("dtype", "folded", "batch_size", "image_size", "extra")
+        export = {k: data[k] for k in fields if k in data}
         return cls(card, **export)
 
 

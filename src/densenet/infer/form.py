@@ -293,10 +293,9 @@ class SpaceToDepthConv(nn.Module):
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         x = F.pad(x, (3, 3 + w % 2, 3, 3 + h % 2))
         cells = (n, c, x.shape[2] // 2, 2, x.shape[3] // 2, 2)  # (n, c, i, p, j, q)
-        s = torch.empty(
-            (n, self.weight.shape[1], cells[2], cells[4]), dtype=x.dtype, device=x.device,
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-        )  # fmt: skip
+        size = (n, self.weight.shape[1], cells[2], cells[4])
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        s = torch.empty(size, dtype=x.dtype, device=x.device, memory_format=layout)
         # one pass: channel 4c + 2p + q of s at (i, j) is x[c, 2i + p, 2j + q], then zeros
         s[:, : 4 * c].unflatten(1, (c, 2, 2)).copy_(x.view(cells).permute(0, 1, 3, 5, 2, 4))
         s[:, 4 * c :].zero_()

@@ -192,7 +192,7 @@ def optimize(
         compile: ``torch.compile`` the result (the inductor backend): ``True`` for the default
             mode (with inductor's weight freezing), or a mode name such as ``"reduce-overhead"``
             (CUDA graphs, best for small GPU batches). Shapes stay static: the first call with
-            each input shape compiles (tens of seconds) a kernel for that shape only.
+            each input shape compiles a kernel for that shape only.
         backend: ``"eager"`` (an ``InferenceDenseNet``), ``"inductor"`` (it, compiled; the same as
             ``compile=True``; on the CPU slower than eager, with a warning), ``"triton"`` (a
             ``densenet.infer.gpu.TritonDenseNet``: fused Triton kernels; CUDA only, or any device
@@ -219,6 +219,14 @@ def optimize(
         (an ``OpenVINODenseNet``: float32 outputs); it keeps the model's ``arch`` and
         ``config``.
     """
+    device = _device_of(model)
+    backend, dtype = _choose(model, device, dtype, channels_last, compile, backend)
+    return _build(model, backend, dtype, channels_last, compile, growth_conv, throughput)
+
+
+def _device_of(model: DenseNet | RDNet) -> torch.device:
+    """``model``'s device, once it is a model that ``optimize`` takes: a DenseNet or RDNet in
+    eval mode."""
     if not isinstance(model, (DenseNet, RDNet)):
         raise TypeError(
             f"optimize() takes a densenet.DenseNet or RDNet, got {type(model).__name__}"
@@ -228,7 +236,20 @@ def optimize(
             "optimize() needs a model in eval mode (its BatchNorm running statistics are folded "
             "into the weights); call model.eval() first"
         )
-    device = next(model.parameters()).device
+    return next(model.parameters()).device
+
+
+def _choose(
+    model: DenseNet | RDNet,
+    device: torch.device,
+    dtype: torch.dtype | str | None,
+    channels_last: bool | None,
+    compile: bool | str,
+    backend: str | None,
+) -> tuple[str, torch.dtype | str | None]:
+    """The backend ``optimize`` builds ``model`` on and the dtype it passes, once the arguments
+    are checked: OpenVINO's as asked (it decides ``"auto"`` and None itself), else a floating
+    point ``torch.dtype``."""
     if isinstance(model, RDNet):
         _check_rdnet(backend, compile, channels_last)
     if backend == "openvino":  # OpenVINO decides "auto" and checks its own precisions
@@ -236,15 +257,13 @@ def optimize(
             raise ValueError("compile applies to backend='inductor' only, got backend='openvino'")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = resolve_dtype(dtype, device)
-        return OpenVINODenseNet(model, dtype, throughput=throughput)
+        return backend, dtype
     dtype = resolve_dtype(dtype, device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     if isinstance(model, RDNet):
-        return InferenceRDNet(model, dtype)
-    mode = "default" if compile in (True, False) else compile
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+        return "eager", dtype
+    _compile_mode(compile)
     if model.spatial_dims != 2:  # the eager form (or it compiled) folds volumes and signals
         backend = backend or ("inductor" if compile else "eager")
         if backend not in ("eager", "inductor"):
@@ -253,25 +272,48 @@ def optimize(
                 "use backend='eager' or 'inductor'"
             )
     backend = _backend(backend, compile, device, dtype, channels_last, channels_aligned(model))
+    if backend == "inductor" and device.type == "cpu":
+        warnings.warn(
+            "optimize(compile=...) on the CPU measured slower than the uncompiled forms (inductor "
+            "calls the same oneDNN convolutions and adds its own elementwise kernels); "
+            "backend='onednn' is the fastest CPU form",
+            stacklevel=3,  # optimize's caller
+        )
+    return backend, dtype
+
+
+def _compile_mode(compile: bool | str) -> str:
+    """The ``torch.compile`` mode that ``optimize(compile=...)`` means."""
+    mode = "default" if compile in (True, False) else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    return mode
+
+
+def _build(
+    model: DenseNet | RDNet,
+    backend: str,
+    dtype: torch.dtype | str | None,
+    channels_last: bool | None,
+    compile: bool | str,
+    growth_conv: str,
+    throughput: bool,
+) -> nn.Module:
+    """``model``'s inference form on ``backend`` in ``dtype``, as ``_choose`` decided them."""
+    if backend == "openvino":
+        return OpenVINODenseNet(model, dtype, throughput=throughput)
+    if isinstance(model, RDNet):
+        return InferenceRDNet(model, dtype)
     if backend == "triton":
         from densenet.infer.gpu import TritonDenseNet  # imports triton, which some platforms lack
 
         return TritonDenseNet(InferenceDenseNet(model, dtype, channels_last=True), growth_conv)
     if backend == "onednn":
         return OneDNNDenseNet(InferenceDenseNet(model, dtype, channels_last=True))
-    if backend == "openvino":  # the table's choice for this CPU and precision
-        return OpenVINODenseNet(model, dtype, throughput=throughput)
     fast = InferenceDenseNet(model, dtype, True if channels_last is None else channels_last)
     if backend == "eager":
         return fast
-    if device.type == "cpu":
-        warnings.warn(
-            "optimize(compile=...) on the CPU measured slower than the uncompiled forms (inductor "
-            "calls the same oneDNN convolutions and adds its own elementwise kernels); "
-            "backend='onednn' is the fastest CPU form",
-            stacklevel=2,
-        )
-    options = {**torch._inductor.list_mode_options(mode), "freezing": True}
+    options = {**torch._inductor.list_mode_options(_compile_mode(compile)), "freezing": True}
     return torch.compile(fast, options=options, dynamic=False)
 
 

@@ -1,6 +1,7 @@
 """Export a DenseNet for deployment: ONNX, TorchScript, ``torch.export`` programs and OpenVINO IR,
 with the class names and preprocessing constants stored in the file, an ONNX Runtime wrapper that
-``Classifier`` can run, and a Triton Inference Server model repository for the ONNX file.
+``Classifier`` can run, and a Triton Inference Server model repository for the ONNX file
+(``densenet.tasks.triton_repo``).
 
 Every format takes (N, C, H, W) normalised images (C: the card's ``in_channels``) and returns (N, num_classes) logits. By default
 the batch size, height and width are all dynamic; ``batch_size`` / ``image_size`` fix them.
@@ -26,7 +27,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.data.card import ModelCard
-from densenet.data.files import atomic_write, check_output_file, write_text
+from densenet.data.files import atomic_write, check_output_file
 from densenet.errors import first_line
 from densenet.infer.exported import (
     DTYPES,
@@ -64,6 +64,7 @@ from densenet.infer.openvino import (
 )
 from densenet.infer.optimize import optimize
 from densenet.infer.quantization import calibration_batches, check_image_model, quantize_onnx
+from densenet.tasks.triton_repo import triton_config, write_triton_repo
 
 __all__ = [
     "DTYPES",
@@ -85,7 +86,6 @@ __all__ = [
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes without a lossy version conversion
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT >= 8.6, Triton's onnxruntime backend
 EXAMPLE_BATCH = 2  # the example batch of a dynamic-batch export (1 would be specialised)
-TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
 # ---- the three formats --------------------------------------------------------------------
@@ -126,9 +126,43 @@ def to_onnx(
     Returns the path written.
     """
     onnx = require("onnx", "ONNX export", INSTALL_EXPORT)
-    require("onnxscript", "ONNX export (torch's exporter)", INSTALL_EXPORT)
     int8 = dtype == "int8"
-    if int8:  # before any work
+    _check_onnx_request(onnx, model, opset, int8, calibration, card)
+    path = _writable(path)
+    float_dtype = "float32" if int8 else dtype  # int8: a float32 export, then quantized
+    net, example, meta = _prepare(
+        model, card, categories, batch_size, image_size, float_dtype, fold, for_onnx=True
+    )
+    if int8:  # read before the export: a folder without readable images fails first
+        batches = calibration_batches(calibration, meta.card, progress=False)
+    proto = _onnx_proto(net, example, opset, batch_size, image_size)
+    if int8:
+        proto = _quantized(onnx, proto, batches)
+        meta = _with_extra(meta, quantization="int8 QDQ: per-channel weights, uint8 activations")
+    proto.producer_name = "densenet"
+    proto.doc_string = (
+        f"{meta.card.arch or 'DenseNet'}: {INPUT_NAME} (N, 3, H, W) -> {OUTPUT_NAME} (N, classes)"
+    )
+    for key, value in meta.to_dict().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    return path
+
+
+def _check_onnx_request(
+    onnx: Any,
+    model: nn.Module,
+    opset: int,
+    int8: bool,
+    calibration: str | os.PathLike | None,
+    card: ModelCard | None,
+) -> None:
+    """``ExportError`` (before any work) unless ``to_onnx`` can write what is asked: the exporter
+    and, for int8, ONNX Runtime installed, calibration images given for int8 only, an image
+    model and an ``opset`` that the installed onnx writes."""
+    require("onnxscript", "ONNX export (torch's exporter)", INSTALL_EXPORT)
+    if int8:
         require("onnxruntime", "int8 ONNX export (ONNX Runtime's quantization)", INSTALL_EXPORT)
         if calibration is None:
             raise ExportError(
@@ -138,20 +172,20 @@ def to_onnx(
         check_image_model(card or ModelCard.for_model(model))
     elif calibration is not None:
         raise ExportError("calibration images are for dtype int8 only; drop them or export int8")
-
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ExportError(
             f"opset {opset} is {'too old' if opset < MIN_OPSET else 'newer than the installed onnx supports'}"
             f"; use an opset from {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})"
         )
-    path = _writable(path)
-    net, example, meta = _prepare(
-        model, card, categories, batch_size, image_size, "float32" if int8 else dtype, fold,
-        for_onnx=True,
-    )  # fmt: skip
-    if int8:  # read before the export: a folder without readable images fails first
-        batches = calibration_batches(calibration, meta.card, progress=False)
+
+
+def _onnx_proto(
+    net: nn.Module, example: Tensor, opset: int, batch_size: int | None, image_size: int | None
+) -> Any:
+    """``net`` exported by torch's ``torch.export``-based exporter, as an ONNX ``ModelProto``:
+    the batch axis dynamic unless ``batch_size`` fixes it, height and width unless
+    ``image_size`` does."""
     axes: dict[int, str] = {}
     if batch_size is None:
         axes[0] = "batch"
@@ -170,19 +204,7 @@ def to_onnx(
             dynamic_shapes=(axes,) if axes else None,
             optimize=True,
         )
-    proto = program.model_proto
-    if int8:
-        proto = _quantized(onnx, proto, batches)
-        meta = _with_extra(meta, quantization="int8 QDQ: per-channel weights, uint8 activations")
-    proto.producer_name = "densenet"
-    proto.doc_string = (
-        f"{meta.card.arch or 'DenseNet'}: {INPUT_NAME} (N, 3, H, W) -> {OUTPUT_NAME} (N, classes)"
-    )
-    for key, value in meta.to_dict().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
-    return path
+    return program.model_proto
 
 
 def to_torchscript(
@@ -341,78 +363,6 @@ def export(model: nn.Module, path: str | os.PathLike, format: str, **options: An
     if format not in EXPORTERS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}")
     return EXPORTERS[format](model, path, **options)
-
-
-# ---- Triton Inference Server -----------------------------------------------------------------
-
-
-def write_triton_repo(
-    onnx_path: str | os.PathLike,
-    repo: str | os.PathLike,
-    name: str | None = None,
-    max_batch_size: int = 64,
-) -> Path:
-    """Put an exported ONNX file into a Triton model repository for the ``onnxruntime`` backend:
-    ``repo/<name>/config.pbtxt``, ``repo/<name>/1/model.onnx`` and ``repo/<name>/labels.txt``
-    (class names, so Triton's classification extension returns labels).
-
-    Args:
-        onnx_path: a file written by ``to_onnx``.
-        repo: the model repository folder (created if missing).
-        name: the model name; default the architecture's (``densenet121``...).
-        max_batch_size: the largest batch Triton forms with dynamic batching; a fixed-batch
-            export gets 0 (Triton then passes the batch dimension through unchanged).
-
-    Returns the model's folder.
-    """
-    meta = read_metadata(onnx_path)
-    name = name or meta.card.arch or Path(onnx_path).stem
-    if not name or "/" in name or name.startswith("."):
-        raise ExportError(
-            f"Triton model name {name!r} is not a valid folder name; pass another name"
-        )
-    if max_batch_size < 1:
-        raise ExportError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    folder = Path(repo) / name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, folder / "1" / "model.onnx")
-    write_text(folder / "labels.txt", "\n".join(meta.card.classes) + "\n")
-    write_text(folder / "config.pbtxt", triton_config(meta, name, max_batch_size))
-    return folder
-
-
-def triton_config(meta: ExportMetadata, name: str, max_batch_size: int = 64) -> str:
-    """The ``config.pbtxt`` text of an exported ONNX model described by ``meta``."""
-    side = -1 if meta.image_size is None else meta.image_size
-    image_dims = [meta.card.in_channels, side, side]
-    output_dims = [meta.card.num_classes]
-    if meta.batch_size is not None:  # the batch is a fixed part of the tensor shapes
-        max_batch_size = 0
-        image_dims.insert(0, meta.batch_size)
-        output_dims.insert(0, meta.batch_size)
-    data_type = TRITON_TYPES[meta.dtype]
-    batching = "dynamic_batching { }\n" if max_batch_size else ""
-    return (
-        f'name: "{name}"\n'
-        f'backend: "onnxruntime"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f"input [\n"
-        f"  {{\n"
-        f'    name: "{INPUT_NAME}"\n'
-        f"    data_type: {data_type}\n"
-        f"    dims: [ {', '.join(map(str, image_dims))} ]\n"
-        f"  }}\n"
-        f"]\n"
-        f"output [\n"
-        f"  {{\n"
-        f'    name: "{OUTPUT_NAME}"\n'
-        f"    data_type: {data_type}\n"
-        f"    dims: [ {', '.join(map(str, output_dims))} ]\n"
-        f'    label_filename: "labels.txt"\n'
-        f"  }}\n"
-        f"]\n"
-        f"{batching}"
-    )
 
 
 # ---- helpers --------------------------------------------------------------------------------
