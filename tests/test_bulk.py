@@ -21,6 +21,7 @@ from densenet.cli import main
 from densenet.data.card import Preprocessing
 from densenet.tasks import bulk
 from densenet.tasks.bulk import BulkError, Options, iter_inputs
+from densenet.tasks.bulk.decoding import decode_on_device
 from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
@@ -30,7 +31,7 @@ from conftest import TINY, randomize_batchnorm  # noqa: E402
 
 N_DIGITS = 2000
 BROKEN = {"empty.png": b"", "garbage.png": b"\x00not an image\xff" * 8}
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bulk.__file__).parents[1])])}
+ENV = {**os.environ, "PYTHONPATH": str(Path(densenet.__file__).parents[1])}
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +289,7 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
     blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for i, p in enumerate(paths) if i != 2]  # fmt: skip
     names = [str(p) for p in paths]
     pre = model.card.preprocessing
-    images, errors = bulk._decode_on_device(blobs, names, errors, pre, "cpu")
+    images, errors = decode_on_device(blobs, names, errors, pre, "cpu")
     assert [e is None for e in errors] == [True, True, False, True, False, True]
     assert errors[2] == "unreadable.jpg: cannot be read" and "corrupt.jpg" in errors[4]
     transform = pre.transform()
@@ -305,16 +306,16 @@ HALF_WRITTEN = ".part-000003.parquet.killed.tmp.parquet"  # as atomic_write name
 # temporary file of shard 3 is half written: ``python -c KILLABLE checkpoint folder out``.
 KILLABLE = f"""
 import sys
-from densenet import bulk
 from densenet.cli import main
-write = bulk.atomic_write
+from densenet.tasks.bulk import job
+write = job.atomic_write
 def stop_after_shard_2(path, writer):
     write(path, writer)
     if path.name == "part-000002.parquet":
         path.with_name("{HALF_WRITTEN}").write_bytes(b"PAR1 half a shard")
         print("written", flush=True)
         sys.stdin.read()
-bulk.atomic_write = stop_after_shard_2
+job.atomic_write = stop_after_shard_2
 main(sys.argv[4:] + ["--weights", sys.argv[1], sys.argv[2], "--out", sys.argv[3]])
 """
 
