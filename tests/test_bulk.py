@@ -129,7 +129,7 @@ def test_eager_normalized_float16_embeddings(folder, model, checkpoint, tmp_path
     manifest = tmp_path / "some.txt"
     paths = [str(p) for p in sorted((folder / "3").glob("*.png"))[:40]]
     manifest.write_text("\n".join(paths) + "\n")
-    options = Options(normalize=True, dtype="float16", shard_size=16)
+    options = Options(normalize=True, vector_dtype="float16", shard_size=16)
     bulk.run(
         manifest, tmp_path / "out", options, checkpoint, workers=0, optimize=False, progress=False
     )
@@ -229,6 +229,38 @@ def test_refuses_to_resume_with_other_settings(folder, tmp_path, checkpoint):
     other = densenet.get_model("densenet_bc_100_k12", num_classes=10, **TINY).eval()
     with pytest.raises(BulkError, match="weights_sha256: '[0-9a-f]+' there, None now"):
         bulk.run(manifest, out, Options(shard_size=4), other, progress=False)
+
+
+def test_renamed_options_keep_their_old_keywords_and_their_names_in_the_folder(
+    folder, tmp_path, checkpoint
+):
+    """``vector_dtype`` (the stored vectors' type) and ``calibration_images`` (int8) were
+    ``dtype`` and ``calibration``: the old keywords still work, with a DeprecationWarning, and
+    the output folder records them under their old names, so a folder written before resumes."""
+    with pytest.warns(DeprecationWarning, match=r"dtype= is deprecated; use vector_dtype="):
+        old = Options(dtype="float16", calibration="photos", shard_size=4)
+    assert old == Options(vector_dtype="float16", calibration_images="photos", shard_size=4)
+    with pytest.raises(TypeError, match="give vector_dtype= only"):
+        Options(dtype="float16", vector_dtype="float16")
+    with pytest.raises(ValueError, match="vector_dtype must be one of"):
+        Options(vector_dtype="int8")
+    manifest, out = tmp_path / "list.txt", tmp_path / "out"
+    manifest.write_text("\n".join(str(p) for p in sorted((folder / "2").glob("*.png"))[:4]))
+    options = Options(vector_dtype="float16", shard_size=4)
+    bulk.run(manifest, out, options, checkpoint, workers=0, optimize=False, progress=False)
+    recorded = json.loads((out / "_densenet_bulk.json").read_text())
+    assert (recorded["dtype"], recorded["calibration"]) == ("float16", None)
+    assert not {"vector_dtype", "calibration_images"} & set(recorded)
+    assert read(out).schema.field("embedding").type.value_type == pa.float16()
+
+
+def test_the_ray_embedders_vector_dtype_keeps_its_old_keyword(checkpoint):
+    from densenet.tasks.ray import Embedder
+
+    with pytest.warns(DeprecationWarning, match=r"Embedder\(\): dtype= is deprecated"):
+        embedder = Embedder(str(checkpoint), dtype="float16", device="cpu", optimize=False)
+    assert embedder.outputs.options.vector_dtype == "float16"
+    assert Embedder(str(checkpoint), device="cpu").outputs.options.vector_dtype == "float32"
 
 
 def test_only_this_runs_complete_shards_count_and_a_changed_input_set_is_rewritten(

@@ -46,9 +46,15 @@ class Outputs:
                 "exported from (an exported file classifies: densenet predict --out)"
             )
         self.runner = Runner(
-            model, device, optimize=optimize, dtype=precision, backend=backend, headless=embed,
-            calibration=options.calibration, throughput=True,
-        )  # fmt: skip
+            model,
+            device,
+            optimize=optimize,
+            dtype=precision,
+            backend=backend,
+            headless=embed,
+            calibration_images=options.calibration_images,
+            throughput=True,
+        )
         self.precision = self.runner.precision
         if embed:
             self.widths = {"embedding": model.module.num_features}
@@ -59,7 +65,7 @@ class Outputs:
 
     def empty(self) -> dict[str, np.ndarray]:
         """The columns of zero rows (a shard of unreadable images)."""
-        dtypes = {"embedding": self.options.dtype, "indices": "int32"}
+        dtypes = {"embedding": self.options.vector_dtype, "indices": "int32"}
         return {k: np.zeros((0, w), dtypes.get(k, "float32")) for k, w in self.widths.items()}
 
     def __call__(self, images: Tensor) -> dict[str, np.ndarray]:
@@ -67,7 +73,7 @@ class Outputs:
             out = self.runner.logits(images)
             if self.options.normalize:
                 out = F.normalize(out, dim=1)
-            return {"embedding": out.to(getattr(torch, self.options.dtype)).cpu().numpy()}
+            return {"embedding": out.to(getattr(torch, self.options.vector_dtype)).cpu().numpy()}
         scores = self.runner.probabilities(images)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}

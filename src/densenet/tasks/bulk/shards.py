@@ -62,7 +62,7 @@ def run_settings(
         "task": options.task,
         "input": os.path.abspath(source),
         **identity(loaded, *spec),
-        **asdict(options),
+        **options.recorded(),
         **flags,
     }
     if options.task == "predict":
