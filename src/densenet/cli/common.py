@@ -10,12 +10,8 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from densenet.choices import BACKENDS, PRECISIONS, VIEWS
-
-if TYPE_CHECKING:
-    from densenet.tasks.bulk import Options
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -260,12 +256,25 @@ def check_calibration_images(args: argparse.Namespace) -> None:
         raise ValueError("--backend does not apply to --dtype int8 (its own engine); drop one")
 
 
-def run_bulk(args: argparse.Namespace, source: str, options: Options) -> int:
-    """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
-    summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+def model_options(args: argparse.Namespace) -> dict[str, object]:
+    """How ``add_dtype_arg``'s flags ask the model to run: ``dtype``, ``backend`` and
+    ``calibration_images``, as ``Classifier`` takes them."""
+    return {
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "calibration_images": args.calibration_images,
+    }
+
+
+def run_bulk(args: argparse.Namespace, source: str, task: str, **options) -> int:
+    """Run the bulk ``task`` with ``options`` (``densenet.tasks.bulk.Options``), those of
+    ``add_bulk_args`` and the model's; print its summary (shards written and skipped, rows, error
+    rows, images/s) as JSON."""
     from densenet.tasks import bulk
 
     output_folder(args.out, "--out")
+    shared = {"shard_size": args.shard_size, "exact_decode": args.exact_decode}
+    options = bulk.Options(task, calibration_images=args.calibration_images, **shared, **options)
     summary = bulk.run(
         source,
         args.out,

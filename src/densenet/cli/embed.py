@@ -39,16 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.tasks.bulk import Options
-
     check_calibration_images(args)
     warn_if_random(args)
-    options = Options(
-        task="embed",
-        normalize=args.normalize,
-        vector_dtype=args.vector_dtype,
-        shard_size=args.shard_size,
-        calibration_images=args.calibration_images,
-        exact_decode=args.exact_decode,
-    )
-    return run_bulk(args, args.input, options)
+    vectors = {"normalize": args.normalize, "vector_dtype": args.vector_dtype}
+    return run_bulk(args, args.input, "embed", **vectors)

@@ -14,6 +14,7 @@ from densenet.cli.common import (
     add_tta_arg,
     check_calibration_images,
     integer,
+    model_options,
     output_folder,
     print_json,
     print_problem,
@@ -68,17 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cam:
         output_folder(args.cam, "--cam")
         _check_outside_inputs(args.cam, args.images)
-    classifier = Classifier(
-        args.model,
-        args.weights,
-        args.device,
-        batch_size=args.batch_size,
-        optimize=not args.no_optimize,
-        dtype=args.dtype,
-        backend=args.backend,
-        tta=args.tta,
-        calibration_images=args.calibration_images,
-    )
+    options = {"batch_size": args.batch_size, "optimize": not args.no_optimize, "tta": args.tta}
+    classifier = Classifier(args.model, args.weights, args.device, **options, **model_options(args))
     predictions = classifier.classify(_inputs(args, classifier), topk=args.topk)
     cams: dict[str, dict[str, str]] = {}
     if args.cam:
@@ -94,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_bulk(args: argparse.Namespace) -> int:
     """``--out``: the top-k of every image of the one INPUT, as Parquet shards."""
-    from densenet.tasks.bulk import BulkError, Options
+    from densenet.tasks.bulk import BulkError
 
     for flag in ("cam", "tta"):
         if getattr(args, flag):
@@ -103,14 +95,7 @@ def _run_bulk(args: argparse.Namespace) -> int:
         raise BulkError(
             f"--out takes one INPUT (a folder, a manifest or a quoted glob), got {len(args.images)}"
         )
-    options = Options(
-        task="predict",
-        topk=args.topk,
-        shard_size=args.shard_size,
-        calibration_images=args.calibration_images,
-        exact_decode=args.exact_decode,
-    )
-    return run_bulk(args, args.images[0], options)
+    return run_bulk(args, args.images[0], "predict", topk=args.topk)
 
 
 def _inputs(args: argparse.Namespace, classifier) -> list[str]:

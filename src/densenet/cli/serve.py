@@ -10,6 +10,7 @@ from densenet.cli.common import (
     add_model_args,
     check_calibration_images,
     integer,
+    model_options,
     number,
     warn_if_random,
 )
@@ -86,13 +87,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout_s,
     )
     classifier = Classifier(
-        args.model,
-        args.weights,
-        args.device,
-        batch_size=args.max_batch,
-        dtype=args.dtype,
-        backend=args.backend,
-        calibration_images=args.calibration_images,
+        args.model, args.weights, args.device, batch_size=args.max_batch, **model_options(args)
     )
     serve(
         classifier,
