@@ -21,6 +21,7 @@ from densenet.cli import main
 from densenet.data.card import Preprocessing
 from densenet.tasks import bulk
 from densenet.tasks.bulk import BulkError, Options, iter_inputs
+from densenet.tasks.bulk.decoding import decode_on_device
 from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
@@ -30,7 +31,7 @@ from conftest import TINY, randomize_batchnorm  # noqa: E402
 
 N_DIGITS = 2000
 BROKEN = {"empty.png": b"", "garbage.png": b"\x00not an image\xff" * 8}
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bulk.__file__).parents[1])])}
+ENV = {**os.environ, "PYTHONPATH": str(Path(densenet.__file__).parents[1])}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_eager_normalized_float16_embeddings(folder, model, checkpoint, tmp_path
     manifest = tmp_path / "some.txt"
     paths = [str(p) for p in sorted((folder / "3").glob("*.png"))[:40]]
     manifest.write_text("\n".join(paths) + "\n")
-    options = Options(normalize=True, dtype="float16", shard_size=16)
+    options = Options(normalize=True, vector_dtype="float16", shard_size=16)
     bulk.run(
         manifest, tmp_path / "out", options, checkpoint, workers=0, optimize=False, progress=False
     )
@@ -230,6 +231,38 @@ def test_refuses_to_resume_with_other_settings(folder, tmp_path, checkpoint):
         bulk.run(manifest, out, Options(shard_size=4), other, progress=False)
 
 
+def test_renamed_options_keep_their_old_keywords_and_their_names_in_the_folder(
+    folder, tmp_path, checkpoint
+):
+    """``vector_dtype`` (the stored vectors' type) and ``calibration_images`` (int8) were
+    ``dtype`` and ``calibration``: the old keywords still work, with a DeprecationWarning, and
+    the output folder records them under their old names, so a folder written before resumes."""
+    with pytest.warns(DeprecationWarning, match=r"dtype= is deprecated; use vector_dtype="):
+        old = Options(dtype="float16", calibration="photos", shard_size=4)
+    assert old == Options(vector_dtype="float16", calibration_images="photos", shard_size=4)
+    with pytest.raises(TypeError, match="give vector_dtype= only"):
+        Options(dtype="float16", vector_dtype="float16")
+    with pytest.raises(ValueError, match="vector_dtype must be one of"):
+        Options(vector_dtype="int8")
+    manifest, out = tmp_path / "list.txt", tmp_path / "out"
+    manifest.write_text("\n".join(str(p) for p in sorted((folder / "2").glob("*.png"))[:4]))
+    options = Options(vector_dtype="float16", shard_size=4)
+    bulk.run(manifest, out, options, checkpoint, workers=0, optimize=False, progress=False)
+    recorded = json.loads((out / "_densenet_bulk.json").read_text())
+    assert (recorded["dtype"], recorded["calibration"]) == ("float16", None)
+    assert not {"vector_dtype", "calibration_images"} & set(recorded)
+    assert read(out).schema.field("embedding").type.value_type == pa.float16()
+
+
+def test_the_ray_embedders_vector_dtype_keeps_its_old_keyword(checkpoint):
+    from densenet.tasks.ray import Embedder
+
+    with pytest.warns(DeprecationWarning, match=r"Embedder\(\): dtype= is deprecated"):
+        embedder = Embedder(str(checkpoint), dtype="float16", device="cpu", optimize=False)
+    assert embedder.outputs.options.vector_dtype == "float16"
+    assert Embedder(str(checkpoint), device="cpu").outputs.options.vector_dtype == "float32"
+
+
 def test_only_this_runs_complete_shards_count_and_a_changed_input_set_is_rewritten(
     folder, tmp_path, checkpoint
 ):
@@ -288,7 +321,7 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
     blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for i, p in enumerate(paths) if i != 2]  # fmt: skip
     names = [str(p) for p in paths]
     pre = model.card.preprocessing
-    images, errors = bulk._decode_on_device(blobs, names, errors, pre, "cpu")
+    images, errors = decode_on_device(blobs, names, errors, pre, "cpu")
     assert [e is None for e in errors] == [True, True, False, True, False, True]
     assert errors[2] == "unreadable.jpg: cannot be read" and "corrupt.jpg" in errors[4]
     transform = pre.transform()
@@ -305,16 +338,16 @@ HALF_WRITTEN = ".part-000003.parquet.killed.tmp.parquet"  # as atomic_write name
 # temporary file of shard 3 is half written: ``python -c KILLABLE checkpoint folder out``.
 KILLABLE = f"""
 import sys
-from densenet.tasks import bulk
 from densenet.cli import main
-write = bulk.atomic_write
+from densenet.tasks.bulk import job
+write = job.atomic_write
 def stop_after_shard_2(path, writer):
     write(path, writer)
     if path.name == "part-000002.parquet":
         path.with_name("{HALF_WRITTEN}").write_bytes(b"PAR1 half a shard")
         print("written", flush=True)
         sys.stdin.read()
-bulk.atomic_write = stop_after_shard_2
+job.atomic_write = stop_after_shard_2
 main(sys.argv[4:] + ["--weights", sys.argv[1], sys.argv[2], "--out", sys.argv[3]])
 """
 

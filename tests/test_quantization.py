@@ -119,8 +119,13 @@ def test_an_rdnet_quantizes_with_nncf_and_runs_through_the_runner(photos):
     pooled = {name for name in weights if "classifier" in name or ".se/" in name}
     assert len(pooled) == 3 and {weights[name] for name in pooled} == {"Constant"}
     assert len(weights) == 17 and {w for n, w in weights.items() if n not in pooled} == {"Multiply"}
-    runner = densenet.Runner(densenet.load(model), torch.device("cpu"), dtype="int8",
-                             calibration=photos, progress=False)  # fmt: skip
+    runner = densenet.Runner(
+        densenet.load(model),
+        torch.device("cpu"),
+        dtype="int8",
+        calibration_images=photos,
+        progress=False,
+    )
     assert runner.precision == "int8" and runner.logits(torch.randn(2, 3, 48, 48)).shape == (2, 5)
 
 
@@ -256,18 +261,52 @@ def test_quantize_says_when_it_compares_on_its_calibration_images(photos, tmp_pa
     assert "densenet quantize: warning: --weights none: random weights" in err
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [["predict", "x.png"], ["predict", "x.png", "--dtype", "float32"], ["embed", "x", "--out", "o"],
-     ["eval", "d"], ["serve"], ["export", "--format", "onnx", "--out", "m.onnx"]],
-)  # fmt: skip
-def test_calibration_without_int8_is_a_usage_error(argv, capsys):
-    assert main([*argv, "--calibration", "photos"]) == 2
+WITHOUT_INT8 = {
+    "predict": ["predict", "x.png"],
+    "predict float32": ["predict", "x.png", "--dtype", "float32"],
+    "embed": ["embed", "x", "--out", "o"],
+    "eval": ["eval", "d"],
+    "serve": ["serve"],
+    "export": ["export", "--format", "onnx", "--out", "m.onnx"],
+}
+
+
+@pytest.mark.parametrize("flag", ["--calibration-images", "--calibration"])  # the older spelling
+@pytest.mark.parametrize("argv", WITHOUT_INT8.values(), ids=WITHOUT_INT8)
+def test_calibration_images_without_int8_is_a_usage_error(argv, flag, capsys):
+    assert main([*argv, flag, "photos"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"densenet {argv[0]}: error: --calibration applies with --dtype int8 only; add --dtype "
-        "int8 or drop it\n"
+        f"densenet {argv[0]}: error: --calibration-images applies with --dtype int8 only; add "
+        "--dtype int8 or drop it\n"
     )
+
+
+def test_the_old_calibration_keyword_still_works_with_a_deprecation_warning(tmp_path):
+    """``calibration=`` (the int8 images' older name) reaches the quantization as
+    ``calibration_images=`` does, with a DeprecationWarning; both at once are a TypeError."""
+    missing = tmp_path / "missing"
+    model = tiny_model()
+    calls = {
+        "quantize": lambda **kw: quantize(model, **kw, engine="fx", progress=False),
+        "calibration_batches": lambda **kw: quantization.calibration_batches(
+            card=densenet.load(model).card, **kw
+        ),
+        "Runner": lambda **kw: densenet.Runner(
+            densenet.load(model), torch.device("cpu"), dtype="int8", progress=False, **kw
+        ),
+        "Classifier": lambda **kw: densenet.Classifier(model, device="cpu", dtype="int8", **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(QuantizeError, match="calibration folder .*missing does not exist"):
+            call(calibration_images=missing)
+        with (
+            pytest.warns(DeprecationWarning, match=f"{name}\\(\\): calibration= is deprecated"),
+            pytest.raises(QuantizeError, match="calibration folder .*missing does not exist"),
+        ):
+            call(calibration=missing)
+        with pytest.raises(TypeError, match="give calibration_images= only"):
+            call(calibration=missing, calibration_images=missing)
 
 
 def test_the_function_stays_callable_after_the_command_line_is_imported():
@@ -277,13 +316,13 @@ def test_the_function_stays_callable_after_the_command_line_is_imported():
 
 
 def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, capsys):
-    """``--dtype int8 --calibration DIR`` quantizes on the fly (the Runner), for the Python API,
+    """``--dtype int8 --calibration-images DIR`` quantizes on the fly (the Runner), for the Python API,
     predict and embed alike; without calibration images it is one error."""
     torch.manual_seed(0)
     model = randomize_batchnorm(tiny_model(num_classes=10)).eval()
     images = sorted(str(p) for p in photos.iterdir())[:6]
     exact = densenet.Classifier(model, device="cpu")
-    int8 = densenet.Classifier(model, device="cpu", dtype="int8", calibration=photos)
+    int8 = densenet.Classifier(model, device="cpu", dtype="int8", calibration_images=photos)
     assert int8.runner.precision == "int8"
     if quantization.default_engine() == "nncf":  # OpenVINO runs NNCF's int8 graph
         assert isinstance(int8.model, quantization.CompiledModule)
@@ -298,7 +337,8 @@ def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, cap
     assert main(["predict", images[0], *args]) == 2
     assert "int8 needs calibration images" in capsys.readouterr().err
     out = tmp_path / "vectors"
-    assert main(["embed", str(photos), "--out", str(out), *args, "--calibration", str(photos)]) == 0
+    int8_args = [*args, "--calibration-images", str(photos)]
+    assert main(["embed", str(photos), "--out", str(out), *int8_args]) == 0
     import pyarrow.parquet as pq
 
     table = pq.read_table(out)

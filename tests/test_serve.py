@@ -34,7 +34,7 @@ import densenet
 from densenet.cli import build_parser, main
 from densenet.data.images import ImageError, Reason
 from densenet.serve import Batcher, QueueFull, ServeConfig, create_app
-from densenet.serve.app import _status_of
+from densenet.serve.responses import status_of
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about its httpx-based client
@@ -220,9 +220,9 @@ def test_status_follows_the_reason_not_the_message(client):
     """415 only for ``Reason.NOT_AN_IMAGE``, whatever the message says; the reason is in the
     answer too."""
     assert (
-        _status_of(ImageError("x: not an image (unrecognised format)", Reason.NOT_AN_IMAGE)) == 415
+        status_of(ImageError("x: not an image (unrecognised format)", Reason.NOT_AN_IMAGE)) == 415
     )
-    assert _status_of(ImageError("not an image.png: corrupt", Reason.CORRUPT)) == 400
+    assert status_of(ImageError("not an image.png: corrupt", Reason.CORRUPT)) == 400
     response = client.post("/v1/predict", files=[("file", ("a.txt", b"plain text"))])
     (refused,) = response.json()["predictions"]
     assert (refused["reason"], refused["status"], response.status_code) == (
@@ -583,11 +583,11 @@ def test_a_model_whose_warm_up_output_is_non_finite_never_becomes_ready(photos, 
 def test_routes_live_at_module_level_and_admission_refuses_by_raising(classifier, photos):
     """One router serves every app, each reaching its own service; admission is one dependency
     that raises: the query is checked first, then readiness (no lifespan here: never ready)."""
-    from densenet.serve import app as service
+    from densenet.serve.middleware import ENDPOINTS
+    from densenet.serve.responses import Refused
+    from densenet.serve.routes import router
 
-    assert {route.path for route in service.router.routes} == set(service.ENDPOINTS) - {
-        "/openapi.json"
-    }
+    assert {route.path for route in router.routes} == set(ENDPOINTS) - {"/openapi.json"}
     jpeg = photos["chelsea.jpg"]
     for name in ("first", "second"):
         client = TestClient(create_app(classifier, model_name=name))
@@ -598,7 +598,7 @@ def test_routes_live_at_module_level_and_admission_refuses_by_raising(classifier
         loading = client.post("/v1/predict", content=jpeg)
         assert loading.json() == {"detail": "the model is loading; retry shortly"}
         assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
-        with pytest.raises(service.Refused) as refused:
+        with pytest.raises(Refused) as refused:
             client.app.state.service.check_open()
         assert refused.value.status == 503
 

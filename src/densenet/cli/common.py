@@ -10,12 +10,8 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from densenet.choices import BACKENDS, PRECISIONS, VIEWS
-
-if TYPE_CHECKING:
-    from densenet.tasks.bulk import Options
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -146,15 +142,28 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_calibration_images_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--calibration-images DIR`` (and its older spelling ``--calibration``): the images an
+    int8 model is calibrated on (``args.calibration_images``)."""
+    parser.add_argument(
+        "--calibration-images",
+        "--calibration",
+        dest="calibration_images",
+        metavar="DIR",
+        help=f"{help} (--calibration: the older spelling)",
+    )
+
+
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--backend`` and ``--calibration``: the optimized model's precision and
-    engine."""
+    """``--dtype``, ``--backend`` and ``--calibration-images``: the optimized model's precision
+    and engine."""
     parser.add_argument(
         "--dtype",
         choices=["auto", *PRECISIONS, "int8"],
         help="precision of the optimized model (default: float32 on the CPU, exact; bfloat16 on "
         "CUDA); auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX-512 "
-        "BF16 or AMX), else float32; int8: quantized on the CPU, calibrated on --calibration",
+        "BF16 or AMX), else float32; int8: quantized on the CPU, calibrated on "
+        "--calibration-images",
     )
     parser.add_argument(
         "--backend",
@@ -162,10 +171,8 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
         help="engine of the optimized model (densenet.optimize's backend; default: the fastest "
         "measured for this device, CPU kind and precision: see densenet info --engines)",
     )
-    parser.add_argument(
-        "--calibration",
-        metavar="DIR",
-        help="with --dtype int8: a folder of a few hundred of your images to calibrate on",
+    add_calibration_images_arg(
+        parser, "with --dtype int8: a folder of a few hundred of your images to calibrate on"
     )
 
 
@@ -234,12 +241,12 @@ def output_folder(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {existing} is not a writable folder")
 
 
-def check_calibration(args: argparse.Namespace) -> None:
-    """``--calibration`` is for ``--dtype int8`` only, ``--backend`` for the optimized model's
-    other precisions: a usage error before any work otherwise."""
-    if args.calibration is not None and args.dtype != "int8":
+def check_calibration_images(args: argparse.Namespace) -> None:
+    """``--calibration-images`` is for ``--dtype int8`` only, ``--backend`` for the optimized
+    model's other precisions: a usage error before any work otherwise."""
+    if args.calibration_images is not None and args.dtype != "int8":
         raise ValueError(
-            "--calibration applies with --dtype int8 only; add --dtype int8 or drop it"
+            "--calibration-images applies with --dtype int8 only; add --dtype int8 or drop it"
         )
     if getattr(args, "backend", None) is None:
         return
@@ -249,16 +256,39 @@ def check_calibration(args: argparse.Namespace) -> None:
         raise ValueError("--backend does not apply to --dtype int8 (its own engine); drop one")
 
 
-def run_bulk(args: argparse.Namespace, source: str, options: Options) -> int:
-    """Run the bulk task with the options of ``add_bulk_args`` and the model's; print its
-    summary (shards written and skipped, rows, error rows, images/s) as JSON."""
+def model_options(args: argparse.Namespace) -> dict[str, object]:
+    """How ``add_dtype_arg``'s flags ask the model to run: ``dtype``, ``backend`` and
+    ``calibration_images``, as ``Classifier`` takes them."""
+    return {
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "calibration_images": args.calibration_images,
+    }
+
+
+def run_bulk(args: argparse.Namespace, source: str, task: str, **options) -> int:
+    """Run the bulk ``task`` with ``options`` (``densenet.tasks.bulk.Options``), those of
+    ``add_bulk_args`` and the model's; print its summary (shards written and skipped, rows, error
+    rows, images/s) as JSON."""
     from densenet.tasks import bulk
 
     output_folder(args.out, "--out")
+    shared = {"shard_size": args.shard_size, "exact_decode": args.exact_decode}
+    options = bulk.Options(task, calibration_images=args.calibration_images, **shared, **options)
     summary = bulk.run(
-        source, args.out, options, args.model, args.weights, device=args.device,
-        batch_size=args.batch_size, workers=args.workers, optimize=not args.no_optimize,
-        precision=args.dtype, backend=args.backend, device_decode=args.device_decode, progress=args.progress,
-    )  # fmt: skip
+        source,
+        args.out,
+        options,
+        args.model,
+        args.weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        optimize=not args.no_optimize,
+        precision=args.dtype,
+        backend=args.backend,
+        device_decode=args.device_decode,
+        progress=args.progress,
+    )
     print_json(summary.to_dict())
     return 0

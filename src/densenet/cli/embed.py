@@ -10,7 +10,7 @@ from densenet.cli.common import (
     add_bulk_args,
     add_inference_args,
     add_model_args,
-    check_calibration,
+    check_calibration_images,
     run_bulk,
     warn_if_random,
 )
@@ -32,19 +32,14 @@ def add_parser(sub) -> None:
         "--vector-dtype",
         choices=VECTOR_DTYPES,
         default="float32",
-        help="storage dtype of the vectors",
+        help="the stored vectors' type (the Parquet column's); --dtype is the model's precision",
     )
     add_bulk_args(p, out_required=True)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.tasks.bulk import Options
-
-    check_calibration(args)
+    check_calibration_images(args)
     warn_if_random(args)
-    options = Options(
-        task="embed", normalize=args.normalize, dtype=args.vector_dtype,
-        shard_size=args.shard_size, calibration=args.calibration, exact_decode=args.exact_decode,
-    )  # fmt: skip
-    return run_bulk(args, args.input, options)
+    vectors = {"normalize": args.normalize, "vector_dtype": args.vector_dtype}
+    return run_bulk(args, args.input, "embed", **vectors)

@@ -11,7 +11,7 @@ from densenet.cli.common import (
     add_dtype_arg,
     add_model_args,
     add_tta_arg,
-    check_calibration,
+    check_calibration_images,
     integer,
     print_json,
     warn_if_random,
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from densenet.infer.runtime import torchrun_ranks
     from densenet.tasks.evaluate import evaluate_dataset
 
-    check_calibration(args)
+    check_calibration_images(args)
     warn_if_random(args)
     result = evaluate_dataset(
         args.data,
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
-        calibration=args.calibration,
+        calibration=args.calibration_images,
         data_root=args.data_root,
         download=not args.no_download,
         progress=not args.no_progress,

@@ -10,8 +10,9 @@ import tempfile
 from densenet.choices import EXPORT_FORMATS
 from densenet.cli.common import (
     MAX_IMAGE_SIZE,
+    add_calibration_images_arg,
     add_model_args,
-    check_calibration,
+    check_calibration_images,
     integer,
     print_report,
     warn_if_random,
@@ -55,13 +56,11 @@ def add_parser(sub) -> None:
         "--dtype",
         default="float32",
         choices=["float32", "float16", "bfloat16", "int8"],
-        help="precision (int8: --format onnx, a QDQ model calibrated on --calibration; "
+        help="precision (int8: --format onnx, a QDQ model calibrated on --calibration-images; "
         "openvino: float32, or float16 weights)",
     )
-    p.add_argument(
-        "--calibration",
-        metavar="DIR",
-        help="with --dtype int8: a folder of a few hundred of your images to calibrate on",
+    add_calibration_images_arg(
+        p, "with --dtype int8: a folder of a few hundred of your images to calibrate on"
     )
     p.add_argument("--fold", action="store_true", help="the inference form (BatchNorm folded)")
     p.add_argument("--opset", type=integer(), help="ONNX operator set, 18 or newer (default 18)")
@@ -95,15 +94,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--triton-max-batch applies with --triton-repo DIR only")
     if args.out is None and args.triton_repo is None:
         raise ValueError("give the output file with --out FILE")
-    check_calibration(args)
+    check_calibration_images(args)
     if args.out is not None:  # before the model is loaded and exported
-        check_not_input(args.out, "--out", (args.model, args.weights, args.calibration))
+        check_not_input(args.out, "--out", (args.model, args.weights, args.calibration_images))
         (check_ir_folder if args.format == "openvino" else check_regular_file)(args.out)
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
-        options["calibration"] = args.calibration
+        options["calibration"] = args.calibration_images
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     if not isinstance(loaded.module, Network):

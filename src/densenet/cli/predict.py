@@ -12,8 +12,9 @@ from densenet.cli.common import (
     add_inference_args,
     add_model_args,
     add_tta_arg,
-    check_calibration,
+    check_calibration_images,
     integer,
+    model_options,
     output_folder,
     print_json,
     print_problem,
@@ -33,9 +34,11 @@ def add_parser(sub) -> None:
         "written as Parquet shards instead (as `densenet embed` writes embeddings).",
     )
     p.add_argument(
-        "images", nargs="+", help="image files or folders of images (one with --out); a volume "
-        "model's: volume files (.nii, .nii.gz, .npy) or folders of them",
-    )  # fmt: skip
+        "images",
+        nargs="+",
+        help="image files or folders of images (one with --out); a volume model's: volume files "
+        "(.nii, .nii.gz, .npy) or folders of them",
+    )
     add_model_args(p)
     p.add_argument("--topk", type=integer(), default=5, help="labels per image")
     add_inference_args(p, batch_size=16)
@@ -54,38 +57,53 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.data.images import find_images, is_image_file
-    from densenet.data.volumes import is_volume_file
-    from densenet.tasks.bulk import BulkError, Options
     from densenet.tasks.predict import Classifier, write_overlays
 
-    check_calibration(args)
+    check_calibration_images(args)
     warn_if_random(args)
     if args.out is not None:
-        for flag in ("cam", "tta"):
-            if getattr(args, flag):
-                raise ValueError(f"--{flag} is for listed images; it does not combine with --out")
-        if len(args.images) != 1:
-            raise BulkError(
-                f"--out takes one INPUT (a folder, a manifest or a quoted glob), "
-                f"got {len(args.images)}"
-            )
-        options = Options(
-            task="predict", topk=args.topk, shard_size=args.shard_size,
-            calibration=args.calibration, exact_decode=args.exact_decode,
-        )  # fmt: skip
-        return run_bulk(args, args.images[0], options)
+        return _run_bulk(args)
     missing = [path for path in args.images if not os.path.exists(path)]
     if missing:  # before any model is loaded or downloaded
         raise FileNotFoundError(f"{', '.join(missing)}: no such file or folder")
     if args.cam:
         output_folder(args.cam, "--cam")
         _check_outside_inputs(args.cam, args.images)
-    classifier = Classifier(
-        args.model, args.weights, args.device, batch_size=args.batch_size,
-        optimize=not args.no_optimize, dtype=args.dtype, backend=args.backend, tta=args.tta,
-        calibration=args.calibration,
-    )  # fmt: skip
+    options = {"batch_size": args.batch_size, "optimize": not args.no_optimize, "tta": args.tta}
+    classifier = Classifier(args.model, args.weights, args.device, **options, **model_options(args))
+    predictions = classifier.classify(_inputs(args, classifier), topk=args.topk)
+    cams: dict[str, dict[str, str]] = {}
+    if args.cam:
+        good = [p.source for p in predictions if p.error is None]
+        written = write_overlays(classifier.explain(good), args.cam)
+        cams = {s: {k: str(path) for k, path in w.items()} for s, w in zip(good, written)}
+    if args.json:
+        print_json([{**p.to_dict(), **cams.get(p.source, {})} for p in predictions])
+    else:
+        _print(args, predictions, cams)
+    return 1 if any(p.error is not None for p in predictions) else 0
+
+
+def _run_bulk(args: argparse.Namespace) -> int:
+    """``--out``: the top-k of every image of the one INPUT, as Parquet shards."""
+    from densenet.tasks.bulk import BulkError
+
+    for flag in ("cam", "tta"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} is for listed images; it does not combine with --out")
+    if len(args.images) != 1:
+        raise BulkError(
+            f"--out takes one INPUT (a folder, a manifest or a quoted glob), got {len(args.images)}"
+        )
+    return run_bulk(args, args.images[0], "predict", topk=args.topk)
+
+
+def _inputs(args: argparse.Namespace, classifier) -> list[str]:
+    """The files of ``args.images`` that the model takes (images, or a volume model's volumes);
+    a warning for the other kind's files skipped in the folders, an error if none is left."""
+    from densenet.data.images import find_images, is_image_file
+    from densenet.data.volumes import is_volume_file
+
     volumes = classifier.card.volume is not None
     keep, other = (is_volume_file, is_image_file) if volumes else (is_image_file, is_volume_file)
     kind, other_kind = ("volumes", "image") if volumes else ("images", "volume")
@@ -98,27 +116,22 @@ def run(args: argparse.Namespace) -> int:
         print_problem(args, "warning", message)
     if not paths:
         raise ValueError(f"no {kind} found in {' '.join(args.images)}")
-    predictions = classifier.classify(paths, topk=args.topk)
-    cams: dict[str, dict[str, str]] = {}
-    if args.cam:
-        good = [p.source for p in predictions if p.error is None]
-        written = write_overlays(classifier.explain(good), args.cam)
-        cams = {s: {k: str(path) for k, path in w.items()} for s, w in zip(good, written)}
-    if args.json:
-        print_json([{**p.to_dict(), **cams.get(p.source, {})} for p in predictions])
-    else:
-        for p in predictions:
-            if p.error is not None:
-                print_problem(args, "error", p.error)
-                continue
-            print(p.source)
-            for label, probability in p.top:
-                print(f"  {probability:7.2%}  {label}")
-            if p.positive is not None:
-                print(f"  above threshold: {', '.join(p.positive) or '(none)'}")
-            for key, path in cams.get(p.source, {}).items():
-                print(f"  {_CAM_NAMES[key]}: {path}")
-    return 1 if any(p.error is not None for p in predictions) else 0
+    return paths
+
+
+def _print(args: argparse.Namespace, predictions, cams: dict[str, dict[str, str]]) -> None:
+    """Each prediction's top-k (and positive labels, and written maps), or its error."""
+    for p in predictions:
+        if p.error is not None:
+            print_problem(args, "error", p.error)
+            continue
+        print(p.source)
+        for label, probability in p.top:
+            print(f"  {probability:7.2%}  {label}")
+        if p.positive is not None:
+            print(f"  above threshold: {', '.join(p.positive) or '(none)'}")
+        for key, path in cams.get(p.source, {}).items():
+            print(f"  {_CAM_NAMES[key]}: {path}")
 
 
 def _check_outside_inputs(cam: str, inputs: list[str]) -> None:

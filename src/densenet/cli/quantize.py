@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         "quantize",
         help="int8 quantization of a model for the CPU, calibrated on your images",
         description="Quantize a model to int8 (per-channel weights, activations calibrated on "
-        "the images of CALIBRATION), report the top-1 agreement and relative logit error "
+        "the images of CALIBRATION_IMAGES), report the top-1 agreement and relative logit error "
         "against float32 on held-out images (and with --validation the accuracy before and "
         "after), and write a file with the card that densenet.load reads: an OpenVINO IR folder "
         "quantized by NNCF when openvino and nncf are installed, else a TorchScript file of "
@@ -27,7 +27,11 @@ def add_parser(sub) -> None:
         help="a checkpoint of `densenet train`, a weights file, or a name (a float model, not "
         "an exported file)",
     )
-    p.add_argument("calibration", help="a folder of images (searched recursively)")
+    p.add_argument(
+        "calibration_images",
+        metavar="CALIBRATION_IMAGES",
+        help="a folder of images to calibrate on (searched recursively)",
+    )
     p.add_argument(
         "--weights",
         type=weights_value,
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from densenet.infer.quantization import default_engine, quantize, save_quantized
 
     stem = str(Path(args.model).with_suffix(""))
-    inputs = (args.model, args.calibration, args.validation)
+    inputs = (args.model, args.calibration_images, args.validation)
     if default_engine() == "nncf":  # a folder: its two files, or the new folder, checked
         out = args.out or stem + ".int8"
         folder = Path(out)
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     warn_if_random(args)
     result = quantize(
         args.model,
-        args.calibration,
+        args.calibration_images,
         weights=args.weights,
         num_images=args.images,
         holdout=args.holdout,
@@ -90,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     compared = "held out" if report["held_out"] else "calibration (none held out)"
+    agreement, error = report["top1_agreement"], report["relative_logit_error"]
     rows = [["images", "compared on", "top-1 agreement", "relative logit error"]]
-    rows.append([str(report["images"]), compared, f"{report['top1_agreement']:.4f}",
-                 f"{report['relative_logit_error']:.4f}"])  # fmt: skip
+    rows.append([str(report["images"]), compared, f"{agreement:.4f}", f"{error:.4f}"])
     print(text_table(rows))
     if "validation" in report:
         v = report["validation"]

@@ -8,8 +8,9 @@ from densenet.cli.common import (
     add_device_arg,
     add_dtype_arg,
     add_model_args,
-    check_calibration,
+    check_calibration_images,
     integer,
+    model_options,
     number,
     warn_if_random,
 )
@@ -66,7 +67,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_calibration(args)
+    check_calibration_images(args)
     warn_if_random(args)
     try:
         from densenet.serve import ServeConfig, serve, weights_metadata
@@ -86,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout_s,
     )
     classifier = Classifier(
-        args.model, args.weights, args.device, batch_size=args.max_batch, dtype=args.dtype,
-        backend=args.backend, calibration=args.calibration,
-    )  # fmt: skip
+        args.model, args.weights, args.device, batch_size=args.max_batch, **model_options(args)
+    )
     serve(
         classifier,
         config,

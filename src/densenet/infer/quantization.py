@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from densenet.data.card import ModelCard
 from densenet.data.files import atomic_write
 from densenet.data.images import ImageError, find_images, open_image
+from densenet.deprecation import renamed_keywords
 from densenet.errors import DenseNetError, first_line
 from densenet.infer.exported import EXTRA_FILE, INPUT_NAME, ExportMetadata
 from densenet.infer.load import LoadedModel, load
@@ -59,10 +60,19 @@ from densenet.nn.rdnet import RDNet
 from densenet.weights.published import WeightsArg
 
 __all__ = [
-    "ENGINES", "QuantizeError", "QuantizedModel", "calibration_batches", "check_image_model",
-    "compare", "default_engine", "quantize", "quantize_module", "quantize_nncf", "quantize_onnx",
+    "ENGINES",
+    "QuantizeError",
+    "QuantizedModel",
+    "calibration_batches",
+    "check_image_model",
+    "compare",
+    "default_engine",
+    "quantize",
+    "quantize_module",
+    "quantize_nncf",
+    "quantize_onnx",
     "save_quantized",
-]  # fmt: skip
+]
 
 # int8 torch.cat requantizes inputs of other scales to its output's; the report measures the error.
 warnings.filterwarnings("ignore", message="All inputs of this cat operator")
@@ -140,16 +150,16 @@ def _batches(paths: list[str], card: ModelCard, batch_size: int, desc: str, prog
             yield torch.stack(images)
 
 
-def _check_folder(calibration: str | os.PathLike) -> None:
-    if not Path(calibration).exists():
-        raise QuantizeError(f"calibration folder {calibration} does not exist")
+def _check_folder(calibration_images: str | os.PathLike) -> None:
+    if not Path(calibration_images).exists():
+        raise QuantizeError(f"calibration folder {calibration_images} does not exist")
 
 
-def _calibration_paths(calibration: str | os.PathLike, limit: int) -> list[str]:
-    _check_folder(calibration)
-    paths = find_images([calibration])
+def _calibration_paths(calibration_images: str | os.PathLike, limit: int) -> list[str]:
+    _check_folder(calibration_images)
+    paths = find_images([calibration_images])
     if not paths:
-        raise QuantizeError(f"no calibration images in {calibration} (png, jpg, ...)")
+        raise QuantizeError(f"no calibration images in {calibration_images} (png, jpg, ...)")
     return _spread(paths, limit)
 
 
@@ -161,18 +171,19 @@ def _spread(items: list[str], count: int) -> list[str]:
     return [items[i * len(items) // count] for i in range(count)]
 
 
+@renamed_keywords(calibration="calibration_images")
 def calibration_batches(
-    calibration: str | os.PathLike,
+    calibration_images: str | os.PathLike,
     card: ModelCard,
     *,
     num_images: int = 300,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[Tensor]:
-    """``num_images`` images spread evenly over the folder ``calibration`` through the card's
-    transform, as (N, C, H, W) float32 batches; ``QuantizeError`` if there are none or one
+    """``num_images`` images spread evenly over the folder ``calibration_images`` through the
+    card's transform, as (N, C, H, W) float32 batches; ``QuantizeError`` if there are none or one
     cannot be read."""
-    paths = _calibration_paths(calibration, num_images)
+    paths = _calibration_paths(calibration_images, num_images)
     return list(_batches(paths, card, batch_size, "calibrating", progress))
 
 
@@ -190,21 +201,21 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, batches:
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch.numpy()}
 
+    reader, qdq = Reader(), QuantFormat.QDQ
     quantize_static(
-        os.fspath(source), os.fspath(target), Reader(), quant_format=QuantFormat.QDQ,
-        per_channel=True,
-    )  # fmt: skip
+        os.fspath(source), os.fspath(target), reader, quant_format=qdq, per_channel=True
+    )
 
 
 def _labelled(folder: str | os.PathLike, card: ModelCard, batch_size: int):
     """(images, labels) batches of ``folder/<class name>/*`` for the card's classes."""
-    items = [(p, i) for i, name in enumerate(card.classes)
-             for p in find_images([Path(folder) / name]) if (Path(folder) / name).is_dir()]  # fmt: skip
+    folders = [(Path(folder) / name, i) for i, name in enumerate(card.classes)]
+    items = [(p, i) for path, i in folders if path.is_dir() for p in find_images([path])]
     if not items:
         raise QuantizeError(f"no images in {folder}/<class> for the classes {card.classes[:3]}...")
     paths, labels = zip(*items)
-    for start, x in zip(range(0, len(paths), batch_size),
-                        _batches(list(paths), card, batch_size, "validating", False)):  # fmt: skip
+    batches = _batches(list(paths), card, batch_size, "validating", False)
+    for start, x in zip(range(0, len(paths), batch_size), batches):
         yield x, torch.tensor(labels[start : start + batch_size])
 
 
@@ -281,17 +292,47 @@ def compare(reference: nn.Module, quantized: nn.Module, batches) -> dict[str, An
                 labelled = True
                 correct[0] += int((f.argmax(1) == y).sum())
                 correct[1] += int((q.argmax(1) == y).sum())
-    report = {"images": total, "top1_agreement": agree / max(total, 1),
-              "relative_logit_error": (err / max(norm, 1e-30)) ** 0.5}  # fmt: skip
+    report = {
+        "images": total,
+        "top1_agreement": agree / max(total, 1),
+        "relative_logit_error": (err / max(norm, 1e-30)) ** 0.5,
+    }
     if labelled:
         report["accuracy_float32"] = correct[0] / total
         report["accuracy_int8"] = correct[1] / total
     return report
 
 
+def _checked_engine(engine: str | None, num_images: int, holdout: int, batch_size: int) -> str:
+    """The int8 engine to use (None: ``default_engine()``, with a warning when that is FX);
+    ``QuantizeError`` for an unknown one or counts below their least."""
+    limits = {"num_images": (num_images, 1), "holdout": (holdout, 0), "batch_size": (batch_size, 1)}
+    for name, (value, least) in limits.items():
+        if value < least:
+            raise QuantizeError(f"{name} must be at least {least}, got {value}")
+    if engine not in (None, *ENGINES):
+        raise QuantizeError(f"unknown int8 engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine is None:
+        engine = default_engine()
+        if engine == "fx":
+            warnings.warn(FX_DEPRECATED, FutureWarning, stacklevel=4)  # quantize's caller
+    return engine
+
+
+def _quantized(module: DenseNet | RDNet, batches: list[Tensor], engine: str, progress: bool):
+    """``module`` in int8 by ``engine`` on ``batches``: the module that runs it, and NNCF's
+    ``openvino.Model`` (None for FX)."""
+    if engine != "nncf":
+        return quantize_module(module, batches), None
+    graph = quantize_nncf(module, batches, progress)
+    ov = require_openvino("int8 with NNCF")
+    return CompiledModule(compile_for_cpu(ov, graph, torch.float32), "int8 DenseNet"), graph
+
+
+@renamed_keywords(calibration="calibration_images")
 def quantize(
     model: str | os.PathLike | nn.Module | LoadedModel,
-    calibration: str | os.PathLike,
+    calibration_images: str | os.PathLike,
     *,
     weights: WeightsArg = "DEFAULT",
     num_images: int = 300,
@@ -301,15 +342,15 @@ def quantize(
     engine: str | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
-    """Post-training static int8 quantization calibrated on the images in ``calibration``.
+    """Post-training static int8 quantization calibrated on the images in ``calibration_images``.
 
     Args:
         model: a name, a file or a module (``densenet.load``), or a ``LoadedModel``.
+        calibration_images: a folder of images (searched recursively): ``num_images`` of them,
+            spread evenly over its sorted images (every class of class folders), are read;
+            ``holdout`` of those, spread alike (when more remain), are not calibrated on but
+            compared with float32 for the report. ``calibration=`` is its deprecated spelling.
         weights: for a name, its weights (``densenet.load``; None: random).
-        calibration: a folder of images (searched recursively): ``num_images`` of them, spread
-            evenly over its sorted images (every class of class folders), are read; ``holdout``
-            of those, spread alike (when more remain), are not calibrated on but compared with
-            float32 for the report.
         validation: a folder with one sub-folder per class name of the card: the accuracy of
             float32 and int8 on its images goes into the report too.
         batch_size: images per calibration batch.
@@ -320,34 +361,19 @@ def quantize(
     The report's ``held_out`` is False when there were not more than ``holdout`` images: int8
     is then compared with float32 on the images it was calibrated on.
     """
-    limits = {"num_images": (num_images, 1), "holdout": (holdout, 0), "batch_size": (batch_size, 1)}
-    for name, (value, least) in limits.items():
-        if value < least:
-            raise QuantizeError(f"{name} must be at least {least}, got {value}")
-    if engine not in (None, *ENGINES):
-        raise QuantizeError(f"unknown int8 engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine is None:
-        engine = default_engine()
-        if engine == "fx":
-            warnings.warn(FX_DEPRECATED, FutureWarning, stacklevel=2)
-    _check_folder(calibration)  # before a download
+    engine = _checked_engine(engine, num_images, holdout, batch_size)
+    _check_folder(calibration_images)  # before a download
     source = model
     if not isinstance(model, LoadedModel):
         model = load(model, weights=weights, progress=progress)
     _check_quantizable(model, source, engine)
-    paths = _calibration_paths(calibration, num_images)
+    paths = _calibration_paths(calibration_images, num_images)
     card, module = model.card, model.module.cpu().float().eval()
     held = _spread(paths, holdout) if len(paths) > holdout else []
     compared = set(held)
     fit = [path for path in paths if path not in compared]
     batches = list(_batches(fit, card, batch_size, "calibrating", progress))
-    graph = None
-    if engine == "nncf":
-        graph = quantize_nncf(module, batches, progress)
-        ov = require_openvino("int8 with NNCF")
-        quantized = CompiledModule(compile_for_cpu(ov, graph, torch.float32), "int8 DenseNet")
-    else:
-        quantized = quantize_module(module, batches)
+    quantized, graph = _quantized(module, batches, engine, progress)
     report = compare(
         module, quantized, _batches(held or fit, card, batch_size, "comparing", progress)
     )

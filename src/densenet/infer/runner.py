@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from densenet.data.card import ModelCard
 from densenet.data.transforms import flatten_views
+from densenet.deprecation import renamed_keywords
 from densenet.errors import DenseNetError
 from densenet.infer.cam import ActivationMaps, explain
 from densenet.infer.exported import OnnxModel, OpenVINOModel
@@ -42,6 +43,7 @@ class NonFiniteOutputError(DenseNetError):
     """The model gave NaN or infinite outputs: its weights are broken, or its precision overflows."""
 
 
+@renamed_keywords(calibration="calibration_images")
 class Runner:
     """A loaded model, ready to run on ``device``.
 
@@ -54,7 +56,7 @@ class Runner:
         dtype: the inference form's precision: what ``densenet.infer.precision.resolve_dtype`` takes
             (None: float32 on CPU, bfloat16 on CUDA; ``"auto"``, ``"bfloat16"``, a
             ``torch.dtype``...; with backend ``"openvino"``, ``"auto"`` is OpenVINO's own
-            default), or ``"int8"`` (with ``calibration``).
+            default), or ``"int8"`` (with ``calibration_images``).
         backend: the engine of the inference form (``densenet.optimize``'s ``backend``, such
             as ``"openvino"``); None: the fastest measured for the device and precision.
         batch_size: the largest batch the model will see (with ``buckets``).
@@ -64,8 +66,9 @@ class Runner:
         max_batch: ``buckets=True`` up to ``max_batch`` (the older spelling).
         headless: drop the classifier: ``logits`` are then the (N, num_features) pooled
             features (embeddings).
-        calibration: for ``dtype="int8"`` (CPU only): a folder of images to calibrate the
-            post-training int8 quantization on (``densenet.quantize``).
+        calibration_images: for ``dtype="int8"`` (CPU only): a folder of images to calibrate
+            the post-training int8 quantization on (``densenet.quantize``); ``calibration=``
+            is its deprecated spelling.
         progress: show progress bars while the int8 quantization reads its images.
         throughput: the model will see many images at a time (``densenet.optimize``'s
             ``throughput``: evaluation and bulk runs).
@@ -86,7 +89,7 @@ class Runner:
         buckets: bool | None = None,
         max_batch: int | None = None,
         headless: bool = False,
-        calibration: str | os.PathLike | None = None,
+        calibration_images: str | os.PathLike | None = None,
         progress: bool = True,
         throughput: bool = False,
     ) -> None:
@@ -113,7 +116,7 @@ class Runner:
             if kind in NETWORK_KINDS:  # as asked (--no-optimize)
                 module = module.to(device)
         elif dtype == "int8":
-            module = _int8(LoadedModel(module, self.card), device, calibration, progress)
+            module = _int8(LoadedModel(module, self.card), device, calibration_images, progress)
             self.precision = "int8"
         else:
             self._densenet = module.to(device)
@@ -242,10 +245,10 @@ def _packed_weights(module: nn.Module) -> int:
 def _int8(
     loaded: LoadedModel,
     device: torch.device,
-    calibration: str | os.PathLike | None,
+    calibration_images: str | os.PathLike | None,
     progress: bool,
 ) -> nn.Module:
-    """``loaded``'s module quantized to int8 on the images in ``calibration`` (NNCF when
+    """``loaded``'s module quantized to int8 on the images in ``calibration_images`` (NNCF when
     installed, else PyTorch's FX: ``densenet.quantize``)."""
     if device.type != "cpu":
         raise DenseNetError(
@@ -253,12 +256,12 @@ def _int8(
         )
     if loaded.card.volume is not None:
         raise DenseNetError("int8 is calibrated on images; this model takes volumes")
-    if calibration is None:
+    if calibration_images is None:
         raise DenseNetError(
             "int8 needs calibration images: give a folder of a few hundred of your images "
-            "(--calibration DIR), or quantize once with densenet quantize and load its file"
+            "(--calibration-images DIR), or quantize once with densenet quantize and load its file"
         )
-    quantized = quantize(loaded, calibration, progress=progress)
+    quantized = quantize(loaded, calibration_images, progress=progress)
     log.info("int8 against float32: %s", quantized.report)
     return quantized.module
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from densenet.errors import DenseNetError
-from densenet.serve.app import ServeConfig, create_app
+from densenet.serve.app import create_app
 from densenet.serve.batcher import Batcher, BatchResult, QueueFull
+from densenet.serve.config import ServeConfig
 from densenet.tasks.predict import Classifier
 from densenet.weights.download import sha256_file
 from densenet.weights.published import get_weights, list_weights

@@ -29,41 +29,45 @@ class ServiceMetrics:
         self, queue_depth: Callable[[], float], pixels_in_flight: Callable[[], float]
     ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "densenet_requests", "HTTP requests by endpoint and status code",
-            ("endpoint", "status"), registry=registry,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "densenet_request_duration_seconds", "HTTP request latency, seconds", ("endpoint",),
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "densenet_requests_in_flight", "HTTP requests being answered (excluding /metrics)",
-            registry=registry,
-        )  # fmt: skip
-        self.images = Counter(
-            "densenet_images", "images received by outcome", ("outcome",), registry=registry
+
+        def metric(kind, name: str, help: str, labels: tuple[str, ...] = (), **options):
+            return kind(name, help, labels, registry=registry, **options)
+
+        self.requests = metric(
+            Counter,
+            "densenet_requests",
+            "HTTP requests by endpoint and status code",
+            ("endpoint", "status"),
         )
-        self.batch_size = Histogram(
-            "densenet_batch_size", "images per forward pass", buckets=BATCH_BUCKETS,
-            registry=registry,
-        )  # fmt: skip
-        self.inference = Histogram(
-            "densenet_inference_seconds", "forward pass time per batch, seconds",
-            buckets=INFERENCE_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.queue_depth = Gauge(
-            "densenet_queue_depth", "images waiting for a batch", registry=registry
+        self.latency = metric(
+            Histogram,
+            "densenet_request_duration_seconds",
+            "HTTP request latency, seconds",
+            ("endpoint",),
+            buckets=LATENCY_BUCKETS,
         )
+        self.in_flight = metric(
+            Gauge,
+            "densenet_requests_in_flight",
+            "HTTP requests being answered (excluding /metrics)",
+        )
+        self.images = metric(Counter, "densenet_images", "images received by outcome", ("outcome",))
+        self.batch_size = metric(
+            Histogram, "densenet_batch_size", "images per forward pass", buckets=BATCH_BUCKETS
+        )
+        self.inference = metric(
+            Histogram,
+            "densenet_inference_seconds",
+            "forward pass time per batch, seconds",
+            buckets=INFERENCE_BUCKETS,
+        )
+        self.queue_depth = metric(Gauge, "densenet_queue_depth", "images waiting for a batch")
         self.queue_depth.set_function(queue_depth)
-        self.pixels_in_flight = Gauge(
-            "densenet_decode_pixels_in_flight", "pixels of the images being decoded",
-            registry=registry,
-        )  # fmt: skip
-        self.pixels_in_flight.set_function(pixels_in_flight)
-        self.ready = Gauge(
-            "densenet_ready", "1 once the model is loaded and warmed up", registry=registry
+        self.pixels_in_flight = metric(
+            Gauge, "densenet_decode_pixels_in_flight", "pixels of the images being decoded"
         )
+        self.pixels_in_flight.set_function(pixels_in_flight)
+        self.ready = metric(Gauge, "densenet_ready", "1 once the model is loaded and warmed up")
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -137,7 +137,7 @@ def evaluate_dataset(
         )  # fmt: skip
         runner = Runner(
             loaded, target, optimize=optimize, dtype=dtype, backend=backend,
-            batch_size=batch_size * views, calibration=calibration, progress=progress and rank == 0, throughput=True,
+            batch_size=batch_size * views, calibration_images=calibration, progress=progress and rank == 0, throughput=True,
         )  # fmt: skip
         if card.multi_label:
             probabilities, targets, skipped = predict_labels(runner.probabilities, loader)

@@ -30,6 +30,7 @@ from densenet.data.images import (
 )
 from densenet.data.transforms import ChannelError
 from densenet.data.volumes import VOLUME_SUFFIXES, file_stem, is_volume_file, read_volume, write_map
+from densenet.deprecation import renamed_keywords
 from densenet.infer.load import load
 from densenet.infer.runner import Runner
 from densenet.infer.runtime import resolve_device
@@ -106,6 +107,7 @@ def top_predictions(
     ]
 
 
+@renamed_keywords(calibration="calibration_images")
 class Classifier:
     """An image classifier: the model's preprocessing, top-k probabilities (softmax, or sigmoids
     for a multi-label model), its class names.
@@ -123,8 +125,8 @@ class Classifier:
             the module as given.
         dtype: the fast form's precision: a ``torch.dtype``, a name (``"float32"``,
             ``"bfloat16"``, ``"float16"``), ``"auto"`` (bfloat16 where the hardware computes it
-            natively), ``"int8"`` (quantized on the CPU, calibrated on ``calibration``, a folder
-            of images), or None: float32 on CPU (exact), bfloat16 on CUDA.
+            natively), ``"int8"`` (quantized on the CPU, calibrated on ``calibration_images``, a
+            folder of images), or None: float32 on CPU (exact), bfloat16 on CUDA.
         backend: the fast form's engine (``densenet.optimize``'s ``backend``: ``"onednn"``,
             ``"openvino"``...); None: the fastest measured for the device and precision
             (``densenet.infer.engines``).
@@ -135,6 +137,8 @@ class Classifier:
         tta: test-time augmentation (``densenet.data.transforms.VIEWS``): ``"hflip"``,
             ``"five-crop"`` or ``"ten-crop"`` average each image's probabilities over that many
             views (and cost that many forward passes); None, one view.
+        calibration_images: with ``dtype="int8"``, the folder of images the quantization is
+            calibrated on; ``calibration=`` is its deprecated spelling.
     """
 
     def __init__(
@@ -151,7 +155,7 @@ class Classifier:
         backend: str | None = None,
         buckets: bool | None = None,
         tta: str | None = None,
-        calibration: str | os.PathLike | None = None,
+        calibration_images: str | os.PathLike | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -161,9 +165,15 @@ class Classifier:
             self.card = self.card.replace(classes=tuple(categories))
         self.device = resolve_device(device)
         self.runner = Runner(
-            dataclasses.replace(loaded, card=self.card), self.device, optimize=optimize, dtype=dtype,
-            backend=backend, batch_size=batch_size, buckets=buckets, calibration=calibration,
-        )  # fmt: skip
+            dataclasses.replace(loaded, card=self.card),
+            self.device,
+            optimize=optimize,
+            dtype=dtype,
+            backend=backend,
+            batch_size=batch_size,
+            buckets=buckets,
+            calibration_images=calibration_images,
+        )
         self.categories = list(self.card.classes)
         self.preprocessing = self.card.preprocessing
         self.transform = self.card.transform()

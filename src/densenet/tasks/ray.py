@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from densenet.deprecation import renamed_keywords
 from densenet.infer.load import load
 from densenet.infer.runtime import resolve_device
 from densenet.tasks.bulk import Decoder, Options, Outputs, to_table
@@ -29,9 +30,14 @@ INPUT_COLUMNS = ("bytes", "path")  # where the images are, in order of preferenc
 
 class _MapBatches:
     def __init__(
-        self, model: str | os.PathLike | nn.Module, weights: WeightsArg, options: Options, device: str,
-        optimize: bool, precision: str,
-    ) -> None:  # fmt: skip
+        self,
+        model: str | os.PathLike | nn.Module,
+        weights: WeightsArg,
+        options: Options,
+        device: str,
+        optimize: bool,
+        precision: str,
+    ) -> None:
         target = resolve_device(device)
         loaded = load(model, weights=weights, device=target, progress=False)
         self.card = loaded.card
@@ -61,6 +67,7 @@ class _MapBatches:
         return table
 
 
+@renamed_keywords(dtype="vector_dtype")
 class Embedder(_MapBatches):
     """``ds.map_batches(Embedder, fn_constructor_kwargs={...}, concurrency=n)``: adds
     ``embedding`` (the pooled features, (D,) per row, null for an unreadable image) and
@@ -70,17 +77,25 @@ class Embedder(_MapBatches):
         model, weights: what ``densenet.load`` takes (as ``densenet embed --model``/``--weights``:
             an architecture name and a weights name, a local file or a training checkpoint, or
             None; or a ``DenseNet``).
-        normalize: L2-normalise each vector. dtype: ``"float32"`` or ``"float16"``.
+        normalize: L2-normalise each vector.
+        vector_dtype: the stored vectors' type, ``"float32"`` or ``"float16"`` (``dtype=``:
+            the deprecated spelling); ``precision`` is the model's compute dtype.
         device: ``"auto"`` (the GPU Ray assigned, if any), ``"cpu"`` or ``"cuda"``.
         optimize, precision: as for ``densenet.tasks.bulk.Outputs``.
     """
 
     def __init__(
-        self, model: str | os.PathLike | nn.Module | None = None, weights: WeightsArg = "DEFAULT", *,
-        normalize: bool = False, dtype: str = "float32", device: str = "auto",
-        optimize: bool = True, precision: str | None = None,
-    ) -> None:  # fmt: skip
-        options = Options(task="embed", normalize=normalize, dtype=dtype)
+        self,
+        model: str | os.PathLike | nn.Module | None = None,
+        weights: WeightsArg = "DEFAULT",
+        *,
+        normalize: bool = False,
+        vector_dtype: str = "float32",
+        device: str = "auto",
+        optimize: bool = True,
+        precision: str | None = None,
+    ) -> None:
+        options = Options(task="embed", normalize=normalize, vector_dtype=vector_dtype)
         super().__init__(model, weights, options, device, optimize, precision)
 
 
@@ -91,8 +106,14 @@ class Predictor(_MapBatches):
     Other arguments as ``Embedder``'s."""
 
     def __init__(
-        self, model: str | os.PathLike | nn.Module | None = None, weights: WeightsArg = "DEFAULT", *,
-        topk: int = 5, device: str = "auto", optimize: bool = True, precision: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model: str | os.PathLike | nn.Module | None = None,
+        weights: WeightsArg = "DEFAULT",
+        *,
+        topk: int = 5,
+        device: str = "auto",
+        optimize: bool = True,
+        precision: str | None = None,
+    ) -> None:
         options = Options(task="predict", topk=topk)
         super().__init__(model, weights, options, device, optimize, precision)
