@@ -179,7 +179,7 @@ def test_missing_exporter_and_runtime_are_named(model, tmp_path, onnx_file, monk
         E.OnnxModel(onnx_file)
     missing.remove("onnxscript")  # int8 asks for ONNX Runtime before the export
     with pytest.raises(E.ExportError, match=f"needs the onnxruntime package.*: {extra}"):
-        E.to_onnx(model, tmp_path / "m.onnx", dtype="int8", calibration=tmp_path)
+        E.to_onnx(model, tmp_path / "m.onnx", dtype="int8", calibration_images=tmp_path)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -190,9 +190,9 @@ def test_int8_onnx_takes_image_models_and_calibration_takes_int8(
     exported file are one error each, before any work."""
     volumes = densenet.DenseNet(**TINY, num_classes=2, in_channels=1, spatial_dims=3)
     with pytest.raises(densenet.errors.DenseNetError, match="int8 takes image models only"):
-        E.to_onnx(volumes, tmp_path / "v.onnx", dtype="int8", calibration=tmp_path)
+        E.to_onnx(volumes, tmp_path / "v.onnx", dtype="int8", calibration_images=tmp_path)
     with pytest.raises(E.ExportError, match="calibration images are for dtype int8 only"):
-        E.to_onnx(model, tmp_path / "m.onnx", calibration=tmp_path)
+        E.to_onnx(model, tmp_path / "m.onnx", calibration_images=tmp_path)
     assert main(["quantize", str(onnx_file), str(tmp_path), "--out", str(tmp_path / "q.pt")]) == 2
     assert "(OnnxModel): quantize needs a float DenseNet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

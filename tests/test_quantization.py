@@ -395,7 +395,7 @@ def test_int8_onnx_export_runs_in_onnxruntime_and_openvino_alike(photos, tmp_pat
     assert main(["export", "--format", "onnx", "--dtype", "int8", "--model", "densenet121",
                  "--weights", "none", "--out", str(out)]) == 2  # fmt: skip
     assert "needs calibration images" in capsys.readouterr().err
-    densenet.tasks.export.to_onnx(model, out, dtype="int8", calibration=photos, fold=True)
+    densenet.tasks.export.to_onnx(model, out, dtype="int8", calibration_images=photos, fold=True)
     import onnx
 
     ops = {node.op_type for node in onnx.load(out).graph.node}

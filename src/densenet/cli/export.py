@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     options.update(dtype=args.dtype, fold=args.fold)
     if args.format == "onnx":
         options["opset"] = DEFAULT_OPSET if args.opset is None else args.opset
-        options["calibration"] = args.calibration_images
+        options["calibration_images"] = args.calibration_images
     warn_if_random(args)
     loaded = load(args.model, weights=args.weights)
     if not isinstance(loaded.module, Network):

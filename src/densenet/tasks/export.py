@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from densenet.data.card import ModelCard
 from densenet.data.files import atomic_write, check_output_file
+from densenet.deprecation import renamed_keywords
 from densenet.errors import first_line
 from densenet.infer.exported import (
     DTYPES,
@@ -91,6 +92,7 @@ EXAMPLE_BATCH = 2  # the example batch of a dynamic-batch export (1 would be spe
 # ---- the three formats --------------------------------------------------------------------
 
 
+@renamed_keywords(calibration="calibration_images")
 def to_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -102,7 +104,7 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     card: ModelCard | None = None,
     categories: Sequence[str] | None = None,
-    calibration: str | os.PathLike | None = None,
+    calibration_images: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file (weights inside, one file).
 
@@ -114,7 +116,7 @@ def to_onnx(
             ``width``).
         dtype: float32, float16 or bfloat16: the weights, the input and the output; or int8:
             a QDQ model (``densenet.infer.quantization.quantize_onnx``: ONNX Runtime's static
-            quantization, calibrated on the images in ``calibration``) with float32 input and
+            quantization, calibrated on the images in ``calibration_images``) with float32 input and
             output, which ONNX Runtime and OpenVINO run in int8.
         fold: export the inference form (``densenet.optimize``, BatchNorm folded).
         opset: the ONNX operator set, at least 18.
@@ -127,14 +129,14 @@ def to_onnx(
     """
     onnx = require("onnx", "ONNX export", INSTALL_EXPORT)
     int8 = dtype == "int8"
-    _check_onnx_request(onnx, model, opset, int8, calibration, card)
+    _check_onnx_request(onnx, model, opset, int8, calibration_images, card)
     path = _writable(path)
     float_dtype = "float32" if int8 else dtype  # int8: a float32 export, then quantized
     net, example, meta = _prepare(
         model, card, categories, batch_size, image_size, float_dtype, fold, for_onnx=True
     )
     if int8:  # read before the export: a folder without readable images fails first
-        batches = calibration_batches(calibration, meta.card, progress=False)
+        batches = calibration_batches(calibration_images, meta.card, progress=False)
     proto = _onnx_proto(net, example, opset, batch_size, image_size)
     if int8:
         proto = _quantized(onnx, proto, batches)
@@ -155,7 +157,7 @@ def _check_onnx_request(
     model: nn.Module,
     opset: int,
     int8: bool,
-    calibration: str | os.PathLike | None,
+    calibration_images: str | os.PathLike | None,
     card: ModelCard | None,
 ) -> None:
     """``ExportError`` (before any work) unless ``to_onnx`` can write what is asked: the exporter
@@ -164,13 +166,13 @@ def _check_onnx_request(
     require("onnxscript", "ONNX export (torch's exporter)", INSTALL_EXPORT)
     if int8:
         require("onnxruntime", "int8 ONNX export (ONNX Runtime's quantization)", INSTALL_EXPORT)
-        if calibration is None:
+        if calibration_images is None:
             raise ExportError(
                 "an int8 ONNX model needs calibration images: give a folder of a few hundred of "
-                "your images (--calibration DIR)"
+                "your images (--calibration-images DIR)"
             )
         check_image_model(card or ModelCard.for_model(model))
-    elif calibration is not None:
+    elif calibration_images is not None:
         raise ExportError("calibration images are for dtype int8 only; drop them or export int8")
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
