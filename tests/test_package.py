@@ -54,23 +54,3 @@ def test_command_line_names_are_the_implementations():
     assert tuple(export.EXPORTERS) == choices.EXPORT_FORMATS
     assert tuple(benchmark.ENGINES) == choices.BENCH_ENGINES
     assert tuple(config.RECIPES) == choices.RECIPES
-
-
-SHORT_FUNCTIONS = [  # the service's app and bulk as split, and the commands' longest
-    *(f"densenet.serve.{m}" for m in ("app", "admission", "middleware", "routes", "service")),
-    *(f"densenet.tasks.bulk.{m}" for m in ("job", "inputs", "decoding", "outputs", "shards")),
-    "densenet.cli.predict",
-    "densenet.infer.quantization",
-]
-
-
-@pytest.mark.parametrize("module", SHORT_FUNCTIONS)
-def test_functions_are_at_most_60_lines(module):
-    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
-    long = {
-        node.name: node.end_lineno - node.lineno + 1
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno - node.lineno >= 60
-    }
-    assert not long, f"functions over 60 lines in {module}: {long}"

@@ -347,7 +347,7 @@ def test_predict_and_embed_run_int8_calibrated_on_a_folder(photos, tmp_path, cap
 
 
 def test_eval_measures_the_int8_model_next_to_float32(photos, tmp_path):
-    """``evaluate_dataset(dtype="int8", calibration=DIR)`` (``densenet eval --dtype int8``)
+    """``evaluate_dataset(dtype="int8", calibration_images=DIR)`` (``densenet eval --dtype int8``)
     scores the quantized model: the same images, a loss near float32's."""
     data = tmp_path / "val"
     for photo in photos.iterdir():
@@ -357,7 +357,7 @@ def test_eval_measures_the_int8_model_next_to_float32(photos, tmp_path):
     model = randomize_batchnorm(tiny_model(num_classes=3)).eval()
     common = {"model": model, "weights": None, "device": "cpu", "workers": 0, "progress": False}
     exact = evaluate_dataset(str(data), **common)
-    int8 = evaluate_dataset(str(data), **common, dtype="int8", calibration=photos)
+    int8 = evaluate_dataset(str(data), **common, dtype="int8", calibration_images=photos)
     assert (exact["precision"], int8["precision"]) == ("float32", "int8")
     assert exact["images"] == int8["images"] == 24
     assert int8["loss"] == pytest.approx(exact["loss"], rel=0.2)

@@ -26,6 +26,7 @@ from densenet.data.images import ImageError, Reason
 from densenet.data.volumes import VolumeAugment, VolumeTransform, read_volume, write_map
 from densenet.infer.cam import explain
 from densenet.infer.runner import Runner
+from densenet.tasks.export import export
 from densenet.weights.checkpoint import TrainCheckpoint, read_checkpoint, save_checkpoint
 
 nibabel = pytest.importorskip("nibabel")
@@ -361,9 +362,7 @@ def test_volume_cards_round_trip_and_predict_refuses_images(tmp_path):
     with pytest.raises(ValueError, match="this model takes volumes"):
         densenet.Classifier(model, device="cpu", tta="hflip")
     # an exported volume model keeps its card: the same answer from the ONNX file
-    exported = densenet.tasks.export.export(
-        model, tmp_path / "m.onnx", "onnx", card=classifier.card
-    )
+    exported = export(model, tmp_path / "m.onnx", "onnx", card=classifier.card)
     (again,) = densenet.Classifier(exported, device="cpu").classify(str(tmp_path / "scan.npy"))
     assert again.labels == scan.labels
     assert again.probabilities == pytest.approx(scan.probabilities, abs=1e-5)

@@ -10,6 +10,10 @@ class DenseNetError(Exception):
     change."""
 
 
+class DataError(DenseNetError, ValueError):
+    """A data set that cannot be used; the message names it and says what to do."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its type name when the message is empty."""
     text = str(error).strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from densenet.cli.common import add_data_args, add_device_arg, integer, print_json, weights_value
 from densenet.data.files import text_table
@@ -58,12 +59,21 @@ def run(args: argparse.Namespace) -> int:
 
     named = not args.model.endswith((".pth", ".pt", ".safetensors"))
     report = calibrate_dataset(
-        args.data, args.model if named else None, args.weights if named else args.model,
-        out=args.out, threshold=args.threshold, labels=args.labels, split=args.split,
-        diagram=args.diagram, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, data_root=args.data_root, download=not args.no_download,
+        args.data,
+        args.model if named else None,
+        args.weights if named else args.model,
+        out=args.out,
+        threshold=args.threshold,
+        labels=args.labels,
+        split=args.split,
+        diagram=args.diagram,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        data_root=args.data_root,
+        download=not args.no_download,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     for warning in report["warnings"]:
         print(f"densenet calibrate: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -76,17 +86,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibrated on {report['images']} images of {report['data']}")
     print(text_table(rows))
     if "labels" in after:
-        rows = [["label", "temperature", "bias", "ECE before", "ECE after", "threshold"]]
-        for i, name in enumerate(after["labels"]):
-            threshold = report["thresholds"][name] if report["thresholds"] else None
-            rows.append([
-                name, f"{report['temperatures'][i]:.3f}",
-                f"{report['bias'][i]:+.3f}" if report["bias"] else "-",
-                f"{before['labels'][name]['ece']:.4f}", f"{after['labels'][name]['ece']:.4f}",
-                f"{threshold:.4f}" if threshold is not None else "-",
-            ])  # fmt: skip
-        print(text_table(rows))
+        print(_label_table(report))
     else:
         print(f"temperature {report['temperatures'][0]:.4f}")
     print(f"wrote {report['out']} and {report['diagram']}")
     return 0
+
+
+def _label_table(report: dict[str, Any]) -> str:
+    """Per label of a multi-label model: its temperature, bias, calibration error before and
+    after, and threshold (``-`` where it has none)."""
+    before, after = report["before"]["labels"], report["after"]["labels"]
+    rows = [["label", "temperature", "bias", "ECE before", "ECE after", "threshold"]]
+    for i, name in enumerate(after):
+        bias = f"{report['bias'][i]:+.3f}" if report["bias"] else "-"
+        threshold = report["thresholds"][name] if report["thresholds"] else None
+        ece = [f"{before[name]['ece']:.4f}", f"{after[name]['ece']:.4f}"]
+        decides = f"{threshold:.4f}" if threshold is not None else "-"
+        rows.append([name, f"{report['temperatures'][i]:.3f}", bias, *ece, decides])
+    return text_table(rows)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
-        calibration=args.calibration_images,
+        calibration_images=args.calibration_images,
         data_root=args.data_root,
         download=not args.no_download,
         progress=not args.no_progress,

@@ -5,6 +5,7 @@ the engine each precision runs on this machine by default, and why."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from densenet.architectures import list_models, model_info
 from densenet.cli.common import print_json
@@ -43,15 +44,26 @@ def run(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     lines = [["model", "params", "GFLOPs", "input", "classes", "weights", "acc@1", "acc@5"]]
-    for info in rows:
-        w = info["weights"][0] if info["weights"] else None
-        lines.append([
-            info["name"], f"{info['params'] / 1e6:.2f}M", f"{info['gflops']:.2f}",
-            str(info["input_size"]), str(info["num_classes"]), w["name"] if w else "-",
-            f"{w['acc1']:.3f}" if w else "-", f"{w['acc5']:.3f}" if w and w['acc5'] is not None else "-",
-        ])  # fmt: skip
+    lines += [_line(info) for info in rows]
     print(text_table(lines))
     return 0
+
+
+def _line(info: dict[str, Any]) -> list[str]:
+    """A line of the table: the architecture, and its first published weights with their
+    accuracy (``-`` where it has none)."""
+    model = [
+        info["name"],
+        f"{info['params'] / 1e6:.2f}M",
+        f"{info['gflops']:.2f}",
+        str(info["input_size"]),
+        str(info["num_classes"]),
+    ]
+    if not info["weights"]:
+        return [*model, "-", "-", "-"]
+    w = info["weights"][0]
+    acc5 = f"{w['acc5']:.3f}" if w["acc5"] is not None else "-"
+    return [*model, w["name"], f"{w['acc1']:.3f}", acc5]
 
 
 def _engines(args: argparse.Namespace) -> int:

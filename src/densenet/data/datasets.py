@@ -1,7 +1,7 @@
 """Datasets and loaders for training and evaluation: ImageNet-style folders (one sub-folder per
-class, of images or of volumes), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN),
-deterministic per-sample augmentation, and the batch sampler that shards each global batch over
-processes.
+class, of images or of volumes), the paper's named datasets (CIFAR-10, CIFAR-100, SVHN: read by
+``densenet.data.named``), deterministic per-sample augmentation, and the batch sampler that
+shards each global batch over processes.
 
 Unreadable images do not stop a run: a folder dataset yields ``None`` for them, and ``collate``
 drops them and counts them.
@@ -12,28 +12,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import urllib.error
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import datasets
 
 from densenet.data.card import ModelCard
 from densenet.data.images import IMAGE_SUFFIXES, ImageError
-from densenet.data.transforms import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    UNIT_MEAN,
-    UNIT_STD,
-)
+from densenet.data.named import NAMED_DATASETS, default_data_root, named_dataset
+from densenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from densenet.data.volumes import (
     VOLUME_SUFFIXES,
     is_sample_file,
@@ -41,7 +32,7 @@ from densenet.data.volumes import (
     open_sample,
     volume_channels,
 )
-from densenet.errors import DenseNetError
+from densenet.errors import DataError
 
 __all__ = [
     "NAMED_DATASETS",
@@ -60,90 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DATA_ROOT_ENV = "DENSENET_DATA"
-
-
-class DataError(DenseNetError, ValueError):
-    """A data set that cannot be used; the message names it and says what to do."""
-
-
-@dataclass(frozen=True)
-class NamedDataset:
-    """A data set torchvision can read (and download), with its training-set statistics."""
-
-    title: str
-    folder: str  # what torchvision expects under the data root
-    url: str
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")  # fmt: skip
-
-NAMED_DATASETS: dict[str, NamedDataset] = {
-    "cifar10": NamedDataset(
-        "CIFAR-10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        _CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
-    ),
-    "cifar100": NamedDataset(
-        "CIFAR-100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        (), CIFAR100_MEAN, CIFAR100_STD,
-    ),
-    "svhn": NamedDataset(
-        "SVHN", "train_32x32.mat, extra_32x32.mat, test_32x32.mat",
-        "http://ufldl.stanford.edu/housenumbers/", tuple(str(i) for i in range(10)),
-        UNIT_MEAN, UNIT_STD,
-    ),
-}  # fmt: skip
-
-
-def default_data_root() -> Path:
-    """Where named datasets live: ``$DENSENET_DATA``, else ``~/.cache/densenet/data``."""
-    return Path(os.environ.get(DATA_ROOT_ENV, "~/.cache/densenet/data")).expanduser()
-
-
-def named_dataset(
-    name: str, split: str, root: str | os.PathLike | None = None, download: bool = False
-) -> Dataset:
-    """CIFAR-10/100 or SVHN as a dataset of ``(PIL image, label)``.
-
-    Args:
-        name: ``"cifar10"``, ``"cifar100"`` or ``"svhn"``.
-        split: ``"train"`` or ``"test"``. SVHN's ``"train"`` is its train and extra sets
-            together (604,388 images), as in the paper.
-        root: the folder holding the local copy (default ``default_data_root()``).
-        download: fetch the data set into ``root`` when it is not there.
-    """
-    if name not in NAMED_DATASETS:
-        raise DataError(f"unknown dataset {name!r}; named datasets: {', '.join(NAMED_DATASETS)}")
-    if split not in ("train", "test"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    spec = NAMED_DATASETS[name]
-    root = Path(root).expanduser() if root is not None else default_data_root()
-    try:
-        if name == "svhn":
-            parts = ("train", "extra") if split == "train" else ("test",)
-            sets = [datasets.SVHN(str(root), split=p, download=download) for p in parts]
-            dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
-            dataset.classes = list(spec.classes)
-            return dataset
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        return cls(str(root), train=split == "train", download=download)
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", None) or error
-        raise DataError(
-            f"cannot download {spec.title} into {root} ({reason}); put a local copy there "
-            f"({spec.folder}, from {spec.url}) or pass another data root"
-        ) from None
-    except RuntimeError as error:
-        if "not found" not in str(error).lower():
-            raise
-        raise DataError(
-            f"{spec.title} is not in {root} (expected {spec.folder} there, from {spec.url}); "
-            "put a local copy there, pass another data root, or allow the download"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -171,9 +78,7 @@ class ModelInput:
         channels, first = self.channels, self.channels_of
         for file in files:
             if is_volume_file(file) != self.volumes:
-                kind, takes = (
-                    ("a volume", "images") if is_volume_file(file) else ("an image", "volumes")
-                )
+                kind, takes = ("an image", "volumes") if self.volumes else ("a volume", "images")
                 raise DataError(f"{file} is {kind}; {self.what} takes {takes}")
             if not self.volumes:
                 continue
@@ -379,13 +284,10 @@ class DataSplits:
 def _check_same_classes(train_dir: Path, val_dir: Path, train: list[str], val: list[str]) -> None:
     if train == val:
         return
-    only_train = sorted(set(train) - set(val))
-    only_val = sorted(set(val) - set(train))
-    details = []
-    if only_train:
-        details.append(f"only in {train_dir}: {', '.join(only_train[:5])}")
-    if only_val:
-        details.append(f"only in {val_dir}: {', '.join(only_val[:5])}")
+    only = {train_dir: sorted(set(train) - set(val)), val_dir: sorted(set(val) - set(train))}
+    details = [
+        f"only in {folder}: {', '.join(names[:5])}" for folder, names in only.items() if names
+    ]
     raise DataError(
         f"the training and validation folders have different classes ({'; '.join(details)}); "
         "give both the same class sub-folders"

@@ -108,11 +108,8 @@ def check_regular_file(path: str | os.PathLike) -> Path:
     except FileNotFoundError:
         return path
     if not stat.S_ISREG(mode):
-        kind = (
-            "a symbolic link" if stat.S_ISLNK(mode)
-            else "a folder" if stat.S_ISDIR(mode)
-            else "a device, pipe or socket"
-        )  # fmt: skip
+        kinds = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder"}
+        kind = kinds.get(stat.S_IFMT(mode), "a device, pipe or socket")
         raise DenseNetError(
             f"{path} is {kind}, not a regular file; refusing to replace it. Write to a regular "
             "file path"
@@ -207,8 +204,14 @@ def read_torch_file(
             "not only tensors); refused. Re-save it as a plain state_dict"
         ) from None
     except (
-        SafetensorError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-    ) as problem:  # fmt: skip
+        SafetensorError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+    ) as problem:
         raise error(f"{unreadable} ({first_line(problem)[:160]})") from None
 
 

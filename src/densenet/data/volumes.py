@@ -317,10 +317,8 @@ def write_map(values: Tensor, like: str | os.PathLike | None, out: str | os.Path
 
     values = values.detach().float().cpu()
     size, affine = _grid(like) if like is not None else (tuple(values.shape), np.eye(4))
-    resampled = F.interpolate(
-        values[None, None], size=size, mode="trilinear", align_corners=False
-    )[0, 0]  # fmt: skip
-    content = nibabel.Nifti1Image(resampled.numpy(), affine).to_bytes()
+    resampled = F.interpolate(values[None, None], size=size, mode="trilinear", align_corners=False)
+    content = nibabel.Nifti1Image(resampled[0, 0].numpy(), affine).to_bytes()
     if str(out).endswith(".gz"):
         content = gzip.compress(content, mtime=0)
     return atomic_write(out, lambda tmp: Path(tmp).write_bytes(content))

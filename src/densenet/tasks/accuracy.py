@@ -134,45 +134,12 @@ def evaluate(
     if isinstance(model, nn.Module):
         device = torch.device(device) if device is not None else next(model.parameters()).device
         model = ModuleProbabilities(model, device, amp_dtype, channels_last, calibration)
-    device = model.device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # top-1, top-5, nll, brier, images
-    bins = torch.zeros(3, BINS, dtype=torch.float64, device=device)
-    skipped = 0
     start = time.perf_counter()
-    try:
-        total = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-        for batch in loader:
-            images, labels = batch[0], batch[1]
-            skipped += int(batch[2]) if len(batch) > 2 else 0
-            bar.update(1)
-            if labels.numel() == 0:
-                continue
-            probs = model.probabilities(images).float()
-            labels = labels.to(probs.device, non_blocking=True)
-            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
-            hits = top == labels[:, None]
-            true_class = probs.gather(1, labels[:, None]).squeeze(1)
-            sums += torch.stack(
-                [
-                    hits[:, 0].sum(),
-                    hits.any(dim=1).sum(),
-                    -true_class.clamp_min(torch.finfo(torch.float32).tiny).log().sum(),
-                    (probs - F.one_hot(labels, probs.shape[1])).square().sum(),
-                    labels.new_tensor(labels.numel()),
-                ]
-            ).to(sums)
-            bins += bin_sums(probs.max(dim=1).values, hits[:, 0])
+    sums, bins, skipped = _sums(model, loader, progress, desc)
     if distributed:
-        counts = torch.cat(
-            [sums, bins.flatten(), torch.tensor([skipped], dtype=torch.float64, device=device)]
-        )
-        dist.all_reduce(counts)
-        sums, bins, skipped = counts[:5], counts[5:-1].view(3, BINS), int(counts[-1].item())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sums, bins, skipped = _all_reduce(sums, bins, skipped)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     correct1, correct5, loss_sum, brier_sum, count = sums.tolist()
     n = max(count, 1.0)
@@ -186,3 +153,56 @@ def evaluate(
         ece=ece_of_bins(bins),
         brier=brier_sum / n,
     )
+
+
+def _sums(
+    model: Predictor, loader: Iterable, progress: bool, desc: str
+) -> tuple[Tensor, Tensor, int]:
+    """Over ``loader``'s batches: the float64 sums of ``_batch_sums``, the top class's
+    ``bin_sums`` and the unreadable images skipped."""
+    sums = torch.zeros(5, dtype=torch.float64, device=model.device)
+    bins = torch.zeros(3, BINS, dtype=torch.float64, device=model.device)
+    skipped = 0
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            skipped += int(batch[2]) if len(batch) > 2 else 0
+            bar.update(1)
+            if labels.numel() == 0:
+                continue
+            batch_sums, batch_bins = _batch_sums(model.probabilities(images).float(), labels)
+            sums += batch_sums.to(sums)
+            bins += batch_bins
+    return sums, bins, skipped
+
+
+def _batch_sums(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Of (N, C) probabilities and (N,) labels: the sums (top-1 hits, top-5 hits, negative
+    log-likelihood of the true class, Brier, images) and the top class's ``bin_sums``."""
+    labels = labels.to(probs.device, non_blocking=True)
+    top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    true_class = probs.gather(1, labels[:, None]).squeeze(1)
+    sums = torch.stack(
+        [
+            hits[:, 0].sum(),
+            hits.any(dim=1).sum(),
+            -true_class.clamp_min(torch.finfo(torch.float32).tiny).log().sum(),
+            (probs - F.one_hot(labels, probs.shape[1])).square().sum(),
+            labels.new_tensor(labels.numel()),
+        ]
+    )
+    return sums, bin_sums(probs.max(dim=1).values, hits[:, 0])
+
+
+def _all_reduce(sums: Tensor, bins: Tensor, skipped: int) -> tuple[Tensor, Tensor, int]:
+    """``sums``, ``bins`` and ``skipped`` summed over the default process group."""
+    counts = torch.cat(
+        [sums, bins.flatten(), torch.tensor([skipped], dtype=torch.float64, device=sums.device)]
+    )
+    dist.all_reduce(counts)
+    return counts[:5], counts[5:-1].view(3, BINS), int(counts[-1].item())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from densenet.data.card import ModelCard, default_classes
@@ -29,6 +29,7 @@ from densenet.data.datasets import (
 )
 from densenet.data.files import atomic_write, check_output_file
 from densenet.data.transforms import VIEWS
+from densenet.deprecation import renamed_keywords
 from densenet.infer.load import LoadedModel, load
 from densenet.infer.runner import Runner
 from densenet.infer.runtime import process_group, resolve_device
@@ -86,6 +87,7 @@ def _label_map(
     return [index[name] for name in data_classes].__getitem__
 
 
+@renamed_keywords(calibration="calibration_images")
 def evaluate_dataset(
     data: str,
     model: str | None = None,
@@ -98,7 +100,7 @@ def evaluate_dataset(
     device: str = "auto",
     dtype: str | None = None,
     backend: str | None = None,
-    calibration: str | os.PathLike | None = None,
+    calibration_images: str | os.PathLike | None = None,
     data_root: str | None = None,
     download: bool = False,
     progress: bool = True,
@@ -109,62 +111,82 @@ def evaluate_dataset(
     """Evaluate on a folder or named data set (see ``densenet.data.datasets.eval_dataset``) with the
     model's own preprocessing; under ``torchrun`` the data is sharded over the processes.
     ``tta`` averages the probabilities of test-time views (``densenet.data.transforms.VIEWS``:
-    hflip, five-crop, ten-crop; ``ten_crop`` is ``tta="ten-crop"``), after the card's
-    calibration.
+    hflip, five-crop, ten-crop; ``ten_crop`` is ``tta="ten-crop"``), after the card's calibration.
     ``model`` and ``weights`` as ``densenet.load`` (None: the training checkpoint ``weights``
     names, else densenet121). Returns ``EvalResult.to_dict()`` plus what was evaluated.
     The model runs as ``densenet.Runner`` runs it: ``optimize`` (the fast inference form,
     ``densenet.optimize``), ``backend`` (its engine; None: the fastest measured), ``dtype`` (its
-    precision; ``"int8"`` quantized on the images in the
-    ``calibration`` folder) and the card's calibrated probabilities. A multi-label model is
-    evaluated on the images of a ``labels`` CSV (files relative to ``data``; the rows of
-    ``split``, default its ``val`` rows when it has a split column): per-label and mean AUROC
-    and average precision (``densenet.tasks.multilabel.label_metrics``)."""
+    precision; ``"int8"`` quantized on the images in the ``calibration_images`` folder) and the card's
+    calibrated probabilities. A multi-label model is evaluated on the images of a ``labels`` CSV
+    (files relative to ``data``; the rows of ``split``, default its ``val`` rows when it has a
+    split column): per-label and mean AUROC and average precision
+    (``densenet.tasks.multilabel.label_metrics``)."""
+    tta = "ten-crop" if ten_crop else tta
+    views = VIEWS[tta] if tta is not None else 1
     with process_group(device) as (rank, world_size, target):
         loaded = load(model, weights=weights, device=target)
         card = loaded.card
-        tta = "ten-crop" if ten_crop else tta
-        views = VIEWS[tta] if tta is not None else 1
-        transform = card.transform(tta)
         if (card.multi_label or labels is not None) and world_size > 1:
             raise DataError("a multi-label model is evaluated in one process")
-        dataset = _labelled_set(data, card, transform, labels, split, data_root, download)
-        if world_size > 1:
-            dataset = Subset(dataset, list(shard_indices(len(dataset), rank, world_size)))
-        loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-            pin_memory=target.type == "cuda", persistent_workers=False,
-        )  # fmt: skip
+        dataset = _labelled_set(data, card, card.transform(tta), labels, split, data_root, download)
+        loader = _loader(dataset, batch_size, workers, target, rank, world_size)
         runner = Runner(
-            loaded, target, optimize=optimize, dtype=dtype, backend=backend,
-            batch_size=batch_size * views, calibration_images=calibration, progress=progress and rank == 0, throughput=True,
-        )  # fmt: skip
-        if card.multi_label:
-            probabilities, targets, skipped = predict_labels(runner.probabilities, loader)
-            calibration_scores = calibration_metrics(probabilities, targets, True, card.classes)
-            scores = label_metrics(probabilities, targets, card.classes)
-            decided = decision_metrics(probabilities, targets, card.thresholds)
-            per_label = calibration_scores.pop("labels").values()
-            for name, row, at in zip(card.classes, per_label, decided):
-                scores["labels"][name].update(
-                    ece=row["ece"], brier=row["brier"], nll=row["nll"], **at
-                )
-            scores = {**scores, **calibration_scores, "skipped": skipped}
-        else:
-            scores = evaluate(
-                runner, loader, distributed=world_size > 1, progress=progress and rank == 0
-            ).to_dict()
-        return {
-            "data": os.fspath(data),
-            "model": card.arch or model,
-            "weights": weights,
-            "crops": views,
-            "tta": tta,
-            "calibrated": card.calibration is not None,
-            "precision": runner.precision,
-            "processes": world_size,
-            **scores,
-        }
+            loaded,
+            target,
+            optimize=optimize,
+            dtype=dtype,
+            backend=backend,
+            batch_size=batch_size * views,
+            calibration_images=calibration_images,
+            progress=progress and rank == 0,
+            throughput=True,
+        )
+        scores = _scores(runner, loader, world_size > 1, progress and rank == 0)
+        evaluated = {"data": os.fspath(data), "model": card.arch or model, "weights": weights}
+        run = {"crops": views, "tta": tta, "calibrated": card.calibration is not None}
+        run |= {"precision": runner.precision, "processes": world_size}
+        return {**evaluated, **run, **scores}
+
+
+def _loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    target: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """``collate`` batches of ``dataset``, or of this process's share of it when ``world_size``
+    processes share it (``shard_indices``), in memory pinned for a CUDA ``target``."""
+    if world_size > 1:
+        dataset = Subset(dataset, list(shard_indices(len(dataset), rank, world_size)))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=target.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _scores(
+    runner: Runner, loader: DataLoader, distributed: bool, progress: bool
+) -> dict[str, Any]:
+    """What ``evaluate_dataset`` measures with ``runner`` on ``loader``: ``evaluate``'s scores
+    for a single-label model; for a multi-label one, per label and overall, the AUROC and
+    average precision, the calibration error and the decisions at the card's thresholds."""
+    card = runner.card
+    if not card.multi_label:
+        return evaluate(runner, loader, distributed=distributed, progress=progress).to_dict()
+    probabilities, targets, skipped = predict_labels(runner.probabilities, loader)
+    calibration_scores = calibration_metrics(probabilities, targets, True, card.classes)
+    scores = label_metrics(probabilities, targets, card.classes)
+    decided = decision_metrics(probabilities, targets, card.thresholds)
+    per_label = calibration_scores.pop("labels").values()
+    for name, row, at in zip(card.classes, per_label, decided):
+        scores["labels"][name].update(ece=row["ece"], brier=row["brier"], nll=row["nll"], **at)
+    return {**scores, **calibration_scores, "skipped": skipped}
 
 
 def _labelled_set(
@@ -219,9 +241,9 @@ def calibrate_dataset(
     default beside ``out``). Returns the fit, the expected calibration error, Brier score and
     negative log-likelihood before and after (per label and overall), the thresholds, and
     warnings for labels with too few positives or negatives to trust or whose sensitivity or
-    precision target their images cannot promise. What cannot be written
-    (``out``, ``diagram``) or calibrated (random weights, an exported or int8 model) is refused
-    before the model runs, and what cannot be fitted (``fit_calibration``) before writing."""
+    precision target their images cannot promise. What cannot be written (``out``, ``diagram``)
+    or calibrated (random weights, an exported or int8 model) is refused before the model runs,
+    and what cannot be fitted (``fit_calibration``) before writing."""
     rule = ThresholdRule.parse(threshold) if threshold is not None else None
     if weights is None:
         raise CalibrationError(
@@ -236,36 +258,72 @@ def calibrate_dataset(
     if rule is not None and not card.multi_label:
         raise DataError("--threshold is for multi-label models; a single-label one takes the top")
     dataset = _labelled_set(data, card, card.transform(), labels, split, data_root, download)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    runner = Runner(loaded, target, dtype=torch.float32)
-    batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
-    logits, targets, skipped = predict_labels(runner.logits, batches)
-    fit = fit_calibration(logits, targets, card.multi_label, card.classes)
-    calibrated = card.replace(calibration=fit)
-    warnings = [
-        f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
-        "images: its calibration and threshold rest on too few"
-        for name in (few_positives(targets, card.classes) if card.multi_label else [])
-    ]
-    if rule is not None:
-        probabilities = calibrated.probabilities(logits)
-        calibrated = calibrated.replace(thresholds=choose_thresholds(probabilities, targets, rule))
-        warnings += [
-            f"label {card.classes[j]}: {rule} cannot be promised with 95% confidence on these "
-            "validation images (too few); its threshold does not meet it"
-            for j in unpromised(probabilities, targets, calibrated.thresholds, rule)
-        ]
+    logits, targets, skipped = _logits(loaded, target, dataset, batch_size, workers, progress)
+    calibrated, warnings = _fit(card, logits, targets, rule)
     report = {
         "data": os.fspath(data),
         "images": len(targets),
         "skipped": skipped,
-        "temperatures": fit.temperatures,
-        "bias": fit.bias,
+        "temperatures": calibrated.calibration.temperatures,
+        "bias": calibrated.calibration.bias,
         "threshold_rule": str(rule) if rule is not None else None,
         "thresholds": dict(zip(card.classes, calibrated.thresholds)) if rule else None,
         "warnings": warnings,
+        **_before_after(card, calibrated, logits, targets, diagram),
     }
-    curves = {}
+    save_checkpoint(replace(checkpoint, card=calibrated), out)
+    return {**report, "out": str(out), "diagram": str(diagram)}
+
+
+def _logits(
+    loaded: LoadedModel,
+    target: torch.device,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[Tensor, Tensor, int]:
+    """The model's float32 logits (N, C) over ``dataset`` on ``target``, the targets (N,) or
+    (N, L) and the number of unreadable images skipped."""
+    runner = Runner(loaded, target, dtype=torch.float32)
+    loader = _loader(dataset, batch_size, workers, target)
+    batches = tqdm(loader, desc="calibrate", unit="batch", disable=not progress, leave=False)
+    return predict_labels(runner.logits, batches)
+
+
+def _fit(
+    card: ModelCard, logits: Tensor, targets: Tensor, rule: ThresholdRule | None
+) -> tuple[ModelCard, list[str]]:
+    """``card`` with the calibration fitted on ``logits`` (``fit_calibration``) and each label's
+    threshold chosen by ``rule`` (if any), and warnings for the labels whose calibration or
+    threshold rests on too few images."""
+    names = card.classes
+    fit = fit_calibration(logits, targets, card.multi_label, names)
+    calibrated = card.replace(calibration=fit)
+    warnings = [
+        f"label {name} has fewer than {FEW_POSITIVES} positive or negative validation "
+        "images: its calibration and threshold rest on too few"
+        for name in (few_positives(targets, names) if card.multi_label else [])
+    ]
+    if rule is None:
+        return calibrated, warnings
+    probabilities = calibrated.probabilities(logits)
+    calibrated = calibrated.replace(thresholds=choose_thresholds(probabilities, targets, rule))
+    warnings += [
+        f"label {names[j]}: {rule} cannot be promised with 95% confidence on these "
+        "validation images (too few); its threshold does not meet it"
+        for j in unpromised(probabilities, targets, calibrated.thresholds, rule)
+    ]
+    return calibrated, warnings
+
+
+def _before_after(
+    card: ModelCard, calibrated: ModelCard, logits: Tensor, targets: Tensor, diagram: Path
+) -> dict[str, Any]:
+    """The calibration error, Brier score and negative log-likelihood of ``logits`` under
+    ``card`` (``before``) and ``calibrated`` (``after``), and their reliability diagram written
+    to ``diagram``."""
+    report, curves = {}, {}
     for when, which in (("before", card), ("after", calibrated)):
         probabilities = which.probabilities(logits)
         report[when] = calibration_metrics(probabilities, targets, card.multi_label, card.classes)
@@ -274,8 +332,7 @@ def calibrate_dataset(
         )
     image = reliability_diagram(curves, title=f"reliability on {len(targets)} images")
     atomic_write(diagram, lambda tmp: image.save(tmp, format="PNG"))
-    save_checkpoint(replace(checkpoint, card=calibrated), out)
-    return {**report, "out": str(out), "diagram": str(diagram)}
+    return report
 
 
 def _reliability(
@@ -307,9 +364,8 @@ def _calibration_outputs(
     inputs = (source, *data)
     out = check_output_file(out, "--out", inputs)
     diagram = check_output_file(
-        diagram if diagram is not None else out.with_suffix(".reliability.png"), "--diagram",
-        inputs,
-    )  # fmt: skip
+        diagram if diagram is not None else out.with_suffix(".reliability.png"), "--diagram", inputs
+    )
     if diagram.resolve() == out.resolve():
         raise DataError(f"--diagram {diagram} is the --out file; give them different paths")
     return out, diagram

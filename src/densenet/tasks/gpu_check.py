@@ -115,60 +115,84 @@ def record_launches() -> list[Launch]:
     densenet121 and of the DenseNet-BC, recorded under Triton's interpreter
     (``TRITON_INTERPRET=1`` must be set before triton is imported) without running the
     kernels."""
-    import torch
     from triton.runtime.autotuner import Autotuner
-
-    from densenet.infer.optimize import optimize
-    from densenet.nn.kernels.conv import PIXEL_ARGUMENTS
-    from densenet.nn.model import DenseNet
-    from densenet.nn.registry import densenet121
 
     seen: dict[Launch, None] = {}
 
     def record(self: Autotuner, *args: Any, **kwargs: Any) -> None:
-        names = self.fn.arg_names
-        values = dict(zip(names, args)) | kwargs
-        tuned = set(self.configs[0].kwargs)
-        signature = tuple(
-            (n, "constexpr" if n in tuned or n not in values or _is_constexpr(self, n)
-             else _triton_type(values[n]))
-            for n in names
-        )  # fmt: skip
-        constants = tuple((n, values[n]) for n in names if n in values and _is_constexpr(self, n))
-        aligned = tuple(
-            n for n, kind in signature
-            if kind in ("i32", "i64") and n not in PIXEL_ARGUMENTS and values[n] % 16 == 0
-        )  # fmt: skip
-        seen.setdefault(Launch(self.fn.__name__, signature, constants, aligned))
+        seen.setdefault(_launch(self, args, kwargs))
 
     original = Autotuner.run
     Autotuner.run = record  # type: ignore[method-assign]
     try:
-        torch.manual_seed(0)
-        model = densenet121(num_classes=10).eval()
-        plain = DenseNet(12, (2, 2), 16, bn_size=0, stem="cifar").eval()  # BN-ReLU in the 3x3
-        bc = DenseNet(12, (2, 2), 24, stem="cifar").eval()
-        x = torch.randn(2, 3, 64, 64)
-        for dtype in (torch.bfloat16, torch.float16):
-            for net in (model, plain, bc):
-                with torch.no_grad():
-                    optimize(net, dtype=dtype, backend="triton", growth_conv="triton")(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        for model in (
-            densenet121(num_classes=10, memory_efficient="triton"),
-            DenseNet(12, (2, 2), 24, stem="cifar", memory_efficient="triton"),
-        ):
-            model = model.train().to(memory_format=torch.channels_last)
-            for tf32 in (False, True):  # float32 GEMMs: IEEE, or TF32 where torch allows it
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-                model(x).float().sum().backward()
-            torch.backends.cuda.matmul.allow_tf32 = False
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(x).float().sum()
-            loss.backward()
+        _run_inference_forms()
+        _run_training_steps()
     finally:
         Autotuner.run = original  # type: ignore[method-assign]
     return list(seen)
+
+
+def _launch(tuner: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Launch:
+    """The launch of ``tuner``'s kernel with these arguments."""
+    from densenet.nn.kernels.conv import PIXEL_ARGUMENTS
+
+    names = tuner.fn.arg_names
+    values = dict(zip(names, args)) | kwargs
+    tuned = set(tuner.configs[0].kwargs)
+    constexprs = {n for n in names if n in tuned or n not in values or _is_constexpr(tuner, n)}
+    signature = tuple(
+        (n, "constexpr" if n in constexprs else _triton_type(values[n])) for n in names
+    )
+    constants = tuple((n, values[n]) for n in names if n in values and _is_constexpr(tuner, n))
+    aligned = tuple(
+        n
+        for n, kind in signature
+        if kind in ("i32", "i64") and n not in PIXEL_ARGUMENTS and values[n] % 16 == 0
+    )
+    return Launch(tuner.fn.__name__, signature, constants, aligned)
+
+
+def _run_inference_forms() -> None:
+    """The triton inference form of densenet121 and of the two k = 12 models, in bfloat16 and
+    float16, on one batch."""
+    import torch
+
+    from densenet.infer.optimize import optimize
+    from densenet.nn.model import DenseNet
+    from densenet.nn.registry import densenet121
+
+    torch.manual_seed(0)
+    model = densenet121(num_classes=10).eval()
+    plain = DenseNet(12, (2, 2), 16, bn_size=0, stem="cifar").eval()  # BN-ReLU in the 3x3
+    bc = DenseNet(12, (2, 2), 24, stem="cifar").eval()
+    x = torch.randn(2, 3, 64, 64)
+    for dtype in (torch.bfloat16, torch.float16):
+        for net in (model, plain, bc):
+            with torch.no_grad():
+                optimize(net, dtype=dtype, backend="triton", growth_conv="triton")(x)
+
+
+def _run_training_steps() -> None:
+    """A memory-efficient training step of densenet121 and of the k = 12 DenseNet-BC in float32
+    (IEEE and TF32) and under bfloat16 autocast."""
+    import torch
+
+    from densenet.nn.model import DenseNet
+    from densenet.nn.registry import densenet121
+
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for model in (
+        densenet121(num_classes=10, memory_efficient="triton"),
+        DenseNet(12, (2, 2), 24, stem="cifar", memory_efficient="triton"),
+    ):
+        model = model.train().to(memory_format=torch.channels_last)
+        for tf32 in (False, True):  # float32 GEMMs: IEEE, or TF32 where torch allows it
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            model(x).float().sum().backward()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().sum()
+        loss.backward()
 
 
 def _is_constexpr(tuner: Any, name: str) -> bool:
@@ -220,8 +244,14 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
     attrs = {
         (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *launch.aligned]
     }
-    row = {"kernel": launch.kernel, "dtype": launch.dtype, "variant": variant, "arch": arch,
-           "tile": tile, "gemm": "tl.dot(" in fn.src}  # fmt: skip
+    row = {
+        "kernel": launch.kernel,
+        "dtype": launch.dtype,
+        "variant": variant,
+        "arch": arch,
+        "tile": tile,
+        "gemm": "tl.dot(" in fn.src,
+    }
     try:
         compiled = triton.compile(
             ASTSource(fn=fn, signature=dict(launch.signature), constexprs=constants, attrs=attrs),
@@ -230,8 +260,8 @@ def _compile(job: tuple[Launch, int, str]) -> CompiledLaunch:
         )
     except Exception as error:  # a compile error is a finding, reported in its row
         message = str(error).strip().splitlines()
-        return CompiledLaunch(**row, registers=0, spilled=0, shared=0, mma=0,
-                              error=f"does not compile: {message[-1] if message else error}")  # fmt: skip
+        reason = f"does not compile: {message[-1] if message else error}"
+        return CompiledLaunch(**row, registers=0, spilled=0, shared=0, mma=0, error=reason)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -292,8 +322,11 @@ def launches_in_subprocess() -> list[Launch]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "densenet.tasks.gpu_check", "--record"],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"recording the kernel launches failed:\n{done.stderr[-3000:]}")
     return [
@@ -302,7 +335,7 @@ def launches_in_subprocess() -> list[Launch]:
             tuple(map(tuple, r["signature"])),
             tuple(map(tuple, r["constants"])),
             tuple(r["aligned"]),
-        )  # fmt: skip
+        )
         for r in json.loads(done.stdout)
     ]
 
@@ -323,13 +356,13 @@ def check(
 
 
 def _table(rows: Sequence[CompiledLaunch]) -> str:
-    header = ["kernel", "dtype", "variant", "arch", "tile", "regs", "spill B", "shared KB", "mma",
-              "problems"]  # fmt: skip
-    lines = [header] + [
-        [r.kernel, r.dtype, r.variant, r.arch, r.tile, str(r.registers), str(r.spilled),
-         f"{r.shared / 1024:.0f}", str(r.mma), "; ".join(r.problems) or "ok"]
-        for r in rows
-    ]  # fmt: skip
+    """One line per compiled launch: what was compiled, then what it uses and its problems."""
+    compiled = ["kernel", "dtype", "variant", "arch", "tile"]
+    lines = [[*compiled, "regs", "spill B", "shared KB", "mma", "problems"]]
+    for r in rows:
+        used = (r.registers, r.spilled, f"{r.shared / 1024:.0f}", r.mma)
+        problems = "; ".join(r.problems) or "ok"
+        lines.append([r.kernel, r.dtype, r.variant, r.arch, r.tile, *map(str, used), problems])
     from densenet.data.files import text_table
 
     return text_table(lines)

@@ -226,12 +226,14 @@ def decision_metrics(
         positives, negatives = actual[:, j].sum(), (~actual[:, j]).sum()
         called = decided[:, j].sum()
         true_negatives = (~decided[:, j] & ~actual[:, j]).sum()
-        rows.append({
-            "threshold": threshold,
-            "sensitivity": float(tp[j] / positives) if positives else None,
-            "specificity": float(true_negatives / negatives) if negatives else None,
-            "precision": float(tp[j] / called) if called else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "threshold": threshold,
+                "sensitivity": float(tp[j] / positives) if positives else None,
+                "specificity": float(true_negatives / negatives) if negatives else None,
+                "precision": float(tp[j] / called) if called else None,
+            }
+        )
     return rows
 
 
