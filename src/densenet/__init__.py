@@ -16,6 +16,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from densenet._moved import MovedModules
 from densenet.version import __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
@@ -115,3 +116,4 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+sys.meta_path.append(MovedModules())
