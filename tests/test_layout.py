@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import densenet
-from densenet._moved import MOVED
+from densenet._modules import MOVED
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 

@@ -1,16 +1,32 @@
-"""The modules' names before the packages by layer (``densenet.model`` is ``densenet.nn.model``
-now): importing one gives the module at its new home, with a DeprecationWarning. ``weights`` and
-``data`` are packages now, and ``load`` and ``explain`` are the public functions."""
+"""How the package's modules are found: a package's submodule is imported when first read as an
+attribute (``densenet.nn.registry`` after ``import densenet``), and the modules' names before the
+packages by layer (``densenet.model`` is ``densenet.nn.model`` now) import the module at its new
+home, with a DeprecationWarning. ``weights`` and ``data`` are packages now, and ``load`` and
+``explain`` the public functions."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["MOVED", "MovedModules"]
+__all__ = ["MOVED", "MovedModules", "submodules"]
+
+
+def submodules(package: str) -> Callable[[str], ModuleType]:
+    """A package's ``__getattr__`` (PEP 562): a submodule of ``package``, imported on first read."""
+
+    def __getattr__(name: str) -> ModuleType:
+        if name.startswith("_") or importlib.util.find_spec(f"{package}.{name}") is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return importlib.import_module(f"{package}.{name}")
+
+    return __getattr__
+
 
 MOVED = {
     "accuracy": "tasks.accuracy",
