@@ -11,11 +11,11 @@ so that ``import densenet`` and the command line's ``--help`` answer at once.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from densenet._modules import MovedModules, submodules
 from densenet.version import __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time, _EXPORTS
@@ -103,10 +103,8 @@ class _Package(types.ModuleType):
         module = _MODULE_OF.get(name)
         if module is not None:
             value = getattr(importlib.import_module(f".{module}", __name__), name)
-        elif not name.startswith("_") and importlib.util.find_spec(f".{name}", __name__):
-            value = importlib.import_module(f".{name}", __name__)
         else:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            value = _submodule(name)
         setattr(self, name, value)
         return value
 
@@ -114,4 +112,6 @@ class _Package(types.ModuleType):
         return sorted({*super().__dir__(), *__all__})
 
 
+_submodule = submodules(__name__)
 sys.modules[__name__].__class__ = _Package
+sys.meta_path.append(MovedModules())

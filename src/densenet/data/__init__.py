@@ -3,3 +3,7 @@ model card (``ModelCard``: what a model needs and what its outputs mean, with it
 calibration), ImageNet's labels, datasets, and the one atomic file writer and safe readers.
 
 Imports only ``densenet.errors``, ``densenet.architectures`` and ``densenet.choices``."""
+
+from densenet._modules import submodules
+
+__getattr__ = submodules(__name__)

@@ -5,3 +5,7 @@ fastest where; precision decided once; int8; class activation maps; and the ``Ru
 way tasks run a model.
 
 Imports only ``densenet.nn``, ``densenet.weights``, ``densenet.data`` and the base modules."""
+
+from densenet._modules import submodules
+
+__getattr__ = submodules(__name__)

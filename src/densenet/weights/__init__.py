@@ -4,3 +4,7 @@ fitting a state to a network (``adapt``), and training checkpoints.
 
 Imports only ``densenet.data`` and the base modules; ``published`` imports no torch (``densenet
 info`` reads it)."""
+
+from densenet._modules import submodules
+
+__getattr__ = submodules(__name__)
