@@ -2,6 +2,8 @@
 
 ``create_app(classifier, config)`` builds the FastAPI application; ``serve(...)`` runs it on
 uvicorn. Needs the ``serve`` extra: ``pip install "densenet-toolkit[serve]"``.
+
+A front end: imports ``densenet.tasks`` and the packages below it, never ``train`` or ``cli``.
 """
 
 from __future__ import annotations
