@@ -55,8 +55,6 @@ __all__ = [
     "KINDS",
     "NETWORK_KINDS",
     "LoadedModel",
-    "arch_of_file",
-    "config_of_state",
     "convert_weights",
     "load",
     "verify_weights",
