@@ -56,9 +56,12 @@ def read_weights(
     current key names (old and foreign keys converted), and the training checkpoint the file is,
     if it is one (its card and model arguments). A published entry's file is fetched first
     (downloaded if not cached, ``fetch``); a file already read passes unchanged."""
-    if isinstance(spec, WeightsFile) and spec.content is not None:
+    if isinstance(spec, Weights):
+        path = fetch(spec, progress)
+    elif spec.content is None:
+        path = spec.path
+    else:
         return spec, None
-    path = fetch(spec, progress) if isinstance(spec, Weights) else spec.path
     content = read_torch_file(path, "weights file", WeightsError)
     checkpoint = TrainCheckpoint.from_state(content, path) if is_train_checkpoint(content) else None
     return WeightsFile(path, state_dict_of(content, path)), checkpoint
