@@ -134,7 +134,13 @@ def walk(weights_path: Path, spec, weights) -> tuple[list[str], int]:
         sys.settrace(previous)
     merged = [m for i, m in enumerate(seq) if i == 0 or seq[i - 1] != m]
     keys = _layer_keys()
-    ups = sum(keys[b] < keys[a] for a, b in zip(merged, merged[1:]))
+
+    def key(module: str) -> tuple[int, int]:  # a module in a subpackage: the subpackage's
+        while module not in keys:
+            module = module.rpartition(".")[0]
+        return keys[module]
+
+    ups = sum(key(b) < key(a) for a, b in zip(merged, merged[1:]))
     return merged, ups
 
 
