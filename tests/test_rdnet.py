@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 import densenet
 from densenet.cli import main
 from densenet.infer.cam import explain
-from densenet.infer.load import arch_of_state
 from densenet.infer.runner import Runner
 from densenet.nn.rdnet import RDNet, RDNetFeatures
+from densenet.nn.registry import arch_of_state
 from densenet.tasks.export import export
 from densenet.train import RECIPES, make_config
 from densenet.train.config import base_lr, lr_factor
@@ -155,7 +155,7 @@ def test_a_files_rdnet_size_is_read_from_its_shapes():
     with torch.device("meta"):
         state = densenet.rdnet_small(num_classes=3, in_channels=1).state_dict()
     naver = {"model": {k.replace("stem.", "stem.stem.", 1): v for k, v in state.items()}}
-    assert arch_of_state(naver, "checkpoint.pth") == "rdnet_small"
+    assert arch_of_state(convert.state_dict_of(naver, "x.pth"), "x.pth") == "rdnet_small"
     with pytest.raises(published.WeightsError, match="an RDNet of no registered size"):
         arch_of_state(RDNet(**SMALL).state_dict(), "small.pth")
 

@@ -459,8 +459,8 @@ def test_weights_are_parsed_once_into_a_typed_value(tmp_path, monkeypatch):
     path = tmp_path / "mine.pth"
     torch.save(source.state_dict(), path)
     reads = []
-    read = convert._read_torch_file
-    monkeypatch.setattr(convert, "_read_torch_file", lambda *a: reads.append(a) or read(*a))
+    read = adapt.read_torch_file
+    monkeypatch.setattr(adapt, "read_torch_file", lambda *a: reads.append(a) or read(*a))
     spec = parse_weights(str(path), SMALL)
     assert densenet.get_model(SMALL, weights=spec).classifier.out_features == 7
     loaded = densenet.load(SMALL, weights=str(path))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,27 @@ from densenet.infer.runtime import resolve_device
 from densenet.nn.model import DenseNet
 from densenet.nn.network import Network
 from densenet.nn.rdnet import RDNet
-from densenet.nn.registry import get_model, list_models, model_config, network_of
-from densenet.weights.adapt import file_head, load_state
-from densenet.weights.checkpoint import TrainCheckpoint, is_train_checkpoint
-from densenet.weights.convert import load_checkpoint, read_torch_file, state_dict_of
+from densenet.nn.registry import (
+    arch_of_config,
+    arch_of_file,
+    arch_of_state,
+    build_model,
+    config_of_state,
+    get_model,
+    list_models,
+    model_config,
+    network_of,
+    rdnet_of_state,
+)
+from densenet.weights.adapt import file_head, load_state, read_weights
+from densenet.weights.convert import load_checkpoint
 from densenet.weights.download import verify_file
 from densenet.weights.published import (
     CHECKPOINT_SUFFIXES,
+    Weights,
     WeightsArg,
     WeightsError,
     WeightsFile,
-    WeightsSpec,
     get_weights,
     is_path,
     list_weights,
@@ -47,8 +55,6 @@ __all__ = [
     "KINDS",
     "NETWORK_KINDS",
     "LoadedModel",
-    "arch_of_file",
-    "config_of_state",
     "convert_weights",
     "load",
     "verify_weights",
@@ -141,81 +147,89 @@ def load(
     target = resolve_device(device)
     if isinstance(spec, nn.Module):
         return LoadedModel(spec.eval().to(target), ModelCard.for_model(spec))
-    arch = DEFAULT_ARCH if spec is None else str(spec)
-    if arch not in list_models():
-        loaded = _load_file(Path(spec), target)
-    elif isinstance(parsed := parse_weights(weights, arch), WeightsFile) and spec is None:
-        loaded = _load_file(parsed.path, target)  # the file that ``weights`` names
-    else:
-        loaded = _load_arch(arch, parsed, progress)
+    arch = None if spec is None else str(spec)
+    if arch is not None and arch not in list_models():  # a model file: as if ``weights`` named it
+        arch, weights = None, WeightsFile(Path(arch))
+    loaded = _load_arch(arch, weights, target, progress)
     return dataclasses.replace(loaded, module=loaded.module.to(target))
 
 
-def _load_arch(arch: str, weights: WeightsSpec, progress: bool) -> LoadedModel:
-    """Architecture ``arch`` with ``weights`` (see ``load``); a file is read once."""
-    if not isinstance(weights, WeightsFile):
-        module = get_model(arch, weights=weights, progress=progress).eval()
-        card = weights.card if weights is not None else ModelCard.for_model(module)
-        return LoadedModel(module, card)
-    content = read_torch_file(weights.path)
-    if is_train_checkpoint(content):
-        checkpoint = TrainCheckpoint.from_state(content, weights.path)
-        if checkpoint.card.arch != arch:
+def _load_arch(
+    arch: str | None, weights: WeightsArg, device: torch.device, progress: bool
+) -> LoadedModel:
+    """Architecture ``arch`` with ``weights``, parsed and read once; with no ``arch``, the
+    model file that ``weights`` names (a training checkpoint's network, or the one a weights
+    file's name or keys describe), else ``DEFAULT_ARCH``'s."""
+    spec = parse_weights(weights, arch or DEFAULT_ARCH)
+    model_file = isinstance(spec, WeightsFile) and arch is None
+    if model_file and (exported := _load_model_file(spec.path, device)) is not None:
+        return exported
+    if spec is None:
+        module = get_model(arch or DEFAULT_ARCH).eval()
+        return LoadedModel(module, ModelCard.for_model(module))
+    file, checkpoint = read_weights(spec, progress)
+    if checkpoint is not None:
+        card = checkpoint.card
+        if arch not in (None, card.arch):
             raise WeightsError(
-                f"{weights.path} is a checkpoint of {checkpoint.card.arch}, not {arch}; name "
-                f"{checkpoint.card.arch} (or no architecture)"
+                f"{file.path} is a checkpoint of {card.arch}, not {arch}; name {card.arch} (or "
+                "no architecture)"
             )
-        return _from_checkpoint(checkpoint, weights.path)
-    return _from_state(arch, content, weights.path)
+        module = build_model(card.arch, file, **checkpoint.model_args).eval()
+        side = module.min_input_size  # the network's own (checkpoints before version 2 lack it)
+        pre = dataclasses.replace(card.preprocessing, min_size=(side, side))
+        return LoadedModel(module, card.replace(preprocessing=pre))
+    if isinstance(spec, Weights):
+        return LoadedModel(build_model(spec.arch, file).eval(), spec.card)
+    arch = arch or arch_of_file(file.path) or arch_of_state(file.content, file.path)
+    module = build_model(arch, file).eval()
+    return LoadedModel(module, _state_card(module, arch, file.path.name))
 
 
-def _from_checkpoint(checkpoint: TrainCheckpoint, path: str | os.PathLike) -> LoadedModel:
-    spec = WeightsFile(Path(path), checkpoint.model)
-    module = get_model(checkpoint.card.arch, weights=spec, **checkpoint.model_args).eval()
-    side = module.min_input_size  # the network's own (checkpoints before version 2 lack it)
-    pre = dataclasses.replace(checkpoint.card.preprocessing, min_size=(side, side))
-    return LoadedModel(module, checkpoint.card.replace(preprocessing=pre))
-
-
-def _from_state(arch: str, content: Any, path: str | os.PathLike) -> LoadedModel:
-    """A plain state_dict: the number of classes is the file's classifier's; the preprocessing
-    is the architecture's published weights' (RDNet's: bicubic, crop 0.9), if it has any."""
-    module = get_model(arch, weights=WeightsFile(Path(path), content)).eval()
-    card = ModelCard.for_model(module, weights=Path(path).name)
+def _state_card(module: nn.Module, arch: str, file_name: str) -> ModelCard:
+    """The card of a module built from a plain state_dict: the number of classes is the file's
+    classifier's; the preprocessing is the architecture's published weights' (RDNet's:
+    bicubic, crop 0.9), if it has any."""
+    card = ModelCard.for_model(module, weights=file_name)
     if list_weights(arch):
         published = get_weights(arch).card.preprocessing
         card = card.replace(preprocessing=published.for_channels(card.in_channels))
-    return LoadedModel(module, card)
+    return card
 
 
-def _load_file(path: Path, device: torch.device) -> LoadedModel:
-    if is_ir(path):  # run by OpenVINO on the CPU, in float32 (an NNCF int8 IR in int8)
-        if device.type != "cpu":
-            raise OpenVINOError(
-                f"OpenVINO IR {path} runs on the CPU, not {device}; use --device cpu"
-            )
-        ir = OpenVINOModel(path)
-        int8 = ir.metadata.dtype == "int8"
-        return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32", "exported")
+def _load_model_file(path: Path, device: torch.device) -> LoadedModel | None:
+    """A TorchScript archive, ``.pt2``, ONNX file or OpenVINO IR (a folder or ``.xml``), or
+    None for a weights file or training checkpoint (.pth/.pt/.safetensors), which
+    ``_load_arch`` reads."""
     if not path.is_file():
+        if is_ir(path):
+            return _load_ir(path, device)
         if not is_path(str(path)):
             model_config(str(path))  # an unknown architecture: the error lists the valid ones
         raise WeightsError(f"model file {path} does not exist")
-    if path.suffix == ".onnx":
-        onnx = OnnxModel(path, device)
-        return LoadedModel(onnx, onnx.metadata.card, kind="exported")
     if path.suffix == ".pt2" or _is_torchscript(path):
         module, metadata = load_exported(path)
         return LoadedModel(module, metadata.card, metadata.dtype, "exported")
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise WeightsError(
-            f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "
-            "checkpoint, a TorchScript .pt, a .pt2 or an .onnx file"
-        )
-    content = read_torch_file(path)
-    if is_train_checkpoint(content):
-        return _from_checkpoint(TrainCheckpoint.from_state(content, path), path)
-    return _from_state(arch_of_file(path) or arch_of_state(content, path), content, path)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return None
+    if path.suffix == ".onnx":
+        onnx = OnnxModel(path, device)
+        return LoadedModel(onnx, onnx.metadata.card, kind="exported")
+    if is_ir(path):
+        return _load_ir(path, device)
+    raise WeightsError(
+        f"{path}: unknown model file type; give a .pth/.pt/.safetensors weights file or "
+        "checkpoint, a TorchScript .pt, a .pt2 or an .onnx file"
+    )
+
+
+def _load_ir(path: Path, device: torch.device) -> LoadedModel:
+    """An OpenVINO IR, run by OpenVINO on the CPU in float32 (an NNCF int8 IR in int8)."""
+    if device.type != "cpu":
+        raise OpenVINOError(f"OpenVINO IR {path} runs on the CPU, not {device}; use --device cpu")
+    ir = OpenVINOModel(path)
+    int8 = ir.metadata.dtype == "int8"
+    return LoadedModel(ir, ir.metadata.card, "int8" if int8 else "float32", "exported")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -224,81 +238,6 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith(f"/extra/{EXTRA_FILE}") for name in archive.namelist())
-
-
-def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None:
-    """``arch`` if given, else the architecture a file's name starts with
-    (``densenet121-a639ec97.pth``), else None."""
-    if arch:
-        return arch
-    stem = Path(path).name.split("-")[0].split(".")[0]
-    return stem if stem in list_models() else None
-
-
-def arch_of_state(content: Any, path: str | os.PathLike) -> str:
-    """The registry architecture a weights file's keys and shapes describe (a torchvision or
-    timm DenseNet, or a timm or NAVER RDNet, state_dict of any class count), else
-    ``WeightsError``."""
-    state = state_dict_of(content, path)
-    if RDNet.STEM_WEIGHT in state:
-        return rdnet_of_state(state, path)
-    config = config_of_state(state, path)
-    arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
-    if arch is None:
-        raise WeightsError(
-            f"{path} is a DenseNet of no registered architecture ({config}); name it with "
-            "--model, or load it with densenet.DenseNet(**config)"
-        )
-    return arch
-
-
-def rdnet_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
-    """The RDNet size whose tensors have the shapes of ``state``'s (any number of classes and
-    input channels), else ``WeightsError``; the networks are built on the meta device."""
-    own = (RDNet.STEM_WEIGHT, RDNet.CLASSIFIER + "weight", RDNet.CLASSIFIER + "bias")
-    shapes = {k: v.shape for k, v in state.items() if k not in own}
-    for name in list_models("rdnet*"):
-        with torch.device("meta"):
-            expected = get_model(name).state_dict()
-        if {k: v.shape for k, v in expected.items() if k not in own} == shapes:
-            return name
-    raise WeightsError(
-        f"{path} is an RDNet of no registered size; name it with --model, or build it with "
-        "densenet.RDNet(...)"
-    )
-
-
-def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:
-    """The ``DenseNet(...)`` arguments a state_dict (current key names) was saved from, read from
-    its keys and shapes: stem, init features, growth rate, bottleneck, block configuration,
-    compression, classes. Raises ``WeightsError`` when it is not a DenseNet's."""
-    stem = state.get("features.conv0.weight")
-    first = state.get("features.denseblock1.denselayer1.conv1.weight")
-    if stem is None or first is None or stem.dim() != 4 or first.dim() != 4:
-        raise WeightsError(
-            f"cannot tell the architecture of {path} from its keys (no DenseNet stem and first "
-            "dense layer); name it with --model"
-        )
-    layers: dict[int, int] = {}
-    for key in state:
-        found = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
-        if found:
-            block, layer = int(found.group(1)), int(found.group(2))
-            layers[block] = max(layers.get(block, 0), layer)
-    second = state.get("features.denseblock1.denselayer1.conv2.weight")
-    growth_rate = (second if second is not None else first).shape[0]
-    transition = state.get("features.transition1.conv.weight")
-    classifier = state.get("classifier.weight")
-    return {
-        "growth_rate": growth_rate,
-        "block_config": tuple(layers[b] for b in sorted(layers)),
-        "num_init_features": stem.shape[0],
-        "bn_size": first.shape[0] // growth_rate if second is not None else 0,
-        "compression": transition.shape[0] / transition.shape[1] if transition is not None else 0.5,
-        "num_classes": classifier.shape[0] if classifier is not None else 0,
-        "in_channels": stem.shape[1],
-        "stem": "imagenet" if stem.shape[-1] == 7 else "cifar",
-    }
 
 
 def verify_weights(target: str, arch: str | None = None) -> dict[str, Any]:
@@ -337,21 +276,13 @@ def _checked_state(
         config["num_classes"], config["in_channels"] = file_head(state, network)
     else:
         config = config_of_state(state, path)
-        arch = next((n for n in list_models() if _same_network(model_config(n), config)), None)
+        arch = arch_of_config(config)
     try:
         module = network(**config)
     except ValueError as error:
         raise WeightsError(f"{path} describes no valid DenseNet ({error})") from None
     load_state(module, state, path)
     return state, arch, config
-
-
-def _same_network(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two configurations build the same network up to the classifier."""
-    ignored = ("num_classes", "drop_rate", "in_channels")
-    return {k: v for k, v in a.items() if k not in ignored} == {
-        k: v for k, v in b.items() if k not in ignored
-    }
 
 
 def convert_weights(source: str, dest: str, arch: str | None = None) -> dict[str, Any]:

@@ -4,23 +4,33 @@ configurations (DenseNets and RDNets: ``densenet.architectures``, which also giv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from densenet.architectures import ARCHITECTURES, list_models, model_config, model_info
 from densenet.nn.model import DenseNet, DenseNetFeatures
 from densenet.nn.rdnet import RDNET_ARCHITECTURES, RDNet, RDNetFeatures
-from densenet.weights.published import WeightsArg
+from densenet.weights.published import WeightsArg, WeightsError, WeightsSpec
 
 __all__ = [
     "ARCHITECTURES",
     "BUILDERS",
+    "arch_of_config",
+    "arch_of_file",
+    "arch_of_state",
+    "build_model",
+    "config_of_state",
     "get_model",
     "list_models",
     "model_config",
     "model_info",
+    "rdnet_of_state",
     "register_model",
 ]
 
@@ -72,17 +82,117 @@ def get_model(
             (``num_classes``, ``drop_rate``, ``memory_efficient``, ``in_channels``,
             ``spatial_dims``, ``stem_stride``; RDNet: ``drop_path_rate``, ...).
     """
-    from densenet.weights.adapt import build_with_weights
     from densenet.weights.published import parse_weights
 
-    network, backbone = network_of(name)
     spec = parse_weights("DEFAULT" if pretrained and weights is None else weights, name)
+    model = build_model(name, spec, progress=progress, inflate=inflate, new_head=new_head, **kwargs)
+    return network_of(name)[1](model, out_indices) if features_only else model
+
+
+def build_model(
+    name: str,
+    spec: WeightsSpec,
+    *,
+    progress: bool = True,
+    inflate: str = "mean",
+    new_head: bool = False,
+    **kwargs: Any,
+) -> DenseNet | RDNet:
+    """``get_model(name, weights=spec, ...)`` for weights already parsed (``parse_weights``;
+    a ``WeightsFile`` that ``read_weights`` read passes its state as it is)."""
+    from densenet.weights.adapt import build_with_weights
+
     num_classes = kwargs.pop("num_classes", None)
     config = {**model_config(name), **kwargs, "arch": name}
-    model = build_with_weights(
+    network = network_of(name)[0]
+    return build_with_weights(
         network, config, spec, num_classes, new_head=new_head, inflate=inflate, progress=progress
     )
-    return backbone(model, out_indices) if features_only else model
+
+
+def arch_of_file(path: str | os.PathLike, arch: str | None = None) -> str | None:
+    """``arch`` if given, else the architecture a file's name starts with
+    (``densenet121-a639ec97.pth``), else None."""
+    if arch:
+        return arch
+    stem = Path(path).name.split("-")[0].split(".")[0]
+    return stem if stem in list_models() else None
+
+
+def arch_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The architecture a weights file's state_dict (current key names: ``read_weights``)
+    describes by its keys and shapes (a torchvision or timm DenseNet, or a timm or NAVER RDNet,
+    of any class count), else ``WeightsError``."""
+    if RDNet.STEM_WEIGHT in state:
+        return rdnet_of_state(state, path)
+    config = config_of_state(state, path)
+    arch = arch_of_config(config)
+    if arch is None:
+        raise WeightsError(
+            f"{path} is a DenseNet of no registered architecture ({config}); name it with "
+            "--model, or load it with densenet.DenseNet(**config)"
+        )
+    return arch
+
+
+def rdnet_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The RDNet size whose tensors have the shapes of ``state``'s (any number of classes and
+    input channels), else ``WeightsError``; the networks are built on the meta device."""
+    own = (RDNet.STEM_WEIGHT, RDNet.CLASSIFIER + "weight", RDNet.CLASSIFIER + "bias")
+    shapes = {k: v.shape for k, v in state.items() if k not in own}
+    for name in list_models("rdnet*"):
+        with torch.device("meta"):
+            expected = get_model(name).state_dict()
+        if {k: v.shape for k, v in expected.items() if k not in own} == shapes:
+            return name
+    raise WeightsError(
+        f"{path} is an RDNet of no registered size; name it with --model, or build it with "
+        "densenet.RDNet(...)"
+    )
+
+
+def config_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``DenseNet(...)`` arguments a state_dict (current key names) was saved from, read from
+    its keys and shapes: stem, init features, growth rate, bottleneck, block configuration,
+    compression, classes. Raises ``WeightsError`` when it is not a DenseNet's."""
+    stem = state.get("features.conv0.weight")
+    first = state.get("features.denseblock1.denselayer1.conv1.weight")
+    if stem is None or first is None or stem.dim() != 4 or first.dim() != 4:
+        raise WeightsError(
+            f"cannot tell the architecture of {path} from its keys (no DenseNet stem and first "
+            "dense layer); name it with --model"
+        )
+    layers: dict[int, int] = {}
+    for key in state:
+        found = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
+        if found:
+            block, layer = int(found.group(1)), int(found.group(2))
+            layers[block] = max(layers.get(block, 0), layer)
+    second = state.get("features.denseblock1.denselayer1.conv2.weight")
+    growth_rate = (second if second is not None else first).shape[0]
+    transition = state.get("features.transition1.conv.weight")
+    classifier = state.get("classifier.weight")
+    return {
+        "growth_rate": growth_rate,
+        "block_config": tuple(layers[b] for b in sorted(layers)),
+        "num_init_features": stem.shape[0],
+        "bn_size": first.shape[0] // growth_rate if second is not None else 0,
+        "compression": transition.shape[0] / transition.shape[1] if transition is not None else 0.5,
+        "num_classes": classifier.shape[0] if classifier is not None else 0,
+        "in_channels": stem.shape[1],
+        "stem": "imagenet" if stem.shape[-1] == 7 else "cifar",
+    }
+
+
+def arch_of_config(config: Mapping[str, Any]) -> str | None:
+    """The architecture whose network ``config`` builds, up to the classifier and input
+    channels, else None."""
+    ignored = ("num_classes", "drop_rate", "in_channels")
+
+    def network(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in ignored}
+
+    return next((n for n in list_models() if network(model_config(n)) == network(config)), None)
 
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}

@@ -1,6 +1,6 @@
 """Trained parameters and where they come from: the published entries (torchvision's, RDNet's)
 and ``parse_weights``, download, cache and hash checks, key conversion of foreign and old files,
-fitting a state to a network (``adapt``), and training checkpoints.
+reading a state once and fitting it to a network (``adapt``), and training checkpoints.
 
 Imports only ``densenet.data`` and the base modules; ``published`` imports no torch (``densenet
 info`` reads it)."""

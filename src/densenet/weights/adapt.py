@@ -1,13 +1,9 @@
-"""Pretrained weights: the download, cache, verification and loading of checkpoints (official,
-legacy-format, local or safetensors); the table of published files with their metadata, and
-``parse_weights`` (a user's ``weights`` read once), are ``densenet.weights.published``'s (re-exported
-here). ``build_with_weights`` is the one place that fits weights to a new model.
+"""Fitting trained parameters to a network: ``read_weights`` turns a parsed ``weights`` into the
+state_dict it names, read once; ``build_with_weights`` is the one place that fits it to a new
+model (its classifier, input channels and 1D or 3D kernels).
 
-Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
-torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
-RDNet's weights are NAVER's on the Hugging Face hub, fetched by ``huggingface_hub`` (the
-``hub`` extra) into its cache (``HF_HUB_CACHE``, with its checks; ``HF_HUB_OFFLINE=1`` uses the
-cached file without asking the network, ``HF_ENDPOINT`` names a mirror).
+Published files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so
+a torchvision cache is reused; RDNet's are fetched from the Hugging Face hub (``fetch``).
 """
 
 from __future__ import annotations
@@ -18,9 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from densenet.weights.convert import check_finite, load_checkpoint, read_torch_file, state_dict_of
+from densenet.data.files import read_torch_file
+from densenet.weights.checkpoint import TrainCheckpoint, is_train_checkpoint
+from densenet.weights.convert import state_dict_of
 from densenet.weights.download import fetch
 from densenet.weights.published import (
     Weights,
@@ -38,7 +37,7 @@ __all__ = [
     "head_classes",
     "inflate_kernels",
     "load_state",
-    "read_state",
+    "read_weights",
     "resolve_weights",
 ]
 
@@ -50,17 +49,22 @@ def resolve_weights(arch: str, weights: WeightsArg) -> Weights | None:
     return spec if isinstance(spec, Weights) else None
 
 
-def read_state(spec: WeightsSpec, progress: bool = True) -> tuple[dict[str, Tensor], Path] | None:
-    """The state_dict that ``spec`` names (current key names) and the file it is read from, or
-    None for no weights: a published entry's cached file (downloaded first, ``fetch``), or a
-    local file (its ``content`` if it was already read)."""
-    if spec is None:
-        return None
+def read_weights(
+    spec: Weights | WeightsFile, progress: bool = True
+) -> tuple[WeightsFile, TrainCheckpoint | None]:
+    """The file that ``spec`` names, read once: a ``WeightsFile`` holding its state_dict in
+    current key names (old and foreign keys converted), and the training checkpoint the file is,
+    if it is one (its card and model arguments). A published entry's file is fetched first
+    (downloaded if not cached, ``fetch``); a file already read passes unchanged."""
     if isinstance(spec, Weights):
         path = fetch(spec, progress)
-        return load_checkpoint(path), path
-    content = spec.content if spec.content is not None else read_torch_file(spec.path)
-    return state_dict_of(content, spec.path), spec.path
+    elif spec.content is None:
+        path = spec.path
+    else:
+        return spec, None
+    content = read_torch_file(path, "weights file", WeightsError)
+    checkpoint = TrainCheckpoint.from_state(content, path) if is_train_checkpoint(content) else None
+    return WeightsFile(path, state_dict_of(content, path)), checkpoint
 
 
 def file_head(state: Mapping[str, Tensor], network: type[nn.Module]) -> tuple[int, int]:
@@ -119,11 +123,12 @@ def build_with_weights(
     ``num_classes``, or the backbone alone); the input channels and a 1D or 3D model's kernels
     are adapted by ``load_state``. A file is read before the model is built (its classifier
     sets the model's); published weights are fetched after, so a bad argument fails first."""
-    read = read_state(spec) if isinstance(spec, WeightsFile) else None
-    classes = head_classes(spec, read[0] if read else None, network, num_classes, new_head)
+    file = read_weights(spec)[0] if isinstance(spec, WeightsFile) else None
+    classes = head_classes(spec, file.content if file else None, network, num_classes, new_head)
     model = network(**{**config, **({} if classes is None else {"num_classes": classes})})
     if spec is not None:
-        load_state(model, *(read or read_state(spec, progress)), inflate)
+        file = file or read_weights(spec, progress)[0]
+        load_state(model, file.content, file.path, inflate)
     return model
 
 
@@ -186,6 +191,16 @@ def inflate_kernels(
             inflated[:, :, depth // 2] = weight
             out[key] = inflated
     return out
+
+
+def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Raise ``WeightsError`` if a floating-point tensor of ``state`` holds NaN or infinity."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(
+            f"{path}: {len(bad)} tensors hold NaN or infinite values (first: "
+            f"{', '.join(bad[:3])}); the weights are unusable"
+        )
 
 
 def load_state(
@@ -253,4 +268,5 @@ def load_weights(
     2D weights loaded into a 3D or 1D model are inflated (``inflate_kernels``, mode ``inflate``).
     """
     spec = weights if isinstance(weights, Weights) else WeightsFile(Path(weights))
-    return load_state(model, *read_state(spec, progress), inflate)
+    file = read_weights(spec, progress)[0]
+    return load_state(model, file.content, file.path, inflate)

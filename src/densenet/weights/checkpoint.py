@@ -51,9 +51,8 @@ class TrainCheckpoint:
     global_step: int = 0
     best_acc1: float = -1.0
     best_epoch: int = 0
-    meter: list[float] = field(
-        default_factory=lambda: [0.0] * 4
-    )  # loss sum, correct, images, skipped
+    # loss sum, correct, images, skipped
+    meter: list[float] = field(default_factory=lambda: [0.0] * 4)
     rng: list[dict[str, Any]] = field(default_factory=list)  # one random state per process
 
     def to_state(self) -> dict[str, Any]:
@@ -73,8 +72,9 @@ class TrainCheckpoint:
         values = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}
         if version == _V1:
             t = state["transform"]
-            pre = Preprocessing(t["resize_size"], t["crop_size"], mean=tuple(t["mean"]),
-                                std=tuple(t["std"]))  # fmt: skip
+            pre = Preprocessing(
+                t["resize_size"], t["crop_size"], mean=tuple(t["mean"]), std=tuple(t["std"])
+            )
             values["card"] = ModelCard(tuple(state["classes"]), pre, arch=state["arch"])
         else:
             values["card"] = ModelCard.from_dict(state["card"])

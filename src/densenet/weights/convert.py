@@ -1,14 +1,5 @@
-"""Pretrained weights: the download, cache, verification and loading of checkpoints (official,
-legacy-format, local or safetensors); the table of published files with their metadata, and
-``parse_weights`` (a user's ``weights`` read once), are ``densenet.weights.published``'s (re-exported
-here). ``build_with_weights`` is the one place that fits weights to a new model.
-
-Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
-torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
-RDNet's weights are NAVER's on the Hugging Face hub, fetched by ``huggingface_hub`` (the
-``hub`` extra) into its cache (``HF_HUB_CACHE``, with its checks; ``HF_HUB_OFFLINE=1`` uses the
-cached file without asking the network, ``HF_ENDPOINT`` names a mirror).
-"""
+"""Key conversion: a state_dict in old torchvision, MONAI or NAVER key names in this package's
+(``state_dict_of``), and a weights file read into one (``load_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -17,7 +8,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from densenet.data.files import read_torch_file as _read_torch_file
@@ -109,13 +99,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model state_dict stored in ``path`` (.pth/.pt through ``torch.load(weights_only=True)``,
     or .safetensors), in current key names. A training checkpoint's ``"model"`` entry is taken."""
     return state_dict_of(read_torch_file(path), path)
-
-
-def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Raise ``WeightsError`` if a floating-point tensor of ``state`` holds NaN or infinity."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise WeightsError(
-            f"{path}: {len(bad)} tensors hold NaN or infinite values (first: "
-            f"{', '.join(bad[:3])}); the weights are unusable"
-        )

@@ -1,7 +1,5 @@
-"""Pretrained weights: the download, cache, verification and loading of checkpoints (official,
-legacy-format, local or safetensors); the table of published files with their metadata, and
-``parse_weights`` (a user's ``weights`` read once), are ``densenet.weights.published``'s (re-exported
-here). ``build_with_weights`` is the one place that fits weights to a new model.
+"""Downloading and checking published files: ``fetch`` gives an entry's cached file (downloaded
+first, checked against the SHA-256 prefix in its name), ``verify_file`` checks any file.
 
 Files are cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), so a
 torchvision cache is reused. ``DENSENET_WEIGHTS_URL`` replaces the download base URL (mirrors).
@@ -63,19 +61,18 @@ def fetch(entry: Weights, progress: bool = True) -> Path:
     the Hugging Face hub are ``huggingface_hub``'s to fetch and check (``fetch_from_hub``)."""
     if entry.hf_hub_id is not None:
         return fetch_from_hub(entry)
-    path = entry.cache_path
+    path, prefix = entry.cache_path, entry.sha256_prefix
     if not path.is_file():
-        return download(entry.url, path, entry.sha256_prefix, progress)
-    if _verified_stamp(path, entry.sha256_prefix) != _read_stamp(path):
+        return download(entry.url, path, prefix, progress)
+    if _verified_stamp(path, prefix) != _read_stamp(path):
         digest = sha256_file(path)
-        if not digest.startswith(entry.sha256_prefix):
+        if not digest.startswith(prefix):
             raise WeightsError(
                 f"cached weights file {path} is not the published {entry.arch} {entry.name}: its "
-                f"SHA-256 starts with {digest[:8]}, not {entry.sha256_prefix}. Delete it to "
-                "download it again; offline, or if the file is meant to differ, pass it with "
-                "--weights FILE"
+                f"SHA-256 starts with {digest[:8]}, not {prefix}. Delete it to download it "
+                "again; offline, or if the file is meant to differ, pass it with --weights FILE"
             )
-        _remember_verified(path, entry.sha256_prefix)
+        _remember_verified(path, prefix)
     return path
 
 

@@ -238,8 +238,8 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 @dataclass(frozen=True)
 class WeightsFile:
     """A local weights file or training checkpoint that a ``weights`` argument names;
-    ``content``, what ``torch.load`` (or safetensors) read from it when it was already read (so
-    that a file is read once), else None."""
+    ``content``, its state_dict in current key names once it was read
+    (``densenet.weights.adapt.read_weights``, so that a file is read once), else None."""
 
     path: Path
     content: Any = field(default=None, compare=False, repr=False)
