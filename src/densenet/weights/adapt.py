@@ -23,11 +23,9 @@ from densenet.weights.convert import state_dict_of
 from densenet.weights.download import fetch
 from densenet.weights.published import (
     Weights,
-    WeightsArg,
     WeightsError,
     WeightsFile,
     WeightsSpec,
-    parse_weights,
 )
 
 __all__ = [
@@ -38,15 +36,7 @@ __all__ = [
     "inflate_kernels",
     "load_state",
     "read_weights",
-    "resolve_weights",
 ]
-
-
-def resolve_weights(arch: str, weights: WeightsArg) -> Weights | None:
-    """The registry entry that ``weights`` names, or None for no weights or a local file
-    (``parse_weights``)."""
-    spec = parse_weights(weights, arch)
-    return spec if isinstance(spec, Weights) else None
 
 
 def read_weights(
