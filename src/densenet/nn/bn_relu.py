@@ -1,6 +1,6 @@
 """Memory-efficient BN-ReLU followed by a convolution or a pool (a transition, the stem), and the
-BatchNorm and convolution steps that the memory-efficient dense block (``densenet.nn.memory``)
-shares with it.
+BatchNorm and convolution steps that the memory-efficient dense block and RDNet stage
+(``densenet.nn.memory``, ``densenet.nn.rdnet_memory``) share with it.
 
 BatchNorm modes (batch or running statistics) and running-statistics updates are as the
 memory-efficient dense block's (see ``densenet.nn.memory``).
@@ -116,6 +116,14 @@ _MAX_POOL_BACKWARD = {
     5: aten.max_pool3d_with_indices_backward,
 }
 _MAX_POOL_INDICES = {4: F.max_pool2d, 5: F.max_pool3d}
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last (channels_last_3d) for such a 4D (5D) ``x``, else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+        return fmt
+    return torch.contiguous_format
 
 
 def _max_pool_indices(pool: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,6 +58,7 @@ from densenet.nn.bn_relu import (
     conv_backward,
     conv_spec,
     memory_efficient_bn_relu,
+    memory_format,
     norm_tensors,
     stats_dtype,
     update_running_stats,
@@ -133,14 +134,6 @@ def _growth(spec: _Layer) -> int:
     return spec.conv2.out_channels if spec.conv2 is not None else spec.conv1.out_channels
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last (channels_last_3d) for such a 4D (5D) ``x``, else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
-        return fmt
-    return torch.contiguous_format
-
-
 def _per_channel(t: Tensor, dims: int) -> Tensor:
     """(C,) ``t`` viewed (C, 1, ...) to broadcast over ``dims`` spatial axes."""
     return t.view(-1, *(1,) * dims)
@@ -209,7 +202,7 @@ class _DenseBlockFunction(torch.autograd.Function):
     def forward(ctx: Any, specs: tuple[_Layer, ...], x: Tensor, *t: Tensor | None) -> Any:
         n, c0, *spatial = x.shape
         growth = [_growth(s) for s in specs]
-        fmt = _memory_format(x)
+        fmt = memory_format(x)
         shape = (n, c0 + sum(growth), *spatial)
         buffer = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
         buffer[:, :c0].copy_(x)
