@@ -72,7 +72,6 @@ __all__ = ["memory_efficient_block", "memory_efficient_bn_relu"]
 # Tensors handed to the autograd function per layer, in this order (None where a part is absent).
 _PER_LAYER = ("n1w", "n1b", "n1m", "n1v", "c1w", "c1b", "n2w", "n2b", "n2m", "n2v", "c2w", "c2b")
 _N = len(_PER_LAYER)
-_IX = {name: i for i, name in enumerate(_PER_LAYER)}
 
 
 class _Layer(NamedTuple):
@@ -293,8 +292,8 @@ def _new_stats(
     specs: tuple[_Layer, ...], x: Tensor, channels: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-channel statistics to fill: ``mean``, ``var`` (``channels``,) uninitialised, and
-    ``mean2``, ``var2`` (L, bottleneck width) zeros, empty unless every layer has a bottleneck of
-    the same width."""
+    ``mean2``, ``var2`` (L, bottleneck width) zeros, empty unless the block's bottlenecks share
+    one width."""
     mean = x.new_empty(channels, dtype=dtype)
     bottlenecks = [s.conv1.out_channels for s in specs if s.conv2 is not None]
     width2 = bottlenecks[0] if bottlenecks and len(set(bottlenecks)) == 1 else 0
