@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.architectures import min_input_size
-from densenet.nn.memory import memory_efficient_block, memory_efficient_bn_relu
+from densenet.nn.bn_relu import memory_efficient_bn_relu
+from densenet.nn.memory import memory_efficient_block
 from densenet.nn.network import Network, new_classifier, take_indices
 
 STEMS = ("imagenet", "cifar")
@@ -203,14 +204,9 @@ class DenseNet(Network):
         arch: str | None = None,
     ) -> None:
         super().__init__()
-        _check_config(
-            growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-            num_classes, in_channels, stem,
-        )  # fmt: skip
-        stem_stride = _check_spatial(spatial_dims, stem_stride)
-        self.config: dict[str, Any] = {
+        config = {
             "growth_rate": growth_rate,
-            "block_config": tuple(block_config),
+            "block_config": block_config,
             "num_init_features": num_init_features,
             "bn_size": bn_size,
             "compression": compression,
@@ -219,30 +215,17 @@ class DenseNet(Network):
             "in_channels": in_channels,
             "stem": stem,
         }
+        _check_config(**config)
+        stem_stride = _check_spatial(spatial_dims, stem_stride)
+        self.config: dict[str, Any] = {**config, "block_config": tuple(block_config)}
         if spatial_dims != 2:  # the 2D config stays as it was (saved cards and checkpoints)
             self.config["spatial_dims"] = spatial_dims
         if stem_stride != (2,) * spatial_dims:
             self.config["stem_stride"] = stem_stride
         self.spatial_dims = spatial_dims
-        self.features = nn.Sequential(
-            _stem(stem, in_channels, num_init_features, spatial_dims, stem_stride)
+        self.features, channels = _features(
+            self.config, memory_efficient, spatial_dims, stem_stride
         )
-        channels = num_init_features
-        for i, num_layers in enumerate(block_config):
-            block = DenseBlock(
-                num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient,
-                spatial_dims,
-            )  # fmt: skip
-            self.features.add_module(f"denseblock{i + 1}", block)
-            channels += num_layers * growth_rate
-            if i != len(block_config) - 1:
-                out_channels = math.floor(channels * compression)
-                self.features.add_module(
-                    f"transition{i + 1}",
-                    Transition(channels, out_channels, drop_rate, spatial_dims),
-                )
-                channels = out_channels
-        self.features.add_module("norm5", nd("BatchNorm", spatial_dims)(channels))
         self.num_features = channels
         self.num_classes = num_classes
         self.classifier: nn.Module = new_classifier(channels, num_classes)
@@ -309,8 +292,10 @@ class DenseNet(Network):
             elif isinstance(module, DenseBlock):  # a transition or norm5 follows: its BN's width
                 norm = after.norm if isinstance(after, Transition) else after
                 last = after_name == "norm5"  # the last block's map is after the final BN-ReLU
-                info.append({"num_chs": norm.num_features, "reduction": reduction,
-                             "module": f"features.{after_name if last else name}"})  # fmt: skip
+                source = f"features.{after_name if last else name}"
+                info.append(
+                    {"num_chs": norm.num_features, "reduction": reduction, "module": source}
+                )
         return info
 
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
@@ -371,6 +356,33 @@ class DenseNetFeatures(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         maps = _block_outputs(self.features, x)
         return [maps[i] for i in self.out_indices]
+
+
+def _features(
+    config: dict[str, Any],
+    memory_efficient: bool | str,
+    spatial_dims: int,
+    stem_stride: tuple[int, ...],
+) -> tuple[nn.Sequential, int]:
+    """The ``features`` of a DenseNet ``config`` (stem, dense blocks, transitions, ``norm5``) and
+    the channels they output."""
+    channels = config["num_init_features"]
+    stem = _stem(config["stem"], config["in_channels"], channels, spatial_dims, stem_stride)
+    features = nn.Sequential(stem)
+    growth_rate, drop_rate = config["growth_rate"], config["drop_rate"]
+    blocks = config["block_config"]
+    layer_args = (growth_rate, config["bn_size"], drop_rate, memory_efficient, spatial_dims)
+    for i, num_layers in enumerate(blocks):
+        block = DenseBlock(num_layers, channels, *layer_args)
+        features.add_module(f"denseblock{i + 1}", block)
+        channels += num_layers * growth_rate
+        if i != len(blocks) - 1:
+            out_channels = math.floor(channels * config["compression"])
+            transition = Transition(channels, out_channels, drop_rate, spatial_dims)
+            features.add_module(f"transition{i + 1}", transition)
+            channels = out_channels
+    features.add_module("norm5", nd("BatchNorm", spatial_dims)(channels))
+    return features, channels
 
 
 def _stem(

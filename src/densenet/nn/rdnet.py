@@ -231,38 +231,7 @@ class RDNet(Network):
             nn.Conv2d(in_channels, num_init_features, patch_size, stride=patch_size),
             LayerNorm2d(num_init_features),
         )
-        path_rates = torch.linspace(0, drop_path_rate, sum(num_blocks), device="cpu").tolist()
-        channels, reduction, stages = num_init_features, patch_size, []
-        self.feature_info: list[dict[str, Any]] = []
-        self.stage_ends: list[int] = []  # the stages feature_info describes
-        for i, (growth, blocks) in enumerate(zip(growth_rates, num_blocks)):
-            parts: list[nn.Module] = []
-            if i > 0:
-                compressed = int(channels * transition_compression / 8) * 8
-                side = 2 if downsample[i] else 1
-                reduction *= side
-                parts += [LayerNorm2d(channels), nn.Conv2d(channels, compressed, side, side)]
-                channels = compressed
-            stage = DenseStage()
-            for j in range(blocks):
-                block = DenseBlock(
-                    channels + j * growth,
-                    growth,
-                    bottleneck_width_ratio,
-                    se[i],
-                    ls_init_value,
-                    path_rates.pop(0),
-                    proj_drop_rate,
-                )
-                stage.add_module(f"dense_block{j}", block)
-            stages.append(nn.Sequential(*parts, stage))
-            channels += blocks * growth
-            if i == len(growth_rates) - 1 or downsample[i + 1]:  # the last stage at a scale
-                self.feature_info.append(
-                    {"num_chs": channels, "reduction": reduction, "module": f"dense_stages.{i}"}
-                )
-                self.stage_ends.append(i)
-        self.dense_stages = nn.Sequential(*stages)
+        self.dense_stages, self.feature_info, self.stage_ends, channels = _dense_stages(self.config)
         self.num_features = channels
         self.num_classes = num_classes
         self.head = Head(channels, num_classes, drop_rate)
@@ -334,6 +303,49 @@ class RDNet(Network):
         norm = self.head.norm
         normalised = (features - mean) / torch.sqrt(variance + norm.eps)
         return normalised * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+
+def _dense_stages(
+    config: dict[str, Any],
+) -> tuple[nn.Sequential, list[dict[str, Any]], list[int], int]:
+    """The dense stages of an RDNet ``config`` (each after its transition but the first), the
+    ``feature_info`` of the last stage at each scale, those stages' indices, and the channels
+    out."""
+    growth_rates, num_blocks = config["growth_rates"], config["num_blocks"]
+    downsample, se = config["downsample"], config["se"]
+    path_rates = torch.linspace(0, config["drop_path_rate"], sum(num_blocks), device="cpu").tolist()
+    channels, reduction = config["num_init_features"], config["patch_size"]
+    stages: list[nn.Module] = []
+    feature_info: list[dict[str, Any]] = []
+    stage_ends: list[int] = []
+    for i, (growth, blocks) in enumerate(zip(growth_rates, num_blocks)):
+        parts: list[nn.Module] = []
+        if i > 0:
+            compressed = int(channels * config["transition_compression"] / 8) * 8
+            side = 2 if downsample[i] else 1
+            reduction *= side
+            parts += [LayerNorm2d(channels), nn.Conv2d(channels, compressed, side, side)]
+            channels = compressed
+        stage = DenseStage()
+        for j in range(blocks):
+            block = DenseBlock(
+                channels + j * growth,
+                growth,
+                config["bottleneck_width_ratio"],
+                se[i],
+                config["ls_init_value"],
+                path_rates.pop(0),
+                config["proj_drop_rate"],
+            )
+            stage.add_module(f"dense_block{j}", block)
+        stages.append(nn.Sequential(*parts, stage))
+        channels += blocks * growth
+        if i == len(growth_rates) - 1 or downsample[i + 1]:  # the last stage at a scale
+            feature_info.append(
+                {"num_chs": channels, "reduction": reduction, "module": f"dense_stages.{i}"}
+            )
+            stage_ends.append(i)
+    return nn.Sequential(*stages), feature_info, stage_ends, channels
 
 
 def _stage_outputs(

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from densenet.nn.bn_relu import conv_backward, conv_spec, memory_format
+
 __all__ = ["memory_efficient_stage"]
 
 
@@ -89,20 +91,10 @@ def _tail(block: nn.Module, p: Tensor, path: Tensor | None, drop: Tensor | None)
 
 def _pointwise_backward(
     grad: Tensor, x: Tensor, conv: nn.Conv2d
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the 1x1 convolution ``conv(x)`` for its input, weight and bias (the last two
     in their own dtypes, None where not needed), from the output gradient ``grad``."""
-    dtype, weight, bias = grad.dtype, conv.weight, conv.bias
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad, x.to(dtype), weight.to(dtype), None if bias is None else [bias.shape[0]],
-        [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, weight.requires_grad, bias is not None and bias.requires_grad],
-    )  # fmt: skip
-    return (
-        gx,
-        None if gw is None else gw.to(weight.dtype),
-        None if gb is None else gb.to(bias.dtype),
-    )
+    return conv_backward(grad, x, conv.weight, conv.bias, conv_spec(conv))
 
 
 def _grad(outputs: Tensor, inputs: Sequence[Tensor | None], grad: Tensor) -> list[Tensor | None]:
@@ -112,14 +104,6 @@ def _grad(outputs: Tensor, inputs: Sequence[Tensor | None], grad: Tensor) -> lis
     return [next(found) if t is not None and t.requires_grad else None for t in inputs]
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for such an ``x``, else contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    return (
-        torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
-    )
-
-
 class _StageFunction(torch.autograd.Function):
     """(blocks, x, *per-block parameters) -> the stage's buffer (N, C0 + L k, H, W)."""
 
@@ -127,10 +111,8 @@ class _StageFunction(torch.autograd.Function):
     def forward(ctx: Any, blocks: tuple[nn.Module, ...], x: Tensor, *params: Tensor | None) -> Any:
         n, c0, h, w = x.shape
         growth = [block.gamma.numel() for block in blocks]
-        buffer = torch.empty(
-            (n, c0 + sum(growth), h, w), dtype=x.dtype, device=x.device,
-            memory_format=_memory_format(x),
-        )  # fmt: skip
+        shape, fmt = (n, c0 + sum(growth), h, w), memory_format(x)
+        buffer = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
         buffer[:, :c0].copy_(x)
         saved: list[Tensor | None] = []
         c = c0
@@ -153,7 +135,7 @@ class _StageFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_buffer: Tensor) -> Any:
         blocks: tuple[nn.Module, ...] = ctx.blocks
         buffer, *saved = ctx.saved_tensors
-        grad = grad_buffer.clone(memory_format=_memory_format(buffer))
+        grad = grad_buffer.clone(memory_format=memory_format(buffer))
         grads: list[Tensor | None] = []
         c = buffer.shape[1]
         device, enabled, dtype = ctx.autocast

@@ -8,8 +8,8 @@ ends with exactly the weights of an uninterrupted run: the data order is a permu
 ``(seed, epoch)``, each image's augmentation has its own seed (``densenet.data.datasets.sample_seed``),
 and the checkpoints hold the optimizer, scheduler, scaler, step and random-number states.
 
-Modules: ``config`` (settings and recipes), ``loop`` (the run), ``checkpointer`` (save and
-resume), ``metrics`` (the per-epoch log).
+Modules: ``config`` (settings and recipes), ``setup`` (data, model card and optimiser of a run),
+``loop`` (the run), ``checkpointer`` (save and resume), ``metrics`` (the per-epoch log).
 """
 
 from densenet.infer.runtime import AMP_MODES, amp_dtype, distributed_setup, process_group
@@ -21,7 +21,8 @@ from densenet.train.config import (
     milestone_epochs,
     parse_override,
 )
-from densenet.train.loop import Trainer, TrainingError, train
+from densenet.train.loop import Trainer, train
+from densenet.train.setup import TrainingError
 from densenet.weights.checkpoint import (
     CheckpointError,
     TrainCheckpoint,

@@ -101,22 +101,40 @@ SCHEDULES = ("step", "cosine")
 
 RUN_OPTIONS = frozenset(
     {
-        "amp", "channels_last", "compile", "memory_efficient", "deterministic", "out", "data",
-        "data_root", "download", "workers", "device", "eval_batch_size",
-        "checkpoint_every_steps", "progress", "max_unreadable",
+        "amp",
+        "channels_last",
+        "compile",
+        "memory_efficient",
+        "deterministic",
+        "out",
+        "data",
+        "data_root",
+        "download",
+        "workers",
+        "device",
+        "eval_batch_size",
+        "checkpoint_every_steps",
+        "progress",
+        "max_unreadable",
     }
-)  # fmt: skip
+)
 
 
 def _cifar(data: str, augmented: bool) -> TrainConfig:
     """Paper section 4.2: batch 64, 300 epochs, lr 0.1 / 10 at 50% and 75%; dropout 0.2 without
     augmentation; "+" is zero-pad 4, random crop 32, horizontal flip."""
     return TrainConfig(
-        recipe=data + ("+" if augmented else ""), model="densenet_bc_100_k12", data=data,
-        epochs=300, batch_size=64, lr=0.1, lr_milestones=(0.5, 0.75),
-        drop_rate=0.0 if augmented else 0.2, augment="crop-flip" if augmented else "none",
+        recipe=data + ("+" if augmented else ""),
+        model="densenet_bc_100_k12",
+        data=data,
+        epochs=300,
+        batch_size=64,
+        lr=0.1,
+        lr_milestones=(0.5, 0.75),
+        drop_rate=0.0 if augmented else 0.2,
+        augment="crop-flip" if augmented else "none",
         image_size=32,
-    )  # fmt: skip
+    )
 
 
 RECIPES: dict[str, TrainConfig] = {

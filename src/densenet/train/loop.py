@@ -5,12 +5,9 @@ records through ``MetricsLog``."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,66 +22,31 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import Compose
 from tqdm.auto import tqdm
 
-from densenet.data.card import ModelCard, Preprocessing
-from densenet.data.datasets import (
-    ModelInput,
-    ShardedBatchSampler,
-    TransformedDataset,
-    collate,
-    load_splits,
-    shard_indices,
-)
+from densenet.data.datasets import ShardedBatchSampler, TransformedDataset, collate, shard_indices
 from densenet.data.files import write_json
-from densenet.data.transforms import ChannelError, channel_stats, to_channels, train_transform
-from densenet.data.volumes import VolumeAugment, VolumeTransform
-from densenet.errors import DenseNetError
+from densenet.data.transforms import train_transform
+from densenet.data.volumes import VolumeAugment
 from densenet.infer.runtime import amp_dtype, process_group
 from densenet.nn.registry import get_model
 from densenet.tasks.accuracy import EvalResult, ModuleProbabilities, evaluate
-from densenet.tasks.multilabel import label_metrics, label_splits, pos_weight, predict_labels
+from densenet.tasks.multilabel import label_metrics, pos_weight, predict_labels
 from densenet.train.checkpointer import Checkpointer
-from densenet.train.config import (
-    TrainConfig,
-    base_lr,
-    check_config,
-    config_dict,
-    eval_resize,
-    lr_factor,
-)
+from densenet.train.config import TrainConfig, check_config, config_dict, lr_factor
 from densenet.train.metrics import MetricsLog
+from densenet.train.setup import (
+    TrainingError,
+    check_sample,
+    first_sample,
+    load_data,
+    make_optimizer,
+    model_args,
+    model_card,
+    resolve,
+    seed_and_determinism,
+)
 from densenet.weights.checkpoint import TrainCheckpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW at ``base_lr(config)`` with ``weight_decay``; AdamW
-    leaves 1-D weights (norms, biases, layer scales) undecayed."""
-    lr = base_lr(config)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            net.parameters(), lr=lr, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )  # fmt: skip
-    params = list(net.parameters())
-    groups = [
-        {"params": [p for p in params if p.dim() > 1]},
-        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
-
-
-class TrainingError(DenseNetError, RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
-
-
-def _takes(config: TrainConfig) -> ModelInput:
-    """What the run's model takes: volumes with ``volume_size`` (of ``in_channels``, else of
-    the training volumes' own), else images."""
-    if config.volume_size is None:
-        return ModelInput(what="a run without --volume-size (a 2D model)")
-    given = f" and --in-channels {config.in_channels}" if config.in_channels else ""
-    return ModelInput(True, config.in_channels, f"a run with --volume-size{given} (a 3D model)")
 
 
 class Trainer:
@@ -96,20 +58,11 @@ class Trainer:
         check_config(config)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.main, self.ddp = rank == 0, world_size > 1
-        self._seed_and_determinism(config)
-        if config.labels is not None:
-            self.splits = label_splits(config.labels, config.data, config.val_labels)  # type: ignore[arg-type]
-            splits = (self.splits.train, self.splits.val, self.splits.test)
-            parts = [part for part in splits if part is not None]
-            _takes(config).check(f for part in parts for f in part.table.files)  # type: ignore[attr-defined]
-        else:
-            self.splits = load_splits(
-                config.data, config.data_root, config.download, config.holdout, config.seed,
-                config.allow_empty_classes, _takes(config),
-            )  # type: ignore[arg-type]  # fmt: skip
-        first = self._first_sample()
-        self.config = config = self._resolve(config, first)
-        self._check_sample(first)
+        seed_and_determinism(config, device)
+        self.splits = load_data(config)
+        first = first_sample(self.splits)
+        self.config = config = resolve(config, self.splits, first, device)
+        check_sample(config, self.splits, first)
         self.out = Path(config.out)  # type: ignore[arg-type]
         self.checkpointer = Checkpointer(self.out, self.main, self.ddp, world_size, rank)
         if self.checkpointer.last_path.exists() and not resume:
@@ -135,85 +88,12 @@ class Trainer:
 
     # -- set-up --
 
-    def _seed_and_determinism(self, config: TrainConfig) -> None:
-        if config.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)
-
-    def _thresholds(self) -> tuple[float, ...] | None:
-        """The configured per-label thresholds, one per label."""
-        thresholds, labels = self.config.thresholds, self.splits.classes
-        if thresholds is not None and len(thresholds) != len(labels):
-            raise TrainingError(
-                f"{len(thresholds)} thresholds for {len(labels)} labels ({', '.join(labels)})"
-            )
-        return thresholds
-
-    def _first_sample(self) -> Any:
-        """The first readable training image (PIL) or volume ((C, D, H, W) tensor), or None."""
-        train = self.splits.train
-        first = next((item for i in range(len(train)) if (item := train[i]) is not None), None)
-        return None if first is None else first[0]
-
-    def _check_sample(self, sample: Any) -> None:
-        """One clear error, before training, when the first readable training image cannot be
-        given the model's input channels (``to_channels``). The kind of every file, and a
-        volume's channels, are checked when the data are opened (``_takes``)."""
-        if sample is None or self.config.volume_size is not None:
-            return
-        try:
-            to_channels(sample, self.config.in_channels)  # type: ignore[arg-type]
-        except ChannelError as error:
-            raise TrainingError(f"training data of {self.splits.name}: {error}") from None
-
-    def _resolve(self, config: TrainConfig, sample: Any) -> TrainConfig:
-        """``config`` with its defaults that depend on the data and the device filled in."""
-        volumes = isinstance(sample, Tensor) and config.volume_size is not None
-        channels = config.in_channels or (sample.shape[0] if volumes else 3)
-        return dataclasses.replace(
-            config,
-            out=config.out or os.path.join("runs", config.recipe),
-            resize_size=config.resize_size or eval_resize(config),
-            in_channels=channels,
-            mean=tuple(config.mean or channel_stats(self.splits.mean, channels)),
-            std=tuple(config.std or channel_stats(self.splits.std, channels)),
-            channels_last=(
-                self.device.type == "cuda" if config.channels_last is None else config.channels_last
-            ),
-        )
-
     def _build_model(self) -> None:
         config = self.config
-        self.model_args = {
-            "num_classes": len(self.splits.classes),
-            "drop_rate": config.drop_rate,
-            "in_channels": config.in_channels,
-            **({"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}),
-            **({"spatial_dims": 3} if config.volume_size is not None else {}),
-            **config.model_args,
-        }
+        self.model_args = model_args(config, self.splits.classes)
         torch.manual_seed(config.seed)
         net = get_model(config.model, weights=config.weights, new_head=True, **self.model_args)
-        side = net.min_input_size
-        self.card = ModelCard(
-            tuple(self.splits.classes),
-            Preprocessing(config.resize_size, config.image_size, mean=config.mean,
-                          std=config.std, min_size=(side, side)),  # type: ignore[arg-type]
-            multi_label=config.labels is not None,
-            thresholds=self._thresholds(),
-            in_channels=net.config["in_channels"],
-            arch=config.model,
-            volume=(
-                VolumeTransform(config.volume_size, config.window)  # type: ignore[arg-type]
-                if config.volume_size is not None
-                else None
-            ),
-        )  # fmt: skip
+        self.card = model_card(config, self.splits.classes, net)
         # channels last: NDHWC for volumes
         self.memory_format = (
             torch.channels_last_3d if self.card.volume is not None else torch.channels_last
@@ -250,15 +130,22 @@ class Trainer:
         config, splits = self.config, self.splits
         train_set = TransformedDataset(splits.train, self._train_transform(), seed=config.seed)
         self.sampler = ShardedBatchSampler(
-            len(train_set), config.batch_size, seed=config.seed, rank=self.rank,
-            world_size=self.world_size, accumulate=config.accumulate,
-        )  # fmt: skip
-        cuda = self.device.type == "cuda"
+            len(train_set),
+            config.batch_size,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            accumulate=config.accumulate,
+        )
         self.train_loader = DataLoader(
-            train_set, batch_sampler=self.sampler, num_workers=config.workers, collate_fn=collate,
-            pin_memory=cuda, persistent_workers=config.workers > 0,
+            train_set,
+            batch_sampler=self.sampler,
+            num_workers=config.workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=config.workers > 0,
             generator=torch.Generator().manual_seed(config.seed),
-        )  # fmt: skip
+        )
         evaluation = self.card.transform()
         self.eval_loaders = {
             name: self._eval_loader(dataset, evaluation)
@@ -280,10 +167,12 @@ class Trainer:
         if self.ddp:
             dataset = Subset(dataset, list(shard_indices(len(dataset), self.rank, self.world_size)))
         return DataLoader(
-            dataset, batch_size=self.config.eval_batch_size or self.config.batch_size,
-            num_workers=self.config.workers, collate_fn=collate,
+            dataset,
+            batch_size=self.config.eval_batch_size or self.config.batch_size,
+            num_workers=self.config.workers,
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+        )
 
     # -- checkpoints --
 
@@ -411,9 +300,13 @@ class Trainer:
         start, seen = time.perf_counter(), 0.0
         batches = iter(self.train_loader)
         with tqdm(
-            total=steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{config.epochs}",
-            unit="step", disable=not (config.progress and self.main), leave=False,
-        ) as bar:  # fmt: skip
+            total=steps,
+            initial=self.step,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            unit="step",
+            disable=not (config.progress and self.main),
+            leave=False,
+        ) as bar:
             while self.step < steps:
                 stats = self._train_step(batches)
                 self.meter += stats
@@ -464,21 +357,18 @@ class Trainer:
         multi-label model) and the epoch record's validation fields."""
         if self.card.multi_label:
             val = self._evaluate_labels("val")
-            fields = {"val_mean_auroc": val["mean_auroc"], "val_mean_ap": val["mean_ap"],
-                      "val_labels": val["labels"], "val_images": val["images"],
-                      "val_skipped": val["skipped"]}  # fmt: skip
-            return val["mean_auroc"], fields
+            keys = ("mean_auroc", "mean_ap", "labels", "images", "skipped")
+            return val["mean_auroc"], {f"val_{key}": val[key] for key in keys}
         result = self._evaluate("val")
-        fields = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5,
-                  "val_images": result.images, "val_skipped": result.skipped}  # fmt: skip
-        return result.top1, fields
+        keys = ("loss", "top1", "top5", "images", "skipped")
+        return result.top1, {f"val_{key}": getattr(result, key) for key in keys}
 
     @staticmethod
     def _summary(val: dict[str, Any]) -> str:
         if "val_mean_auroc" in val:
             return f"val mean AUROC {val['val_mean_auroc']:.4f} mean AP {val['val_mean_ap']:.4f}"
-        return (f"val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% "
-                f"top-5 {val['val_top5']:.2f}%")  # fmt: skip
+        top = f"top-1 {val['val_top1']:.2f}% top-5 {val['val_top5']:.2f}%"
+        return f"val loss {val['val_loss']:.4f} {top}"
 
     def _check_readable(self, images: int, skipped: int) -> None:
         """Fail an epoch that read no training image, or skipped more than ``max_unreadable``."""
@@ -494,10 +384,15 @@ class Trainer:
     def _evaluate(self, split: str) -> EvalResult:
         self._sync_buffers()
         return evaluate(
-            self.net, self.eval_loaders[split], device=self.device, amp_dtype=self.amp_dtype,
-            channels_last=bool(self.config.channels_last), distributed=self.ddp,
-            progress=self.config.progress and self.main, desc=split,
-        )  # fmt: skip
+            self.net,
+            self.eval_loaders[split],
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=bool(self.config.channels_last),
+            distributed=self.ddp,
+            progress=self.config.progress and self.main,
+            desc=split,
+        )
 
     def run(self) -> dict[str, Any]:
         config = self.config
@@ -519,15 +414,24 @@ class Trainer:
             record["seconds"] = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.append(record)
-                log.info("epoch %d/%d  train loss %.4f top-1 %.2f%%  %s  lr %.3g  %.0f img/s%s",
-                    self.epoch, config.epochs, record["train_loss"], record["train_top1"],
-                    self._summary(val),
-                    record["lr"], record["images_per_second"],
-                    f"  ({record['train_skipped']} unreadable images skipped)"
-                    if record["train_skipped"] else "",
-                )  # fmt: skip
+                self._log(record, val)
             self._save(best=best)
         return self._finish()
+
+    def _log(self, record: dict[str, Any], val: dict[str, Any]) -> None:
+        """One line for the finished epoch's ``record``."""
+        skipped = record["train_skipped"]
+        log.info(
+            "epoch %d/%d  train loss %.4f top-1 %.2f%%  %s  lr %.3g  %.0f img/s%s",
+            self.epoch,
+            self.config.epochs,
+            record["train_loss"],
+            record["train_top1"],
+            self._summary(val),
+            record["lr"],
+            record["images_per_second"],
+            f"  ({skipped} unreadable images skipped)" if skipped else "",
+        )
 
     def _finish(self) -> dict[str, Any]:
         paths = self.checkpointer

@@ -122,9 +122,11 @@ def _pixel_rows(pid_m, M, H_OUT, W_OUT, BLOCK_M: tl.constexpr):
 # Tuned per pixel-count bucket and output width, not per input width: the layers of a block
 # differ only in K, and tuning each (about 0.1 s per candidate) would cost minutes per batch size.
 @triton.autotune(
-    configs=_POINTWISE_CONFIGS, key=["M_BUCKET", "N", "POOL", "ALIGNED"], cache_results=True,
+    configs=_POINTWISE_CONFIGS,
+    key=["M_BUCKET", "N", "POOL", "ALIGNED"],
+    cache_results=True,
     prune_configs_by={"early_config_prune": _pointwise_prune},
-)  # fmt: skip
+)
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "H_OUT", "W_OUT"])
 def _pointwise_kernel(
     x_ptr, w_ptr, bias_ptr, low_ptr, high_ptr, y_ptr,
@@ -172,9 +174,11 @@ def _pointwise_kernel(
 
 
 @triton.autotune(
-    configs=_GROWTH_CONFIGS, key=["M_BUCKET", "C", "N", "AFFINE_RELU", "ALIGNED"],
-    cache_results=True, prune_configs_by={"early_config_prune": _growth_prune},
-)  # fmt: skip
+    configs=_GROWTH_CONFIGS,
+    key=["M_BUCKET", "C", "N", "AFFINE_RELU", "ALIGNED"],
+    cache_results=True,
+    prune_configs_by={"early_config_prune": _growth_prune},
+)
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "H", "W"])
 def _conv3x3_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,

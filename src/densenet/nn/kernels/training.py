@@ -120,8 +120,9 @@ def _forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        _, pre = _bn_relu_tile(x_ptr, x_rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr,
-                               beta_ptr)  # fmt: skip
+        _, pre = _bn_relu_tile(
+            x_ptr, x_rows, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr
+        )
         b_ok = k_ok[:, None] & col_ok[None, :]
         b = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=b_ok, other=0.0)
         acc = tl.dot(tl.maximum(pre, 0.0).to(b.dtype), b, acc, input_precision=PRECISION)
@@ -153,8 +154,9 @@ def _input_grad_kernel(
         b_ok = c_ok[:, None] & k_ok[None, :]
         b = tl.load(w_ptr + cs[:, None] * K + ks[None, :], mask=b_ok, other=0.0)
         acc = tl.dot(dy.to(b.dtype), b, acc, input_precision=PRECISION)
-    xhat, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
-                              gamma_ptr, beta_ptr)  # fmt: skip
+    xhat, pre = _bn_relu_tile(
+        x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr
+    )
     g = tl.where(pre > 0, acc, 0.0)
     scale = tl.load(gamma_ptr + ks, mask=k_ok, other=0.0).to(acc.dtype)
     scale *= tl.load(invstd_ptr + ks, mask=k_ok, other=0.0)
@@ -168,9 +170,10 @@ def _input_grad_kernel(
 
 
 @triton.autotune(
-    configs=_WEIGHT_GRAD_CONFIGS, key=[],
+    configs=_WEIGHT_GRAD_CONFIGS,
+    key=[],
     prune_configs_by={"early_config_prune": _weight_grad_prune},
-)  # fmt: skip
+)
 @triton.jit(do_not_specialize=["M"])
 def _weight_grad_kernel(
     dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dw_ptr,
@@ -191,8 +194,9 @@ def _weight_grad_kernel(
         rows, row_ok = _rows(block, M, BLOCK_M)
         dy_ptrs = (dy_ptr + rows * sd)[:, None] + cs[None, :]
         dy = tl.load(dy_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        _, pre = _bn_relu_tile(x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr,
-                               gamma_ptr, beta_ptr)  # fmt: skip
+        _, pre = _bn_relu_tile(
+            x_ptr, rows * sx, row_ok, ks, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr
+        )
         a = tl.maximum(pre, 0.0).to(dy.dtype)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + tl.program_id(2).to(tl.int64) * C * K + cs[:, None] * K + ks[None, :]
@@ -225,10 +229,8 @@ def bn_relu_conv1x1(
     batch, k, height, width = x.shape
     c = weight.shape[0]
     m = _check(x, c, tuple(weight.shape), (mean, invstd, gamma, beta))
-    y = torch.empty(
-        (batch, c, height, width), dtype=weight.dtype, device=x.device,
-        memory_format=torch.channels_last,
-    )  # fmt: skip
+    shape = (batch, c, height, width)
+    y = torch.empty(shape, dtype=weight.dtype, device=x.device, memory_format=torch.channels_last)
 
     _forward_kernel[pixel_grid(m, c)](
         x, mean, invstd, gamma, beta, weight.contiguous(), y,
