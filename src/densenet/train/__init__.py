@@ -9,7 +9,8 @@ ends with exactly the weights of an uninterrupted run: the data order is a permu
 and the checkpoints hold the optimizer, scheduler, scaler, step and random-number states.
 
 Modules: ``config`` (settings and recipes), ``setup`` (data, model card and optimiser of a run),
-``loop`` (the run), ``checkpointer`` (save and resume), ``metrics`` (the per-epoch log).
+``loop`` (the run), ``checkpointer`` (save and resume), ``metrics`` (the per-epoch log). A front
+end: imports ``densenet.tasks`` and the packages below it, never ``serve`` or ``cli``.
 """
 
 from densenet.infer.runtime import AMP_MODES, amp_dtype, distributed_setup, process_group
