@@ -1,15 +1,6 @@
-"""Class activation maps (Zhou et al., CVPR 2016): where a DenseNet looks for a class.
-
-A DenseNet ends in global average pooling and one linear classifier, so the logit of class c is
-the spatial mean of ``cam_c(x, y) = sum_k w_ck * F_k(x, y) + b_c`` over the final feature map F
-(after the last BN-ReLU): one forward pass, no gradients, exact. The bias ``b_c`` is a constant
-per class; it is kept so that the map's mean is the logit, and so that the fast inference form
-(``densenet.optimize``), whose classifier has the final BN-ReLU's scale and offset folded in
-(``w' = w * s``, ``b' = b + w @ t``, on the clamp ``y`` with ``F = s * y + t``), gives the same
-map: ``w' . y + b' == w . F + b``. An RDNet normalises the pooled vector (LayerNorm) before
-its Linear; with that vector's statistics the normalisation is affine per image, so its map
-(``RDNet.cam_features``) is exact the same way.
-"""
+"""Pictures of class activation maps (``densenet.infer.cam``): ``heat_overlay`` draws a map over
+its image as a heat map with the class's label, ``slices_overlay`` a volume's three central slices
+with theirs. ``densenet predict --explain`` and the service's ``/explain`` answer with them."""
 
 from __future__ import annotations
 
