@@ -114,4 +114,4 @@ class _Package(types.ModuleType):
 
 _submodule = submodules(__name__)
 sys.modules[__name__].__class__ = _Package
-sys.meta_path.append(MovedModules())
+sys.meta_path.insert(0, MovedModules())

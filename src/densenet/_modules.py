@@ -72,18 +72,20 @@ MOVED = {
 
 
 class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``densenet.<old name>`` and loads it as the module at its new home (the same module
-    object, so ``densenet.model.DenseNet is densenet.nn.model.DenseNet``)."""
+    """Finds ``densenet.<old name>`` (and ``densenet.<old package>.<module>``) and loads it as the
+    module at its new home (the same module object, so ``densenet.model.DenseNet is
+    densenet.nn.model.DenseNet``). First on ``sys.meta_path``: otherwise a module under an old
+    package's name would be found by path through the new package and run a second time."""
 
     def find_spec(
         self, fullname: str, path=None, target=None
     ) -> importlib.machinery.ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
-        if package != "densenet" or name not in MOVED:
+        root, _, name = fullname.partition(".")
+        old, _, inner = name.partition(".")  # densenet.kernels.conv: kernels, conv
+        if root != "densenet" or old not in MOVED:
             return None
-        return importlib.machinery.ModuleSpec(
-            fullname, self, loader_state=f"densenet.{MOVED[name]}"
-        )
+        home = ".".join(["densenet", MOVED[old], *([inner] if inner else [])])
+        return importlib.machinery.ModuleSpec(fullname, self, loader_state=home)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         warnings.warn(
