@@ -223,9 +223,9 @@ def rdnet_summary(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rdnet_min_input_size(config: Mapping[str, Any]) -> int:
-    """The smallest input side of an RDNet: its patchify stem divides by 4, each downsampling
-    stage by 2."""
-    return 4 * 2 ** sum(config["downsample"])
+    """The smallest input side of an RDNet, pixels: a patch (``patch_size``, default 4) per stem
+    output pixel, halved by each downsampling transition (the first stage has none)."""
+    return config.get("patch_size", 4) * 2 ** sum(config["downsample"][1:])
 
 
 register_family(Family("rdnet", RDNET_ARCHITECTURES, rdnet_summary, rdnet_min_input_size))

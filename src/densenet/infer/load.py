@@ -23,18 +23,15 @@ from densenet.infer.openvino import OpenVINOError, is_ir
 from densenet.infer.runtime import resolve_device
 from densenet.nn.model import DenseNet
 from densenet.nn.network import Network
-from densenet.nn.rdnet import RDNet
 from densenet.nn.registry import (
-    arch_of_config,
     arch_of_file,
     arch_of_state,
     build_model,
-    config_of_state,
+    described_by,
     get_model,
     list_models,
     model_config,
     network_of,
-    rdnet_of_state,
 )
 from densenet.weights.adapt import file_head, load_state, read_weights
 from densenet.weights.convert import load_checkpoint
@@ -268,15 +265,13 @@ def _checked_state(
     returns the state, the architecture (None for a custom configuration) and the configuration.
     ``WeightsError`` names what does not fit."""
     state = load_checkpoint(path)
-    if arch is None and RDNet.STEM_WEIGHT in state:
-        arch = rdnet_of_state(state, path)
-    network = network_of(arch)[0] if arch is not None else DenseNet
-    if arch is not None:
+    config = None
+    if arch is None:
+        arch, config = described_by(state, path)
+    network = network_of(arch)[0]
+    if config is None:  # a named architecture, with the file's classes and input channels
         config = model_config(arch)
         config["num_classes"], config["in_channels"] = file_head(state, network)
-    else:
-        config = config_of_state(state, path)
-        arch = arch_of_config(config)
     try:
         module = network(**config)
     except ValueError as error:

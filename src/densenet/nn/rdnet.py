@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet.architectures import RDNET_ARCHITECTURES
+from densenet.architectures import RDNET_ARCHITECTURES, rdnet_min_input_size
 from densenet.nn.network import Network, new_classifier, take_indices
 from densenet.nn.rdnet_memory import memory_efficient_stage
 
@@ -263,9 +263,8 @@ class RDNet(Network):
 
     @property
     def min_input_size(self) -> int:
-        """The smallest input height and width, pixels: a patch per stem output pixel, halved by
-        each downsampling transition."""
-        return self.config["patch_size"] * 2 ** sum(self.config["downsample"][1:])
+        """The smallest input height and width, pixels (``rdnet_min_input_size``)."""
+        return rdnet_min_input_size(self.config)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs

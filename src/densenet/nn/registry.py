@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from densenet.architectures import ARCHITECTURES, list_models, model_config, model_info
 from densenet.nn.model import DenseNet, DenseNetFeatures
 from densenet.nn.rdnet import RDNET_ARCHITECTURES, RDNet, RDNetFeatures
-from densenet.weights.published import WeightsArg, WeightsError, WeightsSpec
+from densenet.weights.adapt import build_with_weights
+from densenet.weights.published import WeightsArg, WeightsError, WeightsSpec, parse_weights
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,8 +40,9 @@ DenseNetModel = DenseNet | DenseNetFeatures  # the latter with ``features_only=T
 RDNetModel = RDNet | RDNetFeatures
 
 
-def network_of(name: str) -> tuple[type[DenseNet] | type[RDNet], type[nn.Module]]:
-    """The network class of architecture ``name`` and the class of its backbone form."""
+def network_of(name: str | None) -> tuple[type[DenseNet] | type[RDNet], type[nn.Module]]:
+    """The network class of architecture ``name`` (None: a custom DenseNet) and the class of its
+    backbone form."""
     return (RDNet, RDNetFeatures) if name in RDNET_ARCHITECTURES else (DenseNet, DenseNetFeatures)
 
 
@@ -82,8 +84,6 @@ def get_model(
             (``num_classes``, ``drop_rate``, ``memory_efficient``, ``in_channels``,
             ``spatial_dims``, ``stem_stride``; RDNet: ``drop_path_rate``, ...).
     """
-    from densenet.weights.published import parse_weights
-
     spec = parse_weights("DEFAULT" if pretrained and weights is None else weights, name)
     model = build_model(name, spec, progress=progress, inflate=inflate, new_head=new_head, **kwargs)
     return network_of(name)[1](model, out_indices) if features_only else model
@@ -100,8 +100,6 @@ def build_model(
 ) -> DenseNet | RDNet:
     """``get_model(name, weights=spec, ...)`` for weights already parsed (``parse_weights``;
     a ``WeightsFile`` that ``read_weights`` read passes its state as it is)."""
-    from densenet.weights.adapt import build_with_weights
-
     num_classes = kwargs.pop("num_classes", None)
     config = {**model_config(name), **kwargs, "arch": name}
     network = network_of(name)[0]
@@ -123,16 +121,25 @@ def arch_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
     """The architecture a weights file's state_dict (current key names: ``read_weights``)
     describes by its keys and shapes (a torchvision or timm DenseNet, or a timm or NAVER RDNet,
     of any class count), else ``WeightsError``."""
-    if RDNet.STEM_WEIGHT in state:
-        return rdnet_of_state(state, path)
-    config = config_of_state(state, path)
-    arch = arch_of_config(config)
+    arch, config = described_by(state, path)
     if arch is None:
         raise WeightsError(
             f"{path} is a DenseNet of no registered architecture ({config}); name it with "
             "--model, or load it with densenet.DenseNet(**config)"
         )
     return arch
+
+
+def described_by(
+    state: Mapping[str, Tensor], path: str | os.PathLike
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The architecture ``state``'s keys and shapes describe (None: a DenseNet of no registered
+    architecture) and, for a DenseNet, the configuration read from them (``config_of_state``;
+    None for an RDNet, whose size is its configuration)."""
+    if RDNet.STEM_WEIGHT in state:
+        return rdnet_of_state(state, path), None
+    config = config_of_state(state, path)
+    return arch_of_config(config), config
 
 
 def rdnet_of_state(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:

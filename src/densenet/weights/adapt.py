@@ -52,7 +52,7 @@ def read_weights(
         path = spec.path
     else:
         return spec, None
-    content = read_torch_file(path, "weights file", WeightsError)
+    content = read_torch_file(path, "weights file", WeightsError)  # read once, here
     checkpoint = TrainCheckpoint.from_state(content, path) if is_train_checkpoint(content) else None
     return WeightsFile(path, state_dict_of(content, path)), checkpoint
 
@@ -168,15 +168,14 @@ def inflate_kernels(
     out = dict(state)
     for key, weight in state.items():
         target = expected.get(key)
-        if target is None or weight.dim() != 4 or target.dim() == 4 or target.dim() not in (3, 5):
+        if target is None or weight.dim() != 4 or target.dim() not in (3, 5):
             continue
+        depth = target.shape[2]  # 3D: the kernel's depth
         if target.dim() == 3:
             out[key] = weight[:, :, weight.shape[2] // 2]
         elif mode == "mean":
-            depth = target.shape[2]
             out[key] = weight.unsqueeze(2).expand(-1, -1, depth, -1, -1) / depth
         else:
-            depth = target.shape[2]
             inflated = weight.new_zeros(*weight.shape[:2], depth, *weight.shape[2:])
             inflated[:, :, depth // 2] = weight
             out[key] = inflated
