@@ -17,6 +17,7 @@ from densenet.architectures import (
     list_models,
     min_input_size,
     model_info,
+    rdnet_min_input_size,
     register_family,
 )
 from densenet.cli import main
@@ -90,6 +91,22 @@ def test_min_input_size_is_the_smallest_forward_pass(name, kwargs):
     assert side == min_input_size(model.config)
     assert runs(model, side, side)
     assert not runs(model, side - 1, side - 1)
+
+
+def test_rdnet_min_input_size_is_the_smallest_forward_pass():
+    """The table's formula and the network's agree for a custom stem and a first transition."""
+    config = dict(
+        growth_rates=(8, 8),
+        num_blocks=(1, 1),
+        downsample=(True, True),
+        se=(False, False),
+        num_init_features=16,
+        patch_size=2,
+    )
+    model = densenet.RDNet(**config).eval()
+    side = model.min_input_size
+    assert side == rdnet_min_input_size(model.config) == 4
+    assert runs(model, side, side) and not runs(model, side - 1, side - 1)
 
 
 def test_min_size_of_weights_and_cards_is_the_architectures():
