@@ -320,8 +320,9 @@ def _build(
 def _check_rdnet(backend: str | None, compile: bool | str, channels_last: bool | None) -> None:
     """Raise unless an RDNet's inference form can be built as asked: its engines are
     ``RDNET_BACKENDS``, it computes channels last and is not compiled."""
-    if backend not in (None, *RDNET_BACKENDS) or compile:
-        asked = f"backend={backend!r}" if backend not in (None, *RDNET_BACKENDS) else "compile"
+    unsupported = backend not in (None, *RDNET_BACKENDS)
+    if unsupported or compile:
+        asked = f"backend={backend!r}" if unsupported else "compile"
         raise ValueError(
             f"an RDNet runs on backend 'eager' (the default) or 'openvino', not {asked}"
         )
