@@ -304,6 +304,24 @@ def test_embeddings_of_a_model_that_is_not_a_densenet_are_refused(folder, tmp_pa
         bulk.run(folder, tmp_path / "out", Options(task="embed"), module, progress=False)
 
 
+def test_a_volume_model_is_refused_by_bulk_and_by_ray(folder, tmp_path):
+    from densenet.data.volumes import VolumeTransform
+    from densenet.tasks.ray import Predictor
+
+    arch = "densenet_bc_100_k12"
+    args = {"num_classes": 2, "spatial_dims": 3, "in_channels": 1, **TINY}
+    model = densenet.get_model(arch, **args)
+    pre, volume = densenet.Preprocessing(16, 16), VolumeTransform((8, 16, 16))
+    card = densenet.ModelCard(("a", "b"), pre, arch=arch, in_channels=1, volume=volume)
+    path = tmp_path / "volume.pth"
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), model_args=args), path)
+    with pytest.raises(BulkError, match="bulk runs read images"):
+        bulk.run(folder, tmp_path / "out", Options(), path, device="cpu", progress=False)
+    with pytest.raises(BulkError, match="bulk runs read images"):
+        Predictor(str(path), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, model, tmp_path):
     """The device-decoding step, run here with torchvision's CPU decoder (the GPU's takes the
     same calls): JPEGs decoded in a batch, a PNG and a corrupt JPEG on the PIL path, read errors

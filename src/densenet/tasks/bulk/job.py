@@ -22,7 +22,7 @@ from densenet.data.card import ModelCard
 from densenet.data.files import atomic_write
 from densenet.data.images import walk_files
 from densenet.data.volumes import is_volume_file
-from densenet.infer.load import LoadedModel, load
+from densenet.infer.load import load
 from densenet.infer.runtime import local_device, torchrun_ranks
 from densenet.tasks.bulk.decoding import Batches, Decoder, Images, collate, decode_on_device
 from densenet.tasks.bulk.inputs import iter_inputs
@@ -94,7 +94,7 @@ def run(
     """
     rank, world_size, target = _place(device, rank, world_size, device_decode)
     workers = _decoding_workers(source, batch_size, workers)
-    loaded = _image_model(model, weights, target, progress)
+    loaded = load(model, weights=weights, device=target, progress=progress)
     outputs = Outputs(loaded, options, target, optimize, precision, backend)
     # device decoding: another decoder and resize, hence slightly other pixels
     flags = {"optimize": optimize, "precision": outputs.precision, "device_decode": device_decode}
@@ -148,19 +148,6 @@ def _decoding_workers(source: str | os.PathLike, batch_size: int, workers: int |
             )
         raise BulkError(f"no images in {text} (an empty folder, manifest or glob)")
     return min(workers, -(-first // batch_size))
-
-
-def _image_model(
-    model: Any, weights: WeightsArg, target: torch.device, progress: bool
-) -> LoadedModel:
-    """``densenet.load``'s model on ``target``; refuses a volume model (``BulkError``)."""
-    loaded = load(model, weights=weights, device=target, progress=progress)
-    if loaded.card.volume is not None:
-        raise BulkError(
-            "bulk runs read images; a volume model classifies volume files with densenet predict "
-            "(without --out) or densenet eval"
-        )
-    return loaded
 
 
 @dataclass

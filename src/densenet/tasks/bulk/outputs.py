@@ -23,7 +23,8 @@ class Outputs:
     classifier, whose output is the pooled features); ``precision`` its compute dtype, a name
     that ``densenet.infer.runtime.compute_dtype`` takes (None: float32 on CPU, bfloat16 on CUDA), and
     ``backend`` its engine (``densenet.optimize``'s; None: the fastest measured). False runs the
-    eager model in float32.
+    eager model in float32. A volume model, or for embed a model that is not a DenseNet or
+    RDNet, is a ``BulkError``.
     """
 
     def __init__(
@@ -38,6 +39,11 @@ class Outputs:
         self.options, self.device, self.card = options, device, model.card
         self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
+        if model.card.volume is not None:
+            raise BulkError(
+                "bulk runs read images; a volume model classifies volume files with densenet "
+                "predict (without --out) or densenet eval"
+            )
         embed = options.task == "embed"
         if embed and not isinstance(model.module, Network):
             raise BulkError(
