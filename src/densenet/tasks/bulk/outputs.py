@@ -37,7 +37,6 @@ class Outputs:
         backend: str | None = None,
     ) -> None:
         self.options, self.device, self.card = options, device, model.card
-        self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
         if model.card.volume is not None:
             raise BulkError(
@@ -61,12 +60,11 @@ class Outputs:
             calibration_images=options.calibration_images,
             throughput=True,
         )
-        self.precision = self.runner.precision
         if embed:
             self.widths = {"embedding": model.module.num_features}
         else:
             self.widths = {"indices": self.topk, "probabilities": self.topk}
-            if self.multi_label:
+            if self.card.multi_label:
                 self.widths["scores"] = model.card.num_classes
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -83,6 +81,6 @@ class Outputs:
         scores = self.runner.probabilities(images)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}
-        if self.multi_label:
+        if self.card.multi_label:
             columns["scores"] = scores
         return {k: v.cpu().numpy() for k, v in columns.items()}
