@@ -94,8 +94,7 @@ def open_image(
     twice that (``reduced_size``), which is faster and, after the resize, within a few grey
     levels of a full decode (0.14 of 255 on average). ``name``: the image's name in errors
     (default: its path, or "uploaded image" for bytes)."""
-    if name is None:
-        name = "uploaded image" if isinstance(source, bytes) else str(source)
+    name = name or ("uploaded image" if isinstance(source, bytes) else str(source))
     try:
         if isinstance(source, bytes):
             if not source:
