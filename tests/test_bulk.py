@@ -21,7 +21,7 @@ from densenet.cli import main
 from densenet.data.card import Preprocessing
 from densenet.tasks import bulk
 from densenet.tasks.bulk import BulkError, Options, iter_inputs
-from densenet.tasks.bulk.decoding import decode_on_device
+from densenet.tasks.bulk.decoding import DeviceDecoder
 from densenet.weights.checkpoint import TrainCheckpoint, save_checkpoint
 
 pa = pytest.importorskip("pyarrow", reason="bulk output needs pyarrow (the 'bulk' extra)")
@@ -304,6 +304,29 @@ def test_embeddings_of_a_model_that_is_not_a_densenet_are_refused(folder, tmp_pa
         bulk.run(folder, tmp_path / "out", Options(task="embed"), module, progress=False)
 
 
+def test_a_volume_model_is_refused_by_bulk_and_by_ray(folder, tmp_path):
+    from densenet.data.volumes import VolumeTransform
+    from densenet.tasks.ray import Predictor
+
+    arch = "densenet_bc_100_k12"
+    args = {"num_classes": 2, "spatial_dims": 3, "in_channels": 1, **TINY}
+    model = densenet.get_model(arch, **args)
+    pre, volume = densenet.Preprocessing(16, 16), VolumeTransform((8, 16, 16))
+    card = densenet.ModelCard(("a", "b"), pre, arch=arch, in_channels=1, volume=volume)
+    path = tmp_path / "volume.pth"
+    save_checkpoint(TrainCheckpoint(card, model.state_dict(), model_args=args), path)
+    with pytest.raises(BulkError, match="bulk runs read images"):
+        bulk.run(folder, tmp_path / "out", Options(), path, device="cpu", progress=False)
+    with pytest.raises(BulkError, match="bulk runs read images"):
+        Predictor(str(path), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def as_blob(path: Path) -> torch.Tensor:
+    """A file's bytes as device decoding reads them: a uint8 tensor."""
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+
 def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, model, tmp_path):
     """The device-decoding step, run here with torchvision's CPU decoder (the GPU's takes the
     same calls): JPEGs decoded in a batch, a PNG and a corrupt JPEG on the PIL path, read errors
@@ -318,10 +341,10 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
     paths.insert(2, tmp_path / "unreadable.jpg")
     errors = [None] * len(paths)
     errors[2] = "unreadable.jpg: cannot be read"
-    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for i, p in enumerate(paths) if i != 2]  # fmt: skip
+    blobs = [as_blob(p) for i, p in enumerate(paths) if i != 2]
     names = [str(p) for p in paths]
     pre = model.card.preprocessing
-    images, errors = decode_on_device(blobs, names, errors, pre, "cpu")
+    images, errors = DeviceDecoder(pre, "cpu")(blobs, names, errors)
     assert [e is None for e in errors] == [True, True, False, True, False, True]
     assert errors[2] == "unreadable.jpg: cannot be read" and "corrupt.jpg" in errors[4]
     transform = pre.transform()
@@ -329,6 +352,21 @@ def test_batched_jpeg_decoding_keeps_rows_and_falls_back_to_the_cpu(folder, mode
     assert images.shape == reference.shape == (4, 3, 16, 16)
     assert torch.equal(images[1], reference[1])  # the PNG: the CPU path itself
     assert (images - reference).abs().mean() < 0.05  # JPEGs: another decoder and resize
+
+
+def test_device_decodings_cpu_fallback_decodes_the_bytes_read_and_names_the_file(
+    folder, model, tmp_path
+):
+    """A file gone since its bytes were read still decodes; a corrupt one's error names it."""
+    png, corrupt = tmp_path / "gone.png", tmp_path / "corrupt.png"
+    png.write_bytes((folder / "0" / "0000.png").read_bytes())
+    corrupt.write_bytes(b"not an image")
+    blobs = [as_blob(png), as_blob(corrupt)]
+    png.unlink()
+    decode = DeviceDecoder(model.card.preprocessing, "cpu")
+    images, errors = decode(blobs, [str(png), str(corrupt)], [None, None])
+    assert images.shape == (1, 3, 16, 16) and errors[0] is None
+    assert errors[1] == f"{corrupt}: not an image (unrecognised format)"
 
 
 COMMAND = ["embed", "--model", "densenet_bc_100_k12", "--shard-size", "300", "--batch-size", "50", "--no-progress"]  # fmt: skip

@@ -148,6 +148,15 @@ def test_without_nncf_int8_falls_back_to_fx_with_a_warning(photos, tmp_path, mon
     assert densenet.load(tmp_path / "tiny.int8.pt").precision == "int8"
 
 
+def test_with_nothing_held_out_each_calibration_image_is_read_once(photos, monkeypatch):
+    """int8 is then compared with float32 on the calibration batches already read."""
+    opened, real = [], quantization.open_image
+    monkeypatch.setattr(quantization, "open_image", lambda p: opened.append(p) or real(p))
+    result = quantize(tiny_model(), photos, num_images=4, engine="fx", progress=False)
+    assert not result.report["held_out"] and result.report["images"] == 4
+    assert len(opened) == 4
+
+
 def test_errors_are_one_line(tmp_path, photos, capsys):
     with pytest.raises(QuantizeError, match="no calibration images in"):
         quantize(tiny_model(), tmp_path, progress=False)

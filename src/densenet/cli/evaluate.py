@@ -13,6 +13,7 @@ from densenet.cli.common import (
     add_tta_arg,
     check_calibration_images,
     integer,
+    model_options,
     print_json,
     warn_if_random,
 )
@@ -71,15 +72,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        calibration_images=args.calibration_images,
         data_root=args.data_root,
         download=not args.no_download,
         progress=not args.no_progress,
         optimize=not args.no_optimize,
         labels=args.labels,
         split=args.split,
+        **model_options(args),
     )
     if torchrun_ranks().rank != 0:
         return 0

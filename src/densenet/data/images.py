@@ -85,14 +85,16 @@ def open_image(
     formats: Sequence[str] = RASTER_FORMATS,
     *,
     shorter_side: int | None = None,
+    name: str | None = None,
 ) -> Image.Image:
     """Decode a file or bytes fully into an RGB-convertible PIL image, or raise ``ImageError``.
     ``formats``: the PIL format names to accept, a subset of ``RASTER_FORMATS``.
     ``shorter_side``: the size (pixels) the image will be resized to next; a JPEG is then decoded
     at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps its shorter side at least
     twice that (``reduced_size``), which is faster and, after the resize, within a few grey
-    levels of a full decode (0.14 of 255 on average)."""
-    name = "uploaded image" if isinstance(source, bytes) else str(source)
+    levels of a full decode (0.14 of 255 on average). ``name``: the image's name in errors
+    (default: its path, or "uploaded image" for bytes)."""
+    name = name or ("uploaded image" if isinstance(source, bytes) else str(source))
     try:
         if isinstance(source, bytes):
             if not source:

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -156,7 +157,8 @@ def _check_folder(calibration_images: str | os.PathLike) -> None:
 
 
 def _calibration_paths(calibration_images: str | os.PathLike, limit: int) -> list[str]:
-    _check_folder(calibration_images)
+    """``limit`` of the images in the folder ``calibration_images`` (``_spread``), once
+    ``_check_folder`` has seen it exists."""
     paths = find_images([calibration_images])
     if not paths:
         raise QuantizeError(f"no calibration images in {calibration_images} (png, jpg, ...)")
@@ -183,6 +185,7 @@ def calibration_batches(
     """``num_images`` images spread evenly over the folder ``calibration_images`` through the
     card's transform, as (N, C, H, W) float32 batches; ``QuantizeError`` if there are none or one
     cannot be read."""
+    _check_folder(calibration_images)
     paths = _calibration_paths(calibration_images, num_images)
     return list(_batches(paths, card, batch_size, "calibrating", progress))
 
@@ -240,7 +243,6 @@ def quantize_module(module: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
         return convert_fx(prepared)
 
 
-@keeps_signal_stack
 def quantize_nncf(model: DenseNet | RDNet, batches: Sequence[Tensor], progress: bool = True) -> Any:
     """``model`` (float32, CPU) in int8 as an ``openvino.Model``: its inference form converted
     by OpenVINO (``densenet.infer.openvino.converted_form``), quantized by NNCF on the images of the
@@ -248,7 +250,14 @@ def quantize_nncf(model: DenseNet | RDNet, batches: Sequence[Tensor], progress: 
     of its input, the pooled features, costs most of the logits' error for little time (a
     DenseNet's only MatMul; an RDNet's 1x1 convolutions are MatMuls too: its classifier and
     squeeze-excitations, on pooled vectors too, are named, ``RDNET_FLOAT_NODES``)."""
-    ov = require_openvino("int8 with NNCF")
+    return _nncf(require_openvino("int8 with NNCF"), model, batches, progress)
+
+
+@keeps_signal_stack
+def _nncf(
+    ov: ModuleType, model: DenseNet | RDNet, batches: Sequence[Tensor], progress: bool
+) -> Any:
+    """``quantize_nncf`` with the ``openvino`` package ``ov``."""
     import nncf
 
     samples = [image[None].numpy() for batch in batches for image in batch]
@@ -324,8 +333,8 @@ def _quantized(module: DenseNet | RDNet, batches: list[Tensor], engine: str, pro
     ``openvino.Model`` (None for FX)."""
     if engine != "nncf":
         return quantize_module(module, batches), None
-    graph = quantize_nncf(module, batches, progress)
     ov = require_openvino("int8 with NNCF")
+    graph = _nncf(ov, module, batches, progress)
     return CompiledModule(compile_for_cpu(ov, graph, torch.float32), "int8 DenseNet"), graph
 
 
@@ -374,9 +383,8 @@ def quantize(
     fit = [path for path in paths if path not in compared]
     batches = list(_batches(fit, card, batch_size, "calibrating", progress))
     quantized, graph = _quantized(module, batches, engine, progress)
-    report = compare(
-        module, quantized, _batches(held or fit, card, batch_size, "comparing", progress)
-    )
+    compared_on = _batches(held, card, batch_size, "comparing", progress) if held else batches
+    report = compare(module, quantized, compared_on)
     if validation is not None:
         report["validation"] = compare(module, quantized, _labelled(validation, card, batch_size))
     backend = "nncf-openvino" if engine == "nncf" else "fx-x86"

@@ -30,7 +30,7 @@ from densenet.infer.form import BucketedModel
 from densenet.infer.load import NETWORK_KINDS, LoadedModel
 from densenet.infer.openvino import OpenVINODenseNet
 from densenet.infer.optimize import optimize as optimize_model
-from densenet.infer.precision import dtype_name, resolve_dtype
+from densenet.infer.precision import dtype_name
 from densenet.infer.quantization import quantize
 from densenet.nn.network import Network
 
@@ -120,8 +120,6 @@ class Runner:
             self.precision = "int8"
         else:
             self._densenet = module.to(device)
-            if not (backend == "openvino" and dtype == "auto"):  # OpenVINO's own "auto"
-                dtype = resolve_dtype(dtype, device)
             module = optimize_model(
                 self._densenet, dtype=dtype, backend=backend, throughput=throughput
             )

@@ -27,13 +27,17 @@ class Decoder:
         self.transform = pre.transform()
         self.shorter_side = None if exact else pre.resize_size
 
-    def __call__(self, source: str | bytes) -> tuple[Tensor | None, str | None]:
+    def __call__(
+        self, source: str | bytes, name: str | None = None
+    ) -> tuple[Tensor | None, str | None]:
+        """``name``: the image's name in errors (default: its path, or a generic one for bytes)."""
         try:
-            return self.transform(open_image(source, shorter_side=self.shorter_side)), None
+            image = open_image(source, shorter_side=self.shorter_side, name=name)
+            return self.transform(image), None
         except ImageError as error:
             return None, str(error)
         except (OSError, ValueError) as error:  # a decoded image the transform cannot convert
-            return None, f"{source if isinstance(source, str) else 'image'}: {error}"
+            return None, f"{name or (source if isinstance(source, str) else 'image')}: {error}"
 
 
 class Images(Dataset):
@@ -82,37 +86,46 @@ def collate(items: list[tuple[int, str, Tensor | None, str | None]]):
     return items[0][0], [p for _, p, _, _ in items], [e for _, _, _, e in items], images
 
 
-def decode_on_device(
-    blobs: list[Tensor], paths: list[str], errors: list[str | None], pre: Preprocessing, device
-) -> tuple[Tensor | None, list[str | None]]:
+class DeviceDecoder:
     """A batch's file bytes (``blobs``: one per row whose error is None, in order) ->
     ((n, 3, crop, crop) preprocessed images on ``device``, every row's error). JPEGs are decoded
     in one ``torchvision.io.decode_jpeg`` call on ``device`` and resized and cropped there; a file
     that decoder refuses (another format, a corrupt file) or with other channels than the model's
-    is decoded on the CPU (which converts or refuses it as for any file), or gets its error.
-    The pixels differ slightly from the CPU path's (another decoder, a tensor resize)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    is decoded from its bytes on the CPU (which converts or refuses it as for any file, naming
+    its path), or gets its error. The pixels differ slightly from the CPU path's (another
+    decoder, a tensor resize)."""
 
-    def on_device(blob_list: list[Tensor]) -> list[Tensor | None]:
+    def __init__(self, pre: Preprocessing, device: torch.device | str) -> None:
+        from torchvision.io import ImageReadMode
+
+        self.preprocess, self.decode = pre.tensor_transform(), Decoder(pre, exact=True)
+        self.mode = ImageReadMode.RGB if pre.channels == 3 else ImageReadMode.UNCHANGED
+        self.channels, self.device = pre.channels, device
+
+    def __call__(
+        self, blobs: list[Tensor], paths: list[str], errors: list[str | None]
+    ) -> tuple[Tensor | None, list[str | None]]:
+        rows = [row for row, error in enumerate(errors) if error is None]
+        jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
+        decoded = dict(zip(jpegs, self._on_device([blobs[k] for k in jpegs])))
+        errors, good = list(errors), []
+        for k, row in enumerate(rows):
+            if decoded.get(k) is not None and len(decoded[k]) == self.channels:
+                good.append(self.preprocess(decoded[k]))
+                continue
+            image, errors[row] = self.decode(blobs[k].numpy().tobytes(), name=paths[row])
+            if image is not None:
+                good.append(image.to(self.device))
+        return (torch.stack(good) if good else None), errors
+
+    def _on_device(self, blobs: list[Tensor]) -> list[Tensor | None]:
+        """``blobs`` decoded on the device; one bad file fails them all, so then one by one,
+        None for each that fails."""
+        from torchvision.io import decode_jpeg
+
         try:
-            return decode_jpeg(blob_list, mode=mode, device=device) if blob_list else []
-        except RuntimeError:  # one bad file fails them all: decode one by one
-            if len(blob_list) == 1:
+            return decode_jpeg(blobs, mode=self.mode, device=self.device) if blobs else []
+        except RuntimeError:
+            if len(blobs) == 1:
                 return [None]
-            return [image for blob in blob_list for image in on_device([blob])]
-
-    preprocess = pre.tensor_transform()
-    mode = ImageReadMode.RGB if pre.channels == 3 else ImageReadMode.UNCHANGED
-    decode = Decoder(pre, exact=True)
-    rows = [row for row, error in enumerate(errors) if error is None]
-    jpegs = [k for k, blob in enumerate(blobs) if bytes(blob[:3].tolist()) == JPEG_MAGIC]
-    decoded = dict(zip(jpegs, on_device([blobs[k] for k in jpegs])))
-    errors, good = list(errors), []
-    for k, row in enumerate(rows):
-        if decoded.get(k) is not None and len(decoded[k]) == pre.channels:
-            good.append(preprocess(decoded[k]))
-            continue
-        image, errors[row] = decode(paths[row])
-        if image is not None:
-            good.append(image.to(device))
-    return (torch.stack(good) if good else None), errors
+            return [image for blob in blobs for image in self._on_device([blob])]

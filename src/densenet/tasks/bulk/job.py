@@ -18,13 +18,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from densenet.data.card import ModelCard
 from densenet.data.files import atomic_write
 from densenet.data.images import walk_files
 from densenet.data.volumes import is_volume_file
-from densenet.infer.load import LoadedModel, load
+from densenet.infer.load import load
 from densenet.infer.runtime import local_device, torchrun_ranks
-from densenet.tasks.bulk.decoding import Batches, Decoder, Images, collate, decode_on_device
+from densenet.tasks.bulk.decoding import Batches, Decoder, DeviceDecoder, Images, collate
 from densenet.tasks.bulk.inputs import iter_inputs
 from densenet.tasks.bulk.options import BulkError, Options
 from densenet.tasks.bulk.outputs import Outputs
@@ -94,17 +93,18 @@ def run(
     """
     rank, world_size, target = _place(device, rank, world_size, device_decode)
     workers = _decoding_workers(source, batch_size, workers)
-    loaded = _image_model(model, weights, target, progress)
+    loaded = load(model, weights=weights, device=target, progress=progress)
     outputs = Outputs(loaded, options, target, optimize, precision, backend)
     # device decoding: another decoder and resize, hence slightly other pixels
-    flags = {"optimize": optimize, "precision": outputs.precision, "device_decode": device_decode}
+    flags = {
+        "optimize": optimize,
+        "precision": outputs.runner.precision,
+        "device_decode": device_decode,
+    }
     plan = _Plan(
         source=source,
         out=Path(out),
-        options=options,
-        card=loaded.card,
         outputs=outputs,
-        target=target,
         settings=run_settings(source, options, loaded, (model, weights), flags),
         batch_size=batch_size,
         workers=workers,
@@ -113,7 +113,8 @@ def run(
         rank=rank,
         world_size=world_size,
     )
-    return _loop(plan, _claim(plan))
+    claim_folder(plan.out, plan.settings)
+    return _loop(plan, done_shards(plan.out, rank, world_size, plan.settings))
 
 
 def _place(
@@ -150,31 +151,15 @@ def _decoding_workers(source: str | os.PathLike, batch_size: int, workers: int |
     return min(workers, -(-first // batch_size))
 
 
-def _image_model(
-    model: Any, weights: WeightsArg, target: torch.device, progress: bool
-) -> LoadedModel:
-    """``densenet.load``'s model on ``target``; refuses a volume model (``BulkError``)."""
-    loaded = load(model, weights=weights, device=target, progress=progress)
-    if loaded.card.volume is not None:
-        raise BulkError(
-            "bulk runs read images; a volume model classifies volume files with densenet predict "
-            "(without --out) or densenet eval"
-        )
-    return loaded
-
-
 @dataclass
 class _Plan:
     """A bulk run as decided before anything is written: its input and output folder, the
-    model's card and outputs on ``target``, the settings recorded with every shard, the
-    decoding, and this process's ``rank`` among ``world_size``."""
+    model's outputs (with its card, options and device), the settings recorded with every shard,
+    the decoding, and this process's ``rank`` among ``world_size``."""
 
     source: str | os.PathLike
     out: Path
-    options: Options
-    card: ModelCard
     outputs: Outputs
-    target: torch.device
     settings: dict[str, Any]
     batch_size: int
     workers: int
@@ -188,19 +173,17 @@ class _Plan:
         return shard % self.world_size == self.rank
 
 
-def _claim(plan: _Plan) -> dict[int, str]:
-    """Claim ``plan.out`` for this run's settings (``claim_folder``) and return its complete
-    shards (``done_shards``)."""
-    claim_folder(plan.out, plan.settings)
-    return done_shards(plan.out, plan.rank, plan.world_size, plan.settings)
-
-
 def _loop(plan: _Plan, done: dict[int, str]) -> Summary:
     """Write this process's shards that are not ``done``: images decoded in DataLoader processes,
     the model's outputs collected and flushed shard by shard; then remove the shards of inputs no
     longer there."""
+    outputs = plan.outputs
     summary = Summary(
-        plan.rank, plan.world_size, workers=plan.workers, device=str(plan.target), out=str(plan.out)
+        plan.rank,
+        plan.world_size,
+        workers=plan.workers,
+        device=str(outputs.device),
+        out=str(plan.out),
     )
 
     def wanted(shard: int, chunk: Sequence[str] | None = None) -> bool:
@@ -213,14 +196,14 @@ def _loop(plan: _Plan, done: dict[int, str]) -> Summary:
         summary.shards_skipped += finished
         return not finished
 
-    options = plan.options
+    options, pre = outputs.options, outputs.card.preprocessing
     batches = Batches(iter_inputs(plan.source), options.shard_size, plan.batch_size, wanted)
     loader = DataLoader(
-        Images(Decoder(plan.card.preprocessing, options.exact_decode), raw=plan.device_decode),
+        Images(Decoder(pre, options.exact_decode), raw=plan.device_decode),
         batch_sampler=batches,
         num_workers=plan.workers,
         collate_fn=collate,
-        pin_memory=plan.target.type == "cuda",
+        pin_memory=outputs.device.type == "cuda",
     )
     start = time.perf_counter()
     _write_shards(plan, loader, wanted, summary)
@@ -234,7 +217,10 @@ def _loop(plan: _Plan, done: dict[int, str]) -> Summary:
 def _write_shards(plan: _Plan, loader: DataLoader, wanted, summary: Summary) -> None:
     """Run the model on ``loader``'s batches and write each shard once its last batch is in,
     with a progress bar (its total counted in the background)."""
-    options, outputs = plan.options, plan.outputs
+    options, outputs = plan.outputs.options, plan.outputs
+    decode = (
+        DeviceDecoder(outputs.card.preprocessing, outputs.device) if plan.device_decode else None
+    )
     metadata = {**plan.settings, "version": __version__}
     with tqdm(desc=options.task, unit="img", disable=not plan.progress, dynamic_ncols=True) as bar:
         if plan.progress:
@@ -245,7 +231,7 @@ def _write_shards(plan: _Plan, loader: DataLoader, wanted, summary: Summary) -> 
             if current is not None and shard != current:
                 _flush(plan, current, pending, metadata, summary)
             current = shard
-            images, errors = _on_device(plan, images, paths, errors)
+            images, errors = _on_device(outputs.device, decode, images, paths, errors)
             pending["paths"] += paths
             pending["errors"] += errors
             if images is not None and len(images):
@@ -256,14 +242,18 @@ def _write_shards(plan: _Plan, loader: DataLoader, wanted, summary: Summary) -> 
 
 
 def _on_device(
-    plan: _Plan, images: Tensor | list[Tensor], paths: list[str], errors: list[str | None]
+    device: torch.device,
+    decode: DeviceDecoder | None,
+    images: Tensor | list[Tensor],
+    paths: list[str],
+    errors: list[str | None],
 ) -> tuple[Tensor | None, list[str | None]]:
-    """A loaded batch's images on ``plan.target`` (JPEG bytes decoded there when
-    ``plan.device_decode``) and its errors."""
-    if plan.device_decode and images:
-        return decode_on_device(images, paths, errors, plan.card.preprocessing, plan.target)
+    """A loaded batch's images on ``device`` (JPEG bytes decoded there by ``decode`` when
+    decoding on the device) and its errors."""
+    if decode is not None and images:
+        return decode(images, paths, errors)
     if len(images):
-        images = images.to(plan.target, non_blocking=True)
+        images = images.to(device, non_blocking=True)
     return images, errors
 
 
@@ -279,7 +269,7 @@ def _flush(plan: _Plan, shard: int, pending, metadata, summary: Summary) -> None
         "rows": len(paths),
         "paths_sha256": digest(paths),
     }
-    table = to_table(paths, pending["errors"], columns, plan.card.classes, metadata)
+    table = to_table(paths, pending["errors"], columns, plan.outputs.card.classes, metadata)
     import pyarrow.parquet as pq
 
     atomic_write(shard_path(plan.out, shard), lambda temp: pq.write_table(table, temp))

@@ -23,7 +23,8 @@ class Outputs:
     classifier, whose output is the pooled features); ``precision`` its compute dtype, a name
     that ``densenet.infer.runtime.compute_dtype`` takes (None: float32 on CPU, bfloat16 on CUDA), and
     ``backend`` its engine (``densenet.optimize``'s; None: the fastest measured). False runs the
-    eager model in float32.
+    eager model in float32. A volume model, or for embed a model that is not a DenseNet or
+    RDNet, is a ``BulkError``.
     """
 
     def __init__(
@@ -36,8 +37,12 @@ class Outputs:
         backend: str | None = None,
     ) -> None:
         self.options, self.device, self.card = options, device, model.card
-        self.multi_label = model.card.multi_label
         self.topk = min(options.topk, model.card.num_classes)
+        if model.card.volume is not None:
+            raise BulkError(
+                "bulk runs read images; a volume model classifies volume files with densenet "
+                "predict (without --out) or densenet eval"
+            )
         embed = options.task == "embed"
         if embed and not isinstance(model.module, Network):
             raise BulkError(
@@ -55,12 +60,11 @@ class Outputs:
             calibration_images=options.calibration_images,
             throughput=True,
         )
-        self.precision = self.runner.precision
         if embed:
             self.widths = {"embedding": model.module.num_features}
         else:
             self.widths = {"indices": self.topk, "probabilities": self.topk}
-            if self.multi_label:
+            if self.card.multi_label:
                 self.widths["scores"] = model.card.num_classes
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -77,6 +81,6 @@ class Outputs:
         scores = self.runner.probabilities(images)
         top_p, top_i = scores.topk(self.topk, dim=1)
         columns = {"indices": top_i.int(), "probabilities": top_p}
-        if self.multi_label:
+        if self.card.multi_label:
             columns["scores"] = scores
         return {k: v.cpu().numpy() for k, v in columns.items()}
